@@ -374,7 +374,7 @@ impl Conn {
         };
         let len = match cmd {
             Command::Disconnect => {
-                tracing::info!(conn = self.id, export = %self.export, "client sent NBD_CMD_DISC");
+                tracing::debug!(conn = self.id, export = %self.export, "client sent NBD_CMD_DISC");
                 self.rx_closed = true;
                 return;
             }
