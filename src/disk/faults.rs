@@ -138,6 +138,10 @@ impl<S: Storage> Storage for Faulty<S> {
         }
     }
 
+    fn discard_reads_zero(&self) -> bool {
+        self.inner.discard_reads_zero()
+    }
+
     fn allocation(&self, offset: u64, len: u64) -> std::io::Result<Vec<(u64, bool)>> {
         self.inner.allocation(offset, len)
     }
@@ -160,6 +164,9 @@ mod tests {
                 DiskOp::Write { len, .. } | DiskOp::Read { len, .. } => Prepared::Done(len as i32),
                 _ => Prepared::Done(0),
             }
+        }
+        fn discard_reads_zero(&self) -> bool {
+            true
         }
         fn allocation(&self, _: u64, len: u64) -> std::io::Result<Vec<(u64, bool)>> {
             Ok(vec![(len, false)])

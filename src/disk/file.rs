@@ -145,7 +145,9 @@ impl FileStorage {
     /// The descriptor for a transfer: O_DIRECT when offset, length and buffer all align.
     fn fd_for(&self, offset: u64, len: u32, buf: usize) -> types::Fd {
         let a = ALIGN as u64;
-        let aligned = offset % a == 0 && len as u64 % a == 0 && buf as u64 % a == 0;
+        let aligned = offset.is_multiple_of(a)
+            && (len as u64).is_multiple_of(a)
+            && (buf as u64).is_multiple_of(a);
         if self.direct_io && aligned {
             types::Fd(self.direct.as_raw_fd())
         } else {
@@ -155,7 +157,7 @@ impl FileStorage {
 
     fn blk_ioctl(&self, req: libc::c_ulong, offset: u64, len: u32) -> i32 {
         // Block devices take whole 512-byte sectors here; the caller falls back for the rest.
-        if offset % 512 != 0 || len % 512 != 0 {
+        if !offset.is_multiple_of(512) || !len.is_multiple_of(512) {
             return -libc::EOPNOTSUPP;
         }
         let range: [u64; 2] = [offset, len as u64];
@@ -230,6 +232,11 @@ impl Storage for FileStorage {
                 .build(),
         };
         Prepared::Submit(entry)
+    }
+
+    fn discard_reads_zero(&self) -> bool {
+        // Hole punching zeroes; a device's discard may leave anything behind.
+        !self.block_device
     }
 
     fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {

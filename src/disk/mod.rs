@@ -88,6 +88,8 @@ pub trait Storage: Send + Sync {
     fn read_only(&self) -> bool;
     /// Turn `op` into a submission. The caller owns the buffers named in `op`.
     fn prepare(&self, op: DiskOp) -> Prepared;
+    /// Whether a completed Discard leaves the range reading as zeroes.
+    fn discard_reads_zero(&self) -> bool;
     /// base:allocation extents covering `[offset, offset+len)`: (length, is_hole) pairs.
     fn allocation(&self, offset: u64, len: u64) -> std::io::Result<Vec<(u64, bool)>>;
 }

@@ -12,6 +12,8 @@ use super::transmission::{self as tx, Command, NbdErrno, Rejection, RequestHeade
 use super::wire::*;
 use crate::disk::buf::{AlignedBuf, BufPool};
 use crate::disk::{DiskOp, Prepared, Storage};
+use crate::journal::{Intent, Journal};
+use crate::repl::fold::Payload;
 use io_uring::{opcode, types, IoUring};
 use std::collections::VecDeque;
 use std::io;
@@ -54,6 +56,10 @@ struct Op {
     /// Bytes transferred so far (reads and writes may complete short).
     done: u32,
     stage: Stage,
+    /// The journal's record of this write, taken before the disk sees it.
+    intent: Option<Intent>,
+    /// A TRIM the disk could not perform: the range kept its old content.
+    trim_noop: bool,
 }
 
 enum Rx {
@@ -65,6 +71,7 @@ enum Rx {
     /// Throwing away the payload of a refused WRITE.
     Skip {
         remaining: u64,
+        reply: Option<(u64, u16, NbdErrno, String)>,
     },
 }
 
@@ -104,6 +111,7 @@ pub struct Conn {
     id: u64,
     export: String,
     storage: Arc<dyn Storage>,
+    journal: Option<Arc<Journal>>,
     session: Session,
     sock: OwnedFd,
     ring: IoUring,
@@ -136,6 +144,7 @@ impl Conn {
         id: u64,
         export: String,
         storage: Arc<dyn Storage>,
+        journal: Option<Arc<Journal>>,
         agreed: &Agreed,
         sock: OwnedFd,
         leftover: &[u8],
@@ -152,6 +161,7 @@ impl Conn {
             id,
             export,
             storage,
+            journal,
             session,
             sock,
             ring: IoUring::new(RING_ENTRIES)?,
@@ -333,19 +343,27 @@ impl Conn {
                         self.payload_received(slot);
                     }
                 }
-                Rx::Skip { remaining } => {
+                Rx::Skip {
+                    remaining,
+                    ref mut reply,
+                } => {
                     if avail == 0 {
                         return;
                     }
                     let take = (avail as u64).min(remaining);
                     self.rx_start += take as usize;
-                    self.rx_state = if take == remaining {
-                        Rx::Header
-                    } else {
-                        Rx::Skip {
-                            remaining: remaining - take,
+                    if take == remaining {
+                        let r = reply.take();
+                        self.rx_state = Rx::Header;
+                        if let Some((c, k, e, w)) = r {
+                            self.reply_error(c, k, e, &w);
                         }
-                    };
+                    } else {
+                        self.rx_state = Rx::Skip {
+                            remaining: remaining - take,
+                            reply: reply.take(),
+                        };
+                    }
                 }
             }
         }
@@ -396,6 +414,8 @@ impl Conn {
             buf,
             done: 0,
             stage: Stage::Main,
+            intent: None,
+            trim_noop: false,
         });
         if let Command::Write { .. } = cmd {
             self.rx_state = Rx::Payload { slot };
@@ -414,11 +434,13 @@ impl Conn {
             self.rx_closed = true;
             return;
         }
-        self.reply_error(h.cookie, h.kind, rej.errno, &rej.why);
         if rej.payload > 0 {
             self.rx_state = Rx::Skip {
                 remaining: rej.payload as u64,
+                reply: Some((h.cookie, h.kind, rej.errno, rej.why.clone())),
             };
+        } else {
+            self.reply_error(h.cookie, h.kind, rej.errno, &rej.why);
         }
     }
 
@@ -470,6 +492,24 @@ impl Conn {
     /// Submit (or resubmit after a short transfer) the disk side of an op.
     fn start_disk(&mut self, slot: usize) {
         let op = self.ops[slot].as_mut().expect("live op");
+        if let (
+            Some(j),
+            None,
+            Command::Write { offset, len, .. }
+            | Command::Trim { offset, len, .. }
+            | Command::WriteZeroes { offset, len, .. },
+        ) = (&self.journal, op.intent, op.cmd)
+        {
+            // The journal hears of every change before the disk does: a crash in between
+            // leaves an intent that makes the range be re-read and shipped again.
+            match j.begin(offset, len) {
+                Ok(i) => op.intent = Some(i),
+                Err(e) => {
+                    tracing::error!(conn = self.id, export = %self.export, "journal: cannot record a write: {e}");
+                    return self.finish(slot, Err((NbdErrno::Io, format!("journal: {e}"))));
+                }
+            }
+        }
         let done = op.done;
         let disk_op = match (&op.stage, op.cmd) {
             (Stage::SyncAfter, _) | (Stage::Main, Command::Flush) => DiskOp::Sync,
@@ -532,7 +572,8 @@ impl Conn {
             match (&op.stage, cmd) {
                 // TRIM is advisory: a disk that cannot deallocate has still done its job.
                 (Stage::Main, Command::Trim { fua, .. }) if unsupported => {
-                    return self.after_main(slot, fua)
+                    op.trim_noop = true;
+                    return self.after_main(slot, fua);
                 }
                 (Stage::Main, Command::WriteZeroes { offset, len, .. }) if unsupported => {
                     op.stage = Stage::ZeroFill {
@@ -608,8 +649,58 @@ impl Conn {
         }
     }
 
+    /// Tell the journal how a change ended, and make it durable when the client asked.
+    /// Runs after the local disk completed and before the reply: journal order is
+    /// completion order.
+    fn journal_outcome(&self, op: &Op, ok: bool) -> Result<(), (NbdErrno, String)> {
+        let Some(j) = &self.journal else {
+            return Ok(());
+        };
+        let sync_err = |e: io::Error| (NbdErrno::Io, format!("journal sync: {e}"));
+        let (offset, payload, fua) = match op.cmd {
+            Command::Flush if ok => return j.sync().map_err(sync_err),
+            Command::Write { offset, fua, .. } => {
+                let data = op.buf.as_ref().map(|b| bytes::Bytes::copy_from_slice(b));
+                (offset, data.map(Payload::Data), fua)
+            }
+            Command::WriteZeroes {
+                offset, len, fua, ..
+            } => (offset, Some(Payload::Zero(len)), fua),
+            // A trim that did not deallocate, or a device whose discarded blocks read back
+            // as anything: ship what the disk now holds, not what we hope it holds.
+            Command::Trim { offset, len, fua }
+                if !op.trim_noop && self.storage.discard_reads_zero() =>
+            {
+                (offset, Some(Payload::Zero(len)), fua)
+            }
+            Command::Trim { offset, fua, .. } => (offset, None, fua),
+            _ => return Ok(()),
+        };
+        let Some(intent) = op.intent else {
+            return Ok(());
+        };
+        match payload {
+            Some(p) if ok => {
+                if let Err(e) = j.complete(intent, offset, p) {
+                    tracing::error!(conn = self.id, export = %self.export, "journal: cannot record a completed write: {e}");
+                    return Err((NbdErrno::Io, format!("journal: {e}")));
+                }
+            }
+            _ => j.fail(intent),
+        }
+        if ok && fua {
+            j.sync().map_err(sync_err)?;
+        }
+        Ok(())
+    }
+
     /// Queue the reply for a finished op and free its slot.
     fn finish(&mut self, slot: usize, result: Result<(), (NbdErrno, String)>) {
+        let journaled = {
+            let op = self.ops[slot].as_ref().expect("live op");
+            self.journal_outcome(op, result.is_ok())
+        };
+        let result = result.and(journaled);
         let mut op = self.ops[slot].take().expect("live op");
         self.free_slots.push(slot);
         self.live_ops -= 1;
@@ -670,6 +761,9 @@ impl Conn {
                     end: start + n,
                 });
             }
+        }
+        if let Ok(b) = Rc::try_unwrap(buf) {
+            self.release(b);
         }
     }
 

@@ -18,6 +18,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Export {
     pub info: ExportInfo,
     pub storage: Arc<dyn Storage>,
+    /// Present when the volume is replicated: every change is journaled before its reply.
+    pub journal: Option<Arc<crate::journal::Journal>>,
 }
 
 pub struct Server {
@@ -153,6 +155,7 @@ impl Server {
             id,
             export.info.name.clone(),
             export.storage.clone(),
+            export.journal.clone(),
             &agreed,
             stream.into_fd(),
             &leftover,
