@@ -1,0 +1,607 @@
+//! Shared helpers for the end-to-end tests: a `blkmirror primary` process in a fresh temporary
+//! directory, a runner for real NBD clients, and Drop guards that undo mounts, loop devices and
+//! FUSE mounts even when a test fails.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_blkmirror");
+
+pub const MIB: u64 = 1 << 20;
+
+/// One `--volume` of the server under test.
+#[derive(Clone, Debug)]
+struct VolumeDef {
+    name: String,
+    size: u64,
+    read_only: bool,
+    /// Contents written to the backing file before the server starts (read-only volumes must
+    /// exist beforehand: the server only creates writable ones).
+    fill: Option<Vec<u8>>,
+}
+
+/// Describes a server to start; see [`Server::builder`].
+#[derive(Default)]
+pub struct ServerBuilder {
+    volumes: Vec<VolumeDef>,
+    faults: Vec<String>,
+    log_level: Option<String>,
+    tcp: Option<String>,
+}
+
+impl ServerBuilder {
+    /// A writable volume whose backing file does not exist yet: the server creates it sparse.
+    pub fn volume(mut self, name: &str, size: u64) -> Self {
+        self.volumes.push(VolumeDef {
+            name: name.into(),
+            size,
+            read_only: false,
+            fill: None,
+        });
+        self
+    }
+
+    /// A read-only volume backed by an existing file holding `contents`.
+    pub fn ro_volume(mut self, name: &str, contents: Vec<u8>) -> Self {
+        self.volumes.push(VolumeDef {
+            name: name.into(),
+            size: contents.len() as u64,
+            read_only: true,
+            fill: Some(contents),
+        });
+        self
+    }
+
+    /// `--inject-fault RULE`.
+    pub fn fault(mut self, rule: &str) -> Self {
+        self.faults.push(rule.into());
+        self
+    }
+
+    /// `--nbd-tcp ADDR:PORT`.
+    pub fn tcp(mut self, addr: &str) -> Self {
+        self.tcp = Some(addr.into());
+        self
+    }
+
+    /// BLKMIRROR_LOG for the server (default `debug`, so tests can assert on detail).
+    pub fn log_level(mut self, level: &str) -> Self {
+        self.log_level = Some(level.into());
+        self
+    }
+
+    pub fn start(self) -> Server {
+        assert!(!self.volumes.is_empty(), "a server needs a volume");
+        let dir = tempfile::Builder::new()
+            .prefix("blkmirror-e2e-")
+            .tempdir()
+            .expect("create temp dir");
+        let socket = dir.path().join("nbd.sock");
+        // sun_path holds 108 bytes; fall back to /tmp if TMPDIR is very long.
+        let dir = if socket.as_os_str().len() >= 100 {
+            tempfile::Builder::new()
+                .prefix("bm-")
+                .tempdir_in("/tmp")
+                .expect("create temp dir in /tmp")
+        } else {
+            dir
+        };
+        let socket = dir.path().join("nbd.sock");
+        let state_dir = dir.path().join("state");
+        let log_path = dir.path().join("server.log");
+        let mut volumes = Vec::new();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("primary");
+        for v in &self.volumes {
+            let path = dir.path().join(format!("{}.img", v.name));
+            let mut spec = format!("{}={}", v.name, path.display());
+            if let Some(fill) = &v.fill {
+                std::fs::write(&path, fill).expect("write volume contents");
+            } else {
+                spec.push_str(&format!(",size={}", v.size));
+            }
+            if v.read_only {
+                spec.push_str(",ro");
+            }
+            cmd.arg("--volume").arg(spec);
+            volumes.push((v.name.clone(), path, v.size));
+        }
+        cmd.arg("--nbd-unix").arg(&socket);
+        cmd.arg("--state-dir").arg(&state_dir);
+        if let Some(addr) = &self.tcp {
+            cmd.arg("--nbd-tcp").arg(addr);
+        }
+        for f in &self.faults {
+            cmd.arg("--inject-fault").arg(f);
+        }
+        let log = File::create(&log_path).expect("create log file");
+        cmd.env(
+            "BLKMIRROR_LOG",
+            self.log_level.as_deref().unwrap_or("debug"),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log));
+        let child = cmd.spawn().expect("spawn blkmirror");
+        let mut server = Server {
+            dir,
+            socket,
+            log_path,
+            volumes,
+            child: Some(child),
+        };
+        server.wait_ready();
+        server
+    }
+}
+
+/// A running `blkmirror primary`; SIGTERM (then SIGKILL after 5 s) on Drop.
+pub struct Server {
+    dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub log_path: PathBuf,
+    volumes: Vec<(String, PathBuf, u64)>,
+    child: Option<Child>,
+}
+
+impl Server {
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder::default()
+    }
+
+    /// The common case: one writable, sparse volume called `vol1`.
+    pub fn with_volume(size: u64) -> Server {
+        Server::builder().volume("vol1", size).start()
+    }
+
+    /// A scratch directory that lives as long as the server (for client-side files).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `nbd+unix:///NAME?socket=PATH`.
+    pub fn uri(&self, name: &str) -> String {
+        format!("nbd+unix:///{}?socket={}", name, self.socket.display())
+    }
+
+    /// The backing file of volume `name`.
+    pub fn volume_path(&self, name: &str) -> PathBuf {
+        self.volumes
+            .iter()
+            .find(|v| v.0 == name)
+            .unwrap_or_else(|| panic!("no volume {name}"))
+            .1
+            .clone()
+    }
+
+    pub fn volume_size(&self, name: &str) -> u64 {
+        self.volumes
+            .iter()
+            .find(|v| v.0 == name)
+            .unwrap_or_else(|| panic!("no volume {name}"))
+            .2
+    }
+
+    /// Everything the server has written to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Wait (up to `timeout`) for a log line containing `needle`; returns whether it came.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Panic, showing the log, unless a line containing `needle` appears within 5 s.
+    pub fn assert_log(&self, needle: &str) {
+        assert!(
+            self.wait_for_log(needle, Duration::from_secs(5)),
+            "server log has no line containing {needle:?}; log:\n{}",
+            self.log()
+        );
+    }
+
+    /// Is the process still running?
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().expect("try_wait").is_none(),
+            None => false,
+        }
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().expect("try_wait") {
+                panic!(
+                    "blkmirror exited during startup ({status}); log:\n{}",
+                    self.log()
+                );
+            }
+            if probe(&self.socket).is_ok() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "socket {} never accepted a client; log:\n{}",
+                    self.socket.display(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM and wait up to 5 s, then SIGKILL. Returns the exit status.
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        if let Ok(None) = child.try_wait() {
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Some(status);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            eprintln!("blkmirror ignored SIGTERM for 5 s; killing it");
+            let _ = child.kill();
+        }
+        child.wait().ok()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(60)..];
+            eprintln!(
+                "---- blkmirror log ({}) last {} lines ----\n{}\n----",
+                self.log_path.display(),
+                tail.len(),
+                tail.join("\n")
+            );
+        }
+    }
+}
+
+/// Connect, check the greeting, and leave politely with NBD_OPT_ABORT.
+fn probe(socket: &Path) -> std::io::Result<()> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting)?;
+    if &greeting[..8] != b"NBDMAGIC" || &greeting[8..16] != b"IHAVEOPT" {
+        return Err(std::io::Error::other("not an NBD greeting"));
+    }
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&3u32.to_be_bytes());
+    msg.extend_from_slice(b"IHAVEOPT");
+    msg.extend_from_slice(&2u32.to_be_bytes()); // NBD_OPT_ABORT
+    msg.extend_from_slice(&0u32.to_be_bytes());
+    s.write_all(&msg)?;
+    let mut reply = [0u8; 20];
+    let _ = s.read_exact(&mut reply);
+    Ok(())
+}
+
+/// How long a client may run before it is considered hung and killed.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Run a client to completion (killed after [`CLIENT_TIMEOUT`]); returns its output whatever
+/// the exit status.
+pub fn run_output(cmd: &str, args: &[&str], cwd: Option<&Path>) -> Output {
+    let mut c = Command::new(cmd);
+    c.args(args);
+    if let Some(d) = cwd {
+        c.current_dir(d);
+    }
+    run_command(c)
+}
+
+/// Run a prepared command to completion (killed after [`CLIENT_TIMEOUT`]).
+pub fn run_command(mut c: Command) -> Output {
+    let what = format!("{c:?}");
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + CLIENT_TIMEOUT;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{what} still running after {CLIENT_TIMEOUT:?}; killed it (is the server hung?)"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: out_t.join().unwrap(),
+        stderr: err_t.join().unwrap(),
+    }
+}
+
+fn describe(cmd: &str, args: &[&str], o: &Output) -> String {
+    format!(
+        "{cmd} {args:?} exited with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Run a real client, assert it succeeded (showing its stderr if not), return its stdout.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    run_in(cmd, args, None)
+}
+
+/// [`run`] in working directory `cwd`.
+pub fn run_in(cmd: &str, args: &[&str], cwd: Option<&Path>) -> String {
+    let o = run_output(cmd, args, cwd);
+    if !o.status.success() {
+        panic!("{}", describe(cmd, args, &o));
+    }
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Run a real client and assert it failed; returns stdout + stderr.
+pub fn run_fails(cmd: &str, args: &[&str]) -> String {
+    let o = run_output(cmd, args, None);
+    assert!(
+        !o.status.success(),
+        "expected failure: {}",
+        describe(cmd, args, &o)
+    );
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A python script run by `/usr/bin/python3` (the interpreter with libnbd's `nbd` module).
+pub fn python(script: &str, args: &[&str]) -> String {
+    let mut a = vec!["-c", script];
+    a.extend_from_slice(args);
+    run("/usr/bin/python3", &a)
+}
+
+/// `nbdsh -u URI -c CMD...`, with /usr/bin first on PATH: nbdsh runs `python3 -m nbd`, and
+/// only the distribution's python has the libnbd bindings.
+pub fn nbdsh(uri: &str, cmds: &[&str]) -> String {
+    let mut c = Command::new("nbdsh");
+    c.arg("-u").arg(uri);
+    for cmd in cmds {
+        c.arg("-c").arg(cmd);
+    }
+    let path = std::env::var("PATH").unwrap_or_default();
+    c.env("PATH", format!("/usr/bin:/bin:{path}"));
+    let o = run_command(c);
+    assert!(
+        o.status.success(),
+        "nbdsh {cmds:?} exited with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Parse `key=value` lines (as the python helper scripts print them).
+pub fn kv(out: &str) -> std::collections::HashMap<String, String> {
+    out.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), so failures are reproducible.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        v.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// `sha256sum FILE` -> hex digest.
+pub fn sha256(path: &Path) -> String {
+    let out = run("sha256sum", &[path.to_str().unwrap()]);
+    out.split_whitespace()
+        .next()
+        .expect("sha256sum output")
+        .to_string()
+}
+
+/// Read `len` bytes at `offset` of a file.
+pub fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = File::open(path).expect("open file");
+    let mut v = vec![0u8; len];
+    f.read_exact_at(&mut v, offset).expect("read file");
+    v
+}
+
+/// An nbdfuse process exposing an export as MOUNTDIR/nbd; unmounted and reaped on Drop.
+pub struct FuseFile {
+    mountdir: PathBuf,
+    child: Option<Child>,
+}
+
+impl FuseFile {
+    pub fn start(mountdir: &Path, uri: &str) -> FuseFile {
+        std::fs::create_dir_all(mountdir).expect("create fuse mount dir");
+        let pidfile = mountdir.with_extension("pid");
+        let _ = std::fs::remove_file(&pidfile);
+        let child = Command::new("nbdfuse")
+            .arg("-P")
+            .arg(&pidfile)
+            .arg(mountdir.join("nbd"))
+            .arg(uri)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn nbdfuse");
+        let mut f = FuseFile {
+            mountdir: mountdir.to_path_buf(),
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(pidfile.exists() && f.file().exists()) {
+            if let Some(s) = f.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("nbdfuse exited early: {s}");
+            }
+            assert!(Instant::now() < deadline, "nbdfuse never became ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        f
+    }
+
+    pub fn file(&self) -> PathBuf {
+        self.mountdir.join("nbd")
+    }
+}
+
+impl Drop for FuseFile {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.mountdir)
+            .stderr(Stdio::null())
+            .status();
+        if let Some(mut c) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = Command::new("fusermount3")
+                        .args(["-u", "-z"])
+                        .arg(&self.mountdir)
+                        .stderr(Stdio::null())
+                        .status();
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// A loop device over a file; detached on Drop.
+pub struct LoopDev {
+    pub dev: String,
+}
+
+impl LoopDev {
+    pub fn attach(file: &Path) -> LoopDev {
+        let out = run(
+            "losetup",
+            &["-f", "--show", "--direct-io=off", file.to_str().unwrap()],
+        );
+        LoopDev {
+            dev: out.trim().to_string(),
+        }
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            let ok = Command::new("losetup")
+                .args(["-d", &self.dev])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("could not detach {}", self.dev);
+    }
+}
+
+/// A mounted file system; unmounted on Drop (lazily if busy).
+pub struct Mount {
+    pub dir: PathBuf,
+    mounted: bool,
+}
+
+impl Mount {
+    pub fn at(dev: &str, dir: &Path) -> Mount {
+        std::fs::create_dir_all(dir).expect("create mount point");
+        run("mount", &[dev, dir.to_str().unwrap()]);
+        Mount {
+            dir: dir.to_path_buf(),
+            mounted: true,
+        }
+    }
+
+    /// Unmount now, asserting success.
+    pub fn umount(mut self) {
+        run("umount", &[self.dir.to_str().unwrap()]);
+        self.mounted = false;
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if !self.mounted {
+            return;
+        }
+        let ok = Command::new("umount")
+            .arg(&self.dir)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
+    }
+}
