@@ -1,0 +1,1782 @@
+//! Replication frames on the wire.
+//!
+//! One QUIC stream carries the messages of one volume, in both directions. This module is pure
+//! code: [`encode`] appends a message to a buffer, [`Decoder`] (stream) and [`decode_one`]
+//! (redo log reader) turn bytes back into messages, verifying everything before returning a
+//! message. Decoding never panics, whatever the input, and memory is bounded by
+//! [`MAX_MESSAGE`] (buffered frame) plus [`MAX_MESSAGE`] (decompressed data of one set).
+//!
+//! All integers are big-endian. All CRCs are CRC-32/IEEE (`crc32fast`).
+//!
+//! # Framing (every message)
+//!
+//! | bytes      | field      | meaning                                                         |
+//! |------------|------------|-----------------------------------------------------------------|
+//! | 4          | `body_len` | u32, length of `body` (its trailing `check` included); `> MAX_MESSAGE` → [`FrameError::TooLarge`] |
+//! | 1          | `type`     | 1 Hello, 2 HelloAck, 3 Set, 4 Ack, 5 Refuse; anything else → [`FrameError::UnknownType`] |
+//! | `body_len` | `body`     | per-type layout below, always ending with `check`               |
+//!
+//! `check` (u32, the last 4 body bytes) is the CRC32 of the `type` byte followed by every body
+//! byte before `check` **except the stored bytes of Set extents** (those are covered, after
+//! decompression, by each extent's own `crc`). So every field — offsets, lengths, sequence
+//! numbers, zero extents, strings — is verified, not only the data blocks. `body_len` itself is
+//! not hashed: every layout's length is fixed by its own fields and must end exactly at `check`,
+//! so a changed `body_len` is caught as [`FrameError::Malformed`] (or waits for bytes that
+//! complete nothing valid).
+//!
+//! Check order on decode: framing → structure (`Malformed`) → `check` (`BadChecksum`) → field
+//! rules (`Malformed`, i.e. a sender bug rather than corruption) → per-extent data
+//! (`Decompress`, `BadCrc`).
+//!
+//! # Versioning
+//!
+//! The stream starts with the primary's Hello, whose `version` is [`PROTOCOL_VERSION`] (1). The
+//! Hello layout is frozen for all versions, so any peer can read it and answer with a Refuse if
+//! it does not speak that version: decoding does **not** reject a Hello whose version differs;
+//! the receiver compares and refuses. Every other layout below is version 1.
+//!
+//! # Bodies (version 1)
+//!
+//! Hello (type 1), primary → mirror, first on the stream:
+//!
+//! | bytes | field        | meaning                               |
+//! |-------|--------------|---------------------------------------|
+//! | 2     | `version`    | u16, [`PROTOCOL_VERSION`]             |
+//! | 8     | `size`       | u64, volume size in bytes             |
+//! | 2     | `volume_len` | u16, ≤ [`MAX_STRING`]                 |
+//! | n     | `volume`     | UTF-8 volume name                     |
+//! | 4     | `check`      |                                       |
+//!
+//! HelloAck (type 2), mirror → primary:
+//!
+//! | bytes | field             | meaning                                  |
+//! |-------|-------------------|------------------------------------------|
+//! | 8     | `durable_set`     | u64, last set durable in the redo log    |
+//! | 8     | `durable_seq`     | u64, last journal seq of that set        |
+//! | 1     | `needs_full_copy` | 0 or 1 (anything else is malformed)      |
+//! | 4     | `check`           |                                          |
+//!
+//! Set (type 3), primary → mirror:
+//!
+//! | bytes | field       | meaning                                                     |
+//! |-------|-------------|-------------------------------------------------------------|
+//! | 8     | `set`       | u64, set number                                             |
+//! | 8     | `first_seq` | u64, first journal seq folded into the set                  |
+//! | 8     | `last_seq`  | u64, last journal seq folded into the set                   |
+//! | 1     | `kind`      | 0 Journal, 1 Copy, 2 Copy (last one, `done = true`)         |
+//! | 4     | `count`     | u32, number of extents that follow                          |
+//! | …     | extents     | `count` times the extent layout below                       |
+//! | 4     | `check`     |                                                             |
+//!
+//! Extent (22 bytes + stored bytes):
+//!
+//! | bytes        | field        | meaning                                                           |
+//! |--------------|--------------|-------------------------------------------------------------------|
+//! | 8            | `offset`     | u64, byte offset in the volume                                    |
+//! | 4            | `len`        | u32, logical length (> 0; data: ≤ [`MAX_CHUNK`])                  |
+//! | 1            | `kind`       | 0 data, 1 zero (the range reads as zeroes)                        |
+//! | 1            | `encoding`   | 0 raw, 1 lz4 block (`lz4_flex::block`); zero extents: 0           |
+//! | 4            | `crc`        | CRC32 of the uncompressed data; zero extents: 0                   |
+//! | 4            | `stored_len` | raw: `== len`; lz4: `0 < stored_len < len`; zero: 0               |
+//! | `stored_len` | stored bytes | raw data or lz4 block, which must decompress to exactly `len` bytes |
+//!
+//! Set rules checked on decode (and by [`DeltaSet::validate`]):
+//! - sequence range: `first_seq <= last_seq` (journal writes `first_seq..=last_seq`), or
+//!   `first_seq == last_seq + 1` for an **empty range** (no journal write; a Journal set with an
+//!   empty range carries no extent). Anything else is malformed.
+//! - extents are sorted by offset and never overlap (`offset >= previous end`), so the mirror may
+//!   apply them in any order, in parallel; `offset + len` never overflows `u64`.
+//! - the data extents of one set hold at most [`MAX_MESSAGE`] bytes once decompressed, which
+//!   bounds what one frame can expand to. (A set whose uncompressed encoding fits in
+//!   `MAX_MESSAGE`, see [`DeltaSet::max_body_len`], always satisfies this.)
+//! - the volume size is not known here: the receiver checks extents against Hello's `size`.
+//!
+//! Ack (type 4), mirror → primary, set `set` (ending at `last_seq`) is durable at the mirror,
+//! and sets up to `applied_set` are applied in place (status only):
+//! `set u64 | last_seq u64 | applied_set u64 | check u32`.
+//!
+//! Refuse (type 5), either way, before closing: `code u16 | reason_len u16 (≤ 4096) |
+//! reason (UTF-8) | check u32`.
+//!
+//! # Encoding choices
+//!
+//! - Data extents longer than [`MAX_CHUNK`] (1 MiB) are sent as consecutive ≤ 1 MiB extents,
+//!   each with its own CRC ("CRC32 per block"); empty extents are not sent. The decoded set
+//!   therefore equals the encoded one when its data extents are ≤ 1 MiB and none is empty, and
+//!   is equivalent (same bytes written) otherwise.
+//! - Compression, per chunk: if the chunk is longer than [`PROBE_LEN`] (4 KiB), its first 4 KiB
+//!   are compressed first as a probe; if the probe does not shrink, the chunk goes raw without
+//!   compressing the rest (incompressible data — encrypted, already compressed — costs one 4 KiB
+//!   probe per MiB). Otherwise (or for chunks ≤ 4 KiB) the chunk is compressed and sent lz4 only
+//!   if strictly smaller than raw. The probe can miss a chunk whose first 4 KiB are
+//!   incompressible but whose rest compresses well: such a chunk goes raw (correct, just bigger).
+//! - Strings longer than [`MAX_STRING`] bytes are cut at a char boundary on encode, so that
+//!   every encoded message decodes.
+
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::repl::fold::{Extent, Payload};
+
+/// Version spoken by this code (Hello's `version`).
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Largest accepted `body_len`; bigger frames are refused as malformed ([`FrameError::TooLarge`]).
+pub const MAX_MESSAGE: u32 = 72 << 20;
+/// Data extents are sent in pieces of at most this many bytes, each with its own CRC.
+pub const MAX_CHUNK: u32 = 1 << 20;
+/// Longest string (volume name, refuse reason) in bytes.
+pub const MAX_STRING: usize = 4096;
+/// Bytes of the compressibility probe (see the module doc).
+pub const PROBE_LEN: usize = 4096;
+/// `body_len` + `type`.
+pub const PREFIX_LEN: usize = 5;
+
+const CHECK_LEN: usize = 4;
+const SET_HEADER_LEN: usize = 8 + 8 + 8 + 1 + 4;
+const EXTENT_DESC_LEN: usize = 8 + 4 + 1 + 1 + 4 + 4;
+
+const TYPE_HELLO: u8 = 1;
+const TYPE_HELLO_ACK: u8 = 2;
+const TYPE_SET: u8 = 3;
+const TYPE_ACK: u8 = 4;
+const TYPE_REFUSE: u8 = 5;
+
+const SET_JOURNAL: u8 = 0;
+const SET_COPY: u8 = 1;
+const SET_COPY_DONE: u8 = 2;
+
+const EXT_DATA: u8 = 0;
+const EXT_ZERO: u8 = 1;
+const ENC_RAW: u8 = 0;
+const ENC_LZ4: u8 = 1;
+
+/// What a delta set carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SetKind {
+    /// Folded journal writes `first_seq..=last_seq`.
+    Journal,
+    /// Part of the initial full copy; `done` on the last one.
+    Copy { done: bool },
+}
+
+/// One delta set: applied atomically at the mirror. No volume field: one stream = one volume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeltaSet {
+    pub set: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub kind: SetKind,
+    /// Sorted by offset, non-overlapping (see the module doc).
+    pub extents: Vec<Extent>,
+}
+
+impl DeltaSet {
+    /// Checks the rules the decoder enforces on a set (sequence range, extent order and
+    /// overlap, data size), so a sender can catch a set the mirror would refuse. Empty extents
+    /// are ignored (they are not sent); data extents may be longer than [`MAX_CHUNK`] (they are
+    /// split).
+    pub fn validate(&self) -> Result<(), FrameError> {
+        check_set_shape(
+            self.kind == SetKind::Journal,
+            self.first_seq,
+            self.last_seq,
+            self.extents.iter().filter(|e| !e.is_empty()).map(|e| {
+                let is_data = matches!(e.payload, Payload::Data(_));
+                (e.offset, e.len(), is_data)
+            }),
+        )
+    }
+
+    /// Body length of this set if nothing compresses: an upper bound of the encoded body
+    /// length. A shipper keeps it `<= MAX_MESSAGE` when cutting sets.
+    pub fn max_body_len(&self) -> u64 {
+        let desc = EXTENT_DESC_LEN as u64;
+        let extents: u64 = self
+            .extents
+            .iter()
+            .map(|e| match &e.payload {
+                Payload::Zero(0) => 0,
+                Payload::Zero(_) => desc,
+                Payload::Data(b) => {
+                    let len = b.len() as u64;
+                    len.div_ceil(u64::from(MAX_CHUNK)) * desc + len
+                }
+            })
+            .sum();
+        (SET_HEADER_LEN + CHECK_LEN) as u64 + extents
+    }
+}
+
+/// A message of the replication stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// primary → mirror, first on the stream.
+    Hello {
+        version: u16,
+        volume: String,
+        size: u64,
+    },
+    /// mirror → primary, answer to Hello.
+    HelloAck {
+        durable_set: u64,
+        durable_seq: u64,
+        needs_full_copy: bool,
+    },
+    /// primary → mirror.
+    Set(DeltaSet),
+    /// mirror → primary: set `set` (journal up to `last_seq`) is durable; sets up to
+    /// `applied_set` are applied in place (reported in status; not validated against `set`).
+    Ack {
+        set: u64,
+        last_seq: u64,
+        applied_set: u64,
+    },
+    /// Either way, before closing.
+    Refuse { code: u16, reason: String },
+}
+
+/// Data bytes of an encoded message before and after compression (0 for messages without data).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EncodeStats {
+    pub raw_bytes: u64,
+    pub wire_bytes: u64,
+}
+
+/// Why bytes were refused. After any error a [`Decoder`] is poisoned: the stream must be closed
+/// (Refuse) and the primary re-sends from the mirror's `HelloAck.durable_set` on a new one.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FrameError {
+    #[error("message body of {0} bytes exceeds the limit of {MAX_MESSAGE} bytes")]
+    TooLarge(u32),
+    #[error("unknown message type {0}")]
+    UnknownType(u8),
+    #[error("malformed message: {0}")]
+    Malformed(&'static str),
+    #[error("message check (CRC32 of its header fields) does not match")]
+    BadChecksum,
+    #[error("CRC32 mismatch in the extent at volume offset {offset}")]
+    BadCrc { offset: u64 },
+    #[error("lz4 data of the extent at volume offset {offset} does not decompress to its length")]
+    Decompress { offset: u64 },
+}
+
+/// Appends `msg`, framed, to `out` (existing content is kept).
+///
+/// The message must be valid for the decoder to accept it: a set must pass
+/// [`DeltaSet::validate`] and its encoded body must not exceed [`MAX_MESSAGE`] (bounded by
+/// [`DeltaSet::max_body_len`]); both are `debug_assert`ed.
+pub fn encode(msg: &Message, out: &mut Vec<u8>) -> EncodeStats {
+    let start = out.len();
+    out.extend_from_slice(&[0; PREFIX_LEN]);
+    let ty = match msg {
+        Message::Hello { .. } => TYPE_HELLO,
+        Message::HelloAck { .. } => TYPE_HELLO_ACK,
+        Message::Set(_) => TYPE_SET,
+        Message::Ack { .. } => TYPE_ACK,
+        Message::Refuse { .. } => TYPE_REFUSE,
+    };
+    let mut check = crc32fast::Hasher::new();
+    check.update(&[ty]);
+    let mut stats = EncodeStats::default();
+    let body = out.len();
+    match msg {
+        Message::Hello {
+            version,
+            volume,
+            size,
+        } => {
+            out.extend_from_slice(&version.to_be_bytes());
+            out.extend_from_slice(&size.to_be_bytes());
+            put_str(out, volume);
+        }
+        Message::HelloAck {
+            durable_set,
+            durable_seq,
+            needs_full_copy,
+        } => {
+            out.extend_from_slice(&durable_set.to_be_bytes());
+            out.extend_from_slice(&durable_seq.to_be_bytes());
+            out.push(u8::from(*needs_full_copy));
+        }
+        Message::Set(set) => {
+            debug_assert_eq!(set.validate(), Ok(()), "encoding an invalid delta set");
+            encode_set(set, out, &mut check, &mut stats);
+        }
+        Message::Ack {
+            set,
+            last_seq,
+            applied_set,
+        } => {
+            out.extend_from_slice(&set.to_be_bytes());
+            out.extend_from_slice(&last_seq.to_be_bytes());
+            out.extend_from_slice(&applied_set.to_be_bytes());
+        }
+        Message::Refuse { code, reason } => {
+            out.extend_from_slice(&code.to_be_bytes());
+            put_str(out, reason);
+        }
+    }
+    if !matches!(msg, Message::Set(_)) {
+        check.update(&out[body..]);
+    }
+    out.extend_from_slice(&check.finalize().to_be_bytes());
+    let body_len = out.len() - body;
+    debug_assert!(
+        body_len <= MAX_MESSAGE as usize,
+        "encoded body of {body_len} bytes exceeds MAX_MESSAGE"
+    );
+    out[start..start + 4].copy_from_slice(&(body_len as u32).to_be_bytes());
+    out[start + 4] = ty;
+    stats
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let mut n = s.len().min(MAX_STRING);
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
+    out.extend_from_slice(&(n as u16).to_be_bytes());
+    out.extend_from_slice(&s.as_bytes()[..n]);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn put_desc(out: &mut Vec<u8>, offset: u64, len: u32, kind: u8, enc: u8, crc: u32, stored: u32) {
+    out.extend_from_slice(&offset.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.push(kind);
+    out.push(enc);
+    out.extend_from_slice(&crc.to_be_bytes());
+    out.extend_from_slice(&stored.to_be_bytes());
+}
+
+fn encode_set(
+    s: &DeltaSet,
+    out: &mut Vec<u8>,
+    check: &mut crc32fast::Hasher,
+    stats: &mut EncodeStats,
+) {
+    let chunk = MAX_CHUNK as usize;
+    let count: u64 = s
+        .extents
+        .iter()
+        .map(|e| match &e.payload {
+            Payload::Zero(0) => 0,
+            Payload::Zero(_) => 1,
+            Payload::Data(b) => b.len().div_ceil(chunk) as u64,
+        })
+        .sum();
+    let header = out.len();
+    out.extend_from_slice(&s.set.to_be_bytes());
+    out.extend_from_slice(&s.first_seq.to_be_bytes());
+    out.extend_from_slice(&s.last_seq.to_be_bytes());
+    out.push(match s.kind {
+        SetKind::Journal => SET_JOURNAL,
+        SetKind::Copy { done: false } => SET_COPY,
+        SetKind::Copy { done: true } => SET_COPY_DONE,
+    });
+    // More than u32::MAX extents cannot fit in MAX_MESSAGE anyway (debug_assert in encode).
+    out.extend_from_slice(&(count as u32).to_be_bytes());
+    check.update(&out[header..]);
+
+    for ext in &s.extents {
+        match &ext.payload {
+            Payload::Zero(0) => {}
+            Payload::Zero(len) => {
+                let desc = out.len();
+                put_desc(out, ext.offset, *len, EXT_ZERO, ENC_RAW, 0, 0);
+                check.update(&out[desc..]);
+            }
+            Payload::Data(bytes) => {
+                for (i, piece) in bytes.chunks(chunk).enumerate() {
+                    let offset = ext.offset.wrapping_add((i * chunk) as u64);
+                    let desc = out.len();
+                    let crc = crc32fast::hash(piece);
+                    put_desc(out, offset, piece.len() as u32, EXT_DATA, ENC_RAW, crc, 0);
+                    let (enc, stored) = put_stored(piece, out);
+                    out[desc + 13] = enc;
+                    out[desc + 18..desc + 22].copy_from_slice(&(stored as u32).to_be_bytes());
+                    check.update(&out[desc..desc + EXTENT_DESC_LEN]);
+                    stats.raw_bytes += piece.len() as u64;
+                    stats.wire_bytes += stored as u64;
+                }
+            }
+        }
+    }
+}
+
+/// Appends `data` raw or lz4-compressed (see the module doc); returns (encoding, stored length).
+fn put_stored(data: &[u8], out: &mut Vec<u8>) -> (u8, usize) {
+    let pos = out.len();
+    if data.len() > PROBE_LEN {
+        let probe = &data[..PROBE_LEN];
+        let shrinks = matches!(compress_at(probe, out, pos), Some(n) if n < probe.len());
+        out.truncate(pos);
+        if !shrinks {
+            out.extend_from_slice(data);
+            return (ENC_RAW, data.len());
+        }
+    }
+    match compress_at(data, out, pos) {
+        Some(n) if n < data.len() => {
+            out.truncate(pos + n);
+            (ENC_LZ4, n)
+        }
+        _ => {
+            out.truncate(pos);
+            out.extend_from_slice(data);
+            (ENC_RAW, data.len())
+        }
+    }
+}
+
+/// Compresses `data` into `out[pos..]` (growing `out` as needed); returns the compressed length.
+fn compress_at(data: &[u8], out: &mut Vec<u8>, pos: usize) -> Option<usize> {
+    out.resize(
+        pos + lz4_flex::block::get_maximum_output_size(data.len()),
+        0,
+    );
+    lz4_flex::block::compress_into(data, &mut out[pos..]).ok()
+}
+
+/// Accumulates stream bytes and returns verified messages.
+///
+/// Feed what the stream delivers and call [`Decoder::next`] until it returns `Ok(None)` before
+/// feeding more: the decoder then holds at most one frame (≤ `PREFIX_LEN + MAX_MESSAGE` bytes)
+/// plus one read. Raw data extents of returned sets share the frame's buffer (no copy).
+///
+/// After an error the decoder is poisoned: it drops its buffer, ignores further input and
+/// returns the same error from every `next` (a stream whose framing may be lost cannot be
+/// trusted again; see [`FrameError`]).
+#[derive(Debug, Default)]
+pub struct Decoder {
+    buf: BytesMut,
+    failed: Option<FrameError>,
+}
+
+impl Decoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends stream bytes (ignored once the decoder failed).
+    pub fn feed(&mut self, bytes: &[u8]) {
+        if self.failed.is_none() {
+            self.buf.extend_from_slice(bytes);
+        }
+    }
+
+    /// `Ok(None)` = need more bytes. Every extent is decompressed and its CRC verified before a
+    /// Set is returned. `TooLarge` / `UnknownType` are reported as soon as the 5-byte prefix is
+    /// in, without waiting for the body.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> Result<Option<Message>, FrameError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let res = match frame_len(&self.buf) {
+            Ok(Some(total)) if total <= self.buf.len() => {
+                let frame = self.buf.split_to(total).freeze();
+                parse_frame(&frame, Some(&frame)).map(Some)
+            }
+            Ok(_) => return Ok(None),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &res {
+            self.failed = Some(e.clone());
+            self.buf = BytesMut::new();
+        }
+        res
+    }
+
+    /// Bytes fed but not yet returned as messages.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The error that poisoned this decoder, if any.
+    pub fn failed(&self) -> Option<&FrameError> {
+        self.failed.as_ref()
+    }
+}
+
+/// Decodes exactly one complete message from the start of `buf` (used by the redo log reader).
+/// Returns the message and the bytes it used, `Ok(None)` if `buf` holds only part of a message
+/// (e.g. a torn log tail), or the error. Same verification as [`Decoder::next`].
+pub fn decode_one(buf: &[u8]) -> Result<Option<(Message, usize)>, FrameError> {
+    match frame_len(buf)? {
+        Some(total) if total <= buf.len() => Ok(Some((parse_frame(&buf[..total], None)?, total))),
+        _ => Ok(None),
+    }
+}
+
+/// Test-only fault hook: flips (bitwise NOT) the last stored byte of the first data extent of an
+/// encoded Set message, so that the CRC check must catch it (for lz4 extents the last byte is a
+/// literal, so the block still decompresses — to wrong data). Returns false if `encoded` does not
+/// start with a complete Set holding a data byte.
+pub fn corrupt_first_data_byte(encoded: &mut [u8]) -> bool {
+    let Some(at) = first_data_byte(encoded) else {
+        return false;
+    };
+    encoded[at] = !encoded[at];
+    true
+}
+
+fn first_data_byte(encoded: &[u8]) -> Option<usize> {
+    let total = frame_len(encoded).ok()??;
+    if *encoded.get(4)? != TYPE_SET || total > encoded.len() {
+        return None;
+    }
+    let content = encoded.get(PREFIX_LEN..total.checked_sub(CHECK_LEN)?)?;
+    let mut r = Reader::new(content);
+    let header = r.take(SET_HEADER_LEN).ok()?;
+    let count = u32::from_be_bytes(header[SET_HEADER_LEN - 4..].try_into().ok()?);
+    for _ in 0..count {
+        let desc = r.take(EXTENT_DESC_LEN).ok()?;
+        let stored_len = u32::from_be_bytes(desc[18..22].try_into().ok()?) as usize;
+        let stored = r.pos..r.pos.checked_add(stored_len)?;
+        r.take(stored_len).ok()?;
+        if desc[12] == EXT_DATA && stored_len > 0 {
+            return Some(PREFIX_LEN + stored.end - 1);
+        }
+    }
+    None
+}
+
+/// Total frame length (prefix + body) once the prefix is in; errors found in the prefix.
+fn frame_len(buf: &[u8]) -> Result<Option<usize>, FrameError> {
+    let Some(len) = buf.get(..4) else {
+        return Ok(None);
+    };
+    let body_len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+    if body_len > MAX_MESSAGE {
+        return Err(FrameError::TooLarge(body_len));
+    }
+    let Some(&ty) = buf.get(4) else {
+        return Ok(None);
+    };
+    if !(TYPE_HELLO..=TYPE_REFUSE).contains(&ty) {
+        return Err(FrameError::UnknownType(ty));
+    }
+    Ok(Some(PREFIX_LEN + body_len as usize))
+}
+
+/// Bounds-checked big-endian reader over a body.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Self { buf, pos: 0 }
+    }
+
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
+        if n > self.remaining() {
+            return Err(FrameError::Malformed("field runs past the end of the body"));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], FrameError> {
+        let mut a = [0; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+
+    fn u8(&mut self) -> Result<u8, FrameError> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, FrameError> {
+        Ok(u16::from_be_bytes(self.array()?))
+    }
+
+    fn u32(&mut self) -> Result<u32, FrameError> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, FrameError> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+
+    fn string(&mut self) -> Result<String, FrameError> {
+        let len = usize::from(self.u16()?);
+        if len > MAX_STRING {
+            return Err(FrameError::Malformed("string longer than 4096 bytes"));
+        }
+        let bytes = self.take(len)?;
+        std::str::from_utf8(bytes)
+            .map(str::to_owned)
+            .map_err(|_| FrameError::Malformed("string is not UTF-8"))
+    }
+
+    fn finish(&self) -> Result<(), FrameError> {
+        if self.remaining() != 0 {
+            return Err(FrameError::Malformed("trailing bytes in body"));
+        }
+        Ok(())
+    }
+}
+
+/// Parses and verifies one whole frame (prefix included, length already checked by
+/// `frame_len`). `owner`, if given, holds the same bytes as `frame`: raw data is sliced from it.
+fn parse_frame(frame: &[u8], owner: Option<&Bytes>) -> Result<Message, FrameError> {
+    let ty = *frame
+        .get(4)
+        .ok_or(FrameError::Malformed("frame shorter than its prefix"))?;
+    let body = &frame[PREFIX_LEN..];
+    let Some(content_len) = body.len().checked_sub(CHECK_LEN) else {
+        return Err(FrameError::Malformed("body shorter than its check"));
+    };
+    let (content, tail) = body.split_at(content_len);
+    let expected = u32::from_be_bytes([tail[0], tail[1], tail[2], tail[3]]);
+    let mut check = crc32fast::Hasher::new();
+    check.update(&[ty]);
+    if ty == TYPE_SET {
+        return parse_set(content, expected, check, owner).map(Message::Set);
+    }
+    check.update(content);
+    if check.finalize() != expected {
+        return Err(FrameError::BadChecksum);
+    }
+    let mut r = Reader::new(content);
+    let msg = match ty {
+        TYPE_HELLO => {
+            let version = r.u16()?;
+            let size = r.u64()?;
+            let volume = r.string()?;
+            Message::Hello {
+                version,
+                volume,
+                size,
+            }
+        }
+        TYPE_HELLO_ACK => Message::HelloAck {
+            durable_set: r.u64()?,
+            durable_seq: r.u64()?,
+            needs_full_copy: match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(FrameError::Malformed("needs_full_copy is neither 0 nor 1")),
+            },
+        },
+        TYPE_ACK => Message::Ack {
+            set: r.u64()?,
+            last_seq: r.u64()?,
+            applied_set: r.u64()?,
+        },
+        TYPE_REFUSE => {
+            let code = r.u16()?;
+            let reason = r.string()?;
+            Message::Refuse { code, reason }
+        }
+        other => return Err(FrameError::UnknownType(other)),
+    };
+    r.finish()?;
+    Ok(msg)
+}
+
+/// An extent descriptor as read, before its data is verified.
+struct RawExtent {
+    offset: u64,
+    len: u32,
+    kind: u8,
+    encoding: u8,
+    crc: u32,
+    /// Range of the stored bytes in the body.
+    stored: Range<usize>,
+}
+
+fn parse_set(
+    content: &[u8],
+    expected: u32,
+    mut check: crc32fast::Hasher,
+    owner: Option<&Bytes>,
+) -> Result<DeltaSet, FrameError> {
+    // Structure: walk the descriptors, hashing everything but the stored bytes.
+    let mut r = Reader::new(content);
+    let header = r.take(SET_HEADER_LEN)?;
+    check.update(header);
+    let mut h = Reader::new(header);
+    let (set, first_seq, last_seq, kind, count) = (h.u64()?, h.u64()?, h.u64()?, h.u8()?, h.u32()?);
+    let count = count as usize;
+    if count > r.remaining() / EXTENT_DESC_LEN {
+        return Err(FrameError::Malformed(
+            "extent count does not fit in the body",
+        ));
+    }
+    let mut raws = Vec::with_capacity(count);
+    for _ in 0..count {
+        let desc = r.take(EXTENT_DESC_LEN)?;
+        check.update(desc);
+        let mut d = Reader::new(desc);
+        let (offset, len, kind, encoding, crc, stored_len) =
+            (d.u64()?, d.u32()?, d.u8()?, d.u8()?, d.u32()?, d.u32()?);
+        let start = r.pos;
+        r.take(stored_len as usize)?;
+        raws.push(RawExtent {
+            offset,
+            len,
+            kind,
+            encoding,
+            crc,
+            stored: start..r.pos,
+        });
+    }
+    r.finish()?;
+    if check.finalize() != expected {
+        return Err(FrameError::BadChecksum);
+    }
+
+    // Field rules, all before any data work.
+    let kind = match kind {
+        SET_JOURNAL => SetKind::Journal,
+        SET_COPY => SetKind::Copy { done: false },
+        SET_COPY_DONE => SetKind::Copy { done: true },
+        _ => return Err(FrameError::Malformed("unknown set kind")),
+    };
+    for e in &raws {
+        let stored_len = e.stored.len();
+        if e.len == 0 {
+            return Err(FrameError::Malformed("empty extent"));
+        }
+        match (e.kind, e.encoding) {
+            (EXT_ZERO, _) => {
+                if e.encoding != ENC_RAW || e.crc != 0 || stored_len != 0 {
+                    return Err(FrameError::Malformed(
+                        "zero extent with an encoding, a crc or stored bytes",
+                    ));
+                }
+            }
+            (EXT_DATA, _) if e.len > MAX_CHUNK => {
+                return Err(FrameError::Malformed("data extent longer than MAX_CHUNK"));
+            }
+            (EXT_DATA, ENC_RAW) => {
+                if stored_len != e.len as usize {
+                    return Err(FrameError::Malformed("raw extent with stored_len != len"));
+                }
+            }
+            (EXT_DATA, ENC_LZ4) => {
+                if stored_len == 0 || stored_len >= e.len as usize {
+                    return Err(FrameError::Malformed(
+                        "lz4 extent with stored_len not in 1..len",
+                    ));
+                }
+            }
+            (EXT_DATA, _) => return Err(FrameError::Malformed("unknown extent encoding")),
+            _ => return Err(FrameError::Malformed("unknown extent kind")),
+        }
+    }
+    check_set_shape(
+        kind == SetKind::Journal,
+        first_seq,
+        last_seq,
+        raws.iter()
+            .map(|e| (e.offset, u64::from(e.len), e.kind == EXT_DATA)),
+    )?;
+
+    // Data: decompress and verify every CRC.
+    let mut extents = Vec::with_capacity(raws.len());
+    for e in raws {
+        let stored = &content[e.stored.clone()];
+        let bad_crc = FrameError::BadCrc { offset: e.offset };
+        let payload = match (e.kind, e.encoding) {
+            (EXT_ZERO, _) => Payload::Zero(e.len),
+            (_, ENC_RAW) => {
+                if crc32fast::hash(stored) != e.crc {
+                    return Err(bad_crc);
+                }
+                Payload::Data(match owner {
+                    Some(frame) => {
+                        frame.slice(PREFIX_LEN + e.stored.start..PREFIX_LEN + e.stored.end)
+                    }
+                    None => Bytes::copy_from_slice(stored),
+                })
+            }
+            _ => {
+                let mut data = vec![0; e.len as usize];
+                match lz4_flex::block::decompress_into(stored, &mut data) {
+                    Ok(n) if n == data.len() => {}
+                    _ => return Err(FrameError::Decompress { offset: e.offset }),
+                }
+                if crc32fast::hash(&data) != e.crc {
+                    return Err(bad_crc);
+                }
+                Payload::Data(Bytes::from(data))
+            }
+        };
+        extents.push(Extent {
+            offset: e.offset,
+            payload,
+        });
+    }
+    Ok(DeltaSet {
+        set,
+        first_seq,
+        last_seq,
+        kind,
+        extents,
+    })
+}
+
+/// Set rules shared by the decoder and [`DeltaSet::validate`]; `extents` yields
+/// `(offset, len, is_data)` of the non-empty extents in order.
+fn check_set_shape(
+    journal: bool,
+    first_seq: u64,
+    last_seq: u64,
+    extents: impl Iterator<Item = (u64, u64, bool)>,
+) -> Result<(), FrameError> {
+    let empty_range = if first_seq <= last_seq {
+        false
+    } else if last_seq.checked_add(1) == Some(first_seq) {
+        true
+    } else {
+        return Err(FrameError::Malformed("first_seq > last_seq + 1"));
+    };
+    let mut prev_end: Option<u64> = None;
+    let mut data = 0u64;
+    let mut count = 0usize;
+    for (offset, len, is_data) in extents {
+        count += 1;
+        let end = offset
+            .checked_add(len)
+            .ok_or(FrameError::Malformed("extent end overflows u64"))?;
+        if prev_end.is_some_and(|p| offset < p) {
+            return Err(FrameError::Malformed("extents overlap or are out of order"));
+        }
+        prev_end = Some(end);
+        if is_data {
+            data = data.saturating_add(len);
+            if data > u64::from(MAX_MESSAGE) {
+                return Err(FrameError::Malformed("set data exceeds MAX_MESSAGE"));
+            }
+        }
+    }
+    if journal && empty_range && count > 0 {
+        return Err(FrameError::Malformed(
+            "journal set with an empty sequence range carries extents",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    fn enc(msg: &Message) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(msg, &mut out);
+        out
+    }
+
+    fn noise(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    fn text(n: usize) -> Vec<u8> {
+        b"blkmirror ships delta sets from Monaco to Luxembourg; "
+            .iter()
+            .copied()
+            .cycle()
+            .take(n)
+            .collect()
+    }
+
+    fn data(offset: u64, bytes: Vec<u8>) -> Extent {
+        Extent {
+            offset,
+            payload: Payload::Data(Bytes::from(bytes)),
+        }
+    }
+
+    fn zero(offset: u64, len: u32) -> Extent {
+        Extent {
+            offset,
+            payload: Payload::Zero(len),
+        }
+    }
+
+    fn journal(extents: Vec<Extent>) -> Message {
+        Message::Set(DeltaSet {
+            set: 7,
+            first_seq: 10,
+            last_seq: 12,
+            kind: SetKind::Journal,
+            extents,
+        })
+    }
+
+    fn tiny_set() -> Message {
+        journal(vec![data(4096, b"abcd".to_vec()), zero(8192, 512)])
+    }
+
+    /// (encoding byte, stored_len) of every extent of an encoded Set.
+    fn encodings(frame: &[u8]) -> Vec<(u8, usize)> {
+        let mut pos = PREFIX_LEN + SET_HEADER_LEN;
+        let count = u32::from_be_bytes(frame[pos - 4..pos].try_into().unwrap());
+        (0..count)
+            .map(|_| {
+                let d = &frame[pos..pos + EXTENT_DESC_LEN];
+                let stored = u32::from_be_bytes(d[18..22].try_into().unwrap()) as usize;
+                pos += EXTENT_DESC_LEN + stored;
+                (d[13], stored)
+            })
+            .collect()
+    }
+
+    /// A frame of type `ty` around `content`, with a correct check (not for Sets).
+    fn small_frame(ty: u8, content: &[u8]) -> Vec<u8> {
+        let mut h = crc32fast::Hasher::new();
+        h.update(&[ty]);
+        h.update(content);
+        let mut f = ((content.len() + 4) as u32).to_be_bytes().to_vec();
+        f.push(ty);
+        f.extend_from_slice(content);
+        f.extend_from_slice(&h.finalize().to_be_bytes());
+        f
+    }
+
+    /// Hand-built extent for [`set_frame`].
+    #[derive(Clone, Debug)]
+    struct Ext {
+        offset: u64,
+        len: u32,
+        kind: u8,
+        enc: u8,
+        crc: u32,
+        stored: Vec<u8>,
+    }
+
+    fn raw(offset: u64, bytes: &[u8]) -> Ext {
+        Ext {
+            offset,
+            len: bytes.len() as u32,
+            kind: EXT_DATA,
+            enc: ENC_RAW,
+            crc: crc32fast::hash(bytes),
+            stored: bytes.to_vec(),
+        }
+    }
+
+    /// A Set frame built field by field, with a correct check.
+    fn set_frame(first: u64, last: u64, kind: u8, exts: &[Ext]) -> Vec<u8> {
+        let mut hashed = vec![TYPE_SET];
+        let mut body = Vec::new();
+        let mut header = Vec::new();
+        header.extend_from_slice(&1u64.to_be_bytes());
+        header.extend_from_slice(&first.to_be_bytes());
+        header.extend_from_slice(&last.to_be_bytes());
+        header.push(kind);
+        header.extend_from_slice(&(exts.len() as u32).to_be_bytes());
+        hashed.extend_from_slice(&header);
+        body.extend_from_slice(&header);
+        for e in exts {
+            let mut d = Vec::new();
+            put_desc(
+                &mut d,
+                e.offset,
+                e.len,
+                e.kind,
+                e.enc,
+                e.crc,
+                e.stored.len() as u32,
+            );
+            hashed.extend_from_slice(&d);
+            body.extend_from_slice(&d);
+            body.extend_from_slice(&e.stored);
+        }
+        body.extend_from_slice(&crc32fast::hash(&hashed).to_be_bytes());
+        let mut f = (body.len() as u32).to_be_bytes().to_vec();
+        f.push(TYPE_SET);
+        f.extend_from_slice(&body);
+        f
+    }
+
+    fn decode(frame: &[u8]) -> Result<Option<(Message, usize)>, FrameError> {
+        decode_one(frame)
+    }
+
+    fn malformed(frame: &[u8]) -> &'static str {
+        match decode(frame) {
+            Err(FrameError::Malformed(what)) => what,
+            other => panic!("expected Malformed, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn golden_hello() {
+        let msg = Message::Hello {
+            version: PROTOCOL_VERSION,
+            volume: "v0".into(),
+            size: 4096,
+        };
+        let bytes = enc(&msg);
+        assert_eq!(
+            hex(&bytes),
+            // body_len=18 type=1 | version=1 | size=4096 | len=2 "v0" | check
+            "00000012 01 0001 0000000000001000 0002 7630 ec5039a3".replace(' ', "")
+        );
+        assert_eq!(decode(&bytes), Ok(Some((msg, bytes.len()))));
+    }
+
+    #[test]
+    fn golden_set() {
+        let msg = tiny_set();
+        let bytes = enc(&msg);
+        let expected = [
+            "00000051 03",                                        // body_len=81, Set
+            "0000000000000007 000000000000000a 000000000000000c", // set, first_seq, last_seq
+            "00 00000002",                                        // Journal, 2 extents
+            "0000000000001000 00000004 00 00 ed82cd11 00000004",  // data @4096, raw, crc
+            "61626364",                                           // "abcd"
+            "0000000000002000 00000200 01 00 00000000 00000000",  // zero @8192 len 512
+            "151e7b59",                                           // check
+        ]
+        .concat()
+        .replace(' ', "");
+        assert_eq!(hex(&bytes), expected);
+        assert_eq!(decode(&bytes), Ok(Some((msg, bytes.len()))));
+    }
+
+    #[test]
+    fn every_type_round_trips_byte_for_byte() {
+        let msgs = [
+            Message::Hello {
+                version: 9,
+                volume: "Dépôt-α".into(),
+                size: u64::MAX,
+            },
+            Message::HelloAck {
+                durable_set: 3,
+                durable_seq: 99,
+                needs_full_copy: true,
+            },
+            Message::HelloAck {
+                durable_set: 0,
+                durable_seq: 0,
+                needs_full_copy: false,
+            },
+            tiny_set(),
+            Message::Set(DeltaSet {
+                set: 1,
+                first_seq: 5,
+                last_seq: 4,
+                kind: SetKind::Copy { done: true },
+                extents: vec![
+                    data(0, text(5000)),
+                    zero(5000, 1),
+                    data(1 << 40, noise(300, 1)),
+                ],
+            }),
+            Message::Set(DeltaSet {
+                set: 2,
+                first_seq: 8,
+                last_seq: 7,
+                kind: SetKind::Journal,
+                extents: vec![],
+            }),
+            Message::Ack {
+                set: 12,
+                last_seq: 345,
+                applied_set: 11,
+            },
+            Message::Refuse {
+                code: 2,
+                reason: "unknown volume".into(),
+            },
+        ];
+        let mut stream = Vec::new();
+        for msg in &msgs {
+            let bytes = enc(msg);
+            let (back, used) = decode(&bytes).unwrap().unwrap();
+            assert_eq!(&back, msg);
+            assert_eq!(used, bytes.len());
+            assert_eq!(enc(&back), bytes, "re-encoding is byte-for-byte stable");
+            stream.extend_from_slice(&bytes);
+        }
+        // All in one feed.
+        let mut d = Decoder::new();
+        d.feed(&stream);
+        for msg in &msgs {
+            assert_eq!(d.next().unwrap().as_ref(), Some(msg));
+        }
+        assert_eq!(d.next(), Ok(None));
+        assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn compressible_data_goes_lz4_and_smaller() {
+        let msg = journal(vec![data(0, text(64 << 10))]);
+        let mut bytes = Vec::new();
+        let stats = encode(&msg, &mut bytes);
+        assert_eq!(stats.raw_bytes, 64 << 10);
+        assert!(stats.wire_bytes < stats.raw_bytes / 4, "{stats:?}");
+        assert_eq!(
+            encodings(&bytes),
+            vec![(ENC_LZ4, stats.wire_bytes as usize)]
+        );
+        assert!(bytes.len() < 64 << 10);
+        assert_eq!(decode(&bytes).unwrap().unwrap().0, msg);
+    }
+
+    #[test]
+    fn random_data_goes_raw() {
+        for n in [1, 100, 4096, 4097, 64 << 10] {
+            let msg = journal(vec![data(0, noise(n, n as u64))]);
+            let mut bytes = Vec::new();
+            let stats = encode(&msg, &mut bytes);
+            assert_eq!(stats.raw_bytes, n as u64);
+            assert_eq!(stats.wire_bytes, n as u64);
+            assert_eq!(encodings(&bytes), vec![(ENC_RAW, n)]);
+            assert_eq!(decode(&bytes).unwrap().unwrap().0, msg);
+        }
+    }
+
+    #[test]
+    fn probe_sends_raw_when_the_first_4k_do_not_shrink() {
+        // Documented heuristic: incompressible first 4 KiB => raw, even if the rest is zeroes.
+        let mut bytes = noise(PROBE_LEN, 5);
+        bytes.resize(32 << 10, 0);
+        let frame = enc(&journal(vec![data(0, bytes.clone())]));
+        assert_eq!(encodings(&frame), vec![(ENC_RAW, bytes.len())]);
+        // Compressible start => the whole chunk is compressed.
+        bytes.rotate_right(PROBE_LEN);
+        let frame = enc(&journal(vec![data(0, bytes.clone())]));
+        assert_eq!(encodings(&frame)[0].0, ENC_LZ4);
+    }
+
+    #[test]
+    fn big_extents_are_split_into_crc_checked_chunks() {
+        let big = Bytes::from(noise((5 << 20) / 2, 3));
+        let msg = journal(vec![
+            Extent {
+                offset: 1 << 30,
+                payload: Payload::Data(big.clone()),
+            },
+            zero((1 << 30) + big.len() as u64, 4096),
+            data(8 << 30, Vec::new()), // empty: dropped
+        ]);
+        let Message::Set(set) = &msg else { panic!() };
+        let bytes = enc(&msg);
+        assert!((bytes.len() - PREFIX_LEN) as u64 <= set.max_body_len());
+        assert_eq!(encodings(&bytes).len(), 4);
+        let Message::Set(back) = decode(&bytes).unwrap().unwrap().0 else {
+            panic!()
+        };
+        let offsets: Vec<u64> = back.extents.iter().map(|e| e.offset).collect();
+        let m = u64::from(MAX_CHUNK);
+        assert_eq!(
+            offsets,
+            vec![
+                1 << 30,
+                (1 << 30) + m,
+                (1 << 30) + 2 * m,
+                (1 << 30) + big.len() as u64
+            ]
+        );
+        let mut joined = Vec::new();
+        for e in &back.extents[..3] {
+            let Payload::Data(b) = &e.payload else {
+                panic!()
+            };
+            joined.extend_from_slice(b);
+        }
+        assert_eq!(joined, big);
+        assert_eq!(back.extents[3], zero((1 << 30) + big.len() as u64, 4096));
+    }
+
+    #[test]
+    fn truncated_message_waits_until_complete() {
+        let bytes = enc(&journal(vec![
+            data(0, text(10_000)),
+            data(20_000, noise(100, 9)),
+        ]));
+        for cut in 0..bytes.len() {
+            assert_eq!(decode(&bytes[..cut]), Ok(None), "cut at {cut}");
+        }
+        let mut d = Decoder::new();
+        for (i, b) in bytes.iter().enumerate() {
+            assert_eq!(d.next(), Ok(None));
+            d.feed(std::slice::from_ref(b));
+            assert_eq!(d.buffered(), i + 1);
+        }
+        assert!(d.next().unwrap().is_some());
+        assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn oversized_length_is_too_large_before_the_body_arrives() {
+        let mut d = Decoder::new();
+        d.feed(&(MAX_MESSAGE + 1).to_be_bytes());
+        assert_eq!(d.next(), Err(FrameError::TooLarge(MAX_MESSAGE + 1)));
+        // Poisoned: same error, input ignored.
+        d.feed(&enc(&tiny_set()));
+        assert_eq!(d.next(), Err(FrameError::TooLarge(MAX_MESSAGE + 1)));
+        assert_eq!(d.buffered(), 0);
+        assert!(d.failed().is_some());
+        assert_eq!(
+            decode(&u32::MAX.to_be_bytes()),
+            Err(FrameError::TooLarge(u32::MAX))
+        );
+        // Exactly MAX_MESSAGE is allowed (waits for the body).
+        let mut at_limit = MAX_MESSAGE.to_be_bytes().to_vec();
+        at_limit.push(TYPE_SET);
+        assert_eq!(decode(&at_limit), Ok(None));
+    }
+
+    #[test]
+    fn unknown_type_is_refused() {
+        for ty in [0u8, 6, 255] {
+            assert_eq!(decode(&[0, 0, 0, 4, ty]), Err(FrameError::UnknownType(ty)));
+        }
+    }
+
+    #[test]
+    fn corrupt_first_data_byte_is_bad_crc() {
+        for payload in [noise(3000, 4), text(3000)] {
+            let msg = journal(vec![
+                zero(0, 512),
+                data(4096, payload),
+                data(9000, noise(5, 1)),
+            ]);
+            let mut bytes = enc(&msg);
+            assert!(corrupt_first_data_byte(&mut bytes));
+            assert_eq!(decode(&bytes), Err(FrameError::BadCrc { offset: 4096 }));
+            let mut d = Decoder::new();
+            d.feed(&bytes);
+            assert_eq!(d.next(), Err(FrameError::BadCrc { offset: 4096 }));
+            assert_eq!(d.next(), Err(FrameError::BadCrc { offset: 4096 }));
+        }
+        assert!(!corrupt_first_data_byte(&mut enc(&journal(vec![zero(
+            0, 5
+        )]))));
+        assert!(!corrupt_first_data_byte(&mut enc(&Message::Ack {
+            set: 1,
+            last_seq: 1,
+            applied_set: 0,
+        })));
+        assert!(!corrupt_first_data_byte(&mut []));
+        let mut cut = enc(&tiny_set());
+        cut.truncate(cut.len() - 1);
+        assert!(!corrupt_first_data_byte(&mut cut));
+    }
+
+    #[test]
+    fn header_fields_are_covered_by_the_check() {
+        let bytes = enc(&tiny_set());
+        // Flip a bit of the zero extent's offset, of the set number, of a data crc.
+        let zero_offset = PREFIX_LEN + SET_HEADER_LEN + EXTENT_DESC_LEN + 4 + 6;
+        for at in [
+            zero_offset,
+            PREFIX_LEN + 7,
+            PREFIX_LEN + SET_HEADER_LEN + 15,
+        ] {
+            let mut b = bytes.clone();
+            b[at] ^= 0x10;
+            assert_eq!(decode(&b), Err(FrameError::BadChecksum), "byte {at}");
+        }
+        let mut ack = enc(&Message::Ack {
+            set: 1,
+            last_seq: 2,
+            applied_set: 1,
+        });
+        ack[PREFIX_LEN] ^= 1;
+        assert_eq!(decode(&ack), Err(FrameError::BadChecksum));
+    }
+
+    #[test]
+    fn set_rules_are_enforced() {
+        let j = SET_JOURNAL;
+        let ok = set_frame(1, 1, j, &[raw(0, b"ab"), raw(2, b"cd")]);
+        assert!(decode(&ok).unwrap().is_some());
+
+        assert_eq!(
+            malformed(&set_frame(5, 3, j, &[])),
+            "first_seq > last_seq + 1"
+        );
+        assert!(decode(&set_frame(5, 4, j, &[])).unwrap().is_some());
+        assert!(decode(&set_frame(0, u64::MAX, j, &[])).unwrap().is_some());
+        assert_eq!(
+            malformed(&set_frame(5, 4, j, &[raw(0, b"x")])),
+            "journal set with an empty sequence range carries extents"
+        );
+        assert!(decode(&set_frame(5, 4, SET_COPY, &[raw(0, b"x")]))
+            .unwrap()
+            .is_some());
+        assert_eq!(malformed(&set_frame(1, 1, 3, &[])), "unknown set kind");
+        assert_eq!(
+            malformed(&set_frame(1, 1, j, &[raw(0, b"ab"), raw(1, b"cd")])),
+            "extents overlap or are out of order"
+        );
+        assert_eq!(
+            malformed(&set_frame(1, 1, j, &[raw(10, b"ab"), raw(0, b"cd")])),
+            "extents overlap or are out of order"
+        );
+        assert_eq!(
+            malformed(&set_frame(1, 1, j, &[raw(u64::MAX - 1, b"ab")])),
+            "extent end overflows u64"
+        );
+        assert!(decode(&set_frame(1, 1, j, &[raw(u64::MAX - 2, b"ab")]))
+            .unwrap()
+            .is_some());
+        let empty = Ext {
+            len: 0,
+            ..raw(0, b"")
+        };
+        assert_eq!(malformed(&set_frame(1, 1, j, &[empty])), "empty extent");
+        let z = Ext {
+            offset: 0,
+            len: 4,
+            kind: EXT_ZERO,
+            enc: ENC_RAW,
+            crc: 0,
+            stored: vec![],
+        };
+        assert!(decode(&set_frame(1, 1, j, std::slice::from_ref(&z)))
+            .unwrap()
+            .is_some());
+        for bad in [
+            Ext {
+                stored: vec![0; 4],
+                ..z.clone()
+            },
+            Ext {
+                crc: 1,
+                ..z.clone()
+            },
+            Ext {
+                enc: ENC_LZ4,
+                ..z.clone()
+            },
+        ] {
+            assert_eq!(
+                malformed(&set_frame(1, 1, j, &[bad])),
+                "zero extent with an encoding, a crc or stored bytes"
+            );
+        }
+        assert_eq!(
+            malformed(&set_frame(1, 1, j, &[Ext { kind: 2, ..z }])),
+            "unknown extent kind"
+        );
+        assert_eq!(
+            malformed(&set_frame(
+                1,
+                1,
+                j,
+                &[Ext {
+                    len: 3,
+                    ..raw(0, b"ab")
+                }]
+            )),
+            "raw extent with stored_len != len"
+        );
+        assert_eq!(
+            malformed(&set_frame(
+                1,
+                1,
+                j,
+                &[Ext {
+                    enc: 7,
+                    ..raw(0, b"ab")
+                }]
+            )),
+            "unknown extent encoding"
+        );
+        let big = vec![1u8; MAX_CHUNK as usize + 1];
+        assert_eq!(
+            malformed(&set_frame(1, 1, j, &[raw(0, &big)])),
+            "data extent longer than MAX_CHUNK"
+        );
+        // lz4 stored_len must be in 1..len.
+        let lz = |len: u32, stored: Vec<u8>, crc: u32| Ext {
+            offset: 0,
+            len,
+            kind: EXT_DATA,
+            enc: ENC_LZ4,
+            crc,
+            stored,
+        };
+        assert_eq!(
+            malformed(&set_frame(1, 1, j, &[lz(4, vec![0; 4], 0)])),
+            "lz4 extent with stored_len not in 1..len"
+        );
+        assert_eq!(
+            malformed(&set_frame(1, 1, j, &[lz(4, vec![], 0)])),
+            "lz4 extent with stored_len not in 1..len"
+        );
+        // lz4 that decompresses to fewer or more bytes than len, or is garbage.
+        let plain = text(1000);
+        let packed = lz4_flex::block::compress(&plain);
+        let crc = crc32fast::hash(&plain);
+        assert!(
+            decode(&set_frame(1, 1, j, &[lz(1000, packed.clone(), crc)]))
+                .unwrap()
+                .is_some()
+        );
+        for (len, stored) in [
+            (1001, packed.clone()),
+            (999, packed.clone()),
+            (1000, vec![0xff; 50]),
+        ] {
+            assert_eq!(
+                decode(&set_frame(1, 1, j, &[lz(len, stored, crc)])),
+                Err(FrameError::Decompress { offset: 0 })
+            );
+        }
+        assert_eq!(
+            decode(&set_frame(1, 1, j, &[lz(1000, packed, crc ^ 1)])),
+            Err(FrameError::BadCrc { offset: 0 })
+        );
+        assert_eq!(
+            decode(&set_frame(
+                1,
+                1,
+                j,
+                &[Ext {
+                    crc: 5,
+                    ..raw(77, b"ab")
+                }]
+            )),
+            Err(FrameError::BadCrc { offset: 77 })
+        );
+    }
+
+    #[test]
+    fn set_data_is_capped() {
+        // More than MAX_MESSAGE bytes of data in one set: refused by validate (a sender check)
+        // and by the decoder, even when lz4 packs it into a small frame.
+        let set = DeltaSet {
+            set: 1,
+            first_seq: 1,
+            last_seq: 1,
+            kind: SetKind::Journal,
+            extents: vec![zero(0, 1), data(1, vec![0; MAX_MESSAGE as usize + 1])],
+        };
+        assert_eq!(
+            set.validate(),
+            Err(FrameError::Malformed("set data exceeds MAX_MESSAGE"))
+        );
+        assert!(set.max_body_len() > u64::from(MAX_MESSAGE));
+        // lz4 expansion: many tiny lz4 blocks each claiming 1 MiB of zeroes.
+        let packed = lz4_flex::block::compress(&vec![0u8; MAX_CHUNK as usize]);
+        let crc = crc32fast::hash(&vec![0u8; MAX_CHUNK as usize]);
+        let exts: Vec<Ext> = (0..73u64)
+            .map(|i| Ext {
+                offset: i << 20,
+                len: MAX_CHUNK,
+                kind: EXT_DATA,
+                enc: ENC_LZ4,
+                crc,
+                stored: packed.clone(),
+            })
+            .collect();
+        let frame = set_frame(1, 1, SET_JOURNAL, &exts);
+        assert!(frame.len() < 1 << 20);
+        assert_eq!(malformed(&frame), "set data exceeds MAX_MESSAGE");
+        assert!(decode(&set_frame(1, 1, SET_JOURNAL, &exts[..72]))
+            .unwrap()
+            .is_some());
+    }
+
+    #[test]
+    fn small_message_rules_are_enforced() {
+        let mut hello = 1u16.to_be_bytes().to_vec();
+        hello.extend_from_slice(&0u64.to_be_bytes());
+        let with_name = |name: &[u8]| {
+            let mut c = hello.clone();
+            c.extend_from_slice(&(name.len() as u16).to_be_bytes());
+            c.extend_from_slice(name);
+            small_frame(TYPE_HELLO, &c)
+        };
+        assert!(decode(&with_name(&[b'a'; MAX_STRING])).unwrap().is_some());
+        assert_eq!(
+            malformed(&with_name(&[b'a'; MAX_STRING + 1])),
+            "string longer than 4096 bytes"
+        );
+        assert_eq!(malformed(&with_name(&[0xff, 0xfe])), "string is not UTF-8");
+        let mut trailing = with_name(b"v").to_vec();
+        trailing.truncate(trailing.len() - 4);
+        let mut c = trailing[PREFIX_LEN..].to_vec();
+        c.push(0);
+        assert_eq!(
+            malformed(&small_frame(TYPE_HELLO, &c)),
+            "trailing bytes in body"
+        );
+        assert_eq!(
+            malformed(&small_frame(TYPE_HELLO, &hello)),
+            "field runs past the end of the body"
+        );
+        let mut ack = [0u8; 17];
+        ack[16] = 2;
+        assert_eq!(
+            malformed(&small_frame(TYPE_HELLO_ACK, &ack)),
+            "needs_full_copy is neither 0 nor 1"
+        );
+        assert_eq!(
+            malformed(&[0, 0, 0, 3, TYPE_ACK, 0, 0, 0]),
+            "body shorter than its check"
+        );
+        // Long strings are cut at a char boundary on encode, so they still decode.
+        let long = "é".repeat(MAX_STRING);
+        let bytes = enc(&Message::Refuse {
+            code: 1,
+            reason: long.clone(),
+        });
+        let Some((Message::Refuse { reason, .. }, _)) = decode(&bytes).unwrap() else {
+            panic!()
+        };
+        assert_eq!(reason.len(), MAX_STRING);
+        assert!(long.starts_with(&reason));
+    }
+
+    #[test]
+    fn count_larger_than_body_is_refused_without_allocating() {
+        let mut f = set_frame(1, 1, SET_JOURNAL, &[]);
+        let at = PREFIX_LEN + SET_HEADER_LEN - 4;
+        f[at..at + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(malformed(&f), "extent count does not fit in the body");
+    }
+
+    #[test]
+    fn raw_extents_share_the_decoder_buffer() {
+        let bytes = enc(&journal(vec![data(0, noise(1000, 2))]));
+        let mut d = Decoder::new();
+        d.feed(&bytes);
+        let Some(Message::Set(set)) = d.next().unwrap() else {
+            panic!()
+        };
+        let Payload::Data(b) = &set.extents[0].payload else {
+            panic!()
+        };
+        assert_eq!(&b[..], &bytes[bytes.len() - 4 - 1000..bytes.len() - 4]);
+    }
+
+    // ---- property tests ----
+
+    fn arb_payload() -> impl Strategy<Value = Payload> {
+        prop_oneof![
+            1 => (1u32..100_000).prop_map(Payload::Zero),
+            3 => (1usize..6000, any::<u64>(), 0u8..3).prop_map(|(n, seed, style)| {
+                Payload::Data(Bytes::from(match style {
+                    0 => noise(n, seed),
+                    1 => text(n),
+                    _ => {
+                        let mut v = noise(n / 2, seed);
+                        v.resize(n, (seed & 0xff) as u8);
+                        v
+                    }
+                }))
+            }),
+        ]
+    }
+
+    fn arb_set() -> impl Strategy<Value = DeltaSet> {
+        (
+            any::<u64>(),
+            0u64..u64::MAX / 2,
+            0u64..1000,
+            0u8..3,
+            prop::collection::vec((0u64..10_000, arb_payload()), 0..6),
+        )
+            .prop_map(|(set, first_seq, span, kind, parts)| {
+                let mut offset = 0;
+                let extents = parts
+                    .into_iter()
+                    .map(|(gap, payload)| {
+                        offset += gap;
+                        let e = Extent { offset, payload };
+                        offset = e.end();
+                        e
+                    })
+                    .collect();
+                DeltaSet {
+                    set,
+                    first_seq,
+                    last_seq: first_seq + span,
+                    kind: match kind {
+                        0 => SetKind::Journal,
+                        1 => SetKind::Copy { done: false },
+                        _ => SetKind::Copy { done: true },
+                    },
+                    extents,
+                }
+            })
+    }
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            1 => (any::<u16>(), "\\PC{0,16}", any::<u64>()).prop_map(|(version, volume, size)| {
+                Message::Hello {
+                    version,
+                    volume,
+                    size,
+                }
+            }),
+            1 => (any::<u64>(), any::<u64>(), any::<bool>()).prop_map(|(s, q, f)| Message::HelloAck {
+                durable_set: s,
+                durable_seq: q,
+                needs_full_copy: f,
+            }),
+            1 => (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(set, last_seq, applied_set)| {
+                Message::Ack { set, last_seq, applied_set }
+            }),
+            1 => (any::<u16>(), "\\PC{0,32}").prop_map(|(code, reason)| Message::Refuse { code, reason }),
+            4 => arb_set().prop_map(Message::Set),
+        ]
+    }
+
+    /// Hand-built Set frames with random fields and a correct check: exercises the rules and
+    /// the data path on inputs the encoder would never produce.
+    fn arb_raw_set_frame() -> impl Strategy<Value = Vec<u8>> {
+        let ext = (
+            0u64..20_000,
+            0u32..3000,
+            0u8..3,
+            0u8..3,
+            any::<u32>(),
+            prop::collection::vec(any::<u8>(), 0..64),
+            any::<bool>(),
+        )
+            .prop_map(|(offset, len, kind, enc, crc, stored, fix)| {
+                if fix && kind == EXT_DATA && enc == ENC_RAW {
+                    raw(offset, &stored)
+                } else {
+                    Ext {
+                        offset,
+                        len,
+                        kind,
+                        enc,
+                        crc,
+                        stored,
+                    }
+                }
+            });
+        (0u64..4, 0u64..4, 0u8..4, prop::collection::vec(ext, 0..5))
+            .prop_map(|(first, last, kind, exts)| set_frame(first, last, kind, &exts))
+    }
+
+    fn drain(d: &mut Decoder) -> Result<Vec<Message>, FrameError> {
+        let mut out = Vec::new();
+        while let Some(m) = d.next()? {
+            out.push(m);
+        }
+        Ok(out)
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip_through_any_chunking(
+            a in arb_message(),
+            b in arb_message(),
+            cuts in prop::collection::vec(1usize..700, 0..40),
+        ) {
+            let mut stream = Vec::new();
+            let sa = encode(&a, &mut stream);
+            let len_a = stream.len();
+            encode(&b, &mut stream);
+            if let Message::Set(s) = &a {
+                prop_assert!(sa.wire_bytes <= sa.raw_bytes);
+                prop_assert!(((len_a - PREFIX_LEN) as u64) <= s.max_body_len());
+            }
+            prop_assert_eq!(decode(&stream), Ok(Some((a.clone(), len_a))));
+            let mut d = Decoder::new();
+            let mut got = Vec::new();
+            let mut rest = &stream[..];
+            for cut in cuts {
+                let (now, later) = rest.split_at(cut.min(rest.len()));
+                d.feed(now);
+                rest = later;
+                got.extend(drain(&mut d).unwrap());
+            }
+            d.feed(rest);
+            got.extend(drain(&mut d).unwrap());
+            prop_assert_eq!(got, vec![a.clone(), b]);
+            prop_assert_eq!(d.buffered(), 0);
+            prop_assert_eq!(enc(&a), stream[..len_a].to_vec());
+        }
+
+        #[test]
+        fn random_bytes_never_panic(
+            bytes in prop::collection::vec(any::<u8>(), 0..600),
+            ty in 0u8..7,
+        ) {
+            let _ = decode(&bytes);
+            let mut d = Decoder::new();
+            d.feed(&bytes);
+            let _ = drain(&mut d);
+            // Valid prefix, random body (mostly BadChecksum) and with a correct check.
+            let mut framed = ((bytes.len()) as u32).to_be_bytes().to_vec();
+            framed.push(ty);
+            framed.extend_from_slice(&bytes);
+            let _ = decode(&framed);
+            let sealed = small_frame(ty, &bytes);
+            let _ = decode(&sealed);
+            let mut set = small_frame(TYPE_SET, &bytes);
+            let _ = decode(&set);
+            let _ = corrupt_first_data_byte(&mut set);
+        }
+
+        #[test]
+        fn hand_built_sets_never_panic_and_decoded_sets_are_valid(frame in arb_raw_set_frame()) {
+            if let Ok(Some((Message::Set(s), used))) = decode(&frame) {
+                prop_assert_eq!(used, frame.len());
+                prop_assert_eq!(s.validate(), Ok(()));
+            }
+        }
+
+        #[test]
+        fn truncation_waits(msg in arb_message(), cut in any::<prop::sample::Index>()) {
+            let bytes = enc(&msg);
+            let cut = cut.index(bytes.len());
+            prop_assert_eq!(decode(&bytes[..cut]), Ok(None));
+            let mut d = Decoder::new();
+            d.feed(&bytes[..cut]);
+            prop_assert_eq!(d.next(), Ok(None));
+        }
+
+        #[test]
+        fn single_byte_flips_are_detected(
+            msg in arb_message(),
+            at in any::<prop::sample::Index>(),
+            xor in 1u8..=255,
+        ) {
+            let mut bytes = enc(&msg);
+            let at = at.index(bytes.len());
+            bytes[at] ^= xor;
+            // The only acceptable success: an lz4 block whose flip still decompresses to the
+            // very same data (e.g. another match offset into a run) — the same message.
+            if let Ok(Some((back, _))) = decode(&bytes) {
+                prop_assert_eq!(back, msg.clone(), "flip at {} undetected", at);
+            }
+            let mut d = Decoder::new();
+            d.feed(&bytes);
+            if let Ok(Some(back)) = d.next() {
+                prop_assert_eq!(back, msg);
+            }
+        }
+    }
+}
