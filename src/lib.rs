@@ -1,5 +1,11 @@
 //! blkmirror: userspace block-level replication. See docs/ARCHITECTURE.md for the code map.
 
+pub mod certs;
+pub mod control;
 pub mod disk;
+pub mod journal;
+pub mod mirror_daemon;
 pub mod nbd;
 pub mod primary;
+pub mod repl;
+pub mod transport;

@@ -1,7 +1,10 @@
 //! The `blkmirror` command line: clap definitions only; the work lives in the library.
 
 use blkmirror::disk::spec::VolumeSpec;
-use blkmirror::primary::{self, PrimaryOptions};
+use blkmirror::mirror_daemon::{self, MirrorOptions};
+use blkmirror::primary::{self, PrimaryOptions, ReplicationOptions};
+use blkmirror::repl::apply::recover;
+use blkmirror::transport::{TlsFiles, Tuning};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,7 +40,128 @@ enum Command {
         /// Test only: inject disk faults, OP:WHAT[:START-END][:COUNT] (see docs/TESTING.md).
         #[arg(long = "inject-fault", hide = true)]
         faults: Vec<String>,
+        /// Replicate every volume to the mirror at HOST:PORT (needs --ca/--cert/--key/--peer-name).
+        #[arg(long, requires_all = ["ca", "cert", "key", "peer_name"])]
+        mirror: Option<String>,
+        #[command(flatten)]
+        tls: TlsArgs,
+        #[command(flatten)]
+        link: LinkArgs,
+        /// Cap on each volume's on-disk journal (e.g. 1G); writes wait when it is full.
+        #[arg(long, default_value = "1G", value_parser = parse_size)]
+        journal_size: u64,
+        /// Control socket (default STATE_DIR/control.sock).
+        #[arg(long)]
+        control: Option<PathBuf>,
+        /// Test only: corrupt one byte of the first data set sent, after its CRC is computed.
+        #[arg(long, hide = true)]
+        test_corrupt_first_set: bool,
     },
+    /// Receive replication on the mirror host and keep its volumes consistent.
+    Mirror {
+        /// UDP ADDR:PORT to listen on for primaries.
+        #[arg(long)]
+        listen: String,
+        /// NAME=PATH[,size=SIZE]: NAME must match the primary's volume, sizes must be equal.
+        #[arg(long = "volume", required = true)]
+        volumes: Vec<VolumeSpec>,
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[command(flatten)]
+        tls: TlsArgs,
+        #[command(flatten)]
+        link: LinkArgs,
+        /// Control socket (default STATE_DIR/control.sock).
+        #[arg(long)]
+        control: Option<PathBuf>,
+    },
+    /// Offline: replay the mirror's redo log into its volumes so each is a consistent state.
+    Recover {
+        #[arg(long = "volume", required = true)]
+        volumes: Vec<VolumeSpec>,
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Print a JSON report.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a running daemon's replication status.
+    Status {
+        /// The daemon's control socket (STATE_DIR/control.sock).
+        #[arg(long)]
+        control: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage the replication CA and peer certificates (init, issue).
+    #[command(subcommand)]
+    Certs(blkmirror::certs::CertsCommand),
+}
+
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// PEM file of the CA that signs both sides' certificates (the only one trusted).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// PEM certificate of this node.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// PEM private key of this node.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// The name the peer's certificate must carry.
+    #[arg(long)]
+    peer_name: Option<String>,
+}
+
+impl TlsArgs {
+    fn files(self) -> Result<TlsFiles, String> {
+        match (self.ca, self.cert, self.key, self.peer_name) {
+            (Some(ca), Some(cert), Some(key), Some(peer_name)) => Ok(TlsFiles {
+                ca,
+                cert,
+                key,
+                peer_name,
+            }),
+            _ => Err("--ca, --cert, --key and --peer-name are all required".into()),
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct LinkArgs {
+    /// Expected link rate (e.g. 1G, 10G, 500M bits/s): sizes windows and buffers.
+    #[arg(long, default_value = "1G", value_parser = parse_rate)]
+    link_rate: u64,
+    /// Expected round-trip time in milliseconds.
+    #[arg(long, default_value_t = 30)]
+    rtt: u64,
+}
+
+impl LinkArgs {
+    fn tuning(&self) -> Tuning {
+        Tuning {
+            link_rate_bps: self.link_rate,
+            rtt: std::time::Duration::from_millis(self.rtt),
+        }
+    }
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    blkmirror::disk::spec::parse_size(s).map_err(|e| e.to_string())
+}
+
+/// Bits per second with decimal suffixes: 500M, 1G, 10G.
+fn parse_rate(s: &str) -> Result<u64, String> {
+    let (n, mult) = match s.chars().last() {
+        Some('k' | 'K') => (&s[..s.len() - 1], 1_000),
+        Some('m' | 'M') => (&s[..s.len() - 1], 1_000_000),
+        Some('g' | 'G') => (&s[..s.len() - 1], 1_000_000_000),
+        _ => (s, 1),
+    };
+    n.parse::<u64>()
+        .map(|n| n * mult)
+        .map_err(|_| format!("link rate {s:?}: expected e.g. 500M or 10G"))
 }
 
 fn main() -> ExitCode {
@@ -57,20 +181,108 @@ fn main() -> ExitCode {
             nbd_tcp,
             state_dir,
             faults,
-        } => primary::run(PrimaryOptions {
+            mirror,
+            tls,
+            link,
+            journal_size,
+            control,
+            test_corrupt_first_set,
+        } => {
+            let replication = match mirror {
+                None => None,
+                Some(mirror) => match tls.files() {
+                    Ok(tls) => Some(ReplicationOptions {
+                        mirror,
+                        tls,
+                        tuning: link.tuning(),
+                        journal_bytes: journal_size,
+                        corrupt_first_set: test_corrupt_first_set,
+                    }),
+                    Err(e) => return fail(e),
+                },
+            };
+            primary::run(PrimaryOptions {
+                volumes,
+                nbd_unix,
+                nbd_tcp,
+                state_dir,
+                replication,
+                control,
+                faults,
+            })
+            .map_err(|e| e.to_string())
+        }
+        Command::Mirror {
+            listen,
             volumes,
-            nbd_unix,
-            nbd_tcp,
             state_dir,
-            faults,
-        }),
+            tls,
+            link,
+            control,
+        } => match tls.files() {
+            Ok(tls) => mirror_daemon::run(MirrorOptions {
+                listen,
+                volumes,
+                state_dir,
+                tls,
+                tuning: link.tuning(),
+                control,
+            })
+            .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        },
+        Command::Recover {
+            volumes,
+            state_dir,
+            json,
+        } => match recover(&volumes, &state_dir) {
+            Ok(reports) => {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&reports).expect("report serialises")
+                    );
+                } else {
+                    for r in &reports {
+                        println!(
+                            "{}: replayed {} sets, applied set {} (seq {}), {}",
+                            r.volume,
+                            r.replayed_sets,
+                            r.applied_set,
+                            r.applied_seq,
+                            if r.consistent {
+                                "consistent"
+                            } else {
+                                "NOT consistent (initial copy incomplete)"
+                            }
+                        );
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => Err(format!("recover: {e}")),
+        },
+        Command::Status { control, json } => match blkmirror::control::query(&control) {
+            Ok(v) => {
+                if json {
+                    println!("{v}");
+                } else {
+                    print!("{}", blkmirror::control::render(&v));
+                }
+                Ok(())
+            }
+            Err(e) => Err(format!("status: {e}")),
+        },
+        Command::Certs(cmd) => blkmirror::certs::run(cmd).map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("blkmirror: {e}");
-            ExitCode::from(1)
-        }
+        Err(e) => fail(e),
     }
+}
+
+fn fail(e: String) -> ExitCode {
+    tracing::error!("{e}");
+    eprintln!("blkmirror: {e}");
+    ExitCode::from(1)
 }

@@ -1,14 +1,19 @@
 //! The primary daemon: opens the volumes, locks the state directory, serves NBD until SIGINT or
 //! SIGTERM.
 
+use crate::control;
 use crate::disk::faults::{FaultRule, Faulty};
 use crate::disk::file::FileStorage;
 use crate::disk::spec::VolumeSpec;
 use crate::disk::Storage;
+use crate::journal::{Journal, JournalOptions, MIN_JOURNAL_BYTES};
 use crate::nbd::handshake::ExportInfo;
 use crate::nbd::server::{bind_unix, Export, Server};
+use crate::repl::shipper::{ShipStats, Shipper};
+use crate::transport::{Identity, TlsFiles, Tuning};
 use std::fs::File;
 use std::net::TcpListener;
+use std::net::ToSocketAddrs;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,6 +23,10 @@ pub struct PrimaryOptions {
     pub nbd_unix: PathBuf,
     pub nbd_tcp: Option<String>,
     pub state_dir: PathBuf,
+    /// Replicate to a mirror (absent: serve NBD only).
+    pub replication: Option<ReplicationOptions>,
+    /// Control socket (default STATE_DIR/control.sock).
+    pub control: Option<PathBuf>,
     /// Test-only fault rules (see `disk::faults`), applied to every volume.
     pub faults: Vec<String>,
 }
@@ -45,7 +54,22 @@ pub enum PrimaryError {
     #[error("{0}")]
     Fault(String),
     #[error("{0}")]
+    Transport(#[from] crate::transport::TransportError),
+    #[error("mirror address {0:?}: {1}")]
+    MirrorAddr(String, String),
+    #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+pub struct ReplicationOptions {
+    /// HOST:PORT of the mirror.
+    pub mirror: String,
+    pub tls: TlsFiles,
+    pub tuning: Tuning,
+    /// Cap on each volume's on-disk journal; writes wait beyond it.
+    pub journal_bytes: u64,
+    /// Test only: corrupt one byte of the first data set after its CRC is computed.
+    pub corrupt_first_set: bool,
 }
 
 /// Hold an exclusive lock on STATE_DIR/lock for the life of the process.
@@ -119,8 +143,78 @@ pub fn run(opts: PrimaryOptions) -> Result<(), PrimaryError> {
                 description: format!("blkmirror volume {}", spec.name),
             },
             storage,
+            journal: None,
         });
     }
+    let control = opts
+        .control
+        .clone()
+        .unwrap_or_else(|| control::default_path(&opts.state_dir));
+    let mut shipping: Vec<(String, Arc<Journal>, Arc<ShipStats>)> = Vec::new();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("repl")
+        .build()?;
+    if let Some(repl) = &opts.replication {
+        let mirror = repl
+            .mirror
+            .to_socket_addrs()
+            .map_err(|e| PrimaryError::MirrorAddr(repl.mirror.clone(), e.to_string()))?
+            .next()
+            .ok_or_else(|| {
+                PrimaryError::MirrorAddr(repl.mirror.clone(), "resolves to nothing".into())
+            })?;
+        if repl.journal_bytes < MIN_JOURNAL_BYTES {
+            return Err(PrimaryError::Fault(format!(
+                "--journal-size must be at least {} MiB",
+                MIN_JOURNAL_BYTES >> 20
+            )));
+        }
+        let identity = Arc::new(Identity::load(&repl.tls)?);
+        let endpoint = {
+            let _rt = runtime.enter();
+            crate::transport::client_endpoint(&identity, &repl.tuning)?
+        };
+        for (spec, export) in opts.volumes.iter().zip(exports.iter_mut()) {
+            let dir = opts.state_dir.join("journal").join(&spec.name);
+            let journal = Arc::new(Journal::open(JournalOptions::new(dir, repl.journal_bytes))?);
+            let stats = Arc::new(ShipStats::default());
+            stats
+                .corrupt_next
+                .store(repl.corrupt_first_set, std::sync::atomic::Ordering::Relaxed);
+            let shipper = Arc::new(Shipper {
+                volume: spec.name.clone(),
+                journal: journal.clone(),
+                storage: export.storage.clone(),
+                reader: File::open(&spec.path)?,
+                endpoint: endpoint.clone(),
+                mirror,
+                identity: identity.clone(),
+                stats: stats.clone(),
+            });
+            runtime.spawn(shipper.run());
+            export.journal = Some(journal.clone());
+            shipping.push((spec.name.clone(), journal, stats));
+        }
+        tracing::info!(mirror = %mirror, peer = %repl.tls.peer_name, volumes = shipping.len(), "replicating");
+    } else {
+        for spec in &opts.volumes {
+            let dir = opts.state_dir.join("journal").join(&spec.name);
+            if std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some()) {
+                tracing::warn!(volume = %spec.name, "this volume has a journal from a replicated run; without --mirror its writes are NOT journaled and the mirror will miss them");
+            }
+        }
+    }
+    let volumes_for_status: Vec<String> = opts.volumes.iter().map(|v| v.name.clone()).collect();
+    control::serve(
+        &control,
+        Arc::new(move || primary_status(&volumes_for_status, &shipping)),
+    )
+    .map_err(|source| PrimaryError::Listen {
+        what: control.display().to_string(),
+        source,
+    })?;
     let server = Server::new(exports);
     let unix = bind_unix(&opts.nbd_unix).map_err(|source| PrimaryError::Listen {
         what: opts.nbd_unix.display().to_string(),
@@ -139,5 +233,48 @@ pub fn run(opts: PrimaryOptions) -> Result<(), PrimaryError> {
     let sig = wait_for_signal(&signals);
     tracing::info!(signal = sig, "shutting down");
     let _ = std::fs::remove_file(&opts.nbd_unix);
+    let _ = std::fs::remove_file(&control);
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     Ok(())
+}
+
+/// The status document of a primary (keys are a contract: extend, never rename).
+fn primary_status(
+    volumes: &[String],
+    shipping: &[(String, Arc<Journal>, Arc<ShipStats>)],
+) -> serde_json::Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let vols: Vec<serde_json::Value> = volumes
+        .iter()
+        .map(|name| match shipping.iter().find(|(n, _, _)| n == name) {
+            None => serde_json::json!({ "name": name, "link": "none", "replicated": false }),
+            Some((_, j, s)) => {
+                let js = j.stats();
+                let copying = s.copying.load(Relaxed);
+                serde_json::json!({
+                    "name": name,
+                    "replicated": true,
+                    "link": if s.link_up.load(Relaxed) { "up" } else { "down" },
+                    "lag_bytes": js.lag_bytes,
+                    "lag_seconds": js.lag.as_secs_f64(),
+                    "journal_bytes": js.disk_bytes,
+                    "journal_full": js.full,
+                    "journal_seq": js.last_seq,
+                    "acked_seq": js.acked_seq,
+                    "sent_bytes": s.sent_bytes.load(Relaxed),
+                    "wire_bytes": s.wire_bytes.load(Relaxed),
+                    "sent_set": s.sent_set.load(Relaxed),
+                    "acked_set": s.acked_set.load(Relaxed),
+                    "applied_set": s.applied_set.load(Relaxed),
+                    "reconnects": s.reconnects.load(Relaxed),
+                    "last_error": s.last_error.lock().unwrap().clone(),
+                    "initial_copy": if copying { serde_json::json!({
+                        "done_bytes": s.copy_done.load(Relaxed),
+                        "total_bytes": s.copy_total.load(Relaxed),
+                    }) } else { serde_json::Value::Null },
+                })
+            }
+        })
+        .collect();
+    serde_json::json!({ "role": "primary", "volumes": vols })
 }

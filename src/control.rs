@@ -1,0 +1,104 @@
+//! The control socket (`STATE_DIR/control.sock`): one line in (`status`), one JSON document out.
+//! `blkmirror status` is its client.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+pub fn default_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("control.sock")
+}
+
+/// Serve the control socket on a thread of its own.
+pub fn serve(path: &Path, status: StatusFn) -> io::Result<()> {
+    let listener = crate::nbd::server::bind_unix(path)?;
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let status = status.clone();
+                let _ = std::thread::Builder::new()
+                    .name("control-conn".into())
+                    .spawn(move || {
+                        if let Err(e) = answer(stream, &status) {
+                            tracing::debug!("control client: {e}");
+                        }
+                    });
+            }
+        })?;
+    Ok(())
+}
+
+fn answer(stream: UnixStream, status: &StatusFn) -> io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut w = stream.try_clone()?;
+    for line in BufReader::new(stream).lines() {
+        let reply = match line?.trim() {
+            "status" => status(),
+            other => {
+                serde_json::json!({ "error": format!("unknown command {other:?}; try: status") })
+            }
+        };
+        serde_json::to_writer(&mut w, &reply)?;
+        w.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
+/// Ask a daemon for its status.
+pub fn query(path: &Path) -> io::Result<serde_json::Value> {
+    let s = UnixStream::connect(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut w = s.try_clone()?;
+    w.write_all(b"status\n")?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    serde_json::from_str(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// A human-readable rendering of a status document.
+pub fn render(v: &serde_json::Value) -> String {
+    let mut out = format!("role: {}\n", v["role"].as_str().unwrap_or("?"));
+    let cols = [
+        "name",
+        "link",
+        "lag_seconds",
+        "lag_bytes",
+        "journal_bytes",
+        "sent_bytes",
+        "wire_bytes",
+        "acked_set",
+        "applied_set",
+        "reconnects",
+        "consistent",
+    ];
+    out.push_str(&cols.join("  "));
+    out.push('\n');
+    for vol in v["volumes"].as_array().into_iter().flatten() {
+        let cells: Vec<String> = cols
+            .iter()
+            .map(|c| match &vol[*c] {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Null => "-".into(),
+                other => other.to_string(),
+            })
+            .collect();
+        out.push_str(&cells.join("  "));
+        out.push('\n');
+        if let Some(e) = vol["last_error"].as_str().filter(|e| !e.is_empty()) {
+            out.push_str(&format!("  last error: {e}\n"));
+        }
+        if let Some(p) = vol.get("initial_copy").filter(|p| !p.is_null()) {
+            out.push_str(&format!(
+                "  initial copy: {} / {} bytes\n",
+                p["done_bytes"], p["total_bytes"]
+            ));
+        }
+    }
+    out
+}

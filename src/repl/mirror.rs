@@ -1,0 +1,395 @@
+//! The mirror daemon's replication side: accepts authenticated primaries, makes every delta set
+//! durable in the redo log before acknowledging it, and applies sets in order on a thread per
+//! volume.
+
+use super::apply::{self, Applier, CopyState, VolumeState};
+use super::frame::{DeltaSet, Message, SetKind, PROTOCOL_VERSION};
+use super::redo::RedoLog;
+use super::stream::{read_message, write_message, StreamError};
+use crate::disk::file::FileStorage;
+use crate::disk::spec::VolumeSpec;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+
+/// Refusal codes in `Message::Refuse`.
+pub mod refuse {
+    pub const VERSION: u16 = 1;
+    pub const UNKNOWN_VOLUME: u16 = 2;
+    pub const SIZE_MISMATCH: u16 = 3;
+    pub const BAD_SET: u16 = 4;
+    pub const BAD_MESSAGE: u16 = 5;
+    pub const DISK_FAILED: u16 = 6;
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Durable {
+    set: u64,
+    seq: u64,
+    copy_done: bool,
+}
+
+#[derive(Default)]
+pub struct MirrorStats {
+    pub link_up: AtomicBool,
+    pub received_bytes: AtomicU64,
+    pub sessions: AtomicU64,
+    pub refused: AtomicU64,
+    pub last_error: Mutex<String>,
+    /// Applying to the volume failed: the mirror is no longer being updated.
+    pub failed: AtomicBool,
+}
+
+pub struct MirrorVolume {
+    pub name: String,
+    pub size: u64,
+    redo: Mutex<RedoLog>,
+    durable: Mutex<Durable>,
+    pub state: Arc<Mutex<VolumeState>>,
+    apply_tx: Mutex<mpsc::Sender<DeltaSet>>,
+    pub stats: MirrorStats,
+    session: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl MirrorVolume {
+    /// Open the volume, replay its redo log, start its applier thread.
+    pub fn open(spec: &VolumeSpec, state_dir: &Path) -> io::Result<Arc<MirrorVolume>> {
+        let storage = FileStorage::open(spec).map_err(io::Error::other)?;
+        let size = crate::disk::Storage::size(&storage);
+        let mut applier = Applier::new(storage)?;
+        let state_path = VolumeState::path(state_dir, &spec.name);
+        let mut state = VolumeState::load(&state_path)?;
+        let mut redo = RedoLog::open(&apply::redo_dir(state_dir, &spec.name))?;
+        let replayed = apply::replay(&mut applier, &mut redo, &mut state, &state_path)?;
+        if replayed > 0 {
+            tracing::info!(volume = %spec.name, sets = replayed, "redo log replayed");
+        }
+        tracing::info!(volume = %spec.name, applied_set = state.applied_set, copy = ?state.copy,
+            consistent = state.consistent(), "mirror volume open");
+        let durable = Durable {
+            set: state.applied_set,
+            seq: state.applied_seq,
+            copy_done: state.copy == CopyState::Done,
+        };
+        let (tx, rx) = mpsc::channel();
+        let vol = Arc::new(MirrorVolume {
+            name: spec.name.clone(),
+            size,
+            redo: Mutex::new(redo),
+            durable: Mutex::new(durable),
+            state: Arc::new(Mutex::new(state)),
+            apply_tx: Mutex::new(tx),
+            stats: MirrorStats::default(),
+            session: Mutex::new(None),
+        });
+        let v = vol.clone();
+        std::thread::Builder::new()
+            .name(format!("apply-{}", spec.name))
+            .spawn(move || v.apply_loop(applier, rx, state_path))?;
+        Ok(vol)
+    }
+
+    /// Apply sets in order; sync and persist the state once per batch.
+    fn apply_loop(&self, mut applier: Applier, rx: mpsc::Receiver<DeltaSet>, state_path: PathBuf) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < 64 {
+                match rx.try_recv() {
+                    Ok(s) => batch.push(s),
+                    Err(_) => break,
+                }
+            }
+            let mut next = self.state.lock().unwrap().clone();
+            let result = (|| -> io::Result<()> {
+                for set in &batch {
+                    applier.apply(set)?;
+                    next.advance(set);
+                }
+                applier.sync()?;
+                next.save(&state_path)
+            })();
+            if let Err(e) = result {
+                // I2: never silent. The redo log still holds the sets; status says the disk failed.
+                tracing::error!(volume = %self.name, "applying to the mirror volume failed: {e}; replication to it is stopped");
+                *self.stats.last_error.lock().unwrap() = format!("mirror disk failed: {e}");
+                self.stats.failed.store(true, Ordering::Relaxed);
+                return;
+            }
+            let applied = next.applied_set;
+            *self.state.lock().unwrap() = next;
+            if let Err(e) = self.redo.lock().unwrap().trim(applied) {
+                tracing::warn!(volume = %self.name, "cannot trim the redo log: {e}");
+            }
+        }
+    }
+
+    /// This volume's entry in the mirror's status document.
+    pub fn status(&self) -> serde_json::Value {
+        let d = *self.durable.lock().unwrap();
+        let st = self.state.lock().unwrap().clone();
+        let failed = self.stats.failed.load(Ordering::Relaxed);
+        let sessions = self.stats.sessions.load(Ordering::Relaxed);
+        serde_json::json!({
+            "name": self.name,
+            "link": if self.stats.link_up.load(Ordering::Relaxed) { "up" } else { "down" },
+            "lag_bytes": serde_json::Value::Null,
+            "lag_seconds": serde_json::Value::Null,
+            "journal_bytes": self.redo.lock().unwrap().bytes(),
+            "sent_bytes": 0,
+            "wire_bytes": self.stats.received_bytes.load(Ordering::Relaxed),
+            "received_bytes": self.stats.received_bytes.load(Ordering::Relaxed),
+            "acked_set": d.set,
+            "durable_seq": d.seq,
+            "applied_set": st.applied_set,
+            "applied_seq": st.applied_seq,
+            "reconnects": sessions.saturating_sub(1),
+            "refused": self.stats.refused.load(Ordering::Relaxed),
+            "copy": st.copy,
+            "consistent": st.consistent() && !failed,
+            "state": if failed { "disk failed: mirror is NOT being updated" }
+                     else if st.consistent() { "consistent" }
+                     else if st.copy == CopyState::Done { "catching up after the full copy: not yet consistent" }
+                     else { "initial copy not complete: NOT consistent" },
+            "last_error": self.stats.last_error.lock().unwrap().clone(),
+        })
+    }
+
+    fn hello_ack(&self) -> Message {
+        let d = *self.durable.lock().unwrap();
+        Message::HelloAck {
+            durable_set: d.set,
+            durable_seq: d.seq,
+            needs_full_copy: !d.copy_done,
+        }
+    }
+
+    /// Make `set` durable (redo log + fsync) if it is the next one. Blocking.
+    fn make_durable(&self, set: &DeltaSet, raw: &[u8]) -> Result<Durable, (u16, String)> {
+        let mut redo = self.redo.lock().unwrap();
+        let mut d = *self.durable.lock().unwrap();
+        if set.set != d.set + 1 {
+            let what = if set.set > d.set + 1 {
+                "from the future"
+            } else {
+                "already durable"
+            };
+            return Err((
+                refuse::BAD_SET,
+                format!("set {} is {what} (next expected {})", set.set, d.set + 1),
+            ));
+        }
+        if let Some(e) = set.extents.iter().find(|e| e.end() > self.size) {
+            return Err((
+                refuse::BAD_SET,
+                format!(
+                    "set {} writes past the volume's end ({} > {})",
+                    set.set,
+                    e.end(),
+                    self.size
+                ),
+            ));
+        }
+        redo.append(&[(set.set, raw)])
+            .map_err(|e| (refuse::DISK_FAILED, format!("redo log: {e}")))?;
+        d.set = set.set;
+        match set.kind {
+            SetKind::Journal => d.seq = d.seq.max(set.last_seq),
+            SetKind::Copy { done } => d.copy_done = done,
+        }
+        *self.durable.lock().unwrap() = d;
+        Ok(d)
+    }
+}
+
+pub struct Mirror {
+    pub volumes: Vec<Arc<MirrorVolume>>,
+}
+
+impl Mirror {
+    pub fn open(specs: &[VolumeSpec], state_dir: &Path) -> io::Result<Arc<Mirror>> {
+        let volumes = specs
+            .iter()
+            .map(|s| MirrorVolume::open(s, state_dir))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Arc::new(Mirror { volumes }))
+    }
+
+    /// Accept primaries until the endpoint closes.
+    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        while let Some(incoming) = crate::transport::accept(&endpoint).await {
+            match incoming {
+                Ok(conn) => {
+                    let m = self.clone();
+                    tokio::spawn(async move { m.connection(conn).await });
+                }
+                Err(e) => tracing::warn!("refused a replication peer: {e}"),
+            }
+        }
+    }
+
+    async fn connection(self: Arc<Self>, conn: quinn::Connection) {
+        let peer = conn.remote_address();
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(%peer, "peer left before opening a stream: {e}");
+                return;
+            }
+        };
+        let (volume, size) = match read_message(&mut recv).await {
+            Ok(Some((
+                Message::Hello {
+                    version,
+                    volume,
+                    size,
+                },
+                _,
+            ))) if version == PROTOCOL_VERSION => (volume, size),
+            Ok(Some((Message::Hello { version, .. }, _))) => {
+                return refuse_and_close(
+                    &conn,
+                    &mut send,
+                    refuse::VERSION,
+                    format!("protocol version {version} unsupported (want {PROTOCOL_VERSION})"),
+                )
+                .await;
+            }
+            Ok(other) => {
+                let what = other.map_or("nothing".to_string(), |(m, _)| {
+                    format!("{m:?}").chars().take(80).collect()
+                });
+                return refuse_and_close(
+                    &conn,
+                    &mut send,
+                    refuse::BAD_MESSAGE,
+                    format!("expected Hello, got {what}"),
+                )
+                .await;
+            }
+            Err(e) => {
+                return refuse_and_close(&conn, &mut send, refuse::BAD_MESSAGE, e.to_string()).await
+            }
+        };
+        let Some(vol) = self.volumes.iter().find(|v| v.name == volume).cloned() else {
+            return refuse_and_close(
+                &conn,
+                &mut send,
+                refuse::UNKNOWN_VOLUME,
+                format!("no volume named {volume:?} here"),
+            )
+            .await;
+        };
+        if size != vol.size {
+            return refuse_and_close(
+                &conn,
+                &mut send,
+                refuse::SIZE_MISMATCH,
+                format!(
+                    "volume {volume}: primary has {size} bytes, mirror has {}",
+                    vol.size
+                ),
+            )
+            .await;
+        }
+        if vol.stats.failed.load(Ordering::Relaxed) {
+            let why = vol.stats.last_error.lock().unwrap().clone();
+            return refuse_and_close(&conn, &mut send, refuse::DISK_FAILED, why).await;
+        }
+        // A reconnecting primary replaces its stale session.
+        let task = {
+            let v = vol.clone();
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                let result = v.clone().session(&mut send, &mut recv).await;
+                v.stats.link_up.store(false, Ordering::Relaxed);
+                if let Err((code, why)) = result {
+                    tracing::warn!(volume = %v.name, %peer, "replication session dropped: {why}");
+                    *v.stats.last_error.lock().unwrap() = why.clone();
+                    v.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    let _ = write_message(&mut send, &Message::Refuse { code, reason: why }).await;
+                    let _ = send.finish();
+                    conn.close(code.into(), b"refused");
+                }
+            })
+        };
+        let stale = vol.session.lock().unwrap().replace(task.abort_handle());
+        if let Some(old) = stale {
+            old.abort();
+        }
+    }
+}
+
+impl MirrorVolume {
+    async fn session(
+        self: Arc<Self>,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<(), (u16, String)> {
+        let bad = |e: StreamError| (refuse::BAD_MESSAGE, e.to_string());
+        write_message(send, &self.hello_ack()).await.map_err(bad)?;
+        self.stats.sessions.fetch_add(1, Ordering::Relaxed);
+        self.stats.link_up.store(true, Ordering::Relaxed);
+        tracing::info!(volume = %self.name, "primary attached");
+        loop {
+            let (msg, raw) = match read_message(recv).await {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    tracing::info!(volume = %self.name, "primary closed the stream");
+                    return Ok(());
+                }
+                Err(StreamError::Read(quinn::ReadExactError::ReadError(e))) => {
+                    return Err((refuse::BAD_MESSAGE, format!("link lost: {e}")));
+                }
+                Err(e) => return Err(bad(e)),
+            };
+            let Message::Set(set) = msg else {
+                return Err((refuse::BAD_MESSAGE, "expected a delta set".into()));
+            };
+            if self.stats.failed.load(Ordering::Relaxed) {
+                return Err((
+                    refuse::DISK_FAILED,
+                    self.stats.last_error.lock().unwrap().clone(),
+                ));
+            }
+            self.stats
+                .received_bytes
+                .fetch_add(raw.len() as u64, Ordering::Relaxed);
+            let v = self.clone();
+            let (set, durable) = tokio::task::spawn_blocking(move || {
+                let d = v.make_durable(&set, &raw);
+                (set, d)
+            })
+            .await
+            .map_err(|e| (refuse::DISK_FAILED, format!("durability task: {e}")))?;
+            let durable = durable?;
+            let applied_set = self.state.lock().unwrap().applied_set;
+            write_message(
+                send,
+                &Message::Ack {
+                    set: durable.set,
+                    last_seq: durable.seq,
+                    applied_set,
+                },
+            )
+            .await
+            .map_err(bad)?;
+            // The applier thread only ends after a disk failure, which the next set reports.
+            let _ = self.apply_tx.lock().unwrap().send(set);
+        }
+    }
+}
+
+async fn refuse_and_close(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    code: u16,
+    reason: String,
+) {
+    tracing::warn!(peer = %conn.remote_address(), "refused replication stream: {reason}");
+    let _ = write_message(send, &Message::Refuse { code, reason }).await;
+    let _ = send.finish();
+    // Give the refusal a moment to leave before the connection goes.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    conn.close(code.into(), b"refused");
+}

@@ -1,0 +1,9 @@
+//! Replication: the protocol as pure code (`fold`, `frame`), the primary's shipper, the mirror's
+//! receiver (`mirror`), redo log (`redo`) and applier (`apply`).
+pub mod apply;
+pub mod fold;
+pub mod frame;
+pub mod mirror;
+pub mod redo;
+pub mod shipper;
+pub mod stream;

@@ -1,0 +1,344 @@
+//! The primary's shipper: one per volume. It connects to the mirror, learns what the mirror
+//! already holds, sends the full copy when the mirror is new, then cuts the journal into delta
+//! sets and keeps many of them in flight. Acknowledgements trim the journal. Any failure ends
+//! the session; the next one resumes from the mirror's last durable set.
+
+use super::fold::{Extent, Folder, Payload};
+use super::frame::{DeltaSet, Message, SetKind, PROTOCOL_VERSION};
+use super::stream::{read_message, write_message};
+use crate::disk::Storage;
+use crate::journal::Journal;
+use crate::transport::{self, Identity};
+use bytes::Bytes;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+/// Raw bytes per delta set, at most.
+pub const SET_MAX_BYTES: u64 = 8 << 20;
+/// Delta sets in flight (sent, not yet acknowledged), at most.
+pub const WINDOW_SETS: usize = 32;
+const COPY_CHUNK: u64 = 1 << 20;
+
+/// What status shows of a shipper. Counters only grow.
+#[derive(Default)]
+pub struct ShipStats {
+    pub link_up: AtomicBool,
+    pub sent_bytes: AtomicU64,
+    pub wire_bytes: AtomicU64,
+    pub sent_set: AtomicU64,
+    pub acked_set: AtomicU64,
+    pub applied_set: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub copy_total: AtomicU64,
+    pub copy_done: AtomicU64,
+    pub copying: AtomicBool,
+    pub last_error: Mutex<String>,
+    /// Test hook: corrupt the next data set after its CRCs are computed.
+    pub corrupt_next: AtomicBool,
+}
+
+pub struct Shipper {
+    pub volume: String,
+    pub journal: Arc<Journal>,
+    pub storage: Arc<dyn Storage>,
+    /// A plain (buffered) descriptor of the volume for the full copy and resyncs.
+    pub reader: File,
+    pub endpoint: quinn::Endpoint,
+    pub mirror: SocketAddr,
+    pub identity: Arc<Identity>,
+    pub stats: Arc<ShipStats>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("{0}")]
+    Transport(#[from] transport::TransportError),
+    #[error("{0}")]
+    Stream(#[from] super::stream::StreamError),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("mirror refused: {0}")]
+    Refused(String),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("local I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Shipper {
+    pub async fn run(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(100);
+        let mut first = true;
+        loop {
+            if !first {
+                self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            }
+            first = false;
+            let result = self.session().await;
+            self.stats.link_up.store(false, Ordering::Relaxed);
+            match result {
+                Ok(()) => backoff = Duration::from_millis(100),
+                Err(e) => {
+                    tracing::warn!(volume = %self.volume, "replication link down: {e}");
+                    *self.stats.last_error.lock().unwrap() = e.to_string();
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    async fn session(self: &Arc<Self>) -> Result<(), SessionError> {
+        let conn = transport::connect(&self.endpoint, self.mirror, &self.identity).await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let hello = Message::Hello {
+            version: PROTOCOL_VERSION,
+            volume: self.volume.clone(),
+            size: self.storage.size(),
+        };
+        write_message(&mut send, &hello).await?;
+        let ack = tokio::time::timeout(Duration::from_secs(10), read_message(&mut recv))
+            .await
+            .map_err(|_| SessionError::Protocol("no answer to hello within 10 s".into()))??;
+        let (durable_set, durable_seq, needs_full_copy) = match ack {
+            Some((
+                Message::HelloAck {
+                    durable_set,
+                    durable_seq,
+                    needs_full_copy,
+                },
+                _,
+            )) => (durable_set, durable_seq, needs_full_copy),
+            Some((Message::Refuse { reason, .. }, _)) => return Err(SessionError::Refused(reason)),
+            other => {
+                return Err(SessionError::Protocol(format!(
+                    "expected HelloAck, got {other:?}"
+                )))
+            }
+        };
+        tracing::info!(volume = %self.volume, durable_set, durable_seq, needs_full_copy, "replication link up");
+        self.stats.link_up.store(true, Ordering::Relaxed);
+        self.stats.acked_set.store(durable_set, Ordering::Relaxed);
+        self.journal.ack(durable_seq);
+        let window = Arc::new(Semaphore::new(WINDOW_SETS));
+        let acks = tokio::spawn(read_acks(self.clone(), recv, window.clone()));
+        let sending = self.send_loop(
+            &mut send,
+            &window,
+            durable_set + 1,
+            durable_seq,
+            needs_full_copy,
+        );
+        let result = tokio::select! {
+            r = sending => r,
+            r = acks => match r {
+                Ok(r) => r,
+                Err(e) => Err(SessionError::Protocol(format!("ack reader: {e}"))),
+            },
+        };
+        conn.close(0u32.into(), b"session over");
+        result
+    }
+
+    async fn send_loop(
+        &self,
+        send: &mut quinn::SendStream,
+        window: &Semaphore,
+        mut next_set: u64,
+        mut shipped_seq: u64,
+        needs_full_copy: bool,
+    ) -> Result<(), SessionError> {
+        let mut copy = if needs_full_copy {
+            // The copy carries everything journaled so far.
+            let seq = self.journal.last_seq();
+            self.journal.ack(seq);
+            shipped_seq = shipped_seq.max(seq);
+            self.stats
+                .copy_total
+                .store(self.storage.size(), Ordering::Relaxed);
+            self.stats.copy_done.store(0, Ordering::Relaxed);
+            self.stats.copying.store(true, Ordering::Relaxed);
+            tracing::info!(volume = %self.volume, bytes = self.storage.size(), "mirror is new: full copy starts");
+            Some(0u64)
+        } else {
+            None
+        };
+        loop {
+            self.resync_dirty()?;
+            // Journal first: a copy chunk must land after every set cut before it was read.
+            let notified = self.journal.available.notified();
+            let (records, covered) = self.journal.collect(shipped_seq, SET_MAX_BYTES)?;
+            let mut sent = false;
+            if covered > shipped_seq {
+                let mut folder = Folder::new();
+                for r in records {
+                    folder.add(r.extent);
+                }
+                let set = DeltaSet {
+                    set: next_set,
+                    first_seq: shipped_seq + 1,
+                    last_seq: covered,
+                    kind: SetKind::Journal,
+                    extents: folder.into_extents(),
+                };
+                self.send_set(send, window, set).await?;
+                next_set += 1;
+                shipped_seq = covered;
+                sent = true;
+            }
+            // One copy set per journal set: neither starves the other.
+            if let Some(pos) = copy {
+                let (set, next) = self.copy_set(next_set, pos)?;
+                self.send_set(send, window, set).await?;
+                next_set += 1;
+                self.stats.copy_done.store(next, Ordering::Relaxed);
+                if next >= self.storage.size() {
+                    tracing::info!(volume = %self.volume, "full copy sent");
+                    self.stats.copying.store(false, Ordering::Relaxed);
+                    copy = None;
+                } else {
+                    copy = Some(next);
+                }
+                continue;
+            }
+            if sent {
+                continue;
+            }
+            // Nothing to send: sleep until the journal grows (or re-check now and then).
+            let _ = tokio::time::timeout(Duration::from_millis(500), notified).await;
+        }
+    }
+
+    async fn send_set(
+        &self,
+        send: &mut quinn::SendStream,
+        window: &Semaphore,
+        set: DeltaSet,
+    ) -> Result<(), SessionError> {
+        window
+            .acquire()
+            .await
+            .expect("window semaphore never closes")
+            .forget();
+        let number = set.set;
+        let msg = Message::Set(set);
+        let mut buf = Vec::new();
+        let stats = super::frame::encode(&msg, &mut buf);
+        if self.stats.corrupt_next.load(Ordering::Relaxed)
+            && super::frame::corrupt_first_data_byte(&mut buf)
+        {
+            self.stats.corrupt_next.store(false, Ordering::Relaxed);
+            tracing::warn!(volume = %self.volume, set = number, "test hook: corrupted a byte of this set after its CRC");
+        }
+        send.write_all(&buf)
+            .await
+            .map_err(super::stream::StreamError::from)?;
+        self.stats
+            .sent_bytes
+            .fetch_add(stats.raw_bytes, Ordering::Relaxed);
+        self.stats
+            .wire_bytes
+            .fetch_add(stats.wire_bytes, Ordering::Relaxed);
+        self.stats.sent_set.store(number, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The next piece of the full copy from `pos`: data where the volume has data, zero
+    /// extents where it reads as zeroes (holes cost nothing on the wire).
+    fn copy_set(&self, set: u64, pos: u64) -> std::io::Result<(DeltaSet, u64)> {
+        let size = self.storage.size();
+        let mut folder = Folder::new();
+        let mut at = pos;
+        while at < size && folder.data_bytes() < SET_MAX_BYTES {
+            let len = COPY_CHUNK.min(size - at);
+            let holes = self.storage.allocation(at, len)?;
+            if holes.len() == 1 && holes[0].1 {
+                folder.add(Extent {
+                    offset: at,
+                    payload: Payload::Zero(len as u32),
+                });
+            } else {
+                let mut buf = vec![0u8; len as usize];
+                self.reader.read_exact_at(&mut buf, at)?;
+                let payload = if buf.iter().all(|&b| b == 0) {
+                    Payload::Zero(len as u32)
+                } else {
+                    Payload::Data(Bytes::from(buf))
+                };
+                folder.add(Extent {
+                    offset: at,
+                    payload,
+                });
+            }
+            at += len;
+        }
+        // Blocks read now may be newer than the sets sent so far: the mirror is consistent
+        // only once sets up to the journal's current end have been applied.
+        let seq = self.journal.last_seq();
+        let kind = SetKind::Copy { done: at >= size };
+        Ok((
+            DeltaSet {
+                set,
+                first_seq: seq,
+                last_seq: seq,
+                kind,
+                extents: folder.into_extents(),
+            },
+            at,
+        ))
+    }
+
+    /// Re-read ranges whose content the journal could not vouch for and journal them.
+    fn resync_dirty(&self) -> std::io::Result<()> {
+        for (offset, len) in self.journal.take_dirty() {
+            tracing::info!(volume = %self.volume, offset, len, "re-reading a range the journal could not vouch for");
+            let end = (offset + len).min(self.storage.size());
+            let mut at = offset;
+            while at < end {
+                let n = COPY_CHUNK.min(end - at);
+                let mut buf = vec![0u8; n as usize];
+                self.reader.read_exact_at(&mut buf, at)?;
+                self.journal.resync(at, Bytes::from(buf))?;
+                at += n;
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn read_acks(
+    shipper: Arc<Shipper>,
+    mut recv: quinn::RecvStream,
+    window: Arc<Semaphore>,
+) -> Result<(), SessionError> {
+    loop {
+        match read_message(&mut recv).await? {
+            Some((
+                Message::Ack {
+                    set,
+                    last_seq,
+                    applied_set,
+                },
+                _,
+            )) => {
+                shipper.journal.ack(last_seq);
+                shipper.stats.acked_set.store(set, Ordering::Relaxed);
+                shipper
+                    .stats
+                    .applied_set
+                    .store(applied_set, Ordering::Relaxed);
+                window.add_permits(1);
+            }
+            Some((Message::Refuse { reason, .. }, _)) => return Err(SessionError::Refused(reason)),
+            Some((other, _)) => {
+                return Err(SessionError::Protocol(format!("unexpected {other:?}")))
+            }
+            None => return Err(SessionError::Protocol("mirror closed the stream".into())),
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! Reading and writing whole replication messages on a QUIC stream.
+
+use super::frame::{self, EncodeStats, FrameError, Message};
+use quinn::{RecvStream, SendStream};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("stream closed")]
+    Closed,
+    #[error("stream ended in the middle of a message ({0} bytes read)")]
+    Truncated(usize),
+    #[error("bad message: {0}")]
+    Frame(#[from] FrameError),
+    #[error("read: {0}")]
+    Read(#[from] quinn::ReadExactError),
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+}
+
+/// The next whole message and its raw bytes (kept for the redo log); None at a clean end.
+pub async fn read_message(
+    recv: &mut RecvStream,
+) -> Result<Option<(Message, Vec<u8>)>, StreamError> {
+    let mut head = [0u8; frame::PREFIX_LEN];
+    match recv.read_exact(&mut head).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(quinn::ReadExactError::FinishedEarly(n)) => return Err(StreamError::Truncated(n)),
+        Err(e) => return Err(e.into()),
+    }
+    let body_len = u32::from_be_bytes(head[0..4].try_into().expect("4 bytes"));
+    if body_len > frame::MAX_MESSAGE {
+        return Err(FrameError::TooLarge(body_len).into());
+    }
+    let total = frame::PREFIX_LEN + body_len as usize;
+    let mut raw = vec![0u8; total];
+    raw[..head.len()].copy_from_slice(&head);
+    match recv.read_exact(&mut raw[head.len()..]).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(n)) => {
+            return Err(StreamError::Truncated(head.len() + n))
+        }
+        Err(e) => return Err(e.into()),
+    }
+    match frame::decode_one(&raw)? {
+        Some((msg, used)) if used == raw.len() => Ok(Some((msg, raw))),
+        _ => Err(FrameError::Malformed("message length disagrees with its body").into()),
+    }
+}
+
+pub async fn write_message(
+    send: &mut SendStream,
+    msg: &Message,
+) -> Result<EncodeStats, StreamError> {
+    let mut buf = Vec::new();
+    let stats = frame::encode(msg, &mut buf);
+    send.write_all(&buf).await?;
+    Ok(stats)
+}
