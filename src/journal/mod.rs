@@ -22,7 +22,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
@@ -116,7 +116,6 @@ struct Inner {
 pub struct Journal {
     opts: JournalOptions,
     inner: Mutex<Inner>,
-    space: Condvar,
     /// Wakes the shipper when records or dirty ranges arrive.
     pub available: tokio::sync::Notify,
 }
@@ -182,23 +181,32 @@ impl Journal {
         Ok(Journal {
             opts,
             inner: Mutex::new(inner),
-            space: Condvar::new(),
             available: tokio::sync::Notify::new(),
         })
     }
 
-    /// Announce a write of `len` bytes at `offset`; waits while the journal is full.
-    pub fn begin(&self, offset: u64, len: u32) -> io::Result<Intent> {
+    /// Announce a write of `len` bytes at `offset`. `Ok(None)` means "not now, try again
+    /// after a completion or a moment": the journal is full (the mirror is behind) or a write
+    /// to an overlapping range is still in flight. Overlapping writes go one at a time so
+    /// that the order the journal records is the order the disk saw (I2). Never blocks: the
+    /// caller keeps reaping its other completions meanwhile.
+    pub fn begin(&self, offset: u64, len: u32) -> io::Result<Option<Intent>> {
         let need = 2 * HEADER_LEN as u64 + len as u64;
         let mut g = self.inner.lock().unwrap();
-        while g.disk_bytes + g.reserved + need > self.opts.max_disk_bytes && !g.segments.is_empty()
+        let end = offset + len as u64;
+        if g.open_intents
+            .values()
+            .any(|&(o, l)| o < end && offset < o + l as u64)
         {
+            return Ok(None);
+        }
+        if g.disk_bytes + g.reserved + need > self.opts.max_disk_bytes && !g.segments.is_empty() {
             if !g.waiting_for_space {
                 tracing::warn!(journal_bytes = g.disk_bytes, limit = self.opts.max_disk_bytes,
                     "journal full: writes wait until the mirror acknowledges (is the mirror reachable?)");
                 g.waiting_for_space = true;
             }
-            g = self.space.wait(g).unwrap();
+            return Ok(None);
         }
         if g.waiting_for_space {
             tracing::info!("journal has room again: writes resume");
@@ -217,10 +225,10 @@ impl Journal {
         self.append_locked(&mut g, &h, &[])?;
         g.reserved -= HEADER_LEN as u64;
         g.open_intents.insert(seq, (offset, len));
-        Ok(Intent {
+        Ok(Some(Intent {
             seq,
             reserved: need - HEADER_LEN as u64,
-        })
+        }))
     }
 
     /// The write announced by `intent` completed on the local disk; returns its sequence number.
@@ -383,7 +391,6 @@ impl Journal {
             g.ram_bytes -= d.len() as u64;
         }
         let oldest_open = g.open_intents.keys().next().copied().unwrap_or(u64::MAX);
-        let mut freed = false;
         // Never the last segment: it is being appended to.
         while g.segments.len() > 1 {
             let s = g.segments.front().unwrap();
@@ -395,10 +402,6 @@ impl Journal {
             if let Err(e) = std::fs::remove_file(&s.path) {
                 tracing::warn!(path = %s.path.display(), "cannot remove acknowledged journal segment: {e}");
             }
-            freed = true;
-        }
-        if freed {
-            self.space.notify_all();
         }
     }
 
@@ -536,6 +539,16 @@ mod tests {
         }
     }
 
+    /// Begin, retrying while the journal says "not now" (as the connection loop does).
+    fn begin(j: &Journal, offset: u64, len: u32) -> io::Result<Intent> {
+        loop {
+            if let Some(i) = j.begin(offset, len)? {
+                return Ok(i);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn data(b: u8, n: usize) -> Payload {
         Payload::Data(Bytes::from(vec![b; n]))
     }
@@ -546,12 +559,12 @@ mod tests {
         {
             let j = Journal::open(opts(dir.path())).unwrap();
             for i in 0..20u64 {
-                let it = j.begin(i * 4096, 4096).unwrap();
+                let it = begin(&j, i * 4096, 4096).unwrap();
                 j.complete(it, i * 4096, data(i as u8, 4096)).unwrap();
             }
-            let z = j.begin(0, 8192).unwrap();
+            let z = begin(&j, 0, 8192).unwrap();
             j.complete(z, 0, Payload::Zero(8192)).unwrap();
-            let _in_flight = j.begin(1 << 19, 512).unwrap();
+            let _in_flight = begin(&j, 1 << 19, 512).unwrap();
             j.sync().unwrap();
         }
         let j = Journal::open(opts(dir.path())).unwrap();
@@ -571,12 +584,33 @@ mod tests {
     }
 
     #[test]
+    fn overlapping_writes_wait_for_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(opts(dir.path())).unwrap();
+        let a = j.begin(0, 4096).unwrap().expect("free range");
+        assert!(
+            j.begin(4095, 2).unwrap().is_none(),
+            "overlaps the write in flight"
+        );
+        let b = j.begin(4096, 4096).unwrap().expect("adjacent is fine");
+        j.complete(a, 0, data(1, 4096)).unwrap();
+        assert!(
+            j.begin(4095, 2).unwrap().is_none(),
+            "still overlaps the second write"
+        );
+        j.complete(b, 4096, data(2, 4096)).unwrap();
+        let c = j.begin(4095, 2).unwrap().expect("free again");
+        j.fail(c);
+        assert_eq!(j.take_dirty(), vec![(4095, 2)], "a failed write is re-read");
+    }
+
+    #[test]
     fn torn_tail_is_truncated() {
         let dir = tempfile::tempdir().unwrap();
         {
             let j = Journal::open(opts(dir.path())).unwrap();
             for i in 0..3u64 {
-                let it = j.begin(i * 512, 512).unwrap();
+                let it = begin(&j, i * 512, 512).unwrap();
                 j.complete(it, i * 512, data(1, 512)).unwrap();
             }
         }
@@ -610,13 +644,13 @@ mod tests {
         let mut last = 0;
         // Fill to just under the 1 MiB cap.
         while j.stats().disk_bytes + 3 * (32 << 10) < (1 << 20) {
-            let it = j.begin(0, 32 << 10).unwrap();
+            let it = begin(&j, 0, 32 << 10).unwrap();
             last = j.complete(it, 0, data(7, 32 << 10)).unwrap();
         }
         let before = j.stats().disk_bytes;
         let j2 = j.clone();
         let waiter = std::thread::spawn(move || {
-            let it = j2.begin(0, 256 << 10).unwrap();
+            let it = begin(&j2, 0, 256 << 10).unwrap();
             j2.complete(it, 0, data(8, 256 << 10)).unwrap()
         });
         std::thread::sleep(Duration::from_millis(200));
@@ -639,7 +673,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(opts(dir.path())).unwrap();
         for i in 0..10u8 {
-            let it = j.begin(0, 4096).unwrap();
+            let it = begin(&j, 0, 4096).unwrap();
             j.complete(it, 0, data(i, 4096)).unwrap();
         }
         // RAM holds 8 KiB: the first records come from the segment files.

@@ -136,6 +136,8 @@ pub struct Conn {
     dead: bool,
     zeroes: Rc<AlignedBuf>,
     cqes: Vec<(u64, i32)>,
+    /// Ops the journal told to wait (see `Journal::begin`), retried every turn of the loop.
+    parked: VecDeque<usize>,
     stats: ConnStats,
 }
 
@@ -183,6 +185,7 @@ impl Conn {
             dead: false,
             zeroes: Rc::new(AlignedBuf::zeroed(1 << 20)),
             cqes: Vec::with_capacity(RING_ENTRIES as usize),
+            parked: VecDeque::new(),
             stats: ConnStats::default(),
         })
     }
@@ -204,7 +207,22 @@ impl Conn {
             if self.live_ops == 0 && !talking && !self.read_inflight && !self.write_inflight {
                 break;
             }
-            match self.ring.submit_and_wait(1) {
+            for _ in 0..self.parked.len() {
+                let slot = self.parked.pop_front().expect("counted");
+                self.start_disk(slot);
+            }
+            let waited = if self.parked.is_empty() {
+                self.ring.submit_and_wait(1)
+            } else {
+                // Parked ops may be freed by another connection: do not sleep for long.
+                let ts = types::Timespec::new().nsec(500_000);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                match self.ring.submitter().submit_with_args(1, &args) {
+                    Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(0),
+                    r => r,
+                }
+            };
+            match waited {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
@@ -503,7 +521,12 @@ impl Conn {
             // The journal hears of every change before the disk does: a crash in between
             // leaves an intent that makes the range be re-read and shipped again.
             match j.begin(offset, len) {
-                Ok(i) => op.intent = Some(i),
+                Ok(Some(i)) => op.intent = Some(i),
+                Ok(None) => {
+                    // Journal full, or an overlapping write in flight: try again later.
+                    self.parked.push_back(slot);
+                    return;
+                }
                 Err(e) => {
                     tracing::error!(conn = self.id, export = %self.export, "journal: cannot record a write: {e}");
                     return self.finish(slot, Err((NbdErrno::Io, format!("journal: {e}"))));
