@@ -1,7 +1,7 @@
 # blkmirror — the README's two commands are `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: all build release demo test unit lint bench-nbd clean
+.PHONY: all build release demo test bench-nbd bench-repl torture clean
 
 all: build
 
@@ -11,7 +11,8 @@ build:
 release:
 	$(CARGO) build --release
 
-# Serve a sparse volume, write to it with real NBD clients, show the result.
+# A primary and a mirror on this machine: certificates, writes through real NBD clients, live
+# status with lag, then a byte-for-byte check of the mirror.
 demo: release
 	bash tools/demo.sh
 
@@ -19,7 +20,12 @@ demo: release
 test:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	/usr/bin/python3 tools/test_tools.py
 	$(CARGO) test
+
+# More kill -9 rounds of the mirror than `make test` runs (BLKMIRROR_TORTURE_ROUNDS, default 100).
+torture:
+	BLKMIRROR_TORTURE_ROUNDS=$${BLKMIRROR_TORTURE_ROUNDS:-100} $(CARGO) test --release --test replication -- --nocapture mirror_kill9
 
 # fio over NBD: blkmirror against qemu-nbd, alternating; writes target/bench/nbd.json.
 bench-nbd: release
