@@ -131,8 +131,9 @@ impl Server {
                 Err(reason) => eprintln!("(earlier refusal: {reason})"),
             }
         }
+        // No `wait_idle`: a peer that waited in the accept queue has an inflated first RTT
+        // sample, hence a long draining period. The endpoint driver still sends the close.
         conn.close(0u32.into(), b"done");
-        ep.wait_idle().await;
     }
 }
 
@@ -387,7 +388,10 @@ async fn stalled_handshake(dir: &Path, server: SocketAddr) -> tokio::task::JoinH
             }
         };
         tokio::select! {
-            result = client => panic!("stalled client finished: {:?}", result.map(|_| ())),
+            result = client => {
+                let e = result.expect_err("stalled client connected");
+                assert!(e.to_string().contains("timed out"), "{e}");
+            }
             _ = relay => {}
         }
     })
@@ -419,11 +423,10 @@ async fn stalled_handshake_times_out_with_plain_accept() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     // The good peer waits in the queue until the stalled handshake times out, then gets in;
     // the timeout is not reported as a refusal.
-    let t = std::time::Instant::now();
+    let started = std::time::Instant::now();
     server.expect_good_peer(dir.path()).await;
-    eprintln!("good peer after {:?}", t.elapsed());
+    assert!(started.elapsed() < transport::HANDSHAKE_TIMEOUT * 2);
     stall.abort();
-    eprintln!("end {:?}", t.elapsed());
 }
 
 /// xorshift64*: enough randomness for garbage, no extra crate.

@@ -217,13 +217,13 @@ impl Mirror {
 
     /// Accept primaries until the endpoint closes.
     pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint) {
-        while let Some(incoming) = crate::transport::accept(&endpoint).await {
-            match incoming {
-                Ok(conn) => {
-                    let m = self.clone();
-                    tokio::spawn(async move { m.connection(conn).await });
-                }
-                Err(e) => tracing::warn!("refused a replication peer: {e}"),
+        // Handshakes run concurrently: a stalled or hostile peer does not hold up a good one.
+        let mut acceptor = crate::transport::Acceptor::new(endpoint);
+        while let Some(incoming) = acceptor.accept().await {
+            // Refusals were already logged, with the reason, by the transport.
+            if let Ok(conn) = incoming {
+                let m = self.clone();
+                tokio::spawn(async move { m.connection(conn).await });
             }
         }
     }

@@ -16,11 +16,17 @@
 //!   the TLS handshake, so a refused peer never gets a connection: no stream is ever accepted
 //!   from it, and no volume byte is read or written on its behalf.
 //!
-//! Refusals surface as `Err` from [`accept`] (server) or [`connect`] (client) with the reason
-//! (rustls' error text), and [`accept`] logs each refusal at `warn` with the remote address.
-//! Because TLS 1.3 verifies the *client* certificate after the client has finished its part of
-//! the handshake, a client refused by the server may see [`connect`] succeed and the connection
-//! closed right after, with the server's reason, on its first stream operation.
+//! Refusals surface as `Err` from [`accept`] / [`Acceptor::accept`] (server) or [`connect`]
+//! (client) with the reason (rustls' error text); the server logs each at `warn` with the
+//! remote address. Attempts that never reach TLS (garbage datagrams are dropped by quinn; junk
+//! shaped like a QUIC Initial fails packet authentication; stalled handshakes time out) are
+//! only logged at `debug` and never returned. Because TLS 1.3 verifies the *client*
+//! certificate after the client has finished its part of the handshake, a client refused by
+//! the server may see [`connect`] succeed; its first stream operation then fails with
+//! "connection lost" and `Connection::close_reason()` carries the server's reason.
+//!
+//! Sizing: [`Tuning`] turns link rate and RTT into flow-control windows (2×BDP, clamped) and
+//! UDP socket buffers; see [`Tuning::transport_config`] and [`bind_udp`].
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
