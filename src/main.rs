@@ -4,7 +4,7 @@ use blkmirror::disk::spec::VolumeSpec;
 use blkmirror::mirror_daemon::{self, MirrorOptions};
 use blkmirror::primary::{self, PrimaryOptions, ReplicationOptions};
 use blkmirror::repl::apply::recover;
-use blkmirror::transport::{TlsFiles, Tuning};
+use blkmirror::transport::{Congestion, TlsFiles, Tuning};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -136,6 +136,9 @@ struct LinkArgs {
     /// Expected round-trip time in milliseconds.
     #[arg(long, default_value_t = 30)]
     rtt: u64,
+    /// Congestion controller: steady (ours, for long lossy links), cubic, newreno, bbr.
+    #[arg(long, default_value = "steady")]
+    congestion: Congestion,
 }
 
 impl LinkArgs {
@@ -143,6 +146,7 @@ impl LinkArgs {
         Tuning {
             link_rate_bps: self.link_rate,
             rtt: std::time::Duration::from_millis(self.rtt),
+            congestion: self.congestion,
         }
     }
 }

@@ -28,6 +28,8 @@
 //! Sizing: [`Tuning`] turns link rate and RTT into flow-control windows (2×BDP, clamped) and
 //! UDP socket buffers; see [`Tuning::transport_config`] and [`bind_udp`].
 
+pub mod congestion;
+
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
 use rustls::client::danger::HandshakeSignatureValid;
@@ -416,6 +418,35 @@ pub struct Tuning {
     pub link_rate_bps: u64,
     /// Round-trip time of the link.
     pub rtt: Duration,
+    /// Congestion controller (docs/TUNING.md says why `Steady` is the default).
+    pub congestion: Congestion,
+}
+
+/// Which congestion controller drives a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Congestion {
+    /// Ours: follows the measured delivery rate, ignores random loss (`congestion.rs`).
+    #[default]
+    Steady,
+    Cubic,
+    NewReno,
+    /// quinn's experimental BBR.
+    Bbr,
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "steady" => Ok(Congestion::Steady),
+            "cubic" => Ok(Congestion::Cubic),
+            "newreno" => Ok(Congestion::NewReno),
+            "bbr" => Ok(Congestion::Bbr),
+            _ => Err(format!(
+                "congestion controller {s:?}: expected steady, cubic, newreno or bbr"
+            )),
+        }
+    }
 }
 
 impl Default for Tuning {
@@ -424,6 +455,7 @@ impl Default for Tuning {
         Tuning {
             link_rate_bps: 1_000_000_000,
             rtt: Duration::from_millis(30),
+            congestion: Congestion::default(),
         }
     }
 }
@@ -443,8 +475,7 @@ impl Tuning {
             .clamp(MIN_WINDOW, MAX_WINDOW)
     }
 
-    /// The QUIC transport parameters for this link. Congestion control is quinn's default
-    /// (CUBIC) seeded with the configured RTT; tuning it is a later step.
+    /// The QUIC transport parameters for this link, with the chosen congestion controller.
     pub fn transport_config(&self) -> TransportConfig {
         let window = self.window_bytes();
         let window_varint = VarInt::from_u64(window).unwrap_or(VarInt::MAX);
@@ -461,6 +492,29 @@ impl Tuning {
             .max_concurrent_uni_streams(VarInt::from_u32(MAX_STREAMS))
             // Replication uses streams only; unreliable datagrams are not accepted.
             .datagram_receive_buffer_size(None);
+        let window_cap = window.saturating_mul(2);
+        match self.congestion {
+            Congestion::Steady => {
+                let cfg = congestion::SteadyConfig {
+                    max_window: window_cap,
+                    ..Default::default()
+                };
+                tc.congestion_controller_factory(Arc::new(cfg));
+            }
+            Congestion::Cubic => {
+                tc.congestion_controller_factory(Arc::new(
+                    quinn::congestion::CubicConfig::default(),
+                ));
+            }
+            Congestion::NewReno => {
+                tc.congestion_controller_factory(Arc::new(
+                    quinn::congestion::NewRenoConfig::default(),
+                ));
+            }
+            Congestion::Bbr => {
+                tc.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+            }
+        }
         tc
     }
 
@@ -793,11 +847,13 @@ mod tests {
         let slow = Tuning {
             link_rate_bps: 10_000_000,
             rtt: Duration::from_millis(1),
+            ..Tuning::default()
         };
         assert_eq!(slow.window_bytes(), MIN_WINDOW);
         let huge = Tuning {
             link_rate_bps: u64::MAX,
             rtt: Duration::from_secs(3600),
+            ..Tuning::default()
         };
         assert_eq!(huge.window_bytes(), MAX_WINDOW);
         let _ = huge.transport_config();
