@@ -31,5 +31,10 @@ torture:
 bench-nbd: release
 	bash benches/nbd.sh
 
+# fio over NBD: blkmirror replicating to a local mirror against qemu-nbd; lag p50/p99, RSS;
+# writes target/bench/repl.json.
+bench-repl: release
+	/usr/bin/python3 benches/repl.py
+
 clean:
 	$(CARGO) clean

@@ -23,6 +23,9 @@ pub mod refuse {
     pub const DISK_FAILED: u16 = 6;
 }
 
+/// Bytes received but not yet durable, at most (per session).
+const PENDING_BYTES: usize = 128 << 20;
+
 #[derive(Clone, Copy, Debug, Default)]
 struct Durable {
     set: u64,
@@ -164,41 +167,50 @@ impl MirrorVolume {
         }
     }
 
-    /// Make `set` durable (redo log + fsync) if it is the next one. Blocking.
-    fn make_durable(&self, set: &DeltaSet, raw: &[u8]) -> Result<Durable, (u16, String)> {
+    /// Make a run of sets durable with one fsync (group commit), if each is the next one.
+    /// Blocking. Returns the durable state after each set, for its acknowledgement.
+    fn make_durable(&self, batch: &[(DeltaSet, Vec<u8>)]) -> Result<Vec<Durable>, (u16, String)> {
         let mut redo = self.redo.lock().unwrap();
         let mut d = *self.durable.lock().unwrap();
-        if set.set != d.set + 1 {
-            let what = if set.set > d.set + 1 {
-                "from the future"
-            } else {
-                "already durable"
-            };
-            return Err((
-                refuse::BAD_SET,
-                format!("set {} is {what} (next expected {})", set.set, d.set + 1),
-            ));
+        let mut after = Vec::with_capacity(batch.len());
+        for (set, _) in batch {
+            if set.set != d.set + 1 {
+                let what = if set.set > d.set + 1 {
+                    "from the future"
+                } else {
+                    "already durable"
+                };
+                return Err((
+                    refuse::BAD_SET,
+                    format!("set {} is {what} (next expected {})", set.set, d.set + 1),
+                ));
+            }
+            if let Some(e) = set.extents.iter().find(|e| e.end() > self.size) {
+                return Err((
+                    refuse::BAD_SET,
+                    format!(
+                        "set {} writes past the volume's end ({} > {})",
+                        set.set,
+                        e.end(),
+                        self.size
+                    ),
+                ));
+            }
+            d.set = set.set;
+            match set.kind {
+                SetKind::Journal => d.seq = d.seq.max(set.last_seq),
+                SetKind::Copy { done } => d.copy_done = done,
+            }
+            after.push(d);
         }
-        if let Some(e) = set.extents.iter().find(|e| e.end() > self.size) {
-            return Err((
-                refuse::BAD_SET,
-                format!(
-                    "set {} writes past the volume's end ({} > {})",
-                    set.set,
-                    e.end(),
-                    self.size
-                ),
-            ));
-        }
-        redo.append(&[(set.set, raw)])
+        let entries: Vec<(u64, &[u8])> = batch
+            .iter()
+            .map(|(s, raw)| (s.set, raw.as_slice()))
+            .collect();
+        redo.append(&entries)
             .map_err(|e| (refuse::DISK_FAILED, format!("redo log: {e}")))?;
-        d.set = set.set;
-        match set.kind {
-            SetKind::Journal => d.seq = d.seq.max(set.last_seq),
-            SetKind::Copy { done } => d.copy_done = done,
-        }
         *self.durable.lock().unwrap() = d;
-        Ok(d)
+        Ok(after)
     }
 }
 
@@ -331,52 +343,108 @@ impl MirrorVolume {
         self.stats.sessions.fetch_add(1, Ordering::Relaxed);
         self.stats.link_up.store(true, Ordering::Relaxed);
         tracing::info!(volume = %self.name, "primary attached");
-        loop {
-            let (msg, raw) = match read_message(recv).await {
-                Ok(Some(m)) => m,
-                Ok(None) => {
-                    tracing::info!(volume = %self.name, "primary closed the stream");
-                    return Ok(());
+        // Receiving and making durable overlap: while one batch is being fsynced, the next
+        // sets are read off the stream. Received-but-not-durable bytes are bounded.
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<(
+            DeltaSet,
+            Vec<u8>,
+            tokio::sync::OwnedSemaphorePermit,
+        )>();
+        let budget = Arc::new(tokio::sync::Semaphore::new(PENDING_BYTES));
+        let durability = self.clone().durability_loop(send, rx);
+        let reading = async {
+            loop {
+                let (msg, raw) = match read_message(recv).await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => {
+                        tracing::info!(volume = %self.name, "primary closed the stream");
+                        return Ok(());
+                    }
+                    Err(StreamError::Read(quinn::ReadExactError::ReadError(e))) => {
+                        return Err((refuse::BAD_MESSAGE, format!("link lost: {e}")));
+                    }
+                    Err(e) => return Err(bad(e)),
+                };
+                let Message::Set(set) = msg else {
+                    return Err((refuse::BAD_MESSAGE, "expected a delta set".into()));
+                };
+                if self.stats.failed.load(Ordering::Relaxed) {
+                    return Err((
+                        refuse::DISK_FAILED,
+                        self.stats.last_error.lock().unwrap().clone(),
+                    ));
                 }
-                Err(StreamError::Read(quinn::ReadExactError::ReadError(e))) => {
-                    return Err((refuse::BAD_MESSAGE, format!("link lost: {e}")));
+                self.stats
+                    .received_bytes
+                    .fetch_add(raw.len() as u64, Ordering::Relaxed);
+                let want = (raw.len() as u32).min(PENDING_BYTES as u32);
+                let permit = budget
+                    .clone()
+                    .acquire_many_owned(want)
+                    .await
+                    .expect("budget never closes");
+                if tx.send((set, raw, permit)).is_err() {
+                    return Ok(()); // the durability side ended; its result says why
                 }
-                Err(e) => return Err(bad(e)),
-            };
-            let Message::Set(set) = msg else {
-                return Err((refuse::BAD_MESSAGE, "expected a delta set".into()));
-            };
-            if self.stats.failed.load(Ordering::Relaxed) {
-                return Err((
-                    refuse::DISK_FAILED,
-                    self.stats.last_error.lock().unwrap().clone(),
-                ));
             }
-            self.stats
-                .received_bytes
-                .fetch_add(raw.len() as u64, Ordering::Relaxed);
+        };
+        tokio::pin!(durability);
+        tokio::select! {
+            r = reading => {
+                // Let what was received become durable and be acknowledged before leaving.
+                drop(tx);
+                let d = durability.await;
+                r.and(d)
+            }
+            d = &mut durability => d,
+        }
+    }
+
+    /// Group commit: take every set waiting, one redo append + fsync, one Ack per set, then hand
+    /// the sets to the applier.
+    async fn durability_loop(
+        self: Arc<Self>,
+        send: &mut quinn::SendStream,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<(
+            DeltaSet,
+            Vec<u8>,
+            tokio::sync::OwnedSemaphorePermit,
+        )>,
+    ) -> Result<(), (u16, String)> {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while let Ok(more) = rx.try_recv() {
+                batch.push(more);
+            }
+            let (sets, permits): (Vec<(DeltaSet, Vec<u8>)>, Vec<_>) =
+                batch.into_iter().map(|(s, raw, p)| ((s, raw), p)).unzip();
             let v = self.clone();
-            let (set, durable) = tokio::task::spawn_blocking(move || {
-                let d = v.make_durable(&set, &raw);
-                (set, d)
+            let (sets, result) = tokio::task::spawn_blocking(move || {
+                let r = v.make_durable(&sets);
+                (sets, r)
             })
             .await
             .map_err(|e| (refuse::DISK_FAILED, format!("durability task: {e}")))?;
-            let durable = durable?;
+            drop(permits);
+            let after = result?;
             let applied_set = self.state.lock().unwrap().applied_set;
-            write_message(
-                send,
-                &Message::Ack {
-                    set: durable.set,
-                    last_seq: durable.seq,
+            for d in &after {
+                let ack = Message::Ack {
+                    set: d.set,
+                    last_seq: d.seq,
                     applied_set,
-                },
-            )
-            .await
-            .map_err(bad)?;
-            // The applier thread only ends after a disk failure, which the next set reports.
-            let _ = self.apply_tx.lock().unwrap().send(set);
+                };
+                write_message(send, &ack)
+                    .await
+                    .map_err(|e| (refuse::BAD_MESSAGE, e.to_string()))?;
+            }
+            let tx = self.apply_tx.lock().unwrap();
+            for (set, _) in sets {
+                // The applier thread only ends after a disk failure, which the next set reports.
+                let _ = tx.send(set);
+            }
         }
+        Ok(())
     }
 }
 

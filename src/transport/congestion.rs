@@ -33,6 +33,7 @@ const RATE_WINDOW: usize = 10;
 const STARTUP_GROWTH: f64 = 1.25;
 const STARTUP_FLAT_ROUNDS: u32 = 3;
 const CONGESTION_BACKOFF: f64 = 0.85;
+const MIN_MODEL_RTT: Duration = Duration::from_millis(5);
 /// In startup the window stays within this many times the measured bandwidth-delay product.
 const STARTUP_CAP: f64 = 2.5;
 
@@ -119,7 +120,9 @@ impl Steady {
     }
 
     fn model_window(&self, gain: f64) -> Option<u64> {
-        let rtt = self.min_rtt?.as_secs_f64();
+        // Timers and acknowledgements come in millisecond steps: on a near-zero RTT a window
+        // of one RTT's worth would starve the sender, so the model never goes below MIN_RTT.
+        let rtt = self.min_rtt?.max(MIN_MODEL_RTT).as_secs_f64();
         let rate = self.rate();
         (rate > 0.0).then_some((gain * rate * rtt) as u64)
     }

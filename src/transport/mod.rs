@@ -55,7 +55,7 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Maximum concurrent streams of each direction a peer may open.
 pub const MAX_STREAMS: u32 = 256;
 /// Flow-control windows never go below this, whatever the tuning says.
-pub const MIN_WINDOW: u64 = 2 << 20;
+pub const MIN_WINDOW: u64 = 16 << 20;
 /// Flow-control windows never go above this: it bounds receive memory per connection (I5).
 pub const MAX_WINDOW: u64 = 512 << 20;
 /// UDP socket buffers are asked for at least this much.

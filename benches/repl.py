@@ -1,0 +1,253 @@
+#!/usr/bin/python3
+"""Replication benchmark (make bench-repl).
+
+fio's nbd engine against `blkmirror primary` replicating to a `blkmirror mirror` on this
+machine, and against `qemu-nbd --cache=none --aio=io_uring` (no replication) in the same run,
+alternating. Workloads: 1 MiB sequential write QD16 and 4 KiB random write QD32. While fio runs,
+the primary's status is sampled every 100 ms for the lag (age of the oldest write the mirror has
+not made durable). After each blkmirror run the benchmark waits for lag 0 and checks that the
+mirror is byte-identical to the primary. Peak RSS (VmHWM) of both daemons is recorded.
+
+Environment: BENCH_SECS (15), BENCH_ROUNDS (3), BENCH_SIZE (2G), BENCH_DIR (target/bench/tmp),
+BENCH_SKIP_BUILD (0). Output: a table on stdout and target/bench/repl.json.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECS = int(os.environ.get("BENCH_SECS", "15"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+SIZE = os.environ.get("BENCH_SIZE", "2G")
+DIR = os.path.abspath(os.environ.get("BENCH_DIR", os.path.join(ROOT, "target/bench/tmp")))
+OUT = os.path.join(ROOT, "target/bench/repl.json")
+BIN = os.path.join(ROOT, "target/release/blkmirror")
+WORKLOADS = [
+    ("seq_write_1m_qd16", "write", "1M", 16, "MiB/s"),
+    ("rand_write_4k_qd32", "randwrite", "4k", 32, "IOPS"),
+]
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def die(msg):
+    log(f"error: {msg}")
+    sys.exit(1)
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what, pred, timeout=120.0, procs=()):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                die(f"{p.args[0]} {p.args[1]} exited with {p.returncode} while waiting for {what}")
+        try:
+            if pred():
+                return
+        except (OSError, ValueError, KeyError, IndexError):
+            pass
+        time.sleep(0.1)
+    die(f"timed out waiting for {what}")
+
+
+def nbd_ready(sock):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(2)
+        s.connect(sock)
+        return s.recv(8) == b"NBDMAGIC"
+
+
+def status(control):
+    out = subprocess.run([BIN, "status", "--control", control, "--json"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)["volumes"][0]
+
+
+def peak_rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def stop(p):
+    if p and p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def make_backing(path):
+    """Preallocated and fully written, so both servers write into allocated blocks."""
+    if os.path.exists(path):
+        os.unlink(path)
+    subprocess.run(["fallocate", "-l", SIZE, path], check=True)
+    subprocess.run(["fio", "--name=fill", "--ioengine=io_uring", "--direct=1", f"--filename={path}", "--rw=write",
+                    "--bs=1M", "--iodepth=16", f"--size={SIZE}", "--output-format=terse"], check=True,
+                   stdout=subprocess.DEVNULL)
+
+
+def fio(uri, rw, bs, qd, out):
+    cmd = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}",
+           "--time_based", f"--runtime={SECS}", "--norandommap", "--randrepeat=0", "--output-format=json",
+           f"--output={out}"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def fio_value(out, unit):
+    text = open(out).read()
+    job = json.loads(text[text.index("{"):])["jobs"][0]
+    if job["error"]:
+        die(f"fio error {job['error']} in {out}")
+    w = job["write"]
+    return w["bw"] / 1024 if unit == "MiB/s" else w["iops"]
+
+
+class Pair:
+    """A mirror and a replicating primary on this machine, fresh state each time."""
+
+    def __init__(self, tmp, img_p, img_m):
+        self.tmp = tmp
+        pki = os.path.join(tmp, "pki")
+        if not os.path.exists(pki):
+            subprocess.run([BIN, "certs", "init", "--dir", pki], check=True, capture_output=True)
+            for n in ("primary", "mirror"):
+                subprocess.run([BIN, "certs", "issue", "--dir", pki, n], check=True, capture_output=True)
+        for d in ("pstate", "mstate"):
+            shutil.rmtree(os.path.join(tmp, d), ignore_errors=True)
+        port = free_port()
+        self.sock = os.path.join(tmp, "p.sock")
+        self.pctl = os.path.join(tmp, "pstate/control.sock")
+        self.mctl = os.path.join(tmp, "mstate/control.sock")
+        tls = lambda me, peer: ["--ca", f"{pki}/ca.crt", "--cert", f"{pki}/{me}.crt", "--key", f"{pki}/{me}.key",
+                                "--peer-name", peer]
+        self.mlog = open(os.path.join(tmp, "mirror.log"), "a")
+        self.plog = open(os.path.join(tmp, "primary.log"), "a")
+        self.mirror = subprocess.Popen([BIN, "mirror", "--listen", f"127.0.0.1:{port}", "--volume", f"v={img_m}",
+                                        "--state-dir", os.path.join(tmp, "mstate"), *tls("mirror", "primary")],
+                                       stderr=self.mlog)
+        self.primary = subprocess.Popen([BIN, "primary", "--volume", f"v={img_p}", "--nbd-unix", self.sock,
+                                         "--state-dir", os.path.join(tmp, "pstate"), "--mirror", f"127.0.0.1:{port}",
+                                         "--rtt", "1", *tls("primary", "mirror")], stderr=self.plog)
+        procs = (self.mirror, self.primary)
+        wait_for("the primary's NBD socket", lambda: nbd_ready(self.sock), procs=procs)
+        wait_for("the initial copy", lambda: status(self.mctl)["consistent"], timeout=1800, procs=procs)
+
+    def stop(self):
+        stop(self.primary)
+        stop(self.mirror)
+
+
+def main():
+    for tool in ("fio", "qemu-nbd", "fallocate", "cmp"):
+        if not shutil.which(tool):
+            die(f"{tool} not found")
+    if os.environ.get("BENCH_SKIP_BUILD") != "1":
+        log("cargo build --release")
+        subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+    os.makedirs(DIR, exist_ok=True)
+    os.makedirs(os.path.dirname(OUT), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="bm-repl-", dir="/tmp")
+    img_p, img_m, img_q = (os.path.join(DIR, n) for n in ("repl-primary.img", "repl-mirror.img", "repl-qemu.img"))
+    samples = {w[0]: {"blkmirror": [], "qemu_nbd": []} for w in WORKLOADS}
+    lags = {w[0]: [] for w in WORKLOADS}
+    rss = {"primary": 0, "mirror": 0, "qemu_nbd": 0}
+    identical = True
+    try:
+        log(f"preparing backing files ({SIZE} each in {DIR})")
+        for img in (img_p, img_q):
+            make_backing(img)
+        shutil.copyfile(img_p, img_m)  # the mirror starts as a copy: the initial copy is not what we time
+        pair = Pair(tmp, img_p, img_m)
+        for r in range(1, ROUNDS + 1):
+            order = ["blkmirror", "qemu_nbd"] if r % 2 else ["qemu_nbd", "blkmirror"]
+            for name, rw, bs, qd, unit in WORKLOADS:
+                for kind in order:
+                    out = os.path.join(tmp, f"{name}.{kind}.{r}.json")
+                    if kind == "qemu_nbd":
+                        qsock = os.path.join(tmp, "q.sock")
+                        q = subprocess.Popen(["qemu-nbd", "--cache=none", "--aio=io_uring", "-f", "raw",
+                                              f"--socket={qsock}", "-x", "v", "--persistent", "--shared=8", img_q])
+                        wait_for("qemu-nbd", lambda: nbd_ready(qsock), procs=(q,))
+                        f = fio(f"nbd+unix:///v?socket={qsock}", rw, bs, qd, out)
+                        if f.wait() != 0:
+                            die(f"fio against qemu-nbd failed: {f.stderr.read().decode()}")
+                        rss["qemu_nbd"] = max(rss["qemu_nbd"], peak_rss_kib(q.pid))
+                        stop(q)
+                    else:
+                        f = fio(f"nbd+unix:///v?socket={pair.sock}", rw, bs, qd, out)
+                        while f.poll() is None:
+                            try:
+                                lags[name].append(status(pair.pctl)["lag_seconds"])
+                            except (subprocess.CalledProcessError, KeyError, ValueError):
+                                pass
+                            time.sleep(0.1)
+                        if f.returncode != 0:
+                            die(f"fio against blkmirror failed: {f.stderr.read().decode()}")
+                        wait_for("lag 0", lambda: status(pair.pctl)["lag_bytes"] == 0, timeout=600,
+                                 procs=(pair.primary, pair.mirror))
+                        rss["primary"] = max(rss["primary"], peak_rss_kib(pair.primary.pid))
+                        rss["mirror"] = max(rss["mirror"], peak_rss_kib(pair.mirror.pid))
+                    v = fio_value(out, unit)
+                    samples[name][kind].append(v)
+                    log(f"  round {r} {name} {kind}: {v:.1f} {unit}")
+        pair.stop()
+        log("recover the mirror and compare with the primary")
+        subprocess.run([BIN, "recover", "--volume", f"v={img_m}", "--state-dir", os.path.join(tmp, "mstate")],
+                       check=True, capture_output=True)
+        identical = subprocess.run(["cmp", "-s", img_p, img_m]).returncode == 0
+    finally:
+        for img in (img_p, img_m, img_q):
+            if os.path.exists(img) and os.environ.get("BENCH_KEEP") != "1":
+                os.unlink(img)
+
+    doc = {"workloads": {}, "rss_kib": rss, "rounds": ROUNDS, "runtime_s": SECS, "mirror_identical": identical,
+           "logs": tmp}
+    print()
+    print(f"replication benchmark: median of {ROUNDS} round(s) x {SECS} s; fio nbd engine; mirror on this machine")
+    print(f"{'workload':<20} | {'unit':<5} | {'blkmirror+repl':>14} | {'qemu-nbd':>10} | {'ratio':>6} | "
+          f"{'lag p50 ms':>10} | {'lag p99 ms':>10} | {'lag max ms':>10}")
+    print("-" * 104)
+    for name, _rw, _bs, _qd, unit in WORKLOADS:
+        bm = statistics.median(samples[name]["blkmirror"])
+        qn = statistics.median(samples[name]["qemu_nbd"])
+        lag = sorted(lags[name]) or [0.0]
+        p = lambda q: 1000 * lag[min(len(lag) - 1, int(q * len(lag)))]
+        doc["workloads"][name] = {"blkmirror": round(bm, 1), "qemu_nbd": round(qn, 1), "ratio": round(bm / qn, 3),
+                                  "unit": unit, "lag_p50_ms": round(p(0.5), 1), "lag_p99_ms": round(p(0.99), 1),
+                                  "lag_max_ms": round(1000 * lag[-1], 1), "lag_samples": len(lags[name]),
+                                  "samples": samples[name]}
+        print(f"{name:<20} | {unit:<5} | {bm:>14.1f} | {qn:>10.1f} | {bm / qn:>6.2f} | {p(0.5):>10.1f} | "
+              f"{p(0.99):>10.1f} | {1000 * lag[-1]:>10.1f}")
+    print()
+    print(f"peak RSS KiB: primary {rss['primary']}, mirror {rss['mirror']}, qemu-nbd {rss['qemu_nbd']}")
+    print(f"mirror byte-identical to the primary after the run: {identical}")
+    with open(OUT, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+    print(f"written {OUT}")
+    if not identical:
+        die("the mirror differs from the primary")
+
+
+if __name__ == "__main__":
+    main()
