@@ -56,6 +56,9 @@ enum Command {
         /// Test only: corrupt one byte of the first data set sent, after its CRC is computed.
         #[arg(long, hide = true)]
         test_corrupt_first_set: bool,
+        /// lz4 for replicated data: auto (on when --link-rate is below 4G), on, off.
+        #[arg(long, value_enum, default_value_t = CompressArg::Auto)]
+        compress: CompressArg,
     },
     /// Receive replication on the mirror host and keep its volumes consistent.
     Mirror {
@@ -151,6 +154,13 @@ impl LinkArgs {
     }
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CompressArg {
+    Auto,
+    On,
+    Off,
+}
+
 fn parse_size(s: &str) -> Result<u64, String> {
     blkmirror::disk::spec::parse_size(s).map_err(|e| e.to_string())
 }
@@ -191,6 +201,7 @@ fn main() -> ExitCode {
             journal_size,
             control,
             test_corrupt_first_set,
+            compress,
         } => {
             let replication = match mirror {
                 None => None,
@@ -201,6 +212,11 @@ fn main() -> ExitCode {
                         tuning: link.tuning(),
                         journal_bytes: journal_size,
                         corrupt_first_set: test_corrupt_first_set,
+                        compress: match compress {
+                            CompressArg::Auto => None,
+                            CompressArg::On => Some(true),
+                            CompressArg::Off => Some(false),
+                        },
                     }),
                     Err(e) => return fail(e),
                 },

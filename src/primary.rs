@@ -70,7 +70,12 @@ pub struct ReplicationOptions {
     pub journal_bytes: u64,
     /// Test only: corrupt one byte of the first data set after its CRC is computed.
     pub corrupt_first_set: bool,
+    /// lz4 for data that shrinks; None = decide from the link rate.
+    pub compress: Option<bool>,
 }
+
+/// lz4 compresses at roughly 4 Gbit/s per core here: on a faster link it would slow shipping.
+pub const COMPRESS_BELOW_BPS: u64 = 4_000_000_000;
 
 /// Hold an exclusive lock on STATE_DIR/lock for the life of the process.
 pub fn lock_state_dir(dir: &Path) -> Result<File, PrimaryError> {
@@ -192,6 +197,9 @@ pub fn run(opts: PrimaryOptions) -> Result<(), PrimaryError> {
                 mirror,
                 identity: identity.clone(),
                 stats: stats.clone(),
+                compress: repl
+                    .compress
+                    .unwrap_or(repl.tuning.link_rate_bps < COMPRESS_BELOW_BPS),
             });
             runtime.spawn(shipper.run());
             export.journal = Some(journal.clone());

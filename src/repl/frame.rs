@@ -268,6 +268,12 @@ pub enum FrameError {
 /// [`DeltaSet::validate`] and its encoded body must not exceed [`MAX_MESSAGE`] (bounded by
 /// [`DeltaSet::max_body_len`]); both are `debug_assert`ed.
 pub fn encode(msg: &Message, out: &mut Vec<u8>) -> EncodeStats {
+    encode_opts(msg, out, true)
+}
+
+/// [`encode`], choosing whether data may be lz4-compressed. Off when the link is faster than
+/// lz4 (a local or 10 Gbit/s mirror): compressing would then cost throughput, not save it.
+pub fn encode_opts(msg: &Message, out: &mut Vec<u8>, compress: bool) -> EncodeStats {
     let start = out.len();
     out.extend_from_slice(&[0; PREFIX_LEN]);
     let ty = match msg {
@@ -302,7 +308,7 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) -> EncodeStats {
         }
         Message::Set(set) => {
             debug_assert_eq!(set.validate(), Ok(()), "encoding an invalid delta set");
-            encode_set(set, out, &mut check, &mut stats);
+            encode_set(set, out, &mut check, &mut stats, compress);
         }
         Message::Ack {
             set,
@@ -356,6 +362,7 @@ fn encode_set(
     out: &mut Vec<u8>,
     check: &mut crc32fast::Hasher,
     stats: &mut EncodeStats,
+    compress: bool,
 ) {
     let chunk = MAX_CHUNK as usize;
     let count: u64 = s
@@ -394,7 +401,12 @@ fn encode_set(
                     let desc = out.len();
                     let crc = crc32fast::hash(piece);
                     put_desc(out, offset, piece.len() as u32, EXT_DATA, ENC_RAW, crc, 0);
-                    let (enc, stored) = put_stored(piece, out);
+                    let (enc, stored) = if compress {
+                        put_stored(piece, out)
+                    } else {
+                        out.extend_from_slice(piece);
+                        (ENC_RAW, piece.len())
+                    };
                     out[desc + 13] = enc;
                     out[desc + 18..desc + 22].copy_from_slice(&(stored as u32).to_be_bytes());
                     check.update(&out[desc..desc + EXTENT_DESC_LEN]);

@@ -52,6 +52,8 @@ pub struct Shipper {
     pub mirror: SocketAddr,
     pub identity: Arc<Identity>,
     pub stats: Arc<ShipStats>,
+    /// lz4-compress data that shrinks (off for links faster than lz4 itself).
+    pub compress: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -226,9 +228,16 @@ impl Shipper {
             .expect("window semaphore never closes")
             .forget();
         let number = set.set;
-        let msg = Message::Set(set);
-        let mut buf = Vec::new();
-        let stats = super::frame::encode(&msg, &mut buf);
+        let compress = self.compress;
+        // Folding, CRCs and lz4 take milliseconds per set: off the network threads.
+        let (buf, stats) = tokio::task::spawn_blocking(move || {
+            let mut buf = Vec::new();
+            let stats = super::frame::encode_opts(&Message::Set(set), &mut buf, compress);
+            (buf, stats)
+        })
+        .await
+        .map_err(|e| SessionError::Protocol(format!("encoder task: {e}")))?;
+        let mut buf = buf;
         if self.stats.corrupt_next.load(Ordering::Relaxed)
             && super::frame::corrupt_first_data_byte(&mut buf)
         {

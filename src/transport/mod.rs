@@ -844,7 +844,10 @@ mod tests {
         assert_eq!(t.bdp_bytes(), 3_750_000);
         // 2 x BDP is below the floor, which leaves room for a mirror pausing on fsync.
         assert_eq!(t.window_bytes(), MIN_WINDOW);
-        let fast = Tuning { link_rate_bps: 10_000_000_000, ..Tuning::default() };
+        let fast = Tuning {
+            link_rate_bps: 10_000_000_000,
+            ..Tuning::default()
+        };
         assert_eq!(fast.window_bytes(), 75_000_000);
         assert!(t.socket_buffer_bytes() >= t.window_bytes());
         let slow = Tuning {
