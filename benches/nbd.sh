@@ -12,6 +12,8 @@
 #   BENCH_RAMP=0       fio --ramp_time, seconds (not counted in the results)
 #   BENCH_KEEP=0       1 keeps the backing files and per-run logs afterwards
 #   BENCH_SKIP_BUILD=0 1 skips `cargo build --release`
+#   BLKMIRROR_BIN=     benchmark this blkmirror binary instead (no build), e.g. one built from
+#                      another revision
 #
 # Runs alternate blkmirror / qemu-nbd (the order flips every round) so that drift of a shared,
 # noisy machine hits both alike. Each run gets a fresh server process; its peak RSS (VmHWM) is
@@ -100,15 +102,21 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # --- build ----------------------------------------------------------------------------------
-if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
-    log "cargo build --release"
-    cargo build --release --quiet || die "cargo build --release failed"
+if [[ -n ${BLKMIRROR_BIN:-} ]]; then
+    SRC_BIN=$BLKMIRROR_BIN
+    BLKMIRROR_REV="binary $BLKMIRROR_BIN"
+else
+    if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
+        log "cargo build --release"
+        cargo build --release --quiet || die "cargo build --release failed"
+    fi
+    SRC_BIN=$ROOT/target/release/blkmirror
+    BLKMIRROR_REV=$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)
 fi
-[[ -x $ROOT/target/release/blkmirror ]] || die "$ROOT/target/release/blkmirror missing"
+[[ -x $SRC_BIN ]] || die "$SRC_BIN missing"
 # Snapshot the binary: target/ is shared, and a concurrent rebuild must not swap it mid-run.
 BLKMIRROR=$RUN_DIR/blkmirror
-cp "$ROOT/target/release/blkmirror" "$BLKMIRROR"
-BLKMIRROR_REV=$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)
+cp "$SRC_BIN" "$BLKMIRROR"
 
 # --- workloads ------------------------------------------------------------------------------
 # name | fio rw | bs | iodepth | unit
