@@ -275,6 +275,7 @@ fn primary_status(
                     "acked_set": s.acked_set.load(Relaxed),
                     "applied_set": s.applied_set.load(Relaxed),
                     "reconnects": s.reconnects.load(Relaxed),
+                    "quic": *s.quic.lock().unwrap(),
                     "last_error": s.last_error.lock().unwrap().clone(),
                     "initial_copy": if copying { serde_json::json!({
                         "done_bytes": s.copy_done.load(Relaxed),

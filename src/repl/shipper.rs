@@ -38,8 +38,48 @@ pub struct ShipStats {
     pub copy_done: AtomicU64,
     pub copying: AtomicBool,
     pub last_error: Mutex<String>,
-    /// Test hook: corrupt the next data set after its CRCs are computed.
+    /// Test hook: corrupt the next data set after its CRC is computed.
     pub corrupt_next: AtomicBool,
+    /// QUIC path counters, summed over sessions (see `QuicCounters`).
+    pub quic: Mutex<QuicCounters>,
+}
+
+/// What the transport reports of the path: packets sent and lost (lost or retransmitted are
+/// what a flooded queue shows), congestion window and round-trip time now.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct QuicCounters {
+    pub sent_packets: u64,
+    pub lost_packets: u64,
+    pub lost_bytes: u64,
+    pub congestion_events: u64,
+    pub cwnd: u64,
+    pub rtt_ms: f64,
+    pub min_rtt_ms: f64,
+    /// Counters of sessions that ended (the current one is added on top).
+    #[serde(skip)]
+    done: (u64, u64, u64, u64),
+}
+
+impl QuicCounters {
+    fn update(&mut self, conn: &quinn::Connection) {
+        let p = conn.stats().path;
+        self.sent_packets = self.done.0 + p.sent_packets;
+        self.lost_packets = self.done.1 + p.lost_packets;
+        self.lost_bytes = self.done.2 + p.lost_bytes;
+        self.congestion_events = self.done.3 + p.congestion_events;
+        self.cwnd = p.cwnd;
+        self.rtt_ms = p.rtt.as_secs_f64() * 1e3;
+        self.min_rtt_ms = p.min_rtt.as_secs_f64() * 1e3;
+    }
+
+    fn end_session(&mut self) {
+        self.done = (
+            self.sent_packets,
+            self.lost_packets,
+            self.lost_bytes,
+            self.congestion_events,
+        );
+    }
 }
 
 pub struct Shipper {
@@ -129,6 +169,15 @@ impl Shipper {
         self.journal.ack(durable_seq);
         let window = Arc::new(Semaphore::new(WINDOW_SETS));
         let acks = tokio::spawn(read_acks(self.clone(), recv, window.clone()));
+        let sampler = {
+            let (stats, conn) = (self.stats.clone(), conn.clone());
+            tokio::spawn(async move {
+                loop {
+                    stats.quic.lock().unwrap().update(&conn);
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            })
+        };
         let sending = self.send_loop(
             &mut send,
             &window,
@@ -143,6 +192,12 @@ impl Shipper {
                 Err(e) => Err(SessionError::Protocol(format!("ack reader: {e}"))),
             },
         };
+        sampler.abort();
+        {
+            let mut q = self.stats.quic.lock().unwrap();
+            q.update(&conn);
+            q.end_session();
+        }
         conn.close(0u32.into(), b"session over");
         result
     }
