@@ -3,7 +3,7 @@
 
 use crate::control;
 use crate::disk::faults::{FaultRule, Faulty};
-use crate::disk::file::FileStorage;
+use crate::disk::file::{FileStorage, IoMode};
 use crate::disk::spec::VolumeSpec;
 use crate::disk::Storage;
 use crate::journal::{Journal, JournalOptions, MIN_JOURNAL_BYTES};
@@ -126,7 +126,7 @@ pub fn run(opts: PrimaryOptions) -> Result<(), PrimaryError> {
         if exports.iter().any(|e: &Export| e.info.name == spec.name) {
             return Err(PrimaryError::DuplicateName(spec.name.clone()));
         }
-        let file = FileStorage::open(spec)?;
+        let file = FileStorage::open(spec, IoMode::Direct)?;
         tracing::info!(volume = %spec.name, path = %spec.path.display(), size = file.size(),
             read_only = spec.read_only, direct_io = file.direct_io(), "volume open");
         let storage: Arc<dyn Storage> = if opts.faults.is_empty() {
@@ -149,6 +149,7 @@ pub fn run(opts: PrimaryOptions) -> Result<(), PrimaryError> {
             },
             storage,
             journal: None,
+            locks: Arc::new(crate::disk::ranges::RangeLocks::new()),
         });
     }
     let control = opts
@@ -192,7 +193,6 @@ pub fn run(opts: PrimaryOptions) -> Result<(), PrimaryError> {
                 volume: spec.name.clone(),
                 journal: journal.clone(),
                 storage: export.storage.clone(),
-                reader: File::open(&spec.path)?,
                 endpoint: endpoint.clone(),
                 mirror,
                 identity: identity.clone(),

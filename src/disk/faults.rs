@@ -93,6 +93,12 @@ impl<S: Storage> Faulty<S> {
     pub fn new(inner: S, rules: Vec<FaultRule>) -> Self {
         Faulty { inner, rules }
     }
+
+    /// Half of `len`, rounded down to the storage's alignment (0: cannot shorten).
+    fn half(&self, len: u32) -> u32 {
+        let a = self.inner.alignment().max(1) as u32;
+        len / 2 / a * a
+    }
 }
 
 impl<S: Storage> Storage for Faulty<S> {
@@ -113,6 +119,7 @@ impl<S: Storage> Storage for Faulty<S> {
                 tracing::debug!(?op, errno = e, "injected fault");
                 Prepared::Done(-e)
             }
+            // A short transfer still ends on the storage's alignment, as a real disk's would.
             (
                 FaultKind::Short,
                 DiskOp::Write {
@@ -121,17 +128,17 @@ impl<S: Storage> Storage for Faulty<S> {
                     len,
                     fua,
                 },
-            ) if len > 1 => self.inner.prepare(DiskOp::Write {
+            ) if self.half(len) > 0 => self.inner.prepare(DiskOp::Write {
                 offset,
                 buf,
-                len: len / 2,
+                len: self.half(len),
                 fua,
             }),
-            (FaultKind::Short, DiskOp::Read { offset, buf, len }) if len > 1 => {
+            (FaultKind::Short, DiskOp::Read { offset, buf, len }) if self.half(len) > 0 => {
                 self.inner.prepare(DiskOp::Read {
                     offset,
                     buf,
-                    len: len / 2,
+                    len: self.half(len),
                 })
             }
             _ => self.inner.prepare(op),
@@ -140,6 +147,14 @@ impl<S: Storage> Storage for Faulty<S> {
 
     fn discard_reads_zero(&self) -> bool {
         self.inner.discard_reads_zero()
+    }
+
+    fn alignment(&self) -> u64 {
+        self.inner.alignment()
+    }
+
+    fn read_sync(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read_sync(offset, out)
     }
 
     fn allocation(&self, offset: u64, len: u64) -> std::io::Result<Vec<(u64, bool)>> {
@@ -167,6 +182,13 @@ mod tests {
         }
         fn discard_reads_zero(&self) -> bool {
             true
+        }
+        fn alignment(&self) -> u64 {
+            1
+        }
+        fn read_sync(&self, _: u64, out: &mut [u8]) -> std::io::Result<()> {
+            out.fill(0);
+            Ok(())
         }
         fn allocation(&self, _: u64, len: u64) -> std::io::Result<Vec<(u64, bool)>> {
             Ok(vec![(len, false)])

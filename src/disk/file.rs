@@ -1,10 +1,14 @@
 //! A volume backed by a regular file or a block device.
 //!
-//! Aligned I/O goes through an O_DIRECT descriptor (page cache bypassed, as on real volumes).
-//! Requests that are not block-aligned go through a second, buffered descriptor of the same
-//! file: the kernel's page cache then does the read-modify-write under its page locks, so two
-//! unaligned writes sharing a block never undo each other, and the kernel keeps both descriptors
-//! coherent (direct I/O writes back and invalidates cached pages in its range first).
+//! One I/O mode per file, never both: mixing O_DIRECT with page-cache I/O on one file can make
+//! the kernel fail to invalidate cached pages, and it then reports EIO on the next fsync.
+//!
+//! - [`IoMode::Direct`] (the primary's volumes): every transfer is O_DIRECT and must be aligned
+//!   to the file's direct-I/O alignment ([`Storage::alignment`]); the NBD connection reads
+//!   unaligned requests through aligned bounce buffers and turns unaligned writes into a
+//!   read-modify-write of the edge blocks under a range lock.
+//! - [`IoMode::Buffered`] (the mirror's volumes, written in batches and synced per batch, and
+//!   files that cannot do O_DIRECT): everything through the page cache.
 
 use super::buf::ALIGN;
 use super::spec::VolumeSpec;
@@ -43,21 +47,57 @@ pub enum OpenError {
     },
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoMode {
+    Direct,
+    Buffered,
+}
+
 pub struct FileStorage {
-    direct: File,
-    buffered: File,
+    file: File,
+    /// Holds the volume's flock when `file` is a second (O_DIRECT) descriptor.
+    _lock: Option<File>,
     size: u64,
     read_only: bool,
     block_device: bool,
-    direct_io: bool,
+    /// Offset and length alignment every transfer needs (1 when buffered).
+    align: u64,
+    /// Buffer address alignment direct transfers need.
+    mem_align: usize,
 }
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKDISCARD: libc::c_ulong = 0x1277;
 const BLKZEROOUT: libc::c_ulong = 0x127f;
+const BLKSSZGET: libc::c_ulong = 0x1268;
+
+/// The O_DIRECT (offset, memory) alignment of an open file (statx STATX_DIOALIGN; block
+/// devices: the logical sector size for both), or None when the kernel does not say.
+fn dio_alignment(f: &File, block_device: bool) -> Option<(u64, usize)> {
+    if block_device {
+        let mut sector: libc::c_int = 0;
+        let ok = unsafe { libc::ioctl(f.as_raw_fd(), BLKSSZGET, &mut sector) } == 0;
+        return (ok && sector > 0).then_some((sector as u64, sector as usize));
+    }
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let empty = c"";
+    let rc = unsafe {
+        libc::statx(
+            f.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    let ok = rc == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_offset_align > 0;
+    // Our buffers are page-aligned: fine for any memory alignment up to a page.
+    let mem = stx.stx_dio_mem_align.max(1) as usize;
+    (ok && mem <= ALIGN).then_some((stx.stx_dio_offset_align as u64, mem))
+}
 
 impl FileStorage {
-    pub fn open(spec: &VolumeSpec) -> Result<FileStorage, OpenError> {
+    pub fn open(spec: &VolumeSpec, mode: IoMode) -> Result<FileStorage, OpenError> {
         let (name, path) = (spec.name.clone(), spec.path.clone());
         let io_err = |source| OpenError::Io {
             name: name.clone(),
@@ -119,40 +159,56 @@ impl FileStorage {
         if size == 0 {
             return Err(OpenError::Empty { name, path });
         }
-        let (direct, direct_io) = match open(true) {
-            Ok(f) => (f, true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                tracing::warn!(volume = %name, path = %path.display(),
-                    "file system refuses O_DIRECT; all I/O goes through the page cache");
-                (buffered.try_clone().map_err(io_err)?, false)
+        let mut file = buffered;
+        let mut lock = None;
+        let mut align = 1;
+        let mut mem_align = 1;
+        if mode == IoMode::Direct {
+            match open(true) {
+                Ok(direct) => {
+                    match dio_alignment(&direct, block_device).or(Some((ALIGN as u64, ALIGN))) {
+                        Some((a, m)) if size % a == 0 => {
+                            mem_align = m;
+                            // The flock belongs to the first descriptor's open file: keep it.
+                            lock = Some(std::mem::replace(&mut file, direct));
+                            align = a;
+                        }
+                        _ => tracing::warn!(volume = %name, size,
+                        "volume size is not a multiple of the direct-I/O block; using the page cache"),
+                    }
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::warn!(volume = %name, path = %path.display(),
+                        "file system refuses O_DIRECT; all I/O goes through the page cache");
+                }
+                Err(e) => return Err(io_err(e)),
             }
-            Err(e) => return Err(io_err(e)),
-        };
+        }
         Ok(FileStorage {
-            direct,
-            buffered,
+            file,
+            _lock: lock,
             size,
             read_only: spec.read_only,
             block_device,
-            direct_io,
+            align,
+            mem_align,
         })
     }
 
     pub fn direct_io(&self) -> bool {
-        self.direct_io
+        self.align > 1
     }
 
-    /// The descriptor for a transfer: O_DIRECT when offset, length and buffer all align.
-    fn fd_for(&self, offset: u64, len: u32, buf: usize) -> types::Fd {
-        let a = ALIGN as u64;
-        let aligned = offset.is_multiple_of(a)
-            && (len as u64).is_multiple_of(a)
-            && (buf as u64).is_multiple_of(a);
-        if self.direct_io && aligned {
-            types::Fd(self.direct.as_raw_fd())
-        } else {
-            types::Fd(self.buffered.as_raw_fd())
-        }
+    fn fd(&self) -> types::Fd {
+        types::Fd(self.file.as_raw_fd())
+    }
+
+    /// A transfer the file's mode cannot take (a caller bug, refused rather than risked).
+    fn misaligned(&self, offset: u64, len: u32, buf: usize) -> bool {
+        self.align > 1
+            && !(offset.is_multiple_of(self.align)
+                && (len as u64).is_multiple_of(self.align)
+                && buf.is_multiple_of(self.mem_align))
     }
 
     fn blk_ioctl(&self, req: libc::c_ulong, offset: u64, len: u32) -> i32 {
@@ -161,7 +217,7 @@ impl FileStorage {
             return -libc::EOPNOTSUPP;
         }
         let range: [u64; 2] = [offset, len as u64];
-        if unsafe { libc::ioctl(self.direct.as_raw_fd(), req, &range) } != 0 {
+        if unsafe { libc::ioctl(self.file.as_raw_fd(), req, &range) } != 0 {
             return -io::Error::last_os_error()
                 .raw_os_error()
                 .unwrap_or(libc::EIO);
@@ -181,11 +237,17 @@ impl Storage for FileStorage {
 
     fn prepare(&self, op: DiskOp) -> Prepared {
         let entry = match op {
-            DiskOp::Read { offset, buf, len } => {
-                opcode::Read::new(self.fd_for(offset, len, buf as usize), buf, len)
-                    .offset(offset)
-                    .build()
+            DiskOp::Read { offset, buf, len } if self.misaligned(offset, len, buf as usize) => {
+                return Prepared::Done(-libc::EINVAL);
             }
+            DiskOp::Write {
+                offset, buf, len, ..
+            } if self.misaligned(offset, len, buf as usize) => {
+                return Prepared::Done(-libc::EINVAL);
+            }
+            DiskOp::Read { offset, buf, len } => opcode::Read::new(self.fd(), buf, len)
+                .offset(offset)
+                .build(),
             DiskOp::Write {
                 offset,
                 buf,
@@ -193,12 +255,12 @@ impl Storage for FileStorage {
                 fua,
             } => {
                 let flags = if fua { libc::RWF_DSYNC } else { 0 };
-                opcode::Write::new(self.fd_for(offset, len, buf as usize), buf, len)
+                opcode::Write::new(self.fd(), buf, len)
                     .offset(offset)
                     .rw_flags(flags)
                     .build()
             }
-            DiskOp::Sync => opcode::Fsync::new(types::Fd(self.direct.as_raw_fd()))
+            DiskOp::Sync => opcode::Fsync::new(types::Fd(self.file.as_raw_fd()))
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
             DiskOp::Discard { offset, len } if self.block_device => {
@@ -218,7 +280,7 @@ impl Storage for FileStorage {
                 offset,
                 len,
                 punch: true,
-            } => opcode::Fallocate::new(types::Fd(self.direct.as_raw_fd()), len as u64)
+            } => opcode::Fallocate::new(types::Fd(self.file.as_raw_fd()), len as u64)
                 .offset(offset)
                 .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
                 .build(),
@@ -226,7 +288,7 @@ impl Storage for FileStorage {
                 offset,
                 len,
                 punch: false,
-            } => opcode::Fallocate::new(types::Fd(self.direct.as_raw_fd()), len as u64)
+            } => opcode::Fallocate::new(types::Fd(self.file.as_raw_fd()), len as u64)
                 .offset(offset)
                 .mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
                 .build(),
@@ -239,12 +301,40 @@ impl Storage for FileStorage {
         !self.block_device
     }
 
+    fn alignment(&self) -> u64 {
+        self.align
+    }
+
+    fn read_sync(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        if self.align == 1 {
+            return self.file.read_exact_at(out, offset);
+        }
+        let (start, end) = super::ranges::aligned_span(offset, out.len() as u64, self.align);
+        let mut bounce = super::buf::AlignedBuf::new((end - start) as usize);
+        let mut done = 0;
+        while done < bounce.len() {
+            // O_DIRECT needs aligned chunks; read_exact_at may split, so loop by hand.
+            let n = self
+                .file
+                .read_at(&mut bounce[done..], start + done as u64)?;
+            if n == 0 {
+                bounce[done..].fill(0);
+                break;
+            }
+            done += n;
+        }
+        let skip = (offset - start) as usize;
+        out.copy_from_slice(&bounce[skip..skip + out.len()]);
+        Ok(())
+    }
+
     fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
         let end = offset + len;
         if self.block_device {
             return Ok(vec![(len, false)]);
         }
-        let fd = self.buffered.as_raw_fd();
+        let fd = self.file.as_raw_fd();
         let seek = |pos: u64, whence| -> io::Result<Option<u64>> {
             let r = unsafe { libc::lseek(fd, pos as libc::off_t, whence) };
             if r >= 0 {
@@ -286,22 +376,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.img");
         let spec: VolumeSpec = format!("v={},size=1M", path.display()).parse().unwrap();
-        let s = FileStorage::open(&spec).unwrap();
+        let s = FileStorage::open(&spec, IoMode::Direct).unwrap();
         assert_eq!(s.size(), 1 << 20);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 20);
         assert!(matches!(
-            FileStorage::open(&spec),
+            FileStorage::open(&spec, IoMode::Direct),
             Err(OpenError::Locked { .. })
         ));
         drop(s);
         let bigger: VolumeSpec = format!("v={},size=2M", path.display()).parse().unwrap();
         assert!(matches!(
-            FileStorage::open(&bigger),
+            FileStorage::open(&bigger, IoMode::Direct),
             Err(OpenError::SizeMismatch { .. })
         ));
         let missing: VolumeSpec = format!("v={}/nope", dir.path().display()).parse().unwrap();
         assert!(matches!(
-            FileStorage::open(&missing),
+            FileStorage::open(&missing, IoMode::Direct),
             Err(OpenError::Missing { .. })
         ));
     }
@@ -311,9 +401,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.img");
         let spec: VolumeSpec = format!("v={},size=1M", path.display()).parse().unwrap();
-        let s = FileStorage::open(&spec).unwrap();
+        let s = FileStorage::open(&spec, IoMode::Buffered).unwrap();
         use std::os::unix::fs::FileExt;
-        s.buffered.write_all_at(&[1u8; 4096], 64 << 10).unwrap();
+        s.file.write_all_at(&[1u8; 4096], 64 << 10).unwrap();
         let ext = s.allocation(0, 1 << 20).unwrap();
         assert_eq!(ext.iter().map(|e| e.0).sum::<u64>(), 1 << 20);
         assert!(

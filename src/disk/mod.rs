@@ -8,6 +8,7 @@
 pub mod buf;
 pub mod faults;
 pub mod file;
+pub mod ranges;
 pub mod spec;
 
 use io_uring::squeue;
@@ -90,6 +91,11 @@ pub trait Storage: Send + Sync {
     fn prepare(&self, op: DiskOp) -> Prepared;
     /// Whether a completed Discard leaves the range reading as zeroes.
     fn discard_reads_zero(&self) -> bool;
+    /// Offset and length alignment every Read and Write must have (1: any).
+    fn alignment(&self) -> u64;
+    /// Read any range synchronously, bouncing through aligned buffers if needed (for the
+    /// shipper's full copy and resyncs, which must not disturb the I/O mode).
+    fn read_sync(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()>;
     /// base:allocation extents covering `[offset, offset+len)`: (length, is_hole) pairs.
     fn allocation(&self, offset: u64, len: u64) -> std::io::Result<Vec<(u64, bool)>>;
 }

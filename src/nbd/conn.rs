@@ -8,9 +8,11 @@
 //! request is parsed until completions free some.
 
 use super::handshake::Agreed;
+use super::server::Export;
 use super::transmission::{self as tx, Command, NbdErrno, Rejection, RequestHeader, Session};
 use super::wire::*;
 use crate::disk::buf::{AlignedBuf, BufPool};
+use crate::disk::ranges::{aligned_span, RangeGuard, RangeLocks};
 use crate::disk::{DiskOp, Prepared, Storage};
 use crate::journal::{Intent, Journal};
 use crate::repl::fold::Payload;
@@ -47,6 +49,10 @@ enum Stage {
     },
     /// A FUA TRIM/WRITE_ZEROES done; now the sync that makes it durable.
     SyncAfter,
+    /// Unaligned write on direct I/O: reading the first block of its span...
+    RmwHead,
+    /// ...and the last one, before the whole span is written from the bounce buffer.
+    RmwTail,
 }
 
 struct Op {
@@ -60,6 +66,13 @@ struct Op {
     intent: Option<Intent>,
     /// A TRIM the disk could not perform: the range kept its old content.
     trim_noop: bool,
+    /// The request's range widened to whole blocks of the storage's alignment: what is read
+    /// from disk, written to disk, and locked.
+    span: (u64, u64),
+    /// The lock on `span` a change holds while in flight.
+    guard: Option<RangeGuard>,
+    /// An unaligned write's span: old edge blocks with the new bytes copied in between.
+    bounce: Option<AlignedBuf>,
 }
 
 enum Rx {
@@ -112,6 +125,9 @@ pub struct Conn {
     export: String,
     storage: Arc<dyn Storage>,
     journal: Option<Arc<Journal>>,
+    /// The volume's in-flight changes, shared with its other connections.
+    locks: Arc<RangeLocks>,
+    align: u64,
     session: Session,
     sock: OwnedFd,
     ring: IoUring,
@@ -144,13 +160,12 @@ pub struct Conn {
 impl Conn {
     pub fn new(
         id: u64,
-        export: String,
-        storage: Arc<dyn Storage>,
-        journal: Option<Arc<Journal>>,
+        export: &Export,
         agreed: &Agreed,
         sock: OwnedFd,
         leftover: &[u8],
     ) -> io::Result<Conn> {
+        let storage = export.storage.clone();
         let session = Session {
             size: storage.size(),
             read_only: storage.read_only(),
@@ -161,9 +176,11 @@ impl Conn {
         rx[..leftover.len()].copy_from_slice(leftover);
         Ok(Conn {
             id,
-            export,
+            export: export.info.name.clone(),
+            align: storage.alignment(),
             storage,
-            journal,
+            journal: export.journal.clone(),
+            locks: export.locks.clone(),
             session,
             sock,
             ring: IoUring::new(RING_ENTRIES)?,
@@ -422,6 +439,20 @@ impl Conn {
             Command::Read { len, .. } | Command::Write { len, .. } => len as usize,
             _ => 0,
         };
+        let span = match cmd {
+            Command::Read { offset, len }
+            | Command::Write { offset, len, .. }
+            | Command::Trim { offset, len, .. }
+            | Command::WriteZeroes { offset, len, .. } => {
+                aligned_span(offset, len as u64, self.align)
+            }
+            _ => (0, 0),
+        };
+        // A read is done over its whole span and answered from the middle of it.
+        let len = match cmd {
+            Command::Read { .. } => (span.1 - span.0) as usize,
+            _ => len,
+        };
         let slot = self.free_slots.pop().expect("checked by can_start_request");
         let buf = (len > 0).then(|| self.pool.get(len));
         self.inflight_bytes += len;
@@ -434,6 +465,9 @@ impl Conn {
             stage: Stage::Main,
             intent: None,
             trim_noop: false,
+            span,
+            guard: None,
+            bounce: None,
         });
         if let Command::Write { .. } = cmd {
             self.rx_state = Rx::Payload { slot };
@@ -510,6 +544,24 @@ impl Conn {
     /// Submit (or resubmit after a short transfer) the disk side of an op.
     fn start_disk(&mut self, slot: usize) {
         let op = self.ops[slot].as_mut().expect("live op");
+        let changes = matches!(
+            op.cmd,
+            Command::Write { .. } | Command::Trim { .. } | Command::WriteZeroes { .. }
+        );
+        if changes && op.guard.is_none() {
+            // Changes sharing a block go one at a time (read-modify-write safety, and journal
+            // order equal to disk order); a conflict parks the op, never blocks the thread.
+            match self
+                .locks
+                .try_lock(op.span.0, op.span.1, (self.id << 16) | slot as u64)
+            {
+                Some(g) => op.guard = Some(g),
+                None => {
+                    self.parked.push_back(slot);
+                    return;
+                }
+            }
+        }
         if let (
             Some(j),
             None,
@@ -523,7 +575,10 @@ impl Conn {
             match j.begin(offset, len) {
                 Ok(Some(i)) => op.intent = Some(i),
                 Ok(None) => {
-                    // Journal full, or an overlapping write in flight: try again later.
+                    // Journal full: let others have the range meanwhile, try again later.
+                    if let Some(g) = op.guard.take() {
+                        self.locks.unlock(g);
+                    }
                     self.parked.push_back(slot);
                     return;
                 }
@@ -533,8 +588,40 @@ impl Conn {
                 }
             }
         }
+        if let (Command::Write { offset, len, .. }, None, Stage::Main, 0) =
+            (op.cmd, &op.bounce, &op.stage, op.done)
+        {
+            if (offset, offset + len as u64) != op.span {
+                // Unaligned on direct I/O: read the edge blocks, then write the whole span.
+                op.bounce = Some(self.pool.get((op.span.1 - op.span.0) as usize));
+                self.inflight_bytes += (op.span.1 - op.span.0) as usize;
+                op.stage = if offset != op.span.0 {
+                    Stage::RmwHead
+                } else {
+                    Stage::RmwTail
+                };
+            }
+        }
+        let align = self.align as u32;
         let done = op.done;
         let disk_op = match (&op.stage, op.cmd) {
+            (Stage::RmwHead, _) => {
+                let b = op.bounce.as_mut().expect("bounce buffer");
+                DiskOp::Read {
+                    offset: op.span.0 + done as u64,
+                    buf: unsafe { b.as_mut_ptr().add(done as usize) },
+                    len: align - done,
+                }
+            }
+            (Stage::RmwTail, _) => {
+                let b = op.bounce.as_mut().expect("bounce buffer");
+                let at = b.len() - align as usize + done as usize;
+                DiskOp::Read {
+                    offset: op.span.1 - align as u64 + done as u64,
+                    buf: unsafe { b.as_mut_ptr().add(at) },
+                    len: align - done,
+                }
+            }
             (Stage::SyncAfter, _) | (Stage::Main, Command::Flush) => DiskOp::Sync,
             (Stage::ZeroFill { pos, end }, _) => {
                 let len = (end - pos).min(self.zeroes.len() as u64) as u32;
@@ -545,20 +632,23 @@ impl Conn {
                     fua: false,
                 }
             }
-            (Stage::Main, Command::Read { offset, len }) => {
+            (Stage::Main, Command::Read { .. }) => {
                 let buf = op.buf.as_mut().expect("read buffer");
                 DiskOp::Read {
-                    offset: offset + done as u64,
+                    offset: op.span.0 + done as u64,
                     buf: unsafe { buf.as_mut_ptr().add(done as usize) },
-                    len: len - done,
+                    len: buf.len() as u32 - done,
                 }
             }
-            (Stage::Main, Command::Write { offset, len, fua }) => {
-                let buf = op.buf.as_ref().expect("write buffer");
+            (Stage::Main, Command::Write { offset, fua, .. }) => {
+                let (buf, at) = match &op.bounce {
+                    Some(b) => (b, op.span.0),
+                    None => (op.buf.as_ref().expect("write buffer"), offset),
+                };
                 DiskOp::Write {
-                    offset: offset + done as u64,
+                    offset: at + done as u64,
                     buf: unsafe { buf.as_ptr().add(done as usize) },
-                    len: len - done,
+                    len: buf.len() as u32 - done,
                     fua,
                 }
             }
@@ -628,7 +718,41 @@ impl Conn {
                     self.after_main(slot, fua)
                 }
             }
-            (Stage::Main, Command::Read { len, .. }) => {
+            (Stage::RmwHead | Stage::RmwTail, Command::Write { offset, .. }) => {
+                let bounce = op.bounce.as_mut().expect("bounce buffer");
+                let edge = if matches!(op.stage, Stage::RmwHead) {
+                    0
+                } else {
+                    bounce.len() - self.align as usize
+                };
+                if n == 0 {
+                    // Past the end of the file: those bytes read as zeroes.
+                    bounce[edge + op.done as usize..edge + self.align as usize].fill(0);
+                    op.done = self.align as u32;
+                } else {
+                    op.done += n;
+                }
+                if op.done < self.align as u32 {
+                    return self.start_disk(slot);
+                }
+                op.done = 0;
+                let tail_needed =
+                    offset + op.buf.as_ref().map_or(0, |b| b.len()) as u64 != op.span.1;
+                if matches!(op.stage, Stage::RmwHead)
+                    && tail_needed
+                    && bounce.len() > self.align as usize
+                {
+                    op.stage = Stage::RmwTail;
+                } else {
+                    let payload = op.buf.as_ref().expect("write payload");
+                    let at = (offset - op.span.0) as usize;
+                    bounce[at..at + payload.len()].copy_from_slice(payload);
+                    op.stage = Stage::Main;
+                }
+                self.start_disk(slot)
+            }
+            (Stage::Main, Command::Read { .. }) => {
+                let len = op.buf.as_ref().expect("read buffer").len() as u32;
                 if n == 0 {
                     // Past the file's end (a file shrunk under us): the rest reads as zeroes.
                     let buf = op.buf.as_mut().expect("read buffer");
@@ -643,12 +767,18 @@ impl Conn {
                     self.finish(slot, Ok(()))
                 }
             }
-            (Stage::Main, Command::Write { len, .. }) => {
+            (Stage::Main, Command::Write { .. }) => {
                 if n == 0 {
                     return self.finish(slot, Err((NbdErrno::Io, "disk accepted no bytes".into())));
                 }
                 op.done += n;
-                if op.done < len {
+                let total = op
+                    .bounce
+                    .as_ref()
+                    .or(op.buf.as_ref())
+                    .expect("write buffer")
+                    .len() as u32;
+                if op.done < total {
                     self.start_disk(slot)
                 } else {
                     // Part 2 hooks the journal here: the local write completed, the reply
@@ -727,6 +857,12 @@ impl Conn {
         let mut op = self.ops[slot].take().expect("live op");
         self.free_slots.push(slot);
         self.live_ops -= 1;
+        if let Some(g) = op.guard.take() {
+            self.locks.unlock(g);
+        }
+        if let Some(b) = op.bounce.take() {
+            self.release(b);
+        }
         let buf = op.buf.take();
         let kind = match op.cmd {
             Command::Read { .. } => CMD_READ,
@@ -734,8 +870,9 @@ impl Conn {
         };
         match (result, op.cmd, buf) {
             // Read data stays counted in flight until the socket has taken it.
-            (Ok(()), Command::Read { offset, .. }, Some(buf)) => {
-                self.reply_read(op.cookie, offset, buf)
+            (Ok(()), Command::Read { offset, len }, Some(buf)) => {
+                let skip = (offset - op.span.0) as usize;
+                self.reply_read(op.cookie, offset, buf, skip, len as usize)
             }
             (result, _, buf) => {
                 if let Some(b) = buf {
@@ -756,19 +893,19 @@ impl Conn {
         self.pool.put(buf);
     }
 
-    fn reply_read(&mut self, cookie: u64, offset: u64, buf: AlignedBuf) {
-        let len = buf.len();
+    /// Answer a read with `buf[skip..skip + len]` (the request inside its aligned span).
+    fn reply_read(&mut self, cookie: u64, offset: u64, buf: AlignedBuf, skip: usize, len: usize) {
         let buf = Rc::new(buf);
         if !self.session.structured {
             self.out.push_back(Seg::small(&tx::simple_reply(cookie, 0)));
             self.out.push_back(Seg::Data {
                 buf,
-                start: 0,
-                end: len,
+                start: skip,
+                end: skip + len,
             });
             return;
         }
-        let runs = tx::zero_runs(&buf, HOLE_GRANULE);
+        let runs = tx::zero_runs(&buf[skip..skip + len], HOLE_GRANULE);
         let last = runs.len() - 1;
         for (i, (start, n, zero)) in runs.into_iter().enumerate() {
             let mut h = Vec::with_capacity(32);
@@ -780,8 +917,8 @@ impl Conn {
                 self.out.push_back(Seg::small(&h));
                 self.out.push_back(Seg::Data {
                     buf: buf.clone(),
-                    start,
-                    end: start + n,
+                    start: skip + start,
+                    end: skip + start + n,
                 });
             }
         }

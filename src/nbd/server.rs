@@ -20,6 +20,8 @@ pub struct Export {
     pub storage: Arc<dyn Storage>,
     /// Present when the volume is replicated: every change is journaled before its reply.
     pub journal: Option<Arc<crate::journal::Journal>>,
+    /// Block ranges of changes in flight, across all of the volume's connections.
+    pub locks: Arc<crate::disk::ranges::RangeLocks>,
 }
 
 pub struct Server {
@@ -151,15 +153,7 @@ impl Server {
         let stream = r.into_inner();
         stream.set_timeout(None)?;
         drop(w);
-        let conn = Conn::new(
-            id,
-            export.info.name.clone(),
-            export.storage.clone(),
-            export.journal.clone(),
-            &agreed,
-            stream.into_fd(),
-            &leftover,
-        )?;
+        let conn = Conn::new(id, export, &agreed, stream.into_fd(), &leftover)?;
         let stats = conn.run()?;
         tracing::info!(conn = id, export = %export.info.name, requests = stats.requests,
             refused = stats.rejected, "client detached");

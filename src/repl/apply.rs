@@ -5,7 +5,7 @@ use super::fold::{Extent, Payload};
 use super::frame::{self, DeltaSet, Message, SetKind};
 use super::redo::{sync_dir, RedoLog};
 use crate::disk::buf::AlignedBuf;
-use crate::disk::file::FileStorage;
+use crate::disk::file::{FileStorage, IoMode};
 use crate::disk::spec::VolumeSpec;
 use crate::disk::{DiskOp, Prepared, Storage};
 use io_uring::IoUring;
@@ -329,7 +329,7 @@ pub fn replay(
 pub fn recover(volumes: &[VolumeSpec], state_dir: &Path) -> io::Result<Vec<RecoverReport>> {
     let mut reports = Vec::new();
     for spec in volumes {
-        let storage = FileStorage::open(spec).map_err(io::Error::other)?;
+        let storage = FileStorage::open(spec, IoMode::Buffered).map_err(io::Error::other)?;
         let mut applier = Applier::new(storage)?;
         let state_path = VolumeState::path(state_dir, &spec.name);
         let mut state = VolumeState::load(&state_path)?;

@@ -6,7 +6,7 @@ use super::apply::{self, Applier, CopyState, VolumeState};
 use super::frame::{DeltaSet, Message, SetKind, PROTOCOL_VERSION};
 use super::redo::RedoLog;
 use super::stream::{read_message, write_message, StreamError};
-use crate::disk::file::FileStorage;
+use crate::disk::file::{FileStorage, IoMode};
 use crate::disk::spec::VolumeSpec;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -58,7 +58,7 @@ pub struct MirrorVolume {
 impl MirrorVolume {
     /// Open the volume, replay its redo log, start its applier thread.
     pub fn open(spec: &VolumeSpec, state_dir: &Path) -> io::Result<Arc<MirrorVolume>> {
-        let storage = FileStorage::open(spec).map_err(io::Error::other)?;
+        let storage = FileStorage::open(spec, IoMode::Buffered).map_err(io::Error::other)?;
         let size = crate::disk::Storage::size(&storage);
         let mut applier = Applier::new(storage)?;
         let state_path = VolumeState::path(state_dir, &spec.name);

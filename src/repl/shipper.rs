@@ -10,9 +10,7 @@ use crate::disk::Storage;
 use crate::journal::Journal;
 use crate::transport::{self, Identity};
 use bytes::Bytes;
-use std::fs::File;
 use std::net::SocketAddr;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -86,8 +84,6 @@ pub struct Shipper {
     pub volume: String,
     pub journal: Arc<Journal>,
     pub storage: Arc<dyn Storage>,
-    /// A plain (buffered) descriptor of the volume for the full copy and resyncs.
-    pub reader: File,
     pub endpoint: quinn::Endpoint,
     pub mirror: SocketAddr,
     pub identity: Arc<Identity>,
@@ -328,7 +324,7 @@ impl Shipper {
                 });
             } else {
                 let mut buf = vec![0u8; len as usize];
-                self.reader.read_exact_at(&mut buf, at)?;
+                self.storage.read_sync(at, &mut buf)?;
                 let payload = if buf.iter().all(|&b| b == 0) {
                     Payload::Zero(len as u32)
                 } else {
@@ -366,7 +362,7 @@ impl Shipper {
             while at < end {
                 let n = COPY_CHUNK.min(end - at);
                 let mut buf = vec![0u8; n as usize];
-                self.reader.read_exact_at(&mut buf, at)?;
+                self.storage.read_sync(at, &mut buf)?;
                 self.journal.resync(at, Bytes::from(buf))?;
                 at += n;
             }
