@@ -19,6 +19,31 @@ pub struct MirrorOptions {
     pub control: Option<PathBuf>,
 }
 
+/// The QUIC stateless-reset key, created once per state directory (mode 0600).
+fn reset_key(state_dir: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = state_dir.join("quic-reset.key");
+    match std::fs::read(&path) {
+        Ok(k) if k.len() == 32 => return Ok(k),
+        Ok(_) => tracing::warn!(path = %path.display(), "malformed reset key replaced"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut key = vec![0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+        .map_err(|_| std::io::Error::other("no randomness for the reset key"))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?;
+    f.write_all(&key)?;
+    f.sync_all()?;
+    Ok(key)
+}
+
 pub fn run(opts: MirrorOptions) -> Result<(), PrimaryError> {
     let signals = block_termination_signals();
     if opts.volumes.is_empty() {
@@ -42,7 +67,8 @@ pub fn run(opts: MirrorOptions) -> Result<(), PrimaryError> {
         .build()?;
     let endpoint = {
         let _rt = runtime.enter();
-        crate::transport::server_endpoint(listen, &identity, &opts.tuning)?
+        let key = reset_key(&opts.state_dir)?;
+        crate::transport::server_endpoint_with_reset_key(listen, &identity, &opts.tuning, &key)?
     };
     runtime.spawn(mirror.clone().serve(endpoint));
     let control = opts

@@ -162,6 +162,7 @@ pub fn run(opts: PrimaryOptions) -> Result<(), PrimaryError> {
         .enable_all()
         .thread_name("repl")
         .build()?;
+    let mut quic_endpoint = None;
     if let Some(repl) = &opts.replication {
         let mirror = repl
             .mirror
@@ -182,6 +183,7 @@ pub fn run(opts: PrimaryOptions) -> Result<(), PrimaryError> {
             let _rt = runtime.enter();
             crate::transport::client_endpoint(&identity, &repl.tuning)?
         };
+        quic_endpoint = Some(endpoint.clone());
         for (spec, export) in opts.volumes.iter().zip(exports.iter_mut()) {
             let dir = opts.state_dir.join("journal").join(&spec.name);
             let journal = Arc::new(Journal::open(JournalOptions::new(dir, repl.journal_bytes))?);
@@ -242,6 +244,13 @@ pub fn run(opts: PrimaryOptions) -> Result<(), PrimaryError> {
     tracing::info!(signal = sig, "shutting down");
     let _ = std::fs::remove_file(&opts.nbd_unix);
     let _ = std::fs::remove_file(&control);
+    if let Some(ep) = quic_endpoint {
+        // Tell the mirror now, rather than let it wait out the idle timeout.
+        ep.close(0u32.into(), b"primary shutting down");
+        runtime.block_on(async {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), ep.wait_idle()).await;
+        });
+    }
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     Ok(())
 }

@@ -319,9 +319,7 @@ impl Mirror {
                     tracing::warn!(volume = %v.name, %peer, "replication session dropped: {why}");
                     *v.stats.last_error.lock().unwrap() = why.clone();
                     v.stats.refused.fetch_add(1, Ordering::Relaxed);
-                    let _ = write_message(&mut send, &Message::Refuse { code, reason: why }).await;
-                    let _ = send.finish();
-                    conn.close(code.into(), b"refused");
+                    send_refusal(&conn, &mut send, code, why).await;
                 }
             })
         };
@@ -455,9 +453,20 @@ async fn refuse_and_close(
     reason: String,
 ) {
     tracing::warn!(peer = %conn.remote_address(), "refused replication stream: {reason}");
+    send_refusal(conn, send, code, reason).await;
+}
+
+/// Send a Refuse and let it arrive: the primary closes when it reads it; closing first would
+/// discard the queued message. The reason also goes in the close frame.
+async fn send_refusal(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    code: u16,
+    reason: String,
+) {
+    let close_reason: Vec<u8> = reason.bytes().take(200).collect();
     let _ = write_message(send, &Message::Refuse { code, reason }).await;
     let _ = send.finish();
-    // Give the refusal a moment to leave before the connection goes.
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    conn.close(code.into(), b"refused");
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), conn.closed()).await;
+    conn.close(code.into(), &close_reason);
 }

@@ -189,6 +189,11 @@ impl Shipper {
             },
         };
         sampler.abort();
+        // A peer that closed on us usually said why (a refusal): that is the error to show.
+        let result = match (result, conn.close_reason()) {
+            (Err(e), Some(reason)) => Err(SessionError::Protocol(format!("{e}; {reason}"))),
+            (r, _) => r,
+        };
         {
             let mut q = self.stats.quic.lock().unwrap();
             q.update(&conn);

@@ -597,13 +597,40 @@ fn endpoint(
     server: Option<quinn::ServerConfig>,
     addr: SocketAddr,
 ) -> Result<quinn::Endpoint, TransportError> {
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        server,
+    endpoint_with(quinn::EndpointConfig::default(), socket, server, addr)
+}
+
+fn endpoint_with(
+    config: quinn::EndpointConfig,
+    socket: UdpSocket,
+    server: Option<quinn::ServerConfig>,
+    addr: SocketAddr,
+) -> Result<quinn::Endpoint, TransportError> {
+    quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))
+        .map_err(|source| TransportError::Socket { addr, source })
+}
+
+/// [`server_endpoint`] with a stateless-reset key that survives restarts (kept by the caller,
+/// e.g. in the state directory): after a crash and restart, the peer's packets for the old
+/// connection get a reset it accepts at once, instead of waiting out the idle timeout.
+pub fn server_endpoint_with_reset_key(
+    listen: SocketAddr,
+    id: &Identity,
+    tuning: &Tuning,
+    reset_key: &[u8],
+) -> Result<quinn::Endpoint, TransportError> {
+    let quic = QuicServerConfig::try_from(id.server_tls()?)
+        .map_err(|e| TransportError::Tls(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    server.transport_config(Arc::new(tuning.transport_config()));
+    let socket = bind_udp(listen, tuning)?;
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_key);
+    endpoint_with(
+        quinn::EndpointConfig::new(Arc::new(key)),
         socket,
-        Arc::new(quinn::TokioRuntime),
+        Some(server),
+        listen,
     )
-    .map_err(|source| TransportError::Socket { addr, source })
 }
 
 /// A server (mirror) endpoint listening on `listen`: requires a client certificate from the

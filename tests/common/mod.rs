@@ -605,3 +605,283 @@ impl Drop for Mount {
         }
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// Replication: certificates, daemons (mirror and primary), status, image comparison.
+// ------------------------------------------------------------------------------------------
+
+/// A free UDP port on 127.0.0.1 (bound, read, released: another process could take it in
+/// between, which is unlikely enough for tests).
+pub fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a UDP socket");
+    s.local_addr().expect("local address").port()
+}
+
+/// `blkmirror certs init --dir DIR` followed by `certs issue --dir DIR NAME` for each name.
+pub fn certs_init(dir: &Path, names: &[&str]) {
+    run(BIN, &["certs", "init", "--dir", dir.to_str().unwrap()]);
+    for n in names {
+        certs_issue(dir, n, &[]);
+    }
+}
+
+/// `blkmirror certs issue --dir DIR [EXTRA...] NAME`.
+pub fn certs_issue(dir: &Path, name: &str, extra: &[&str]) {
+    let mut args = vec!["certs", "issue", "--dir", dir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    args.push(name);
+    run(BIN, &args);
+}
+
+/// The `--ca --cert --key` arguments for certificate NAME of the CA in `dir`.
+pub fn tls_args(dir: &Path, name: &str) -> Vec<std::ffi::OsString> {
+    vec![
+        "--ca".into(),
+        dir.join("ca.crt").into(),
+        "--cert".into(),
+        dir.join(format!("{name}.crt")).into(),
+        "--key".into(),
+        dir.join(format!("{name}.key")).into(),
+    ]
+}
+
+/// Ask a daemon's control socket for its status document (None if it does not answer).
+pub fn query_status(control: &Path) -> Option<serde_json::Value> {
+    let s = UnixStream::connect(control).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut w = s.try_clone().ok()?;
+    w.write_all(b"status\n").ok()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut line).ok()?;
+    serde_json::from_str(&line).ok()
+}
+
+/// The last `n` lines of a text.
+pub fn tail_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A `blkmirror` daemon (`mirror` or `primary`) with a fixed command line that can be stopped,
+/// killed and started again; every run appends to the same log file. SIGTERM (then SIGKILL
+/// after 5 s) on Drop; the log tail is printed when the test is failing.
+pub struct Daemon {
+    pub label: String,
+    args: Vec<std::ffi::OsString>,
+    log_level: String,
+    pub log_path: PathBuf,
+    pub control: PathBuf,
+    /// For a primary: its NBD socket, probed before [`Daemon::start`] returns.
+    pub nbd_socket: Option<PathBuf>,
+    child: Option<Child>,
+    /// How many times the process was started.
+    pub starts: u32,
+}
+
+impl Daemon {
+    /// Describe a daemon (not started yet). `args` is everything after the binary name.
+    pub fn new(
+        label: &str,
+        args: Vec<std::ffi::OsString>,
+        log_path: PathBuf,
+        control: PathBuf,
+        nbd_socket: Option<PathBuf>,
+    ) -> Daemon {
+        Daemon {
+            label: label.into(),
+            args,
+            log_level: "info,blkmirror=debug".into(),
+            log_path,
+            control,
+            nbd_socket,
+            child: None,
+            starts: 0,
+        }
+    }
+
+    /// Start the process (it must not be running) and wait until its control socket answers
+    /// (and its NBD socket, for a primary). Panics with the log if it exits meanwhile.
+    pub fn start(&mut self) {
+        assert!(!self.is_running(), "{} is already running", self.label);
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("open daemon log");
+        let child = Command::new(BIN)
+            .args(&self.args)
+            .env("BLKMIRROR_LOG", &self.log_level)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", self.label));
+        self.child = Some(child);
+        self.starts += 1;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().expect("try_wait") {
+                self.child = None;
+                panic!(
+                    "{} exited during startup ({status}); log:\n{}",
+                    self.label,
+                    tail_lines(&self.log(), 40)
+                );
+            }
+            let nbd_ok = self.nbd_socket.as_deref().is_none_or(|s| probe(s).is_ok());
+            if nbd_ok && query_status(&self.control).is_some() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{} never became ready; log:\n{}",
+                    self.label,
+                    tail_lines(&self.log(), 40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().expect("try_wait").is_none(),
+            None => false,
+        }
+    }
+
+    /// `kill -9` and reap.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("daemon is not running");
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
+        let _ = child.wait();
+    }
+
+    /// SIGTERM and wait up to 5 s, then SIGKILL. Returns the exit status (None if it was not
+    /// running).
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        if let Ok(None) = child.try_wait() {
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Some(status);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            eprintln!("{} ignored SIGTERM for 5 s; killing it", self.label);
+            let _ = child.kill();
+        }
+        child.wait().ok()
+    }
+
+    /// The status document from the control socket (None if the daemon does not answer).
+    pub fn status(&self) -> Option<serde_json::Value> {
+        query_status(&self.control)
+    }
+
+    /// Everything every run of this daemon has logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Wait (up to `timeout`) until the log contains `needle` at least `count` times.
+    pub fn wait_for_log_count(&self, needle: &str, count: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().matches(needle).count() >= count {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- {} log ({}), last 60 lines ----\n{}\n----",
+                self.label,
+                self.log_path.display(),
+                tail_lines(&self.log(), 60)
+            );
+        }
+    }
+}
+
+/// Compare two files byte for byte; Err describes the first difference.
+pub fn compare_files(a: &Path, b: &Path) -> Result<(), String> {
+    let mut fa = File::open(a).map_err(|e| format!("{}: {e}", a.display()))?;
+    let mut fb = File::open(b).map_err(|e| format!("{}: {e}", b.display()))?;
+    let la = fa.metadata().map_err(|e| e.to_string())?.len();
+    let lb = fb.metadata().map_err(|e| e.to_string())?.len();
+    if la != lb {
+        return Err(format!(
+            "{} has {la} bytes, {} has {lb}",
+            a.display(),
+            b.display()
+        ));
+    }
+    let mut ba = vec![0u8; 4 << 20];
+    let mut bb = vec![0u8; 4 << 20];
+    let mut pos = 0u64;
+    let mut differing = 0u64;
+    let mut first = None;
+    while pos < la {
+        let n = (la - pos).min(ba.len() as u64) as usize;
+        fa.read_exact(&mut ba[..n]).map_err(|e| e.to_string())?;
+        fb.read_exact(&mut bb[..n]).map_err(|e| e.to_string())?;
+        if ba[..n] != bb[..n] {
+            for (i, (x, y)) in ba[..n].chunks(4096).zip(bb[..n].chunks(4096)).enumerate() {
+                if x != y {
+                    differing += 1;
+                    first.get_or_insert(pos + (i as u64) * 4096);
+                }
+            }
+        }
+        pos += n as u64;
+    }
+    match first {
+        None => Ok(()),
+        Some(at) => Err(format!(
+            "{} and {} differ: {differing} 4 KiB blocks, the first at offset {at}",
+            a.display(),
+            b.display()
+        )),
+    }
+}
+
+impl LoopDev {
+    /// A read-only loop device over a file.
+    pub fn attach_ro(file: &Path) -> LoopDev {
+        let out = run(
+            "losetup",
+            &["-f", "--show", "--read-only", file.to_str().unwrap()],
+        );
+        LoopDev {
+            dev: out.trim().to_string(),
+        }
+    }
+}
+
+impl Mount {
+    /// `mount -o OPTIONS DEV DIR`.
+    pub fn with_options(dev: &str, dir: &Path, options: &str) -> Mount {
+        std::fs::create_dir_all(dir).expect("create mount point");
+        run("mount", &["-o", options, dev, dir.to_str().unwrap()]);
+        Mount {
+            dir: dir.to_path_buf(),
+            mounted: true,
+        }
+    }
+}

@@ -1,0 +1,1569 @@
+//! End-to-end replication tests: a `blkmirror mirror` and a `blkmirror primary` (real processes,
+//! QUIC with mutual TLS on 127.0.0.1) in a fresh temporary directory per test, real NBD clients
+//! writing to the primary, and checks on the mirror's image after `blkmirror recover`
+//! (promises I1-I4 of docs/DESIGN.md).
+//!
+//! No timed assertions: every wait is for a condition (polled every 100 ms with a generous
+//! timeout) and a timeout fails with the last status documents and log lines of both daemons.
+
+mod common;
+
+use blkmirror::repl::fold::{Extent, Payload};
+use blkmirror::repl::frame::{self, DeltaSet, Message, SetKind, PROTOCOL_VERSION};
+use blkmirror::transport::{client_endpoint, connect, Identity, TlsFiles, Tuning};
+use common::*;
+use serde_json::Value;
+use std::ffi::OsString;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const VOL: &str = "vol1";
+/// Every volume of these tests: 64 MiB, sparse.
+const SIZE: u64 = 64 * MIB;
+/// workload.py block size and the number of blocks of a 64 MiB volume.
+const BLOCK: u64 = 4096;
+const BLOCKS: u64 = SIZE / BLOCK;
+/// Generous bound for conditions that normally take a few seconds (debug build, 2 cores, other
+/// tests running at the same time).
+const LONG: Duration = Duration::from_secs(180);
+
+fn tool(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tools")
+        .join(name)
+}
+
+fn os(s: impl Into<OsString>) -> OsString {
+    s.into()
+}
+
+/// volumes[0] of a status document (Null when there is none).
+fn vol0(status: &Option<Value>) -> Value {
+    status
+        .as_ref()
+        .map(|s| s["volumes"][0].clone())
+        .unwrap_or(Value::Null)
+}
+
+fn u(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or(0)
+}
+
+/// Deterministic xorshift64* for the test's own random choices (sleep lengths).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// The rig: certificates, one mirror, one primary.
+// ------------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct RigOptions {
+    /// The mirror's UDP port (default: a free one).
+    mirror_port: Option<u16>,
+    /// `--mirror` of the primary (default: the mirror's listen address).
+    mirror_addr: Option<String>,
+    /// Extra arguments of the primary.
+    primary_extra: Vec<String>,
+}
+
+struct Rig {
+    // Fields drop in declaration order: the daemons stop before the directory goes.
+    primary: Daemon,
+    mirror: Daemon,
+    port: u16,
+    pki: PathBuf,
+    primary_img: PathBuf,
+    mirror_img: PathBuf,
+    mirror_state: PathBuf,
+    nbd_sock: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Rig {
+    /// Certificates, a running mirror, and a primary that is described but not started (so a
+    /// test can prepare the primary's volume first).
+    fn new(opts: RigOptions) -> Rig {
+        let dir = tempfile::Builder::new()
+            .prefix("bm-repl-")
+            .tempdir_in("/tmp")
+            .expect("create temp dir");
+        let d = dir.path();
+        let pki = d.join("pki");
+        certs_init(&pki, &["primary", "mirror"]);
+        let port = opts.mirror_port.unwrap_or_else(free_udp_port);
+        let mirror_img = d.join("mirror.img");
+        let primary_img = d.join("primary.img");
+        let mirror_state = d.join("mirror-state");
+        let nbd_sock = d.join("nbd.sock");
+
+        let mut margs = vec![
+            os("mirror"),
+            os("--listen"),
+            os(format!("127.0.0.1:{port}")),
+            os("--volume"),
+            os(format!("{VOL}={},size={SIZE}", mirror_img.display())),
+            os("--state-dir"),
+            os(&mirror_state),
+        ];
+        margs.extend(tls_args(&pki, "mirror"));
+        margs.extend([os("--peer-name"), os("primary")]);
+        let mut mirror = Daemon::new(
+            "mirror",
+            margs,
+            d.join("mirror.log"),
+            mirror_state.join("control.sock"),
+            None,
+        );
+        mirror.start();
+
+        let mirror_addr = opts
+            .mirror_addr
+            .unwrap_or_else(|| format!("127.0.0.1:{port}"));
+        let pargs = primary_args(
+            &primary_img,
+            &nbd_sock,
+            &d.join("primary-state"),
+            &mirror_addr,
+            &pki,
+            &pki,
+            "primary",
+            &opts.primary_extra,
+        );
+        let primary = Daemon::new(
+            "primary",
+            pargs,
+            d.join("primary.log"),
+            d.join("primary-state").join("control.sock"),
+            Some(nbd_sock.clone()),
+        );
+        Rig {
+            primary,
+            mirror,
+            port,
+            pki,
+            primary_img,
+            mirror_img,
+            mirror_state,
+            nbd_sock,
+            dir,
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn uri(&self) -> String {
+        format!("nbd+unix:///{VOL}?socket={}", self.nbd_sock.display())
+    }
+
+    fn mirror_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// (mirror volume, primary volume) of the current status documents (Null if down).
+    fn vols(&self) -> (Value, Value) {
+        (vol0(&self.mirror.status()), vol0(&self.primary.status()))
+    }
+
+    /// Poll both daemons every 100 ms until `cond(mirror_volume, primary_volume)` holds;
+    /// on timeout, panic with the last status documents and log lines of both.
+    fn wait(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut cond: impl FnMut(&Value, &Value) -> bool,
+    ) -> (Value, Value) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (m, p) = self.vols();
+            if cond(&m, &p) {
+                return (m, p);
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for: {what}\n\
+                     --- last mirror status ---\n{}\n--- last primary status ---\n{}\n\
+                     --- mirror log (last 30 lines) ---\n{}\n\
+                     --- primary log (last 30 lines) ---\n{}",
+                    serde_json::to_string_pretty(&m).unwrap(),
+                    serde_json::to_string_pretty(&p).unwrap(),
+                    tail_lines(&self.mirror.log(), 30),
+                    tail_lines(&self.primary.log(), 30),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The initial copy is done and the mirror is consistent; the link is up.
+    fn wait_consistent(&self) -> (Value, Value) {
+        self.wait("mirror consistent, link up", LONG, |m, p| {
+            m["consistent"] == true && p["link"] == "up" && p["initial_copy"].is_null()
+        })
+    }
+
+    /// Everything written so far is durable at the mirror (lag 0) and applied there.
+    fn wait_synced(&self) -> (Value, Value) {
+        self.wait(
+            "lag 0: link up, everything acknowledged and applied, mirror consistent",
+            LONG,
+            |m, p| {
+                p["link"] == "up"
+                    && p["lag_bytes"] == 0
+                    && p["initial_copy"].is_null()
+                    && m["consistent"] == true
+                    && m["acked_set"] == p["acked_set"]
+                    && m["applied_set"] == m["acked_set"]
+            },
+        )
+    }
+
+    /// SIGTERM both; both must exit with status 0.
+    fn stop_both(&mut self) {
+        for d in [&mut self.primary, &mut self.mirror] {
+            if let Some(status) = d.stop() {
+                assert!(
+                    status.success(),
+                    "{} exited with {status} on SIGTERM; log:\n{}",
+                    d.label,
+                    tail_lines(&d.log(), 30)
+                );
+            }
+        }
+    }
+
+    /// `blkmirror recover --json` on the mirror's volume (the mirror must be stopped).
+    fn recover(&self) -> Value {
+        let out = run(
+            BIN,
+            &[
+                "recover",
+                "--volume",
+                &format!("{VOL}={}", self.mirror_img.display()),
+                "--state-dir",
+                self.mirror_state.to_str().unwrap(),
+                "--json",
+            ],
+        );
+        let v: Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("recover --json printed {out:?}: {e}"));
+        v[0].clone()
+    }
+
+    /// Stop both, recover the mirror, and require it byte-identical to the primary.
+    fn finish_and_compare(&mut self) -> Value {
+        self.stop_both();
+        let report = self.recover();
+        assert_eq!(
+            report["consistent"], true,
+            "recover says the mirror is not consistent: {report}"
+        );
+        if let Err(e) = compare_files(&self.primary_img, &self.mirror_img) {
+            panic!(
+                "mirror differs from primary after stop + recover: {e}\nrecover: {report}\n\
+                 --- mirror log ---\n{}\n--- primary log ---\n{}",
+                tail_lines(&self.mirror.log(), 30),
+                tail_lines(&self.primary.log(), 30)
+            );
+        }
+        report
+    }
+
+    /// How many times the primary's log says a full copy started.
+    fn full_copies(&self) -> usize {
+        self.primary.log().matches("full copy starts").count()
+    }
+
+    /// Write `data` at `offset` of the primary's volume through libnbd, then FLUSH.
+    fn nbd_write(&self, offset: u64, data: &[u8]) {
+        let path = self.dir().join(format!("data-{offset}-{}.bin", data.len()));
+        std::fs::write(&path, data).unwrap();
+        python(
+            NBD_WRITE,
+            &[&self.uri(), path.to_str().unwrap(), &offset.to_string()],
+        );
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    /// Start `tools/workload.py` writing seqs `start..=end` of plan `seed` in the background.
+    fn workload(&self, seed: u64, start: u64, end: u64) -> Bg {
+        let mut c = Command::new("/usr/bin/python3");
+        c.arg(tool("workload.py"))
+            .args(["--uri", &self.uri()])
+            .args(["--seed", &seed.to_string()])
+            .args(["--writes", &end.to_string()])
+            .args(["--start-seq", &start.to_string()])
+            .args(["--blocks", &BLOCKS.to_string()])
+            .args(["--block-size", &BLOCK.to_string()]);
+        Bg::spawn(
+            &format!("workload seed {seed} seqs {start}..={end}"),
+            c,
+            &self.dir().join(format!("workload-{seed}-{start}.out")),
+        )
+    }
+}
+
+/// The arguments of a `blkmirror primary` replicating volume `img`.
+#[allow(clippy::too_many_arguments)]
+fn primary_args(
+    img: &Path,
+    sock: &Path,
+    state: &Path,
+    mirror: &str,
+    ca_dir: &Path,
+    cert_dir: &Path,
+    cert_name: &str,
+    extra: &[String],
+) -> Vec<OsString> {
+    let mut a = vec![
+        os("primary"),
+        os("--volume"),
+        os(format!("{VOL}={},size={SIZE}", img.display())),
+        os("--nbd-unix"),
+        os(sock),
+        os("--state-dir"),
+        os(state),
+        os("--mirror"),
+        os(mirror),
+        os("--ca"),
+        os(ca_dir.join("ca.crt")),
+        os("--cert"),
+        os(cert_dir.join(format!("{cert_name}.crt"))),
+        os("--key"),
+        os(cert_dir.join(format!("{cert_name}.key"))),
+        os("--peer-name"),
+        os("mirror"),
+    ];
+    a.extend(extra.iter().map(os));
+    a
+}
+
+const NBD_WRITE: &str = r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+data = open(sys.argv[2], 'rb').read()
+off = int(sys.argv[3])
+step = 4 << 20
+for i in range(0, len(data), step):
+    h.pwrite(data[i:i + step], off + i)
+h.flush()
+h.shutdown()
+"#;
+
+/// A background client whose output goes to a file; killed on Drop if still running.
+struct Bg {
+    what: String,
+    child: Option<Child>,
+    out: PathBuf,
+}
+
+impl Bg {
+    fn spawn(what: &str, mut c: Command, out: &Path) -> Bg {
+        let f = std::fs::File::create(out).unwrap();
+        let child = c
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(f.try_clone().unwrap()))
+            .stderr(Stdio::from(f))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+        Bg {
+            what: what.into(),
+            child: Some(child),
+            out: out.to_path_buf(),
+        }
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// Wait for the exit (killed and panicking after CLIENT_TIMEOUT).
+    fn wait(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("already waited");
+        let deadline = Instant::now() + CLIENT_TIMEOUT;
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{} still running after {CLIENT_TIMEOUT:?}; output:\n{}",
+                    self.what,
+                    self.output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn wait_success(&mut self) {
+        let s = self.wait();
+        assert!(
+            s.success(),
+            "{} exited with {s}; output:\n{}",
+            self.what,
+            self.output()
+        );
+    }
+}
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// tools/crashcheck.py on `image` for plan `seed` of `writes` writes; Ok(prefix) if it prints
+/// OK, Err(its output) otherwise.
+fn crashcheck(image: &Path, seed: u64, writes: u64, min_seq: Option<u64>) -> Result<u64, String> {
+    let seed = seed.to_string();
+    let writes = writes.to_string();
+    let blocks = BLOCKS.to_string();
+    let min = min_seq.map(|m| m.to_string());
+    let mut args = vec![
+        tool("crashcheck.py").to_str().unwrap().to_string(),
+        "--image".into(),
+        image.to_str().unwrap().to_string(),
+        "--seed".into(),
+        seed,
+        "--writes".into(),
+        writes,
+        "--blocks".into(),
+        blocks,
+    ];
+    if let Some(m) = min {
+        args.push("--min-seq".into());
+        args.push(m);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = run_output("/usr/bin/python3", &args, None);
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    if !o.status.success() || !out.starts_with("OK") {
+        return Err(out);
+    }
+    out.split_whitespace()
+        .find_map(|w| w.strip_prefix("prefix="))
+        .and_then(|p| p.parse().ok())
+        .ok_or(out.clone())
+}
+
+/// sha256 of every regular file directly under `dir` (lost+found skipped), sorted by name.
+fn checksums(dir: &Path) -> Vec<(String, String)> {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_file())
+        .map(|e| e.path())
+        .collect();
+    names.sort();
+    names
+        .iter()
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into(), sha256(p)))
+        .collect()
+}
+
+// ------------------------------------------------------------------------------------------
+// 1. A real file system replicates; the mirror's copy mounts and is clean.
+// ------------------------------------------------------------------------------------------
+
+/// mkfs.ext4 and files on the primary's volume (nbdfuse + loop device); after lag 0, stop and
+/// recover, the mirror image equals the primary image, mounts read-only with the same file
+/// checksums, and `e2fsck -fn` finds nothing.
+#[test]
+fn ext4_replicates_and_mirror_mounts() {
+    let mut rig = Rig::new(RigOptions::default());
+    rig.primary.start();
+    let mnt = rig.dir().join("mnt");
+    let before;
+    {
+        let fuse = FuseFile::start(&rig.dir().join("fuse"), &rig.uri());
+        let lo = LoopDev::attach(&fuse.file());
+        run("mkfs.ext4", &["-q", "-F", &lo.dev]);
+        let m = Mount::at(&lo.dev, &mnt);
+        for i in 0..8u64 {
+            let len = if i % 3 == 2 {
+                (i as usize + 1) * 3001
+            } else {
+                ((i % 4 + 1) * MIB) as usize - (i as usize * 4093)
+            };
+            std::fs::write(mnt.join(format!("file{i}")), pseudo_random(len, 500 + i)).unwrap();
+        }
+        run("sync", &[]);
+        before = checksums(&mnt);
+        assert_eq!(before.len(), 8);
+        m.umount();
+        drop(lo);
+        drop(fuse);
+    }
+    rig.wait_synced();
+    rig.finish_and_compare();
+
+    let lo = LoopDev::attach_ro(&rig.mirror_img);
+    let m = Mount::with_options(&lo.dev, &rig.dir().join("mnt-mirror"), "ro,noload");
+    assert_eq!(checksums(&m.dir), before, "files differ on the mirror");
+    m.umount();
+    drop(lo);
+    let fsck = run_output("e2fsck", &["-fn", rig.mirror_img.to_str().unwrap()], None);
+    assert!(
+        fsck.status.success(),
+        "e2fsck -fn on the mirror image found problems ({}):\n{}{}",
+        fsck.status,
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    assert_eq!(rig.full_copies(), 1);
+}
+
+// ------------------------------------------------------------------------------------------
+// 2. kill -9 of the mirror at random moments: every recovered state is a prefix state (I1).
+// ------------------------------------------------------------------------------------------
+
+/// workload.py writes its plan through the primary in pieces of 1200 writes, one piece running
+/// in the background during each round; each round kills the mirror with SIGKILL at a random
+/// moment (0.2-1.0 s into the piece), runs `recover`, checks with crashcheck.py that the
+/// image is the state after a prefix of the plan (and that the prefix never goes back), and
+/// restarts the mirror. At the end: lag 0, mirror == primary, crashcheck --min-seq = writes.
+///
+/// Why pieces rather than one long run: after a mirror restart the primary only notices its
+/// old connection is dead after QUIC's 10 s idle timeout, so one run of a few seconds would be
+/// over before the second round; each round first waits for the link to be back up, then
+/// writes.
+#[test]
+fn mirror_kill9_rounds_keep_a_valid_crash_state() {
+    let rounds: u64 = std::env::var("BLKMIRROR_TORTURE_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(10)
+        .max(1);
+    let seed: u64 = 0x5EED_0001;
+    // Each piece is long enough (about 1 s at the ~1000 writes/s of workload.py on a debug
+    // build) that the kill usually lands while it is still writing.
+    let per_round: u64 = 1200;
+    let writes: u64 = per_round * rounds;
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+
+    let mut rig = Rig::new(RigOptions::default());
+    rig.primary.start();
+    rig.wait_consistent();
+
+    let started = Instant::now();
+    let mut next_seq = 1;
+    let mut last_prefix = 0;
+    let mut log = Vec::new();
+    for round in 1..=rounds {
+        rig.wait(
+            &format!("round {round}: a primary attached to the mirror"),
+            LONG,
+            |m, _| m["link"] == "up",
+        );
+        let mut piece = (next_seq <= writes).then(|| {
+            let end = (next_seq + per_round - 1).min(writes);
+            let w = rig.workload(seed, next_seq, end);
+            next_seq = end + 1;
+            w
+        });
+        let sleep_ms = 200 + rng.next() % 801;
+        std::thread::sleep(Duration::from_millis(sleep_ms));
+        let writing = piece.as_mut().is_some_and(|p| p.is_running());
+        let before_kill = vol0(&rig.mirror.status());
+        rig.mirror.kill9();
+        let report = rig.recover();
+        let prefix = crashcheck(&rig.mirror_img, seed, writes, None).unwrap_or_else(|out| {
+            panic!(
+                "round {round}: the mirror image after kill -9 + recover is not a prefix \
+                 state of the plan:\n{out}\nrecover: {report}\nmirror log:\n{}",
+                tail_lines(&rig.mirror.log(), 30)
+            )
+        });
+        // Acknowledged means durable: what the mirror had acknowledged before the kill
+        // survives it.
+        assert_eq!(report["consistent"], true, "round {round}: {report}");
+        assert!(
+            u(&report, "applied_set") >= u(&before_kill, "acked_set")
+                && u(&report, "applied_seq") >= u(&before_kill, "durable_seq"),
+            "round {round}: the mirror acknowledged set {} (seq {}) before the kill, but              recover only reached set {} (seq {})",
+            before_kill["acked_set"],
+            before_kill["durable_seq"],
+            report["applied_set"],
+            report["applied_seq"]
+        );
+        assert!(
+            prefix >= last_prefix,
+            "round {round}: the mirror went back from the state after write {last_prefix} \
+             to the state after write {prefix}"
+        );
+        last_prefix = prefix;
+        log.push(format!(
+            "round {round}: slept {sleep_ms} ms, workload {}, mirror acked_set {} before the \
+             kill, recover replayed {} sets, prefix {prefix}",
+            if writing { "writing" } else { "idle" },
+            before_kill["acked_set"],
+            report["replayed_sets"],
+        ));
+        rig.mirror.start();
+        if let Some(mut p) = piece {
+            p.wait_success();
+        }
+    }
+    if next_seq <= writes {
+        rig.workload(seed, next_seq, writes).wait_success();
+    }
+    rig.wait_synced();
+    rig.finish_and_compare();
+    let prefix = crashcheck(&rig.mirror_img, seed, writes, Some(writes))
+        .unwrap_or_else(|out| panic!("final mirror image fails crashcheck:\n{out}"));
+    assert_eq!(prefix, writes);
+    assert_eq!(
+        rig.full_copies(),
+        1,
+        "a mirror restart caused a new full copy"
+    );
+    eprintln!(
+        "mirror_kill9_rounds: {rounds} rounds of kill -9 in {:.1} s:\n{}",
+        started.elapsed().as_secs_f64(),
+        log.join("\n")
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// 3. kill -9 of the primary: the journal carries on, no new full copy.
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn primary_kill9_resumes_from_journal() {
+    let mut rig = Rig::new(RigOptions::default());
+    rig.primary.start();
+    rig.wait_consistent();
+    let mut w = rig.workload(31, 1, 6000);
+    // Kill once a good part of the workload is journaled (not after a fixed time).
+    let (_, p) = rig.wait("the workload is under way", LONG, |_, p| {
+        u(p, "journal_seq") >= 2000
+    });
+    rig.primary.kill9();
+    let status = w.wait();
+    assert!(
+        !status.success(),
+        "the workload should have lost its server (journal_seq {} at the kill); output:\n{}",
+        p["journal_seq"],
+        w.output()
+    );
+    rig.primary.start();
+    rig.wait("link up after the restart", LONG, |_, p| p["link"] == "up");
+    rig.workload(32, 1, 1500).wait_success();
+    rig.wait_synced();
+    rig.finish_and_compare();
+    assert_eq!(
+        rig.full_copies(),
+        1,
+        "the restarted primary started a new full copy; log:\n{}",
+        rig.primary.log()
+    );
+    assert_eq!(rig.primary.starts, 2);
+}
+
+// ------------------------------------------------------------------------------------------
+// 4. Link outages through a UDP relay: short blip, then longer than the idle timeout.
+// ------------------------------------------------------------------------------------------
+
+/// A UDP relay on 127.0.0.1: datagrams from the client go to `target`, datagrams from
+/// `target` go back to the last client address; `drop_all` discards everything both ways.
+struct Relay {
+    port: u16,
+    drop_all: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    dropped: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+fn big_buffers(s: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let v: libc::c_int = 8 << 20;
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        for opt in [force, plain] {
+            let rc = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&v as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc == 0 {
+                break;
+            }
+        }
+    }
+}
+
+impl Relay {
+    fn start(target: SocketAddr) -> Relay {
+        let front = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let back = UdpSocket::bind("127.0.0.1:0").unwrap();
+        back.connect(target).unwrap();
+        for s in [&front, &back] {
+            s.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            big_buffers(s);
+        }
+        let port = front.local_addr().unwrap().port();
+        let drop_all = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let client: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
+        let front2 = front.try_clone().unwrap();
+        let back2 = back.try_clone().unwrap();
+        let up = {
+            let (drop_all, stop, dropped, client) = (
+                drop_all.clone(),
+                stop.clone(),
+                dropped.clone(),
+                client.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((n, from)) = front.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    *client.lock().unwrap() = Some(from);
+                    if drop_all.load(Ordering::Relaxed) {
+                        dropped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let _ = back.send(&buf[..n]);
+                }
+            })
+        };
+        let down = {
+            let (drop_all, stop, dropped) = (drop_all.clone(), stop.clone(), dropped.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    // Errors (e.g. ECONNREFUSED while the mirror is down) are ignored.
+                    let Ok(n) = back2.recv(&mut buf) else {
+                        continue;
+                    };
+                    if drop_all.load(Ordering::Relaxed) {
+                        dropped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let to = *client.lock().unwrap();
+                    if let Some(to) = to {
+                        let _ = front2.send_to(&buf[..n], to);
+                    }
+                }
+            })
+        };
+        Relay {
+            port,
+            drop_all,
+            stop,
+            dropped,
+            threads: vec![up, down],
+        }
+    }
+
+    fn set_drop(&self, on: bool) {
+        self.drop_all.store(on, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn link_blip_resumes_without_new_copy() {
+    // The relay needs the mirror's port before the mirror starts: take a free one for it.
+    let mirror_port = free_udp_port();
+    let relay = Relay::start(SocketAddr::from(([127, 0, 0, 1], mirror_port)));
+    let mut rig = Rig::new(RigOptions {
+        mirror_port: Some(mirror_port),
+        mirror_addr: Some(format!("127.0.0.1:{}", relay.port)),
+        ..Default::default()
+    });
+    rig.primary.start();
+    rig.wait_consistent();
+    let seed = 41;
+    let writes = 6000;
+
+    // A 4 s blip while writing: shorter than the idle timeout.
+    let mut w = rig.workload(seed, 1, 3000);
+    rig.wait("writes under way", LONG, |_, p| u(p, "journal_seq") >= 200);
+    relay.set_drop(true);
+    std::thread::sleep(Duration::from_secs(4));
+    relay.set_drop(false);
+    w.wait_success();
+    let (_, p) = rig.wait_synced();
+    let reconnects_after_blip = u(&p, "reconnects");
+
+    // 12 s or more: past the 10 s idle timeout, so the link must go down and come back.
+    let mut w = rig.workload(seed, 3001, writes);
+    rig.wait("writes under way", LONG, |_, p| {
+        u(p, "journal_seq") >= u(p, "acked_seq") + 200 || u(p, "lag_bytes") > 0
+    });
+    relay.set_drop(true);
+    let outage = Instant::now();
+    let mut max_lag = 0;
+    rig.wait(
+        "the primary sees the link down during the outage",
+        LONG,
+        |_, p| {
+            max_lag = max_lag.max(u(p, "lag_bytes"));
+            p["link"] == "down" && outage.elapsed() >= Duration::from_secs(12)
+        },
+    );
+    relay.set_drop(false);
+    let (_, p) = rig.wait("link up again after the outage", LONG, |_, p| {
+        p["link"] == "up"
+    });
+    eprintln!(
+        "link_blip: outage of {:.1} s, {} datagrams dropped, lag up to {max_lag} bytes; \
+         last_error {}",
+        outage.elapsed().as_secs_f64(),
+        relay.dropped.load(Ordering::Relaxed),
+        p["last_error"]
+    );
+    w.wait_success();
+    let (_, p) = rig.wait_synced();
+    assert!(
+        u(&p, "reconnects") > reconnects_after_blip,
+        "the 12 s outage did not cause a reconnect: {p}"
+    );
+    eprintln!(
+        "link_blip: reconnects after the 4 s blip: {reconnects_after_blip}, after the 12 s \
+         outage: {}",
+        p["reconnects"]
+    );
+    rig.finish_and_compare();
+    crashcheck(&rig.mirror_img, seed, writes, Some(writes))
+        .unwrap_or_else(|out| panic!("mirror image fails crashcheck:\n{out}"));
+    assert_eq!(
+        rig.full_copies(),
+        1,
+        "an outage caused a new full copy; primary log:\n{}",
+        rig.primary.log()
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// 5. Peers the mirror must refuse (I3).
+// ------------------------------------------------------------------------------------------
+
+/// What must not change while a refused peer knocks.
+fn mirror_fingerprint(rig: &Rig) -> (Value, Value, Value, String) {
+    let m = vol0(&rig.mirror.status());
+    (
+        m["acked_set"].clone(),
+        m["applied_set"].clone(),
+        m["durable_seq"].clone(),
+        sha256(&rig.mirror_img),
+    )
+}
+
+#[test]
+fn refused_peers_apply_nothing() {
+    let mut rig = Rig::new(RigOptions::default());
+    rig.primary.start();
+    rig.wait_consistent();
+    rig.nbd_write(MIB, &pseudo_random(6 * MIB as usize, 51));
+    rig.wait_synced();
+    rig.primary.stop();
+    rig.wait("mirror link down", LONG, |m, _| m["link"] == "down");
+    let baseline = mirror_fingerprint(&rig);
+
+    let d = rig.dir().to_path_buf();
+    // (a) a certificate named "primary" from another CA (trusting the right CA itself).
+    let other = d.join("pki-other");
+    certs_init(&other, &["primary"]);
+    // (b) the right CA, the wrong name.
+    certs_issue(&rig.pki, "intruder", &[]);
+    // (c) the right CA and name, expired.
+    let expired = d.join("pki-expired");
+    std::fs::create_dir(&expired).unwrap();
+    for f in ["ca.crt", "ca.key"] {
+        std::fs::copy(rig.pki.join(f), expired.join(f)).unwrap();
+    }
+    certs_issue(&expired, "primary", &["--expired"]);
+
+    let cases: [(&str, &Path, &str, &[&str]); 3] = [
+        ("other-ca", &other, "primary", &["UnknownIssuer", "unknown"]),
+        (
+            "wrong-name",
+            &rig.pki,
+            "intruder",
+            &["intruder", "name", "NotValidForName"],
+        ),
+        ("expired", &expired, "primary", &["Expired", "expired"]),
+    ];
+    let mut reasons = Vec::new();
+    for (label, cert_dir, cert_name, keywords) in cases {
+        let refusals_before = rig.mirror.log().matches("peer refused").count();
+        // A volume with data of its own: had the mirror accepted it, a full copy would follow.
+        let img = d.join(format!("bad-{label}.img"));
+        let mut data = pseudo_random(SIZE as usize, 52);
+        data[..4].copy_from_slice(b"EVIL");
+        std::fs::write(&img, &data).unwrap();
+        drop(data);
+        let state = d.join(format!("bad-{label}-state"));
+        let args = primary_args(
+            &img,
+            &d.join(format!("bad-{label}.sock")),
+            &state,
+            &format!("127.0.0.1:{}", rig.port),
+            &rig.pki,
+            cert_dir,
+            cert_name,
+            &[],
+        );
+        let mut bad = Daemon::new(
+            &format!("primary ({label})"),
+            args,
+            d.join(format!("bad-{label}.log")),
+            state.join("control.sock"),
+            Some(d.join(format!("bad-{label}.sock"))),
+        );
+        bad.start();
+        let deadline = Instant::now() + LONG;
+        let last = loop {
+            let last = vol0(&bad.status());
+            let refused = last["link"] == "down"
+                && last["last_error"].as_str().is_some_and(|e| !e.is_empty())
+                && rig.mirror.log().matches("peer refused").count() > refusals_before;
+            if refused {
+                break last;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{label}: no refusal seen; last status of the bad primary: {last}\n\
+                 bad primary log:\n{}\nmirror log:\n{}",
+                tail_lines(&bad.log(), 20),
+                tail_lines(&rig.mirror.log(), 20)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_ne!(last["link"], "up");
+        bad.stop();
+        let mirror_log = rig.mirror.log();
+        let line = mirror_log
+            .lines()
+            .filter(|l| l.contains("peer refused"))
+            .nth(refusals_before)
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            keywords.iter().any(|k| line.contains(k)),
+            "{label}: the mirror's refusal does not say why (expected one of {keywords:?}): \
+             {line}"
+        );
+        reasons.push(format!(
+            "{label}: primary last_error {} | mirror: {line}",
+            last["last_error"]
+        ));
+        assert_eq!(
+            mirror_fingerprint(&rig),
+            baseline,
+            "{label}: the mirror's state or volume changed after a refused peer"
+        );
+        assert_eq!(
+            bad.log().matches("replication link up").count(),
+            0,
+            "{label}: the refused primary believed it was connected:\n{}",
+            bad.log()
+        );
+    }
+
+    // (d) garbage datagrams, some shaped like QUIC Initial packets.
+    let junk = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..200u64 {
+        let len = 1 + (i as usize * 37) % 1400;
+        let mut dgram = pseudo_random(len.max(1200 * (i % 2) as usize), 600 + i);
+        if i % 2 == 1 {
+            // Long header, Initial, QUIC v1, 8-byte connection ids, then junk.
+            dgram[0] = 0xC3;
+            dgram[1..5].copy_from_slice(&1u32.to_be_bytes());
+            dgram[5] = 8;
+            dgram[14] = 8;
+        }
+        junk.send_to(&dgram, rig.mirror_addr()).unwrap();
+    }
+    // The mirror still answers (its control socket and, below, a good primary).
+    rig.wait("mirror alive after garbage", LONG, |m, _| m["name"] == VOL);
+    assert_eq!(
+        mirror_fingerprint(&rig),
+        baseline,
+        "garbage datagrams changed the mirror"
+    );
+
+    // A good primary still replicates.
+    rig.primary.start();
+    rig.nbd_write(20 * MIB, &pseudo_random(3 * MIB as usize, 53));
+    rig.wait_synced();
+    rig.finish_and_compare();
+    assert_eq!(rig.full_copies(), 1);
+    eprintln!("refused_peers:\n{}", reasons.join("\n"));
+}
+
+// ------------------------------------------------------------------------------------------
+// 6. A corrupted frame is detected by its CRC, dropped, and re-sent (I4).
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn corrupted_frame_is_detected_and_resent() {
+    let mut rig = Rig::new(RigOptions {
+        primary_extra: vec!["--test-corrupt-first-set".into()],
+        ..Default::default()
+    });
+    rig.primary.start();
+    rig.wait_consistent();
+    rig.nbd_write(2 * MIB, &pseudo_random(4 * MIB as usize, 61));
+    assert!(
+        rig.mirror
+            .wait_for_log_count("CRC32 mismatch", 1, Duration::from_secs(60)),
+        "the mirror never reported the CRC mismatch; log:\n{}",
+        tail_lines(&rig.mirror.log(), 30)
+    );
+    assert!(rig.mirror.wait_for_log_count(
+        "replication session dropped",
+        1,
+        Duration::from_secs(60)
+    ));
+    assert!(rig.primary.log().contains("test hook: corrupted"));
+    rig.wait("the primary reconnected", LONG, |_, p| {
+        u(p, "reconnects") >= 1 && p["link"] == "up"
+    });
+    rig.wait_synced();
+    rig.finish_and_compare();
+    assert_eq!(rig.full_copies(), 1);
+}
+
+// ------------------------------------------------------------------------------------------
+// 7. A hand-made client with a valid certificate sends bad protocol input (I4).
+// ------------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+#[allow(dead_code)] // the fields are read through Debug
+enum Reply {
+    Msg(Message),
+    /// The mirror finished its side of the stream.
+    Finished,
+    /// The stream or connection failed (e.g. the mirror closed the connection).
+    Closed(String),
+    Timeout,
+}
+
+impl Reply {
+    fn refuse_reason(&self) -> Option<&str> {
+        match self {
+            Reply::Msg(Message::Refuse { reason, .. }) => Some(reason),
+            _ => None,
+        }
+    }
+}
+
+async fn next_reply(recv: &mut quinn::RecvStream, buf: &mut Vec<u8>) -> Reply {
+    let fut = async {
+        loop {
+            match frame::decode_one(buf) {
+                Ok(Some((m, used))) => {
+                    buf.drain(..used);
+                    return Reply::Msg(m);
+                }
+                Ok(None) => {}
+                Err(e) => return Reply::Closed(format!("undecodable reply: {e}")),
+            }
+            let mut chunk = vec![0u8; 64 << 10];
+            match recv.read(&mut chunk).await {
+                Ok(Some(n)) => buf.extend_from_slice(&chunk[..n]),
+                Ok(None) => return Reply::Finished,
+                Err(e) => return Reply::Closed(e.to_string()),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), fut)
+        .await
+        .unwrap_or(Reply::Timeout)
+}
+
+struct Attacker {
+    rt: tokio::runtime::Runtime,
+    ep: quinn::Endpoint,
+    id: Identity,
+    addr: SocketAddr,
+}
+
+/// One stream of one connection of the attacker.
+struct Conn {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    buf: Vec<u8>,
+}
+
+impl Attacker {
+    fn new(pki: &Path, addr: SocketAddr) -> Attacker {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let id = Identity::load(&TlsFiles {
+            ca: pki.join("ca.crt"),
+            cert: pki.join("primary.crt"),
+            key: pki.join("primary.key"),
+            peer_name: "mirror".into(),
+        })
+        .expect("load the primary's identity");
+        let ep = {
+            let _g = rt.enter();
+            client_endpoint(&id, &Tuning::default()).expect("client endpoint")
+        };
+        Attacker { rt, ep, id, addr }
+    }
+
+    fn open(&self) -> Conn {
+        self.rt.block_on(async {
+            let conn = connect(&self.ep, self.addr, &self.id)
+                .await
+                .expect("a valid primary certificate connects");
+            let (send, recv) = conn.open_bi().await.expect("open a stream");
+            Conn {
+                conn,
+                send,
+                recv,
+                buf: Vec::new(),
+            }
+        })
+    }
+
+    fn send(&self, c: &mut Conn, bytes: &[u8]) {
+        self.rt
+            .block_on(c.send.write_all(bytes))
+            .expect("write to the stream");
+    }
+
+    fn send_msg(&self, c: &mut Conn, msg: &Message) {
+        let mut buf = Vec::new();
+        frame::encode(msg, &mut buf);
+        self.send(c, &buf);
+    }
+
+    fn reply(&self, c: &mut Conn) -> Reply {
+        match self.rt.block_on(next_reply(&mut c.recv, &mut c.buf)) {
+            // Say how the connection was closed (quinn's read error only says "lost").
+            Reply::Closed(e) => Reply::Closed(match c.conn.close_reason() {
+                Some(why) => format!("{e} ({why})"),
+                None => e,
+            }),
+            other => other,
+        }
+    }
+
+    /// Open a stream, say Hello for `volume`, return the reply.
+    fn hello(&self, volume: &str, size: u64) -> (Conn, Reply) {
+        let mut c = self.open();
+        self.send_msg(
+            &mut c,
+            &Message::Hello {
+                version: PROTOCOL_VERSION,
+                volume: volume.into(),
+                size,
+            },
+        );
+        let r = self.reply(&mut c);
+        (c, r)
+    }
+
+    /// Hello for vol1, expecting HelloAck; returns the stream and durable_set.
+    fn attach(&self) -> (Conn, u64, u64) {
+        let (c, r) = self.hello(VOL, SIZE);
+        match r {
+            Reply::Msg(Message::HelloAck {
+                durable_set,
+                durable_seq,
+                needs_full_copy,
+            }) => {
+                assert!(!needs_full_copy, "the mirror should hold a full copy");
+                (c, durable_set, durable_seq)
+            }
+            other => panic!("expected HelloAck, got {other:?}"),
+        }
+    }
+
+    fn close(&self, c: Conn) {
+        c.conn.close(0u32.into(), b"test over");
+    }
+}
+
+fn data_set(set: u64, seq: u64, offset: u64, len: usize, seed: u64) -> DeltaSet {
+    DeltaSet {
+        set,
+        first_seq: seq,
+        last_seq: seq,
+        kind: SetKind::Journal,
+        extents: vec![Extent {
+            offset,
+            payload: Payload::Data(bytes::Bytes::from(pseudo_random(len, seed))),
+        }],
+    }
+}
+
+#[test]
+fn bad_wire_input_is_refused() {
+    let mut rig = Rig::new(RigOptions::default());
+    rig.primary.start();
+    rig.wait_consistent();
+    rig.nbd_write(0, &pseudo_random(2 * MIB as usize, 71));
+    rig.wait_synced();
+    // The attacker's Hello would replace a live primary's session: stop the good one.
+    rig.primary.stop();
+    rig.wait("mirror link down", LONG, |m, _| m["link"] == "down");
+    let baseline = mirror_fingerprint(&rig);
+    let a = Attacker::new(&rig.pki, rig.mirror_addr());
+    let mut outcomes = Vec::new();
+    let dropped = |rig: &Rig| {
+        rig.mirror
+            .log()
+            .matches("replication session dropped")
+            .count()
+    };
+    let refused_streams = |rig: &Rig| {
+        rig.mirror
+            .log()
+            .matches("refused replication stream")
+            .count()
+    };
+    let check_unchanged = |rig: &Rig, what: &str| {
+        // The mirror has logged the outcome by now; the state and volume must be as before.
+        assert_eq!(
+            mirror_fingerprint(rig),
+            baseline,
+            "{what}: the mirror's state or volume changed"
+        );
+    };
+
+    // (a) Hello for a volume the mirror does not have.
+    let (c, r) = a.hello("no-such-volume", SIZE);
+    outcomes.push(format!("(a) unknown volume: {r:?}"));
+    assert!(
+        r.refuse_reason()
+            .is_some_and(|s| s.contains("no volume named")),
+        "(a) expected Refuse, got {r:?}"
+    );
+    a.close(c);
+    check_unchanged(&rig, "(a)");
+
+    // (a') Hello with the wrong size.
+    let (c, r) = a.hello(VOL, SIZE + 4096);
+    outcomes.push(format!("(a') wrong size: {r:?}"));
+    assert!(
+        r.refuse_reason().is_some_and(|s| s.contains("bytes")),
+        "(a') expected Refuse, got {r:?}"
+    );
+    a.close(c);
+    check_unchanged(&rig, "(a')");
+
+    // (b) a set from the future.
+    let before = dropped(&rig);
+    let (mut c, durable_set, durable_seq) = a.attach();
+    let set = data_set(durable_set + 5, durable_seq + 1, 0, 8192, 72);
+    a.send_msg(&mut c, &Message::Set(set));
+    let r = a.reply(&mut c);
+    outcomes.push(format!(
+        "(b) set {} from the future: {r:?}",
+        durable_set + 5
+    ));
+    assert!(
+        rig.mirror
+            .wait_for_log_count("replication session dropped", before + 1, LONG),
+        "(b) the mirror did not drop the session"
+    );
+    assert!(rig.mirror.log().contains("from the future"));
+    a.close(c);
+    check_unchanged(&rig, "(b)");
+    let b_reply_ok = r
+        .refuse_reason()
+        .is_some_and(|s| s.contains("from the future"));
+
+    // (b') a set already durable, and one writing past the volume's end.
+    let before = dropped(&rig);
+    let (mut c, durable_set, durable_seq) = a.attach();
+    a.send_msg(
+        &mut c,
+        &Message::Set(data_set(durable_set, durable_seq, 0, 4096, 73)),
+    );
+    let r = a.reply(&mut c);
+    outcomes.push(format!("(b') set {durable_set} already durable: {r:?}"));
+    assert!(rig
+        .mirror
+        .wait_for_log_count("replication session dropped", before + 1, LONG));
+    a.close(c);
+    check_unchanged(&rig, "(b') already durable");
+    let before = dropped(&rig);
+    let (mut c, durable_set, durable_seq) = a.attach();
+    a.send_msg(
+        &mut c,
+        &Message::Set(data_set(
+            durable_set + 1,
+            durable_seq + 1,
+            SIZE - 4096,
+            8192,
+            74,
+        )),
+    );
+    let r = a.reply(&mut c);
+    outcomes.push(format!("(b') set past the end: {r:?}"));
+    assert!(rig
+        .mirror
+        .wait_for_log_count("replication session dropped", before + 1, LONG));
+    assert!(rig.mirror.log().contains("past the volume's end"));
+    a.close(c);
+    check_unchanged(&rig, "(b') past the end");
+
+    // (c) half a (valid, next) set, then the end of the stream.
+    let before = dropped(&rig);
+    let (mut c, durable_set, durable_seq) = a.attach();
+    let mut buf = Vec::new();
+    frame::encode(
+        &Message::Set(data_set(durable_set + 1, durable_seq + 1, 0, 65536, 75)),
+        &mut buf,
+    );
+    a.send(&mut c, &buf[..buf.len() / 2]);
+    c.send.finish().expect("finish the stream");
+    let r = a.reply(&mut c);
+    outcomes.push(format!("(c) truncated set: {r:?}"));
+    assert!(
+        rig.mirror
+            .wait_for_log_count("replication session dropped", before + 1, LONG),
+        "(c) the mirror did not report the truncated message; log:\n{}",
+        tail_lines(&rig.mirror.log(), 20)
+    );
+    assert!(rig.mirror.log().contains("in the middle of a message"));
+    a.close(c);
+    check_unchanged(&rig, "(c)");
+
+    // (d) a frame header claiming a 4 GiB body, inside a session and as the first message.
+    let before = dropped(&rig);
+    let (mut c, _, _) = a.attach();
+    let mut huge = vec![0xFF, 0xFF, 0xFF, 0xFF, 3];
+    huge.extend_from_slice(&pseudo_random(1000, 76));
+    a.send(&mut c, &huge);
+    let r = a.reply(&mut c);
+    outcomes.push(format!("(d) 4 GiB frame in a session: {r:?}"));
+    assert!(
+        matches!(&r, Reply::Closed(_) | Reply::Finished)
+            || r.refuse_reason().is_some_and(|s| s.contains("exceeds")),
+        "(d) expected Refuse or close, got {r:?}"
+    );
+    assert!(rig
+        .mirror
+        .wait_for_log_count("replication session dropped", before + 1, LONG));
+    a.close(c);
+    check_unchanged(&rig, "(d)");
+    let before = refused_streams(&rig);
+    let mut c = a.open();
+    a.send(&mut c, &huge);
+    let r = a.reply(&mut c);
+    outcomes.push(format!("(d) 4 GiB frame instead of Hello: {r:?}"));
+    assert!(
+        matches!(&r, Reply::Closed(_) | Reply::Finished)
+            || r.refuse_reason().is_some_and(|s| s.contains("exceeds")),
+        "(d) expected Refuse or close, got {r:?}"
+    );
+    assert!(rig
+        .mirror
+        .wait_for_log_count("refused replication stream", before + 1, LONG));
+    a.close(c);
+    check_unchanged(&rig, "(d) first message");
+    a.rt.block_on(a.ep.wait_idle());
+
+    // A good primary still replicates.
+    rig.primary.start();
+    rig.nbd_write(8 * MIB, &pseudo_random(2 * MIB as usize, 77));
+    rig.wait_synced();
+    rig.finish_and_compare();
+    eprintln!("bad_wire_input:\n{}", outcomes.join("\n"));
+    assert!(
+        b_reply_ok,
+        "(b) the mirror logged the refusal of a set from the future, but the client never \
+         received the Refuse message (it was: {})",
+        outcomes[2]
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// 8. Status: both forms, every contract key, lag, and the initial copy.
+// ------------------------------------------------------------------------------------------
+
+const COMMON_KEYS: &[&str] = &[
+    "name",
+    "link",
+    "lag_bytes",
+    "lag_seconds",
+    "journal_bytes",
+    "sent_bytes",
+    "wire_bytes",
+    "acked_set",
+    "applied_set",
+    "reconnects",
+    "last_error",
+];
+const MIRROR_KEYS: &[&str] = &[
+    "consistent",
+    "copy",
+    "state",
+    "durable_seq",
+    "applied_seq",
+    "refused",
+];
+const PRIMARY_KEYS: &[&str] = &["initial_copy", "journal_seq", "acked_seq"];
+
+/// `blkmirror status` in both forms; checks the contract keys; returns the JSON.
+fn cli_status(control: &Path, role: &str) -> Value {
+    let json = run(
+        BIN,
+        &["status", "--control", control.to_str().unwrap(), "--json"],
+    );
+    let v: Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{json:?}: {e}"));
+    assert_eq!(v["role"], role, "{json}");
+    let vols = v["volumes"].as_array().expect("volumes is an array");
+    assert_eq!(vols.len(), 1, "{json}");
+    let extra = if role == "mirror" {
+        MIRROR_KEYS
+    } else {
+        PRIMARY_KEYS
+    };
+    for k in COMMON_KEYS.iter().chain(extra) {
+        assert!(
+            vols[0].get(*k).is_some(),
+            "{role} status lacks {k:?}: {json}"
+        );
+    }
+    assert_eq!(vols[0]["name"], VOL);
+    let human = run(BIN, &["status", "--control", control.to_str().unwrap()]);
+    assert!(
+        human.starts_with(&format!("role: {role}\n")),
+        "human status:\n{human}"
+    );
+    assert!(
+        human.contains("lag_bytes") && human.contains("acked_set"),
+        "{human}"
+    );
+    assert!(
+        human
+            .lines()
+            .any(|l| l.starts_with(&format!("{VOL}  {}", vols[0]["link"].as_str().unwrap()))),
+        "human status has no line for {VOL}:\n{human}"
+    );
+    v
+}
+
+#[test]
+fn status_reports_lag_and_initial_copy() {
+    let mut rig = Rig::new(RigOptions::default());
+    // The primary's volume holds data before any mirror has seen it: 40 MiB of random data,
+    // the rest a hole.
+    {
+        let f = std::fs::File::create(&rig.primary_img).unwrap();
+        f.set_len(SIZE).unwrap();
+        use std::os::unix::fs::FileExt;
+        for i in 0..10u64 {
+            f.write_all_at(&pseudo_random(4 * MIB as usize, 80 + i), i * 4 * MIB)
+                .unwrap();
+        }
+    }
+    let m = cli_status(&rig.mirror.control, "mirror");
+    let m0 = &m["volumes"][0];
+    assert_eq!(
+        m0["consistent"], false,
+        "a new mirror is not consistent: {m}"
+    );
+    assert_eq!(m0["copy"], "none", "{m}");
+    assert_eq!(m0["link"], "down", "{m}");
+
+    rig.primary.start();
+    let mut seen_copy_progress = None;
+    let mut seen_mirror_copying = false;
+    rig.wait("initial copy done, mirror consistent", LONG, |m, p| {
+        if let Some(ic) = p.get("initial_copy").filter(|c| !c.is_null()) {
+            assert_eq!(ic["total_bytes"], SIZE, "{p}");
+            assert!(u(ic, "done_bytes") <= SIZE, "{p}");
+            seen_copy_progress.get_or_insert(ic.clone());
+        }
+        if m["copy"] == "running" {
+            assert_eq!(m["consistent"], false, "consistent during the copy: {m}");
+            seen_mirror_copying = true;
+        }
+        m["consistent"] == true && p["initial_copy"].is_null() && p["link"] == "up"
+    });
+    assert!(rig.primary.log().contains("full copy sent"));
+    cli_status(&rig.primary.control, "primary");
+    let m = cli_status(&rig.mirror.control, "mirror");
+    assert_eq!(m["volumes"][0]["copy"], "done", "{m}");
+    assert_eq!(m["volumes"][0]["state"], "consistent", "{m}");
+
+    // A write burst: lag shows, acked_set grows, then lag 0.
+    let (_, p) = rig.wait_synced();
+    let acked_before = u(&p, "acked_set");
+    let mut w = rig.workload(81, 1, 3000);
+    let mut max_lag = 0;
+    while w.is_running() {
+        let p = vol0(&rig.primary.status());
+        max_lag = max_lag.max(u(&p, "lag_bytes"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    w.wait_success();
+    let (m, p) = rig.wait_synced();
+    assert!(
+        max_lag > 0 || u(&p, "acked_set") > acked_before,
+        "neither lag nor acknowledgements moved during the burst: {p}"
+    );
+    assert!(u(&p, "acked_set") > acked_before, "{p}");
+    assert!(u(&p, "sent_bytes") > 0 && u(&p, "wire_bytes") > 0, "{p}");
+    assert!(u(&m, "durable_seq") > 0 && u(&m, "applied_seq") > 0, "{m}");
+    let p = cli_status(&rig.primary.control, "primary");
+    assert_eq!(p["volumes"][0]["lag_bytes"], 0);
+    assert_eq!(p["volumes"][0]["link"], "up");
+    cli_status(&rig.mirror.control, "mirror");
+    rig.finish_and_compare();
+    assert_eq!(rig.full_copies(), 1);
+    eprintln!(
+        "status: initial copy progress seen: {seen_copy_progress:?}; mirror seen copying: \
+         {seen_mirror_copying}; max lag_bytes during the burst: {max_lag}"
+    );
+}
