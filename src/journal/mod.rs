@@ -400,43 +400,57 @@ impl Journal {
     /// Up to `max_bytes` of records after `after_seq`, and the last sequence number they cover
     /// (everything journaled up to then when nothing was left out).
     pub fn collect(&self, after_seq: u64, max_bytes: u64) -> io::Result<(Vec<ShipRecord>, u64)> {
-        let g = self.inner.lock().unwrap();
-        let start = g.index.partition_point(|e| e.seq <= after_seq);
-        let mut out = Vec::new();
-        let mut bytes = 0u64;
-        let mut covered = g.next_seq - 1;
-        for e in g.index.range(start..) {
-            if bytes > 0 && bytes + e.len as u64 > max_bytes {
-                covered = e.seq - 1;
-                break;
+        // Records whose data left the RAM ring are read back from their segment after the
+        // lock is dropped: a long read must not hold up the writes appending meanwhile. (An
+        // acknowledged segment may be unlinked meanwhile; the open file still reads.)
+        enum Data {
+            Ready(Payload),
+            OnDisk(Arc<File>, u64, u32),
+        }
+        let (pending, covered) = {
+            let g = self.inner.lock().unwrap();
+            let start = g.index.partition_point(|e| e.seq <= after_seq);
+            let mut pending = Vec::new();
+            let mut bytes = 0u64;
+            let mut covered = g.next_seq - 1;
+            for e in g.index.range(start..) {
+                if bytes > 0 && bytes + e.len as u64 > max_bytes {
+                    covered = e.seq - 1;
+                    break;
+                }
+                bytes += e.len as u64;
+                let data = if e.zero {
+                    Data::Ready(Payload::Zero(e.len))
+                } else if let Ok(i) = g.ram.binary_search_by_key(&e.seq, |(s, _)| *s) {
+                    Data::Ready(Payload::Data(g.ram[i].1.clone()))
+                } else {
+                    let seg_idx = g.segments.partition_point(|s| s.first_seq <= e.segment) - 1;
+                    Data::OnDisk(
+                        g.segments[seg_idx].file.clone(),
+                        e.pos + HEADER_LEN as u64,
+                        e.len,
+                    )
+                };
+                pending.push((e.seq, e.offset, data));
             }
-            bytes += e.len as u64;
-            let payload = if e.zero {
-                Payload::Zero(e.len)
-            } else {
-                Payload::Data(self.data_locked(&g, e)?)
+            (pending, covered)
+        };
+        let mut out = Vec::with_capacity(pending.len());
+        for (seq, offset, data) in pending {
+            let payload = match data {
+                Data::Ready(p) => p,
+                Data::OnDisk(file, pos, len) => {
+                    let mut buf = vec![0u8; len as usize];
+                    file.read_exact_at(&mut buf, pos)?;
+                    Payload::Data(Bytes::from(buf))
+                }
             };
             out.push(ShipRecord {
-                seq: e.seq,
-                extent: Extent {
-                    offset: e.offset,
-                    payload,
-                },
+                seq,
+                extent: Extent { offset, payload },
             });
         }
         Ok((out, covered.max(after_seq)))
-    }
-
-    fn data_locked(&self, g: &Inner, e: &Entry) -> io::Result<Bytes> {
-        if let Ok(i) = g.ram.binary_search_by_key(&e.seq, |(s, _)| *s) {
-            return Ok(g.ram[i].1.clone());
-        }
-        let seg_idx = g.segments.partition_point(|s| s.first_seq <= e.segment) - 1;
-        let seg = &g.segments[seg_idx];
-        let mut buf = vec![0u8; e.len as usize];
-        seg.file
-            .read_exact_at(&mut buf, e.pos + HEADER_LEN as u64)?;
-        Ok(Bytes::from(buf))
     }
 
     pub fn last_seq(&self) -> u64 {
