@@ -1,0 +1,113 @@
+//! Thin wrappers over the Linux calls the emulator needs: network namespaces (`setns`), TUN
+//! devices (`TUNSETIFF`), a monotonic nanosecond clock and timer slack.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// Where `ip netns add NAME` binds namespace NAME.
+pub fn netns_path(name: &str) -> PathBuf {
+    Path::new("/run/netns").join(name)
+}
+
+pub fn netns_exists(name: &str) -> bool {
+    netns_path(name).exists()
+}
+
+/// Moves the calling thread into the network namespace behind `ns` (a file opened from
+/// `/run/netns/NAME` or `/proc/self/ns/net`).
+pub fn setns_net(ns: &File) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd.
+    let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Runs `f` with the calling thread inside network namespace `name`, then returns to the
+/// namespace it was in (also when `f` fails). File descriptors opened by `f` (sockets, TUN
+/// devices) stay bound to `name`.
+pub fn in_netns<T>(name: &str, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    let home = File::open("/proc/thread-self/ns/net")?;
+    let target = File::open(netns_path(name))
+        .map_err(|e| io::Error::new(e.kind(), format!("network namespace {name}: {e}")))?;
+    setns_net(&target)?;
+    let out = f();
+    setns_net(&home).expect("cannot return to the original network namespace");
+    out
+}
+
+/// Creates TUN device `name` (IFF_TUN | IFF_NO_PI: each read/write is one bare IP packet) in
+/// the calling thread's network namespace. The device lives as long as the returned file.
+pub fn open_tun(name: &str) -> io::Result<File> {
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "interface name too long",
+        ));
+    }
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/net/tun")?;
+    // SAFETY: ifreq is plain old data; zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+    // SAFETY: TUNSETIFF reads (and writes back) one struct ifreq that outlives the call.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::TUNSETIFF, &mut ifr as *mut libc::ifreq) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(f)
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (vDSO: no syscall).
+#[inline]
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Makes the calling thread's timed sleeps wake within ~1 ns of slack instead of the default
+/// 50 µs, so that packets leave close to their due time.
+pub fn tight_timer_slack() {
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
+}
+
+/// Is `pid` alive (or a zombie)?
+pub fn pid_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks existence and permission.
+    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+}
+
+pub fn kill(pid: i32, sig: libc::c_int) {
+    if pid > 0 {
+        // SAFETY: plain syscall.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// Command line of `pid`, arguments joined by spaces ("" when gone).
+pub fn cmdline(pid: i32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|&c| c == 0)
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
+}
