@@ -1,7 +1,7 @@
 # blkmirror — the README's two commands are `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: all build release demo test bench-nbd bench-repl torture clean
+.PHONY: all build release demo test bench-nbd bench-repl bench-wan torture clean
 
 all: build
 
@@ -35,6 +35,11 @@ bench-nbd: release
 # writes target/bench/repl.json.
 bench-repl: release
 	/usr/bin/python3 benches/repl.py
+
+# blkmirror over tools/wan-sim (RTT 20 ms, loss 0.1 %) beside iperf3 TCP and nbdcopy; bulk,
+# steady-load RPO and a 30 s outage; writes target/bench/wan.json and wan.svg. Needs root.
+bench-wan: release
+	/usr/bin/python3 benches/wan.py
 
 clean:
 	$(CARGO) clean

@@ -147,7 +147,7 @@ class Pair:
                                        stderr=self.mlog)
         self.primary = subprocess.Popen([BIN, "primary", "--volume", f"v={img_p}", "--nbd-unix", self.sock,
                                          "--state-dir", os.path.join(tmp, "pstate"), "--mirror", f"127.0.0.1:{port}",
-                                         "--rtt", "1", *tls("primary", "mirror")], stderr=self.plog)
+                                         "--rtt", "1", "--link-rate", "40G", *tls("primary", "mirror")], stderr=self.plog)
         procs = (self.mirror, self.primary)
         wait_for("the primary's NBD socket", lambda: nbd_ready(self.sock), procs=procs)
         wait_for("the initial copy", lambda: status(self.mctl)["consistent"], timeout=1800, procs=procs)
