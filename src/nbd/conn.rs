@@ -188,7 +188,8 @@ impl Conn {
             free_slots: (0..MAX_OPS).rev().collect(),
             live_ops: 0,
             inflight_bytes: 0,
-            pool: BufPool::new(64 << 20),
+            // Enough to recycle a queue of 1 MiB buffers; beyond, buffers go back to the allocator.
+            pool: BufPool::new(16 << 20),
             rx,
             rx_start: 0,
             rx_end: leftover.len(),
