@@ -9,8 +9,9 @@
 //! - Startup: the window grows by what is acknowledged (doubling per round trip) until the
 //!   delivery rate stops growing by 25 % for three rounds, or a round loses more than
 //!   `HEAVY_LOSS` of its packets (a queue overflowed).
-//! - Steady: gain 1.25 (a standing queue of a quarter round trip, a few ms), with one round of
-//!   gain 1.5 every 8 to find bandwidth that became available.
+//! - Steady: gain 1.5 (a standing queue of half a round trip: enough that the bottleneck never
+//!   runs dry between acknowledgements), with one round of gain 1.75 every 8 to find bandwidth
+//!   that became available.
 //! - Random loss is ignored. A round losing more than `HEAVY_LOSS` of its bytes is congestion:
 //!   the rate estimate backs off by 15 %. Persistent congestion (an outage) restarts
 //!   from Startup.
@@ -25,8 +26,8 @@ use std::time::{Duration, Instant};
 
 /// A round losing more than this fraction of its bytes is congestion, not noise.
 pub const HEAVY_LOSS: f64 = 0.05;
-const STEADY_GAIN: f64 = 1.25;
-const PROBE_GAIN: f64 = 1.5;
+const STEADY_GAIN: f64 = 1.5;
+const PROBE_GAIN: f64 = 1.75;
 const PROBE_EVERY: u64 = 8;
 /// Rounds over which the delivery-rate maximum is kept.
 const RATE_WINDOW: usize = 10;

@@ -54,6 +54,9 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Maximum concurrent streams of each direction a peer may open.
 pub const MAX_STREAMS: u32 = 256;
+/// First UDP payload size tried (1500-byte Ethernet minus IPv6/UDP headers, as quinn's MTU
+/// discovery targets).
+pub const INITIAL_MTU: u16 = 1452;
 /// Flow-control windows never go below this, whatever the tuning says.
 pub const MIN_WINDOW: u64 = 16 << 20;
 /// Flow-control windows never go above this: it bounds receive memory per connection (I5).
@@ -491,7 +494,11 @@ impl Tuning {
             .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS))
             .max_concurrent_uni_streams(VarInt::from_u32(MAX_STREAMS))
             // Replication uses streams only; unreliable datagrams are not accepted.
-            .datagram_receive_buffer_size(None);
+            .datagram_receive_buffer_size(None)
+            // Start at the largest UDP payload a 1500-byte path carries, not QUIC's safe 1200:
+            // fewer packets per byte; quinn's black-hole detection drops back if the path is
+            // narrower.
+            .initial_mtu(INITIAL_MTU);
         let window_cap = window.saturating_mul(2);
         match self.congestion {
             Congestion::Steady => {
