@@ -13,7 +13,8 @@
 //!   runs dry between acknowledgements), with one round of gain 1.75 every 8 to find bandwidth
 //!   that became available.
 //! - Random loss is ignored. A round losing more than `HEAVY_LOSS` of its bytes is congestion:
-//!   the rate estimate backs off by 15 %. Persistent congestion (an outage) restarts
+//!   the rate estimate backs off by 15 % and the window keeps no standing queue (gain 1) for
+//!   8 rounds. Persistent congestion (an outage) restarts
 //!   from Startup.
 //!
 //! quinn paces at 1.25 × window / smoothed RTT, so the window also sets the pacing rate.
@@ -82,6 +83,8 @@ pub struct Steady {
     round_app_limited: bool,
     startup_best: f64,
     startup_flat: u32,
+    /// After congestion, no standing queue and no probing until this round.
+    calm_until: u64,
 }
 
 impl Steady {
@@ -100,6 +103,7 @@ impl Steady {
             round_app_limited: false,
             startup_best: 0.0,
             startup_flat: 0,
+            calm_until: 0,
         }
     }
 
@@ -113,7 +117,9 @@ impl Steady {
     }
 
     fn gain(&self) -> f64 {
-        if self.round.is_multiple_of(PROBE_EVERY) {
+        if self.round < self.calm_until {
+            1.0
+        } else if self.round.is_multiple_of(PROBE_EVERY) {
             PROBE_GAIN
         } else {
             STEADY_GAIN
@@ -169,6 +175,8 @@ impl Steady {
                 for r in &mut self.rates {
                     *r *= CONGESTION_BACKOFF;
                 }
+                // A queue too shallow for our standing queue: keep none for a while.
+                self.calm_until = self.round + PROBE_EVERY;
             }
             Mode::Steady => {}
         }
