@@ -127,21 +127,7 @@ fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
 impl Journal {
     /// Open (and recover) the journal in `opts.dir`.
     pub fn open(opts: JournalOptions) -> io::Result<Journal> {
-        std::fs::create_dir_all(&opts.dir)?;
-        let mut names: Vec<(u64, PathBuf)> = std::fs::read_dir(&opts.dir)?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let p = e.path();
-                let seq = p
-                    .file_name()?
-                    .to_str()?
-                    .strip_suffix(".jnl")?
-                    .parse()
-                    .ok()?;
-                Some((seq, p))
-            })
-            .collect();
-        names.sort();
+        let names = crate::repl::redo::numbered_segments(&opts.dir, ".jnl")?;
         let mut inner = Inner {
             next_seq: 1,
             segments: VecDeque::new(),

@@ -28,21 +28,7 @@ pub struct RedoLog {
 
 impl RedoLog {
     pub fn open(dir: &Path) -> io::Result<RedoLog> {
-        std::fs::create_dir_all(dir)?;
-        let mut names: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let p = e.path();
-                let n = p
-                    .file_name()?
-                    .to_str()?
-                    .strip_suffix(".redo")?
-                    .parse()
-                    .ok()?;
-                Some((n, p))
-            })
-            .collect();
-        names.sort();
+        let names = numbered_segments(dir, ".redo")?;
         let mut log = RedoLog {
             dir: dir.to_path_buf(),
             segments: VecDeque::new(),
@@ -176,6 +162,27 @@ fn parse_entry(b: &[u8]) -> Option<(u64, usize)> {
     let crc = u32::from_be_bytes(b[16..20].try_into().ok()?);
     let msg = b.get(ENTRY_HEADER..ENTRY_HEADER + len)?;
     (crc32fast::hash(msg) == crc).then_some((set, ENTRY_HEADER + len))
+}
+
+/// The files `<number><suffix>` in `dir` (created if missing), by number: the segments of a
+/// log. Anything else in the directory is left alone.
+pub fn numbered_segments(dir: &Path, suffix: &str) -> io::Result<Vec<(u64, PathBuf)>> {
+    std::fs::create_dir_all(dir)?;
+    let mut names: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let p = e.path();
+            let n = p
+                .file_name()?
+                .to_str()?
+                .strip_suffix(suffix)?
+                .parse()
+                .ok()?;
+            Some((n, p))
+        })
+        .collect();
+    names.sort();
+    Ok(names)
 }
 
 pub fn sync_dir(dir: &Path) -> io::Result<()> {

@@ -626,16 +626,12 @@ pub fn server_endpoint_with_reset_key(
     tuning: &Tuning,
     reset_key: &[u8],
 ) -> Result<quinn::Endpoint, TransportError> {
-    let quic = QuicServerConfig::try_from(id.server_tls()?)
-        .map_err(|e| TransportError::Tls(e.to_string()))?;
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    server.transport_config(Arc::new(tuning.transport_config()));
-    let socket = bind_udp(listen, tuning)?;
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_key);
+    let socket = bind_udp(listen, tuning)?;
     endpoint_with(
         quinn::EndpointConfig::new(Arc::new(key)),
         socket,
-        Some(server),
+        Some(server_config(id, tuning)?),
         listen,
     )
 }
@@ -647,12 +643,16 @@ pub fn server_endpoint(
     id: &Identity,
     tuning: &Tuning,
 ) -> Result<quinn::Endpoint, TransportError> {
+    let socket = bind_udp(listen, tuning)?;
+    endpoint(socket, Some(server_config(id, tuning)?), listen)
+}
+
+fn server_config(id: &Identity, tuning: &Tuning) -> Result<quinn::ServerConfig, TransportError> {
     let quic = QuicServerConfig::try_from(id.server_tls()?)
         .map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
     server.transport_config(Arc::new(tuning.transport_config()));
-    let socket = bind_udp(listen, tuning)?;
-    endpoint(socket, Some(server), listen)
+    Ok(server)
 }
 
 /// A client (primary) endpoint on an ephemeral port of the wildcard address: dual-stack IPv6
