@@ -88,12 +88,9 @@ enum Rx {
     },
 }
 
-/// A piece of reply on its way to the socket.
+/// A piece of reply on its way to the socket. Every variant keeps its bytes on the heap: a
+/// `writev` in flight points into them while the queue itself may grow and move.
 enum Seg {
-    Small {
-        bytes: [u8; 32],
-        len: u8,
-    },
     Bytes(Vec<u8>),
     Data {
         buf: Rc<AlignedBuf>,
@@ -104,16 +101,10 @@ enum Seg {
 
 impl Seg {
     fn small(b: &[u8]) -> Seg {
-        let mut bytes = [0u8; 32];
-        bytes[..b.len()].copy_from_slice(b);
-        Seg::Small {
-            bytes,
-            len: b.len() as u8,
-        }
+        Seg::Bytes(b.to_vec())
     }
     fn slice(&self) -> &[u8] {
         match self {
-            Seg::Small { bytes, len } => &bytes[..*len as usize],
             Seg::Bytes(v) => v,
             Seg::Data { buf, start, end } => &buf[*start..*end],
         }
@@ -141,6 +132,9 @@ pub struct Conn {
     rx_end: usize,
     rx_state: Rx,
     read_inflight: bool,
+    /// The socket read in flight lands in this write's payload buffer, not in `rx`. Decided at
+    /// submission: parsing may change `rx_state` while the read is in flight.
+    read_into_payload: Option<usize>,
     /// No more requests will be read (client said DISC, hung up, or broke the protocol).
     rx_closed: bool,
     out: VecDeque<Seg>,
@@ -195,6 +189,7 @@ impl Conn {
             rx_end: leftover.len(),
             rx_state: Rx::Header,
             read_inflight: false,
+            read_into_payload: None,
             rx_closed: false,
             out: VecDeque::new(),
             out_front_done: 0,
@@ -284,8 +279,10 @@ impl Conn {
 
     fn submit_sock_read(&mut self) {
         let fd = types::Fd(self.sock.as_raw_fd());
+        self.read_into_payload = None;
         let entry = match self.rx_state {
             Rx::Payload { slot } if self.rx_start == self.rx_end => {
+                self.read_into_payload = Some(slot);
                 // Large payloads land straight in the op's buffer.
                 let op = self.ops[slot].as_mut().expect("payload slot");
                 let buf = op.buf.as_mut().expect("write buffer");
@@ -312,6 +309,7 @@ impl Conn {
 
     fn on_sock_read(&mut self, res: i32) {
         self.read_inflight = false;
+        let target = self.read_into_payload.take();
         if res <= 0 {
             let why = if res == 0 {
                 "closed the connection".to_string()
@@ -337,15 +335,15 @@ impl Conn {
             return;
         }
         let n = res as usize;
-        match self.rx_state {
-            Rx::Payload { slot } if self.rx_start == self.rx_end => {
+        match target {
+            Some(slot) => {
                 let op = self.ops[slot].as_mut().expect("payload slot");
                 op.done += n as u32;
                 if op.done as usize == op.buf.as_ref().expect("write buffer").len() {
                     self.payload_received(slot);
                 }
             }
-            _ => self.rx_end += n,
+            None => self.rx_end += n,
         }
         self.process_rx();
     }
