@@ -70,6 +70,8 @@ const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKDISCARD: libc::c_ulong = 0x1277;
 const BLKZEROOUT: libc::c_ulong = 0x127f;
 const BLKSSZGET: libc::c_ulong = 0x1268;
+/// How long opening waits for a volume lock held by a process that is still exiting.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The O_DIRECT (offset, memory) alignment of an open file (statx STATX_DIOALIGN; block
 /// devices: the logical sector size for both), or None when the kernel does not say.
@@ -132,12 +134,18 @@ impl FileStorage {
             return Err(OpenError::NotADisk { name, path });
         }
         // One process per volume: a second server on the same disk would break every promise.
-        if unsafe { libc::flock(buffered.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        // A process killed with io_uring requests in flight keeps its files (and this lock) for
+        // a moment while the kernel tears its ring down: give a just-dead owner LOCK_WAIT.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        while unsafe { libc::flock(buffered.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(io_err(e));
+            }
+            if std::time::Instant::now() > deadline {
                 return Err(OpenError::Locked { name, path });
             }
-            return Err(io_err(e));
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
         let size = if block_device {
             let mut sz: u64 = 0;
