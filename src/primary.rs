@@ -54,6 +54,8 @@ pub enum PrimaryError {
     #[error("{0}")]
     Fault(String),
     #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
     Transport(#[from] crate::transport::TransportError),
     #[error("mirror address {0:?}: {1}")]
     MirrorAddr(String, String),
