@@ -180,7 +180,7 @@ pub fn run(opts: PrimaryOptions) -> Result<(), PrimaryError> {
                 PrimaryError::MirrorAddr(repl.mirror.clone(), "resolves to nothing".into())
             })?;
         if repl.journal_bytes < MIN_JOURNAL_BYTES {
-            return Err(PrimaryError::Fault(format!(
+            return Err(PrimaryError::Config(format!(
                 "--journal-size must be at least {} MiB",
                 MIN_JOURNAL_BYTES >> 20
             )));
