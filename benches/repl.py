@@ -23,47 +23,24 @@ import sys
 import tempfile
 import time
 
+from benchlib import BIN, die, log, status, stop, wait_for
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECS = int(os.environ.get("BENCH_SECS", "15"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 SIZE = os.environ.get("BENCH_SIZE", "2G")
 DIR = os.path.abspath(os.environ.get("BENCH_DIR", os.path.join(ROOT, "target/bench/tmp")))
 OUT = os.path.join(ROOT, "target/bench/repl.json")
-BIN = os.path.join(ROOT, "target/release/blkmirror")
 WORKLOADS = [
     ("seq_write_1m_qd16", "write", "1M", 16, "MiB/s"),
     ("rand_write_4k_qd32", "randwrite", "4k", 32, "IOPS"),
 ]
 
 
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def die(msg):
-    log(f"error: {msg}")
-    sys.exit(1)
-
-
 def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_for(what, pred, timeout=120.0, procs=()):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for p in procs:
-            if p.poll() is not None:
-                die(f"{p.args[0]} {p.args[1]} exited with {p.returncode} while waiting for {what}")
-        try:
-            if pred():
-                return
-        except (OSError, ValueError, KeyError, IndexError):
-            pass
-        time.sleep(0.1)
-    die(f"timed out waiting for {what}")
 
 
 def nbd_ready(sock):
@@ -73,27 +50,12 @@ def nbd_ready(sock):
         return s.recv(8) == b"NBDMAGIC"
 
 
-def status(control):
-    out = subprocess.run([BIN, "status", "--control", control, "--json"], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)["volumes"][0]
-
-
 def peak_rss_kib(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1])
     return 0
-
-
-def stop(p):
-    if p and p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def make_backing(path):

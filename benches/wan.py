@@ -30,6 +30,8 @@ import tempfile
 import threading
 import time
 
+from benchlib import BIN, die, log, status, stop, wait_for
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RATE = int(os.environ.get("BENCH_RATE_MBIT", "500"))
 RTT_MS = 20
@@ -41,21 +43,11 @@ CUT_SECS = int(os.environ.get("BENCH_CUT_SECS", "30"))
 NBDCOPY = os.environ.get("BENCH_NBDCOPY", "256M")
 DIR = os.path.abspath(os.environ.get("BENCH_DIR", os.path.join(ROOT, "target/bench/tmp")))
 OUT = os.path.join(ROOT, "target/bench")
-BIN = os.path.join(ROOT, "target/release/blkmirror")
 WAN = [os.path.join(ROOT, "tools/wan-sim")]
 PRI, MIR = "bm-pri", "bm-mir"
 PRI_IP, MIR_IP = "10.99.0.1", "10.99.0.2"
 PORT = 7788
 VOL_SIZE = "4G"
-
-
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def die(msg):
-    log(f"error: {msg}")
-    sys.exit(1)
 
 
 def size_bytes(s):
@@ -86,36 +78,6 @@ def iperf(seconds, *extra):
         return json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"] / 1e6
     finally:
         server.wait(10)
-
-
-def status(control):
-    out = run([BIN, "status", "--control", control, "--json"], capture_output=True, text=True)
-    return json.loads(out.stdout)["volumes"][0]
-
-
-def wait_for(what, pred, timeout, procs=()):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for p in procs:
-            if p.poll() is not None:
-                die(f"{' '.join(p.args[:6])} exited ({p.returncode}) while waiting for {what}")
-        try:
-            if pred():
-                return
-        except (OSError, ValueError, KeyError, subprocess.CalledProcessError):
-            pass
-        time.sleep(0.1)
-    die(f"timed out after {timeout} s waiting for {what}")
-
-
-def stop(p):
-    if p and p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 class Sampler(threading.Thread):
