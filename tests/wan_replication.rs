@@ -65,17 +65,8 @@ impl InNs {
     }
 
     fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while c.try_wait().expect("try_wait").is_none() {
-                if Instant::now() > deadline {
-                    let _ = c.kill();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            terminate(c, "blkmirror in a namespace");
         }
     }
 

@@ -249,20 +249,7 @@ impl Server {
 
     /// SIGTERM and wait up to 5 s, then SIGKILL. Returns the exit status.
     pub fn stop(&mut self) -> Option<ExitStatus> {
-        let mut child = self.child.take()?;
-        if let Ok(None) = child.try_wait() {
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(status)) = child.try_wait() {
-                    return Some(status);
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            eprintln!("blkmirror ignored SIGTERM for 5 s; killing it");
-            let _ = child.kill();
-        }
-        child.wait().ok()
+        terminate(self.child.take()?, "blkmirror")
     }
 }
 
@@ -764,20 +751,7 @@ impl Daemon {
     /// SIGTERM and wait up to 5 s, then SIGKILL. Returns the exit status (None if it was not
     /// running).
     pub fn stop(&mut self) -> Option<ExitStatus> {
-        let mut child = self.child.take()?;
-        if let Ok(None) = child.try_wait() {
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(status)) = child.try_wait() {
-                    return Some(status);
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            eprintln!("{} ignored SIGTERM for 5 s; killing it", self.label);
-            let _ = child.kill();
-        }
-        child.wait().ok()
+        terminate(self.child.take()?, &self.label)
     }
 
     /// The status document from the control socket (None if the daemon does not answer).
@@ -884,4 +858,21 @@ impl Mount {
             mounted: true,
         }
     }
+}
+
+/// SIGTERM a child and wait up to 5 s, then SIGKILL it. Returns its exit status.
+pub fn terminate(mut child: Child, label: &str) -> Option<ExitStatus> {
+    if let Ok(None) = child.try_wait() {
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("{label} ignored SIGTERM for 5 s; killing it");
+        let _ = child.kill();
+    }
+    child.wait().ok()
 }
