@@ -217,12 +217,21 @@ fn replication_through_a_lossy_reordering_link_with_a_cut() {
     wan_sim(&["cut", "--secs", "5"]);
     let status = workload.wait().expect("workload");
     assert!(status.success(), "the workload failed through the primary");
+    let mut max_mtu = 0;
     wait_until(
         "lag 0 after the workload",
         Duration::from_secs(180),
         &[&mirror, &primary],
-        || vol(&pctl).is_some_and(|v| v["lag_bytes"] == 0 && v["link"] == "up"),
+        || {
+            vol(&pctl).is_some_and(|v| {
+                max_mtu = max_mtu.max(v["quic"]["mtu"].as_u64().unwrap_or(0));
+                v["lag_bytes"] == 0 && v["link"] == "up"
+            })
+        },
     );
+    // MTU discovery found what the emulated IPv4 path over 1500-byte frames carries: 1472
+    // bytes of UDP payload, more than quinn's 1452 default, and nothing larger got through.
+    assert_eq!(max_mtu, 1472, "largest UDP payload seen in status");
     let stats = wan_sim(&["stats", "--json"]);
     let st: serde_json::Value = serde_json::from_str(&stats).expect("stats JSON");
     let text = st.to_string();

@@ -53,6 +53,8 @@ pub struct QuicCounters {
     pub cwnd: u64,
     pub rtt_ms: f64,
     pub min_rtt_ms: f64,
+    /// UDP payload size now in use (MTU discovery raises it to what the path carries).
+    pub mtu: u16,
     /// Counters of sessions that ended (the current one is added on top).
     #[serde(skip)]
     done: (u64, u64, u64, u64),
@@ -68,6 +70,7 @@ impl QuicCounters {
         self.cwnd = p.cwnd;
         self.rtt_ms = p.rtt.as_secs_f64() * 1e3;
         self.min_rtt_ms = p.min_rtt.as_secs_f64() * 1e3;
+        self.mtu = p.current_mtu;
     }
 
     fn end_session(&mut self) {
