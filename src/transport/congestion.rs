@@ -9,9 +9,9 @@
 //! - Startup: the window grows by what is acknowledged (doubling per round trip) until the
 //!   delivery rate stops growing by 25 % for three rounds, or a round loses more than
 //!   `HEAVY_LOSS` of its packets (a queue overflowed).
-//! - Steady: gain 1.5 (a standing queue of half a round trip: enough that the bottleneck never
-//!   runs dry between acknowledgements), with one round of gain 1.75 every 8 to find bandwidth
-//!   that became available.
+//! - Steady: gain 2 (BBR's window gain: a standing queue of up to one round trip, enough that the
+//!   bottleneck never runs dry while acknowledgements and the sender's own CPU stutter), with
+//!   one round of gain 2.25 every 8 to find bandwidth that became available.
 //! - Random loss is ignored. A round losing more than `HEAVY_LOSS` of its bytes is congestion:
 //!   the rate estimate backs off by 15 % and the window keeps no standing queue (gain 1) for
 //!   8 rounds. Persistent congestion (an outage) restarts
@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 /// A round losing more than this fraction of its bytes is congestion, not noise.
 pub const HEAVY_LOSS: f64 = 0.05;
-const STEADY_GAIN: f64 = 1.5;
-const PROBE_GAIN: f64 = 1.75;
+const STEADY_GAIN: f64 = 2.0;
+const PROBE_GAIN: f64 = 2.25;
 const PROBE_EVERY: u64 = 8;
 /// Rounds over which the delivery-rate maximum is kept.
 const RATE_WINDOW: usize = 10;
