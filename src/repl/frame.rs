@@ -523,6 +523,19 @@ pub fn decode_one(buf: &[u8]) -> Result<Option<(Message, usize)>, FrameError> {
     }
 }
 
+/// Decodes one complete message that is all of `frame` (as [`read_message`] reads it). Data
+/// extents stored raw are slices of `frame`, not copies.
+///
+/// [`read_message`]: super::stream::read_message
+pub fn decode_frame(frame: &Bytes) -> Result<Message, FrameError> {
+    match frame_len(frame)? {
+        Some(total) if total == frame.len() => parse_frame(frame, Some(frame)),
+        _ => Err(FrameError::Malformed(
+            "message length disagrees with its body",
+        )),
+    }
+}
+
 /// Test-only fault hook: flips (bitwise NOT) the last stored byte of the first data extent of an
 /// encoded Set message, so that the CRC check must catch it (for lz4 extents the last byte is a
 /// literal, so the block still decompresses — to wrong data). Returns false if `encoded` does not

@@ -3,15 +3,18 @@
 //! volume.
 
 use super::apply::{self, Applier, CopyState, VolumeState};
+use super::fold::Payload;
 use super::frame::{DeltaSet, Message, SetKind, PROTOCOL_VERSION};
 use super::redo::RedoLog;
 use super::stream::{read_message, write_message, StreamError};
 use crate::disk::file::{FileStorage, IoMode};
 use crate::disk::spec::VolumeSpec;
+use bytes::Bytes;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Refusal codes in `Message::Refuse`.
 pub mod refuse {
@@ -24,7 +27,24 @@ pub mod refuse {
 }
 
 /// Bytes received but not yet durable, at most (per session).
-const PENDING_BYTES: usize = 128 << 20;
+const PENDING_BYTES: usize = 64 << 20;
+/// Data bytes of sets durable in the redo log but not yet applied, at most, held in memory
+/// for the applier (I5). When applying falls behind, the receiver waits and QUIC flow control
+/// makes the primary wait: the backlog stays in the primary's journal.
+const APPLY_QUEUE_BYTES: usize = 64 << 20;
+
+/// Room a set takes in the apply queue (at least 1, at most the whole queue).
+fn apply_cost(set: &DeltaSet) -> u32 {
+    let data: usize = set
+        .extents
+        .iter()
+        .map(|e| match &e.payload {
+            Payload::Data(d) => d.len(),
+            Payload::Zero(_) => 0,
+        })
+        .sum();
+    data.clamp(1, APPLY_QUEUE_BYTES) as u32
+}
 
 #[derive(Clone, Copy, Debug, Default)]
 struct Durable {
@@ -50,7 +70,9 @@ pub struct MirrorVolume {
     redo: Mutex<RedoLog>,
     durable: Mutex<Durable>,
     pub state: Arc<Mutex<VolumeState>>,
-    apply_tx: Mutex<mpsc::Sender<DeltaSet>>,
+    apply_tx: Mutex<mpsc::Sender<(DeltaSet, OwnedSemaphorePermit)>>,
+    /// Bounds the sets waiting in `apply_tx` (see [`APPLY_QUEUE_BYTES`]).
+    apply_budget: Arc<Semaphore>,
     pub stats: MirrorStats,
     session: Mutex<Option<tokio::task::AbortHandle>>,
 }
@@ -83,6 +105,7 @@ impl MirrorVolume {
             durable: Mutex::new(durable),
             state: Arc::new(Mutex::new(state)),
             apply_tx: Mutex::new(tx),
+            apply_budget: Arc::new(Semaphore::new(APPLY_QUEUE_BYTES)),
             stats: MirrorStats::default(),
             session: Mutex::new(None),
         });
@@ -94,7 +117,12 @@ impl MirrorVolume {
     }
 
     /// Apply sets in order; sync and persist the state once per batch.
-    fn apply_loop(&self, mut applier: Applier, rx: mpsc::Receiver<DeltaSet>, state_path: PathBuf) {
+    fn apply_loop(
+        &self,
+        mut applier: Applier,
+        rx: mpsc::Receiver<(DeltaSet, OwnedSemaphorePermit)>,
+        state_path: PathBuf,
+    ) {
         while let Ok(first) = rx.recv() {
             let mut batch = vec![first];
             while batch.len() < 64 {
@@ -105,7 +133,7 @@ impl MirrorVolume {
             }
             let mut next = self.state.lock().unwrap().clone();
             let result = (|| -> io::Result<()> {
-                for set in &batch {
+                for (set, _) in &batch {
                     applier.apply(set)?;
                     next.advance(set);
                 }
@@ -169,7 +197,7 @@ impl MirrorVolume {
 
     /// Make a run of sets durable with one fsync (group commit), if each is the next one.
     /// Blocking. Returns the durable state after each set, for its acknowledgement.
-    fn make_durable(&self, batch: &[(DeltaSet, Vec<u8>)]) -> Result<Vec<Durable>, (u16, String)> {
+    fn make_durable(&self, batch: &[(DeltaSet, Bytes)]) -> Result<Vec<Durable>, (u16, String)> {
         let mut redo = self.redo.lock().unwrap();
         let mut d = *self.durable.lock().unwrap();
         let mut after = Vec::with_capacity(batch.len());
@@ -203,10 +231,7 @@ impl MirrorVolume {
             }
             after.push(d);
         }
-        let entries: Vec<(u64, &[u8])> = batch
-            .iter()
-            .map(|(s, raw)| (s.set, raw.as_slice()))
-            .collect();
+        let entries: Vec<(u64, &[u8])> = batch.iter().map(|(s, raw)| (s.set, &raw[..])).collect();
         redo.append(&entries)
             .map_err(|e| (refuse::DISK_FAILED, format!("redo log: {e}")))?;
         *self.durable.lock().unwrap() = d;
@@ -345,7 +370,7 @@ impl MirrorVolume {
         // sets are read off the stream. Received-but-not-durable bytes are bounded.
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<(
             DeltaSet,
-            Vec<u8>,
+            Bytes,
             tokio::sync::OwnedSemaphorePermit,
         )>();
         let budget = Arc::new(tokio::sync::Semaphore::new(PENDING_BYTES));
@@ -405,7 +430,7 @@ impl MirrorVolume {
         send: &mut quinn::SendStream,
         mut rx: tokio::sync::mpsc::UnboundedReceiver<(
             DeltaSet,
-            Vec<u8>,
+            Bytes,
             tokio::sync::OwnedSemaphorePermit,
         )>,
     ) -> Result<(), (u16, String)> {
@@ -414,7 +439,7 @@ impl MirrorVolume {
             while let Ok(more) = rx.try_recv() {
                 batch.push(more);
             }
-            let (sets, permits): (Vec<(DeltaSet, Vec<u8>)>, Vec<_>) =
+            let (sets, permits): (Vec<(DeltaSet, Bytes)>, Vec<_>) =
                 batch.into_iter().map(|(s, raw, p)| ((s, raw), p)).unzip();
             let v = self.clone();
             let (sets, result) = tokio::task::spawn_blocking(move || {
@@ -436,10 +461,15 @@ impl MirrorVolume {
                     .await
                     .map_err(|e| (refuse::BAD_MESSAGE, e.to_string()))?;
             }
-            let tx = self.apply_tx.lock().unwrap();
             for (set, _) in sets {
+                let permit = self
+                    .apply_budget
+                    .clone()
+                    .acquire_many_owned(apply_cost(&set))
+                    .await
+                    .expect("the apply budget is never closed");
                 // The applier thread only ends after a disk failure, which the next set reports.
-                let _ = tx.send(set);
+                let _ = self.apply_tx.lock().unwrap().send((set, permit));
             }
         }
         Ok(())

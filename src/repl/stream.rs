@@ -1,6 +1,7 @@
 //! Reading and writing whole replication messages on a QUIC stream.
 
 use super::frame::{self, EncodeStats, FrameError, Message};
+use bytes::Bytes;
 use quinn::{RecvStream, SendStream};
 
 #[derive(Debug, thiserror::Error)]
@@ -17,10 +18,9 @@ pub enum StreamError {
     Write(#[from] quinn::WriteError),
 }
 
-/// The next whole message and its raw bytes (kept for the redo log); None at a clean end.
-pub async fn read_message(
-    recv: &mut RecvStream,
-) -> Result<Option<(Message, Vec<u8>)>, StreamError> {
+/// The next whole message and its raw bytes (kept for the redo log; the message's data refers
+/// to them rather than copying); None at a clean end.
+pub async fn read_message(recv: &mut RecvStream) -> Result<Option<(Message, Bytes)>, StreamError> {
     let mut head = [0u8; frame::PREFIX_LEN];
     match recv.read_exact(&mut head).await {
         Ok(()) => {}
@@ -42,10 +42,8 @@ pub async fn read_message(
         }
         Err(e) => return Err(e.into()),
     }
-    match frame::decode_one(&raw)? {
-        Some((msg, used)) if used == raw.len() => Ok(Some((msg, raw))),
-        _ => Err(FrameError::Malformed("message length disagrees with its body").into()),
-    }
+    let raw = Bytes::from(raw);
+    Ok(Some((frame::decode_frame(&raw)?, raw)))
 }
 
 pub async fn write_message(
