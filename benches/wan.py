@@ -4,18 +4,19 @@
 On tools/wan-sim (namespaces bm-pri 10.99.0.1 and bm-mir 10.99.0.2), all in one run:
   0. the emulator's own ceiling: iperf3 TCP through it with no delay, loss or rate limit;
   1. the link (BENCH_RATE_MBIT, RTT 20 ms, loss 0.1 %, 50 ms queue):
-     peers: iperf3 TCP single stream with Cubic and with BBR; nbdcopy from a local image to a
-     qemu-nbd at the far side over TCP;
+     peers: iperf3 TCP single stream with Cubic; nbdcopy from a local image to a qemu-nbd at
+     the far side over TCP;
   2. blkmirror (primary in bm-pri, mirror in bm-mir): bulk 2 GiB written through NBD,
-     incompressible then 2:1 compressible; effective rate = bytes made durable at the mirror
-     per second (from the first write until the primary's lag is 0);
+     incompressible, alternating with iperf3 TCP BBR for BENCH_ROUNDS rounds (medians), then
+     2:1 compressible; effective rate = bytes made durable at the mirror per second (from the
+     first write until the primary's lag is 0);
   3. steady: writes at 50 % of the link for 60 s; lag (RPO) p50 / p99 / max;
   4. outage: the link cut for 30 s during the steady load; seconds from the end of the cut until
      the lag is under 1 s; the mirror is compared with the primary afterwards.
 Prints a table, writes target/bench/wan.json and target/bench/wan.svg (throughput and lag).
 
 Environment: BENCH_RATE_MBIT (500), BENCH_BULK (2G), BENCH_STEADY_SECS (60), BENCH_CUT_SECS (30),
-BENCH_NBDCOPY (256M), BENCH_DIR (target/bench/tmp), BENCH_SKIP_BUILD (0).
+BENCH_NBDCOPY (256M), BENCH_ROUNDS (3), BENCH_DIR (target/bench/tmp), BENCH_SKIP_BUILD (0).
 """
 
 import json
@@ -41,6 +42,8 @@ BULK = os.environ.get("BENCH_BULK", "2G")
 STEADY_SECS = int(os.environ.get("BENCH_STEADY_SECS", "60"))
 CUT_SECS = int(os.environ.get("BENCH_CUT_SECS", "30"))
 NBDCOPY = os.environ.get("BENCH_NBDCOPY", "256M")
+# TCP BBR and the incompressible bulk run this many times, alternating; medians are reported.
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 DIR = os.path.abspath(os.environ.get("BENCH_DIR", os.path.join(ROOT, "target/bench/tmp")))
 OUT = os.path.join(ROOT, "target/bench")
 WAN = [os.path.join(ROOT, "tools/wan-sim")]
@@ -184,11 +187,6 @@ def main():
             str(QUEUE_MS))
         res["tcp_iperf_mbit"] = round(iperf(15, "-C", "cubic"), 1)
         log(f"iperf3 TCP cubic: {res['tcp_iperf_mbit']} Mbit/s")
-        try:
-            res["tcp_bbr_mbit"] = round(iperf(15, "-C", "bbr"), 1)
-        except subprocess.CalledProcessError:
-            res["tcp_bbr_mbit"] = None
-        log(f"iperf3 TCP bbr: {res['tcp_bbr_mbit']} Mbit/s")
         src = os.path.join(DIR, "wan-nbdcopy.bin")
         far = os.path.join(DIR, "wan-far.img")
         make_data(src, size_bytes(NBDCOPY), False)
@@ -238,22 +236,41 @@ def main():
         sampler.start()
         uri = f"nbd+unix:///v?socket={sock}"
         bulk = size_bytes(BULK)
-        for key, compressible in (("incompressible_mbit", False), ("compressible_effective_mbit", True)):
+
+        def bulk_write(label, compressible):
+            """Mbit/s made durable at the mirror for one bulk write, and the QUIC counters' change."""
             data = os.path.join(DIR, f"wan-bulk-{'c' if compressible else 'r'}.bin")
             make_data(data, bulk, compressible)
             q0 = status(pctl)["quic"]
-            sampler.mark(key.split("_")[0])
+            sampler.mark(label)
             t = time.time()
             run(["nbdcopy", data, uri])
             wait_for("lag 0 after the bulk write", lambda: status(pctl)["lag_bytes"] == 0, 1800, daemons)
             secs = time.time() - t
             q1 = status(pctl)["quic"]
-            res[key] = round(bulk * 8 / secs / 1e6, 1)
-            if not compressible:
-                sent = q1["sent_packets"] - q0["sent_packets"]
-                res["packets_lost_ratio"] = round((q1["lost_packets"] - q0["lost_packets"]) / max(sent, 1), 5)
-            log(f"bulk {'2:1 compressible' if compressible else 'incompressible'}: {res[key]} Mbit/s effective "
-                f"({secs:.1f} s)")
+            mbit = bulk * 8 / secs / 1e6
+            log(f"bulk {'2:1 compressible' if compressible else 'incompressible'}: {mbit:.1f} Mbit/s effective "
+                f"({secs:.1f} s, UDP payload {q1['mtu']} bytes)")
+            return mbit, q1["sent_packets"] - q0["sent_packets"], q1["lost_packets"] - q0["lost_packets"]
+
+        # TCP BBR and our incompressible bulk side by side: alternating rounds on the same
+        # link (our daemons sit idle while iperf3 runs), medians of each.
+        bbr, inc, sent, lost = [], [], 0, 0
+        for r in range(1, ROUNDS + 1):
+            try:
+                bbr.append(iperf(15, "-C", "bbr"))
+                log(f"round {r}: iperf3 TCP bbr: {bbr[-1]:.1f} Mbit/s")
+            except subprocess.CalledProcessError:
+                log("iperf3 -C bbr failed (no tcp_bbr module?)")
+            mbit, s_, l_ = bulk_write(f"incompressible {r}" if ROUNDS > 1 else "incompressible", False)
+            inc.append(mbit)
+            sent, lost = sent + s_, lost + l_
+        res["tcp_bbr_mbit"] = round(statistics.median(bbr), 1) if bbr else None
+        res["tcp_bbr_mbit_samples"] = [round(x, 1) for x in bbr]
+        res["incompressible_mbit"] = round(statistics.median(inc), 1)
+        res["incompressible_mbit_samples"] = [round(x, 1) for x in inc]
+        res["packets_lost_ratio"] = round(lost / max(sent, 1), 5)
+        res["compressible_effective_mbit"] = round(bulk_write("compressible", True)[0], 1)
 
         # 3. Steady load at half the link rate; 4. the same with a cut.
         rate_bytes = RATE * 1_000_000 // 8 // 2
@@ -306,9 +323,9 @@ def main():
     rows = [
         ("emulator ceiling (iperf3 TCP, no delay/loss/limit)", res["emulator_ceiling_mbit"], "Mbit/s"),
         ("iperf3 TCP Cubic, single stream", res["tcp_iperf_mbit"], "Mbit/s"),
-        ("iperf3 TCP BBR, single stream", res["tcp_bbr_mbit"], "Mbit/s"),
+        (f"iperf3 TCP BBR, single stream (median of {ROUNDS})", res["tcp_bbr_mbit"], "Mbit/s"),
         (f"nbdcopy to qemu-nbd over TCP ({res['nbdcopy_tcp_cc']})", res["nbdcopy_tcp_mbit"], "Mbit/s"),
-        ("blkmirror bulk, incompressible (durable at mirror)", res["incompressible_mbit"], "Mbit/s"),
+        (f"blkmirror bulk, incompressible, durable (median of {ROUNDS})", res["incompressible_mbit"], "Mbit/s"),
         ("blkmirror bulk, 2:1 compressible (effective)", res["compressible_effective_mbit"], "Mbit/s"),
         ("QUIC packets lost / sent (bulk)", res["packets_lost_ratio"], ""),
         ("RPO at 50 % load p50 / p99 / max", f"{res['rpo_p50_ms']} / {res['rpo_p99_ms']} / {res['rpo_max_ms']}", "ms"),
