@@ -207,6 +207,14 @@ impl FileStorage {
         self.align > 1
     }
 
+    /// A buffered write from the calling thread (page-cache copy, no waiting on the disk).
+    /// Only for files opened without direct I/O.
+    pub fn write_buffered(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        debug_assert!(!self.direct_io(), "write_buffered on a direct-I/O file");
+        self.file.write_all_at(data, offset)
+    }
+
     fn fd(&self) -> types::Fd {
         types::Fd(self.file.as_raw_fd())
     }
