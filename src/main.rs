@@ -178,7 +178,21 @@ fn parse_rate(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("link rate {s:?}: expected e.g. 500M or 10G"))
 }
 
+/// Buffers of a megabyte and more (frames, delta sets, journal reads) come and go all the time,
+/// on many threads. glibc gives each thread that allocates its own heap ("arena"), and each
+/// keeps what was freed in it: resident memory drifted 100 MB above what was live. Two arenas
+/// keep it near the live size at no measured cost in throughput (a fixed mmap threshold did
+/// better on memory but cost 20 % of replication throughput). I5: bounded memory.
+fn bound_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes allocator tuning; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn main() -> ExitCode {
+    bound_heap();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BLKMIRROR_LOG")
