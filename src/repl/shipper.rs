@@ -290,7 +290,10 @@ impl Shipper {
         let compress = self.compress;
         // Folding, CRCs and lz4 take milliseconds per set: off the network threads.
         let (buf, stats) = tokio::task::spawn_blocking(move || {
-            let mut buf = Vec::new();
+            // Sized once: growing an 8 MiB buffer by doubling copies it again and again.
+            let mut buf = Vec::with_capacity(
+                usize::try_from(set.max_body_len()).unwrap_or(0) + super::frame::PREFIX_LEN,
+            );
             let stats = super::frame::encode_opts(&Message::Set(set), &mut buf, compress);
             (buf, stats)
         })
@@ -303,7 +306,8 @@ impl Shipper {
             self.stats.corrupt_next.store(false, Ordering::Relaxed);
             tracing::warn!(volume = %self.volume, set = number, "test hook: corrupted a byte of this set after its CRC");
         }
-        send.write_all(&buf)
+        // Handed over, not copied: quinn keeps the chunk until the mirror acknowledges it.
+        send.write_chunk(bytes::Bytes::from(buf))
             .await
             .map_err(super::stream::StreamError::from)?;
         self.stats

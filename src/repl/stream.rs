@@ -1,7 +1,7 @@
 //! Reading and writing whole replication messages on a QUIC stream.
 
 use super::frame::{self, EncodeStats, FrameError, Message};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use quinn::{RecvStream, SendStream};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,16 +33,21 @@ pub async fn read_message(recv: &mut RecvStream) -> Result<Option<(Message, Byte
         return Err(FrameError::TooLarge(body_len).into());
     }
     let total = frame::PREFIX_LEN + body_len as usize;
-    let mut raw = vec![0u8; total];
-    raw[..head.len()].copy_from_slice(&head);
-    match recv.read_exact(&mut raw[head.len()..]).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(n)) => {
-            return Err(StreamError::Truncated(head.len() + n))
+    // Chunks as quinn holds them, appended once: no zero-filling of a buffer about to be
+    // overwritten.
+    let mut raw = BytesMut::with_capacity(total);
+    raw.extend_from_slice(&head);
+    while raw.len() < total {
+        let chunk = recv
+            .read_chunk(total - raw.len(), true)
+            .await
+            .map_err(|e| StreamError::Read(quinn::ReadExactError::ReadError(e)))?;
+        match chunk {
+            Some(c) => raw.extend_from_slice(&c.bytes),
+            None => return Err(StreamError::Truncated(raw.len())),
         }
-        Err(e) => return Err(e.into()),
     }
-    let raw = Bytes::from(raw);
+    let raw = raw.freeze();
     Ok(Some((frame::decode_frame(&raw)?, raw)))
 }
 
