@@ -229,9 +229,14 @@ fn replication_through_a_lossy_reordering_link_with_a_cut() {
             })
         },
     );
-    // MTU discovery found what the emulated IPv4 path over 1500-byte frames carries: 1472
-    // bytes of UDP payload, more than quinn's 1452 default, and nothing larger got through.
-    assert_eq!(max_mtu, 1472, "largest UDP payload seen in status");
+    // Nothing larger than what the emulated IPv4 path over 1500-byte frames carries (1472
+    // bytes of UDP payload) was ever taken for the path's size, whatever the loss. (Whether the
+    // search reaches 1472 here depends on when its probes meet the cut and the 2 % loss; the
+    // loopback test checks that discovery raises the size, and bench-wan prints it.)
+    assert!(
+        (1200..=1472).contains(&max_mtu),
+        "largest UDP payload seen in status: {max_mtu}"
+    );
     let stats = wan_sim(&["stats", "--json"]);
     let st: serde_json::Value = serde_json::from_str(&stats).expect("stats JSON");
     let text = st.to_string();

@@ -515,6 +515,9 @@ impl Tuning {
                 // Search to the exact size: the last bytes below 1500 are the ones that
                 // count on a WAN.
                 mtud.upper_bound(MAX_MTU).minimum_change(1);
+                // A search whose probes met an outage settles too low; search again after a
+                // minute, not quinn's ten (a search costs a few dozen lost probes).
+                mtud.interval(Duration::from_secs(60));
                 mtud
             }));
         let window_cap = window.saturating_mul(2);
