@@ -137,17 +137,27 @@ impl Applier {
                 ),
             ));
         }
-        // Direct I/O: block-aligned copies of the data (see `aligned_runs`), written through
-        // the ring without the page cache.
-        let runs = if self.storage.direct_io() {
-            aligned_runs(&self.storage, &mut self.pool, &set.extents)?
-        } else {
-            Vec::new()
-        };
-        let mut extents: Vec<&Extent> = set.extents.iter().collect();
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut runs = Vec::new();
         if self.storage.direct_io() {
-            let align = self.storage.alignment();
-            extents.retain(|e| is_aligned_zero(e, align));
+            // Direct I/O: whole blocks from aligned memory (see `plan_direct`), written through
+            // the ring without the page cache.
+            let (plans, zeroes) = plan_direct(&set.extents, self.storage.alignment());
+            runs = fill_runs(&self.storage, &mut self.pool, plans)?;
+            pending.extend(zeroes.into_iter().map(|(offset, len)| Pending {
+                offset,
+                data: None,
+                len,
+                done: 0,
+                fill: false,
+            }));
+            pending.extend(runs.iter().map(|r| Pending {
+                offset: r.start,
+                data: Some(&r.buf[..]),
+                len: r.buf.len() as u64,
+                done: 0,
+                fill: false,
+            }));
         } else {
             // Buffered writes submitted to io_uring are handed to kernel worker threads, which
             // then queue on the file's inode lock: for 4 KiB extents that took more CPU than
@@ -155,20 +165,12 @@ impl Applier {
             // cache copy from this thread is cheaper. The extents of a set never overlap, so
             // the order between these and the zeroing below does not matter.
             for e in &set.extents {
-                if let Payload::Data(d) = &e.payload {
-                    self.storage.write_buffered(e.offset, d)?;
+                match &e.payload {
+                    Payload::Data(d) => self.storage.write_buffered(e.offset, d)?,
+                    Payload::Zero(_) => pending.push(pending_of(e)),
                 }
             }
-            extents.retain(|e| matches!(e.payload, Payload::Zero(_)));
         }
-        let mut pending: Vec<Pending> = extents.into_iter().map(pending_of).collect();
-        pending.extend(runs.iter().map(|r| Pending {
-            offset: r.start,
-            data: Some(&r.buf[..]),
-            len: r.buf.len() as u64,
-            done: 0,
-            fill: false,
-        }));
         let mut queue: Vec<usize> = (0..pending.len()).rev().collect();
         let mut inflight = 0usize;
         while !queue.is_empty() || inflight > 0 {
@@ -279,53 +281,113 @@ struct AlignedRun {
     buf: AlignedBuf,
 }
 
-/// A zero extent on block boundaries: a zero-range operation even on direct I/O.
-fn is_aligned_zero(e: &Extent, align: u64) -> bool {
-    matches!(e.payload, Payload::Zero(_))
-        && aligned_span(e.offset, e.len(), align) == (e.offset, e.end())
+/// Part of an extent headed for an aligned run: its bytes, or zeroes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Piece<'a> {
+    offset: u64,
+    len: u64,
+    data: Option<&'a [u8]>,
 }
 
-/// Direct I/O takes whole blocks from aligned memory. Every extent except block-aligned zero
-/// ranges (which stay zero-range operations) is copied into runs of whole blocks; extents
-/// sharing a block (unaligned client writes, which never overlap within a set) share a run,
-/// so one block is never written twice at once. A run its extents do not fill is read first.
-fn aligned_runs(
-    storage: &FileStorage,
-    pool: &mut BufPool,
-    extents: &[Extent],
-) -> io::Result<Vec<AlignedRun>> {
-    let align = storage.alignment();
-    let mut groups: Vec<(u64, u64, Vec<&Extent>)> = Vec::new();
+/// Whole blocks `start..end` to be written from memory, and the pieces that fill them.
+#[derive(Debug, PartialEq)]
+struct RunPlan<'a> {
+    start: u64,
+    end: u64,
+    pieces: Vec<Piece<'a>>,
+}
+
+/// How a set goes to a direct-I/O volume: runs of whole blocks written from aligned memory,
+/// and block-aligned ranges to zero in place.
+///
+/// Data extents become pieces of runs. A zero extent keeps its whole blocks as a zero-range
+/// operation, and only its partial edge blocks become pieces, so a huge unaligned
+/// WRITE_ZEROES costs two blocks of memory, not its length. Pieces sharing a block
+/// (unaligned client writes, which never overlap within a set) share a run, so one block is
+/// never written twice at once.
+fn plan_direct(extents: &[Extent], align: u64) -> (Vec<RunPlan<'_>>, Vec<(u64, u64)>) {
+    let mut pieces = Vec::new();
+    let mut zeroes = Vec::new();
     for e in extents {
-        if is_aligned_zero(e, align) {
-            continue;
-        }
-        let (start, end) = aligned_span(e.offset, e.len(), align);
-        match groups.last_mut() {
-            Some((_, g_end, members)) if start < *g_end => {
-                *g_end = (*g_end).max(end);
-                members.push(e);
+        match &e.payload {
+            Payload::Data(d) => pieces.push(Piece {
+                offset: e.offset,
+                len: e.len(),
+                data: Some(d),
+            }),
+            Payload::Zero(_) => {
+                let (mid_start, mid_end) =
+                    (e.offset.next_multiple_of(align), e.end() / align * align);
+                if mid_start >= mid_end {
+                    pieces.push(Piece {
+                        offset: e.offset,
+                        len: e.len(),
+                        data: None,
+                    });
+                    continue;
+                }
+                if e.offset < mid_start {
+                    pieces.push(Piece {
+                        offset: e.offset,
+                        len: mid_start - e.offset,
+                        data: None,
+                    });
+                }
+                zeroes.push((mid_start, mid_end - mid_start));
+                if mid_end < e.end() {
+                    pieces.push(Piece {
+                        offset: mid_end,
+                        len: e.end() - mid_end,
+                        data: None,
+                    });
+                }
             }
-            _ => groups.push((start, end, vec![e])),
         }
     }
-    let mut runs = Vec::with_capacity(groups.len());
-    for (start, end, members) in groups {
-        let len = usize::try_from(end - start).expect("a run fits in memory");
-        let mut buf = pool.get(len);
-        let filled: u64 = members.iter().map(|e| e.len()).sum();
-        if filled < end - start {
-            storage.read_sync(start, &mut buf[..])?;
+    let mut runs: Vec<RunPlan> = Vec::new();
+    for p in pieces {
+        let (start, end) = aligned_span(p.offset, p.len, align);
+        match runs.last_mut() {
+            Some(r) if start < r.end => {
+                r.end = r.end.max(end);
+                r.pieces.push(p);
+            }
+            _ => runs.push(RunPlan {
+                start,
+                end,
+                pieces: vec![p],
+            }),
         }
-        for e in members {
-            let at = (e.offset - start) as usize;
-            let dst = &mut buf[at..at + e.len() as usize];
-            match &e.payload {
-                Payload::Data(d) => dst.copy_from_slice(d),
-                Payload::Zero(_) => dst.fill(0),
+    }
+    (runs, zeroes)
+}
+
+/// Fills the planned runs from the set's data, reading first the runs the pieces do not fill.
+fn fill_runs(
+    storage: &FileStorage,
+    pool: &mut BufPool,
+    plans: Vec<RunPlan<'_>>,
+) -> io::Result<Vec<AlignedRun>> {
+    let mut runs = Vec::with_capacity(plans.len());
+    for plan in plans {
+        let len = usize::try_from(plan.end - plan.start).expect("a run fits in memory");
+        let mut buf = pool.get(len);
+        let filled: u64 = plan.pieces.iter().map(|p| p.len).sum();
+        if filled < plan.end - plan.start {
+            storage.read_sync(plan.start, &mut buf[..])?;
+        }
+        for p in plan.pieces {
+            let at = (p.offset - plan.start) as usize;
+            let dst = &mut buf[at..at + p.len as usize];
+            match p.data {
+                Some(d) => dst.copy_from_slice(d),
+                None => dst.fill(0),
             }
         }
-        runs.push(AlignedRun { start, buf });
+        runs.push(AlignedRun {
+            start: plan.start,
+            buf,
+        });
     }
     Ok(runs)
 }
@@ -488,6 +550,26 @@ mod tests {
             offset,
             payload: Payload::Zero(len),
         }
+    }
+
+    /// A huge unaligned WRITE_ZEROES costs its two edge blocks of memory; its whole blocks are
+    /// zeroed in place. Pieces sharing a block share one run.
+    #[test]
+    fn direct_plan_keeps_memory_to_edge_blocks() {
+        let extents = vec![
+            data(100, 200, 1),
+            zero(300, (1 << 30) + 7),
+            data((1 << 30) + 307, 10, 2),
+        ];
+        let (runs, zeroes) = plan_direct(&extents, 4096);
+        assert_eq!(zeroes, vec![(4096, (1 << 30) - 4096)]);
+        let spans: Vec<(u64, u64, usize)> = runs
+            .iter()
+            .map(|r| (r.start, r.end, r.pieces.len()))
+            .collect();
+        assert_eq!(spans, vec![(0, 4096, 2), (1 << 30, (1 << 30) + 4096, 2)]);
+        let memory: u64 = runs.iter().map(|r| r.end - r.start).sum();
+        assert_eq!(memory, 8192);
     }
 
     /// Unaligned extents sharing blocks, a partial block with a gap, unaligned and aligned
