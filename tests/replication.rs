@@ -53,18 +53,6 @@ fn u(v: &Value, key: &str) -> u64 {
     v[key].as_u64().unwrap_or(0)
 }
 
-/// Deterministic xorshift64* for the test's own random choices (sleep lengths).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
-
 // ------------------------------------------------------------------------------------------
 // The rig: certificates, one mirror, one primary.
 // ------------------------------------------------------------------------------------------
@@ -1385,9 +1373,12 @@ fn bad_wire_input_is_refused() {
     a.send(&mut c, &huge);
     let r = a.reply(&mut c);
     outcomes.push(format!("(d) 4 GiB frame in a session: {r:?}"));
+    let refused_or_closed = |r: &Reply| {
+        matches!(r, Reply::Closed(_) | Reply::Finished)
+            || r.refuse_reason().is_some_and(|s| s.contains("exceeds"))
+    };
     assert!(
-        matches!(&r, Reply::Closed(_) | Reply::Finished)
-            || r.refuse_reason().is_some_and(|s| s.contains("exceeds")),
+        refused_or_closed(&r),
         "(d) expected Refuse or close, got {r:?}"
     );
     assert!(rig
@@ -1401,8 +1392,7 @@ fn bad_wire_input_is_refused() {
     let r = a.reply(&mut c);
     outcomes.push(format!("(d) 4 GiB frame instead of Hello: {r:?}"));
     assert!(
-        matches!(&r, Reply::Closed(_) | Reply::Finished)
-            || r.refuse_reason().is_some_and(|s| s.contains("exceeds")),
+        refused_or_closed(&r),
         "(d) expected Refuse or close, got {r:?}"
     );
     assert!(rig

@@ -3,8 +3,11 @@
 //! client certificates, a foreign protocol and plain garbage are refused, and the server keeps
 //! accepting good peers afterwards.
 
+mod common;
+
 use blkmirror::certs;
 use blkmirror::transport::{self, Identity, TlsFiles, Tuning, ALPN};
+use common::Rng;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -427,22 +430,6 @@ async fn stalled_handshake_times_out_with_plain_accept() {
     server.expect_good_peer(dir.path()).await;
     assert!(started.elapsed() < transport::HANDSHAKE_TIMEOUT * 2);
     stall.abort();
-}
-
-/// xorshift64*: enough randomness for garbage, no extra crate.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn fill(&mut self, buf: &mut [u8]) {
-        for b in buf {
-            *b = self.next() as u8;
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

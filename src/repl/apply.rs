@@ -110,6 +110,18 @@ struct Pending<'a> {
     fill: bool,
 }
 
+impl<'a> Pending<'a> {
+    fn new(offset: u64, data: Option<&'a [u8]>, len: u64) -> Self {
+        Pending {
+            offset,
+            data,
+            len,
+            done: 0,
+            fill: false,
+        }
+    }
+}
+
 impl Applier {
     pub fn new(storage: FileStorage) -> io::Result<Applier> {
         Ok(Applier {
@@ -144,20 +156,15 @@ impl Applier {
             // the ring without the page cache.
             let (plans, zeroes) = plan_direct(&set.extents, self.storage.alignment());
             runs = fill_runs(&self.storage, &mut self.pool, plans)?;
-            pending.extend(zeroes.into_iter().map(|(offset, len)| Pending {
-                offset,
-                data: None,
-                len,
-                done: 0,
-                fill: false,
-            }));
-            pending.extend(runs.iter().map(|r| Pending {
-                offset: r.start,
-                data: Some(&r.buf[..]),
-                len: r.buf.len() as u64,
-                done: 0,
-                fill: false,
-            }));
+            pending.extend(
+                zeroes
+                    .into_iter()
+                    .map(|(o, len)| Pending::new(o, None, len)),
+            );
+            pending.extend(
+                runs.iter()
+                    .map(|r| Pending::new(r.start, Some(&r.buf[..]), r.buf.len() as u64)),
+            );
         } else {
             // Buffered writes submitted to io_uring are handed to kernel worker threads, which
             // then queue on the file's inode lock: for 4 KiB extents that took more CPU than
@@ -167,7 +174,7 @@ impl Applier {
             for e in &set.extents {
                 match &e.payload {
                     Payload::Data(d) => self.storage.write_buffered(e.offset, d)?,
-                    Payload::Zero(_) => pending.push(pending_of(e)),
+                    Payload::Zero(n) => pending.push(Pending::new(e.offset, None, *n as u64)),
                 }
             }
         }
@@ -390,25 +397,6 @@ fn fill_runs(
         });
     }
     Ok(runs)
-}
-
-fn pending_of(e: &Extent) -> Pending<'_> {
-    match &e.payload {
-        Payload::Data(d) => Pending {
-            offset: e.offset,
-            data: Some(d),
-            len: d.len() as u64,
-            done: 0,
-            fill: false,
-        },
-        Payload::Zero(n) => Pending {
-            offset: e.offset,
-            data: None,
-            len: *n as u64,
-            done: 0,
-            fill: false,
-        },
-    }
 }
 
 /// Account one completion; Some(true) = submit the rest again.
