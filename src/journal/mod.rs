@@ -314,11 +314,9 @@ impl Journal {
             .back()
             .is_none_or(|s| s.len >= self.opts.segment_bytes);
         if rotate {
-            if let Some(s) = g.segments.back_mut() {
-                // A closed segment is made durable once, so sync() only ever looks at the last.
-                s.file.sync_data()?;
-                s.synced_len = s.len;
-            }
+            // A closed segment is not synced here: only a client FLUSH or FUA asks for
+            // durability (`sync`). Syncing at rotation stalled every writer behind the lock
+            // and wrote records to disk that, once acknowledged, are deleted unread.
             let path = segment_path(&self.opts.dir, h.seq);
             let file = OpenOptions::new()
                 .create(true)
@@ -352,17 +350,22 @@ impl Journal {
 
     /// Make every record appended so far durable (client FLUSH / FUA).
     pub fn sync(&self) -> io::Result<()> {
-        let (file, len) = {
+        // Oldest first, outside the lock: writers keep appending meanwhile.
+        let unsynced: Vec<(Arc<File>, u64)> = {
             let g = self.inner.lock().unwrap();
-            match g.segments.back() {
-                Some(s) if s.synced_len < s.len => (s.file.clone(), s.len),
-                _ => return Ok(()),
-            }
+            g.segments
+                .iter()
+                .filter(|s| s.synced_len < s.len)
+                .map(|s| (s.file.clone(), s.len))
+                .collect()
         };
-        file.sync_data()?;
-        let mut g = self.inner.lock().unwrap();
-        if let Some(s) = g.segments.iter_mut().find(|s| Arc::ptr_eq(&s.file, &file)) {
-            s.synced_len = s.synced_len.max(len);
+        for (file, len) in unsynced {
+            file.sync_data()?;
+            let mut g = self.inner.lock().unwrap();
+            // The segment may have been acknowledged and removed meanwhile.
+            if let Some(s) = g.segments.iter_mut().find(|s| Arc::ptr_eq(&s.file, &file)) {
+                s.synced_len = s.synced_len.max(len);
+            }
         }
         Ok(())
     }
