@@ -127,6 +127,69 @@ impl BufPool {
     }
 }
 
+/// `n` rounded up to a whole number of [`ALIGN`] blocks.
+pub fn align_up(n: usize) -> usize {
+    n.div_ceil(ALIGN) * ALIGN
+}
+
+/// Immutable bytes in block-aligned memory, followed by zeroes up to the next block: what a
+/// direct-I/O write of whole blocks needs. Cheap to clone; [`BlockBytes::to_bytes`] gives a
+/// `Bytes` over the same memory.
+#[derive(Clone)]
+pub struct BlockBytes {
+    buf: std::sync::Arc<AlignedBuf>,
+    len: usize,
+}
+
+impl BlockBytes {
+    /// The first `len` bytes of `buf`; the rest of the block they end in is zeroed.
+    pub fn new(mut buf: AlignedBuf, len: usize) -> Self {
+        let padded = align_up(len);
+        assert!(padded <= buf.capacity());
+        buf.set_len(padded);
+        buf[len..].fill(0);
+        BlockBytes {
+            buf: std::sync::Arc::new(buf),
+            len,
+        }
+    }
+
+    pub fn copy_from(bytes: &[u8]) -> Self {
+        let mut buf = AlignedBuf::new(align_up(bytes.len()));
+        buf.set_len(bytes.len());
+        buf.copy_from_slice(bytes);
+        Self::new(buf, bytes.len())
+    }
+
+    /// The bytes and their zero padding: a whole number of blocks.
+    pub fn padded(&self) -> &[u8] {
+        &self.buf
+    }
+
+    pub fn to_bytes(&self) -> bytes::Bytes {
+        bytes::Bytes::from_owner(self.clone())
+    }
+}
+
+impl std::fmt::Debug for BlockBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BlockBytes({} bytes)", self.len)
+    }
+}
+
+impl AsRef<[u8]> for BlockBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl std::ops::Deref for BlockBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,6 +205,18 @@ mod tests {
         let b2 = pool.get(8000);
         assert_eq!(b2.as_ptr(), p, "same capacity class is reused");
         assert!(AlignedBuf::zeroed(100).iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn block_bytes_are_aligned_and_zero_padded() {
+        let b = BlockBytes::copy_from(&[7u8; 5000]);
+        assert_eq!(&b[..], &[7u8; 5000][..]);
+        assert_eq!(b.padded().len(), 8192);
+        assert_eq!(b.padded().as_ptr() as usize % ALIGN, 0);
+        assert!(b.padded()[5000..].iter().all(|&x| x == 0));
+        let shared = b.to_bytes();
+        assert_eq!(shared.as_ptr(), b.as_ptr(), "no copy");
+        assert_eq!(BlockBytes::copy_from(&[]).padded().len(), 0);
     }
 
     #[test]

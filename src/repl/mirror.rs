@@ -7,9 +7,9 @@ use super::fold::Payload;
 use super::frame::{DeltaSet, Message, SetKind, PROTOCOL_VERSION};
 use super::redo::RedoLog;
 use super::stream::{read_message, write_message, StreamError};
+use crate::disk::buf::BlockBytes;
 use crate::disk::file::{FileStorage, IoMode};
 use crate::disk::spec::VolumeSpec;
-use bytes::Bytes;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -151,8 +151,11 @@ impl MirrorVolume {
             }
             let applied = next.applied_set;
             *self.state.lock().unwrap() = next;
-            if let Err(e) = self.redo.lock().unwrap().trim(applied) {
-                tracing::warn!(volume = %self.name, "cannot trim the redo log: {e}");
+            // Not behind a redo fsync: if the log is busy, the next append trims instead.
+            if let Ok(mut redo) = self.redo.try_lock() {
+                if let Err(e) = redo.trim(applied) {
+                    tracing::warn!(volume = %self.name, "cannot trim the redo log: {e}");
+                }
             }
         }
     }
@@ -199,7 +202,10 @@ impl MirrorVolume {
 
     /// Make a run of sets durable with one fsync (group commit), if each is the next one.
     /// Blocking. Returns the durable state after each set, for its acknowledgement.
-    fn make_durable(&self, batch: &[(DeltaSet, Bytes)]) -> Result<Vec<Durable>, (u16, String)> {
+    fn make_durable(
+        &self,
+        batch: &[(DeltaSet, BlockBytes)],
+    ) -> Result<Vec<Durable>, (u16, String)> {
         let mut redo = self.redo.lock().unwrap();
         let mut d = *self.durable.lock().unwrap();
         let mut after = Vec::with_capacity(batch.len());
@@ -233,7 +239,11 @@ impl MirrorVolume {
             }
             after.push(d);
         }
-        let entries: Vec<(u64, &[u8])> = batch.iter().map(|(s, raw)| (s.set, &raw[..])).collect();
+        let applied = self.state.lock().unwrap().applied_set;
+        if let Err(e) = redo.trim(applied) {
+            tracing::warn!(volume = %self.name, "cannot trim the redo log: {e}");
+        }
+        let entries: Vec<(u64, &BlockBytes)> = batch.iter().map(|(s, raw)| (s.set, raw)).collect();
         redo.append(&entries)
             .map_err(|e| (refuse::DISK_FAILED, format!("redo log: {e}")))?;
         *self.durable.lock().unwrap() = d;
@@ -372,7 +382,7 @@ impl MirrorVolume {
         // sets are read off the stream. Received-but-not-durable bytes are bounded.
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<(
             DeltaSet,
-            Bytes,
+            BlockBytes,
             tokio::sync::OwnedSemaphorePermit,
         )>();
         let budget = Arc::new(tokio::sync::Semaphore::new(PENDING_BYTES));
@@ -432,7 +442,7 @@ impl MirrorVolume {
         send: &mut quinn::SendStream,
         mut rx: tokio::sync::mpsc::UnboundedReceiver<(
             DeltaSet,
-            Bytes,
+            BlockBytes,
             tokio::sync::OwnedSemaphorePermit,
         )>,
     ) -> Result<(), (u16, String)> {
@@ -441,7 +451,7 @@ impl MirrorVolume {
             while let Ok(more) = rx.try_recv() {
                 batch.push(more);
             }
-            let (sets, permits): (Vec<(DeltaSet, Bytes)>, Vec<_>) =
+            let (sets, permits): (Vec<(DeltaSet, BlockBytes)>, Vec<_>) =
                 batch.into_iter().map(|(s, raw, p)| ((s, raw), p)).unzip();
             let v = self.clone();
             let (sets, result) = tokio::task::spawn_blocking(move || {

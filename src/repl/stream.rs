@@ -1,7 +1,7 @@
 //! Reading and writing whole replication messages on a QUIC stream.
 
 use super::frame::{self, EncodeStats, FrameError, Message};
-use bytes::{Bytes, BytesMut};
+use crate::disk::buf::{align_up, AlignedBuf, BlockBytes};
 use quinn::{RecvStream, SendStream};
 
 #[derive(Debug, thiserror::Error)]
@@ -18,9 +18,12 @@ pub enum StreamError {
     Write(#[from] quinn::WriteError),
 }
 
-/// The next whole message and its raw bytes (kept for the redo log; the message's data refers
-/// to them rather than copying); None at a clean end.
-pub async fn read_message(recv: &mut RecvStream) -> Result<Option<(Message, Bytes)>, StreamError> {
+/// The next whole message and its raw bytes (kept for the redo log, which writes them from
+/// this block-aligned memory without a copy; the message's data refers to them rather than
+/// copying); None at a clean end.
+pub async fn read_message(
+    recv: &mut RecvStream,
+) -> Result<Option<(Message, BlockBytes)>, StreamError> {
     let mut head = [0u8; frame::PREFIX_LEN];
     match recv.read_exact(&mut head).await {
         Ok(()) => {}
@@ -33,22 +36,27 @@ pub async fn read_message(recv: &mut RecvStream) -> Result<Option<(Message, Byte
         return Err(FrameError::TooLarge(body_len).into());
     }
     let total = frame::PREFIX_LEN + body_len as usize;
-    // Chunks as quinn holds them, appended once: no zero-filling of a buffer about to be
+    // Chunks as quinn holds them, copied once: no zero-filling of a buffer about to be
     // overwritten.
-    let mut raw = BytesMut::with_capacity(total);
-    raw.extend_from_slice(&head);
-    while raw.len() < total {
+    let mut raw = AlignedBuf::new(align_up(total));
+    raw.set_len(total);
+    raw[..head.len()].copy_from_slice(&head);
+    let mut filled = head.len();
+    while filled < total {
         let chunk = recv
-            .read_chunk(total - raw.len(), true)
+            .read_chunk(total - filled, true)
             .await
             .map_err(|e| StreamError::Read(quinn::ReadExactError::ReadError(e)))?;
         match chunk {
-            Some(c) => raw.extend_from_slice(&c.bytes),
-            None => return Err(StreamError::Truncated(raw.len())),
+            Some(c) => {
+                raw[filled..filled + c.bytes.len()].copy_from_slice(&c.bytes);
+                filled += c.bytes.len();
+            }
+            None => return Err(StreamError::Truncated(filled)),
         }
     }
-    let raw = raw.freeze();
-    Ok(Some((frame::decode_frame(&raw)?, raw)))
+    let raw = BlockBytes::new(raw, total);
+    Ok(Some((frame::decode_frame(&raw.to_bytes())?, raw)))
 }
 
 pub async fn write_message(
