@@ -207,6 +207,9 @@ pub fn run(opts: PrimaryOptions) -> Result<(), PrimaryError> {
                 compress: repl
                     .compress
                     .unwrap_or(repl.tuning.link_rate_bps < COMPRESS_BELOW_BPS),
+                encode_pool: crate::disk::buf::VecPool::new(
+                    crate::repl::shipper::ENCODE_POOL_BYTES,
+                ),
             });
             runtime.spawn(shipper.run());
             export.journal = Some(journal.clone());

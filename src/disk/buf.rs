@@ -119,11 +119,24 @@ impl BufPool {
         }
     }
 
+    /// Keep `buf` for reuse. Over budget, buffers of other sizes make room, from the class
+    /// holding the most bytes (the sizes in use change: the initial copy's, then the
+    /// workload's); when only `buf`'s own size is left, `buf` is freed.
     pub fn put(&mut self, buf: AlignedBuf) {
-        if self.cached + buf.capacity() <= self.budget {
-            self.cached += buf.capacity();
-            self.free[buf.capacity().trailing_zeros() as usize].push(buf);
+        let class = buf.capacity().trailing_zeros() as usize;
+        while self.cached + buf.capacity() > self.budget {
+            let fattest = (0..self.free.len())
+                .filter(|&c| c != class)
+                .max_by_key(|&c| self.free[c].len() << c)
+                .expect("classes exist");
+            if self.free[fattest].is_empty() {
+                return;
+            }
+            let old = self.free[fattest].pop().expect("not empty");
+            self.cached -= old.capacity();
         }
+        self.cached += buf.capacity();
+        self.free[class].push(buf);
     }
 }
 
@@ -132,18 +145,78 @@ pub fn align_up(n: usize) -> usize {
     n.div_ceil(ALIGN) * ALIGN
 }
 
+/// Buffers that cross threads, given back to the pool by whichever thread drops the last
+/// reference. Fresh multi-megabyte buffers cost a page fault and a zeroed page for every 4 KiB
+/// touched, and unmapping when freed: without a pool, that was a sixth of the mirror's CPU.
+pub struct SharedPool {
+    free: std::sync::Mutex<BufPool>,
+}
+
+impl SharedPool {
+    /// Keeps at most `budget` bytes of free buffers.
+    pub fn new(budget: usize) -> std::sync::Arc<SharedPool> {
+        std::sync::Arc::new(SharedPool {
+            free: std::sync::Mutex::new(BufPool::new(budget)),
+        })
+    }
+
+    pub fn get(self: &std::sync::Arc<Self>, len: usize) -> PooledBuf {
+        PooledBuf {
+            buf: Some(self.free.lock().unwrap().get(len)),
+            home: Some(self.clone()),
+        }
+    }
+}
+
+/// An [`AlignedBuf`] that goes back to its [`SharedPool`] when dropped.
+pub struct PooledBuf {
+    buf: Option<AlignedBuf>,
+    home: Option<std::sync::Arc<SharedPool>>,
+}
+
+impl From<AlignedBuf> for PooledBuf {
+    /// A buffer with no pool: simply freed.
+    fn from(buf: AlignedBuf) -> Self {
+        PooledBuf {
+            buf: Some(buf),
+            home: None,
+        }
+    }
+}
+
+impl std::ops::Deref for PooledBuf {
+    type Target = AlignedBuf;
+    fn deref(&self) -> &AlignedBuf {
+        self.buf.as_ref().expect("present until dropped")
+    }
+}
+
+impl std::ops::DerefMut for PooledBuf {
+    fn deref_mut(&mut self) -> &mut AlignedBuf {
+        self.buf.as_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        if let (Some(buf), Some(home)) = (self.buf.take(), &self.home) {
+            home.free.lock().unwrap().put(buf);
+        }
+    }
+}
+
 /// Immutable bytes in block-aligned memory, followed by zeroes up to the next block: what a
 /// direct-I/O write of whole blocks needs. Cheap to clone; [`BlockBytes::to_bytes`] gives a
 /// `Bytes` over the same memory.
 #[derive(Clone)]
 pub struct BlockBytes {
-    buf: std::sync::Arc<AlignedBuf>,
+    buf: std::sync::Arc<PooledBuf>,
     len: usize,
 }
 
 impl BlockBytes {
     /// The first `len` bytes of `buf`; the rest of the block they end in is zeroed.
-    pub fn new(mut buf: AlignedBuf, len: usize) -> Self {
+    pub fn new(mut buf: PooledBuf, len: usize) -> Self {
         let padded = align_up(len);
         assert!(padded <= buf.capacity());
         buf.set_len(padded);
@@ -158,7 +231,7 @@ impl BlockBytes {
         let mut buf = AlignedBuf::new(align_up(bytes.len()));
         buf.set_len(bytes.len());
         buf.copy_from_slice(bytes);
-        Self::new(buf, bytes.len())
+        Self::new(buf.into(), bytes.len())
     }
 
     /// The bytes and their zero padding: a whole number of blocks.
@@ -190,6 +263,69 @@ impl std::ops::Deref for BlockBytes {
     }
 }
 
+/// Vecs lent to another owner (quinn keeps an encoded set until the mirror acknowledges it)
+/// and given back, capacity and all, when that owner drops them.
+pub struct VecPool {
+    free: std::sync::Mutex<Vec<Vec<u8>>>,
+    budget: usize,
+}
+
+impl VecPool {
+    /// Keeps at most `budget` bytes of capacity in free Vecs.
+    pub fn new(budget: usize) -> std::sync::Arc<VecPool> {
+        std::sync::Arc::new(VecPool {
+            free: std::sync::Mutex::new(Vec::new()),
+            budget,
+        })
+    }
+
+    /// An empty Vec with room for at least `capacity` bytes: the smallest free one that fits.
+    pub fn take(&self, capacity: usize) -> Vec<u8> {
+        let mut free = self.free.lock().unwrap();
+        let best = (0..free.len())
+            .filter(|&i| free[i].capacity() >= capacity)
+            .min_by_key(|&i| free[i].capacity());
+        match best {
+            Some(i) => free.swap_remove(i),
+            None => Vec::with_capacity(capacity),
+        }
+    }
+
+    /// `v` as `Bytes`, without a copy; its memory comes back here when the last clone drops.
+    pub fn lend(self: &std::sync::Arc<Self>, v: Vec<u8>) -> bytes::Bytes {
+        bytes::Bytes::from_owner(LentVec {
+            v,
+            home: self.clone(),
+        })
+    }
+
+    fn give_back(&self, mut v: Vec<u8>) {
+        let mut free = self.free.lock().unwrap();
+        let cached: usize = free.iter().map(|f| f.capacity()).sum();
+        if cached + v.capacity() <= self.budget {
+            v.clear();
+            free.push(v);
+        }
+    }
+}
+
+struct LentVec {
+    v: Vec<u8>,
+    home: std::sync::Arc<VecPool>,
+}
+
+impl AsRef<[u8]> for LentVec {
+    fn as_ref(&self) -> &[u8] {
+        &self.v
+    }
+}
+
+impl Drop for LentVec {
+    fn drop(&mut self) {
+        self.home.give_back(std::mem::take(&mut self.v));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,6 +353,53 @@ mod tests {
         let shared = b.to_bytes();
         assert_eq!(shared.as_ptr(), b.as_ptr(), "no copy");
         assert_eq!(BlockBytes::copy_from(&[]).padded().len(), 0);
+    }
+
+    #[test]
+    fn shared_pool_takes_buffers_back_from_any_thread() {
+        let pool = SharedPool::new(1 << 20);
+        let b = BlockBytes::new(pool.get(100_000), 100_000);
+        let p = b.as_ptr();
+        let shared = b.to_bytes();
+        drop(b);
+        std::thread::spawn(move || drop(shared)).join().unwrap();
+        assert_eq!(pool.get(70_000).as_ptr(), p, "the last drop gave it back");
+    }
+
+    #[test]
+    fn lent_vecs_come_back_with_their_capacity() {
+        let pool = VecPool::new(1 << 20);
+        let mut v = pool.take(300_000);
+        v.extend_from_slice(&[5u8; 1000]);
+        let p = v.as_ptr();
+        let b = pool.lend(v);
+        assert_eq!((b.len(), b.as_ptr()), (1000, p), "no copy");
+        let half = b.slice(500..);
+        drop(b);
+        assert_eq!(pool.take(10).capacity(), 10, "still lent: a new one");
+        drop(half);
+        let again = pool.take(200_000);
+        assert_eq!((again.as_ptr(), again.len()), (p, 0));
+        drop(again);
+        // Over budget: not kept.
+        let big = pool.lend(Vec::with_capacity(2 << 20));
+        drop(big);
+        assert!(pool.free.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_size_in_use_displaces_an_old_one() {
+        let mut pool = BufPool::new(64 << 10);
+        for _ in 0..8 {
+            pool.put(AlignedBuf::new(8 << 10));
+        }
+        pool.put(AlignedBuf::new(32 << 10));
+        assert_eq!(pool.cached, 64 << 10);
+        assert_eq!(pool.free[15].len(), 1, "the 32 KiB buffer is kept");
+        assert_eq!(pool.free[13].len(), 4, "half of the 8 KiB ones made room");
+        pool.put(AlignedBuf::new(32 << 10));
+        pool.put(AlignedBuf::new(32 << 10));
+        assert_eq!((pool.free[15].len(), pool.free[13].len()), (2, 0));
     }
 
     #[test]

@@ -20,7 +20,6 @@ use record::{Header, Kind, HEADER_LEN};
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -438,20 +437,52 @@ impl Journal {
             }
             (pending, covered)
         };
+        // Records read back from a segment are usually neighbours there: one read per run of
+        // them, sliced without copying.
         let mut out = Vec::with_capacity(pending.len());
-        for (seq, offset, data) in pending {
-            let payload = match data {
-                Data::Ready(p) => p,
-                Data::OnDisk(file, pos, len) => {
-                    let mut buf = vec![0u8; len as usize];
-                    file.read_exact_at(&mut buf, pos)?;
-                    Payload::Data(Bytes::from(buf))
-                }
+        let mut i = 0;
+        while i < pending.len() {
+            let (seq, offset, data) = &pending[i];
+            let Data::OnDisk(file, first_pos, _) = data else {
+                let Data::Ready(p) = data else { unreachable!() };
+                out.push(ShipRecord {
+                    seq: *seq,
+                    extent: Extent {
+                        offset: *offset,
+                        payload: p.clone(),
+                    },
+                });
+                i += 1;
+                continue;
             };
-            out.push(ShipRecord {
-                seq,
-                extent: Extent { offset, payload },
-            });
+            let mut end = i;
+            let mut span_end = 0;
+            while let Some((_, _, Data::OnDisk(f, pos, len))) = pending.get(end) {
+                let next_end = pos + *len as u64;
+                if !Arc::ptr_eq(f, file)
+                    || *pos < *first_pos
+                    || next_end - first_pos > READ_RUN_BYTES
+                {
+                    break;
+                }
+                span_end = span_end.max(next_end);
+                end += 1;
+            }
+            let span = read_uninit(file, *first_pos, (span_end - first_pos) as usize)?;
+            for (seq, offset, data) in &pending[i..end] {
+                let Data::OnDisk(_, pos, len) = data else {
+                    unreachable!()
+                };
+                let at = (pos - first_pos) as usize;
+                out.push(ShipRecord {
+                    seq: *seq,
+                    extent: Extent {
+                        offset: *offset,
+                        payload: Payload::Data(span.slice(at..at + *len as usize)),
+                    },
+                });
+            }
+            i = end;
         }
         Ok((out, covered.max(after_seq)))
     }
@@ -471,6 +502,39 @@ impl Journal {
             full: g.waiting_for_space,
         }
     }
+}
+
+/// Largest single read when records are read back from a segment.
+const READ_RUN_BYTES: u64 = 8 << 20;
+
+/// `len` bytes at `pos`, read into memory that is not zeroed first.
+fn read_uninit(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    let mut done = 0;
+    while done < len {
+        // SAFETY: the kernel writes at most `len - done` bytes into the spare capacity; only
+        // bytes it wrote are counted in `done` and exposed by `set_len`.
+        let n = unsafe {
+            libc::pread(
+                std::os::fd::AsRawFd::as_raw_fd(file),
+                buf.as_mut_ptr().add(done) as *mut libc::c_void,
+                len - done,
+                (pos + done as u64) as libc::off_t,
+            )
+        };
+        match n {
+            n if n > 0 => done += n as usize,
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    unsafe { buf.set_len(len) };
+    Ok(Bytes::from(buf))
 }
 
 /// Read one segment back into the index; returns true if it ended in a torn record.

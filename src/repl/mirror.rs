@@ -7,7 +7,7 @@ use super::fold::Payload;
 use super::frame::{DeltaSet, Message, SetKind, PROTOCOL_VERSION};
 use super::redo::RedoLog;
 use super::stream::{read_message, write_message, StreamError};
-use crate::disk::buf::BlockBytes;
+use crate::disk::buf::{BlockBytes, SharedPool};
 use crate::disk::file::{FileStorage, IoMode};
 use crate::disk::spec::VolumeSpec;
 use std::io;
@@ -32,6 +32,9 @@ const PENDING_BYTES: usize = 32 << 20;
 /// for the applier (I5). When applying falls behind, the receiver waits and QUIC flow control
 /// makes the primary wait: the backlog stays in the primary's journal.
 const APPLY_QUEUE_BYTES: usize = 32 << 20;
+
+/// Free receive buffers kept for reuse: a set's worth of each size class, roughly.
+const RECEIVE_POOL_BYTES: usize = 64 << 20;
 
 /// Room a set takes in the apply queue (at least 1, at most the whole queue).
 fn apply_cost(set: &DeltaSet) -> u32 {
@@ -253,6 +256,8 @@ impl MirrorVolume {
 
 pub struct Mirror {
     pub volumes: Vec<Arc<MirrorVolume>>,
+    /// Memory for received messages, shared by all sessions.
+    pool: Arc<SharedPool>,
 }
 
 impl Mirror {
@@ -261,7 +266,10 @@ impl Mirror {
             .iter()
             .map(|s| MirrorVolume::open(s, state_dir))
             .collect::<io::Result<Vec<_>>>()?;
-        Ok(Arc::new(Mirror { volumes }))
+        Ok(Arc::new(Mirror {
+            volumes,
+            pool: SharedPool::new(RECEIVE_POOL_BYTES),
+        }))
     }
 
     /// Accept primaries until the endpoint closes.
@@ -286,7 +294,7 @@ impl Mirror {
                 return;
             }
         };
-        let (volume, size) = match read_message(&mut recv).await {
+        let (volume, size) = match read_message(&mut recv, &self.pool).await {
             Ok(Some((
                 Message::Hello {
                     version,
@@ -349,8 +357,9 @@ impl Mirror {
         let task = {
             let v = vol.clone();
             let conn = conn.clone();
+            let pool = self.pool.clone();
             tokio::spawn(async move {
-                let result = v.clone().session(&mut send, &mut recv).await;
+                let result = v.clone().session(&mut send, &mut recv, &pool).await;
                 v.stats.link_up.store(false, Ordering::Relaxed);
                 if let Err((code, why)) = result {
                     tracing::warn!(volume = %v.name, %peer, "replication session dropped: {why}");
@@ -372,6 +381,7 @@ impl MirrorVolume {
         self: Arc<Self>,
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
+        pool: &Arc<SharedPool>,
     ) -> Result<(), (u16, String)> {
         let bad = |e: StreamError| (refuse::BAD_MESSAGE, e.to_string());
         write_message(send, &self.hello_ack()).await.map_err(bad)?;
@@ -389,7 +399,7 @@ impl MirrorVolume {
         let durability = self.clone().durability_loop(send, rx);
         let reading = async {
             loop {
-                let (msg, raw) = match read_message(recv).await {
+                let (msg, raw) = match read_message(recv, pool).await {
                     Ok(Some(m)) => m,
                     Ok(None) => {
                         tracing::info!(volume = %self.name, "primary closed the stream");

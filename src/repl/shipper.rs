@@ -6,6 +6,7 @@
 use super::fold::{Extent, Folder, Payload};
 use super::frame::{DeltaSet, Message, SetKind, PROTOCOL_VERSION};
 use super::stream::{read_message, write_message};
+use crate::disk::buf::{SharedPool, VecPool};
 use crate::disk::Storage;
 use crate::journal::Journal;
 use crate::transport::{self, Identity};
@@ -93,7 +94,12 @@ pub struct Shipper {
     pub stats: Arc<ShipStats>,
     /// lz4-compress data that shrinks (off for links faster than lz4 itself).
     pub compress: bool,
+    /// Buffers for encoded sets, reused once quinn is done with them ([`ENCODE_POOL_BYTES`]).
+    pub encode_pool: Arc<VecPool>,
 }
+
+/// Free encode buffers kept for reuse: a few sets' worth.
+pub const ENCODE_POOL_BYTES: usize = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
@@ -143,7 +149,9 @@ impl Shipper {
             size: self.storage.size(),
         };
         write_message(&mut send, &hello).await?;
-        let ack = tokio::time::timeout(Duration::from_secs(10), read_message(&mut recv))
+        // The mirror's answers are small: a few pages each.
+        let pool = SharedPool::new(1 << 20);
+        let ack = tokio::time::timeout(Duration::from_secs(10), read_message(&mut recv, &pool))
             .await
             .map_err(|_| SessionError::Protocol("no answer to hello within 10 s".into()))??;
         let (durable_set, durable_seq, needs_full_copy) = match ack {
@@ -167,7 +175,7 @@ impl Shipper {
         self.stats.acked_set.store(durable_set, Ordering::Relaxed);
         self.journal.ack(durable_seq);
         let window = Arc::new(Semaphore::new(WINDOW_SETS));
-        let acks = tokio::spawn(read_acks(self.clone(), recv, window.clone()));
+        let acks = tokio::spawn(read_acks(self.clone(), recv, window.clone(), pool));
         let sampler = {
             let (stats, conn) = (self.stats.clone(), conn.clone());
             tokio::spawn(async move {
@@ -288,12 +296,12 @@ impl Shipper {
             .forget();
         let number = set.set;
         let compress = self.compress;
+        let pool = self.encode_pool.clone();
         // Folding, CRCs and lz4 take milliseconds per set: off the network threads.
         let (buf, stats) = tokio::task::spawn_blocking(move || {
             // Sized once: growing an 8 MiB buffer by doubling copies it again and again.
-            let mut buf = Vec::with_capacity(
-                usize::try_from(set.max_body_len()).unwrap_or(0) + super::frame::PREFIX_LEN,
-            );
+            let mut buf = pool
+                .take(usize::try_from(set.max_body_len()).unwrap_or(0) + super::frame::PREFIX_LEN);
             let stats = super::frame::encode_opts(&Message::Set(set), &mut buf, compress);
             (buf, stats)
         })
@@ -307,7 +315,7 @@ impl Shipper {
             tracing::warn!(volume = %self.volume, set = number, "test hook: corrupted a byte of this set after its CRC");
         }
         // Handed over, not copied: quinn keeps the chunk until the mirror acknowledges it.
-        send.write_chunk(bytes::Bytes::from(buf))
+        send.write_chunk(self.encode_pool.lend(buf))
             .await
             .map_err(super::stream::StreamError::from)?;
         self.stats
@@ -387,9 +395,10 @@ async fn read_acks(
     shipper: Arc<Shipper>,
     mut recv: quinn::RecvStream,
     window: Arc<Semaphore>,
+    pool: Arc<SharedPool>,
 ) -> Result<(), SessionError> {
     loop {
-        match read_message(&mut recv).await? {
+        match read_message(&mut recv, &pool).await? {
             Some((
                 Message::Ack {
                     set,

@@ -1,8 +1,9 @@
 //! Reading and writing whole replication messages on a QUIC stream.
 
 use super::frame::{self, EncodeStats, FrameError, Message};
-use crate::disk::buf::{align_up, AlignedBuf, BlockBytes};
+use crate::disk::buf::{align_up, BlockBytes, SharedPool};
 use quinn::{RecvStream, SendStream};
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
@@ -20,9 +21,11 @@ pub enum StreamError {
 
 /// The next whole message and its raw bytes (kept for the redo log, which writes them from
 /// this block-aligned memory without a copy; the message's data refers to them rather than
-/// copying); None at a clean end.
+/// copying); None at a clean end. The memory comes from `pool` and goes back to it when the
+/// last reference to the message is dropped.
 pub async fn read_message(
     recv: &mut RecvStream,
+    pool: &Arc<SharedPool>,
 ) -> Result<Option<(Message, BlockBytes)>, StreamError> {
     let mut head = [0u8; frame::PREFIX_LEN];
     match recv.read_exact(&mut head).await {
@@ -38,7 +41,7 @@ pub async fn read_message(
     let total = frame::PREFIX_LEN + body_len as usize;
     // Chunks as quinn holds them, copied once: no zero-filling of a buffer about to be
     // overwritten.
-    let mut raw = AlignedBuf::new(align_up(total));
+    let mut raw = pool.get(align_up(total));
     raw.set_len(total);
     raw[..head.len()].copy_from_slice(&head);
     let mut filled = head.len();
