@@ -184,6 +184,12 @@ impl From<AlignedBuf> for PooledBuf {
     }
 }
 
+impl AsRef<[u8]> for PooledBuf {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
 impl std::ops::Deref for PooledBuf {
     type Target = AlignedBuf;
     fn deref(&self) -> &AlignedBuf {

@@ -11,7 +11,7 @@ use super::handshake::Agreed;
 use super::server::Export;
 use super::transmission::{self as tx, Command, NbdErrno, Rejection, RequestHeader, Session};
 use super::wire::*;
-use crate::disk::buf::{AlignedBuf, BufPool};
+use crate::disk::buf::{AlignedBuf, PooledBuf, SharedPool};
 use crate::disk::ranges::{aligned_span, RangeGuard, RangeLocks};
 use crate::disk::{DiskOp, Prepared, Storage};
 use crate::journal::{Intent, Journal};
@@ -58,7 +58,7 @@ enum Stage {
 struct Op {
     cookie: u64,
     cmd: Command,
-    buf: Option<AlignedBuf>,
+    buf: Option<PooledBuf>,
     /// Bytes transferred so far (reads and writes may complete short).
     done: u32,
     stage: Stage,
@@ -72,7 +72,7 @@ struct Op {
     /// The lock on `span` a change holds while in flight.
     guard: Option<RangeGuard>,
     /// An unaligned write's span: old edge blocks with the new bytes copied in between.
-    bounce: Option<AlignedBuf>,
+    bounce: Option<PooledBuf>,
 }
 
 enum Rx {
@@ -93,7 +93,7 @@ enum Rx {
 enum Seg {
     Bytes(Vec<u8>),
     Data {
-        buf: Rc<AlignedBuf>,
+        buf: Rc<PooledBuf>,
         start: usize,
         end: usize,
     },
@@ -126,7 +126,8 @@ pub struct Conn {
     free_slots: Vec<usize>,
     live_ops: usize,
     inflight_bytes: usize,
-    pool: BufPool,
+    /// Shared: a write's buffer goes to the journal, which gives it back from another thread.
+    pool: Arc<SharedPool>,
     rx: Vec<u8>,
     rx_start: usize,
     rx_end: usize,
@@ -144,7 +145,7 @@ pub struct Conn {
     write_inflight: bool,
     /// The socket failed: stop talking, just wait for the disk.
     dead: bool,
-    zeroes: Rc<AlignedBuf>,
+    zeroes: Rc<PooledBuf>,
     cqes: Vec<(u64, i32)>,
     /// Ops the journal told to wait (see `Journal::begin`), retried every turn of the loop.
     parked: VecDeque<usize>,
@@ -183,7 +184,7 @@ impl Conn {
             live_ops: 0,
             inflight_bytes: 0,
             // Enough to recycle a queue of 1 MiB buffers; beyond, buffers go back to the allocator.
-            pool: BufPool::new(16 << 20),
+            pool: SharedPool::new(16 << 20),
             rx,
             rx_start: 0,
             rx_end: leftover.len(),
@@ -196,7 +197,7 @@ impl Conn {
             iov: Vec::with_capacity(MAX_IOV),
             write_inflight: false,
             dead: false,
-            zeroes: Rc::new(AlignedBuf::zeroed(1 << 20)),
+            zeroes: Rc::new(AlignedBuf::zeroed(1 << 20).into()),
             cqes: Vec::with_capacity(RING_ENTRIES as usize),
             parked: VecDeque::new(),
             stats: ConnStats::default(),
@@ -804,17 +805,20 @@ impl Conn {
     /// Tell the journal how a change ended, and make it durable when the client asked.
     /// Runs after the local disk completed and before the reply: journal order is
     /// completion order.
-    fn journal_outcome(&self, op: &Op, ok: bool) -> Result<(), (NbdErrno, String)> {
+    /// `written` is a successful write's data.
+    fn journal_outcome(
+        &self,
+        op: &Op,
+        ok: bool,
+        written: Option<bytes::Bytes>,
+    ) -> Result<(), (NbdErrno, String)> {
         let Some(j) = &self.journal else {
             return Ok(());
         };
         let sync_err = |e: io::Error| (NbdErrno::Io, format!("journal sync: {e}"));
         let (offset, payload, fua) = match op.cmd {
             Command::Flush if ok => return j.sync().map_err(sync_err),
-            Command::Write { offset, fua, .. } => {
-                let data = op.buf.as_ref().map(|b| bytes::Bytes::copy_from_slice(b));
-                (offset, data.map(Payload::Data), fua)
-            }
+            Command::Write { offset, fua, .. } => (offset, written.map(Payload::Data), fua),
             Command::WriteZeroes {
                 offset, len, fua, ..
             } => (offset, Some(Payload::Zero(len)), fua),
@@ -848,9 +852,21 @@ impl Conn {
 
     /// Queue the reply for a finished op and free its slot.
     fn finish(&mut self, slot: usize, result: Result<(), (NbdErrno, String)>) {
+        // A written buffer goes to the journal as it is, no copy: its RAM ring keeps it for the
+        // shipper, and the pool gets it back when the journal lets go.
+        let written = {
+            let op = self.ops[slot].as_mut().expect("live op");
+            match op.cmd {
+                Command::Write { .. } if result.is_ok() && self.journal.is_some() => op.buf.take(),
+                _ => None,
+            }
+        };
+        if let Some(b) = &written {
+            self.inflight_bytes -= b.len();
+        }
         let journaled = {
             let op = self.ops[slot].as_ref().expect("live op");
-            self.journal_outcome(op, result.is_ok())
+            self.journal_outcome(op, result.is_ok(), written.map(bytes::Bytes::from_owner))
         };
         let result = result.and(journaled);
         let mut op = self.ops[slot].take().expect("live op");
@@ -887,13 +903,13 @@ impl Conn {
         }
     }
 
-    fn release(&mut self, buf: AlignedBuf) {
+    /// Done with `buf`: it goes back to the pool as it drops.
+    fn release(&mut self, buf: PooledBuf) {
         self.inflight_bytes -= buf.len();
-        self.pool.put(buf);
     }
 
     /// Answer a read with `buf[skip..skip + len]` (the request inside its aligned span).
-    fn reply_read(&mut self, cookie: u64, offset: u64, buf: AlignedBuf, skip: usize, len: usize) {
+    fn reply_read(&mut self, cookie: u64, offset: u64, buf: PooledBuf, skip: usize, len: usize) {
         let buf = Rc::new(buf);
         if !self.session.structured {
             self.out.push_back(Seg::small(&tx::simple_reply(cookie, 0)));

@@ -357,23 +357,20 @@ fn put_desc(out: &mut Vec<u8>, offset: u64, len: u32, kind: u8, enc: u8, crc: u3
     out.extend_from_slice(&stored.to_be_bytes());
 }
 
-fn encode_set(
-    s: &DeltaSet,
-    out: &mut Vec<u8>,
-    check: &mut crc32fast::Hasher,
-    stats: &mut EncodeStats,
-    compress: bool,
-) {
+/// Pieces a set is sent as: one per zero extent, one per ≤ MAX_CHUNK of data.
+fn piece_count(s: &DeltaSet) -> u64 {
     let chunk = MAX_CHUNK as usize;
-    let count: u64 = s
-        .extents
+    s.extents
         .iter()
         .map(|e| match &e.payload {
             Payload::Zero(0) => 0,
             Payload::Zero(_) => 1,
             Payload::Data(b) => b.len().div_ceil(chunk) as u64,
         })
-        .sum();
+        .sum()
+}
+
+fn put_set_header(s: &DeltaSet, out: &mut Vec<u8>, check: &mut crc32fast::Hasher) {
     let header = out.len();
     out.extend_from_slice(&s.set.to_be_bytes());
     out.extend_from_slice(&s.first_seq.to_be_bytes());
@@ -384,8 +381,19 @@ fn encode_set(
         SetKind::Copy { done: true } => SET_COPY_DONE,
     });
     // More than u32::MAX extents cannot fit in MAX_MESSAGE anyway (debug_assert in encode).
-    out.extend_from_slice(&(count as u32).to_be_bytes());
+    out.extend_from_slice(&(piece_count(s) as u32).to_be_bytes());
     check.update(&out[header..]);
+}
+
+fn encode_set(
+    s: &DeltaSet,
+    out: &mut Vec<u8>,
+    check: &mut crc32fast::Hasher,
+    stats: &mut EncodeStats,
+    compress: bool,
+) {
+    let chunk = MAX_CHUNK as usize;
+    put_set_header(s, out, check);
 
     for ext in &s.extents {
         match &ext.payload {
@@ -416,6 +424,66 @@ fn encode_set(
             }
         }
     }
+}
+
+/// A set message exactly as `encode_opts(.., compress = false)` writes it, as chunks for
+/// quinn's `write_chunks`: data goes out as slices of the set's own buffers, not copied.
+pub fn encode_set_chunks(s: &DeltaSet) -> (Vec<Bytes>, EncodeStats) {
+    debug_assert_eq!(s.validate(), Ok(()), "encoding an invalid delta set");
+    let chunk = MAX_CHUNK as usize;
+    let mut check = crc32fast::Hasher::new();
+    check.update(&[TYPE_SET]);
+    let mut stats = EncodeStats::default();
+    // Slot 0 is the prefix, written last: it holds the body length.
+    let mut chunks = vec![Bytes::new()];
+    let mut body_len = 0usize;
+    let mut cur = Vec::with_capacity(64);
+    put_set_header(s, &mut cur, &mut check);
+    for ext in &s.extents {
+        match &ext.payload {
+            Payload::Zero(0) => {}
+            Payload::Zero(len) => {
+                let desc = cur.len();
+                put_desc(&mut cur, ext.offset, *len, EXT_ZERO, ENC_RAW, 0, 0);
+                check.update(&cur[desc..]);
+            }
+            Payload::Data(bytes) => {
+                for start in (0..bytes.len()).step_by(chunk) {
+                    let piece = bytes.slice(start..(start + chunk).min(bytes.len()));
+                    let offset = ext.offset.wrapping_add(start as u64);
+                    let desc = cur.len();
+                    let len = piece.len() as u32;
+                    put_desc(
+                        &mut cur,
+                        offset,
+                        len,
+                        EXT_DATA,
+                        ENC_RAW,
+                        crc32fast::hash(&piece),
+                        len,
+                    );
+                    check.update(&cur[desc..]);
+                    body_len += cur.len() + piece.len();
+                    chunks.push(Bytes::from(std::mem::replace(
+                        &mut cur,
+                        Vec::with_capacity(64),
+                    )));
+                    chunks.push(piece);
+                    stats.raw_bytes += len as u64;
+                    stats.wire_bytes += len as u64;
+                }
+            }
+        }
+    }
+    cur.extend_from_slice(&check.finalize().to_be_bytes());
+    body_len += cur.len();
+    chunks.push(Bytes::from(cur));
+    debug_assert!(body_len <= MAX_MESSAGE as usize);
+    let mut prefix = [0u8; PREFIX_LEN];
+    prefix[..4].copy_from_slice(&(body_len as u32).to_be_bytes());
+    prefix[4] = TYPE_SET;
+    chunks[0] = Bytes::copy_from_slice(&prefix);
+    (chunks, stats)
 }
 
 /// Appends `data` raw or lz4-compressed (see the module doc); returns (encoding, stored length).
@@ -1742,6 +1810,25 @@ mod tests {
             prop_assert_eq!(got, vec![a.clone(), b]);
             prop_assert_eq!(d.buffered(), 0);
             prop_assert_eq!(enc(&a), stream[..len_a].to_vec());
+        }
+
+        /// The zero-copy chunks are the uncompressed encoding, byte for byte, and data chunks
+        /// share the set's buffers.
+        #[test]
+        fn set_chunks_equal_the_uncompressed_encoding(m in arb_message()) {
+            if let Message::Set(s) = &m {
+                let mut flat = Vec::new();
+                let flat_stats = encode_opts(&m, &mut flat, false);
+                let (chunks, stats) = encode_set_chunks(s);
+                prop_assert_eq!(chunks.concat(), flat);
+                prop_assert_eq!((stats.raw_bytes, stats.wire_bytes), (flat_stats.raw_bytes, flat_stats.wire_bytes));
+                let buffers: Vec<usize> = s.extents.iter().filter_map(|e| match &e.payload {
+                    Payload::Data(b) if !b.is_empty() => Some(b.as_ptr() as usize),
+                    _ => None,
+                }).collect();
+                let shared = chunks.iter().filter(|c| buffers.contains(&(c.as_ptr() as usize))).count();
+                prop_assert_eq!(shared, buffers.len(), "each extent's first piece is its own memory");
+            }
         }
 
         #[test]

@@ -298,24 +298,31 @@ impl Shipper {
         let compress = self.compress;
         let pool = self.encode_pool.clone();
         // Folding, CRCs and lz4 take milliseconds per set: off the network threads.
-        let (buf, stats) = tokio::task::spawn_blocking(move || {
-            // Sized once: growing an 8 MiB buffer by doubling copies it again and again.
-            let mut buf = pool
-                .take(usize::try_from(set.max_body_len()).unwrap_or(0) + super::frame::PREFIX_LEN);
-            let stats = super::frame::encode_opts(&Message::Set(set), &mut buf, compress);
-            (buf, stats)
+        let (mut chunks, stats) = tokio::task::spawn_blocking(move || {
+            if compress {
+                // Sized once: growing an 8 MiB buffer by doubling copies it again and again.
+                let mut buf = pool.take(
+                    usize::try_from(set.max_body_len()).unwrap_or(0) + super::frame::PREFIX_LEN,
+                );
+                let stats = super::frame::encode_opts(&Message::Set(set), &mut buf, true);
+                (vec![pool.lend(buf)], stats)
+            } else {
+                // Uncompressed, the data is sent from the journal's own buffers.
+                super::frame::encode_set_chunks(&set)
+            }
         })
         .await
         .map_err(|e| SessionError::Protocol(format!("encoder task: {e}")))?;
-        let mut buf = buf;
-        if self.stats.corrupt_next.load(Ordering::Relaxed)
-            && super::frame::corrupt_first_data_byte(&mut buf)
-        {
-            self.stats.corrupt_next.store(false, Ordering::Relaxed);
-            tracing::warn!(volume = %self.volume, set = number, "test hook: corrupted a byte of this set after its CRC");
+        if self.stats.corrupt_next.load(Ordering::Relaxed) {
+            let mut flat = chunks.concat();
+            if super::frame::corrupt_first_data_byte(&mut flat) {
+                chunks = vec![Bytes::from(flat)];
+                self.stats.corrupt_next.store(false, Ordering::Relaxed);
+                tracing::warn!(volume = %self.volume, set = number, "test hook: corrupted a byte of this set after its CRC");
+            }
         }
-        // Handed over, not copied: quinn keeps the chunk until the mirror acknowledges it.
-        send.write_chunk(self.encode_pool.lend(buf))
+        // Handed over, not copied: quinn keeps the chunks until the mirror acknowledges them.
+        send.write_all_chunks(&mut chunks)
             .await
             .map_err(super::stream::StreamError::from)?;
         self.stats
