@@ -110,7 +110,15 @@ struct Inner {
     acked_seq: u64,
     lag_bytes: u64,
     waiting_for_space: bool,
+    /// Times the journal filled since the last "journal full" line, and when that was.
+    full_episodes: u64,
+    full_logged_at: Option<Instant>,
+    /// The current wait was logged: its end is logged too.
+    full_logged: bool,
 }
+
+/// "journal full" is logged at most this often.
+const FULL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 pub struct Journal {
     opts: JournalOptions,
@@ -153,6 +161,9 @@ impl Journal {
             acked_seq: 0,
             lag_bytes: 0,
             waiting_for_space: false,
+            full_episodes: 0,
+            full_logged_at: None,
+            full_logged: false,
         };
         let mut torn = false;
         for (first_seq, path) in names {
@@ -192,15 +203,28 @@ impl Journal {
         let mut g = self.inner.lock().unwrap();
         if g.disk_bytes + g.reserved + need > self.opts.max_disk_bytes && !g.segments.is_empty() {
             if !g.waiting_for_space {
-                tracing::warn!(journal_bytes = g.disk_bytes, limit = self.opts.max_disk_bytes,
-                    "journal full: writes wait until the mirror acknowledges (is the mirror reachable?)");
                 g.waiting_for_space = true;
+                g.full_episodes += 1;
+                // A mirror slower than the clients fills the journal again as soon as it has
+                // room, many times a second: say so every FULL_LOG_EVERY, not every time.
+                if g.full_logged_at
+                    .is_none_or(|t| t.elapsed() >= FULL_LOG_EVERY)
+                {
+                    tracing::warn!(journal_bytes = g.disk_bytes, limit = self.opts.max_disk_bytes,
+                        times = g.full_episodes,
+                        "journal full: writes wait until the mirror acknowledges (is the mirror reachable? is it slower than the clients?)");
+                    g.full_logged_at = Some(Instant::now());
+                    g.full_episodes = 0;
+                    g.full_logged = true;
+                }
             }
             return Ok(None);
         }
         if g.waiting_for_space {
-            tracing::info!("journal has room again: writes resume");
             g.waiting_for_space = false;
+            if std::mem::take(&mut g.full_logged) {
+                tracing::info!("journal has room again: writes resume");
+            }
         }
         g.reserved += need;
         let seq = g.next_seq;

@@ -21,6 +21,11 @@ use tokio::sync::Semaphore;
 pub const SET_MAX_BYTES: u64 = 8 << 20;
 /// Delta sets in flight (sent, not yet acknowledged), at most.
 pub const WINDOW_SETS: usize = 32;
+/// A set smaller than this waits up to [`SET_LINGER`] for more records while earlier sets are
+/// in flight: a set costs both sides the same fixed work (encode task, redo write, ack, apply
+/// batch) whatever its size. 4 KiB random writes made ~8-record sets, 2,000 a second.
+const SET_TARGET_BYTES: u64 = 1 << 20;
+const SET_LINGER: Duration = Duration::from_millis(4);
 const COPY_CHUNK: u64 = 1 << 20;
 
 /// What status shows of a shipper. Counters only grow.
@@ -237,12 +242,26 @@ impl Shipper {
         } else {
             None
         };
+        let mut linger_until: Option<tokio::time::Instant> = None;
         loop {
             self.resync_dirty()?;
             // Journal first: a copy chunk must land after every set cut before it was read.
             let notified = self.journal.available.notified();
             let (records, covered) = self.journal.collect(shipped_seq, SET_MAX_BYTES)?;
             let mut sent = false;
+            if covered > shipped_seq && copy.is_none() {
+                let bytes: u64 = records.iter().map(|r| r.extent.len()).sum();
+                let in_flight = window.available_permits() < WINDOW_SETS;
+                if in_flight && bytes < SET_TARGET_BYTES {
+                    let until = *linger_until
+                        .get_or_insert_with(|| tokio::time::Instant::now() + SET_LINGER);
+                    if tokio::time::Instant::now() < until {
+                        tokio::time::sleep_until(until).await;
+                        continue;
+                    }
+                }
+            }
+            linger_until = None;
             if covered > shipped_seq {
                 let mut folder = Folder::new();
                 for r in records {
