@@ -8,6 +8,14 @@ the primary's status is sampled every 100 ms for the lag (age of the oldest writ
 not made durable). After each blkmirror run the benchmark waits for lag 0 and checks that the
 mirror is byte-identical to the primary. Peak RSS (VmHWM) of both daemons is recorded.
 
+Every client byte is written to this machine's disk three times (the primary's volume, the
+mirror's redo log, the mirror's volume) where qemu-nbd writes it once, so the benchmark also
+measures, in the same run: the disk's own direct-write rate (fio, 1 MiB QD16) and the bytes the
+disk wrote per client byte in each run. A second pair runs beside the first with the mirror's
+volume and state in RAM (/dev/shm), as when the mirror has its own disks: what replication costs
+the primary, apart from the mirror sharing its disk. The ratio against qemu-nbd (the issue's
+target) is the first pair's.
+
 Environment: BENCH_SECS (15), BENCH_ROUNDS (3), BENCH_SIZE (2G), BENCH_DIR (target/bench/tmp),
 BENCH_SKIP_BUILD (0). Output: a table on stdout and target/bench/repl.json.
 """
@@ -75,37 +83,63 @@ def fio(uri, rw, bs, qd, out):
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def fio_value(out, unit):
+def fio_job(out):
     text = open(out).read()
     job = json.loads(text[text.index("{"):])["jobs"][0]
     if job["error"]:
         die(f"fio error {job['error']} in {out}")
-    w = job["write"]
+    return job["write"]
+
+
+def fio_value(out, unit):
+    w = fio_job(out)
     return w["bw"] / 1024 if unit == "MiB/s" else w["iops"]
+
+
+def disk_written(path):
+    """Bytes written so far to the block device holding `path` (sysfs counts 512-byte sectors)."""
+    dev = os.stat(path).st_dev
+    with open(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat") as f:
+        return int(f.read().split()[6]) * 512
+
+
+def disk_write_rate(path):
+    """The disk's own direct-write rate (MiB/s): fio 1 MiB QD16 for 8 s on a scratch file."""
+    scratch = os.path.join(path, "disk-rate.tmp")
+    try:
+        out = subprocess.run(["fio", "--name=disk", "--ioengine=io_uring", "--direct=1", f"--filename={scratch}",
+                              "--rw=write", "--bs=1M", "--iodepth=16", "--size=2G", "--time_based", "--runtime=8",
+                              "--output-format=json"], check=True, capture_output=True, text=True).stdout
+        return json.loads(out[out.index("{"):])["jobs"][0]["write"]["bw"] / 1024
+    finally:
+        if os.path.exists(scratch):
+            os.unlink(scratch)
 
 
 class Pair:
     """A mirror and a replicating primary on this machine, fresh state each time."""
 
-    def __init__(self, tmp, img_p, img_m):
+    def __init__(self, tmp, img_p, img_m, mirror_state):
         self.tmp = tmp
+        os.makedirs(tmp, exist_ok=True)
         pki = os.path.join(tmp, "pki")
         if not os.path.exists(pki):
             subprocess.run([BIN, "certs", "init", "--dir", pki], check=True, capture_output=True)
             for n in ("primary", "mirror"):
                 subprocess.run([BIN, "certs", "issue", "--dir", pki, n], check=True, capture_output=True)
-        for d in ("pstate", "mstate"):
-            shutil.rmtree(os.path.join(tmp, d), ignore_errors=True)
+        shutil.rmtree(os.path.join(tmp, "pstate"), ignore_errors=True)
+        shutil.rmtree(mirror_state, ignore_errors=True)
+        self.mstate = mirror_state
         port = free_port()
         self.sock = os.path.join(tmp, "p.sock")
         self.pctl = os.path.join(tmp, "pstate/control.sock")
-        self.mctl = os.path.join(tmp, "mstate/control.sock")
+        self.mctl = os.path.join(mirror_state, "control.sock")
         tls = lambda me, peer: ["--ca", f"{pki}/ca.crt", "--cert", f"{pki}/{me}.crt", "--key", f"{pki}/{me}.key",
                                 "--peer-name", peer]
         self.mlog = open(os.path.join(tmp, "mirror.log"), "a")
         self.plog = open(os.path.join(tmp, "primary.log"), "a")
         self.mirror = subprocess.Popen([BIN, "mirror", "--listen", f"127.0.0.1:{port}", "--volume", f"v={img_m}",
-                                        "--state-dir", os.path.join(tmp, "mstate"), *tls("mirror", "primary")],
+                                        "--state-dir", mirror_state, *tls("mirror", "primary")],
                                        stderr=self.mlog)
         self.primary = subprocess.Popen([BIN, "primary", "--volume", f"v={img_p}", "--nbd-unix", self.sock,
                                          "--state-dir", os.path.join(tmp, "pstate"), "--mirror", f"127.0.0.1:{port}",
@@ -129,22 +163,33 @@ def main():
     os.makedirs(DIR, exist_ok=True)
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="bm-repl-", dir="/tmp")
-    img_p, img_m, img_q = (os.path.join(DIR, n) for n in ("repl-primary.img", "repl-mirror.img", "repl-qemu.img"))
-    samples = {w[0]: {"blkmirror": [], "qemu_nbd": []} for w in WORKLOADS}
+    ram = tempfile.mkdtemp(prefix="bm-repl-", dir="/dev/shm")
+    img_p, img_m, img_q, img_p2 = (os.path.join(DIR, n) for n in
+                                   ("repl-primary.img", "repl-mirror.img", "repl-qemu.img", "repl-primary2.img"))
+    img_m2 = os.path.join(ram, "repl-mirror.img")
+    kinds = ["blkmirror", "blkmirror_mirror_in_ram", "qemu_nbd"]
+    samples = {w[0]: {k: [] for k in kinds} for w in WORKLOADS}
+    written = {w[0]: {k: [] for k in kinds} for w in WORKLOADS}
     lags = {w[0]: [] for w in WORKLOADS}
     rss = {"primary": 0, "mirror": 0, "qemu_nbd": 0}
     identical = True
     try:
-        log(f"preparing backing files ({SIZE} each in {DIR})")
-        for img in (img_p, img_q):
+        log(f"preparing backing files ({SIZE} each in {DIR}, one in {ram})")
+        for img in (img_p, img_q, img_p2):
             make_backing(img)
-        shutil.copyfile(img_p, img_m)  # the mirror starts as a copy: the initial copy is not what we time
-        pair = Pair(tmp, img_p, img_m)
+        # The mirrors start as copies: the initial copy is not what we time.
+        shutil.copyfile(img_p, img_m)
+        shutil.copyfile(img_p2, img_m2)
+        disk_rate = disk_write_rate(DIR)
+        log(f"this disk writes {disk_rate:.0f} MiB/s (fio, direct, 1 MiB QD16)")
+        pairs = {"blkmirror": Pair(os.path.join(tmp, "disk"), img_p, img_m, os.path.join(tmp, "disk/mstate")),
+                 "blkmirror_mirror_in_ram": Pair(os.path.join(tmp, "ram"), img_p2, img_m2, os.path.join(ram, "mstate"))}
         for r in range(1, ROUNDS + 1):
-            order = ["blkmirror", "qemu_nbd"] if r % 2 else ["qemu_nbd", "blkmirror"]
+            order = kinds if r % 2 else kinds[::-1]
             for name, rw, bs, qd, unit in WORKLOADS:
                 for kind in order:
                     out = os.path.join(tmp, f"{name}.{kind}.{r}.json")
+                    before = disk_written(DIR)
                     if kind == "qemu_nbd":
                         qsock = os.path.join(tmp, "q.sock")
                         q = subprocess.Popen(["qemu-nbd", "--cache=none", "--aio=io_uring", "-f", "raw",
@@ -156,10 +201,13 @@ def main():
                         rss["qemu_nbd"] = max(rss["qemu_nbd"], peak_rss_kib(q.pid))
                         stop(q)
                     else:
+                        pair = pairs[kind]
                         f = fio(f"nbd+unix:///v?socket={pair.sock}", rw, bs, qd, out)
                         while f.poll() is None:
                             try:
-                                lags[name].append(status(pair.pctl)["lag_seconds"])
+                                lag = status(pair.pctl)["lag_seconds"]
+                                if kind == "blkmirror":
+                                    lags[name].append(lag)
                             except (subprocess.CalledProcessError, KeyError, ValueError):
                                 pass
                             time.sleep(0.1)
@@ -167,48 +215,70 @@ def main():
                             die(f"fio against blkmirror failed: {f.stderr.read().decode()}")
                         wait_for("lag 0", lambda: status(pair.pctl)["lag_bytes"] == 0, timeout=600,
                                  procs=(pair.primary, pair.mirror))
-                        rss["primary"] = max(rss["primary"], peak_rss_kib(pair.primary.pid))
-                        rss["mirror"] = max(rss["mirror"], peak_rss_kib(pair.mirror.pid))
+                        if kind == "blkmirror":
+                            rss["primary"] = max(rss["primary"], peak_rss_kib(pair.primary.pid))
+                            rss["mirror"] = max(rss["mirror"], peak_rss_kib(pair.mirror.pid))
+                    client = fio_job(out)["io_bytes"]
+                    written[name][kind].append((disk_written(DIR) - before) / max(client, 1))
                     v = fio_value(out, unit)
                     samples[name][kind].append(v)
-                    log(f"  round {r} {name} {kind}: {v:.1f} {unit}")
-        pair.stop()
-        log("recover the mirror and compare with the primary")
-        subprocess.run([BIN, "recover", "--volume", f"v={img_m}", "--state-dir", os.path.join(tmp, "mstate")],
-                       check=True, capture_output=True)
-        identical = subprocess.run(["cmp", "-s", img_p, img_m]).returncode == 0
+                    log(f"  round {r} {name} {kind}: {v:.1f} {unit}, disk wrote {written[name][kind][-1]:.2f} "
+                        f"bytes per client byte")
+        for pair in pairs.values():
+            pair.stop()
+        log("recover the mirrors and compare them with their primaries")
+        for pair, prim, mirr in ((pairs["blkmirror"], img_p, img_m), (pairs["blkmirror_mirror_in_ram"], img_p2, img_m2)):
+            subprocess.run([BIN, "recover", "--volume", f"v={mirr}", "--state-dir", pair.mstate],
+                           check=True, capture_output=True)
+            identical &= subprocess.run(["cmp", "-s", prim, mirr]).returncode == 0
     finally:
-        for img in (img_p, img_m, img_q):
+        for img in (img_p, img_m, img_q, img_p2, img_m2):
             if os.path.exists(img) and os.environ.get("BENCH_KEEP") != "1":
                 os.unlink(img)
+        shutil.rmtree(ram, ignore_errors=True)
 
     doc = {"workloads": {}, "rss_kib": rss, "rounds": ROUNDS, "runtime_s": SECS, "mirror_identical": identical,
-           "logs": tmp}
+           "disk_write_mib_s": round(disk_rate, 1), "logs": tmp}
     print()
     print(f"replication benchmark: median of {ROUNDS} round(s) x {SECS} s; fio nbd engine; mirror on this machine")
     print(f"{'workload':<20} | {'unit':<5} | {'blkmirror+repl':>14} | {'qemu-nbd':>10} | {'ratio':>6} | "
           f"{'lag p50 ms':>10} | {'lag p99 ms':>10} | {'lag max ms':>10}")
     print("-" * 104)
+    med = lambda xs: statistics.median(xs) if xs else 0.0
     for name, _rw, _bs, _qd, unit in WORKLOADS:
-        bm = statistics.median(samples[name]["blkmirror"])
-        qn = statistics.median(samples[name]["qemu_nbd"])
+        bm = med(samples[name]["blkmirror"])
+        ram_bm = med(samples[name]["blkmirror_mirror_in_ram"])
+        qn = med(samples[name]["qemu_nbd"])
         lag = sorted(lags[name]) or [0.0]
         p = lambda q: 1000 * lag[min(len(lag) - 1, int(q * len(lag)))]
         doc["workloads"][name] = {"blkmirror": round(bm, 1), "qemu_nbd": round(qn, 1), "ratio": round(bm / qn, 3),
                                   "unit": unit, "lag_p50_ms": round(p(0.5), 1), "lag_p99_ms": round(p(0.99), 1),
                                   "lag_max_ms": round(1000 * lag[-1], 1), "lag_samples": len(lags[name]),
-                                  "samples": samples[name]}
+                                  "samples": samples[name],
+                                  "blkmirror_mirror_in_ram": round(ram_bm, 1),
+                                  "ratio_mirror_in_ram": round(ram_bm / qn, 3),
+                                  "disk_bytes_per_client_byte": {k: round(med(v), 2) for k, v in written[name].items()}}
         print(f"{name:<20} | {unit:<5} | {bm:>14.1f} | {qn:>10.1f} | {bm / qn:>6.2f} | {p(0.5):>10.1f} | "
               f"{p(0.99):>10.1f} | {1000 * lag[-1]:>10.1f}")
     print()
+    print("the same primary, its mirror's volume and state in RAM (the mirror on its own disks):")
+    for name, _rw, _bs, _qd, unit in WORKLOADS:
+        w = doc["workloads"][name]
+        print(f"{name:<20} | {unit:<5} | {w['blkmirror_mirror_in_ram']:>14.1f} | {w['qemu_nbd']:>10.1f} | "
+              f"{w['ratio_mirror_in_ram']:>6.2f}")
+    print()
+    print(f"this disk alone writes {disk_rate:.0f} MiB/s (fio, direct, 1 MiB QD16); bytes it wrote per client byte "
+          "(median): " + "; ".join(f"{name}: " + ", ".join(f"{k} {v}" for k, v in
+                                                             doc["workloads"][name]["disk_bytes_per_client_byte"].items())
+                                  for name, *_ in WORKLOADS))
     print(f"peak RSS KiB: primary {rss['primary']}, mirror {rss['mirror']}, qemu-nbd {rss['qemu_nbd']}")
-    print(f"mirror byte-identical to the primary after the run: {identical}")
+    print(f"mirrors byte-identical to their primaries after the run: {identical}")
     with open(OUT, "w") as f:
         json.dump(doc, f, indent=2)
         f.write("\n")
     print(f"written {OUT}")
     if not identical:
-        die("the mirror differs from the primary")
+        die("a mirror differs from its primary")
 
 
 if __name__ == "__main__":
