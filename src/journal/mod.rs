@@ -14,6 +14,7 @@
 
 pub mod record;
 
+use crate::disk::buf::VecPool;
 use crate::repl::fold::{Extent, Payload};
 use bytes::Bytes;
 use record::{Header, Kind, HEADER_LEN};
@@ -125,6 +126,8 @@ pub struct Journal {
     inner: Mutex<Inner>,
     /// Wakes the shipper when records or dirty ranges arrive.
     pub available: tokio::sync::Notify,
+    /// Buffers for records read back from segments, reused once shipped.
+    read_pool: Arc<VecPool>,
 }
 
 fn write_all_vectored(mut file: &File, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
@@ -191,6 +194,7 @@ impl Journal {
             opts,
             inner: Mutex::new(inner),
             available: tokio::sync::Notify::new(),
+            read_pool: VecPool::new(READ_POOL_BYTES),
         })
     }
 
@@ -492,7 +496,12 @@ impl Journal {
                 span_end = span_end.max(next_end);
                 end += 1;
             }
-            let span = read_uninit(file, *first_pos, (span_end - first_pos) as usize)?;
+            let span = read_uninit(
+                &self.read_pool,
+                file,
+                *first_pos,
+                (span_end - first_pos) as usize,
+            )?;
             for (seq, offset, data) in &pending[i..end] {
                 let Data::OnDisk(_, pos, len) = data else {
                     unreachable!()
@@ -531,9 +540,12 @@ impl Journal {
 /// Largest single read when records are read back from a segment.
 const READ_RUN_BYTES: u64 = 8 << 20;
 
-/// `len` bytes at `pos`, read into memory that is not zeroed first.
-fn read_uninit(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
-    let mut buf: Vec<u8> = Vec::with_capacity(len);
+/// Free read-back buffers kept for reuse: a few sets' worth.
+const READ_POOL_BYTES: usize = 32 << 20;
+
+/// `len` bytes at `pos`, read into memory from `pool` that is not zeroed first.
+fn read_uninit(pool: &Arc<VecPool>, file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
+    let mut buf = pool.take(len);
     let mut done = 0;
     while done < len {
         // SAFETY: the kernel writes at most `len - done` bytes into the spare capacity; only
@@ -558,7 +570,7 @@ fn read_uninit(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
         }
     }
     unsafe { buf.set_len(len) };
-    Ok(Bytes::from(buf))
+    Ok(pool.lend(buf))
 }
 
 /// Read one segment back into the index; returns true if it ended in a torn record.
