@@ -541,7 +541,7 @@ impl Journal {
 const READ_RUN_BYTES: u64 = 8 << 20;
 
 /// Free read-back buffers kept for reuse: a few sets' worth.
-const READ_POOL_BYTES: usize = 32 << 20;
+const READ_POOL_BYTES: usize = 16 << 20;
 
 /// `len` bytes at `pos`, read into memory from `pool` that is not zeroed first.
 fn read_uninit(pool: &Arc<VecPool>, file: &File, pos: u64, len: usize) -> io::Result<Bytes> {

@@ -14,6 +14,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
+use std::time::Instant;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Refusal codes in `Message::Refuse`.
@@ -32,6 +33,9 @@ const PENDING_BYTES: usize = 32 << 20;
 /// for the applier (I5). When applying falls behind, the receiver waits and QUIC flow control
 /// makes the primary wait: the backlog stays in the primary's journal.
 const APPLY_QUEUE_BYTES: usize = 32 << 20;
+
+/// The mirror volume is synced and its applied set saved at most this often.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Free receive buffers kept for reuse: a set's worth of each size class, roughly.
 const RECEIVE_POOL_BYTES: usize = 64 << 20;
@@ -78,6 +82,8 @@ pub struct MirrorVolume {
     apply_budget: Arc<Semaphore>,
     pub stats: MirrorStats,
     session: Mutex<Option<tokio::task::AbortHandle>>,
+    /// The applied set as of the last checkpoint (volume synced, state saved).
+    checkpointed: AtomicU64,
 }
 
 impl MirrorVolume {
@@ -102,6 +108,7 @@ impl MirrorVolume {
             seq: state.applied_seq,
             copy_done: state.copy == CopyState::Done,
         };
+        let state_applied = state.applied_set;
         let (tx, rx) = mpsc::channel();
         let vol = Arc::new(MirrorVolume {
             name: spec.name.clone(),
@@ -113,6 +120,7 @@ impl MirrorVolume {
             apply_budget: Arc::new(Semaphore::new(APPLY_QUEUE_BYTES)),
             stats: MirrorStats::default(),
             session: Mutex::new(None),
+            checkpointed: AtomicU64::new(state_applied),
         });
         let v = vol.clone();
         std::thread::Builder::new()
@@ -121,29 +129,67 @@ impl MirrorVolume {
         Ok(vol)
     }
 
-    /// Apply sets in order; sync and persist the state once per batch.
+    /// Apply sets in order. The volume is synced and the state saved (a checkpoint) at most
+    /// every [`CHECKPOINT_EVERY`], not per batch: until then the redo log still holds every
+    /// set since the last checkpoint, and a crash replays them (idempotent). Per batch, the
+    /// volume fsync, the state file's fsync and its directory's fsync had stalled applying
+    /// for several milliseconds each time.
     fn apply_loop(
         &self,
         mut applier: Applier,
         rx: mpsc::Receiver<(DeltaSet, OwnedSemaphorePermit)>,
         state_path: PathBuf,
     ) {
-        while let Ok(first) = rx.recv() {
-            let mut batch = vec![first];
-            while batch.len() < 64 {
-                match rx.try_recv() {
-                    Ok(s) => batch.push(s),
-                    Err(_) => break,
+        let mut last_checkpoint = Instant::now();
+        let mut unsaved = false;
+        loop {
+            let first = if unsaved {
+                let wait = CHECKPOINT_EVERY.saturating_sub(last_checkpoint.elapsed());
+                match rx.recv_timeout(wait) {
+                    Ok(s) => Some(s),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
-            }
-            let mut next = self.state.lock().unwrap().clone();
+            } else {
+                match rx.recv() {
+                    Ok(s) => Some(s),
+                    Err(_) => return,
+                }
+            };
             let result = (|| -> io::Result<()> {
-                for (set, _) in &batch {
-                    applier.apply(set)?;
-                    next.advance(set);
+                if let Some(first) = first {
+                    let mut batch = vec![first];
+                    while batch.len() < 64 {
+                        match rx.try_recv() {
+                            Ok(s) => batch.push(s),
+                            Err(_) => break,
+                        }
+                    }
+                    let mut next = self.state.lock().unwrap().clone();
+                    for (set, _) in &batch {
+                        applier.apply(set)?;
+                        next.advance(set);
+                    }
+                    // Applied, not yet durable: status shows it, the redo log keeps it.
+                    *self.state.lock().unwrap() = next;
+                    unsaved = true;
                 }
-                applier.sync()?;
-                next.save(&state_path)
+                if unsaved && last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+                    applier.sync()?;
+                    let state = self.state.lock().unwrap().clone();
+                    state.save(&state_path)?;
+                    self.checkpointed
+                        .store(state.applied_set, Ordering::Relaxed);
+                    last_checkpoint = Instant::now();
+                    unsaved = false;
+                    // Not behind a redo fsync: if the log is busy, the next append trims.
+                    if let Ok(mut redo) = self.redo.try_lock() {
+                        if let Err(e) = redo.trim(state.applied_set) {
+                            tracing::warn!(volume = %self.name, "cannot trim the redo log: {e}");
+                        }
+                    }
+                }
+                Ok(())
             })();
             if let Err(e) = result {
                 // I2: never silent. The redo log still holds the sets; status says the disk failed.
@@ -151,14 +197,6 @@ impl MirrorVolume {
                 *self.stats.last_error.lock().unwrap() = format!("mirror disk failed: {e}");
                 self.stats.failed.store(true, Ordering::Relaxed);
                 return;
-            }
-            let applied = next.applied_set;
-            *self.state.lock().unwrap() = next;
-            // Not behind a redo fsync: if the log is busy, the next append trims instead.
-            if let Ok(mut redo) = self.redo.try_lock() {
-                if let Err(e) = redo.trim(applied) {
-                    tracing::warn!(volume = %self.name, "cannot trim the redo log: {e}");
-                }
             }
         }
     }
@@ -242,8 +280,8 @@ impl MirrorVolume {
             }
             after.push(d);
         }
-        let applied = self.state.lock().unwrap().applied_set;
-        if let Err(e) = redo.trim(applied) {
+        // Only what a checkpoint made durable on the volume may leave the redo log.
+        if let Err(e) = redo.trim(self.checkpointed.load(Ordering::Relaxed)) {
             tracing::warn!(volume = %self.name, "cannot trim the redo log: {e}");
         }
         let entries: Vec<(u64, &BlockBytes)> = batch.iter().map(|(s, raw)| (s.set, raw)).collect();

@@ -104,7 +104,7 @@ pub struct Shipper {
 }
 
 /// Free encode buffers kept for reuse: a few sets' worth.
-pub const ENCODE_POOL_BYTES: usize = 64 << 20;
+pub const ENCODE_POOL_BYTES: usize = 32 << 20;
 
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
