@@ -40,7 +40,7 @@ impl JournalOptions {
         JournalOptions {
             dir,
             max_disk_bytes,
-            ram_bytes: 64 << 20,
+            ram_bytes: 32 << 20,
             segment_bytes: 64 << 20,
         }
     }
