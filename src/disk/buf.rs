@@ -142,7 +142,7 @@ impl BufPool {
 
 /// `n` rounded up to a whole number of [`ALIGN`] blocks.
 pub fn align_up(n: usize) -> usize {
-    n.div_ceil(ALIGN) * ALIGN
+    n.next_multiple_of(ALIGN)
 }
 
 /// Buffers that cross threads, given back to the pool by whichever thread drops the last

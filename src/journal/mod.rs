@@ -14,13 +14,14 @@
 
 pub mod record;
 
-use crate::disk::buf::VecPool;
+use crate::disk::buf::SharedPool;
 use crate::repl::fold::{Extent, Payload};
 use bytes::Bytes;
 use record::{Header, Kind, HEADER_LEN};
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -127,7 +128,7 @@ pub struct Journal {
     /// Wakes the shipper when records or dirty ranges arrive.
     pub available: tokio::sync::Notify,
     /// Buffers for records read back from segments, reused once shipped.
-    read_pool: Arc<VecPool>,
+    read_pool: Arc<SharedPool>,
 }
 
 fn write_all_vectored(mut file: &File, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
@@ -194,7 +195,7 @@ impl Journal {
             opts,
             inner: Mutex::new(inner),
             available: tokio::sync::Notify::new(),
-            read_pool: VecPool::new(READ_POOL_BYTES),
+            read_pool: SharedPool::new(READ_POOL_BYTES),
         })
     }
 
@@ -496,7 +497,7 @@ impl Journal {
                 span_end = span_end.max(next_end);
                 end += 1;
             }
-            let span = read_uninit(
+            let span = read_pooled(
                 &self.read_pool,
                 file,
                 *first_pos,
@@ -543,34 +544,11 @@ const READ_RUN_BYTES: u64 = 8 << 20;
 /// Free read-back buffers kept for reuse: a few sets' worth.
 const READ_POOL_BYTES: usize = 16 << 20;
 
-/// `len` bytes at `pos`, read into memory from `pool` that is not zeroed first.
-fn read_uninit(pool: &Arc<VecPool>, file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
-    let mut buf = pool.take(len);
-    let mut done = 0;
-    while done < len {
-        // SAFETY: the kernel writes at most `len - done` bytes into the spare capacity; only
-        // bytes it wrote are counted in `done` and exposed by `set_len`.
-        let n = unsafe {
-            libc::pread(
-                std::os::fd::AsRawFd::as_raw_fd(file),
-                buf.as_mut_ptr().add(done) as *mut libc::c_void,
-                len - done,
-                (pos + done as u64) as libc::off_t,
-            )
-        };
-        match n {
-            n if n > 0 => done += n as usize,
-            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-        }
-    }
-    unsafe { buf.set_len(len) };
-    Ok(pool.lend(buf))
+/// `len` bytes at `pos`, read into a buffer from `pool` that goes back to it once shipped.
+fn read_pooled(pool: &Arc<SharedPool>, file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
+    let mut buf = pool.get(len);
+    file.read_exact_at(&mut buf, pos)?;
+    Ok(Bytes::from_owner(buf))
 }
 
 /// Read one segment back into the index; returns true if it ended in a torn record.

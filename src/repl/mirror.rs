@@ -108,7 +108,6 @@ impl MirrorVolume {
             seq: state.applied_seq,
             copy_done: state.copy == CopyState::Done,
         };
-        let state_applied = state.applied_set;
         let (tx, rx) = mpsc::channel();
         let vol = Arc::new(MirrorVolume {
             name: spec.name.clone(),
@@ -120,7 +119,7 @@ impl MirrorVolume {
             apply_budget: Arc::new(Semaphore::new(APPLY_QUEUE_BYTES)),
             stats: MirrorStats::default(),
             session: Mutex::new(None),
-            checkpointed: AtomicU64::new(state_applied),
+            checkpointed: AtomicU64::new(durable.set),
         });
         let v = vol.clone();
         std::thread::Builder::new()
