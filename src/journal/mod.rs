@@ -484,14 +484,16 @@ impl Journal {
                 i += 1;
                 continue;
             };
+            // The first record always joins, however long (an NBD write may be 32 MiB).
             let mut end = i;
-            let mut span_end = 0;
+            let mut span_end = *first_pos;
             while let Some((_, _, Data::OnDisk(f, pos, len))) = pending.get(end) {
                 let next_end = pos + *len as u64;
-                if !Arc::ptr_eq(f, file)
-                    || *pos < *first_pos
-                    || next_end - first_pos > READ_RUN_BYTES
-                {
+                let joins = end == i
+                    || (Arc::ptr_eq(f, file)
+                        && *pos >= *first_pos
+                        && next_end - first_pos <= READ_RUN_BYTES);
+                if !joins {
                     break;
                 }
                 span_end = span_end.max(next_end);
@@ -741,6 +743,25 @@ mod tests {
         let (recs, _) = j.collect(last, u64::MAX).unwrap();
         assert_eq!(recs.len(), 1);
         assert_eq!(j.stats().lag_bytes, 256 << 10);
+    }
+
+    /// A record larger than one read-back run (an NBD write may be 32 MiB) comes back whole,
+    /// and so do its smaller neighbours.
+    #[test]
+    fn a_record_larger_than_a_read_run_is_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path());
+        o.max_disk_bytes = 64 << 20;
+        o.segment_bytes = 32 << 20;
+        let j = Journal::open(o).unwrap();
+        let big = READ_RUN_BYTES as usize + 4096;
+        for (len, b) in [(4096, 1u8), (big, 2), (4096, 3)] {
+            let it = begin(&j, 0, len as u32).unwrap();
+            j.complete(it, 0, data(b, len)).unwrap();
+        }
+        let (recs, _) = j.collect(0, u64::MAX).unwrap();
+        let got: Vec<Payload> = recs.into_iter().map(|r| r.extent.payload).collect();
+        assert_eq!(got, vec![data(1, 4096), data(2, big), data(3, 4096)]);
     }
 
     #[test]
