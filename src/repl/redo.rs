@@ -26,6 +26,7 @@ use std::io::{self, IoSlice, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 const MAGIC_V1: [u8; 4] = *b"BMR1";
 const MAGIC: [u8; 4] = *b"BMR2";
@@ -48,7 +49,8 @@ struct Segment {
 pub struct RedoLog {
     dir: PathBuf,
     segments: VecDeque<Segment>,
-    current: Option<File>,
+    /// The segment being appended to (shared with whoever syncs what was written to it).
+    current: Option<Arc<File>>,
     spares: Vec<PathBuf>,
     next_spare: u64,
     /// The header blocks of the entries being appended.
@@ -137,8 +139,19 @@ impl RedoLog {
 
     /// Append sets (each a whole encoded Set message) and make them durable.
     pub fn append(&mut self, entries: &[(u64, &BlockBytes)]) -> io::Result<()> {
+        match self.write(entries)? {
+            Some(file) => file.sync_data(),
+            None => Ok(()),
+        }
+    }
+
+    /// Append sets without waiting for them to be durable; returns the file to `sync_data`
+    /// before they count as durable. The mirror writes the next batch while the previous one
+    /// syncs. Entries past a torn or unsynced one are never replayed: `open` stops at the
+    /// first entry that is not intact and the next set in order.
+    pub fn write(&mut self, entries: &[(u64, &BlockBytes)]) -> io::Result<Option<Arc<File>>> {
         if entries.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let rotate = self.current.is_none()
             || self
@@ -161,7 +174,7 @@ impl RedoLog {
                 path,
                 len: 0,
             });
-            self.current = Some(file);
+            self.current = Some(Arc::new(file));
         }
         let need = entries.len() * HEADER_BLOCK;
         if self.headers.capacity() < need {
@@ -181,15 +194,15 @@ impl RedoLog {
                 iov.push(IoSlice::new(msg.padded()));
             }
         }
-        let file = self.current.as_ref().expect("current segment");
+        let file = self.current.clone().expect("current segment");
         let seg = self.segments.back_mut().expect("current segment");
         let mut at = seg.len;
         for group in iov.chunks_mut(MAX_IOVECS) {
-            at += pwritev_all(file, group, at)?;
+            at += pwritev_all(&file, group, at)?;
         }
         seg.len = at;
         seg.last_set = entries.last().expect("not empty").0;
-        file.sync_data()
+        Ok(Some(file))
     }
 
     /// Every entry with a set number above `applied`, in order.
