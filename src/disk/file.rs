@@ -219,6 +219,13 @@ impl FileStorage {
         types::Fd(self.file.as_raw_fd())
     }
 
+    /// Whether a write of `data` at `offset` can go to the file as it is (aligned for direct
+    /// I/O, or buffered).
+    pub fn takes_as_is(&self, offset: u64, data: &[u8]) -> bool {
+        u32::try_from(data.len())
+            .is_ok_and(|len| !self.misaligned(offset, len, data.as_ptr() as usize))
+    }
+
     /// A transfer the file's mode cannot take (a caller bug, refused rather than risked).
     fn misaligned(&self, offset: u64, len: u32, buf: usize) -> bool {
         self.align > 1

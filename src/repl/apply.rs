@@ -161,10 +161,10 @@ impl Applier {
                     .into_iter()
                     .map(|(o, len)| Pending::new(o, None, len)),
             );
-            pending.extend(
-                runs.iter()
-                    .map(|r| Pending::new(r.start, Some(&r.buf[..]), r.buf.len() as u64)),
-            );
+            pending.extend(runs.iter().map(|r| {
+                let data = r.buf.as_slice();
+                Pending::new(r.start, Some(data), data.len() as u64)
+            }));
         } else {
             // Buffered writes submitted to io_uring are handed to kernel worker threads, which
             // then queue on the file's inode lock: for 4 KiB extents that took more CPU than
@@ -226,7 +226,9 @@ impl Applier {
         }
         drop(pending);
         for r in runs {
-            self.pool.put(r.buf);
+            if let RunBuf::Copied(buf) = r.buf {
+                self.pool.put(buf);
+            }
         }
         Ok(())
     }
@@ -283,9 +285,26 @@ impl Applier {
 }
 
 /// Extents sharing blocks, rewritten as whole blocks for direct I/O.
-struct AlignedRun {
+struct AlignedRun<'a> {
     start: u64,
-    buf: AlignedBuf,
+    buf: RunBuf<'a>,
+}
+
+enum RunBuf<'a> {
+    /// The set's own data, already aligned where it arrived (see `frame`'s raw aligned
+    /// extents): written from there.
+    AsIs(&'a [u8]),
+    /// Copied into aligned memory from the pool.
+    Copied(AlignedBuf),
+}
+
+impl RunBuf<'_> {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            RunBuf::AsIs(d) => d,
+            RunBuf::Copied(b) => b,
+        }
+    }
 }
 
 /// Part of an extent headed for an aligned run: its bytes, or zeroes.
@@ -370,13 +389,28 @@ fn plan_direct(extents: &[Extent], align: u64) -> (Vec<RunPlan<'_>>, Vec<(u64, u
 }
 
 /// Fills the planned runs from the set's data, reading first the runs the pieces do not fill.
-fn fill_runs(
+fn fill_runs<'a>(
     storage: &FileStorage,
     pool: &mut BufPool,
-    plans: Vec<RunPlan<'_>>,
-) -> io::Result<Vec<AlignedRun>> {
+    plans: Vec<RunPlan<'a>>,
+) -> io::Result<Vec<AlignedRun<'a>>> {
     let mut runs = Vec::with_capacity(plans.len());
     for plan in plans {
+        // One piece of data that is the whole run, in memory the disk takes as it is: no copy.
+        if let [Piece {
+            offset,
+            data: Some(d),
+            ..
+        }] = plan.pieces[..]
+        {
+            if offset == plan.start && storage.takes_as_is(offset, d) {
+                runs.push(AlignedRun {
+                    start: plan.start,
+                    buf: RunBuf::AsIs(d),
+                });
+                continue;
+            }
+        }
         let len = usize::try_from(plan.end - plan.start).expect("a run fits in memory");
         let mut buf = pool.get(len);
         let filled: u64 = plan.pieces.iter().map(|p| p.len).sum();
@@ -393,7 +427,7 @@ fn fill_runs(
         }
         runs.push(AlignedRun {
             start: plan.start,
-            buf,
+            buf: RunBuf::Copied(buf),
         });
     }
     Ok(runs)
@@ -558,6 +592,56 @@ mod tests {
         assert_eq!(spans, vec![(0, 4096, 2), (1 << 30, (1 << 30) + 4096, 2)]);
         let memory: u64 = runs.iter().map(|r| r.end - r.start).sum();
         assert_eq!(memory, 8192);
+    }
+
+    /// Whole blocks of data in memory aligned for direct I/O (a raw aligned extent as received)
+    /// are written from where they are; the same bytes misaligned in memory are copied first.
+    /// Either way the volume ends up with them.
+    #[test]
+    fn aligned_data_is_written_as_it_is() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+        std::fs::create_dir_all(&root).unwrap();
+        let dir = tempfile::tempdir_in(&root).unwrap();
+        let (path, mut applier) = volume(dir.path(), "v", IoMode::Direct);
+        // One aligned buffer holding two copies of 64 KiB: at +0 (aligned), at +8193 (not).
+        let n = 64 << 10;
+        let mut buf = AlignedBuf::zeroed(2 * n + 16384);
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (i % 253) as u8;
+        }
+        let frame = Bytes::from_owner(crate::disk::buf::PooledBuf::from(buf));
+        let aligned = frame.slice(0..n);
+        let misaligned = frame.slice(8193..8193 + n);
+        let extents = vec![
+            Extent {
+                offset: 0,
+                payload: Payload::Data(aligned.clone()),
+            },
+            Extent {
+                offset: 4 * n as u64,
+                payload: Payload::Data(misaligned.clone()),
+            },
+        ];
+        let (plans, _) = plan_direct(&extents, applier.storage.alignment());
+        let runs = fill_runs(&applier.storage, &mut applier.pool, plans).unwrap();
+        assert!(matches!(runs[0].buf, RunBuf::AsIs(d) if d.as_ptr() == aligned.as_ptr()));
+        assert!(matches!(runs[1].buf, RunBuf::Copied(_)));
+        drop(runs);
+        let set = DeltaSet {
+            set: 1,
+            first_seq: 1,
+            last_seq: 2,
+            kind: SetKind::Journal,
+            extents,
+        };
+        applier.apply(&set).unwrap();
+        applier.sync().unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let mut got = vec![0u8; n];
+        file.read_exact_at(&mut got, 0).unwrap();
+        assert_eq!(got, aligned.to_vec());
+        file.read_exact_at(&mut got, 4 * n as u64).unwrap();
+        assert_eq!(got, misaligned.to_vec());
     }
 
     /// Unaligned extents sharing blocks, a partial block with a gap, unaligned and aligned

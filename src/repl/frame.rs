@@ -30,10 +30,12 @@
 //!
 //! # Versioning
 //!
-//! The stream starts with the primary's Hello, whose `version` is [`PROTOCOL_VERSION`] (1). The
+//! The stream starts with the primary's Hello, whose `version` is [`PROTOCOL_VERSION`] (2; a
+//! mirror also accepts 1, which differs only in never sending raw aligned extents). The
 //! Hello layout is frozen for all versions, so any peer can read it and answer with a Refuse if
 //! it does not speak that version: decoding does **not** reject a Hello whose version differs;
-//! the receiver compares and refuses. Every other layout below is version 1.
+//! the receiver compares and refuses. Every other layout below is version 1, plus the raw
+//! aligned encoding of version 2.
 //!
 //! # Bodies (version 1)
 //!
@@ -75,10 +77,18 @@
 //! | 8            | `offset`     | u64, byte offset in the volume                                    |
 //! | 4            | `len`        | u32, logical length (> 0; data: ≤ [`MAX_CHUNK`])                  |
 //! | 1            | `kind`       | 0 data, 1 zero (the range reads as zeroes)                        |
-//! | 1            | `encoding`   | 0 raw, 1 lz4 block (`lz4_flex::block`); zero extents: 0           |
+//! | 1            | `encoding`   | 0 raw, 1 lz4 block (`lz4_flex::block`), 2 raw aligned (version 2); zero extents: 0 |
 //! | 4            | `crc`        | CRC32 of the uncompressed data; zero extents: 0                   |
-//! | 4            | `stored_len` | raw: `== len`; lz4: `0 < stored_len < len`; zero: 0               |
-//! | `stored_len` | stored bytes | raw data or lz4 block, which must decompress to exactly `len` bytes |
+//! | 4            | `stored_len` | raw: `== len`; lz4: `0 < stored_len < len`; raw aligned: `pad + len`; zero: 0 |
+//! | `stored_len` | stored bytes | raw data, lz4 block (must decompress to exactly `len` bytes), or `pad` zero bytes then raw data |
+//!
+//! Raw aligned (version 2): `pad` is what brings the frame offset (counted from the first byte
+//! of `body_len`) to the next multiple of [`DATA_ALIGN`] (512), so `pad < 512` and the data
+//! starts at an aligned offset of the frame. The padding is not covered by `check`; the
+//! decoder requires it to be zero. A mirror receives frames into page-aligned memory, so it
+//! can write such data to its volume with direct I/O from where it arrived, without a copy.
+//! Encoders send raw pieces of at least [`ALIGN_MIN`] (64 KiB) this way (≤ 0.8 % more bytes,
+//! ≤ 0.05 % for 1 MiB pieces), smaller ones plainly.
 //!
 //! Set rules checked on decode (and by [`DeltaSet::validate`]):
 //! - sequence range: `first_seq <= last_seq` (journal writes `first_seq..=last_seq`), or
@@ -120,7 +130,9 @@ use bytes::{Bytes, BytesMut};
 use crate::repl::fold::{Extent, Payload};
 
 /// Version spoken by this code (Hello's `version`).
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
+/// Oldest version a mirror still accepts (version 1 never sends aligned extents).
+pub const OLDEST_PROTOCOL_VERSION: u16 = 1;
 /// Largest accepted `body_len`; bigger frames are refused as malformed ([`FrameError::TooLarge`]).
 pub const MAX_MESSAGE: u32 = 72 << 20;
 /// Data extents are sent in pieces of at most this many bytes, each with its own CRC.
@@ -150,6 +162,19 @@ const EXT_DATA: u8 = 0;
 const EXT_ZERO: u8 = 1;
 const ENC_RAW: u8 = 0;
 const ENC_LZ4: u8 = 1;
+const ENC_RAW_ALIGNED: u8 = 2;
+
+/// Raw data extents at least this long are sent aligned (encoding 2): at most
+/// `DATA_ALIGN - 1` zero bytes, a tiny share of such an extent, buy a copy less at the mirror.
+pub const ALIGN_MIN: usize = 64 << 10;
+/// Aligned extents' data starts at a multiple of this in the frame: the memory alignment
+/// direct I/O needs on nearly every block device (the mirror checks, and copies if not).
+pub const DATA_ALIGN: usize = 512;
+
+/// Zero bytes that bring frame offset `at` to the next multiple of [`DATA_ALIGN`].
+fn pad_to_align(at: usize) -> usize {
+    at.next_multiple_of(DATA_ALIGN) - at
+}
 
 /// What a delta set carries.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -188,8 +213,8 @@ impl DeltaSet {
         )
     }
 
-    /// Body length of this set if nothing compresses: an upper bound of the encoded body
-    /// length. A shipper keeps it `<= MAX_MESSAGE` when cutting sets.
+    /// Body length of this set if nothing compresses and every aligned piece needs the most
+    /// padding: an upper bound of the encoded body length. A shipper keeps it `<= MAX_MESSAGE` when cutting sets.
     pub fn max_body_len(&self) -> u64 {
         let desc = EXTENT_DESC_LEN as u64;
         let extents: u64 = self
@@ -200,7 +225,10 @@ impl DeltaSet {
                 Payload::Zero(_) => desc,
                 Payload::Data(b) => {
                     let len = b.len() as u64;
-                    len.div_ceil(u64::from(MAX_CHUNK)) * desc + len
+                    let chunk = u64::from(MAX_CHUNK);
+                    // Pieces sent aligned may be preceded by padding.
+                    let aligned = len / chunk + u64::from(len % chunk >= ALIGN_MIN as u64);
+                    len.div_ceil(chunk) * desc + len + aligned * (DATA_ALIGN as u64 - 1)
                 }
             })
             .sum();
@@ -308,7 +336,7 @@ pub fn encode_opts(msg: &Message, out: &mut Vec<u8>, compress: bool) -> EncodeSt
         }
         Message::Set(set) => {
             debug_assert_eq!(set.validate(), Ok(()), "encoding an invalid delta set");
-            encode_set(set, out, &mut check, &mut stats, compress);
+            encode_set(set, out, start, &mut check, &mut stats, compress);
         }
         Message::Ack {
             set,
@@ -388,6 +416,7 @@ fn put_set_header(s: &DeltaSet, out: &mut Vec<u8>, check: &mut crc32fast::Hasher
 fn encode_set(
     s: &DeltaSet,
     out: &mut Vec<u8>,
+    frame_start: usize,
     check: &mut crc32fast::Hasher,
     stats: &mut EncodeStats,
     compress: bool,
@@ -410,10 +439,9 @@ fn encode_set(
                     let crc = crc32fast::hash(piece);
                     put_desc(out, offset, piece.len() as u32, EXT_DATA, ENC_RAW, crc, 0);
                     let (enc, stored) = if compress {
-                        put_stored(piece, out)
+                        put_stored(piece, out, frame_start)
                     } else {
-                        out.extend_from_slice(piece);
-                        (ENC_RAW, piece.len())
+                        put_raw(piece, out, frame_start)
                     };
                     out[desc + 13] = enc;
                     out[desc + 18..desc + 22].copy_from_slice(&(stored as u32).to_be_bytes());
@@ -453,16 +481,27 @@ pub fn encode_set_chunks(s: &DeltaSet) -> (Vec<Bytes>, EncodeStats) {
                     let offset = ext.offset.wrapping_add(start as u64);
                     let desc = cur.len();
                     let len = piece.len() as u32;
+                    let pad = if piece.len() >= ALIGN_MIN {
+                        pad_to_align(PREFIX_LEN + body_len + desc + EXTENT_DESC_LEN)
+                    } else {
+                        0
+                    };
+                    let enc = if piece.len() >= ALIGN_MIN {
+                        ENC_RAW_ALIGNED
+                    } else {
+                        ENC_RAW
+                    };
                     put_desc(
                         &mut cur,
                         offset,
                         len,
                         EXT_DATA,
-                        ENC_RAW,
+                        enc,
                         crc32fast::hash(&piece),
-                        len,
+                        len + pad as u32,
                     );
                     check.update(&cur[desc..]);
+                    cur.resize(cur.len() + pad, 0);
                     body_len += cur.len() + piece.len();
                     chunks.push(Bytes::from(std::mem::replace(
                         &mut cur,
@@ -486,16 +525,28 @@ pub fn encode_set_chunks(s: &DeltaSet) -> (Vec<Bytes>, EncodeStats) {
     (chunks, stats)
 }
 
+/// Appends `data` raw: aligned in the frame starting at `out[frame_start]` when it is at
+/// least [`ALIGN_MIN`] long; returns (encoding, stored length).
+fn put_raw(data: &[u8], out: &mut Vec<u8>, frame_start: usize) -> (u8, usize) {
+    if data.len() < ALIGN_MIN {
+        out.extend_from_slice(data);
+        return (ENC_RAW, data.len());
+    }
+    let pad = pad_to_align(out.len() - frame_start);
+    out.resize(out.len() + pad, 0);
+    out.extend_from_slice(data);
+    (ENC_RAW_ALIGNED, pad + data.len())
+}
+
 /// Appends `data` raw or lz4-compressed (see the module doc); returns (encoding, stored length).
-fn put_stored(data: &[u8], out: &mut Vec<u8>) -> (u8, usize) {
+fn put_stored(data: &[u8], out: &mut Vec<u8>, frame_start: usize) -> (u8, usize) {
     let pos = out.len();
     if data.len() > PROBE_LEN {
         let probe = &data[..PROBE_LEN];
         let shrinks = matches!(compress_at(probe, out, pos), Some(n) if n < probe.len());
         out.truncate(pos);
         if !shrinks {
-            out.extend_from_slice(data);
-            return (ENC_RAW, data.len());
+            return put_raw(data, out, frame_start);
         }
     }
     match compress_at(data, out, pos) {
@@ -505,8 +556,7 @@ fn put_stored(data: &[u8], out: &mut Vec<u8>) -> (u8, usize) {
         }
         _ => {
             out.truncate(pos);
-            out.extend_from_slice(data);
-            (ENC_RAW, data.len())
+            put_raw(data, out, frame_start)
         }
     }
 }
@@ -858,6 +908,22 @@ fn parse_set(
                     return Err(FrameError::Malformed("raw extent with stored_len != len"));
                 }
             }
+            (EXT_DATA, ENC_RAW_ALIGNED) => {
+                let pad = pad_to_align(PREFIX_LEN + e.stored.start);
+                if stored_len != pad + e.len as usize {
+                    return Err(FrameError::Malformed(
+                        "aligned extent whose data does not start at the next boundary",
+                    ));
+                }
+                if content[e.stored.start..e.stored.start + pad]
+                    .iter()
+                    .any(|&b| b != 0)
+                {
+                    return Err(FrameError::Malformed(
+                        "aligned extent with non-zero padding",
+                    ));
+                }
+            }
             (EXT_DATA, ENC_LZ4) => {
                 if stored_len == 0 || stored_len >= e.len as usize {
                     return Err(FrameError::Malformed(
@@ -884,14 +950,15 @@ fn parse_set(
         let bad_crc = FrameError::BadCrc { offset: e.offset };
         let payload = match (e.kind, e.encoding) {
             (EXT_ZERO, _) => Payload::Zero(e.len),
-            (_, ENC_RAW) => {
+            (_, ENC_RAW | ENC_RAW_ALIGNED) => {
+                // Checked above: an aligned extent's padding is what its data follows.
+                let skip = stored.len() - e.len as usize;
+                let (stored, start) = (&stored[skip..], e.stored.start + skip);
                 if crc32fast::hash(stored) != e.crc {
                     return Err(bad_crc);
                 }
                 Payload::Data(match owner {
-                    Some(frame) => {
-                        frame.slice(PREFIX_LEN + e.stored.start..PREFIX_LEN + e.stored.end)
-                    }
+                    Some(frame) => frame.slice(PREFIX_LEN + start..PREFIX_LEN + e.stored.end),
                     None => Bytes::copy_from_slice(stored),
                 })
             }
@@ -1123,7 +1190,7 @@ mod tests {
     #[test]
     fn golden_hello() {
         let msg = Message::Hello {
-            version: PROTOCOL_VERSION,
+            version: 1,
             volume: "v0".into(),
             size: 4096,
         };
@@ -1238,7 +1305,7 @@ mod tests {
 
     #[test]
     fn random_data_goes_raw() {
-        for n in [1, 100, 4096, 4097, 64 << 10] {
+        for n in [1, 100, 4096, 4097, ALIGN_MIN - 1] {
             let msg = journal(vec![data(0, noise(n, n as u64))]);
             let mut bytes = Vec::new();
             let stats = encode(&msg, &mut bytes);
@@ -1247,6 +1314,100 @@ mod tests {
             assert_eq!(encodings(&bytes), vec![(ENC_RAW, n)]);
             assert_eq!(decode(&bytes).unwrap().unwrap().0, msg);
         }
+    }
+
+    /// Where each aligned extent's data starts in `frame`.
+    fn aligned_data_offsets(frame: &[u8]) -> Vec<usize> {
+        let mut pos = PREFIX_LEN + SET_HEADER_LEN;
+        let mut out = Vec::new();
+        for (enc, stored) in encodings(frame) {
+            let len = u32::from_be_bytes(frame[pos + 8..pos + 12].try_into().unwrap()) as usize;
+            pos += EXTENT_DESC_LEN;
+            if enc == ENC_RAW_ALIGNED {
+                out.push(pos + stored - len);
+            }
+            pos += stored;
+        }
+        out
+    }
+
+    #[test]
+    fn large_raw_extents_start_at_an_aligned_frame_offset() {
+        // A small extent first, so the large ones need padding; a 2.5 MiB extent goes as
+        // pieces of 1 MiB, 1 MiB, 0.5 MiB, each aligned.
+        let small = data(0, noise(100, 1));
+        let large = data(1 << 20, noise(5 << 19, 2));
+        let msg = journal(vec![small, large]);
+        let Message::Set(set) = &msg else {
+            unreachable!()
+        };
+        for compress in [false, true] {
+            let mut bytes = Vec::new();
+            let stats = encode_opts(&msg, &mut bytes, compress);
+            let encs: Vec<u8> = encodings(&bytes).iter().map(|e| e.0).collect();
+            assert_eq!(
+                encs,
+                vec![ENC_RAW, ENC_RAW_ALIGNED, ENC_RAW_ALIGNED, ENC_RAW_ALIGNED]
+            );
+            let offsets = aligned_data_offsets(&bytes);
+            assert_eq!(offsets.len(), 3);
+            assert!(offsets.iter().all(|o| o % DATA_ALIGN == 0), "{offsets:?}");
+            assert!(stats.wire_bytes < stats.raw_bytes + 3 * DATA_ALIGN as u64);
+            assert!((bytes.len() - PREFIX_LEN) as u64 <= set.max_body_len());
+            // Decoded from a shared frame, the data is a slice of it at those offsets.
+            let frame = Bytes::from(bytes.clone());
+            let Message::Set(d) = decode_frame(&frame).unwrap() else {
+                panic!("not a set")
+            };
+            let Payload::Data(piece) = &d.extents[1].payload else {
+                panic!("not data")
+            };
+            assert_eq!(
+                piece.as_ptr() as usize - frame.as_ptr() as usize,
+                offsets[0]
+            );
+            // The large extent comes back as its three pieces, bytes unchanged.
+            let back: Vec<u8> = d.extents[1..]
+                .iter()
+                .flat_map(|e| match &e.payload {
+                    Payload::Data(b) => b.to_vec(),
+                    Payload::Zero(_) => panic!("not data"),
+                })
+                .collect();
+            let Payload::Data(original) = &set.extents[1].payload else {
+                unreachable!()
+            };
+            assert_eq!(back, original.to_vec());
+            assert_eq!(d.extents[0], set.extents[0]);
+        }
+        // The chunk encoder sends the same bytes.
+        let (chunks, _) = encode_set_chunks(set);
+        let mut flat = Vec::new();
+        encode_opts(&msg, &mut flat, false);
+        assert_eq!(chunks.concat(), flat);
+    }
+
+    #[test]
+    fn bad_padding_of_an_aligned_extent_is_malformed() {
+        let msg = journal(vec![
+            data(0, noise(100, 1)),
+            data(4096, noise(ALIGN_MIN, 2)),
+        ]);
+        let bytes = enc(&msg);
+        let data_at = aligned_data_offsets(&bytes)[0];
+        // A non-zero padding byte (the check does not cover padding: the decoder looks).
+        let mut b = bytes.clone();
+        b[data_at - 1] = 1;
+        assert_eq!(malformed(&b), "aligned extent with non-zero padding");
+        // Padding that does not end at the boundary: one byte fewer stored.
+        let mut b = bytes.clone();
+        let desc = PREFIX_LEN + SET_HEADER_LEN + EXTENT_DESC_LEN + 100;
+        let stored = u32::from_be_bytes(b[desc + 18..desc + 22].try_into().unwrap());
+        b[desc + 18..desc + 22].copy_from_slice(&(stored - 1).to_be_bytes());
+        assert!(matches!(
+            decode(&b),
+            Err(FrameError::Malformed(_) | FrameError::BadChecksum)
+        ));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use super::apply::{self, Applier, CopyState, VolumeState};
 use super::fold::Payload;
-use super::frame::{DeltaSet, Message, SetKind, PROTOCOL_VERSION};
+use super::frame::{DeltaSet, Message, SetKind, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use super::redo::RedoLog;
 use super::stream::{read_message, write_message, StreamError};
 use crate::disk::buf::{BlockBytes, SharedPool};
@@ -614,13 +614,15 @@ impl Mirror {
                     size,
                 },
                 _,
-            ))) if version == PROTOCOL_VERSION => (volume, size),
+            ))) if (OLDEST_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) => {
+                (volume, size)
+            }
             Ok(Some((Message::Hello { version, .. }, _))) => {
                 return refuse_and_close(
                     &conn,
                     &mut send,
                     refuse::VERSION,
-                    format!("protocol version {version} unsupported (want {PROTOCOL_VERSION})"),
+                    format!("protocol version {version} unsupported (this mirror speaks {OLDEST_PROTOCOL_VERSION} to {PROTOCOL_VERSION})"),
                 )
                 .await;
             }
