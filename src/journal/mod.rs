@@ -538,6 +538,9 @@ const READ_RUN_BYTES: u64 = 8 << 20;
 /// both daemons' CPU once the journal is at its cap). Segments are only ever appended to
 /// while mapped and never truncated (only at open, before any mapping), so a mapping cannot
 /// lose its pages; a segment unlinked meanwhile stays readable until the last mapping goes.
+/// The records were written through the page cache moments to minutes before, so their pages
+/// are normally still there. (The one thing a mapping handles worse than a read: a disk error
+/// while reading a page back would stop the daemon with SIGBUS instead of failing the read.)
 fn map_span(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
     if len == 0 {
         return Ok(Bytes::new());
