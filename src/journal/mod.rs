@@ -779,4 +779,27 @@ mod tests {
         assert_eq!(rest.len(), 7);
         assert_eq!(rest[6].extent.payload, data(9, 4096));
     }
+
+    /// Records read back are mapped from their segment: they stay intact while the shipper
+    /// holds them, even once the mirror acknowledged them and their segment was deleted.
+    #[test]
+    fn read_back_records_survive_their_segment_being_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path());
+        o.segment_bytes = 64 << 10;
+        let j = Journal::open(o).unwrap();
+        for i in 0..40u8 {
+            let it = begin(&j, 0, 4096).unwrap();
+            j.complete(it, 0, data(i, 4096)).unwrap();
+        }
+        let (recs, _) = j.collect(0, u64::MAX).unwrap();
+        assert_eq!(recs.len(), 40);
+        let segments = || std::fs::read_dir(dir.path()).unwrap().count();
+        let before = segments();
+        j.ack(recs[35].seq);
+        assert!(segments() < before, "acknowledged segments are deleted");
+        for (i, r) in recs.iter().enumerate() {
+            assert_eq!(r.extent.payload, data(i as u8, 4096), "record {i}");
+        }
+    }
 }
