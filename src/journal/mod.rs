@@ -22,6 +22,7 @@
 pub mod record;
 
 use crate::repl::fold::{Extent, Payload};
+use crate::repl::redo::Spares;
 use bytes::Bytes;
 use record::{Header, Kind, HEADER_LEN};
 use std::collections::{BTreeMap, VecDeque};
@@ -126,8 +127,7 @@ struct Inner {
     /// journal's cap: at the cap, which a mirror slower than its clients always reaches, they
     /// are what saves the allocation work; the directory may hold [`MAX_SPARES`] segments
     /// more than the cap.
-    spares: Vec<PathBuf>,
-    next_spare: u64,
+    spares: Spares,
     /// A segment was renamed into place since the last `sync`: the directory needs one too.
     renamed: bool,
 }
@@ -182,19 +182,9 @@ impl Journal {
             full_episodes: 0,
             full_logged_at: None,
             full_logged: false,
-            spares: Vec::new(),
-            next_spare: 0,
+            spares: Spares::load(&opts.dir, MAX_SPARES)?,
             renamed: false,
         };
-        let spares = crate::repl::redo::numbered_segments(&opts.dir, ".spare")?;
-        inner.next_spare = spares.last().map_or(0, |(n, _)| n + 1);
-        for (_, path) in spares {
-            if inner.spares.len() < MAX_SPARES {
-                inner.spares.push(path);
-            } else {
-                std::fs::remove_file(&path)?;
-            }
-        }
         let mut broken = false;
         for (first_seq, path) in names {
             // Each segment continues the one before: after a torn record (or a spare renamed
@@ -373,20 +363,15 @@ impl Journal {
             // durability (`sync`). Syncing at rotation stalled every writer behind the lock
             // and wrote records to disk that, once acknowledged, are deleted unread.
             let path = segment_path(&self.opts.dir, h.seq);
-            let file = match g.spares.pop() {
-                Some(spare) => {
-                    std::fs::rename(&spare, &path)?;
-                    // Durable with the next `sync`, which syncs the directory first.
-                    g.renamed = true;
-                    OpenOptions::new().read(true).write(true).open(&path)?
-                }
-                None => OpenOptions::new()
-                    .create(true)
-                    .truncate(true)
-                    .read(true)
-                    .write(true)
-                    .open(&path)?,
-            };
+            let reused = g.spares.reuse_as(&path)?;
+            // A rename is durable with the next `sync`, which syncs the directory first.
+            g.renamed |= reused;
+            let file = OpenOptions::new()
+                .create(!reused)
+                .truncate(!reused)
+                .read(true)
+                .write(true)
+                .open(&path)?;
             g.segments.push_back(Segment {
                 first_seq: h.seq,
                 last_seq: h.seq,
@@ -467,7 +452,7 @@ impl Journal {
             }
             let s = g.segments.pop_front().unwrap();
             g.disk_bytes -= s.len;
-            if let Err(e) = self.retire(&mut g, s) {
+            if let Err(e) = Self::retire(&mut g, s) {
                 tracing::warn!("cannot remove or recycle an acknowledged journal segment: {e}");
             }
         }
@@ -475,15 +460,11 @@ impl Journal {
 
     /// Keep an acknowledged segment as a spare, or delete it. Never a segment still mapped
     /// by records in flight (or being synced): its pages must not change under them.
-    fn retire(&self, g: &mut Inner, s: Segment) -> io::Result<()> {
-        if g.spares.len() >= MAX_SPARES || Arc::strong_count(&s.file) > 1 {
+    fn retire(g: &mut Inner, s: Segment) -> io::Result<()> {
+        if Arc::strong_count(&s.file) > 1 {
             return std::fs::remove_file(&s.path);
         }
-        let spare = self.opts.dir.join(format!("{:020}.spare", g.next_spare));
-        g.next_spare += 1;
-        std::fs::rename(&s.path, &spare)?;
-        g.spares.push(spare);
-        Ok(())
+        g.spares.retire(&s.path)
     }
 
     /// Up to `max_bytes` of records after `after_seq`, and the last sequence number they cover

@@ -176,6 +176,16 @@ fn pad_to_align(at: usize) -> usize {
     at.next_multiple_of(DATA_ALIGN) - at
 }
 
+/// How a raw piece of `len` bytes whose stored bytes start at frame offset `at` is sent:
+/// (encoding, padding before the data).
+fn raw_layout(len: usize, at: usize) -> (u8, usize) {
+    if len >= ALIGN_MIN {
+        (ENC_RAW_ALIGNED, pad_to_align(at))
+    } else {
+        (ENC_RAW, 0)
+    }
+}
+
 /// What a delta set carries.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SetKind {
@@ -481,16 +491,8 @@ pub fn encode_set_chunks(s: &DeltaSet) -> (Vec<Bytes>, EncodeStats) {
                     let offset = ext.offset.wrapping_add(start as u64);
                     let desc = cur.len();
                     let len = piece.len() as u32;
-                    let pad = if piece.len() >= ALIGN_MIN {
-                        pad_to_align(PREFIX_LEN + body_len + desc + EXTENT_DESC_LEN)
-                    } else {
-                        0
-                    };
-                    let enc = if piece.len() >= ALIGN_MIN {
-                        ENC_RAW_ALIGNED
-                    } else {
-                        ENC_RAW
-                    };
+                    let (enc, pad) =
+                        raw_layout(piece.len(), PREFIX_LEN + body_len + desc + EXTENT_DESC_LEN);
                     put_desc(
                         &mut cur,
                         offset,
@@ -528,14 +530,10 @@ pub fn encode_set_chunks(s: &DeltaSet) -> (Vec<Bytes>, EncodeStats) {
 /// Appends `data` raw: aligned in the frame starting at `out[frame_start]` when it is at
 /// least [`ALIGN_MIN`] long; returns (encoding, stored length).
 fn put_raw(data: &[u8], out: &mut Vec<u8>, frame_start: usize) -> (u8, usize) {
-    if data.len() < ALIGN_MIN {
-        out.extend_from_slice(data);
-        return (ENC_RAW, data.len());
-    }
-    let pad = pad_to_align(out.len() - frame_start);
+    let (enc, pad) = raw_layout(data.len(), out.len() - frame_start);
     out.resize(out.len() + pad, 0);
     out.extend_from_slice(data);
-    (ENC_RAW_ALIGNED, pad + data.len())
+    (enc, pad + data.len())
 }
 
 /// Appends `data` raw or lz4-compressed (see the module doc); returns (encoding, stored length).

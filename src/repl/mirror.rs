@@ -293,10 +293,11 @@ impl MirrorVolume {
                 Ok(())
             })();
             if let Err(e) = result {
-                // I2: never silent. The redo log still holds the sets; status says the disk failed.
-                tracing::error!(volume = %self.name, "applying to the mirror volume failed: {e}; replication to it is stopped");
-                *self.stats.last_error.lock().unwrap() = format!("mirror disk failed: {e}");
-                self.stats.failed.store(true, Ordering::Relaxed);
+                // The redo log still holds the sets.
+                self.fail_disk(
+                    format!("mirror disk failed: {e}"),
+                    "applying to the mirror volume",
+                );
                 return;
             }
         }
@@ -331,6 +332,14 @@ impl MirrorVolume {
                      else { "initial copy not complete: NOT consistent" },
             "last_error": self.stats.last_error.lock().unwrap().clone(),
         })
+    }
+
+    /// The mirror's disk failed: replication to this volume stops (I2: never silent), and
+    /// status and every new session say why.
+    fn fail_disk(&self, why: String, doing: &str) {
+        tracing::error!(volume = %self.name, "{doing}: {why}; replication to it is stopped");
+        *self.stats.last_error.lock().unwrap() = why;
+        self.stats.failed.store(true, Ordering::Relaxed);
     }
 
     /// `set` must be the one after `written`, and inside the volume; the state after it.
@@ -378,7 +387,6 @@ impl MirrorVolume {
         let mut generation = 0;
         let mut written = *self.durable.lock().unwrap();
         let mut batch = Vec::new();
-        let mut batch_bytes = 0;
         let mut from = written;
         while let Ok(first) = jobs.recv() {
             let mut next = Some(first);
@@ -407,12 +415,10 @@ impl MirrorVolume {
                                     from = written;
                                 }
                                 written = d;
-                                batch_bytes += raw.len();
                                 batch.push((set, raw, received, ack, d));
                             }
                             Err(e) => {
                                 self.write_batch(&mut batch, from, &mut written, &to_sync);
-                                batch_bytes = 0;
                                 let _ = to_sync.send(ToSync::Refused(ack, e));
                             }
                         }
@@ -423,16 +429,15 @@ impl MirrorVolume {
                     } => {
                         generation = generation.max(g);
                         self.write_batch(&mut batch, from, &mut written, &to_sync);
-                        batch_bytes = 0;
                         let _ = to_sync.send(ToSync::Barrier(reply));
                     }
                 }
+                let batch_bytes: usize = batch.iter().map(|b| b.1.len()).sum();
                 if batch_bytes < BATCH_BYTES {
                     next = jobs.try_recv().ok();
                 }
             }
             self.write_batch(&mut batch, from, &mut written, &to_sync);
-            batch_bytes = 0;
         }
     }
 
@@ -469,7 +474,6 @@ impl MirrorVolume {
         };
         match result {
             Ok(file) => {
-                let file = file.expect("a non-empty batch was written");
                 let sets = sets
                     .into_iter()
                     .map(|(set, _raw, received, ack, d)| (set, received, ack, d))
@@ -514,35 +518,22 @@ impl MirrorVolume {
                     }
                 }
             }
-            if let Err(e) = result {
-                // After a failed sync the log's content is unknown (I2: never silent): stop
-                // taking sets; status and every new session say why.
+            // After a failed sync the log's content is unknown: nothing of this round counts
+            // as durable.
+            let failed = result.err().map(|e| {
                 let why = format!("mirror disk failed: redo log sync: {e}");
-                tracing::error!(volume = %self.name, "{why}; replication to it is stopped");
-                *self.stats.last_error.lock().unwrap() = why.clone();
-                self.stats.failed.store(true, Ordering::Relaxed);
-                for item in items {
-                    match item {
-                        ToSync::Written { sets, .. } => {
-                            for (_, _, ack, _) in sets {
-                                let _ = ack.send(Err((refuse::DISK_FAILED, why.clone())));
-                            }
-                        }
-                        ToSync::Refused(ack, why) => {
-                            let _ = ack.send(Err(why));
-                        }
-                        ToSync::Barrier(reply) => {
-                            let _ = reply.send(*self.durable.lock().unwrap());
-                        }
-                    }
-                }
-                continue;
-            }
+                self.fail_disk(why.clone(), "syncing the redo log");
+                why
+            });
             let mut to_apply = Vec::new();
             for item in items {
                 match item {
                     ToSync::Written { sets, .. } => {
                         for (set, received, ack, d) in sets {
+                            if let Some(why) = &failed {
+                                let _ = ack.send(Err((refuse::DISK_FAILED, why.clone())));
+                                continue;
+                            }
                             *self.durable.lock().unwrap() = d;
                             drop(received);
                             let _ = ack.send(Ok(d));

@@ -51,8 +51,7 @@ pub struct RedoLog {
     segments: VecDeque<Segment>,
     /// The segment being appended to (shared with whoever syncs what was written to it).
     current: Option<Arc<File>>,
-    spares: Vec<PathBuf>,
-    next_spare: u64,
+    spares: Spares,
     /// The header blocks of the entries being appended.
     headers: AlignedBuf,
     segment_bytes: u64,
@@ -82,13 +81,11 @@ impl RedoLog {
     /// `open` with another segment size (tests rotate after a few entries).
     fn open_with(dir: &Path, segment_bytes: u64) -> io::Result<RedoLog> {
         let names = numbered_segments(dir, ".redo")?;
-        let spares: Vec<(u64, PathBuf)> = numbered_segments(dir, ".spare")?;
         let mut log = RedoLog {
             dir: dir.to_path_buf(),
             segments: VecDeque::new(),
             current: None,
-            next_spare: spares.last().map_or(0, |(n, _)| n + 1),
-            spares: spares.into_iter().map(|(_, p)| p).collect(),
+            spares: Spares::load(dir, MAX_SPARES)?,
             headers: AlignedBuf::zeroed(HEADER_BLOCK),
             segment_bytes,
         };
@@ -119,7 +116,7 @@ impl RedoLog {
                     tracing::warn!(path = %path.display(), expected_set = expect,
                         "redo log: a segment does not continue the log; ignored");
                 }
-                log.retire(path)?;
+                log.spares.retire(&path)?;
                 continue;
             }
             expect = Some(want);
@@ -139,20 +136,17 @@ impl RedoLog {
 
     /// Append sets (each a whole encoded Set message) and make them durable.
     pub fn append(&mut self, entries: &[(u64, &BlockBytes)]) -> io::Result<()> {
-        match self.write(entries)? {
-            Some(file) => file.sync_data(),
-            None => Ok(()),
+        if entries.is_empty() {
+            return Ok(());
         }
+        self.write(entries)?.sync_data()
     }
 
     /// Append sets without waiting for them to be durable; returns the file to `sync_data`
     /// before they count as durable. The mirror writes the next batch while the previous one
     /// syncs. Entries past a torn or unsynced one are never replayed: `open` stops at the
-    /// first entry that is not intact and the next set in order.
-    pub fn write(&mut self, entries: &[(u64, &BlockBytes)]) -> io::Result<Option<Arc<File>>> {
-        if entries.is_empty() {
-            return Ok(None);
-        }
+    /// first entry that is not intact and the next set in order. `entries` is not empty.
+    pub fn write(&mut self, entries: &[(u64, &BlockBytes)]) -> io::Result<Arc<File>> {
         let rotate = self.current.is_none()
             || self
                 .segments
@@ -161,13 +155,8 @@ impl RedoLog {
         if rotate {
             let first = entries[0].0;
             let path = self.dir.join(format!("{first:020}.redo"));
-            let file = match self.spares.pop() {
-                Some(spare) => {
-                    std::fs::rename(&spare, &path)?;
-                    open_for_writing(&path, false)?
-                }
-                None => open_for_writing(&path, true)?,
-            };
+            let reused = self.spares.reuse_as(&path)?;
+            let file = open_for_writing(&path, !reused)?;
             sync_dir(&self.dir)?;
             self.segments.push_back(Segment {
                 last_set: first - 1,
@@ -202,7 +191,7 @@ impl RedoLog {
         }
         seg.len = at;
         seg.last_set = entries.last().expect("not empty").0;
-        Ok(Some(file))
+        Ok(file)
     }
 
     /// Every entry with a set number above `applied`, in order.
@@ -230,20 +219,8 @@ impl RedoLog {
             if self.segments.is_empty() {
                 self.current = None;
             }
-            self.retire(s.path)?;
+            self.spares.retire(&s.path)?;
         }
-        Ok(())
-    }
-
-    /// Keep an applied segment as a spare for the next rotation, or delete it.
-    fn retire(&mut self, path: PathBuf) -> io::Result<()> {
-        if self.spares.len() >= MAX_SPARES {
-            return std::fs::remove_file(&path);
-        }
-        let spare = self.dir.join(format!("{:020}.spare", self.next_spare));
-        self.next_spare += 1;
-        std::fs::rename(&path, &spare)?;
-        self.spares.push(spare);
         Ok(())
     }
 
@@ -324,6 +301,59 @@ pub fn numbered_segments(dir: &Path, suffix: &str) -> io::Result<Vec<(u64, PathB
         .collect();
     names.sort();
     Ok(names)
+}
+
+/// Retired segments of a log kept for reuse, as `<n>.spare` in its directory: overwriting a
+/// file's allocated blocks costs the file system no allocation, and syncing them no metadata.
+/// (The primary's journal recycles its segments the same way.)
+pub struct Spares {
+    dir: PathBuf,
+    free: Vec<PathBuf>,
+    next: u64,
+    max: usize,
+}
+
+impl Spares {
+    /// The spares `dir` holds, at most `max` of them (any others are deleted).
+    pub fn load(dir: &Path, max: usize) -> io::Result<Spares> {
+        let found = numbered_segments(dir, ".spare")?;
+        let next = found.last().map_or(0, |(n, _)| n + 1);
+        let mut free = Vec::new();
+        for (_, path) in found {
+            if free.len() < max {
+                free.push(path);
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        Ok(Spares {
+            dir: dir.to_path_buf(),
+            free,
+            next,
+            max,
+        })
+    }
+
+    /// Keep the retired segment `path` as a spare, or delete it when enough are kept.
+    pub fn retire(&mut self, path: &Path) -> io::Result<()> {
+        if self.free.len() >= self.max {
+            return std::fs::remove_file(path);
+        }
+        let spare = self.dir.join(format!("{:020}.spare", self.next));
+        self.next += 1;
+        std::fs::rename(path, &spare)?;
+        self.free.push(spare);
+        Ok(())
+    }
+
+    /// Rename a spare to `path`, if there is one (the caller makes the rename durable).
+    pub fn reuse_as(&mut self, path: &Path) -> io::Result<bool> {
+        let Some(spare) = self.free.pop() else {
+            return Ok(false);
+        };
+        std::fs::rename(&spare, path)?;
+        Ok(true)
+    }
 }
 
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
