@@ -511,7 +511,7 @@ pub fn encode_set_chunks(s: &DeltaSet) -> (Vec<Bytes>, EncodeStats) {
                     )));
                     chunks.push(piece);
                     stats.raw_bytes += len as u64;
-                    stats.wire_bytes += len as u64;
+                    stats.wire_bytes += (len as usize + pad) as u64;
                 }
             }
         }
@@ -1378,11 +1378,15 @@ mod tests {
             assert_eq!(back, original.to_vec());
             assert_eq!(d.extents[0], set.extents[0]);
         }
-        // The chunk encoder sends the same bytes.
-        let (chunks, _) = encode_set_chunks(set);
+        // The chunk encoder sends the same bytes, and counts them the same.
+        let (chunks, chunk_stats) = encode_set_chunks(set);
         let mut flat = Vec::new();
-        encode_opts(&msg, &mut flat, false);
+        let flat_stats = encode_opts(&msg, &mut flat, false);
         assert_eq!(chunks.concat(), flat);
+        assert_eq!(
+            (chunk_stats.raw_bytes, chunk_stats.wire_bytes),
+            (flat_stats.raw_bytes, flat_stats.wire_bytes)
+        );
     }
 
     #[test]
