@@ -61,6 +61,9 @@ pub const MIN_JOURNAL_BYTES: u64 = 128 << 20;
 pub struct ShipRecord {
     pub seq: u64,
     pub extent: Extent,
+    /// CRC32 of the data (data records), computed once when the write was journaled: the
+    /// frame encoder reuses it for a piece that is exactly this record's data.
+    pub crc: Option<u32>,
 }
 
 /// A write announced to the journal but not yet completed.
@@ -101,6 +104,8 @@ struct Entry {
     zero: bool,
     segment: u64,
     pos: u64,
+    /// CRC32 of the data (0 for zero records).
+    crc: u32,
     at: Instant,
 }
 
@@ -337,6 +342,7 @@ impl Journal {
             zero: h.kind == Kind::Zero,
             segment,
             pos,
+            crc: h.data_crc,
             at: Instant::now(),
         });
         g.lag_bytes += h.len as u64;
@@ -501,7 +507,8 @@ impl Journal {
                         e.len,
                     )
                 };
-                pending.push((e.seq, e.offset, data));
+                let crc = (!e.zero).then_some(e.crc);
+                pending.push((e.seq, e.offset, data, crc));
             }
             (pending, covered)
         };
@@ -510,7 +517,7 @@ impl Journal {
         let mut out = Vec::with_capacity(pending.len());
         let mut i = 0;
         while i < pending.len() {
-            let (seq, offset, data) = &pending[i];
+            let (seq, offset, data, crc) = &pending[i];
             let Data::OnDisk(file, first_pos, _) = data else {
                 let Data::Ready(p) = data else { unreachable!() };
                 out.push(ShipRecord {
@@ -519,6 +526,7 @@ impl Journal {
                         offset: *offset,
                         payload: p.clone(),
                     },
+                    crc: *crc,
                 });
                 i += 1;
                 continue;
@@ -526,7 +534,7 @@ impl Journal {
             // The first record always joins, however long (an NBD write may be 32 MiB).
             let mut end = i;
             let mut span_end = *first_pos;
-            while let Some((_, _, Data::OnDisk(f, pos, len))) = pending.get(end) {
+            while let Some((_, _, Data::OnDisk(f, pos, len), _)) = pending.get(end) {
                 let next_end = pos + *len as u64;
                 let joins = end == i
                     || (Arc::ptr_eq(f, file)
@@ -539,7 +547,7 @@ impl Journal {
                 end += 1;
             }
             let span = map_span(file, *first_pos, (span_end - first_pos) as usize)?;
-            for (seq, offset, data) in &pending[i..end] {
+            for (seq, offset, data, crc) in &pending[i..end] {
                 let Data::OnDisk(_, pos, len) = data else {
                     unreachable!()
                 };
@@ -550,6 +558,7 @@ impl Journal {
                         offset: *offset,
                         payload: Payload::Data(span.slice(at..at + *len as usize)),
                     },
+                    crc: *crc,
                 });
             }
             i = end;
@@ -655,6 +664,7 @@ fn recover_segment(g: &mut Inner, first_seq: u64, path: &Path) -> io::Result<()>
                     zero: h.kind == Kind::Zero,
                     segment: first_seq,
                     pos: pos as u64,
+                    crc: h.data_crc,
                     at: now,
                 });
                 g.lag_bytes += h.len as u64;

@@ -464,9 +464,37 @@ fn encode_set(
     }
 }
 
+/// CRC32s already computed for data buffers, by where the buffer is and how long. The journal
+/// hashes every write once when it records it; a piece that is exactly such a record's data
+/// (an NBD write of up to [`MAX_CHUNK`] that no later write in its set overwrote) reuses that
+/// CRC instead of hashing the bytes again (a pass over every byte the primary sends). The
+/// caller fills it from buffers that were all alive at the same time and are immutable
+/// (`Bytes`), so no two entries describe the same memory, and a piece of a set built from
+/// them matches an entry only if it is that very buffer.
+#[derive(Debug, Default)]
+pub struct KnownCrcs(std::collections::HashMap<(usize, usize), u32>);
+
+impl KnownCrcs {
+    pub fn insert(&mut self, data: &[u8], crc: u32) {
+        self.0.insert((data.as_ptr() as usize, data.len()), crc);
+    }
+
+    /// The CRC of `data`: the known one if `data` is a buffer given to `insert`.
+    fn crc(&self, data: &[u8]) -> u32 {
+        match self.0.get(&(data.as_ptr() as usize, data.len())) {
+            Some(&crc) => {
+                debug_assert_eq!(crc, crc32fast::hash(data), "a known CRC is wrong");
+                crc
+            }
+            None => crc32fast::hash(data),
+        }
+    }
+}
+
 /// A set message exactly as `encode_opts(.., compress = false)` writes it, as chunks for
 /// quinn's `write_chunks`: data goes out as slices of the set's own buffers, not copied.
-pub fn encode_set_chunks(s: &DeltaSet) -> (Vec<Bytes>, EncodeStats) {
+/// Pieces found in `known` are not hashed again.
+pub fn encode_set_chunks(s: &DeltaSet, known: &KnownCrcs) -> (Vec<Bytes>, EncodeStats) {
     debug_assert_eq!(s.validate(), Ok(()), "encoding an invalid delta set");
     let chunk = MAX_CHUNK as usize;
     let mut check = crc32fast::Hasher::new();
@@ -499,7 +527,7 @@ pub fn encode_set_chunks(s: &DeltaSet) -> (Vec<Bytes>, EncodeStats) {
                         len,
                         EXT_DATA,
                         enc,
-                        crc32fast::hash(&piece),
+                        known.crc(&piece),
                         len + pad as u32,
                     );
                     check.update(&cur[desc..]);
@@ -1379,7 +1407,7 @@ mod tests {
             assert_eq!(d.extents[0], set.extents[0]);
         }
         // The chunk encoder sends the same bytes, and counts them the same.
-        let (chunks, chunk_stats) = encode_set_chunks(set);
+        let (chunks, chunk_stats) = encode_set_chunks(set, &KnownCrcs::default());
         let mut flat = Vec::new();
         let flat_stats = encode_opts(&msg, &mut flat, false);
         assert_eq!(chunks.concat(), flat);
@@ -1387,6 +1415,65 @@ mod tests {
             (chunk_stats.raw_bytes, chunk_stats.wire_bytes),
             (flat_stats.raw_bytes, flat_stats.wire_bytes)
         );
+    }
+
+    /// The journal's CRCs are used for pieces that are exactly a known buffer: the frame is
+    /// the same as when every piece is hashed; pieces of a buffer longer than a chunk, or
+    /// slices of a known buffer, are hashed as usual.
+    #[test]
+    fn known_crcs_give_the_same_frame() {
+        let whole = Bytes::from(noise(300_000, 3));
+        let long = Bytes::from(noise(MAX_CHUNK as usize + 5000, 4));
+        let small = Bytes::from(noise(4096, 5));
+        let mut known = KnownCrcs::default();
+        for b in [&whole, &long, &small] {
+            known.insert(b, crc32fast::hash(b));
+        }
+        let Message::Set(set) = journal(vec![
+            Extent {
+                offset: 0,
+                payload: Payload::Data(whole),
+            },
+            Extent {
+                offset: 1 << 20,
+                payload: Payload::Data(long),
+            },
+            Extent {
+                offset: 8 << 20,
+                payload: Payload::Data(small.slice(100..)),
+            },
+        ]) else {
+            unreachable!()
+        };
+        let with = encode_set_chunks(&set, &known);
+        let without = encode_set_chunks(&set, &KnownCrcs::default());
+        assert_eq!(with.0.concat(), without.0.concat());
+        assert_eq!(with.1, without.1);
+        let decoded = decode_frame(&Bytes::from(with.0.concat()));
+        assert!(matches!(decoded, Ok(Message::Set(_))), "every CRC verifies");
+    }
+
+    /// The encoder takes a known CRC rather than hashing (debug builds check it against the
+    /// bytes, which is how a wrong one shows).
+    #[cfg(debug_assertions)]
+    #[test]
+    #[should_panic(expected = "a known CRC is wrong")]
+    fn a_known_crc_is_used_for_its_buffer() {
+        let b = Bytes::from(noise(70_000, 6));
+        let mut known = KnownCrcs::default();
+        known.insert(&b, crc32fast::hash(&b) ^ 1);
+        let Message::Set(set) = journal(vec![data(0, b.to_vec())]) else {
+            unreachable!()
+        };
+        // Same bytes, other memory: hashed, no panic.
+        encode_set_chunks(&set, &known);
+        let Message::Set(set) = journal(vec![Extent {
+            offset: 0,
+            payload: Payload::Data(b),
+        }]) else {
+            unreachable!()
+        };
+        encode_set_chunks(&set, &known);
     }
 
     #[test]
@@ -1982,7 +2069,7 @@ mod tests {
             if let Message::Set(s) = &m {
                 let mut flat = Vec::new();
                 let flat_stats = encode_opts(&m, &mut flat, false);
-                let (chunks, stats) = encode_set_chunks(s);
+                let (chunks, stats) = encode_set_chunks(s, &KnownCrcs::default());
                 prop_assert_eq!(chunks.concat(), flat);
                 prop_assert_eq!((stats.raw_bytes, stats.wire_bytes), (flat_stats.raw_bytes, flat_stats.wire_bytes));
                 let buffers: Vec<usize> = s.extents.iter().filter_map(|e| match &e.payload {

@@ -4,7 +4,7 @@
 //! the session; the next one resumes from the mirror's last durable set.
 
 use super::fold::{Extent, Folder, Payload};
-use super::frame::{DeltaSet, Message, SetKind, PROTOCOL_VERSION};
+use super::frame::{DeltaSet, KnownCrcs, Message, SetKind, PROTOCOL_VERSION};
 use super::stream::{read_message, write_message};
 use crate::disk::buf::{SharedPool, VecPool};
 use crate::disk::Storage;
@@ -263,6 +263,13 @@ impl Shipper {
             }
             linger_until = None;
             if covered > shipped_seq {
+                // The journal's CRCs of the records, for the pieces folding leaves whole.
+                let mut known = KnownCrcs::default();
+                for r in &records {
+                    if let (Payload::Data(data), Some(crc)) = (&r.extent.payload, r.crc) {
+                        known.insert(data, crc);
+                    }
+                }
                 let mut folder = Folder::new();
                 for r in records {
                     folder.add(r.extent);
@@ -274,7 +281,7 @@ impl Shipper {
                     kind: SetKind::Journal,
                     extents: folder.into_extents(),
                 };
-                self.send_set(send, window, set).await?;
+                self.send_set(send, window, set, known).await?;
                 next_set += 1;
                 shipped_seq = covered;
                 sent = true;
@@ -282,7 +289,8 @@ impl Shipper {
             // One copy set per journal set: neither starves the other.
             if let Some(pos) = copy {
                 let (set, next) = self.copy_set(next_set, pos)?;
-                self.send_set(send, window, set).await?;
+                self.send_set(send, window, set, KnownCrcs::default())
+                    .await?;
                 next_set += 1;
                 self.stats.copy_done.store(next, Ordering::Relaxed);
                 if next >= self.storage.size() {
@@ -307,6 +315,7 @@ impl Shipper {
         send: &mut quinn::SendStream,
         window: &Semaphore,
         set: DeltaSet,
+        known: KnownCrcs,
     ) -> Result<(), SessionError> {
         window
             .acquire()
@@ -327,7 +336,7 @@ impl Shipper {
                 (vec![pool.lend(buf)], stats)
             } else {
                 // Uncompressed, the data is sent from the journal's own buffers.
-                super::frame::encode_set_chunks(&set)
+                super::frame::encode_set_chunks(&set, &known)
             }
         })
         .await
