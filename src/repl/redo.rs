@@ -40,7 +40,7 @@ const MAGIC_V2: [u8; 4] = *b"BMR2";
 const MAGIC: [u8; 4] = *b"BMR3";
 /// Header fields at the start of an entry (v1: the whole header).
 const ENTRY_HEADER: usize = 20;
-/// A v2 entry's header takes a whole block, so the message after it is block-aligned.
+/// From v2 on, an entry's header takes a whole block, so the message after it is block-aligned.
 const HEADER_BLOCK: usize = ALIGN;
 const SEGMENT_BYTES: u64 = 64 << 20;
 /// Applied segments kept for reuse; beyond this they are deleted.
