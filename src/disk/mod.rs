@@ -9,6 +9,7 @@ pub mod buf;
 pub mod faults;
 pub mod file;
 pub mod ranges;
+pub mod segments;
 pub mod spec;
 
 use io_uring::squeue;

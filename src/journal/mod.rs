@@ -21,8 +21,8 @@
 
 pub mod record;
 
+use crate::disk::segments::{numbered_segments, sync_dir, Spares};
 use crate::repl::fold::{Extent, Payload};
-use crate::repl::redo::Spares;
 use bytes::Bytes;
 use record::{Header, Kind, HEADER_LEN};
 use std::collections::{BTreeMap, VecDeque};
@@ -170,7 +170,7 @@ fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
 impl Journal {
     /// Open (and recover) the journal in `opts.dir`.
     pub fn open(opts: JournalOptions) -> io::Result<Journal> {
-        let names = crate::repl::redo::numbered_segments(&opts.dir, ".jnl")?;
+        let names = numbered_segments(&opts.dir, ".jnl")?;
         let mut inner = Inner {
             next_seq: 1,
             segments: VecDeque::new(),
@@ -418,7 +418,7 @@ impl Journal {
         };
         // A recycled segment's new name must survive a power loss with its records.
         if renamed {
-            if let Err(e) = crate::repl::redo::sync_dir(&self.opts.dir) {
+            if let Err(e) = sync_dir(&self.opts.dir) {
                 self.inner.lock().unwrap().renamed = true;
                 return Err(e);
             }
@@ -888,7 +888,7 @@ mod tests {
     }
 
     fn files(dir: &Path, suffix: &str) -> Vec<PathBuf> {
-        crate::repl::redo::numbered_segments(dir, suffix)
+        numbered_segments(dir, suffix)
             .unwrap()
             .into_iter()
             .map(|(_, p)| p)

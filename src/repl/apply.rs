@@ -3,10 +3,11 @@
 
 use super::fold::{Extent, Payload};
 use super::frame::{self, DeltaSet, Message, SetKind};
-use super::redo::{sync_dir, RedoLog};
+use super::redo::RedoLog;
 use crate::disk::buf::{AlignedBuf, BufPool};
 use crate::disk::file::{FileStorage, IoMode};
 use crate::disk::ranges::aligned_span;
+use crate::disk::segments::sync_dir;
 use crate::disk::spec::VolumeSpec;
 use crate::disk::{DiskOp, Prepared, Storage};
 use io_uring::IoUring;

@@ -27,6 +27,7 @@
 
 use super::frame::{self, Message};
 use crate::disk::buf::{align_up, AlignedBuf, BlockBytes, ALIGN};
+use crate::disk::segments::{numbered_segments, sync_dir, Spares};
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, Read};
@@ -303,84 +304,6 @@ fn parse_entry(b: &[u8], pos: usize) -> Option<(u64, std::ops::Range<usize>, usi
 fn holds_set(msg: &[u8], set: u64) -> bool {
     matches!(frame::decode_one(msg),
         Ok(Some((Message::Set(s), used))) if used == msg.len() && s.set == set)
-}
-
-/// The files `<number><suffix>` in `dir` (created if missing), by number: the segments of a
-/// log. Anything else in the directory is left alone.
-pub fn numbered_segments(dir: &Path, suffix: &str) -> io::Result<Vec<(u64, PathBuf)>> {
-    std::fs::create_dir_all(dir)?;
-    let mut names: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let p = e.path();
-            let n = p
-                .file_name()?
-                .to_str()?
-                .strip_suffix(suffix)?
-                .parse()
-                .ok()?;
-            Some((n, p))
-        })
-        .collect();
-    names.sort();
-    Ok(names)
-}
-
-/// Retired segments of a log kept for reuse, as `<n>.spare` in its directory: overwriting a
-/// file's allocated blocks costs the file system no allocation, and syncing them no metadata.
-/// (The primary's journal recycles its segments the same way.)
-pub struct Spares {
-    dir: PathBuf,
-    free: Vec<PathBuf>,
-    next: u64,
-    max: usize,
-}
-
-impl Spares {
-    /// The spares `dir` holds, at most `max` of them (any others are deleted).
-    pub fn load(dir: &Path, max: usize) -> io::Result<Spares> {
-        let found = numbered_segments(dir, ".spare")?;
-        let next = found.last().map_or(0, |(n, _)| n + 1);
-        let mut free = Vec::new();
-        for (_, path) in found {
-            if free.len() < max {
-                free.push(path);
-            } else {
-                std::fs::remove_file(&path)?;
-            }
-        }
-        Ok(Spares {
-            dir: dir.to_path_buf(),
-            free,
-            next,
-            max,
-        })
-    }
-
-    /// Keep the retired segment `path` as a spare, or delete it when enough are kept.
-    pub fn retire(&mut self, path: &Path) -> io::Result<()> {
-        if self.free.len() >= self.max {
-            return std::fs::remove_file(path);
-        }
-        let spare = self.dir.join(format!("{:020}.spare", self.next));
-        self.next += 1;
-        std::fs::rename(path, &spare)?;
-        self.free.push(spare);
-        Ok(())
-    }
-
-    /// Rename a spare to `path`, if there is one (the caller makes the rename durable).
-    pub fn reuse_as(&mut self, path: &Path) -> io::Result<bool> {
-        let Some(spare) = self.free.pop() else {
-            return Ok(false);
-        };
-        std::fs::rename(&spare, path)?;
-        Ok(true)
-    }
-}
-
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
