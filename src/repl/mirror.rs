@@ -117,12 +117,23 @@ enum Job {
     },
 }
 
+/// A set the redo writer accepted (the next one, inside the volume), with what it holds until
+/// it is durable and the durable state once it is.
+struct Accepted {
+    set: DeltaSet,
+    /// The message as received, which the redo log writes.
+    raw: BlockBytes,
+    received: OwnedSemaphorePermit,
+    ack: AckSender,
+    after: Durable,
+}
+
 /// From the redo writer to the sync thread.
 enum ToSync {
     /// Sets written to `file`, durable once it is synced.
     Written {
         file: Arc<File>,
-        sets: Vec<(DeltaSet, OwnedSemaphorePermit, AckSender, Durable)>,
+        sets: Vec<Accepted>,
     },
     /// A set refused (not written): answered in order, after the sets before it.
     Refused(AckSender, (u16, String)),
@@ -415,7 +426,13 @@ impl MirrorVolume {
                                     from = written;
                                 }
                                 written = d;
-                                batch.push((set, raw, received, ack, d));
+                                batch.push(Accepted {
+                                    set,
+                                    raw,
+                                    received,
+                                    ack,
+                                    after: d,
+                                });
                             }
                             Err(e) => {
                                 self.write_batch(&mut batch, from, &mut written, &to_sync);
@@ -432,7 +449,7 @@ impl MirrorVolume {
                         let _ = to_sync.send(ToSync::Barrier(reply));
                     }
                 }
-                let batch_bytes: usize = batch.iter().map(|b| b.1.len()).sum();
+                let batch_bytes: usize = batch.iter().map(|a| a.raw.len()).sum();
                 if batch_bytes < BATCH_BYTES {
                     next = jobs.try_recv().ok();
                 }
@@ -444,16 +461,9 @@ impl MirrorVolume {
     /// Write `batch` to the redo log (not yet synced) and pass it on; on failure, refuse its
     /// sets and forget them (`written` goes back to `from`, the state before
     /// them).
-    #[allow(clippy::type_complexity)]
     fn write_batch(
         &self,
-        batch: &mut Vec<(
-            DeltaSet,
-            BlockBytes,
-            OwnedSemaphorePermit,
-            AckSender,
-            Durable,
-        )>,
+        batch: &mut Vec<Accepted>,
         from: Durable,
         written: &mut Durable,
         to_sync: &mpsc::Sender<ToSync>,
@@ -469,15 +479,11 @@ impl MirrorVolume {
                 tracing::warn!(volume = %self.name, "cannot trim the redo log: {e}");
             }
             let entries: Vec<(u64, &BlockBytes)> =
-                sets.iter().map(|(s, raw, ..)| (s.set, raw)).collect();
+                sets.iter().map(|a| (a.set.set, &a.raw)).collect();
             redo.write(&entries)
         };
         match result {
             Ok(file) => {
-                let sets = sets
-                    .into_iter()
-                    .map(|(set, _raw, received, ack, d)| (set, received, ack, d))
-                    .collect();
                 let _ = to_sync.send(ToSync::Written { file, sets });
             }
             Err(e) => {
@@ -486,8 +492,9 @@ impl MirrorVolume {
                 let why = format!("redo log: {e}");
                 tracing::error!(volume = %self.name, "{why}");
                 *written = from;
-                for (.., ack, _) in sets {
-                    let _ = to_sync.send(ToSync::Refused(ack, (refuse::DISK_FAILED, why.clone())));
+                for a in sets {
+                    let _ =
+                        to_sync.send(ToSync::Refused(a.ack, (refuse::DISK_FAILED, why.clone())));
                 }
             }
         }
@@ -529,15 +536,15 @@ impl MirrorVolume {
             for item in items {
                 match item {
                     ToSync::Written { sets, .. } => {
-                        for (set, received, ack, d) in sets {
+                        for a in sets {
                             if let Some(why) = &failed {
-                                let _ = ack.send(Err((refuse::DISK_FAILED, why.clone())));
+                                let _ = a.ack.send(Err((refuse::DISK_FAILED, why.clone())));
                                 continue;
                             }
-                            *self.durable.lock().unwrap() = d;
-                            drop(received);
-                            let _ = ack.send(Ok(d));
-                            to_apply.push(set);
+                            *self.durable.lock().unwrap() = a.after;
+                            drop(a.received);
+                            let _ = a.ack.send(Ok(a.after));
+                            to_apply.push(a.set);
                         }
                     }
                     ToSync::Refused(ack, why) => {
