@@ -12,8 +12,8 @@ Every client byte is written to this machine's disk three times (the primary's v
 mirror's redo log, the mirror's volume) where qemu-nbd writes it once, so the benchmark also
 measures, in the same run: the disk's own direct-write rate (fio, 1 MiB QD16) and the bytes the
 disk wrote per client byte in each run; and, before the servers start, the rate of 4 KiB random
-direct writes into each server's own image (this virtual disk's random-write rate differs by up
-to 2x between the places its files land). A second pair runs beside the first with the mirror's
+direct writes into each server's own image (this virtual disk's random-write rate differs 2-3x
+between files, with how their blocks were first written: docs/TUNING.md). A second pair runs beside the first with the mirror's
 volume and state in RAM (/dev/shm), as when the mirror has its own disks: what replication costs
 the primary, apart from the mirror sharing its disk. The ratio against qemu-nbd (the issue's
 target) is the first pair's.
@@ -131,8 +131,8 @@ def disk_write_rate(path):
 
 def random_write_iops(image):
     """4 KiB random direct writes QD32 for 5 s into `image` itself (IOPS). This virtual disk's
-    random-write rate differs by up to 2x between the places its files land, so the random
-    ratio is read against the rate of the very images the servers write."""
+    random-write rate differs 2-3x between files, so the random ratio is read against the
+    rate of the very images the servers write."""
     out = subprocess.run(["fio", "--name=region", "--ioengine=io_uring", "--direct=1", f"--filename={image}",
                           "--rw=randwrite", "--bs=4k", "--iodepth=32", "--time_based", "--runtime=5",
                           "--norandommap", "--randrepeat=0", "--output-format=json"],
