@@ -312,6 +312,16 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) -> EncodeStats {
 /// [`encode`], choosing whether data may be lz4-compressed. Off when the link is faster than
 /// lz4 (a local or 10 Gbit/s mirror): compressing would then cost throughput, not save it.
 pub fn encode_opts(msg: &Message, out: &mut Vec<u8>, compress: bool) -> EncodeStats {
+    encode_with_crcs(msg, out, compress, &KnownCrcs::default())
+}
+
+/// [`encode_opts`], where pieces of a set's data found in `known` are not hashed again.
+pub fn encode_with_crcs(
+    msg: &Message,
+    out: &mut Vec<u8>,
+    compress: bool,
+    known: &KnownCrcs,
+) -> EncodeStats {
     let start = out.len();
     out.extend_from_slice(&[0; PREFIX_LEN]);
     let ty = match msg {
@@ -346,7 +356,7 @@ pub fn encode_opts(msg: &Message, out: &mut Vec<u8>, compress: bool) -> EncodeSt
         }
         Message::Set(set) => {
             debug_assert_eq!(set.validate(), Ok(()), "encoding an invalid delta set");
-            encode_set(set, out, start, &mut check, &mut stats, compress);
+            encode_set(set, out, start, &mut check, &mut stats, compress, known);
         }
         Message::Ack {
             set,
@@ -430,6 +440,7 @@ fn encode_set(
     check: &mut crc32fast::Hasher,
     stats: &mut EncodeStats,
     compress: bool,
+    known: &KnownCrcs,
 ) {
     let chunk = MAX_CHUNK as usize;
     put_set_header(s, out, check);
@@ -446,7 +457,7 @@ fn encode_set(
                 for (i, piece) in bytes.chunks(chunk).enumerate() {
                     let offset = ext.offset.wrapping_add((i * chunk) as u64);
                     let desc = out.len();
-                    let crc = crc32fast::hash(piece);
+                    let crc = known.crc(piece);
                     put_desc(out, offset, piece.len() as u32, EXT_DATA, ENC_RAW, crc, 0);
                     let (enc, stored) = if compress {
                         put_stored(piece, out, frame_start)
@@ -467,7 +478,8 @@ fn encode_set(
 /// CRC32s already computed for data buffers, by where the buffer is and how long. The journal
 /// hashes every write once when it records it; a piece that is exactly such a record's data
 /// (an NBD write of up to [`MAX_CHUNK`] that no later write in its set overwrote) reuses that
-/// CRC instead of hashing the bytes again (a pass over every byte the primary sends). The
+/// CRC instead of hashing the bytes again (a pass over every byte the primary sends). The CRC
+/// covers the raw piece, so compressed and raw encodings use it alike. The
 /// caller fills it from buffers that were all alive at the same time and are immutable
 /// (`Bytes`), so no two entries describe the same memory, and a piece of a set built from
 /// them matches an entry only if it is that very buffer.
@@ -1451,6 +1463,16 @@ mod tests {
         assert_eq!(with.1, without.1);
         let decoded = decode_frame(&Bytes::from(with.0.concat()));
         assert!(matches!(decoded, Ok(Message::Set(_))), "every CRC verifies");
+        // The compressing encoder too (the CRC covers the raw piece).
+        let msg = Message::Set(set);
+        let (mut with, mut without) = (Vec::new(), Vec::new());
+        encode_with_crcs(&msg, &mut with, true, &known);
+        encode_opts(&msg, &mut without, true);
+        assert_eq!(with, without);
+        assert!(matches!(
+            decode_frame(&Bytes::from(with)),
+            Ok(Message::Set(_))
+        ));
     }
 
     /// The encoder takes a known CRC rather than hashing (debug builds check it against the
@@ -1474,6 +1496,21 @@ mod tests {
             unreachable!()
         };
         encode_set_chunks(&set, &known);
+    }
+
+    /// The same through the compressing encoder.
+    #[cfg(debug_assertions)]
+    #[test]
+    #[should_panic(expected = "a known CRC is wrong")]
+    fn a_known_crc_is_used_when_compressing() {
+        let b = Bytes::from(vec![7u8; 70_000]);
+        let mut known = KnownCrcs::default();
+        known.insert(&b, crc32fast::hash(&b) ^ 1);
+        let msg = journal(vec![Extent {
+            offset: 0,
+            payload: Payload::Data(b),
+        }]);
+        encode_with_crcs(&msg, &mut Vec::new(), true, &known);
     }
 
     #[test]

@@ -332,7 +332,8 @@ impl Shipper {
                 let mut buf = pool.take(
                     usize::try_from(set.max_body_len()).unwrap_or(0) + super::frame::PREFIX_LEN,
                 );
-                let stats = super::frame::encode_opts(&Message::Set(set), &mut buf, true);
+                let stats =
+                    super::frame::encode_with_crcs(&Message::Set(set), &mut buf, true, &known);
                 (vec![pool.lend(buf)], stats)
             } else {
                 // Uncompressed, the data is sent from the journal's own buffers.
