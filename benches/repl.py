@@ -74,13 +74,12 @@ def peak_rss_kib(pid):
 
 
 def make_backing(path):
-    """Preallocated and fully written, so both servers write into allocated blocks."""
+    """Preallocated and fully written with direct I/O, so every server writes into allocated
+    blocks, and blocks alike (see `random_write_iops`)."""
     if os.path.exists(path):
         os.unlink(path)
     subprocess.run(["fallocate", "-l", SIZE, path], check=True)
-    subprocess.run(["fio", "--name=fill", "--ioengine=io_uring", "--direct=1", f"--filename={path}", "--rw=write",
-                    "--bs=1M", "--iodepth=16", f"--size={SIZE}", "--output-format=terse"], check=True,
-                   stdout=subprocess.DEVNULL)
+    fio_direct(path, "--rw=write", "--bs=1M", "--iodepth=16", f"--size={SIZE}")
 
 
 def fio(uri, rw, bs, qd, out):
@@ -90,12 +89,23 @@ def fio(uri, rw, bs, qd, out):
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def fio_job(out):
-    text = open(out).read()
+def fio_write_stats(text, where):
+    """The write statistics of fio's JSON report `text` (fio may print notes before it)."""
     job = json.loads(text[text.index("{"):])["jobs"][0]
     if job["error"]:
-        die(f"fio error {job['error']} in {out}")
+        die(f"fio error {job['error']} in {where}")
     return job["write"]
+
+
+def fio_job(out):
+    return fio_write_stats(open(out).read(), out)
+
+
+def fio_direct(filename, *args):
+    """fio with direct I/O through io_uring on `filename`, run to the end: its write statistics."""
+    out = subprocess.run(["fio", "--name=disk", "--ioengine=io_uring", "--direct=1", f"--filename={filename}",
+                          "--output-format=json", *args], check=True, capture_output=True, text=True).stdout
+    return fio_write_stats(out, f"fio on {filename}")
 
 
 def fio_value(out, unit):
@@ -120,10 +130,8 @@ def disk_write_rate(path):
     """The disk's own direct-write rate (MiB/s): fio 1 MiB QD16 for 8 s on a scratch file."""
     scratch = os.path.join(path, "disk-rate.tmp")
     try:
-        out = subprocess.run(["fio", "--name=disk", "--ioengine=io_uring", "--direct=1", f"--filename={scratch}",
-                              "--rw=write", "--bs=1M", "--iodepth=16", "--size=2G", "--time_based", "--runtime=8",
-                              "--output-format=json"], check=True, capture_output=True, text=True).stdout
-        return json.loads(out[out.index("{"):])["jobs"][0]["write"]["bw"] / 1024
+        return fio_direct(scratch, "--rw=write", "--bs=1M", "--iodepth=16", "--size=2G", "--time_based",
+                          "--runtime=8")["bw"] / 1024
     finally:
         if os.path.exists(scratch):
             os.unlink(scratch)
@@ -133,11 +141,8 @@ def random_write_iops(image):
     """4 KiB random direct writes QD32 for 5 s into `image` itself (IOPS). This virtual disk's
     random-write rate differs 2-3x between files, so the random ratio is read against the
     rate of the very images the servers write."""
-    out = subprocess.run(["fio", "--name=region", "--ioengine=io_uring", "--direct=1", f"--filename={image}",
-                          "--rw=randwrite", "--bs=4k", "--iodepth=32", "--time_based", "--runtime=5",
-                          "--norandommap", "--randrepeat=0", "--output-format=json"],
-                         check=True, capture_output=True, text=True).stdout
-    return json.loads(out[out.index("{"):])["jobs"][0]["write"]["iops"]
+    return fio_direct(image, "--rw=randwrite", "--bs=4k", "--iodepth=32", "--time_based", "--runtime=5",
+                      "--norandommap", "--randrepeat=0")["iops"]
 
 
 class Pair:
