@@ -46,7 +46,7 @@ fn huge_mapping(bytes: usize) -> (memmap2::MmapMut, NonNull<u8>) {
         std::alloc::handle_alloc_error(Layout::from_size_align(bytes, HUGE).expect("layout"))
     });
     let _ = map.advise(memmap2::Advice::HugePage);
-    let skip = map.as_ptr().align_offset(HUGE);
+    let skip = (HUGE - map.as_ptr() as usize % HUGE) % HUGE;
     let ptr = NonNull::new(map[skip..].as_mut_ptr()).expect("mapped");
     (map, ptr)
 }
