@@ -473,10 +473,11 @@ mod tests {
         let pa = a.as_ptr();
         drop(b); // its page stays mapped for `a`
         pool.put(a);
-        assert_eq!(
-            pool.get(600 << 10).as_ptr(),
-            pa,
-            "pieces are reused like buffers"
+        let again = pool.get(600 << 10);
+        assert_eq!(again.as_ptr(), pa, "pieces are reused like buffers");
+        assert!(
+            again.iter().all(|&x| x == 1),
+            "still mapped after its sibling went"
         );
         // Outside a pool, a megabyte comes from the heap (no half page left unused).
         assert!(matches!(AlignedBuf::new(1 << 20).memory, Memory::Heap));
