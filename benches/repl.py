@@ -138,9 +138,10 @@ def disk_write_rate(path):
 
 
 def random_write_iops(image):
-    """4 KiB random direct writes QD32 for 5 s into `image` itself (IOPS). This virtual disk's
-    random-write rate differs 2-3x between files, so the random ratio is read against the
-    rate of the very images the servers write."""
+    """4 KiB random direct writes QD32 for 5 s into `image` itself (IOPS). On this virtual disk,
+    blocks first written through the page cache take them 2-3x slower than blocks first written
+    with direct I/O, even after a direct rewrite (docs/TUNING.md, sixth session), so the random
+    ratio is read against the rate of the very images the servers write."""
     return fio_direct(image, "--rw=randwrite", "--bs=4k", "--iodepth=32", "--time_based", "--runtime=5",
                       "--norandommap", "--randrepeat=0")["iops"]
 
@@ -204,14 +205,12 @@ def main():
     identical = True
     try:
         log(f"preparing backing files ({SIZE} each in {DIR}, one in {ram})")
-        # The mirror's image is made like the others, not copied from the primary's: on this
-        # virtual disk, blocks first written through the page cache (a copy) take 4 KiB random
-        # direct writes 2-3x slower than blocks first written with direct I/O, even after a
-        # direct rewrite (docs/TUNING.md, sixth session). The initial copy, not timed, then
-        # makes it the primary's twin.
+        # The mirror's image is made like the others, not copied from the primary's (a copy
+        # goes through the page cache: see `random_write_iops`); the initial copy, not timed,
+        # then makes it the primary's twin.
         for img in (img_p, img_m, img_q, img_p2):
             make_backing(img)
-        shutil.copyfile(img_p2, img_m2)  # /dev/shm takes no direct I/O
+        shutil.copyfile(img_p2, img_m2)  # in RAM, how blocks were first written does not matter
         disk_rate = disk_write_rate(DIR)
         log(f"this disk writes {disk_rate:.0f} MiB/s (fio, direct, 1 MiB QD16)")
         # Before the pairs start: the initial copy rewrites the mirror from the primary anyway.

@@ -1,10 +1,10 @@
 //! Page-aligned I/O buffers (O_DIRECT needs them) and a small per-connection pool, so a busy
 //! connection does not mmap/munmap a megabyte for every request.
 //!
-//! Buffers of a megabyte and more live in transparent huge pages. A direct-I/O write pins its
-//! buffer page by page, and this machine's disk queue takes at most 254 memory segments per
-//! request: from 4 KiB pages a 1 MiB write is two requests and an 8 MiB redo batch is 33, from
-//! 2 MiB pages each is one or two. Sequential replication went from about 700 to 900 MiB/s
+//! Buffers of 2 MiB and more, and the 1 MiB ones a pool hands out, live in transparent huge
+//! pages. A direct-I/O write pins its buffer page by page, and this machine's disk queue takes
+//! at most 254 memory segments per request: from 4 KiB pages a 1 MiB write is two requests and
+//! an 8 MiB redo batch is 33, from 2 MiB pages each is one or two. Sequential replication went from about 700 to 900 MiB/s
 //! (docs/TUNING.md, seventh session).
 
 use std::alloc::{alloc, alloc_zeroed, dealloc, Layout};
@@ -22,10 +22,9 @@ const HUGE_FROM: usize = 1 << 20;
 enum Memory {
     /// The global allocator, with the layout `(cap, ALIGN)`.
     Heap,
-    /// A mapping of its own, in huge pages (unmapped when dropped).
-    Mapped { _map: memmap2::MmapMut },
-    /// A piece of a shared huge page, unmapped with its last piece.
-    Piece { _chunk: Arc<memmap2::MmapMut> },
+    /// A mapping in huge pages, the buffer's own or shared by the pieces of one huge page:
+    /// unmapped with the last of them.
+    Mapped { _map: Arc<memmap2::MmapMut> },
 }
 
 pub struct AlignedBuf {
@@ -75,7 +74,9 @@ impl AlignedBuf {
                 ptr,
                 cap,
                 len,
-                memory: Memory::Mapped { _map: map },
+                memory: Memory::Mapped {
+                    _map: Arc::new(map),
+                },
             };
         }
         let layout = Layout::from_size_align(cap, ALIGN).expect("buffer layout");
@@ -104,9 +105,7 @@ impl AlignedBuf {
             ptr: unsafe { NonNull::new_unchecked(base.as_ptr().add(i * cap)) },
             cap,
             len: cap,
-            memory: Memory::Piece {
-                _chunk: map.clone(),
-            },
+            memory: Memory::Mapped { _map: map.clone() },
         })
     }
 
