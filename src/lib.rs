@@ -3,9 +3,14 @@
 pub mod certs;
 pub mod control;
 pub mod disk;
+pub mod env;
+pub mod extent;
 pub mod journal;
 pub mod mirror_daemon;
 pub mod nbd;
 pub mod primary;
 pub mod repl;
+#[cfg(any(test, feature = "test-hooks"))]
+pub mod sim;
 pub mod transport;
+pub mod wake;

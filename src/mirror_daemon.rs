@@ -59,7 +59,7 @@ pub fn run(opts: MirrorOptions) -> Result<(), PrimaryError> {
             PrimaryError::MirrorAddr(opts.listen.clone(), "resolves to nothing".into())
         })?;
     let identity = Identity::load(&opts.tls)?;
-    let mirror = Mirror::open(&opts.volumes, &opts.state_dir)?;
+    let mirror = Mirror::open(&crate::env::os(), &opts.volumes, &opts.state_dir)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

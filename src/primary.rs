@@ -191,7 +191,11 @@ pub fn run(opts: PrimaryOptions) -> Result<(), PrimaryError> {
         quic_endpoint = Some(endpoint.clone());
         for (spec, export) in opts.volumes.iter().zip(exports.iter_mut()) {
             let dir = opts.state_dir.join("journal").join(&spec.name);
-            let journal = Arc::new(Journal::open(JournalOptions::new(dir, repl.journal_bytes))?);
+            let journal = Arc::new(Journal::open(JournalOptions::new(
+                crate::env::os(),
+                dir,
+                repl.journal_bytes,
+            ))?);
             let stats = Arc::new(ShipStats::default());
             stats
                 .corrupt_next
@@ -210,6 +214,12 @@ pub fn run(opts: PrimaryOptions) -> Result<(), PrimaryError> {
                 encode_pool: crate::disk::buf::VecPool::new(
                     crate::repl::shipper::ENCODE_POOL_BYTES,
                 ),
+                records: {
+                    let notify = Arc::new(tokio::sync::Notify::new());
+                    let waker: Arc<dyn crate::wake::Wake> = notify.clone();
+                    journal.subscribe(&waker);
+                    notify
+                },
             });
             runtime.spawn(shipper.run());
             export.journal = Some(journal.clone());
@@ -225,6 +235,7 @@ pub fn run(opts: PrimaryOptions) -> Result<(), PrimaryError> {
         }
     }
     let volumes_for_status: Vec<String> = opts.volumes.iter().map(|v| v.name.clone()).collect();
+    let shipping_for_close: Vec<(String, Arc<Journal>, Arc<ShipStats>)> = shipping.clone();
     control::serve(
         &control,
         Arc::new(move || primary_status(&volumes_for_status, &shipping)),
@@ -260,6 +271,12 @@ pub fn run(opts: PrimaryOptions) -> Result<(), PrimaryError> {
         });
     }
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    // A clean stop leaves a clean journal: the next start knows nothing was lost.
+    for (name, journal, _) in &shipping_for_close {
+        if let Err(e) = journal.close() {
+            tracing::warn!(volume = %name, "cannot close the journal cleanly: {e}");
+        }
+    }
     Ok(())
 }
 

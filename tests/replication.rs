@@ -8,7 +8,7 @@
 
 mod common;
 
-use blkmirror::repl::fold::{Extent, Payload};
+use blkmirror::extent::{Extent, Payload};
 use blkmirror::repl::frame::{self, DeltaSet, Message, SetKind, PROTOCOL_VERSION};
 use blkmirror::transport::{client_endpoint, connect, Identity, TlsFiles, Tuning};
 use common::*;

@@ -2,18 +2,22 @@
 //! primary's journal and the mirror's redo log: listing them in order, recycling retired ones
 //! as spares, and making renames durable.
 
-use std::fs::File;
+use crate::env::{FileSystem, Fs};
 use std::io;
 use std::path::{Path, PathBuf};
 
 /// The files `<number><suffix>` in `dir` (created if missing), by number: the segments of a
 /// log. Anything else in the directory is left alone.
-pub fn numbered_segments(dir: &Path, suffix: &str) -> io::Result<Vec<(u64, PathBuf)>> {
-    std::fs::create_dir_all(dir)?;
-    let mut names: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let p = e.path();
+pub fn numbered_segments(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    suffix: &str,
+) -> io::Result<Vec<(u64, PathBuf)>> {
+    fs.create_dir_all(dir)?;
+    let mut names: Vec<(u64, PathBuf)> = fs
+        .read_dir(dir)?
+        .into_iter()
+        .filter_map(|p| {
             let n = p
                 .file_name()?
                 .to_str()?
@@ -30,6 +34,7 @@ pub fn numbered_segments(dir: &Path, suffix: &str) -> io::Result<Vec<(u64, PathB
 /// Retired segments of a log kept for reuse, as `<n>.spare` in its directory: overwriting a
 /// file's allocated blocks costs the file system no allocation, and syncing them no metadata.
 pub struct Spares {
+    fs: Fs,
     dir: PathBuf,
     free: Vec<PathBuf>,
     next: u64,
@@ -38,18 +43,19 @@ pub struct Spares {
 
 impl Spares {
     /// The spares `dir` holds, at most `max` of them (any others are deleted).
-    pub fn load(dir: &Path, max: usize) -> io::Result<Spares> {
-        let found = numbered_segments(dir, ".spare")?;
+    pub fn load(fs: &Fs, dir: &Path, max: usize) -> io::Result<Spares> {
+        let found = numbered_segments(&**fs, dir, ".spare")?;
         let next = found.last().map_or(0, |(n, _)| n + 1);
         let mut free = Vec::new();
         for (_, path) in found {
             if free.len() < max {
                 free.push(path);
             } else {
-                std::fs::remove_file(&path)?;
+                fs.remove_file(&path)?;
             }
         }
         Ok(Spares {
+            fs: fs.clone(),
             dir: dir.to_path_buf(),
             free,
             next,
@@ -60,11 +66,11 @@ impl Spares {
     /// Keep the retired segment `path` as a spare, or delete it when enough are kept.
     pub fn retire(&mut self, path: &Path) -> io::Result<()> {
         if self.free.len() >= self.max {
-            return std::fs::remove_file(path);
+            return self.fs.remove_file(path);
         }
         let spare = self.dir.join(format!("{:020}.spare", self.next));
         self.next += 1;
-        std::fs::rename(path, &spare)?;
+        self.fs.rename(path, &spare)?;
         self.free.push(spare);
         Ok(())
     }
@@ -74,12 +80,7 @@ impl Spares {
         let Some(spare) = self.free.pop() else {
             return Ok(false);
         };
-        std::fs::rename(&spare, path)?;
+        self.fs.rename(&spare, path)?;
         Ok(true)
     }
-}
-
-/// Make the entries of `dir` (a file created, renamed or removed) durable.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }

@@ -14,8 +14,8 @@ use super::wire::*;
 use crate::disk::buf::{AlignedBuf, PooledBuf, SharedPool};
 use crate::disk::ranges::{aligned_span, RangeGuard, RangeLocks};
 use crate::disk::{DiskOp, Prepared, Storage};
+use crate::extent::Payload;
 use crate::journal::{Intent, Journal};
-use crate::repl::fold::Payload;
 use io_uring::{opcode, types, IoUring};
 use std::collections::VecDeque;
 use std::io;
@@ -575,7 +575,7 @@ impl Conn {
         {
             // The journal hears of every change before the disk does: a crash in between
             // leaves an intent that makes the range be re-read and shipped again.
-            match j.begin(offset, len) {
+            match j.begin(offset, len, matches!(op.cmd, Command::Write { .. })) {
                 Ok(Some(i)) => op.intent = Some(i),
                 Ok(None) => {
                     // Journal full: let others have the range meanwhile, try again later.

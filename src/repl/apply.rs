@@ -1,15 +1,15 @@
 //! The mirror's side of a volume at rest: its persisted state, applying delta sets in place
 //! through io_uring, and `recover` (replay the redo log after a crash).
 
-use super::fold::{Extent, Payload};
 use super::frame::{self, DeltaSet, Message, SetKind};
 use super::redo::RedoLog;
 use crate::disk::buf::{AlignedBuf, BufPool};
 use crate::disk::file::{FileStorage, IoMode};
 use crate::disk::ranges::aligned_span;
-use crate::disk::segments::sync_dir;
 use crate::disk::spec::VolumeSpec;
 use crate::disk::{DiskOp, Prepared, Storage};
+use crate::env::{write_atomic, FileSystem, Fs};
+use crate::extent::{Extent, Payload};
 use io_uring::IoUring;
 use serde::{Deserialize, Serialize};
 use std::io;
@@ -42,8 +42,8 @@ impl VolumeState {
         state_dir.join("volumes").join(format!("{volume}.json"))
     }
 
-    pub fn load(path: &Path) -> io::Result<VolumeState> {
-        match std::fs::read(path) {
+    pub fn load(fs: &dyn FileSystem, path: &Path) -> io::Result<VolumeState> {
+        match fs.read(path) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -56,15 +56,9 @@ impl VolumeState {
     }
 
     /// Write atomically: temp file, fsync, rename, fsync the directory.
-    pub fn save(&self, path: &Path) -> io::Result<()> {
-        let dir = path.parent().expect("state file has a directory");
-        std::fs::create_dir_all(dir)?;
-        let tmp = path.with_extension("json.tmp");
-        let f = std::fs::File::create(&tmp)?;
-        serde_json::to_writer_pretty(&f, self).map_err(io::Error::other)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        sync_dir(dir)
+    pub fn save(&self, fs: &dyn FileSystem, path: &Path) -> io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
+        write_atomic(fs, path, &bytes)
     }
 
     pub fn consistent(&self) -> bool {
@@ -89,6 +83,24 @@ impl VolumeState {
 }
 
 const RING: u32 = 256;
+
+/// Where the mirror applies delta sets: the volume's disk (an [`Applier`]), or a simulated one.
+pub trait ApplyTarget {
+    /// Write every extent of `set` (not yet durable: call `sync`).
+    fn apply(&mut self, set: &DeltaSet) -> io::Result<()>;
+    /// Make everything applied so far durable.
+    fn sync(&mut self) -> io::Result<()>;
+}
+
+impl ApplyTarget for Applier {
+    fn apply(&mut self, set: &DeltaSet) -> io::Result<()> {
+        Applier::apply(self, set)
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        Applier::sync(self)
+    }
+}
 
 /// Writes delta sets into a volume.
 pub struct Applier {
@@ -483,9 +495,10 @@ pub struct RecoverReport {
 
 /// Replay `redo` into the volume past `state.applied_set`, sync, persist the state, trim.
 pub fn replay(
-    applier: &mut Applier,
+    applier: &mut dyn ApplyTarget,
     redo: &mut RedoLog,
     state: &mut VolumeState,
+    fs: &dyn FileSystem,
     state_path: &Path,
 ) -> io::Result<usize> {
     let entries = redo.read_after(state.applied_set)?;
@@ -503,7 +516,7 @@ pub fn replay(
     }
     if n > 0 {
         applier.sync()?;
-        state.save(state_path)?;
+        state.save(fs, state_path)?;
     }
     redo.trim(state.applied_set)?;
     Ok(n)
@@ -511,6 +524,7 @@ pub fn replay(
 
 /// `blkmirror recover`: offline, bring each volume to the last durable set.
 pub fn recover(volumes: &[VolumeSpec], state_dir: &Path) -> io::Result<Vec<RecoverReport>> {
+    let fs: Fs = crate::env::os();
     let mut reports = Vec::new();
     for spec in volumes {
         // Direct I/O: through the page cache, each small write cost more CPU in ext4 than the
@@ -518,9 +532,9 @@ pub fn recover(volumes: &[VolumeSpec], state_dir: &Path) -> io::Result<Vec<Recov
         let storage = FileStorage::open(spec, IoMode::Direct).map_err(io::Error::other)?;
         let mut applier = Applier::new(storage)?;
         let state_path = VolumeState::path(state_dir, &spec.name);
-        let mut state = VolumeState::load(&state_path)?;
-        let mut redo = RedoLog::open(&redo_dir(state_dir, &spec.name))?;
-        let replayed = replay(&mut applier, &mut redo, &mut state, &state_path)?;
+        let mut state = VolumeState::load(&*fs, &state_path)?;
+        let mut redo = RedoLog::open(&fs, &redo_dir(state_dir, &spec.name))?;
+        let replayed = replay(&mut applier, &mut redo, &mut state, &*fs, &state_path)?;
         reports.push(RecoverReport {
             volume: spec.name.clone(),
             replayed_sets: replayed,
@@ -539,7 +553,7 @@ pub fn redo_dir(state_dir: &Path, volume: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repl::fold::Extent;
+    use crate::extent::Extent;
     use bytes::Bytes;
     use std::os::unix::fs::FileExt;
 

@@ -127,7 +127,7 @@ use std::ops::Range;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::repl::fold::{Extent, Payload};
+use crate::extent::{Extent, Payload};
 
 /// Version spoken by this code (Hello's `version`).
 pub const PROTOCOL_VERSION: u16 = 2;

@@ -3,14 +3,14 @@
 //! volume.
 
 use super::apply::{self, Applier, CopyState, VolumeState};
-use super::fold::Payload;
 use super::frame::{DeltaSet, Message, SetKind, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use super::redo::RedoLog;
 use super::stream::{read_message, write_message, StreamError};
 use crate::disk::buf::{BlockBytes, SharedPool};
 use crate::disk::file::{FileStorage, IoMode};
 use crate::disk::spec::VolumeSpec;
-use std::fs::File;
+use crate::env::{Fs, Handle};
+use crate::extent::Payload;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -132,7 +132,7 @@ struct Accepted {
 enum ToSync {
     /// Sets written to `file`, durable once it is synced.
     Written {
-        file: Arc<File>,
+        file: Handle,
         sets: Vec<Accepted>,
     },
     /// A set refused (not written): answered in order, after the sets before it.
@@ -163,6 +163,7 @@ pub struct MirrorStats {
 
 pub struct MirrorVolume {
     pub name: String,
+    fs: Fs,
     pub size: u64,
     redo: Mutex<RedoLog>,
     durable: Mutex<Durable>,
@@ -183,16 +184,16 @@ pub struct MirrorVolume {
 
 impl MirrorVolume {
     /// Open the volume, replay its redo log, start its applier thread.
-    pub fn open(spec: &VolumeSpec, state_dir: &Path) -> io::Result<Arc<MirrorVolume>> {
+    pub fn open(fs: &Fs, spec: &VolumeSpec, state_dir: &Path) -> io::Result<Arc<MirrorVolume>> {
         // Direct I/O: through the page cache, each small write cost more CPU in ext4 than the
         // copy itself (large folios), and fsync then paid for the writeback.
         let storage = FileStorage::open(spec, IoMode::Direct).map_err(io::Error::other)?;
         let size = crate::disk::Storage::size(&storage);
         let mut applier = Applier::new(storage)?;
         let state_path = VolumeState::path(state_dir, &spec.name);
-        let mut state = VolumeState::load(&state_path)?;
-        let mut redo = RedoLog::open(&apply::redo_dir(state_dir, &spec.name))?;
-        let replayed = apply::replay(&mut applier, &mut redo, &mut state, &state_path)?;
+        let mut state = VolumeState::load(&**fs, &state_path)?;
+        let mut redo = RedoLog::open(fs, &apply::redo_dir(state_dir, &spec.name))?;
+        let replayed = apply::replay(&mut applier, &mut redo, &mut state, &**fs, &state_path)?;
         if replayed > 0 {
             tracing::info!(volume = %spec.name, sets = replayed, "redo log replayed");
         }
@@ -208,6 +209,7 @@ impl MirrorVolume {
         let (apply_tx, apply_rx) = mpsc::channel();
         let vol = Arc::new(MirrorVolume {
             name: spec.name.clone(),
+            fs: fs.clone(),
             size,
             redo: Mutex::new(redo),
             durable: Mutex::new(durable),
@@ -289,7 +291,7 @@ impl MirrorVolume {
                 if unsaved && last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
                     applier.sync()?;
                     let state = self.state.lock().unwrap().clone();
-                    state.save(&state_path)?;
+                    state.save(&*self.fs, &state_path)?;
                     self.checkpointed
                         .store(state.applied_set, Ordering::Relaxed);
                     last_checkpoint = Instant::now();
@@ -512,7 +514,7 @@ impl MirrorVolume {
             while let Ok(more) = from_redo.try_recv() {
                 items.push(more);
             }
-            let mut synced: Vec<&Arc<File>> = Vec::new();
+            let mut synced: Vec<&Handle> = Vec::new();
             let mut result = Ok(());
             for item in &items {
                 if let ToSync::Written { file, .. } = item {
@@ -571,10 +573,10 @@ pub struct Mirror {
 }
 
 impl Mirror {
-    pub fn open(specs: &[VolumeSpec], state_dir: &Path) -> io::Result<Arc<Mirror>> {
+    pub fn open(fs: &Fs, specs: &[VolumeSpec], state_dir: &Path) -> io::Result<Arc<Mirror>> {
         let volumes = specs
             .iter()
-            .map(|s| MirrorVolume::open(s, state_dir))
+            .map(|s| MirrorVolume::open(fs, s, state_dir))
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Arc::new(Mirror {
             volumes,
@@ -828,7 +830,7 @@ async fn send_refusal(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repl::fold::Extent;
+    use crate::extent::Extent;
     use bytes::Bytes;
     use std::os::unix::fs::FileExt;
     use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
@@ -884,7 +886,7 @@ mod tests {
             size: None,
             read_only: false,
         };
-        let vol = MirrorVolume::open(&spec, dir.path()).unwrap();
+        let vol = MirrorVolume::open(&crate::env::os(), &spec, dir.path()).unwrap();
         assert_eq!(barrier(&vol, 1).set, 0);
 
         // Session 1 queues sets 1-3; session 2 starts; then session 1's set 4 arrives late.
@@ -921,7 +923,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         assert!(!vol.stats.failed.load(Ordering::Relaxed));
-        let file = File::open(&path).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
         for n in 1..=5u64 {
             let mut block = vec![0u8; BLOCK];
             file.read_exact_at(&mut block, (n - 1) * BLOCK as u64)

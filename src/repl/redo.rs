@@ -27,14 +27,11 @@
 
 use super::frame::{self, Message};
 use crate::disk::buf::{align_up, AlignedBuf, BlockBytes, ALIGN};
-use crate::disk::segments::{numbered_segments, sync_dir, Spares};
+use crate::disk::segments::{numbered_segments, Spares};
+use crate::env::{read_all, write_all_vectored_at, Fs, Handle, OpenOptions};
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
-use std::io::{self, IoSlice, Read};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::{self, IoSlice};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 const MAGIC_V1: [u8; 4] = *b"BMR1";
 const MAGIC_V2: [u8; 4] = *b"BMR2";
@@ -56,45 +53,31 @@ struct Segment {
 }
 
 pub struct RedoLog {
+    fs: Fs,
     dir: PathBuf,
     segments: VecDeque<Segment>,
     /// The segment being appended to (shared with whoever syncs what was written to it).
-    current: Option<Arc<File>>,
+    current: Option<Handle>,
     spares: Spares,
     /// The header blocks of the entries being appended.
     headers: AlignedBuf,
     segment_bytes: u64,
 }
 
-/// Open a segment for writing, with O_DIRECT where the file system allows it.
-fn open_for_writing(path: &Path, create: bool) -> io::Result<File> {
-    let open = |direct: bool| {
-        let mut o = OpenOptions::new();
-        o.write(true).create(create);
-        if direct {
-            o.custom_flags(libc::O_DIRECT);
-        }
-        o.open(path)
-    };
-    match open(true) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => open(false),
-        r => r,
-    }
-}
-
 impl RedoLog {
-    pub fn open(dir: &Path) -> io::Result<RedoLog> {
-        Self::open_with(dir, SEGMENT_BYTES)
+    pub fn open(fs: &Fs, dir: &Path) -> io::Result<RedoLog> {
+        Self::open_with(fs, dir, SEGMENT_BYTES)
     }
 
     /// `open` with another segment size (tests rotate after a few entries).
-    fn open_with(dir: &Path, segment_bytes: u64) -> io::Result<RedoLog> {
-        let names = numbered_segments(dir, ".redo")?;
+    pub(crate) fn open_with(fs: &Fs, dir: &Path, segment_bytes: u64) -> io::Result<RedoLog> {
+        let names = numbered_segments(&**fs, dir, ".redo")?;
         let mut log = RedoLog {
+            fs: fs.clone(),
             dir: dir.to_path_buf(),
             segments: VecDeque::new(),
             current: None,
-            spares: Spares::load(dir, MAX_SPARES)?,
+            spares: Spares::load(fs, dir, MAX_SPARES)?,
             headers: AlignedBuf::zeroed(HEADER_BLOCK),
             segment_bytes,
         };
@@ -104,13 +87,13 @@ impl RedoLog {
         // acknowledged): it becomes a spare again.
         let mut expect: Option<u64> = None;
         for (first_set, path) in names {
-            let mut data = Vec::new();
-            {
-                let f = File::open(&path)?;
-                (&f).read_to_end(&mut data)?;
+            let data = {
+                let f = fs.open(&path, OpenOptions::read())?;
+                let data = read_all(&*f)?;
                 // Segments are written with O_DIRECT later: leave no cached pages behind.
-                unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-            }
+                f.drop_cache();
+                data
+            };
             let mut want = expect.unwrap_or(first_set);
             let mut pos = 0;
             while let Some((set, _, next)) = parse_entry(&data, pos) {
@@ -155,7 +138,7 @@ impl RedoLog {
     /// before they count as durable. The mirror writes the next batch while the previous one
     /// syncs. Entries past a torn or unsynced one are never replayed: `open` stops at the
     /// first entry that is not intact and the next set in order. `entries` is not empty.
-    pub fn write(&mut self, entries: &[(u64, &BlockBytes)]) -> io::Result<Arc<File>> {
+    pub fn write(&mut self, entries: &[(u64, &BlockBytes)]) -> io::Result<Handle> {
         let rotate = self.current.is_none()
             || self
                 .segments
@@ -165,14 +148,18 @@ impl RedoLog {
             let first = entries[0].0;
             let path = self.dir.join(format!("{first:020}.redo"));
             let reused = self.spares.reuse_as(&path)?;
-            let file = open_for_writing(&path, !reused)?;
-            sync_dir(&self.dir)?;
+            let mut how = OpenOptions::write().direct();
+            if !reused {
+                how = how.create();
+            }
+            let file = self.fs.open(&path, how)?;
+            self.fs.sync_dir(&self.dir)?;
             self.segments.push_back(Segment {
                 last_set: first - 1,
                 path,
                 len: 0,
             });
-            self.current = Some(Arc::new(file));
+            self.current = Some(file);
         }
         let need = entries.len() * HEADER_BLOCK;
         if self.headers.capacity() < need {
@@ -197,7 +184,7 @@ impl RedoLog {
         let seg = self.segments.back_mut().expect("current segment");
         let mut at = seg.len;
         for group in iov.chunks_mut(MAX_IOVECS) {
-            at += pwritev_all(&file, group, at)?;
+            at += write_all_vectored_at(&*file, group, at)?;
         }
         seg.len = at;
         seg.last_set = entries.last().expect("not empty").0;
@@ -208,8 +195,7 @@ impl RedoLog {
     pub fn read_after(&self, applied: u64) -> io::Result<Vec<(u64, Vec<u8>)>> {
         let mut out = Vec::new();
         for seg in self.segments.iter().filter(|s| s.last_set > applied) {
-            let mut data = Vec::new();
-            File::open(&seg.path)?.read_to_end(&mut data)?;
+            let mut data = self.fs.read(&seg.path)?;
             data.truncate(seg.len as usize);
             let mut pos = 0;
             while let Some((set, body, next)) = parse_entry(&data, pos) {
@@ -237,35 +223,6 @@ impl RedoLog {
     pub fn bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.len).sum()
     }
-}
-
-/// Write all of `bufs` at `at`; returns the bytes written. (Direct I/O may write less than
-/// asked; every buffer here is whole blocks, so what is left stays block-aligned.)
-fn pwritev_all(file: &File, mut bufs: &mut [IoSlice<'_>], mut at: u64) -> io::Result<u64> {
-    let start = at;
-    while !bufs.is_empty() {
-        let n = unsafe {
-            libc::pwritev(
-                file.as_raw_fd(),
-                bufs.as_ptr() as *const libc::iovec,
-                bufs.len() as libc::c_int,
-                at as libc::off_t,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        at += n as u64;
-        IoSlice::advance_slices(&mut bufs, n as usize);
-    }
-    Ok(at - start)
 }
 
 /// The intact entry at `b[pos..]`: (set, message range, where the next entry starts).
@@ -309,7 +266,8 @@ fn holds_set(msg: &[u8], set: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repl::fold::{Extent, Payload};
+    use crate::env::{os, OsFs};
+    use crate::extent::{Extent, Payload};
     use crate::repl::frame::{DeltaSet, SetKind};
 
     /// The encoded Set message `set` writing `data` at offset 0: what the mirror logs.
@@ -344,7 +302,7 @@ mod tests {
     }
 
     fn files(dir: &Path, suffix: &str) -> Vec<PathBuf> {
-        numbered_segments(dir, suffix)
+        numbered_segments(&OsFs, dir, suffix)
             .unwrap()
             .into_iter()
             .map(|(_, p)| p)
@@ -355,7 +313,7 @@ mod tests {
     fn append_reopen_read_trim() {
         let dir = tempfile::tempdir().unwrap();
         let (two, three) = {
-            let mut log = RedoLog::open(dir.path()).unwrap();
+            let mut log = RedoLog::open(&os(), dir.path()).unwrap();
             assert_eq!(log.last_set(), None);
             let mut w = append(&mut log, &[(1, b"one"), (2, b"two")]);
             let three = append(&mut log, &[(3, b"three")]);
@@ -366,7 +324,7 @@ mod tests {
             );
             (w.pop().unwrap(), three[0].clone())
         };
-        let mut log = RedoLog::open(dir.path()).unwrap();
+        let mut log = RedoLog::open(&os(), dir.path()).unwrap();
         assert_eq!(log.last_set(), Some(3));
         assert_eq!(log.read_after(1).unwrap(), vec![two, three]);
         append(&mut log, &[(4, b"four")]);
@@ -383,7 +341,7 @@ mod tests {
         for tear in ["data", "field", "header"] {
             let dir = tempfile::tempdir().unwrap();
             let (one, two) = {
-                let mut log = RedoLog::open(dir.path()).unwrap();
+                let mut log = RedoLog::open(&os(), dir.path()).unwrap();
                 let w = append(&mut log, &[(1, b"one"), (2, b"two-two")]);
                 (w[0].clone(), w[1].1.clone())
             };
@@ -396,11 +354,15 @@ mod tests {
                 _ => 8192 + 11,
             };
             let seg = &files(dir.path(), ".redo")[0];
-            let f = OpenOptions::new().read(true).write(true).open(seg).unwrap();
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(seg)
+                .unwrap();
             let mut byte = [0u8];
             std::os::unix::fs::FileExt::read_exact_at(&f, &mut byte, at as u64).unwrap();
             std::os::unix::fs::FileExt::write_all_at(&f, &[!byte[0]], at as u64).unwrap();
-            let log = RedoLog::open(dir.path()).unwrap();
+            let log = RedoLog::open(&os(), dir.path()).unwrap();
             assert_eq!(log.last_set(), Some(1), "torn in its {tear}");
             assert_eq!(log.read_after(0).unwrap(), vec![one], "torn in its {tear}");
         }
@@ -412,14 +374,14 @@ mod tests {
     fn an_entry_holding_another_set_is_not_replayed() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut log = RedoLog::open(dir.path()).unwrap();
+            let mut log = RedoLog::open(&os(), dir.path()).unwrap();
             append(&mut log, &[(1, b"one"), (2, b"two")]);
         }
         let seg = &files(dir.path(), ".redo")[0];
-        let f = OpenOptions::new().write(true).open(seg).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(seg).unwrap();
         let other = msg(7, b"two");
         std::os::unix::fs::FileExt::write_all_at(&f, &other, 8192 + 4096).unwrap();
-        let log = RedoLog::open(dir.path()).unwrap();
+        let log = RedoLog::open(&os(), dir.path()).unwrap();
         assert_eq!(log.last_set(), Some(1));
     }
 
@@ -431,7 +393,7 @@ mod tests {
         let small: Vec<Vec<u8>> = (0..300u32).map(|i| i.to_be_bytes().repeat(7)).collect();
         let mut written = Vec::new();
         {
-            let mut log = RedoLog::open(dir.path()).unwrap();
+            let mut log = RedoLog::open(&os(), dir.path()).unwrap();
             written.extend(append(&mut log, &[(1, &big[..])]));
             let entries: Vec<(u64, &[u8])> = small
                 .iter()
@@ -440,7 +402,7 @@ mod tests {
                 .collect();
             written.extend(append(&mut log, &entries));
         }
-        let log = RedoLog::open(dir.path()).unwrap();
+        let log = RedoLog::open(&os(), dir.path()).unwrap();
         let back = log.read_after(0).unwrap();
         assert_eq!(back.len(), 301);
         assert_eq!(back, written);
@@ -456,7 +418,7 @@ mod tests {
                 .repeat(100 + set as usize % 50)
                 .into_bytes()
         };
-        let mut log = RedoLog::open_with(dir.path(), 3 * 4096).unwrap();
+        let mut log = RedoLog::open_with(&os(), dir.path(), 3 * 4096).unwrap();
         let mut set = 0;
         for round in 0..20 {
             let batch: Vec<(u64, Vec<u8>)> = (0..1 + round % 4)
@@ -476,7 +438,7 @@ mod tests {
         let expect: Vec<(u64, Vec<u8>)> = (set - 1..=set).map(|s| (s, msg(s, &data(s)))).collect();
         assert_eq!(log.read_after(set - 2).unwrap(), expect);
         drop(log);
-        let log = RedoLog::open_with(dir.path(), 3 * 4096).unwrap();
+        let log = RedoLog::open_with(&os(), dir.path(), 3 * 4096).unwrap();
         assert_eq!(log.last_set(), Some(set));
         assert_eq!(log.read_after(set - 2).unwrap(), expect);
     }
@@ -487,7 +449,7 @@ mod tests {
     fn a_renamed_spare_with_old_entries_is_not_replayed() {
         let dir = tempfile::tempdir().unwrap();
         let two = {
-            let mut log = RedoLog::open_with(dir.path(), 4096).unwrap();
+            let mut log = RedoLog::open_with(&os(), dir.path(), 4096).unwrap();
             append(&mut log, &[(1, b"one")]);
             let two = append(&mut log, &[(2, b"two")]);
             log.trim(1).unwrap();
@@ -496,12 +458,12 @@ mod tests {
         // The spare (old set 1) renamed as the next segment, then the crash.
         let spare = &files(dir.path(), ".spare")[0];
         std::fs::rename(spare, dir.path().join(format!("{:020}.redo", 3))).unwrap();
-        let mut log = RedoLog::open_with(dir.path(), 4096).unwrap();
+        let mut log = RedoLog::open_with(&os(), dir.path(), 4096).unwrap();
         assert_eq!(log.last_set(), Some(2));
         assert_eq!(log.read_after(0).unwrap(), two);
         let three = append(&mut log, &[(3, b"three")]);
         drop(log);
-        let log = RedoLog::open_with(dir.path(), 4096).unwrap();
+        let log = RedoLog::open_with(&os(), dir.path(), 4096).unwrap();
         assert_eq!(log.read_after(1).unwrap(), [two, three].concat());
     }
 
@@ -525,7 +487,7 @@ mod tests {
             entry.resize(entry.len().next_multiple_of(4096), 0);
             std::fs::write(dir.path().join(format!("{set:020}.redo")), &entry).unwrap();
         }
-        let mut log = RedoLog::open(dir.path()).unwrap();
+        let mut log = RedoLog::open(&os(), dir.path()).unwrap();
         assert_eq!(log.last_set(), Some(8));
         let nine = append(&mut log, &[(9, b"nine")]);
         assert_eq!(

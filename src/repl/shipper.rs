@@ -3,11 +3,12 @@
 //! sets and keeps many of them in flight. Acknowledgements trim the journal. Any failure ends
 //! the session; the next one resumes from the mirror's last durable set.
 
-use super::fold::{Extent, Folder, Payload};
+use super::fold::Folder;
 use super::frame::{DeltaSet, KnownCrcs, Message, SetKind, PROTOCOL_VERSION};
 use super::stream::{read_message, write_message};
 use crate::disk::buf::{SharedPool, VecPool};
 use crate::disk::Storage;
+use crate::extent::{Extent, Payload};
 use crate::journal::Journal;
 use crate::transport::{self, Identity};
 use bytes::Bytes;
@@ -101,6 +102,8 @@ pub struct Shipper {
     pub compress: bool,
     /// Buffers for encoded sets, reused once quinn is done with them ([`ENCODE_POOL_BYTES`]).
     pub encode_pool: Arc<VecPool>,
+    /// Woken by the journal when records or dirty ranges arrive.
+    pub records: Arc<tokio::sync::Notify>,
 }
 
 /// Free encode buffers kept for reuse: a few sets' worth.
@@ -178,7 +181,9 @@ impl Shipper {
         tracing::info!(volume = %self.volume, durable_set, durable_seq, needs_full_copy, "replication link up");
         self.stats.link_up.store(true, Ordering::Relaxed);
         self.stats.acked_set.store(durable_set, Ordering::Relaxed);
-        self.journal.ack(durable_seq);
+        self.journal
+            .ack(durable_seq)
+            .map_err(|e| SessionError::Protocol(format!("HelloAck: {e}")))?;
         let window = Arc::new(Semaphore::new(WINDOW_SETS));
         let acks = tokio::spawn(read_acks(self.clone(), recv, window.clone(), pool));
         let sampler = {
@@ -230,7 +235,9 @@ impl Shipper {
         let mut copy = if needs_full_copy {
             // The copy carries everything journaled so far.
             let seq = self.journal.last_seq();
-            self.journal.ack(seq);
+            self.journal
+                .ack(seq)
+                .map_err(|e| SessionError::Protocol(e.to_string()))?;
             shipped_seq = shipped_seq.max(seq);
             self.stats
                 .copy_total
@@ -246,7 +253,7 @@ impl Shipper {
         loop {
             self.resync_dirty()?;
             // Journal first: a copy chunk must land after every set cut before it was read.
-            let notified = self.journal.available.notified();
+            let notified = self.records.notified();
             let (records, covered) = self.journal.collect(shipped_seq, SET_MAX_BYTES)?;
             let mut sent = false;
             if covered > shipped_seq && copy.is_none() {
@@ -443,7 +450,10 @@ async fn read_acks(
                 },
                 _,
             )) => {
-                shipper.journal.ack(last_seq);
+                shipper
+                    .journal
+                    .ack(last_seq)
+                    .map_err(|e| SessionError::Protocol(format!("Ack of set {set}: {e}")))?;
                 shipper.stats.acked_set.store(set, Ordering::Relaxed);
                 shipper
                     .stats
