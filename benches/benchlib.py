@@ -72,11 +72,13 @@ def git_commit(root=ROOT):
     """HEAD's short hash, plus "-dirty" when tracked files differ from it; None outside a git
     checkout. benches/history/ is left out of the comparison: every run appends to it, and the
     next run of the same code must not call itself dirty for that."""
+    # safe.directory: bench-wan runs as root in a checkout that root may not own.
+    git = ["git", "-c", f"safe.directory={os.path.abspath(root)}", "-C", root]
     try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        changes = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--",
-                                  ".", ":(exclude)benches/history"], capture_output=True, text=True,
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        changes = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                  ":(exclude)benches/history"], capture_output=True, text=True,
                                  check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -149,14 +151,16 @@ def history_line(bench, report, commit, machine_info, notes=None, date=None):
 
 
 def append_history(bench, report, commit, machine_info, notes=None, history_dir=None, date=None):
-    """Append one line for this run to HISTORY_DIR/BENCH.jsonl (made if missing); returns the
-    file's path. One write in append mode: earlier lines are never touched."""
+    """Append one line for this run to HISTORY_DIR/BENCH.jsonl (made if missing), say so, and
+    return the file's path. One write in append mode: earlier lines are never touched."""
     history_dir = history_dir or HISTORY_DIR
     os.makedirs(history_dir, exist_ok=True)
     path = os.path.join(history_dir, f"{bench}.jsonl")
     text = json.dumps(history_line(bench, report, commit, machine_info, notes, date), ensure_ascii=False) + "\n"
     with open(path, "a") as f:
         f.write(text)
+    shown = os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
+    log(f"history: appended this run to {shown}")
     return path
 
 
@@ -171,8 +175,7 @@ def main(argv):
         bench, report, commit, disk_path = argv[1:5]
         with open(report) as f:
             doc = json.load(f)
-        path = append_history(bench, doc, commit or None, machine(disk_path), argv[5] if len(argv) == 6 else None)
-        log(f"history: appended this run to {os.path.relpath(path, ROOT)}")
+        append_history(bench, doc, commit or None, machine(disk_path), argv[5] if len(argv) == 6 else None)
         return 0
     print("usage: benchlib.py commit | benchlib.py record BENCH REPORT.json COMMIT DISK_PATH [NOTES]",
           file=sys.stderr)
