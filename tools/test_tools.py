@@ -512,5 +512,38 @@ class HistoryTests(unittest.TestCase):
         self.assertIsNone(benchlib.git_commit(self.dir))
 
 
+    def test_kept_history_lines_parse_in_date_order(self):
+        hist = os.path.join(os.path.dirname(TOOLS), "benches/history")
+        files = sorted(f for f in os.listdir(hist) if f.endswith(".jsonl"))
+        self.assertEqual(files, ["nbd.jsonl", "repl.jsonl", "wan.jsonl"])
+        for name in files:
+            last_day, last_time = None, None
+            for i, line in enumerate(self.lines(os.path.join(hist, name)), 1):
+                where = f"{name}:{i}"
+                for key in self.REQUIRED:
+                    self.assertIn(key, line, where)
+                self.assertEqual(line["bench"], name[:-len(".jsonl")], where)
+                if line["commit"] is not None:
+                    self.assertRegex(line["commit"], self.COMMIT, where)
+                self.assertTrue(line["figures"], where)
+                self.assertIn("cpus", line["machine"], where)
+                # Days never go back; within a day, lines with a time never go back either (a
+                # line from the old log with a date alone keeps its place in the log's order).
+                if len(line["date"]) == 10:
+                    day, when = datetime.date.fromisoformat(line["date"]), None
+                else:
+                    when = datetime.datetime.fromisoformat(line["date"])
+                    self.assertIsNotNone(when.tzinfo, where)
+                    day = when.date()
+                if last_day is not None:
+                    self.assertGreaterEqual(day, last_day, where)
+                if day != last_day:
+                    last_time = None
+                if when is not None:
+                    if last_time is not None:
+                        self.assertGreaterEqual(when, last_time, where)
+                    last_time = when
+                last_day = day
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)
