@@ -142,8 +142,8 @@ def disk_write_rate(path):
 def random_write_iops(image):
     """4 KiB random direct writes QD32 for 5 s into `image` itself (IOPS). On this virtual disk,
     blocks first written through the page cache take them 2-3x slower than blocks first written
-    with direct I/O, even after a direct rewrite (docs/TUNING.md, sixth session), so the random
-    ratio is read against the rate of the very images the servers write."""
+    with direct I/O, even after a direct rewrite (docs/TUNING.md, "The images are made alike"),
+    so the random ratio is read against the rate of the very images the servers write."""
     return fio_direct(image, "--rw=randwrite", "--bs=4k", "--iodepth=32", "--time_based", "--runtime=5",
                       "--norandommap", "--randrepeat=0")["iops"]
 
