@@ -13,11 +13,13 @@
 #   BENCH_KEEP=0       1 keeps the backing files and per-run logs afterwards
 #   BENCH_SKIP_BUILD=0 1 skips `cargo build --release`
 #   BLKMIRROR_BIN=     benchmark this blkmirror binary instead (no build), e.g. one built from
-#                      another revision
+#                      another revision (its history line then has no commit, and says which binary)
+#   BENCH_HISTORY=     directory for the history line instead of benches/history (trial runs)
 #
 # Runs alternate blkmirror / qemu-nbd (the order flips every round) so that drift of a shared,
 # noisy machine hits both alike. Each run gets a fresh server process; its peak RSS (VmHWM) is
-# read from /proc just before it is stopped. Results: a table on stdout and target/bench/nbd.json.
+# read from /proc just before it is stopped. Results: a table on stdout, target/bench/nbd.json,
+# and one line appended to benches/history/nbd.jsonl (commit, machine, figures).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -102,10 +104,15 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # --- build ----------------------------------------------------------------------------------
+# The commit this run measures, taken before the build (the tree may change during the run).
 if [[ -n ${BLKMIRROR_BIN:-} ]]; then
     SRC_BIN=$BLKMIRROR_BIN
     BLKMIRROR_REV="binary $BLKMIRROR_BIN"
+    COMMIT=""
+    HISTORY_NOTES="blkmirror binary $BLKMIRROR_BIN (BLKMIRROR_BIN), not built from this tree"
 else
+    COMMIT=$(python3 "$ROOT/benches/benchlib.py" commit)
+    HISTORY_NOTES=""
     if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
         log "cargo build --release"
         cargo build --release --quiet || die "cargo build --release failed"
@@ -370,3 +377,7 @@ print(f"ratio = blkmirror / qemu-nbd (higher is better for blkmirror); written {
 print("fio io_uring, direct: fio straight on the backing file, from its own buffers in 4 KiB pages (a 1 MiB")
 print("direct write from them is two disk requests here; blkmirror's buffers are huge pages, so it can beat it)")
 EOF
+
+# --- history: one line for this run, after its report ----------------------------------------
+python3 "$ROOT/benches/benchlib.py" record nbd "$OUT_JSON" "$COMMIT" "$DIR" ${HISTORY_NOTES:+"$HISTORY_NOTES"} ||
+    die "could not append to the benchmark history"

@@ -23,7 +23,9 @@ A sequential run writes up to 15 GiB as fast as this shared virtual disk takes i
 run should not pay for its write-back.
 
 Environment: BENCH_SECS (15), BENCH_ROUNDS (3), BENCH_SIZE (2G), BENCH_DIR (target/bench/tmp),
-BENCH_SETTLE (3), BENCH_SKIP_BUILD (0). Output: a table on stdout and target/bench/repl.json.
+BENCH_SETTLE (3), BENCH_SKIP_BUILD (0), BENCH_HISTORY (benches/history). Output: a table on
+stdout, target/bench/repl.json, and one line appended to benches/history/repl.jsonl (commit,
+machine, figures).
 """
 
 import json
@@ -37,7 +39,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import BIN, die, log, status, stop, wait_for
+from benchlib import BIN, append_history, die, git_commit, log, machine, status, stop, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECS = int(os.environ.get("BENCH_SECS", "15"))
@@ -140,8 +142,8 @@ def disk_write_rate(path):
 def random_write_iops(image):
     """4 KiB random direct writes QD32 for 5 s into `image` itself (IOPS). On this virtual disk,
     blocks first written through the page cache take them 2-3x slower than blocks first written
-    with direct I/O, even after a direct rewrite (docs/TUNING.md, sixth session), so the random
-    ratio is read against the rate of the very images the servers write."""
+    with direct I/O, even after a direct rewrite (docs/TUNING.md, "The images are made alike"),
+    so the random ratio is read against the rate of the very images the servers write."""
     return fio_direct(image, "--rw=randwrite", "--bs=4k", "--iodepth=32", "--time_based", "--runtime=5",
                       "--norandommap", "--randrepeat=0")["iops"]
 
@@ -187,6 +189,7 @@ def main():
     for tool in ("fio", "qemu-nbd", "fallocate", "cmp"):
         if not shutil.which(tool):
             die(f"{tool} not found")
+    commit = git_commit()  # before the build: the tree may change while the benchmark runs
     if os.environ.get("BENCH_SKIP_BUILD") != "1":
         log("cargo build --release")
         subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
@@ -317,6 +320,7 @@ def main():
         json.dump(doc, f, indent=2)
         f.write("\n")
     print(f"written {OUT}")
+    append_history("repl", doc, commit, machine(DIR))
     if not identical:
         die("a mirror differs from its primary")
 

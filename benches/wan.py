@@ -13,10 +13,12 @@ On tools/wan-sim (namespaces bm-pri 10.99.0.1 and bm-mir 10.99.0.2), all in one 
   3. steady: writes at 50 % of the link for 60 s; lag (RPO) p50 / p99 / max;
   4. outage: the link cut for 30 s during the steady load; seconds from the end of the cut until
      the lag is under 1 s; the mirror is compared with the primary afterwards.
-Prints a table, writes target/bench/wan.json and target/bench/wan.svg (throughput and lag).
+Prints a table, writes target/bench/wan.json and target/bench/wan.svg (throughput and lag),
+and appends one line to benches/history/wan.jsonl (commit, machine, figures).
 
 Environment: BENCH_RATE_MBIT (500), BENCH_BULK (2G), BENCH_STEADY_SECS (60), BENCH_CUT_SECS (30),
-BENCH_NBDCOPY (256M), BENCH_ROUNDS (3), BENCH_DIR (target/bench/tmp), BENCH_SKIP_BUILD (0).
+BENCH_NBDCOPY (256M), BENCH_ROUNDS (3), BENCH_DIR (target/bench/tmp), BENCH_SKIP_BUILD (0),
+BENCH_HISTORY (benches/history).
 """
 
 import json
@@ -31,7 +33,7 @@ import tempfile
 import threading
 import time
 
-from benchlib import BIN, die, log, status, stop, wait_for
+from benchlib import BIN, append_history, die, git_commit, log, machine, status, stop, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RATE = int(os.environ.get("BENCH_RATE_MBIT", "500"))
@@ -169,6 +171,7 @@ def main():
             die(f"{tool} not found")
     if os.geteuid() != 0:
         die("needs root (network namespaces)")
+    commit = git_commit()  # before the build: the tree may change while the benchmark runs
     if os.environ.get("BENCH_SKIP_BUILD") != "1":
         log("cargo build --release")
         run(["cargo", "build", "--release", "--quiet"], cwd=ROOT)
@@ -342,6 +345,7 @@ def main():
     print(f"  incompressible / TCP Cubic   {inc / max(res['tcp_iperf_mbit'], 0.1):.1f}   (target >= 10)")
     print(f"  compressible / link          {res['compressible_effective_mbit'] / link:.2f}   (target >= 1.7)")
     print(f"written {OUT}/wan.json and {OUT}/wan.svg")
+    append_history("wan", res, commit, machine(DIR))
     if not res["mirror_identical"]:
         die("the mirror differs from the primary")
 

@@ -1,5 +1,6 @@
 #!/usr/bin/python3
-"""Self-test for tools/workload.py and tools/crashcheck.py.
+"""Self-test for tools/workload.py and tools/crashcheck.py, and for the benchmark history that
+benches/benchlib.py appends to (HistoryTests).
 
 Run: /usr/bin/python3 tools/test_tools.py   (exit status non-zero on failure)
 
@@ -9,6 +10,7 @@ the intended reason. The NbdTests class runs the real workload against qemu-nbd,
 bytes that go over NBD are exactly the bytes the model (and so the checker) expects.
 """
 
+import datetime
 import hashlib
 import json
 import os
@@ -24,6 +26,10 @@ import zlib
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TOOLS)
 import workload  # noqa: E402
+
+BENCHES = os.path.join(os.path.dirname(TOOLS), "benches")
+sys.path.insert(0, BENCHES)
+import benchlib  # noqa: E402
 
 PYTHON = "/usr/bin/python3"  # Debian's python, the one with libnbd bindings
 WORKLOAD = os.path.join(TOOLS, "workload.py")
@@ -397,6 +403,147 @@ class NbdTests(unittest.TestCase):
         self.assertEqual(p.returncode, 2)
         self.assertIn("exceeds the volume size", p.stderr)
 
+
+class HistoryTests(unittest.TestCase):
+    """benches/history/: what a run appends, without running a benchmark; and the lines kept."""
+
+    REQUIRED = ("bench", "date", "commit", "machine", "figures")
+    COMMIT = r"^[0-9a-f]{7,40}(-dirty)?$"
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="bm-history-")
+
+    def tearDown(self):
+        shutil.rmtree(self.dir)
+
+    def lines(self, path):
+        with open(path) as f:
+            return [json.loads(line) for line in f]
+
+    def test_two_runs_append_two_lines(self):
+        hist = os.path.join(self.dir, "history")
+        commit = benchlib.git_commit() or "0123abc"  # None outside a git checkout
+        self.assertRegex(commit, self.COMMIT)
+        machine = benchlib.machine(self.dir)
+        reports = [
+            {"workloads": {"seq_write_1m_qd16": {"blkmirror": 961.3, "qemu_nbd": 1034.7, "ratio": 0.929,
+                                                 "unit": "MiB/s"}},
+             "rss_kib": {"primary": 128000, "mirror": 131072}, "rounds": 5, "mirror_identical": True,
+             "logs": "/tmp/bm-repl-x"},
+            {"workloads": {"seq_write_1m_qd16": {"blkmirror": 1054.0, "qemu_nbd": 1058.1, "ratio": 0.996,
+                                                 "unit": "MiB/s"}},
+             "rss_kib": {"primary": 132096, "mirror": 137216}, "rounds": 3, "mirror_identical": True,
+             "logs": "/tmp/bm-repl-y"},
+        ]
+        paths = {benchlib.append_history("repl", r, commit, machine, history_dir=hist,
+                                         notes="a test" if i else None) for i, r in enumerate(reports)}
+        self.assertEqual(paths, {os.path.join(hist, "repl.jsonl")})
+        got = self.lines(os.path.join(hist, "repl.jsonl"))
+        self.assertEqual(len(got), 2)
+        for line, report in zip(got, reports):
+            for key in self.REQUIRED:
+                self.assertIn(key, line)
+            self.assertEqual(line["bench"], "repl")
+            self.assertEqual(line["commit"], commit)
+            self.assertIsNotNone(datetime.datetime.fromisoformat(line["date"]).tzinfo)
+            self.assertEqual(line["machine"]["cpus"], os.cpu_count())
+            self.assertGreater(line["machine"]["mem_gib"], 0)
+            self.assertTrue(line["machine"]["kernel"])
+            self.assertIn("disk", line["machine"])
+            # The report's own keys, less what is not a measurement.
+            self.assertEqual(line["figures"], {k: v for k, v in report.items() if k != "logs"})
+        self.assertNotIn("notes", got[0])
+        self.assertEqual(got[1]["notes"], "a test")
+
+    def test_earlier_lines_are_never_rewritten(self):
+        path = os.path.join(self.dir, "wan.jsonl")
+        first = '{"bench": "wan", "date": "2026-11-27T06:10+00:00", "commit": null, "figures": {"x": 1}}\n'
+        with open(path, "w") as f:
+            f.write(first)
+        benchlib.append_history("wan", {"incompressible_mbit": 473.1}, "abc1234", {"cpus": 2}, history_dir=self.dir)
+        with open(path) as f:
+            text = f.read()
+        self.assertTrue(text.startswith(first))
+        self.assertEqual(len(text.splitlines()), 2)
+
+    def test_record_command_for_nbd_sh(self):
+        report = os.path.join(self.dir, "nbd.json")
+        with open(report, "w") as f:
+            json.dump({"workloads": {"rand_read_4k_qd32": {"blkmirror": 46898.0, "ratio": 1.106}},
+                       "rounds": 3, "backing": "4G raw file"}, f)
+        env = dict(os.environ, BENCH_HISTORY=self.dir)
+        for _ in range(2):
+            p = subprocess.run([PYTHON, os.path.join(BENCHES, "benchlib.py"), "record", "nbd", report, "0123abc",
+                                self.dir], capture_output=True, text=True, env=env, timeout=60)
+            self.assertEqual(p.returncode, 0, p.stderr)
+        got = self.lines(os.path.join(self.dir, "nbd.jsonl"))
+        self.assertEqual(len(got), 2)
+        for line in got:
+            self.assertEqual((line["bench"], line["commit"]), ("nbd", "0123abc"))
+            self.assertEqual(line["figures"], {"workloads": {"rand_read_4k_qd32": {"blkmirror": 46898.0,
+                                                                                  "ratio": 1.106}}, "rounds": 3})
+            self.assertEqual(set(line["machine"]), {"cpus", "mem_gib", "kernel", "disk"})
+        p = subprocess.run([PYTHON, os.path.join(BENCHES, "benchlib.py"), "commit"], capture_output=True, text=True,
+                           timeout=60)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(p.stdout.strip(), benchlib.git_commit() or "")
+
+    def test_commit_is_dirty_for_tracked_changes_but_not_for_the_history(self):
+        repo = os.path.join(self.dir, "repo")
+        os.makedirs(os.path.join(repo, "benches/history"))
+        git = lambda *a: subprocess.run(["git", "-C", repo, "-c", "user.name=t", "-c", "user.email=t@t.invalid",
+                                         *a], capture_output=True, text=True, check=True).stdout.strip()
+        git("init", "-q")
+        for name in ("code.rs", "benches/history/repl.jsonl"):
+            with open(os.path.join(repo, name), "w") as f:
+                f.write("1\n")
+        git("add", "-A")
+        git("commit", "-q", "-m", "one")
+        head = git("rev-parse", "--short", "HEAD")
+        self.assertEqual(benchlib.git_commit(repo), head)
+        with open(os.path.join(repo, "benches/history/repl.jsonl"), "a") as f:
+            f.write("2\n")
+        with open(os.path.join(repo, "untracked.txt"), "w") as f:
+            f.write("x\n")
+        self.assertEqual(benchlib.git_commit(repo), head)
+        with open(os.path.join(repo, "code.rs"), "a") as f:
+            f.write("2\n")
+        self.assertEqual(benchlib.git_commit(repo), head + "-dirty")
+        self.assertIsNone(benchlib.git_commit(self.dir))
+
+
+    def test_kept_history_lines_parse_in_date_order(self):
+        hist = os.path.join(os.path.dirname(TOOLS), "benches/history")
+        files = sorted(f for f in os.listdir(hist) if f.endswith(".jsonl"))
+        self.assertEqual(files, ["nbd.jsonl", "repl.jsonl", "wan.jsonl"])
+        for name in files:
+            last_day, last_time = None, None
+            for i, line in enumerate(self.lines(os.path.join(hist, name)), 1):
+                where = f"{name}:{i}"
+                for key in self.REQUIRED:
+                    self.assertIn(key, line, where)
+                self.assertEqual(line["bench"], name[:-len(".jsonl")], where)
+                if line["commit"] is not None:
+                    self.assertRegex(line["commit"], self.COMMIT, where)
+                self.assertTrue(line["figures"], where)
+                self.assertIn("cpus", line["machine"], where)
+                # Days never go back; within a day, lines with a time never go back either (a
+                # line from the old log with a date alone keeps its place in the log's order).
+                if len(line["date"]) == 10:
+                    day, when = datetime.date.fromisoformat(line["date"]), None
+                else:
+                    when = datetime.datetime.fromisoformat(line["date"])
+                    self.assertIsNotNone(when.tzinfo, where)
+                    day = when.date()
+                if last_day is not None:
+                    self.assertGreaterEqual(day, last_day, where)
+                if day != last_day:
+                    last_time = None
+                if when is not None:
+                    if last_time is not None:
+                        self.assertGreaterEqual(when, last_time, where)
+                    last_time = when
+                last_day = day
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)
