@@ -1,0 +1,574 @@
+//! Whose data, which generation (promise I6): volume UUIDs, data generations, and the decision
+//! both sides take on every connect. Pure code: no I/O, no clock.
+//!
+//! - A replicated volume pair has a **volume UUID**, minted at the pair's first contact and
+//!   kept by both sides.
+//! - The primary numbers every write with a journal sequence number. A **generation** is a
+//!   random 64-bit ID naming a stretch of that numbering; the primary mints a new one at every
+//!   start, whenever it loses its peer, and whenever the continuity of its numbering breaks
+//!   (the host crashed and may have lost unsynced records and volume writes; its state was
+//!   lost and rebuilt; the admin accepted a changed volume). The list of generations with the
+//!   sequence number each starts at is the **lineage**; a stretch that starts with a break is
+//!   marked not `continuous`.
+//! - A data state is named by (generation, sequence number): the mirror holds the state after
+//!   every write up to `seq` of the lineage it was given. One writer mints a generation, so a
+//!   generation found in two lineages with the same first sequence number names the same
+//!   writes up to where each side's copy of it ends.
+//!
+//! DRBD's data generation UUIDs are the model (current, bitmap, history); a DRBD bitmap UUID
+//! marks where change tracking started, which here is the journal's sequence numbering, so a
+//! position inside a generation is exact, not only the generation.
+
+use crate::disk::fingerprint::Fingerprint;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Spans kept in a lineage: older ones are forgotten (see [`Lineage::forgotten_below`]).
+pub const MAX_SPANS: usize = 64;
+
+/// The identity of a replicated volume pair.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VolumeUuid(pub [u8; 16]);
+
+impl VolumeUuid {
+    /// A new random UUID (version 4 layout).
+    pub fn random() -> VolumeUuid {
+        let mut b = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+            .expect("the system has randomness");
+        b[6] = (b[6] & 0x0f) | 0x40;
+        b[8] = (b[8] & 0x3f) | 0x80;
+        VolumeUuid(b)
+    }
+}
+
+impl fmt::Display for VolumeUuid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let h: String = self.0.iter().map(|b| format!("{b:02x}")).collect();
+        write!(
+            f,
+            "{}-{}-{}-{}-{}",
+            &h[0..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..32]
+        )
+    }
+}
+
+impl fmt::Debug for VolumeUuid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::str::FromStr for VolumeUuid {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let hex: String = s.chars().filter(|c| *c != '-').collect();
+        if hex.len() != 32 {
+            return Err(format!("{s:?} is not a UUID"));
+        }
+        let mut b = [0u8; 16];
+        for (i, byte) in b.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+                .map_err(|_| format!("{s:?} is not a UUID"))?;
+        }
+        Ok(VolumeUuid(b))
+    }
+}
+
+impl Serialize for VolumeUuid {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for VolumeUuid {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A data generation: random, never 0.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GenId(pub u64);
+
+impl GenId {
+    pub fn random() -> GenId {
+        let mut b = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+            .expect("the system has randomness");
+        GenId(u64::from_be_bytes(b).max(1))
+    }
+}
+
+impl fmt::Display for GenId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl fmt::Debug for GenId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl Serialize for GenId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for GenId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        u64::from_str_radix(&s, 16)
+            .map(GenId)
+            .map_err(|_| serde::de::Error::custom(format!("{s:?} is not a generation")))
+    }
+}
+
+/// One generation of the primary's numbering: writes from `first_seq` on, until the next span.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Span {
+    pub gen: GenId,
+    pub first_seq: u64,
+    /// The writer's data continues the previous span's without a break: every write before
+    /// `first_seq` that the previous spans name is still what the volume holds. False after a
+    /// host crash, a lost state, an accepted volume change.
+    pub continuous: bool,
+}
+
+/// The spans of the primary's numbering, oldest first, with where the forgotten ones ended.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lineage {
+    pub spans: Vec<Span>,
+    /// Spans starting below this were forgotten ([`MAX_SPANS`]): a position before it cannot
+    /// be placed.
+    #[serde(default)]
+    pub forgotten_below: u64,
+}
+
+impl Lineage {
+    /// The current generation (None for an empty lineage).
+    pub fn current(&self) -> Option<&Span> {
+        self.spans.last()
+    }
+
+    /// Start a new generation at `first_seq` (never before the current one's start).
+    pub fn mint(&mut self, gen: GenId, first_seq: u64, continuous: bool) {
+        if let Some(last) = self.spans.last() {
+            assert!(
+                first_seq >= last.first_seq,
+                "a generation starts at {first_seq}, before the current one's {}",
+                last.first_seq
+            );
+        }
+        self.spans.push(Span {
+            gen,
+            first_seq,
+            continuous,
+        });
+        while self.spans.len() > MAX_SPANS {
+            let dropped = self.spans.remove(0);
+            self.forgotten_below = self.forgotten_below.max(dropped.first_seq + 1);
+        }
+    }
+
+    /// The span holding write `seq` (the last one starting at or before it).
+    pub fn span_at(&self, seq: u64) -> Option<(usize, &Span)> {
+        let i = self.spans.partition_point(|s| s.first_seq <= seq);
+        (i > 0).then(|| (i - 1, &self.spans[i - 1]))
+    }
+
+    /// Where span `gen` (starting at `first_seq`) is, if this lineage has it.
+    fn find(&self, gen: GenId, first_seq: u64) -> Option<usize> {
+        self.spans
+            .iter()
+            .position(|s| s.gen == gen && s.first_seq == first_seq)
+    }
+
+    /// The last sequence number of span `i` as far as this lineage knows (`end` for the
+    /// current one: the writer's last written seq).
+    fn span_end(&self, i: usize, end: u64) -> u64 {
+        self.spans
+            .get(i + 1)
+            .map_or(end, |next| next.first_seq.saturating_sub(1))
+    }
+}
+
+/// What a side persists of its volume's identity (in its per-volume state file).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeIdentity {
+    pub uuid: Option<VolumeUuid>,
+    /// Primary: its own numbering. Mirror: the lineage of the data it holds, as the primary
+    /// that wrote it described it.
+    pub lineage: Lineage,
+    /// The generation when this side was last in sync with its peer.
+    pub synced: Option<GenId>,
+    /// The disk behind this side's volume, as last seen (with its change time sealed).
+    pub fingerprint: Option<Fingerprint>,
+    /// Mirror: the disk behind the primary's volume, to recognise it when the primary has
+    /// lost its state.
+    pub peer_fingerprint: Option<Fingerprint>,
+}
+
+/// What the primary says of its data on connect (`Identify`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrimaryClaim {
+    /// None: the primary has no record of this volume (new, or its state was lost).
+    pub uuid: Option<VolumeUuid>,
+    pub lineage: Lineage,
+    /// The journal holds every record after this.
+    pub journal_acked: u64,
+    /// The last sequence number written.
+    pub journal_last: u64,
+    pub fingerprint: Fingerprint,
+}
+
+/// What the mirror holds, as it decides.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MirrorHolds {
+    pub uuid: Option<VolumeUuid>,
+    pub lineage: Lineage,
+    /// The mirror holds the state after every write up to this seq of `lineage`, durably;
+    /// None when it is no such state (a copy or comparison not finished, its volume changed).
+    pub position: Option<u64>,
+    /// It ever received data of a primary (a legacy mirror from before volume UUIDs has data
+    /// but no UUID).
+    pub has_data: bool,
+    pub peer_fingerprint: Option<Fingerprint>,
+}
+
+/// How a session proceeds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Same data: ship the journal after `from_seq`.
+    Resume { from_seq: u64 },
+    /// A new mirror: copy the whole volume.
+    FullCopy { why: String },
+    /// The primary cannot prove what the mirror holds: compare every chunk by checksum and
+    /// send the ones that differ. Never a trim or a skip on a guess.
+    Compare { why: String },
+    /// Refused for good (until an admin acts): `kind` says why.
+    Refuse { kind: RefuseKind, why: String },
+}
+
+/// Refusals that retrying cannot cure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefuseKind {
+    /// Another volume pair: another disk or another primary.
+    Unrelated,
+    /// Both sides wrote since their last common state.
+    SplitBrain,
+}
+
+/// The decision on connect (module doc). `uuid` of the result is the pair's UUID: the
+/// primary's, or the mirror's when the primary lost its record, or a new one.
+pub fn decide(p: &PrimaryClaim, m: &MirrorHolds) -> Decision {
+    let Some(mu) = m.uuid else {
+        if !m.has_data {
+            return Decision::FullCopy {
+                why: "the mirror holds no data yet".into(),
+            };
+        }
+        return Decision::Compare {
+            why: "the mirror's data predates volume identities: compared once".into(),
+        };
+    };
+    let Some(pu) = p.uuid else {
+        return match &m.peer_fingerprint {
+            Some(f) if f.same_disk(&p.fingerprint) => Decision::Compare {
+                why: format!(
+                    "the primary has no record of volume {mu} but serves the same disk ({}): \
+                     its state was lost",
+                    p.fingerprint.describe()
+                ),
+            },
+            other => Decision::Refuse {
+                kind: RefuseKind::Unrelated,
+                why: format!(
+                    "unrelated data: the mirror holds volume {mu} of {}, the primary has no \
+                     record of it and serves {}",
+                    other.as_ref().map_or("an unknown disk".into(), |f| f.describe()),
+                    p.fingerprint.describe()
+                ),
+            },
+        };
+    };
+    if pu != mu {
+        return Decision::Refuse {
+            kind: RefuseKind::Unrelated,
+            why: format!("unrelated data: the primary's volume is {pu}, the mirror holds {mu}"),
+        };
+    }
+    let Some(at) = m.position else {
+        return Decision::Compare {
+            why: "the mirror is not a consistent copy (a copy or comparison did not finish, \
+                  or its volume changed)"
+                .into(),
+        };
+    };
+    let Some((_, held)) = m.lineage.span_at(at) else {
+        return Decision::Compare {
+            why: format!("the mirror cannot name the generation of its data at seq {at}"),
+        };
+    };
+    let Some(i) = p.lineage.find(held.gen, held.first_seq) else {
+        if at < p.lineage.forgotten_below {
+            return Decision::Compare {
+                why: format!(
+                    "the mirror's data (generation {}, seq {at}) is older than the primary's \
+                     history",
+                    held.gen
+                ),
+            };
+        }
+        if p.lineage.spans.first().is_some_and(|s| !s.continuous) {
+            return Decision::Compare {
+                why: format!(
+                    "the primary's history starts with a break (generation {}): it cannot \
+                     place the mirror's generation {}",
+                    p.lineage.spans[0].gen, held.gen
+                ),
+            };
+        }
+        return Decision::Refuse {
+            kind: RefuseKind::SplitBrain,
+            why: format!(
+                "split brain: the mirror holds writes of generation {} up to seq {at}, which \
+                 this primary never made (another primary with the same volume?)",
+                held.gen
+            ),
+        };
+    };
+    let end = p.lineage.span_end(i, p.journal_last);
+    if at > end {
+        return match p.lineage.spans.get(i + 1) {
+            Some(next) if !next.continuous => Decision::Compare {
+                why: format!(
+                    "the primary lost writes the mirror holds (generation {} ends at seq {end} \
+                     here, the mirror holds up to {at}; a crash of the primary's host?)",
+                    held.gen
+                ),
+            },
+            _ => Decision::Refuse {
+                kind: RefuseKind::SplitBrain,
+                why: format!(
+                    "split brain: the mirror holds writes of generation {} up to seq {at}, \
+                     past the primary's {end}, with no break recorded (two primaries?)",
+                    held.gen
+                ),
+            },
+        };
+    }
+    if let Some(b) = p.lineage.spans[i + 1..].iter().find(|s| !s.continuous) {
+        return Decision::Compare {
+            why: format!(
+                "the primary's data has a break at seq {} (generation {}) after the mirror's \
+                 seq {at}",
+                b.first_seq, b.gen
+            ),
+        };
+    }
+    if at < p.journal_acked {
+        return Decision::Compare {
+            why: format!(
+                "the mirror holds up to seq {at} but the primary's journal was acknowledged up \
+                 to {} (the mirror lost durable data?)",
+                p.journal_acked
+            ),
+        };
+    }
+    Decision::Resume { from_seq: at }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::fingerprint::{DiskKind, Stamp};
+
+    fn disk(ino: u64) -> Fingerprint {
+        Fingerprint {
+            kind: DiskKind::File,
+            dev: 1,
+            ino,
+            born: Some(Stamp { sec: 5, nsec: 7 }),
+            serial: None,
+            size: 1 << 20,
+            ctime: None,
+        }
+    }
+
+    fn lineage(spans: &[(u64, u64, bool)]) -> Lineage {
+        let mut l = Lineage::default();
+        for &(g, first, cont) in spans {
+            l.mint(GenId(g), first, cont);
+        }
+        l
+    }
+
+    const U: VolumeUuid = VolumeUuid([1; 16]);
+
+    fn primary(spans: &[(u64, u64, bool)], acked: u64, last: u64) -> PrimaryClaim {
+        PrimaryClaim {
+            uuid: Some(U),
+            lineage: lineage(spans),
+            journal_acked: acked,
+            journal_last: last,
+            fingerprint: disk(10),
+        }
+    }
+
+    fn mirror(spans: &[(u64, u64, bool)], position: Option<u64>) -> MirrorHolds {
+        MirrorHolds {
+            uuid: Some(U),
+            lineage: lineage(spans),
+            position,
+            has_data: true,
+            peer_fingerprint: Some(disk(10)),
+        }
+    }
+
+    fn is_compare(d: &Decision) -> bool {
+        matches!(d, Decision::Compare { .. })
+    }
+
+    #[test]
+    fn same_data_resumes_where_the_mirror_is() {
+        // The primary restarted twice and lost its peer once since; all continuous.
+        let p = primary(&[(1, 1, true), (2, 50, true), (3, 90, true)], 40, 120);
+        let m = mirror(&[(1, 1, true), (2, 50, true)], Some(60));
+        assert_eq!(decide(&p, &m), Decision::Resume { from_seq: 60 });
+        // The mirror exactly at the end of a generation, and the primary with nothing new.
+        let m = mirror(&[(1, 1, true)], Some(49));
+        assert_eq!(decide(&p, &m), Decision::Resume { from_seq: 49 });
+        let p = primary(&[(1, 1, true)], 49, 49);
+        assert_eq!(decide(&p, &m), Decision::Resume { from_seq: 49 });
+    }
+
+    #[test]
+    fn new_and_legacy_mirrors() {
+        let p = primary(&[(1, 1, true)], 0, 10);
+        let fresh = MirrorHolds {
+            uuid: None,
+            lineage: Lineage::default(),
+            position: None,
+            has_data: false,
+            peer_fingerprint: None,
+        };
+        assert!(matches!(decide(&p, &fresh), Decision::FullCopy { .. }));
+        let legacy = MirrorHolds {
+            has_data: true,
+            position: Some(10),
+            ..fresh
+        };
+        assert!(is_compare(&decide(&p, &legacy)));
+    }
+
+    #[test]
+    fn a_primary_that_lost_its_state_is_recognised_by_its_disk() {
+        let mut p = primary(&[(9, 1, false)], 0, 0);
+        p.uuid = None;
+        let m = mirror(&[(1, 1, true)], Some(70));
+        assert!(is_compare(&decide(&p, &m)), "same disk: compare");
+        p.fingerprint = disk(11);
+        match decide(&p, &m) {
+            Decision::Refuse {
+                kind: RefuseKind::Unrelated,
+                why,
+            } => assert!(why.contains("unrelated data"), "{why}"),
+            d => panic!("another disk must be unrelated, got {d:?}"),
+        }
+    }
+
+    #[test]
+    fn another_pair_is_unrelated() {
+        let mut p = primary(&[(1, 1, true)], 0, 10);
+        p.uuid = Some(VolumeUuid([2; 16]));
+        let m = mirror(&[(1, 1, true)], Some(5));
+        assert!(matches!(
+            decide(&p, &m),
+            Decision::Refuse {
+                kind: RefuseKind::Unrelated,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_host_crash_that_lost_writes_the_mirror_holds_means_compare() {
+        // Generation 1 ends at seq 40 on the primary after its host crashed (generation 2
+        // starts with a break); the mirror holds up to 45 of generation 1.
+        let p = primary(&[(1, 1, true), (2, 41, false)], 30, 60);
+        let m = mirror(&[(1, 1, true)], Some(45));
+        assert!(is_compare(&decide(&p, &m)));
+        // Even when the mirror holds less than survived: the volume may have lost writes
+        // the journal kept (unflushed), so the break itself forces the comparison.
+        let m = mirror(&[(1, 1, true)], Some(35));
+        assert!(is_compare(&decide(&p, &m)));
+    }
+
+    #[test]
+    fn two_writers_of_one_generation_are_a_split_brain() {
+        // A clone of the primary's state ran on: the mirror holds more of generation 1 than
+        // this primary made, with no break recorded here.
+        let p = primary(&[(1, 1, true), (3, 41, true)], 30, 60);
+        let m = mirror(&[(1, 1, true)], Some(45));
+        assert!(matches!(
+            decide(&p, &m),
+            Decision::Refuse {
+                kind: RefuseKind::SplitBrain,
+                ..
+            }
+        ));
+        // Or the mirror holds a generation this primary never minted, after a common one.
+        let m = mirror(&[(1, 1, true), (7, 41, true)], Some(50));
+        assert!(matches!(
+            decide(&p, &m),
+            Decision::Refuse {
+                kind: RefuseKind::SplitBrain,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn what_the_primary_cannot_prove_is_compared() {
+        // The mirror is behind what the primary's journal still holds.
+        let p = primary(&[(1, 1, true)], 50, 90);
+        let m = mirror(&[(1, 1, true)], Some(20));
+        assert!(is_compare(&decide(&p, &m)));
+        // The mirror is not a consistent copy.
+        let m = mirror(&[(1, 1, true)], None);
+        assert!(is_compare(&decide(&p, &m)));
+        // The mirror's generation fell out of the primary's history.
+        let mut p = primary(&[(1, 1, true)], 0, 0);
+        for g in 2..(MAX_SPANS as u64 + 10) {
+            p.lineage.mint(GenId(g), g * 10, true);
+        }
+        p.journal_last = 10_000;
+        let m = mirror(&[(1, 1, true)], Some(5));
+        assert!(is_compare(&decide(&p, &m)));
+    }
+
+    #[test]
+    fn identities_serialise_as_text() {
+        let u = VolumeUuid::random();
+        let s = serde_json::to_string(&u).unwrap();
+        assert_eq!(s.len(), 38, "{s}");
+        assert_eq!(serde_json::from_str::<VolumeUuid>(&s).unwrap(), u);
+        let g = GenId(0xabc);
+        assert_eq!(serde_json::to_string(&g).unwrap(), "\"0000000000000abc\"");
+        assert_eq!(
+            serde_json::from_str::<GenId>("\"0000000000000abc\"").unwrap(),
+            g
+        );
+        assert!("xyz".parse::<VolumeUuid>().is_err());
+    }
+}
