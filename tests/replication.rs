@@ -1223,6 +1223,7 @@ fn data_set(set: u64, seq: u64, offset: u64, len: usize, seed: u64) -> DeltaSet 
         set,
         first_seq: seq,
         last_seq: seq,
+        newest_write_ms: 0,
         kind: SetKind::Journal,
         extents: vec![Extent {
             offset,

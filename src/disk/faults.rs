@@ -157,6 +157,10 @@ impl<S: Storage> Storage for Faulty<S> {
         self.inner.read_sync(offset, out)
     }
 
+    fn fingerprint(&self) -> std::io::Result<super::fingerprint::Fingerprint> {
+        self.inner.fingerprint()
+    }
+
     fn allocation(&self, offset: u64, len: u64) -> std::io::Result<Vec<(u64, bool)>> {
         self.inner.allocation(offset, len)
     }
@@ -192,6 +196,9 @@ mod tests {
         }
         fn allocation(&self, _: u64, len: u64) -> std::io::Result<Vec<(u64, bool)>> {
             Ok(vec![(len, false)])
+        }
+        fn fingerprint(&self) -> std::io::Result<crate::disk::fingerprint::Fingerprint> {
+            Err(std::io::Error::other("no disk"))
         }
     }
 

@@ -352,6 +352,10 @@ impl Storage for FileStorage {
         Ok(())
     }
 
+    fn fingerprint(&self) -> io::Result<super::fingerprint::Fingerprint> {
+        super::fingerprint::of_file(&self.file, self.block_device, self.size)
+    }
+
     fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
         let end = offset + len;
         if self.block_device {

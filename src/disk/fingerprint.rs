@@ -207,7 +207,12 @@ mod tests {
         let keep = dir.path().join("keep");
         std::fs::rename(&path, &keep).unwrap();
         std::fs::write(&path, vec![0u8; 8192]).unwrap();
-        assert!(!fp(&path).same_disk(&first), "{:?} vs {:?}", fp(&path), first);
+        assert!(
+            !fp(&path).same_disk(&first),
+            "{:?} vs {:?}",
+            fp(&path),
+            first
+        );
         // A different size is another disk too.
         let mut other = first.clone();
         other.size += 4096;

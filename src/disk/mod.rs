@@ -8,6 +8,7 @@
 pub mod buf;
 pub mod faults;
 pub mod file;
+pub mod fingerprint;
 pub mod ranges;
 pub mod segments;
 pub mod spec;
@@ -99,4 +100,6 @@ pub trait Storage: Send + Sync {
     fn read_sync(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()>;
     /// base:allocation extents covering `[offset, offset+len)`: (length, is_hole) pairs.
     fn allocation(&self, offset: u64, len: u64) -> std::io::Result<Vec<(u64, bool)>>;
+    /// The identity of the disk behind the volume (`disk::fingerprint`).
+    fn fingerprint(&self) -> std::io::Result<fingerprint::Fingerprint>;
 }

@@ -646,6 +646,7 @@ mod tests {
             set: 1,
             first_seq: 1,
             last_seq: 2,
+            newest_write_ms: 0,
             kind: SetKind::Journal,
             extents,
         };
@@ -683,6 +684,7 @@ mod tests {
             set: 1,
             first_seq: 1,
             last_seq: 9,
+            newest_write_ms: 0,
             kind: SetKind::Journal,
             extents,
         };

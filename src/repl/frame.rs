@@ -106,7 +106,27 @@
 //! `set u64 | last_seq u64 | applied_set u64 | check u32`.
 //!
 //! Refuse (type 5), either way, before closing: `code u16 | reason_len u16 (≤ 4096) |
-//! reason (UTF-8) | check u32`.
+//! reason (UTF-8) | check u32`. Codes: [`RefuseCode`] (which also says which are permanent).
+//!
+//! # Version 3: identities, comparisons, write times
+//!
+//! A version-3 session starts with Hello then **Identify** (type 6, primary → mirror): `flags
+//! u8 (bit 0: a UUID follows) | uuid [16] | forgotten_below u64 | count u16 (≤ 64) | count ×
+//! (gen u64 ≠ 0, first_seq u64 non-decreasing, continuous u8 0/1) | journal_acked u64 |
+//! journal_last u64 (≥ journal_acked) | fingerprint (string: the disk fingerprint as JSON) |
+//! check u32` (see `repl::identity`). The mirror answers **Decision** (type 7) instead of
+//! HelloAck: `uuid [16] | mode u8 (0 resume, 1 full copy, 2 compare) | durable_set u64 |
+//! durable_seq u64 | reason (string) | check u32`, or a Refuse.
+//!
+//! During a comparison the primary sends **Sums** (type 8): `offset u64 | chunk u32 (> 0) |
+//! count u16 (≤ 1024) | count × SHA-256 [32] | check u32`, in stream order with the sets; the
+//! mirror answers **SumsReply** (type 9): `offset u64 | chunk u32 | count u16 | bitmap
+//! (ceil(count / 8) bytes, most significant bit first, bits past count zero; 1 = differs) |
+//! check u32`.
+//!
+//! A set whose newest write's time is known goes as **type 10**: the Set layout with
+//! `newest_write_ms u64` (≠ 0, Unix milliseconds by the primary's clock) after `last_seq`. A
+//! set without one goes as type 3, so sets of every version decode (the redo log keeps them).
 //!
 //! # Encoding choices
 //!
@@ -127,12 +147,19 @@ use std::ops::Range;
 
 use bytes::{Bytes, BytesMut};
 
+use crate::disk::fingerprint::Fingerprint;
 use crate::extent::{Extent, Payload};
+use crate::repl::identity::{GenId, Lineage, PrimaryClaim, Span, VolumeUuid, MAX_SPANS};
 
 /// Version spoken by this code (Hello's `version`).
-pub const PROTOCOL_VERSION: u16 = 2;
-/// Oldest version a mirror still accepts (version 1 never sends aligned extents).
+pub const PROTOCOL_VERSION: u16 = 3;
+/// Oldest version whose messages still decode (a mirror's redo log may hold sets of versions
+/// 1 and 2). A session needs version 3: volume identities (docs/IDENTITY.md).
 pub const OLDEST_PROTOCOL_VERSION: u16 = 1;
+/// Most checksums in one Sums message.
+pub const MAX_SUMS: usize = 1024;
+/// Bytes of one chunk checksum (SHA-256).
+pub const SUM_LEN: usize = 32;
 /// Largest accepted `body_len`; bigger frames are refused as malformed ([`FrameError::TooLarge`]).
 pub const MAX_MESSAGE: u32 = 72 << 20;
 /// Data extents are sent in pieces of at most this many bytes, each with its own CRC.
@@ -146,6 +173,9 @@ pub const PREFIX_LEN: usize = 5;
 
 const CHECK_LEN: usize = 4;
 const SET_HEADER_LEN: usize = 8 + 8 + 8 + 1 + 4;
+/// A version-3 set's header: the version-1 fields with the newest write's time after
+/// `last_seq`.
+const SET3_HEADER_LEN: usize = SET_HEADER_LEN + 8;
 const EXTENT_DESC_LEN: usize = 8 + 4 + 1 + 1 + 4 + 4;
 
 const TYPE_HELLO: u8 = 1;
@@ -153,6 +183,13 @@ const TYPE_HELLO_ACK: u8 = 2;
 const TYPE_SET: u8 = 3;
 const TYPE_ACK: u8 = 4;
 const TYPE_REFUSE: u8 = 5;
+const TYPE_IDENTIFY: u8 = 6;
+const TYPE_DECISION: u8 = 7;
+const TYPE_SUMS: u8 = 8;
+const TYPE_SUMS_REPLY: u8 = 9;
+const TYPE_SET3: u8 = 10;
+/// The highest type byte in use.
+const TYPE_LAST: u8 = TYPE_SET3;
 
 const SET_JOURNAL: u8 = 0;
 const SET_COPY: u8 = 1;
@@ -201,6 +238,9 @@ pub struct DeltaSet {
     pub set: u64,
     pub first_seq: u64,
     pub last_seq: u64,
+    /// When the newest write of the set completed on the primary, in milliseconds since the
+    /// Unix epoch by the primary's clock (0: not known). A set with a time goes as type 10.
+    pub newest_write_ms: u64,
     pub kind: SetKind,
     /// Sorted by offset, non-overlapping (see the module doc).
     pub extents: Vec<Extent>,
@@ -242,7 +282,16 @@ impl DeltaSet {
                 }
             })
             .sum();
-        (SET_HEADER_LEN + CHECK_LEN) as u64 + extents
+        (SET3_HEADER_LEN + CHECK_LEN) as u64 + extents
+    }
+
+    /// The frame type this set is sent as.
+    fn frame_type(&self) -> u8 {
+        if self.newest_write_ms == 0 {
+            TYPE_SET
+        } else {
+            TYPE_SET3
+        }
     }
 }
 
@@ -272,6 +321,99 @@ pub enum Message {
     },
     /// Either way, before closing.
     Refuse { code: u16, reason: String },
+    /// primary → mirror, right after Hello (version 3): what the primary knows of its data.
+    Identify(Box<PrimaryClaim>),
+    /// mirror → primary, the answer to Hello + Identify (version 3; replaces HelloAck): the
+    /// pair's UUID, how the session proceeds, and the mirror's durable set.
+    Decision {
+        uuid: VolumeUuid,
+        mode: Mode,
+        durable_set: u64,
+        durable_seq: u64,
+        reason: String,
+    },
+    /// primary → mirror during a comparison: SHA-256 of `sums.len()` chunks of `chunk` bytes
+    /// from `offset` (the last may be short: the volume's end), as the primary read them.
+    Sums {
+        offset: u64,
+        chunk: u32,
+        sums: Vec<[u8; SUM_LEN]>,
+    },
+    /// mirror → primary: which of those chunks differ at the mirror, after every set sent
+    /// before the Sums was applied.
+    SumsReply {
+        offset: u64,
+        chunk: u32,
+        differ: Vec<bool>,
+    },
+}
+
+/// How a session proceeds after the decision on connect (`repl::identity::decide`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Ship the journal after `durable_seq`.
+    Resume,
+    /// Copy the whole volume, then the journal.
+    FullCopy,
+    /// Compare every chunk by checksum, send those that differ, then the journal.
+    Compare,
+}
+
+/// Why a session was refused (`Refuse.code`), and whether retrying can help.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RefuseCode {
+    /// The protocol version is not spoken here (permanent).
+    Version = 1,
+    /// The mirror has no volume by that name (permanent).
+    UnknownVolume = 2,
+    /// The volumes' sizes differ (permanent).
+    SizeMismatch = 3,
+    /// A set out of order or outside the volume: resend from the durable set.
+    BadSet = 4,
+    /// A message that could not be read: resend from the durable set.
+    BadMessage = 5,
+    /// The mirror's volume failed (I/O error): retried until it works again.
+    VolumeFailed = 6,
+    /// The mirror's redo log failed (its file system full, an I/O error): retried.
+    RedoFailed = 7,
+    /// Another volume pair: another disk or another primary (permanent).
+    Unrelated = 10,
+    /// Both sides wrote since their last common state (permanent).
+    SplitBrain = 11,
+    /// The mirror is stopping: retry.
+    Stopping = 12,
+}
+
+impl RefuseCode {
+    pub fn from_u16(code: u16) -> Option<RefuseCode> {
+        use RefuseCode::*;
+        Some(match code {
+            1 => Version,
+            2 => UnknownVolume,
+            3 => SizeMismatch,
+            4 => BadSet,
+            5 => BadMessage,
+            6 => VolumeFailed,
+            7 => RedoFailed,
+            10 => Unrelated,
+            11 => SplitBrain,
+            12 => Stopping,
+            _ => return None,
+        })
+    }
+
+    /// Retrying cannot help until an admin acts.
+    pub fn permanent(self) -> bool {
+        matches!(
+            self,
+            RefuseCode::Version
+                | RefuseCode::UnknownVolume
+                | RefuseCode::SizeMismatch
+                | RefuseCode::Unrelated
+                | RefuseCode::SplitBrain
+        )
+    }
 }
 
 /// Data bytes of an encoded message before and after compression (0 for messages without data).
@@ -327,9 +469,13 @@ pub fn encode_with_crcs(
     let ty = match msg {
         Message::Hello { .. } => TYPE_HELLO,
         Message::HelloAck { .. } => TYPE_HELLO_ACK,
-        Message::Set(_) => TYPE_SET,
+        Message::Set(s) => s.frame_type(),
         Message::Ack { .. } => TYPE_ACK,
         Message::Refuse { .. } => TYPE_REFUSE,
+        Message::Identify(_) => TYPE_IDENTIFY,
+        Message::Decision { .. } => TYPE_DECISION,
+        Message::Sums { .. } => TYPE_SUMS,
+        Message::SumsReply { .. } => TYPE_SUMS_REPLY,
     };
     let mut check = crc32fast::Hasher::new();
     check.update(&[ty]);
@@ -371,6 +517,54 @@ pub fn encode_with_crcs(
             out.extend_from_slice(&code.to_be_bytes());
             put_str(out, reason);
         }
+        Message::Identify(c) => put_identify(c, out),
+        Message::Decision {
+            uuid,
+            mode,
+            durable_set,
+            durable_seq,
+            reason,
+        } => {
+            out.extend_from_slice(&uuid.0);
+            out.push(match mode {
+                Mode::Resume => 0,
+                Mode::FullCopy => 1,
+                Mode::Compare => 2,
+            });
+            out.extend_from_slice(&durable_set.to_be_bytes());
+            out.extend_from_slice(&durable_seq.to_be_bytes());
+            put_str(out, reason);
+        }
+        Message::Sums {
+            offset,
+            chunk,
+            sums,
+        } => {
+            debug_assert!(sums.len() <= MAX_SUMS);
+            out.extend_from_slice(&offset.to_be_bytes());
+            out.extend_from_slice(&chunk.to_be_bytes());
+            out.extend_from_slice(&(sums.len() as u16).to_be_bytes());
+            for sum in sums {
+                out.extend_from_slice(sum);
+            }
+        }
+        Message::SumsReply {
+            offset,
+            chunk,
+            differ,
+        } => {
+            debug_assert!(differ.len() <= MAX_SUMS);
+            out.extend_from_slice(&offset.to_be_bytes());
+            out.extend_from_slice(&chunk.to_be_bytes());
+            out.extend_from_slice(&(differ.len() as u16).to_be_bytes());
+            let mut bits = vec![0u8; differ.len().div_ceil(8)];
+            for (i, d) in differ.iter().enumerate() {
+                if *d {
+                    bits[i / 8] |= 0x80 >> (i % 8);
+                }
+            }
+            out.extend_from_slice(&bits);
+        }
     }
     if !matches!(msg, Message::Set(_)) {
         check.update(&out[body..]);
@@ -384,6 +578,27 @@ pub fn encode_with_crcs(
     out[start..start + 4].copy_from_slice(&(body_len as u32).to_be_bytes());
     out[start + 4] = ty;
     stats
+}
+
+/// Identify's body: flags (bit 0: a UUID follows), UUID, forgotten_below, span count, spans
+/// (gen, first_seq, continuous), journal_acked, journal_last, the fingerprint as JSON text.
+fn put_identify(c: &PrimaryClaim, out: &mut Vec<u8>) {
+    out.push(u8::from(c.uuid.is_some()));
+    out.extend_from_slice(&c.uuid.map_or([0; 16], |u| u.0));
+    out.extend_from_slice(&c.lineage.forgotten_below.to_be_bytes());
+    let spans = &c.lineage.spans[c.lineage.spans.len().saturating_sub(MAX_SPANS)..];
+    out.extend_from_slice(&(spans.len() as u16).to_be_bytes());
+    for s in spans {
+        out.extend_from_slice(&s.gen.0.to_be_bytes());
+        out.extend_from_slice(&s.first_seq.to_be_bytes());
+        out.push(u8::from(s.continuous));
+    }
+    out.extend_from_slice(&c.journal_acked.to_be_bytes());
+    out.extend_from_slice(&c.journal_last.to_be_bytes());
+    put_str(
+        out,
+        &serde_json::to_string(&c.fingerprint).expect("a fingerprint serialises"),
+    );
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -423,6 +638,9 @@ fn put_set_header(s: &DeltaSet, out: &mut Vec<u8>, check: &mut crc32fast::Hasher
     out.extend_from_slice(&s.set.to_be_bytes());
     out.extend_from_slice(&s.first_seq.to_be_bytes());
     out.extend_from_slice(&s.last_seq.to_be_bytes());
+    if s.frame_type() == TYPE_SET3 {
+        out.extend_from_slice(&s.newest_write_ms.to_be_bytes());
+    }
     out.push(match s.kind {
         SetKind::Journal => SET_JOURNAL,
         SetKind::Copy { done: false } => SET_COPY,
@@ -510,7 +728,7 @@ pub fn encode_set_chunks(s: &DeltaSet, known: &KnownCrcs) -> (Vec<Bytes>, Encode
     debug_assert_eq!(s.validate(), Ok(()), "encoding an invalid delta set");
     let chunk = MAX_CHUNK as usize;
     let mut check = crc32fast::Hasher::new();
-    check.update(&[TYPE_SET]);
+    check.update(&[s.frame_type()]);
     let mut stats = EncodeStats::default();
     // Slot 0 is the prefix, written last: it holds the body length.
     let mut chunks = vec![Bytes::new()];
@@ -562,7 +780,7 @@ pub fn encode_set_chunks(s: &DeltaSet, known: &KnownCrcs) -> (Vec<Bytes>, Encode
     debug_assert!(body_len <= MAX_MESSAGE as usize);
     let mut prefix = [0u8; PREFIX_LEN];
     prefix[..4].copy_from_slice(&(body_len as u32).to_be_bytes());
-    prefix[4] = TYPE_SET;
+    prefix[4] = s.frame_type();
     chunks[0] = Bytes::copy_from_slice(&prefix);
     (chunks, stats)
 }
@@ -706,13 +924,18 @@ pub fn corrupt_first_data_byte(encoded: &mut [u8]) -> bool {
 
 fn first_data_byte(encoded: &[u8]) -> Option<usize> {
     let total = frame_len(encoded).ok()??;
-    if *encoded.get(4)? != TYPE_SET || total > encoded.len() {
+    let header_len = match *encoded.get(4)? {
+        TYPE_SET => SET_HEADER_LEN,
+        TYPE_SET3 => SET3_HEADER_LEN,
+        _ => return None,
+    };
+    if total > encoded.len() {
         return None;
     }
     let content = encoded.get(PREFIX_LEN..total.checked_sub(CHECK_LEN)?)?;
     let mut r = Reader::new(content);
-    let header = r.take(SET_HEADER_LEN).ok()?;
-    let count = u32::from_be_bytes(header[SET_HEADER_LEN - 4..].try_into().ok()?);
+    let header = r.take(header_len).ok()?;
+    let count = u32::from_be_bytes(header[header_len - 4..].try_into().ok()?);
     for _ in 0..count {
         let desc = r.take(EXTENT_DESC_LEN).ok()?;
         let stored_len = u32::from_be_bytes(desc[18..22].try_into().ok()?) as usize;
@@ -737,7 +960,7 @@ fn frame_len(buf: &[u8]) -> Result<Option<usize>, FrameError> {
     let Some(&ty) = buf.get(4) else {
         return Ok(None);
     };
-    if !(TYPE_HELLO..=TYPE_REFUSE).contains(&ty) {
+    if !(TYPE_HELLO..=TYPE_LAST).contains(&ty) {
         return Err(FrameError::UnknownType(ty));
     }
     Ok(Some(PREFIX_LEN + body_len as usize))
@@ -822,8 +1045,8 @@ fn parse_frame(frame: &[u8], owner: Option<&Bytes>) -> Result<Message, FrameErro
     let expected = u32::from_be_bytes([tail[0], tail[1], tail[2], tail[3]]);
     let mut check = crc32fast::Hasher::new();
     check.update(&[ty]);
-    if ty == TYPE_SET {
-        return parse_set(content, expected, check, owner).map(Message::Set);
+    if ty == TYPE_SET || ty == TYPE_SET3 {
+        return parse_set(content, expected, check, owner, ty == TYPE_SET3).map(Message::Set);
     }
     check.update(content);
     if check.finalize() != expected {
@@ -860,10 +1083,108 @@ fn parse_frame(frame: &[u8], owner: Option<&Bytes>) -> Result<Message, FrameErro
             let reason = r.string()?;
             Message::Refuse { code, reason }
         }
+        TYPE_IDENTIFY => Message::Identify(Box::new(parse_identify(&mut r)?)),
+        TYPE_DECISION => Message::Decision {
+            uuid: VolumeUuid(r.array()?),
+            mode: match r.u8()? {
+                0 => Mode::Resume,
+                1 => Mode::FullCopy,
+                2 => Mode::Compare,
+                _ => return Err(FrameError::Malformed("unknown decision mode")),
+            },
+            durable_set: r.u64()?,
+            durable_seq: r.u64()?,
+            reason: r.string()?,
+        },
+        TYPE_SUMS => {
+            let offset = r.u64()?;
+            let chunk = r.u32()?;
+            let n = usize::from(r.u16()?);
+            if n > MAX_SUMS || chunk == 0 {
+                return Err(FrameError::Malformed("sums: no chunk or too many"));
+            }
+            let mut sums = Vec::with_capacity(n);
+            for _ in 0..n {
+                sums.push(r.array()?);
+            }
+            Message::Sums {
+                offset,
+                chunk,
+                sums,
+            }
+        }
+        TYPE_SUMS_REPLY => {
+            let offset = r.u64()?;
+            let chunk = r.u32()?;
+            let n = usize::from(r.u16()?);
+            if n > MAX_SUMS || chunk == 0 {
+                return Err(FrameError::Malformed("sums reply: no chunk or too many"));
+            }
+            let bits = r.take(n.div_ceil(8))?;
+            let differ: Vec<bool> = (0..n)
+                .map(|i| bits[i / 8] & (0x80 >> (i % 8)) != 0)
+                .collect();
+            if n % 8 != 0 && bits[n / 8] & (0xff >> (n % 8)) != 0 {
+                return Err(FrameError::Malformed("sums reply: bits past the count"));
+            }
+            Message::SumsReply {
+                offset,
+                chunk,
+                differ,
+            }
+        }
         other => return Err(FrameError::UnknownType(other)),
     };
     r.finish()?;
     Ok(msg)
+}
+
+fn parse_identify(r: &mut Reader<'_>) -> Result<PrimaryClaim, FrameError> {
+    let flags = r.u8()?;
+    if flags > 1 {
+        return Err(FrameError::Malformed("identify: unknown flags"));
+    }
+    let uuid: [u8; 16] = r.array()?;
+    let forgotten_below = r.u64()?;
+    let n = usize::from(r.u16()?);
+    if n > MAX_SPANS {
+        return Err(FrameError::Malformed("identify: too many generations"));
+    }
+    let mut spans: Vec<Span> = Vec::with_capacity(n);
+    for _ in 0..n {
+        let span = Span {
+            gen: GenId(r.u64()?),
+            first_seq: r.u64()?,
+            continuous: match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(FrameError::Malformed("identify: continuous is not 0 or 1")),
+            },
+        };
+        if span.gen.0 == 0 || spans.last().is_some_and(|p| p.first_seq > span.first_seq) {
+            return Err(FrameError::Malformed("identify: generations out of order"));
+        }
+        spans.push(span);
+    }
+    let journal_acked = r.u64()?;
+    let journal_last = r.u64()?;
+    if journal_acked > journal_last {
+        return Err(FrameError::Malformed(
+            "identify: acknowledged past the journal's end",
+        ));
+    }
+    let fingerprint: Fingerprint = serde_json::from_str(&r.string()?)
+        .map_err(|_| FrameError::Malformed("identify: unreadable disk fingerprint"))?;
+    Ok(PrimaryClaim {
+        uuid: (flags & 1 != 0).then_some(VolumeUuid(uuid)),
+        lineage: Lineage {
+            spans,
+            forgotten_below,
+        },
+        journal_acked,
+        journal_last,
+        fingerprint,
+    })
 }
 
 /// An extent descriptor as read, before its data is verified.
@@ -882,13 +1203,23 @@ fn parse_set(
     expected: u32,
     mut check: crc32fast::Hasher,
     owner: Option<&Bytes>,
+    timed: bool,
 ) -> Result<DeltaSet, FrameError> {
     // Structure: walk the descriptors, hashing everything but the stored bytes.
     let mut r = Reader::new(content);
-    let header = r.take(SET_HEADER_LEN)?;
+    let header = r.take(if timed {
+        SET3_HEADER_LEN
+    } else {
+        SET_HEADER_LEN
+    })?;
     check.update(header);
     let mut h = Reader::new(header);
-    let (set, first_seq, last_seq, kind, count) = (h.u64()?, h.u64()?, h.u64()?, h.u8()?, h.u32()?);
+    let (set, first_seq, last_seq) = (h.u64()?, h.u64()?, h.u64()?);
+    let newest_write_ms = if timed { h.u64()? } else { 0 };
+    if timed && newest_write_ms == 0 {
+        return Err(FrameError::Malformed("a timed set without a time"));
+    }
+    let (kind, count) = (h.u8()?, h.u32()?);
     let count = count as usize;
     if count > r.remaining() / EXTENT_DESC_LEN {
         return Err(FrameError::Malformed(
@@ -1021,6 +1352,7 @@ fn parse_set(
         set,
         first_seq,
         last_seq,
+        newest_write_ms,
         kind,
         extents,
     })
@@ -1123,6 +1455,7 @@ mod tests {
             set: 7,
             first_seq: 10,
             last_seq: 12,
+            newest_write_ms: 0,
             kind: SetKind::Journal,
             extents,
         })
@@ -1283,6 +1616,7 @@ mod tests {
                 set: 1,
                 first_seq: 5,
                 last_seq: 4,
+                newest_write_ms: 0,
                 kind: SetKind::Copy { done: true },
                 extents: vec![
                     data(0, text(5000)),
@@ -1294,6 +1628,7 @@ mod tests {
                 set: 2,
                 first_seq: 8,
                 last_seq: 7,
+                newest_write_ms: 0,
                 kind: SetKind::Journal,
                 extents: vec![],
             }),
@@ -1630,7 +1965,7 @@ mod tests {
 
     #[test]
     fn unknown_type_is_refused() {
-        for ty in [0u8, 6, 255] {
+        for ty in [0u8, 11, 255] {
             assert_eq!(decode(&[0, 0, 0, 4, ty]), Err(FrameError::UnknownType(ty)));
         }
     }
@@ -1853,6 +2188,7 @@ mod tests {
             set: 1,
             first_seq: 1,
             last_seq: 1,
+            newest_write_ms: 0,
             kind: SetKind::Journal,
             extents: vec![zero(0, 1), data(1, vec![0; MAX_MESSAGE as usize + 1])],
         };
@@ -1981,8 +2317,9 @@ mod tests {
             0u64..1000,
             0u8..3,
             prop::collection::vec((0u64..10_000, arb_payload()), 0..6),
+            prop_oneof![Just(0u64), 1u64..u64::MAX],
         )
-            .prop_map(|(set, first_seq, span, kind, parts)| {
+            .prop_map(|(set, first_seq, span, kind, parts, newest_write_ms)| {
                 let mut offset = 0;
                 let extents = parts
                     .into_iter()
@@ -1997,6 +2334,7 @@ mod tests {
                     set,
                     first_seq,
                     last_seq: first_seq + span,
+                    newest_write_ms,
                     kind: match kind {
                         0 => SetKind::Journal,
                         1 => SetKind::Copy { done: false },
@@ -2026,7 +2364,58 @@ mod tests {
             }),
             1 => (any::<u16>(), "\\PC{0,32}").prop_map(|(code, reason)| Message::Refuse { code, reason }),
             4 => arb_set().prop_map(Message::Set),
+            1 => arb_identify().prop_map(|c| Message::Identify(Box::new(c))),
+            1 => (any::<[u8; 16]>(), 0u8..3, any::<u64>(), any::<u64>(), "\\PC{0,32}").prop_map(
+                |(u, m, durable_set, durable_seq, reason)| Message::Decision {
+                    uuid: VolumeUuid(u),
+                    mode: [Mode::Resume, Mode::FullCopy, Mode::Compare][m as usize],
+                    durable_set,
+                    durable_seq,
+                    reason,
+                }
+            ),
+            1 => (any::<u64>(), 1u32.., prop::collection::vec(any::<[u8; 32]>(), 0..20))
+                .prop_map(|(offset, chunk, sums)| Message::Sums { offset, chunk, sums }),
+            1 => (any::<u64>(), 1u32.., prop::collection::vec(any::<bool>(), 0..40))
+                .prop_map(|(offset, chunk, differ)| Message::SumsReply { offset, chunk, differ }),
         ]
+    }
+
+    fn arb_identify() -> impl Strategy<Value = PrimaryClaim> {
+        (
+            prop::option::of(any::<[u8; 16]>()),
+            prop::collection::vec((1u64.., 0u64..100, any::<bool>()), 0..5),
+            any::<u64>(),
+            0u64..1000,
+            0u64..1000,
+            any::<u64>(),
+        )
+            .prop_map(|(uuid, raw, forgotten_below, a, b, ino)| {
+                let mut lineage = Lineage {
+                    spans: Vec::new(),
+                    forgotten_below,
+                };
+                let mut first = 0;
+                for (g, step, cont) in raw {
+                    first += step;
+                    lineage.mint(GenId(g), first, cont);
+                }
+                PrimaryClaim {
+                    uuid: uuid.map(VolumeUuid),
+                    lineage,
+                    journal_acked: a.min(b),
+                    journal_last: a.max(b),
+                    fingerprint: Fingerprint {
+                        kind: crate::disk::fingerprint::DiskKind::File,
+                        dev: 3,
+                        ino,
+                        born: None,
+                        serial: Some("s\"n".into()),
+                        size: 1 << 30,
+                        ctime: None,
+                    },
+                }
+            })
     }
 
     /// Hand-built Set frames with random fields and a correct check: exercises the rules and

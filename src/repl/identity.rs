@@ -295,7 +295,9 @@ pub fn decide(p: &PrimaryClaim, m: &MirrorHolds) -> Decision {
                 why: format!(
                     "unrelated data: the mirror holds volume {mu} of {}, the primary has no \
                      record of it and serves {}",
-                    other.as_ref().map_or("an unknown disk".into(), |f| f.describe()),
+                    other
+                        .as_ref()
+                        .map_or("an unknown disk".into(), |f| f.describe()),
                     p.fingerprint.describe()
                 ),
             },

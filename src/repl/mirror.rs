@@ -843,6 +843,7 @@ mod tests {
             set: n,
             first_seq: n,
             last_seq: n,
+            newest_write_ms: 0,
             kind: SetKind::Journal,
             extents: vec![Extent {
                 offset: (n - 1) * BLOCK as u64,

@@ -3,6 +3,7 @@
 pub mod apply;
 pub mod fold;
 pub mod frame;
+pub mod identity;
 pub mod mirror;
 pub mod redo;
 pub mod shipper;

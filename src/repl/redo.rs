@@ -278,6 +278,7 @@ mod tests {
                 set,
                 first_seq: set,
                 last_seq: set,
+                newest_write_ms: 0,
                 kind: SetKind::Journal,
                 extents: vec![Extent {
                     offset: 0,

@@ -285,6 +285,7 @@ impl Shipper {
                     set: next_set,
                     first_seq: shipped_seq + 1,
                     last_seq: covered,
+                    newest_write_ms: 0,
                     kind: SetKind::Journal,
                     extents: folder.into_extents(),
                 };
@@ -409,6 +410,7 @@ impl Shipper {
                 set,
                 first_seq: seq,
                 last_seq: seq,
+                newest_write_ms: 0,
                 kind,
                 extents: folder.into_extents(),
             },
