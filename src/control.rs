@@ -1,8 +1,8 @@
 //! The control socket (`STATE_DIR/control.sock`): one line in (`status`), one JSON document out.
-//! `blkmirror status` is its client.
+//! `blkmirror status` is its client. Binding it is the daemon's job (`daemon::serve_control`).
 
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,9 +13,8 @@ pub fn default_path(state_dir: &Path) -> PathBuf {
     state_dir.join("control.sock")
 }
 
-/// Serve the control socket on a thread of its own.
-pub fn serve(path: &Path, status: StatusFn) -> io::Result<()> {
-    let listener = crate::nbd::server::bind_unix(path)?;
+/// Answer on `listener` on a thread of its own.
+pub fn serve(listener: UnixListener, status: StatusFn) -> io::Result<()> {
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {

@@ -2,6 +2,7 @@
 
 pub mod certs;
 pub mod control;
+pub mod daemon;
 pub mod disk;
 pub mod env;
 pub mod extent;

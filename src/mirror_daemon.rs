@@ -2,11 +2,10 @@
 //! serves its control socket, runs until SIGINT or SIGTERM.
 
 use crate::control;
+use crate::daemon::{self, DaemonError, Signals};
 use crate::disk::spec::VolumeSpec;
-use crate::primary::{block_termination_signals, lock_state_dir, wait_for_signal, PrimaryError};
 use crate::repl::mirror::Mirror;
 use crate::transport::{Identity, TlsFiles, Tuning};
-use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -44,20 +43,13 @@ fn reset_key(state_dir: &std::path::Path) -> std::io::Result<Vec<u8>> {
     Ok(key)
 }
 
-pub fn run(opts: MirrorOptions) -> Result<(), PrimaryError> {
-    let signals = block_termination_signals();
+pub fn run(opts: MirrorOptions) -> Result<(), DaemonError> {
+    let signals = Signals::block()?;
     if opts.volumes.is_empty() {
-        return Err(PrimaryError::NoVolumes);
+        return Err(DaemonError::NoVolumes);
     }
-    let _lock = lock_state_dir(&opts.state_dir)?;
-    let listen = opts
-        .listen
-        .to_socket_addrs()
-        .map_err(|e| PrimaryError::MirrorAddr(opts.listen.clone(), e.to_string()))?
-        .next()
-        .ok_or_else(|| {
-            PrimaryError::MirrorAddr(opts.listen.clone(), "resolves to nothing".into())
-        })?;
+    let _lock = daemon::lock_state_dir(&opts.state_dir)?;
+    let listen = daemon::resolve("--listen", &opts.listen)?;
     let identity = Identity::load(&opts.tls)?;
     let mirror = Mirror::open(&crate::env::os(), &opts.volumes, &opts.state_dir)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -76,21 +68,17 @@ pub fn run(opts: MirrorOptions) -> Result<(), PrimaryError> {
         .clone()
         .unwrap_or_else(|| control::default_path(&opts.state_dir));
     let m = mirror.clone();
-    control::serve(
+    let control_socket = daemon::serve_control(
         &control,
         Arc::new(move || {
             let vols: Vec<_> = m.volumes.iter().map(|v| v.status()).collect();
             serde_json::json!({ "role": "mirror", "volumes": vols })
         }),
-    )
-    .map_err(|source| PrimaryError::Listen {
-        what: control.display().to_string(),
-        source,
-    })?;
+    )?;
     tracing::info!(%listen, peer = %opts.tls.peer_name, volumes = opts.volumes.len(), "mirror listening");
-    let sig = wait_for_signal(&signals);
-    tracing::info!(signal = sig, "shutting down");
-    let _ = std::fs::remove_file(&control);
+    let sig = signals.wait_for_termination()?;
+    tracing::info!(signal = %sig, "shutting down");
+    drop(control_socket);
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     Ok(())
 }

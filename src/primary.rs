@@ -2,20 +2,18 @@
 //! SIGTERM.
 
 use crate::control;
+use crate::daemon::{self, DaemonError, Signals};
 use crate::disk::faults::{FaultRule, Faulty};
 use crate::disk::file::{FileStorage, IoMode};
 use crate::disk::spec::VolumeSpec;
 use crate::disk::Storage;
 use crate::journal::{Journal, JournalOptions, MIN_JOURNAL_BYTES};
 use crate::nbd::handshake::ExportInfo;
-use crate::nbd::server::{bind_unix, Export, Server};
+use crate::nbd::server::{Export, Server};
 use crate::repl::shipper::{ShipStats, Shipper};
 use crate::transport::{Identity, TlsFiles, Tuning};
-use std::fs::File;
 use std::net::TcpListener;
-use std::net::ToSocketAddrs;
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 pub struct PrimaryOptions {
@@ -29,38 +27,6 @@ pub struct PrimaryOptions {
     pub control: Option<PathBuf>,
     /// Test-only fault rules (see `disk::faults`), applied to every volume.
     pub faults: Vec<String>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum PrimaryError {
-    #[error("no --volume given")]
-    NoVolumes,
-    #[error("volume name {0:?} given twice")]
-    DuplicateName(String),
-    #[error("state directory {path}: {source}")]
-    StateDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("state directory {0} is in use by another blkmirror process")]
-    StateDirLocked(PathBuf),
-    #[error(transparent)]
-    Open(#[from] crate::disk::file::OpenError),
-    #[error("cannot listen on {what}: {source}")]
-    Listen {
-        what: String,
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Fault(String),
-    #[error("{0}")]
-    Config(String),
-    #[error("{0}")]
-    Transport(#[from] crate::transport::TransportError),
-    #[error("mirror address {0:?}: {1}")]
-    MirrorAddr(String, String),
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
 }
 
 pub struct ReplicationOptions {
@@ -79,54 +45,16 @@ pub struct ReplicationOptions {
 /// lz4 compresses at roughly 4 Gbit/s per core here: on a faster link it would slow shipping.
 pub const COMPRESS_BELOW_BPS: u64 = 4_000_000_000;
 
-/// Hold an exclusive lock on STATE_DIR/lock for the life of the process.
-pub fn lock_state_dir(dir: &Path) -> Result<File, PrimaryError> {
-    let err = |source| PrimaryError::StateDir {
-        path: dir.to_path_buf(),
-        source,
-    };
-    std::fs::create_dir_all(dir).map_err(err)?;
-    let f = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join("lock"))
-        .map_err(err)?;
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(PrimaryError::StateDirLocked(dir.to_path_buf()));
-    }
-    Ok(f)
-}
-
-/// Block SIGINT/SIGTERM in every thread so that `wait_for_signal` alone receives them.
-/// Call before spawning any thread.
-pub fn block_termination_signals() -> libc::sigset_t {
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-pub fn wait_for_signal(set: &libc::sigset_t) -> i32 {
-    let mut sig = 0;
-    unsafe { libc::sigwait(set, &mut sig) };
-    sig
-}
-
-pub fn run(opts: PrimaryOptions) -> Result<(), PrimaryError> {
-    let signals = block_termination_signals();
+pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
+    let signals = Signals::block()?;
     if opts.volumes.is_empty() {
-        return Err(PrimaryError::NoVolumes);
+        return Err(DaemonError::NoVolumes);
     }
-    let _lock = lock_state_dir(&opts.state_dir)?;
+    let _lock = daemon::lock_state_dir(&opts.state_dir)?;
     let mut exports = Vec::new();
     for spec in &opts.volumes {
         if exports.iter().any(|e: &Export| e.info.name == spec.name) {
-            return Err(PrimaryError::DuplicateName(spec.name.clone()));
+            return Err(DaemonError::DuplicateName(spec.name.clone()));
         }
         let file = FileStorage::open(spec, IoMode::Direct)?;
         tracing::info!(volume = %spec.name, path = %spec.path.display(), size = file.size(),
@@ -140,7 +68,7 @@ pub fn run(opts: PrimaryOptions) -> Result<(), PrimaryError> {
                 .map(|r| r.parse::<FaultRule>())
                 .collect::<Result<Vec<_>, _>>();
             tracing::warn!(volume = %spec.name, rules = ?opts.faults, "fault injection is ON (test only)");
-            Arc::new(Faulty::new(file, rules.map_err(PrimaryError::Fault)?))
+            Arc::new(Faulty::new(file, rules.map_err(DaemonError::Fault)?))
         };
         exports.push(Export {
             info: ExportInfo {
@@ -169,16 +97,9 @@ pub fn run(opts: PrimaryOptions) -> Result<(), PrimaryError> {
         .build()?;
     let mut quic_endpoint = None;
     if let Some(repl) = &opts.replication {
-        let mirror = repl
-            .mirror
-            .to_socket_addrs()
-            .map_err(|e| PrimaryError::MirrorAddr(repl.mirror.clone(), e.to_string()))?
-            .next()
-            .ok_or_else(|| {
-                PrimaryError::MirrorAddr(repl.mirror.clone(), "resolves to nothing".into())
-            })?;
+        let mirror = daemon::resolve("--mirror", &repl.mirror)?;
         if repl.journal_bytes < MIN_JOURNAL_BYTES {
-            return Err(PrimaryError::Config(format!(
+            return Err(DaemonError::Config(format!(
                 "--journal-size must be at least {} MiB",
                 MIN_JOURNAL_BYTES >> 20
             )));
@@ -236,33 +157,28 @@ pub fn run(opts: PrimaryOptions) -> Result<(), PrimaryError> {
     }
     let volumes_for_status: Vec<String> = opts.volumes.iter().map(|v| v.name.clone()).collect();
     let shipping_for_close: Vec<(String, Arc<Journal>, Arc<ShipStats>)> = shipping.clone();
-    control::serve(
+    let control_socket = daemon::serve_control(
         &control,
         Arc::new(move || primary_status(&volumes_for_status, &shipping)),
-    )
-    .map_err(|source| PrimaryError::Listen {
-        what: control.display().to_string(),
-        source,
-    })?;
+    )?;
     let server = Server::new(exports);
-    let unix = bind_unix(&opts.nbd_unix).map_err(|source| PrimaryError::Listen {
-        what: opts.nbd_unix.display().to_string(),
-        source,
-    })?;
+    let (unix, nbd_socket) = daemon::bind_unix(&opts.nbd_unix)?;
     server.spawn_unix(unix)?;
     if let Some(addr) = &opts.nbd_tcp {
-        let tcp = TcpListener::bind(addr).map_err(|source| PrimaryError::Listen {
-            what: addr.clone(),
-            source,
+        let tcp = TcpListener::bind(daemon::resolve("--nbd-tcp", addr)?).map_err(|source| {
+            DaemonError::Listen {
+                what: addr.clone(),
+                source,
+            }
         })?;
         server.spawn_tcp(tcp)?;
     }
     tracing::info!(socket = %opts.nbd_unix.display(), tcp = opts.nbd_tcp.as_deref().unwrap_or("-"),
         "serving NBD");
-    let sig = wait_for_signal(&signals);
-    tracing::info!(signal = sig, "shutting down");
-    let _ = std::fs::remove_file(&opts.nbd_unix);
-    let _ = std::fs::remove_file(&control);
+    let sig = signals.wait_for_termination()?;
+    tracing::info!(signal = %sig, "shutting down");
+    drop(nbd_socket);
+    drop(control_socket);
     if let Some(ep) = quic_endpoint {
         // Tell the mirror now, rather than let it wait out the idle timeout.
         ep.close(0u32.into(), b"primary shutting down");

@@ -193,17 +193,3 @@ impl Stream for TcpStream {
         self.into()
     }
 }
-
-/// Bind a unix socket, replacing a stale socket file but never a live server's.
-pub fn bind_unix(path: &std::path::Path) -> io::Result<UnixListener> {
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                format!("{} is in use by a running server", path.display()),
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    UnixListener::bind(path)
-}

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub use nix::sys::signal::Signal;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -33,6 +34,7 @@ pub struct ServerBuilder {
     faults: Vec<String>,
     log_level: Option<String>,
     tcp: Option<String>,
+    extra: Vec<String>,
 }
 
 impl ServerBuilder {
@@ -67,6 +69,12 @@ impl ServerBuilder {
     /// `--nbd-tcp ADDR:PORT`.
     pub fn tcp(mut self, addr: &str) -> Self {
         self.tcp = Some(addr.into());
+        self
+    }
+
+    /// Any other argument of `blkmirror primary`.
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.extra.push(arg.into());
         self
     }
 
@@ -120,6 +128,7 @@ impl ServerBuilder {
         for f in &self.faults {
             cmd.arg("--inject-fault").arg(f);
         }
+        cmd.args(&self.extra);
         let log = File::create(&log_path).expect("create log file");
         cmd.env(
             "BLKMIRROR_LOG",
@@ -163,6 +172,22 @@ impl Server {
     /// A scratch directory that lives as long as the server (for client-side files).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Its `--state-dir`.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Its control socket (the default, in the state directory).
+    pub fn control(&self) -> PathBuf {
+        self.state_dir().join("control.sock")
+    }
+
+    /// Send `sig` to the running server.
+    pub fn signal(&self, sig: Signal) {
+        let child = self.child.as_ref().expect("server is not running");
+        signal(child, sig);
     }
 
     /// `nbd+unix:///NAME?socket=PATH`.
@@ -760,7 +785,7 @@ impl Daemon {
     /// `kill -9` and reap.
     pub fn kill9(&mut self) {
         let mut child = self.child.take().expect("daemon is not running");
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
+        signal(&child, Signal::SIGKILL);
         let _ = child.wait();
     }
 
@@ -876,10 +901,16 @@ impl Mount {
     }
 }
 
+/// Send `sig` to a child process (not yet reaped, so its pid is still its own).
+pub fn signal(child: &Child, sig: Signal) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, sig);
+}
+
 /// SIGTERM a child and wait up to 5 s, then SIGKILL it. Returns its exit status.
 pub fn terminate(mut child: Child, label: &str) -> Option<ExitStatus> {
     if let Ok(None) = child.try_wait() {
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        signal(&child, Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = child.try_wait() {

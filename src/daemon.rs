@@ -1,0 +1,188 @@
+//! What every daemon needs, whatever its role: the state directory's lock, signals, unix
+//! sockets removed when the daemon stops, the control socket, and the error type daemons share.
+//! Nothing here knows about primaries or mirrors: a process may later change role without a
+//! restart, and keeps all of this across the change.
+
+use crate::control::{self, StatusFn};
+use nix::sys::signal::{SigSet, Signal};
+use std::fs::{File, TryLockError};
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("no --volume given")]
+    NoVolumes,
+    #[error("volume name {0:?} given twice")]
+    DuplicateName(String),
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("state directory {0} is in use by another blkmirror process")]
+    StateDirLocked(PathBuf),
+    #[error(transparent)]
+    Open(#[from] crate::disk::file::OpenError),
+    #[error("cannot listen on {what}: {source}")]
+    Listen {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Fault(String),
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Transport(#[from] crate::transport::TransportError),
+    /// `flag` is the option that gave the address (`--mirror`, `--listen`, `--nbd-tcp`).
+    #[error("{flag} {addr:?}: {reason}")]
+    BadAddress {
+        flag: &'static str,
+        addr: String,
+        reason: String,
+    },
+    #[error("cannot set up signal handling: {0}")]
+    Signals(nix::errno::Errno),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Resolve HOST:PORT to its first address.
+pub fn resolve(flag: &'static str, addr: &str) -> Result<std::net::SocketAddr, DaemonError> {
+    let bad = |reason: String| DaemonError::BadAddress {
+        flag,
+        addr: addr.to_string(),
+        reason,
+    };
+    std::net::ToSocketAddrs::to_socket_addrs(addr)
+        .map_err(|e| bad(e.to_string()))?
+        .next()
+        .ok_or_else(|| bad("resolves to nothing".into()))
+}
+
+/// An exclusive lock on STATE_DIR/lock, held until the returned file is dropped.
+pub fn lock_state_dir(dir: &Path) -> Result<File, DaemonError> {
+    let err = |source| DaemonError::StateDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))
+        .map_err(err)?;
+    // std's try_lock is flock(LOCK_EX|LOCK_NB): the same lock earlier versions took.
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(TryLockError::WouldBlock) => Err(DaemonError::StateDirLocked(dir.to_path_buf())),
+        Err(TryLockError::Error(e)) => Err(err(e)),
+    }
+}
+
+/// SIGINT and SIGTERM, blocked in every thread so that [`Signals::wait`] alone
+/// receives them (a blocked signal stays pending until then: none is lost during startup).
+pub struct Signals(SigSet);
+
+impl Signals {
+    /// Call before spawning any thread: threads inherit the mask of the one that spawns them.
+    pub fn block() -> Result<Signals, DaemonError> {
+        let mut set = SigSet::empty();
+        for s in [Signal::SIGINT, Signal::SIGTERM] {
+            set.add(s);
+        }
+        set.thread_block().map_err(DaemonError::Signals)?;
+        Ok(Signals(set))
+    }
+
+    /// Wait for SIGINT or SIGTERM and return it.
+    pub fn wait_for_termination(&self) -> Result<Signal, DaemonError> {
+        self.0.wait().map_err(DaemonError::Signals)
+    }
+}
+
+/// The file of a unix socket this daemon listens on, removed when dropped: at a clean stop and
+/// when startup fails after binding.
+#[derive(Debug)]
+pub struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Listen on a unix socket at `path`, replacing a stale socket file but never a live server's
+/// socket nor a file that is not a socket.
+pub fn bind_unix(path: &Path) -> Result<(UnixListener, SocketFile), DaemonError> {
+    let err = |source| DaemonError::Listen {
+        what: path.display().to_string(),
+        source,
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "exists and is not a socket; refusing to replace it",
+            )));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "in use by a running server",
+            )));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    Ok((listener, SocketFile(path.to_path_buf())))
+}
+
+/// Serve the control socket at `path` (see [`control`]) until the returned guard drops.
+pub fn serve_control(path: &Path, status: StatusFn) -> Result<SocketFile, DaemonError> {
+    let (listener, file) = bind_unix(path)?;
+    control::serve(listener, status).map_err(|source| DaemonError::Listen {
+        what: path.display().to_string(),
+        source,
+    })?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_dir_lock_is_exclusive_and_released_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = lock_state_dir(dir.path()).unwrap();
+        let err = lock_state_dir(dir.path()).unwrap_err();
+        assert!(matches!(err, DaemonError::StateDirLocked(_)), "{err}");
+        drop(first);
+        lock_state_dir(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn bind_unix_replaces_stale_sockets_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let (live, file) = bind_unix(&path).unwrap();
+        let err = bind_unix(&path).unwrap_err();
+        assert!(err.to_string().contains("in use"), "{err}");
+        drop(live); // the file stays: stale
+        let (_l, file2) = bind_unix(&path).unwrap();
+        std::mem::forget(file);
+        drop(file2);
+        assert!(!path.exists(), "the guard removes the socket file");
+
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, b"keep me").unwrap();
+        let err = bind_unix(&plain).unwrap_err();
+        assert!(err.to_string().contains("not a socket"), "{err}");
+        assert_eq!(std::fs::read(&plain).unwrap(), b"keep me");
+    }
+}

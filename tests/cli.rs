@@ -1,0 +1,151 @@
+//! The command line as a script or an operator meets it: what a daemon does with its state
+//! directory, sockets and signals whatever its role, and what each command prints and exits
+//! with when something is wrong (real `blkmirror` processes, no mocks).
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// A command that must fail at once: run it (killed after 30 s, which fails the test), return
+/// its exit status and stderr.
+fn run_to_exit(args: &[&std::ffi::OsStr]) -> (ExitStatus, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("BLKMIRROR_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn blkmirror");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "blkmirror {args:?} still running after 30 s; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `run_to_exit` with string arguments; asserts failure and that stderr names `needle`.
+fn fails_with(args: &[&str], needle: &str) -> (ExitStatus, String) {
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    let (status, stderr) = run_to_exit(&args);
+    assert!(
+        !status.success(),
+        "blkmirror {args:?} succeeded; stderr:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(needle),
+        "blkmirror {args:?}: stderr does not say {needle:?}:\n{stderr}"
+    );
+    (status, stderr)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A second daemon on a state directory that a running one holds is refused, whatever its
+/// role, and the running one is not disturbed.
+#[test]
+fn a_locked_state_dir_refuses_a_second_daemon_of_either_role() {
+    let srv = Server::with_volume(4 * MIB);
+    let d = srv.dir();
+    let state = srv.state_dir();
+    fails_with(
+        &[
+            "primary",
+            "--volume",
+            &format!("other={},size=1M", d.join("other.img").display()),
+            "--nbd-unix",
+            s(&d.join("other.sock")),
+            "--state-dir",
+            s(&state),
+        ],
+        "is in use by another blkmirror process",
+    );
+    let pki = d.join("pki");
+    certs_init(&pki, &["mirror"]);
+    let mut mirror = vec![
+        "mirror".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--volume".into(),
+        format!("m={},size=1M", d.join("m.img").display()),
+        "--state-dir".into(),
+        s(&state).to_string(),
+        "--peer-name".into(),
+        "primary".into(),
+    ];
+    for a in tls_args(&pki, "mirror") {
+        mirror.push(a.into_string().unwrap());
+    }
+    let mirror: Vec<&str> = mirror.iter().map(String::as_str).collect();
+    fails_with(&mirror, "is in use by another blkmirror process");
+    run("nbdinfo", &["--size", &srv.uri("vol1")]);
+}
+
+/// A primary that cannot take its NBD socket (a live server has it) stops, and leaves no
+/// control socket behind in its own state directory; the live server keeps serving.
+#[test]
+fn failed_start_removes_the_control_socket_it_made() {
+    let srv = Server::with_volume(4 * MIB);
+    let d = srv.dir();
+    let state = d.join("state2");
+    fails_with(
+        &[
+            "primary",
+            "--volume",
+            &format!("v2={},size=1M", d.join("v2.img").display()),
+            "--nbd-unix",
+            s(&srv.socket),
+            "--state-dir",
+            s(&state),
+        ],
+        "in use by a running server",
+    );
+    assert!(state.is_dir(), "the state directory was made");
+    assert!(
+        !state.join("control.sock").exists(),
+        "a control socket was left behind"
+    );
+    run("nbdinfo", &["--size", &srv.uri("vol1")]);
+}
+
+/// A file that is not a socket at the --nbd-unix path is never deleted to make room.
+#[test]
+fn a_file_at_the_socket_path_is_kept() {
+    let dir = tempfile::Builder::new()
+        .prefix("bm-cli-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let d = dir.path();
+    let precious = d.join("precious");
+    std::fs::write(&precious, b"not a socket").unwrap();
+    fails_with(
+        &[
+            "primary",
+            "--volume",
+            &format!("v={},size=1M", d.join("v.img").display()),
+            "--nbd-unix",
+            s(&precious),
+            "--state-dir",
+            s(&d.join("state")),
+        ],
+        "is not a socket",
+    );
+    assert_eq!(std::fs::read(&precious).unwrap(), b"not a socket");
+}
