@@ -84,7 +84,7 @@ pub fn lock_state_dir(dir: &Path) -> Result<File, DaemonError> {
     }
 }
 
-/// SIGINT and SIGTERM, blocked in every thread so that [`Signals::wait`] alone
+/// SIGINT, SIGTERM and SIGHUP, blocked in every thread so that [`Signals::wait_for_termination`]
 /// receives them (a blocked signal stays pending until then: none is lost during startup).
 pub struct Signals(SigSet);
 
@@ -92,16 +92,25 @@ impl Signals {
     /// Call before spawning any thread: threads inherit the mask of the one that spawns them.
     pub fn block() -> Result<Signals, DaemonError> {
         let mut set = SigSet::empty();
-        for s in [Signal::SIGINT, Signal::SIGTERM] {
+        for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
             set.add(s);
         }
         set.thread_block().map_err(DaemonError::Signals)?;
         Ok(Signals(set))
     }
 
-    /// Wait for SIGINT or SIGTERM and return it.
+    /// Wait for SIGINT or SIGTERM and return it. SIGHUP (a closed terminal, a service
+    /// manager's "reload") is logged and ignored: there is nothing to reload, and dying on it
+    /// would stop serving and replicating.
     pub fn wait_for_termination(&self) -> Result<Signal, DaemonError> {
-        self.0.wait().map_err(DaemonError::Signals)
+        loop {
+            match self.0.wait().map_err(DaemonError::Signals)? {
+                Signal::SIGHUP => tracing::info!(
+                    "SIGHUP received: ignored (blkmirror has no configuration to reload)"
+                ),
+                sig => return Ok(sig),
+            }
+        }
     }
 }
 

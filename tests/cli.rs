@@ -149,3 +149,79 @@ fn a_file_at_the_socket_path_is_kept() {
     );
     assert_eq!(std::fs::read(&precious).unwrap(), b"not a socket");
 }
+
+const SIGHUP_LINE: &str = "SIGHUP received: ignored (blkmirror has no configuration to reload)";
+
+/// SIGHUP (a closed terminal, a service manager's "reload") is logged and ignored: the primary
+/// keeps serving clients and its control socket; SIGTERM then stops it with status 0 and
+/// removes its NBD and control sockets.
+#[test]
+fn primary_ignores_sighup_then_stops_cleanly_on_sigterm() {
+    let mut srv = Server::builder()
+        .volume("vol1", 4 * MIB)
+        .log_level("info")
+        .start();
+    srv.signal(Signal::SIGHUP);
+    srv.assert_log(SIGHUP_LINE);
+    srv.signal(Signal::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while srv.log().matches(SIGHUP_LINE).count() < 2 {
+        assert!(Instant::now() < deadline, "second SIGHUP:\n{}", srv.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let size = run("nbdinfo", &["--size", &srv.uri("vol1")]);
+    assert_eq!(size.trim(), (4 * MIB).to_string());
+    assert!(query_status(&srv.control()).is_some(), "control socket");
+    assert!(srv.is_running());
+    let status = srv.stop().expect("was running");
+    assert_eq!(status.code(), Some(0), "SIGTERM: {status}\n{}", srv.log());
+    assert!(!srv.socket.exists(), "NBD socket left behind");
+    assert!(!srv.control().exists(), "control socket left behind");
+}
+
+/// The mirror handles SIGHUP the same way (the signal handling is not the primary's).
+#[test]
+fn mirror_ignores_sighup_then_stops_cleanly_on_sigterm() {
+    let dir = tempfile::Builder::new()
+        .prefix("bm-cli-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let d = dir.path();
+    let pki = d.join("pki");
+    certs_init(&pki, &["mirror"]);
+    let state = d.join("mstate");
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "mirror".into(),
+        "--listen".into(),
+        format!("127.0.0.1:{}", free_udp_port()).into(),
+        "--volume".into(),
+        format!("vol1={},size=4M", d.join("m.img").display()).into(),
+        "--state-dir".into(),
+        state.clone().into(),
+        "--peer-name".into(),
+        "primary".into(),
+    ];
+    args.extend(tls_args(&pki, "mirror"));
+    let mut mirror = Daemon::new(
+        "mirror",
+        args,
+        d.join("mirror.log"),
+        state.join("control.sock"),
+        None,
+    );
+    mirror.start();
+    mirror.signal(Signal::SIGHUP);
+    assert!(
+        mirror.wait_for_log_count(SIGHUP_LINE, 1, Duration::from_secs(5)),
+        "{}",
+        mirror.log()
+    );
+    assert!(mirror.status().is_some(), "control socket");
+    assert!(mirror.is_running());
+    let status = mirror.stop().expect("was running");
+    assert_eq!(status.code(), Some(0), "SIGTERM: {status}");
+    assert!(
+        !state.join("control.sock").exists(),
+        "control socket left behind"
+    );
+}

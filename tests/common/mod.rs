@@ -782,6 +782,11 @@ impl Daemon {
         }
     }
 
+    /// Send `sig` to the running process.
+    pub fn signal(&self, sig: Signal) {
+        signal(self.child.as_ref().expect("daemon is not running"), sig);
+    }
+
     /// `kill -9` and reap.
     pub fn kill9(&mut self) {
         let mut child = self.child.take().expect("daemon is not running");
