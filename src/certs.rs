@@ -3,7 +3,8 @@
 //! `blkmirror certs init --dir DIR` makes a private CA (`DIR/ca.crt`, `DIR/ca.key`);
 //! `blkmirror certs issue --dir DIR NAME` makes `DIR/NAME.crt` and `DIR/NAME.key`, signed by
 //! that CA, for the peer called NAME (NAME is the certificate's DNS subject alternative name and
-//! its CN). Both peers of a replication link trust only that CA and check each other's NAME
+//! its CN); it refuses to replace an existing NAME.crt or NAME.key unless `--force` (renewal).
+//! Both peers of a replication link trust only that CA and check each other's NAME
 //! (promise I3, see `transport`).
 //!
 //! Keys are ECDSA P-256 in PKCS#8 PEM, written with mode 0600. Files are written to a temporary
@@ -49,6 +50,8 @@ pub enum CertError {
     },
     #[error("{path} already exists; pass --force to replace the CA (every certificate it issued stops being trusted)")]
     CaExists { path: PathBuf },
+    #[error("{path} already exists; pass --force to replace its certificate and key (renewal)", path = .path.display())]
+    CertExists { path: PathBuf },
     #[error("no CA in {dir}: {missing} is missing (run `blkmirror certs init --dir {dir}` first)", dir = .dir.display(), missing = .missing.display())]
     NoCa { dir: PathBuf, missing: PathBuf },
     #[error("{path}: {reason}")]
@@ -92,6 +95,9 @@ pub enum CertsCommand {
         /// Lifetime in days.
         #[arg(long, default_value_t = DEFAULT_DAYS)]
         days: u32,
+        /// Replace an existing NAME.crt and NAME.key (renewal).
+        #[arg(long)]
+        force: bool,
         /// Test only: make a certificate whose validity lies entirely in the past.
         #[arg(long, hide = true)]
         expired: bool,
@@ -113,9 +119,14 @@ pub fn run(cmd: CertsCommand) -> Result<(), CertError> {
             dir,
             name,
             days,
+            force,
             expired,
         } => {
-            issue(&dir, &name, days, expired)?;
+            if force {
+                renew(&dir, &name, days, expired)?;
+            } else {
+                issue(&dir, &name, days, expired)?;
+            }
             println!(
                 "wrote {} and {}",
                 dir.join(format!("{name}.crt")).display(),
@@ -157,9 +168,33 @@ pub fn init_ca(dir: &Path, force: bool) -> Result<(), CertError> {
 
 /// Issues `dir/NAME.crt` and `dir/NAME.key` for peer `name`, signed by the CA in `dir`, valid
 /// for `days` days from now (or, with `expired`, a validity period entirely in the past: test
-/// only). An existing certificate for `name` is replaced (renewal).
+/// only). Refuses when `NAME.crt` or `NAME.key` exists: a key is never overwritten unasked.
 pub fn issue(dir: &Path, name: &str, days: u32, expired: bool) -> Result<(), CertError> {
+    issue_cert(dir, name, days, expired, false)
+}
+
+/// [`issue`], replacing an existing certificate and key for `name` (renewal).
+pub fn renew(dir: &Path, name: &str, days: u32, expired: bool) -> Result<(), CertError> {
+    issue_cert(dir, name, days, expired, true)
+}
+
+fn issue_cert(
+    dir: &Path,
+    name: &str,
+    days: u32,
+    expired: bool,
+    replace: bool,
+) -> Result<(), CertError> {
     validate_name(name)?;
+    let key_path = dir.join(format!("{name}.key"));
+    let cert_path = dir.join(format!("{name}.crt"));
+    if !replace {
+        for path in [&key_path, &cert_path] {
+            if fs::symlink_metadata(path).is_ok() {
+                return Err(CertError::CertExists { path: path.clone() });
+            }
+        }
+    }
     if days == 0 {
         return Err(CertError::InvalidDays("--days must be at least 1".into()));
     }
@@ -249,16 +284,8 @@ pub fn issue(dir: &Path, name: &str, days: u32, expired: bool) -> Result<(), Cer
         ),
     })?;
 
-    write_file(
-        &dir.join(format!("{name}.key")),
-        key.serialize_pem().as_bytes(),
-        0o600,
-    )?;
-    write_file(
-        &dir.join(format!("{name}.crt")),
-        cert.pem().as_bytes(),
-        0o644,
-    )?;
+    write_file(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+    write_file(&cert_path, cert.pem().as_bytes(), 0o644)?;
     tracing::info!(dir = %dir.display(), name, days, expired, "issued certificate");
     Ok(())
 }
@@ -423,7 +450,9 @@ mod tests {
         let mode = fs::metadata(d.join(CA_KEY)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         issue(&d, "primary", DEFAULT_DAYS, false).unwrap();
-        issue(&d, "primary", 1, true).unwrap(); // renewal replaces
+        let err = issue(&d, "primary", 1, true).unwrap_err();
+        assert!(matches!(err, CertError::CertExists { .. }), "{err}");
+        renew(&d, "primary", 1, true).unwrap();
         let mode = fs::metadata(d.join("primary.key"))
             .unwrap()
             .permissions()

@@ -225,3 +225,50 @@ fn mirror_ignores_sighup_then_stops_cleanly_on_sigterm() {
         "control socket left behind"
     );
 }
+
+/// `certs issue` never replaces an existing private key or certificate unasked: a second issue
+/// for the same name is refused with a message naming the file and `--force`, and leaves both
+/// files byte for byte; with `--force` (renewal) a new key and certificate replace them.
+#[test]
+fn certs_issue_refuses_to_replace_without_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    certs_init(&pki, &["primary"]);
+    let key = pki.join("primary.key");
+    let crt = pki.join("primary.crt");
+    let (key_before, crt_before) = (std::fs::read(&key).unwrap(), std::fs::read(&crt).unwrap());
+    let issue = ["certs", "issue", "--dir", s(&pki), "primary"];
+    let (_, stderr) = fails_with(&issue, "--force");
+    assert!(stderr.contains(s(&key)), "{stderr}");
+    assert_eq!(std::fs::read(&key).unwrap(), key_before, "key changed");
+    assert_eq!(
+        std::fs::read(&crt).unwrap(),
+        crt_before,
+        "certificate changed"
+    );
+
+    // A certificate alone (its key moved away) is protected too.
+    std::fs::rename(&key, pki.join("saved.key")).unwrap();
+    let (_, stderr) = fails_with(&issue, "--force");
+    assert!(stderr.contains(s(&crt)), "{stderr}");
+    assert!(
+        !key.exists(),
+        "a key was written although the issue was refused"
+    );
+    std::fs::rename(pki.join("saved.key"), &key).unwrap();
+
+    let out = run(
+        BIN,
+        &["certs", "issue", "--dir", s(&pki), "--force", "primary"],
+    );
+    assert!(out.contains("wrote"), "{out}");
+    assert_ne!(
+        std::fs::read(&key).unwrap(),
+        key_before,
+        "--force kept the old key"
+    );
+    assert_ne!(std::fs::read(&crt).unwrap(), crt_before);
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+}
