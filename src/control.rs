@@ -48,16 +48,45 @@ fn answer(stream: UnixStream, status: &StatusFn) -> io::Result<()> {
     Ok(())
 }
 
+/// Why `status` could not get a status document.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("no daemon answers on {path}: {source} (is it running? its control socket is STATE_DIR/control.sock unless --control says otherwise)", path = .path.display())]
+    NotRunning { path: PathBuf, source: io::Error },
+    #[error("{path}: {source}", path = .path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: the answer is not a status document: {reason}", path = .path.display())]
+    BadReply { path: PathBuf, reason: String },
+}
+
 /// Ask a daemon for its status.
-pub fn query(path: &Path) -> io::Result<serde_json::Value> {
-    let s = UnixStream::connect(path)
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut w = s.try_clone()?;
-    w.write_all(b"status\n")?;
+pub fn query(path: &Path) -> Result<serde_json::Value, QueryError> {
+    let failed = |source: io::Error| {
+        use io::ErrorKind::*;
+        let path = path.to_path_buf();
+        match source.kind() {
+            // No socket, a stale one, a daemon that dies or hangs while asked.
+            NotFound | ConnectionRefused | ConnectionReset | BrokenPipe | UnexpectedEof
+            | WouldBlock | TimedOut => QueryError::NotRunning { path, source },
+            _ => QueryError::Io { path, source },
+        }
+    };
+    let s = UnixStream::connect(path).map_err(failed)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(failed)?;
+    let mut w = s.try_clone().map_err(failed)?;
+    w.write_all(b"status\n").map_err(failed)?;
     let mut line = String::new();
-    BufReader::new(s).read_line(&mut line)?;
-    serde_json::from_str(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    if BufReader::new(s).read_line(&mut line).map_err(failed)? == 0 {
+        return Err(failed(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "closed the connection without answering",
+        )));
+    }
+    serde_json::from_str(&line).map_err(|e| QueryError::BadReply {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
 }
 
 /// A human-readable rendering of a status document.

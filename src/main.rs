@@ -1,6 +1,8 @@
 //! The `blkmirror` command line: clap definitions only; the work lives in the library.
 
+use blkmirror::daemon::DaemonError;
 use blkmirror::disk::spec::VolumeSpec;
+use blkmirror::exit::Exit;
 use blkmirror::mirror_daemon::{self, MirrorOptions};
 use blkmirror::primary::{self, PrimaryOptions, ReplicationOptions};
 use blkmirror::repl::apply::recover;
@@ -119,7 +121,7 @@ struct TlsArgs {
 }
 
 impl TlsArgs {
-    fn files(self) -> Result<TlsFiles, String> {
+    fn files(self) -> Result<TlsFiles, Failure> {
         match (self.ca, self.cert, self.key, self.peer_name) {
             (Some(ca), Some(cert), Some(key), Some(peer_name)) => Ok(TlsFiles {
                 ca,
@@ -127,7 +129,10 @@ impl TlsArgs {
                 key,
                 peer_name,
             }),
-            _ => Err("--ca, --cert, --key and --peer-name are all required".into()),
+            _ => Err(Failure::new(
+                Exit::Usage,
+                "--ca, --cert, --key and --peer-name are all required",
+            )),
         }
     }
 }
@@ -203,7 +208,47 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let result = match cli.command {
+    // A panic here is an internal error (1), not Rust's 101: exit codes are a contract.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli.command)))
+        .unwrap_or_else(|_| {
+            Err(Failure::new(
+                Exit::Internal,
+                "internal error (panic, see above)",
+            ))
+        });
+    match outcome {
+        Ok(exit) => exit.into(),
+        Err(f) => {
+            tracing::error!("{}", f.message);
+            eprintln!("blkmirror: {}", f.message);
+            f.exit.into()
+        }
+    }
+}
+
+/// Why a command failed: what to tell the user, and the exit code (src/exit.rs).
+struct Failure {
+    exit: Exit,
+    message: String,
+}
+
+impl Failure {
+    fn new(exit: Exit, message: impl std::fmt::Display) -> Failure {
+        Failure {
+            exit,
+            message: message.to_string(),
+        }
+    }
+}
+
+impl From<DaemonError> for Failure {
+    fn from(e: DaemonError) -> Failure {
+        Failure::new(e.exit_code(), e)
+    }
+}
+
+fn run(command: Command) -> Result<Exit, Failure> {
+    match command {
         Command::Primary {
             volumes,
             nbd_unix,
@@ -220,21 +265,18 @@ fn main() -> ExitCode {
         } => {
             let replication = match mirror {
                 None => None,
-                Some(mirror) => match tls.files() {
-                    Ok(tls) => Some(ReplicationOptions {
-                        mirror,
-                        tls,
-                        tuning: link.tuning(),
-                        journal_bytes: journal_size,
-                        corrupt_first_set: test_corrupt_first_set,
-                        compress: match compress {
-                            CompressArg::Auto => None,
-                            CompressArg::On => Some(true),
-                            CompressArg::Off => Some(false),
-                        },
-                    }),
-                    Err(e) => return fail(e),
-                },
+                Some(mirror) => Some(ReplicationOptions {
+                    mirror,
+                    tls: tls.files()?,
+                    tuning: link.tuning(),
+                    journal_bytes: journal_size,
+                    corrupt_first_set: test_corrupt_first_set,
+                    compress: match compress {
+                        CompressArg::Auto => None,
+                        CompressArg::On => Some(true),
+                        CompressArg::Off => Some(false),
+                    },
+                }),
             };
             primary::run(PrimaryOptions {
                 volumes,
@@ -244,8 +286,7 @@ fn main() -> ExitCode {
                 replication,
                 control,
                 faults,
-            })
-            .map_err(|e| e.to_string())
+            })?;
         }
         Command::Mirror {
             listen,
@@ -254,70 +295,55 @@ fn main() -> ExitCode {
             tls,
             link,
             control,
-        } => match tls.files() {
-            Ok(tls) => mirror_daemon::run(MirrorOptions {
-                listen,
-                volumes,
-                state_dir,
-                tls,
-                tuning: link.tuning(),
-                control,
-            })
-            .map_err(|e| e.to_string()),
-            Err(e) => Err(e),
-        },
+        } => mirror_daemon::run(MirrorOptions {
+            listen,
+            volumes,
+            state_dir,
+            tls: tls.files()?,
+            tuning: link.tuning(),
+            control,
+        })?,
         Command::Recover {
             volumes,
             state_dir,
             json,
-        } => match recover(&volumes, &state_dir) {
-            Ok(reports) => {
-                if json {
+        } => {
+            let reports = recover(&volumes, &state_dir)
+                .map_err(|e| Failure::new(Exit::from_io(&e), format!("recover: {e}")))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&reports).expect("report serialises")
+                );
+            } else {
+                for r in &reports {
                     println!(
-                        "{}",
-                        serde_json::to_string_pretty(&reports).expect("report serialises")
+                        "{}: replayed {} sets, applied set {} (seq {}), {}",
+                        r.volume,
+                        r.replayed_sets,
+                        r.applied_set,
+                        r.applied_seq,
+                        if r.consistent {
+                            "consistent"
+                        } else {
+                            "NOT consistent (initial copy incomplete)"
+                        }
                     );
-                } else {
-                    for r in &reports {
-                        println!(
-                            "{}: replayed {} sets, applied set {} (seq {}), {}",
-                            r.volume,
-                            r.replayed_sets,
-                            r.applied_set,
-                            r.applied_seq,
-                            if r.consistent {
-                                "consistent"
-                            } else {
-                                "NOT consistent (initial copy incomplete)"
-                            }
-                        );
-                    }
                 }
-                Ok(())
             }
-            Err(e) => Err(format!("recover: {e}")),
-        },
-        Command::Status { control, json } => match blkmirror::control::query(&control) {
-            Ok(v) => {
-                if json {
-                    println!("{v}");
-                } else {
-                    print!("{}", blkmirror::control::render(&v));
-                }
-                Ok(())
+        }
+        Command::Status { control, json } => {
+            let v = blkmirror::control::query(&control)
+                .map_err(|e| Failure::new(e.exit_code(), format!("status: {e}")))?;
+            if json {
+                println!("{v}");
+            } else {
+                print!("{}", blkmirror::control::render(&v));
             }
-            Err(e) => Err(format!("status: {e}")),
-        },
-        Command::Certs(cmd) => blkmirror::certs::run(cmd).map_err(|e| e.to_string()),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(e),
+        }
+        Command::Certs(cmd) => {
+            blkmirror::certs::run(cmd).map_err(|e| Failure::new(e.exit_code(), e))?
+        }
     }
-}
-
-fn fail(e: String) -> ExitCode {
-    tracing::error!("{e}");
-    eprintln!("blkmirror: {e}");
-    ExitCode::from(1)
+    Ok(Exit::Ok)
 }

@@ -39,20 +39,29 @@ fn run_to_exit(args: &[&std::ffi::OsStr]) -> (ExitStatus, String) {
     )
 }
 
-/// `run_to_exit` with string arguments; asserts failure and that stderr names `needle`.
-fn fails_with(args: &[&str], needle: &str) -> (ExitStatus, String) {
+/// `run_to_exit` with string arguments; asserts the exit code (README, "Exit codes") and that
+/// stderr says `needle`; returns stderr.
+fn exits_with(args: &[&str], code: i32, needle: &str) -> String {
     let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
     let (status, stderr) = run_to_exit(&args);
-    assert!(
-        !status.success(),
-        "blkmirror {args:?} succeeded; stderr:\n{stderr}"
+    assert_eq!(
+        status.code(),
+        Some(code),
+        "blkmirror {args:?} exited with {status}, not {code}; stderr:\n{stderr}"
     );
     assert!(
         stderr.contains(needle),
         "blkmirror {args:?}: stderr does not say {needle:?}:\n{stderr}"
     );
-    (status, stderr)
+    stderr
 }
+
+// The exit codes of README's "Exit codes".
+const USAGE: i32 = 2;
+const REFUSED: i32 = 3;
+const NOT_RUNNING: i32 = 4;
+const IO: i32 = 5;
+const BUSY: i32 = 7;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -65,7 +74,7 @@ fn a_locked_state_dir_refuses_a_second_daemon_of_either_role() {
     let srv = Server::with_volume(4 * MIB);
     let d = srv.dir();
     let state = srv.state_dir();
-    fails_with(
+    exits_with(
         &[
             "primary",
             "--volume",
@@ -75,6 +84,7 @@ fn a_locked_state_dir_refuses_a_second_daemon_of_either_role() {
             "--state-dir",
             s(&state),
         ],
+        BUSY,
         "is in use by another blkmirror process",
     );
     let pki = d.join("pki");
@@ -94,7 +104,7 @@ fn a_locked_state_dir_refuses_a_second_daemon_of_either_role() {
         mirror.push(a.into_string().unwrap());
     }
     let mirror: Vec<&str> = mirror.iter().map(String::as_str).collect();
-    fails_with(&mirror, "is in use by another blkmirror process");
+    exits_with(&mirror, BUSY, "is in use by another blkmirror process");
     run("nbdinfo", &["--size", &srv.uri("vol1")]);
 }
 
@@ -105,7 +115,7 @@ fn failed_start_removes_the_control_socket_it_made() {
     let srv = Server::with_volume(4 * MIB);
     let d = srv.dir();
     let state = d.join("state2");
-    fails_with(
+    exits_with(
         &[
             "primary",
             "--volume",
@@ -115,6 +125,7 @@ fn failed_start_removes_the_control_socket_it_made() {
             "--state-dir",
             s(&state),
         ],
+        BUSY,
         "in use by a running server",
     );
     assert!(state.is_dir(), "the state directory was made");
@@ -135,7 +146,7 @@ fn a_file_at_the_socket_path_is_kept() {
     let d = dir.path();
     let precious = d.join("precious");
     std::fs::write(&precious, b"not a socket").unwrap();
-    fails_with(
+    exits_with(
         &[
             "primary",
             "--volume",
@@ -145,6 +156,7 @@ fn a_file_at_the_socket_path_is_kept() {
             "--state-dir",
             s(&d.join("state")),
         ],
+        IO,
         "is not a socket",
     );
     assert_eq!(std::fs::read(&precious).unwrap(), b"not a socket");
@@ -238,7 +250,7 @@ fn certs_issue_refuses_to_replace_without_force() {
     let crt = pki.join("primary.crt");
     let (key_before, crt_before) = (std::fs::read(&key).unwrap(), std::fs::read(&crt).unwrap());
     let issue = ["certs", "issue", "--dir", s(&pki), "primary"];
-    let (_, stderr) = fails_with(&issue, "--force");
+    let stderr = exits_with(&issue, REFUSED, "--force");
     assert!(stderr.contains(s(&key)), "{stderr}");
     assert_eq!(std::fs::read(&key).unwrap(), key_before, "key changed");
     assert_eq!(
@@ -249,7 +261,7 @@ fn certs_issue_refuses_to_replace_without_force() {
 
     // A certificate alone (its key moved away) is protected too.
     std::fs::rename(&key, pki.join("saved.key")).unwrap();
-    let (_, stderr) = fails_with(&issue, "--force");
+    let stderr = exits_with(&issue, REFUSED, "--force");
     assert!(stderr.contains(s(&crt)), "{stderr}");
     assert!(
         !key.exists(),
@@ -271,4 +283,206 @@ fn certs_issue_refuses_to_replace_without_force() {
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
+}
+
+/// Every mistake a script or an operator can make at start exits with its documented code and
+/// a message that says what is wrong: usage (2), refused by local state (3), not running (4),
+/// files (5).
+#[test]
+fn each_failure_has_its_exit_code() {
+    let dir = tempfile::Builder::new()
+        .prefix("bm-cli-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let d = dir.path();
+    let (sock, state) = (d.join("nbd.sock"), d.join("state"));
+    let path = |name: &str| d.join(name).display().to_string();
+    let primary = |extra: &[&str]| {
+        let mut a = vec!["primary", "--nbd-unix", s(&sock), "--state-dir", s(&state)];
+        a.extend_from_slice(extra);
+        a.iter().map(|x| x.to_string()).collect::<Vec<_>>()
+    };
+    let check = |args: &[String], code: i32, needle: &str| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        exits_with(&args, code, needle);
+    };
+    let strings = |a: &[&str]| a.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    // Checked before the TLS files are read: these need not exist.
+    let none = path("none");
+    let replicating = |addr: &str, journal: &str, vol: &str| {
+        primary(&[
+            "--volume",
+            vol,
+            "--mirror",
+            addr,
+            "--journal-size",
+            journal,
+            "--ca",
+            &none,
+            "--cert",
+            &none,
+            "--key",
+            &none,
+            "--peer-name",
+            "mirror",
+        ])
+    };
+
+    // 2: what was typed is wrong.
+    check(&primary(&["--bogus"]), USAGE, "--bogus");
+    let (a1, a2) = (
+        format!("a={},size=1M", path("a1")),
+        format!("a={},size=1M", path("a2")),
+    );
+    check(
+        &primary(&["--volume", &a1, "--volume", &a2]),
+        USAGE,
+        "volume name \"a\" given twice",
+    );
+    let j = format!("j={},size=1M", path("j"));
+    check(
+        &replicating("127.0.0.1:9", "1M", &j),
+        USAGE,
+        "--journal-size must be at least",
+    );
+    check(
+        &replicating("no-port-here", "1G", &j),
+        USAGE,
+        "--mirror \"no-port-here\"",
+    );
+    let t = format!("t={},size=1M", path("t"));
+    check(
+        &primary(&["--volume", &t, "--nbd-tcp", "not an address"]),
+        USAGE,
+        "--nbd-tcp \"not an address\"",
+    );
+    check(
+        &strings(&["certs", "issue", "--dir", s(d), "../evil"]),
+        USAGE,
+        "invalid peer name",
+    );
+
+    // 3: refused to protect what is on disk.
+    std::fs::write(d.join("small"), vec![0u8; 1 << 20]).unwrap();
+    let small = format!("small={},size=2M", path("small"));
+    check(
+        &primary(&["--volume", &small]),
+        REFUSED,
+        "refusing to resize",
+    );
+    let pki = d.join("pki");
+    certs_init(&pki, &[]);
+    check(
+        &strings(&["certs", "init", "--dir", s(&pki)]),
+        REFUSED,
+        "already exists",
+    );
+
+    // 4: no daemon answers, whether there is no socket or a stale one.
+    let nothing = path("nothing.sock");
+    check(
+        &strings(&["status", "--control", &nothing]),
+        NOT_RUNNING,
+        "no daemon answers",
+    );
+    let stale = d.join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    check(
+        &strings(&["status", "--control", s(&stale), "--json"]),
+        NOT_RUNNING,
+        "no daemon answers",
+    );
+
+    // 5: files and directories.
+    let in_missing_dir = format!("m={},size=1M", path("missing-dir/m.img"));
+    check(
+        &primary(&["--volume", &in_missing_dir]),
+        IO,
+        "No such file or directory",
+    );
+    let absent = format!("absent={}", path("absent"));
+    check(&primary(&["--volume", &absent]), IO, "does not exist");
+    let no_ca = path("no-ca");
+    check(
+        &strings(&["certs", "issue", "--dir", &no_ca, "primary"]),
+        IO,
+        "certs init",
+    );
+    let (mstate, mv, ca) = (
+        path("mstate"),
+        format!("mv={},size=1M", path("mv")),
+        path("ca.crt"),
+    );
+    check(
+        &strings(&[
+            "mirror",
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            &mstate,
+            "--volume",
+            &mv,
+            "--ca",
+            &ca,
+            "--cert",
+            &none,
+            "--key",
+            &none,
+            "--peer-name",
+            "primary",
+        ]),
+        IO,
+        &ca,
+    );
+}
+
+/// What another process holds exits 7 (busy): a volume served by a running primary (for a
+/// second primary and for `recover`), a TCP address in use.
+#[test]
+fn resources_held_elsewhere_exit_busy() {
+    let srv = Server::with_volume(4 * MIB);
+    let d = srv.dir();
+    let served = format!("vol1={}", srv.volume_path("vol1").display());
+    exits_with(
+        &[
+            "primary",
+            "--volume",
+            &served,
+            "--nbd-unix",
+            s(&d.join("b.sock")),
+            "--state-dir",
+            s(&d.join("b-state")),
+        ],
+        BUSY,
+        "in use by another process",
+    );
+    exits_with(
+        &[
+            "recover",
+            "--volume",
+            &served,
+            "--state-dir",
+            s(&d.join("r-state")),
+        ],
+        BUSY,
+        "in use by another process",
+    );
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    exits_with(
+        &[
+            "primary",
+            "--volume",
+            &format!("t={},size=1M", d.join("t.img").display()),
+            "--nbd-unix",
+            s(&d.join("t.sock")),
+            "--state-dir",
+            s(&d.join("t-state")),
+            "--nbd-tcp",
+            &addr,
+        ],
+        BUSY,
+        &format!("cannot listen on {addr}"),
+    );
+    run("nbdinfo", &["--size", &srv.uri("vol1")]);
 }
