@@ -89,6 +89,40 @@ pub fn query(path: &Path) -> Result<serde_json::Value, QueryError> {
     })
 }
 
+/// The volumes of a status document that should be replicating and are not, each with why
+/// (`status` exits non-zero on any). A volume is replicating when its `state` says so, or,
+/// where there is no `state` (or the mirror's older "consistent"), when its link is up and it
+/// holds a complete copy: no `initial_copy` in progress (primary), `consistent` (mirror).
+/// Volumes with `replicated: false` (a primary without --mirror) do not count.
+pub fn not_replicating(doc: &serde_json::Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for vol in doc["volumes"].as_array().into_iter().flatten() {
+        if vol["replicated"] == false {
+            continue;
+        }
+        let name = vol["name"].as_str().unwrap_or("?").to_string();
+        let why = match vol["state"].as_str() {
+            Some("replicating") => None,
+            Some(state) if state != "consistent" => Some(format!("state: {state}")),
+            _ if vol["link"] != "up" => Some(format!(
+                "link {}",
+                vol["link"].as_str().unwrap_or("unknown")
+            )),
+            _ if vol.get("initial_copy").is_some_and(|c| !c.is_null()) => {
+                Some("initial copy in progress".to_string())
+            }
+            _ if vol.get("consistent").is_some_and(|c| c != true) => {
+                Some("not consistent".to_string())
+            }
+            _ => None,
+        };
+        if let Some(why) = why {
+            out.push((name, why));
+        }
+    }
+    out
+}
+
 /// A human-readable rendering of a status document.
 pub fn render(v: &serde_json::Value) -> String {
     let mut out = format!("role: {}\n", v["role"].as_str().unwrap_or("?"));
@@ -129,4 +163,38 @@ pub fn render(v: &serde_json::Value) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn names(doc: serde_json::Value) -> Vec<String> {
+        not_replicating(&doc).into_iter().map(|(n, _)| n).collect()
+    }
+
+    #[test]
+    fn which_volumes_are_not_replicating() {
+        let primary = json!({ "role": "primary", "volumes": [
+            { "name": "plain", "link": "none", "replicated": false },
+            { "name": "ok", "replicated": true, "link": "up", "initial_copy": null },
+            { "name": "down", "replicated": true, "link": "down", "initial_copy": null },
+            { "name": "copying", "replicated": true, "link": "up",
+              "initial_copy": { "done_bytes": 1, "total_bytes": 2 } },
+            { "name": "stated", "replicated": true, "link": "up", "initial_copy": null,
+              "state": "refused" },
+            { "name": "says-so", "replicated": true, "link": "down", "state": "replicating" },
+        ]});
+        assert_eq!(names(primary), ["down", "copying", "stated"]);
+        let mirror = json!({ "role": "mirror", "volumes": [
+            { "name": "ok", "link": "up", "consistent": true, "state": "consistent" },
+            { "name": "down", "link": "down", "consistent": true, "state": "consistent" },
+            { "name": "behind", "link": "up", "consistent": false,
+              "state": "initial copy not complete: NOT consistent" },
+            { "name": "no-state", "link": "up", "consistent": false },
+        ]});
+        assert_eq!(names(mirror), ["down", "behind", "no-state"]);
+        assert!(names(json!({ "role": "primary", "volumes": [] })).is_empty());
+    }
 }

@@ -91,7 +91,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show a running daemon's replication status.
+    /// Show a running daemon's replication status; exits 6 when a replicated volume is not
+    /// replicating (link down, initial copy running, mirror not consistent).
     Status {
         /// The daemon's control socket (STATE_DIR/control.sock).
         #[arg(long)]
@@ -339,6 +340,15 @@ fn run(command: Command) -> Result<Exit, Failure> {
                 println!("{v}");
             } else {
                 print!("{}", blkmirror::control::render(&v));
+            }
+            let stalled = blkmirror::control::not_replicating(&v);
+            if !stalled.is_empty() {
+                let list: Vec<String> = stalled
+                    .iter()
+                    .map(|(n, why)| format!("{n} ({why})"))
+                    .collect();
+                eprintln!("blkmirror: not replicating: {}", list.join(", "));
+                return Ok(Exit::Degraded);
             }
         }
         Command::Certs(cmd) => {

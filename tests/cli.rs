@@ -486,3 +486,19 @@ fn resources_held_elsewhere_exit_busy() {
     );
     run("nbdinfo", &["--size", &srv.uri("vol1")]);
 }
+
+/// A primary without --mirror replicates nothing, so nothing is missing: `status` exits 0.
+#[test]
+fn status_of_a_primary_without_mirror_exits_0() {
+    let srv = Server::with_volume(4 * MIB);
+    let o = run_output(BIN, &["status", "--control", s(&srv.control())], None);
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    assert!(
+        out.starts_with("role: primary\n") && out.contains("vol1  none"),
+        "{out}"
+    );
+}

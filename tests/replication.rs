@@ -1444,12 +1444,20 @@ const MIRROR_KEYS: &[&str] = &[
 ];
 const PRIMARY_KEYS: &[&str] = &["initial_copy", "journal_seq", "acked_seq"];
 
+/// `blkmirror status` (`--json` or not): its stdout; it must exit 0, or 6 saying which volume
+/// is not replicating.
+fn cli_status_out(control: &Path, json: bool) -> String {
+    let (code, out, err) = status_exit(control, json);
+    assert!(
+        code == Some(0) && err.is_empty() || code == Some(6) && err.contains("not replicating"),
+        "status (json={json}) exited {code:?}:\n{out}{err}"
+    );
+    out
+}
+
 /// `blkmirror status` in both forms; checks the contract keys; returns the JSON.
 fn cli_status(control: &Path, role: &str) -> Value {
-    let json = run(
-        BIN,
-        &["status", "--control", control.to_str().unwrap(), "--json"],
-    );
+    let json = cli_status_out(control, true);
     let v: Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{json:?}: {e}"));
     assert_eq!(v["role"], role, "{json}");
     let vols = v["volumes"].as_array().expect("volumes is an array");
@@ -1466,7 +1474,7 @@ fn cli_status(control: &Path, role: &str) -> Value {
         );
     }
     assert_eq!(vols[0]["name"], VOL);
-    let human = run(BIN, &["status", "--control", control.to_str().unwrap()]);
+    let human = cli_status_out(control, false);
     assert!(
         human.starts_with(&format!("role: {role}\n")),
         "human status:\n{human}"
@@ -1561,4 +1569,68 @@ fn status_reports_lag_and_initial_copy() {
         "status: initial copy progress seen: {seen_copy_progress:?}; mirror seen copying: \
          {seen_mirror_copying}; max lag_bytes during the burst: {max_lag}"
     );
+}
+
+// ------------------------------------------------------------------------------------------
+// 9. `status` exit code: 6 while a volume is not replicating, 0 once it is.
+// ------------------------------------------------------------------------------------------
+
+/// `blkmirror status [--json]`: (exit code, stdout, stderr).
+fn status_exit(control: &Path, json: bool) -> (Option<i32>, String, String) {
+    let mut args = vec!["status", "--control", control.to_str().unwrap()];
+    if json {
+        args.push("--json");
+    }
+    let o = run_output(BIN, &args, None);
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// A primary whose mirror address has nobody listening is not replicating: `status` exits 6
+/// and names the volume and why, in both forms, and `--json` still prints the document. So
+/// does the mirror before any primary came. Once the mirror is up and the copy done, both
+/// exit 0.
+#[test]
+fn status_exits_6_until_volumes_replicate() {
+    let mut rig = Rig::new(RigOptions::default());
+    let (code, out, err) = status_exit(&rig.mirror.control, false);
+    assert_eq!(code, Some(6), "mirror, no primary yet:\n{out}{err}");
+    assert!(err.contains(&format!("not replicating: {VOL} (")), "{err}");
+    rig.mirror.stop();
+
+    // Nothing listens at the primary's --mirror address.
+    rig.primary.start();
+    for json in [false, true] {
+        let (code, out, err) = status_exit(&rig.primary.control, json);
+        assert_eq!(code, Some(6), "json={json}:\n{out}{err}");
+        assert!(
+            err.contains(&format!("not replicating: {VOL} (link down)")),
+            "json={json}: {err}"
+        );
+        if json {
+            let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{out}: {e}"));
+            assert_eq!(v["volumes"][0]["link"], "down", "{v}");
+        } else {
+            assert!(out.starts_with("role: primary\n"), "{out}");
+        }
+    }
+
+    rig.mirror.start();
+    rig.wait_synced();
+    for control in [&rig.primary.control, &rig.mirror.control] {
+        for json in [false, true] {
+            let (code, out, err) = status_exit(control, json);
+            assert_eq!(
+                code,
+                Some(0),
+                "{} json={json}:\n{out}{err}",
+                control.display()
+            );
+            assert!(err.is_empty(), "{err}");
+        }
+    }
+    rig.stop_both();
 }
