@@ -4,12 +4,14 @@ use blkmirror::daemon::DaemonError;
 use blkmirror::disk::spec::VolumeSpec;
 use blkmirror::exit::Exit;
 use blkmirror::mirror_daemon::{self, MirrorOptions};
+use blkmirror::nbd::server::{Limits, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS};
 use blkmirror::primary::{self, PrimaryOptions, ReplicationOptions};
 use blkmirror::repl::apply::recover;
 use blkmirror::transport::{Congestion, TlsFiles, Tuning};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -36,6 +38,17 @@ enum Command {
         /// Also serve NBD on this TCP ADDR:PORT.
         #[arg(long)]
         nbd_tcp: Option<String>,
+        /// Most NBD connections open at once, counting those still in the handshake; one more
+        /// is closed at once (logged). Each holds a thread, and once attached its own io_uring
+        /// and buffers: 256 is far more than real clients open (a kernel nbd device a few, qemu
+        /// one per drive) and bounds what a flood of idle connections can take.
+        #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS as u32,
+            value_parser = clap::value_parser!(u32).range(1..))]
+        nbd_max_connections: u32,
+        /// Seconds an NBD client has for its whole handshake (greeting to transmission phase).
+        #[arg(long, default_value_t = DEFAULT_HANDSHAKE_TIMEOUT.as_secs(),
+            value_parser = clap::value_parser!(u64).range(1..))]
+        nbd_handshake_timeout: u64,
         /// Directory for the daemon's state (locked: one daemon per directory).
         #[arg(long)]
         state_dir: PathBuf,
@@ -254,6 +267,8 @@ fn run(command: Command) -> Result<Exit, Failure> {
             volumes,
             nbd_unix,
             nbd_tcp,
+            nbd_max_connections,
+            nbd_handshake_timeout,
             state_dir,
             faults,
             mirror,
@@ -283,6 +298,10 @@ fn run(command: Command) -> Result<Exit, Failure> {
                 volumes,
                 nbd_unix,
                 nbd_tcp,
+                nbd_limits: Limits {
+                    max_connections: nbd_max_connections as usize,
+                    handshake_timeout: Duration::from_secs(nbd_handshake_timeout),
+                },
                 state_dir,
                 replication,
                 control,

@@ -9,7 +9,7 @@ use crate::disk::spec::VolumeSpec;
 use crate::disk::Storage;
 use crate::journal::{Journal, JournalOptions, MIN_JOURNAL_BYTES};
 use crate::nbd::handshake::ExportInfo;
-use crate::nbd::server::{Export, Server};
+use crate::nbd::server::{Export, Limits, Server};
 use crate::repl::shipper::{ShipStats, Shipper};
 use crate::transport::{Identity, TlsFiles, Tuning};
 use std::net::TcpListener;
@@ -20,6 +20,8 @@ pub struct PrimaryOptions {
     pub volumes: Vec<VolumeSpec>,
     pub nbd_unix: PathBuf,
     pub nbd_tcp: Option<String>,
+    /// Connection count and handshake time allowed to NBD clients.
+    pub nbd_limits: Limits,
     pub state_dir: PathBuf,
     /// Replicate to a mirror (absent: serve NBD only).
     pub replication: Option<ReplicationOptions>,
@@ -161,7 +163,7 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
         &control,
         Arc::new(move || primary_status(&volumes_for_status, &shipping)),
     )?;
-    let server = Server::new(exports);
+    let server = Server::new(exports, opts.nbd_limits);
     let (unix, nbd_socket) = daemon::bind_unix(&opts.nbd_unix)?;
     server.spawn_unix(unix)?;
     if let Some(addr) = &opts.nbd_tcp {

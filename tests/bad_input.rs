@@ -886,3 +886,122 @@ fn repeated_zero_reads_do_not_exhaust_the_connection() {
     }
     assert_serves(&srv);
 }
+
+/// Connect and read the greeting; None if the server closed the connection instead.
+fn try_greet(srv: &Server) -> Option<UnixStream> {
+    let mut s = UnixStream::connect(&srv.socket).expect("connect");
+    s.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+    let mut g = [0u8; 18];
+    match s.read_exact(&mut g) {
+        Ok(()) => {
+            assert_eq!(be_u64(&g), NBDMAGIC);
+            Some(s)
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset
+            ) =>
+        {
+            None
+        }
+        Err(e) => panic!("reading the greeting: {e}"),
+    }
+}
+
+/// Run `nbdinfo --size` until it succeeds (a slot is free only once the server has noticed a
+/// closed connection); panics with its last error after 10 s.
+fn nbdinfo_eventually(srv: &Server) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let o = run_output("nbdinfo", &["--size", &srv.uri("vol1")], None);
+        if o.status.success() {
+            return String::from_utf8_lossy(&o.stdout).into_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nbdinfo still fails: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `--nbd-max-connections 4`: four silent clients (greeted, then saying nothing) hold every
+/// place; a fifth connection is closed at once, before a byte is sent, and the log says why.
+/// When one of the four leaves, a real client attaches again.
+#[test]
+fn connections_over_the_limit_are_closed_at_once() {
+    let srv = Server::builder()
+        .volume("vol1", 4 * MIB)
+        .arg("--nbd-max-connections")
+        .arg("4")
+        .start();
+    let mut silent = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // The start-up probe may still hold a place for a moment: retry until four are greeted.
+    while silent.len() < 4 {
+        match try_greet(&srv) {
+            Some(s) => silent.push(s),
+            None => {
+                assert!(std::time::Instant::now() < deadline, "{}", srv.log());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    let mut fifth = UnixStream::connect(&srv.socket).expect("connect");
+    fifth.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+    assert_closed(
+        &mut fifth,
+        "a fifth connection over --nbd-max-connections 4",
+    );
+    srv.assert_log("NBD connection limit reached: 4 connections open (--nbd-max-connections)");
+
+    drop(silent.pop());
+    assert_eq!(nbdinfo_eventually(&srv).trim(), (4 * MIB).to_string());
+}
+
+/// `--nbd-handshake-timeout 1` bounds the whole handshake, not each read: a client that
+/// trickles valid handshake bytes, one every 0.5 s, is disconnected after about a second
+/// (asserted: within 5 s), and the log says why. A normal client is not affected.
+#[test]
+fn handshake_deadline_covers_the_whole_handshake() {
+    let srv = Server::builder()
+        .volume("vol1", 4 * MIB)
+        .arg("--nbd-handshake-timeout")
+        .arg("1")
+        .start();
+    let mut s = greet(&srv);
+    let started = std::time::Instant::now();
+    let mut bytes = (C_FIXED_NEWSTYLE | C_NO_ZEROES).to_be_bytes().to_vec();
+    bytes.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    bytes.extend_from_slice(&OPT_GO.to_be_bytes());
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut sent = 0;
+    let disconnected = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "still connected after {:?} and {sent} bytes sent one by one; log:\n{}",
+            started.elapsed(),
+            srv.log()
+        );
+        if sent < bytes.len() && s.write_all(&bytes[sent..sent + 1]).is_err() {
+            break started.elapsed();
+        }
+        sent += 1;
+        // Waiting for the next byte's turn doubles as the check that the server hung up.
+        let mut buf = [0u8; 64];
+        match s.read(&mut buf) {
+            Ok(0) => break started.elapsed(),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break started.elapsed(),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Ok(n) => panic!("the server sent {n} bytes to a half-finished option"),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    srv.assert_log("handshake not finished in time (--nbd-handshake-timeout)");
+    eprintln!("trickling client disconnected after {disconnected:?}, {sent} bytes sent");
+    assert_eq!(nbdinfo_eventually(&srv).trim(), (4 * MIB).to_string());
+    assert_serves(&srv);
+}

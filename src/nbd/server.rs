@@ -1,5 +1,6 @@
 //! The NBD server: listeners, one thread per connection, the handshake driven over a blocking
-//! socket, then the transmission phase handed to [`Conn`].
+//! socket, then the transmission phase handed to [`Conn`]. [`Limits`] bound what clients can
+//! hold: connections open at once, and the time a handshake may take.
 
 use super::conn::Conn;
 use super::handshake::{self, ExportInfo, Negotiation, Outcome};
@@ -8,12 +9,28 @@ use std::io::{self, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-/// A client that says nothing useful for this long during the handshake is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// What clients may hold, whatever they send (`--nbd-max-connections`,
+/// `--nbd-handshake-timeout`).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections open at once, counting those still in the handshake; more are closed at
+    /// once. Each holds a thread (and, attached, its own ring and buffers).
+    pub max_connections: usize,
+    /// The whole handshake, greeting to transmission phase: not per read, so a client
+    /// trickling a byte at a time cannot stretch it.
+    pub handshake_timeout: Duration,
+}
+
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections closed at the limit are logged at most this often (with a count): a flood must
+/// not become a flood of log lines.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 pub struct Export {
     pub info: ExportInfo,
@@ -28,16 +45,64 @@ pub struct Server {
     exports: Vec<Export>,
     infos: Vec<ExportInfo>,
     next_conn: AtomicU64,
+    limits: Limits,
+    /// Connections open now, handshakes included.
+    open: AtomicUsize,
+    refused: Mutex<Refusals>,
+}
+
+#[derive(Default)]
+struct Refusals {
+    last_logged: Option<Instant>,
+    since_logged: u64,
+}
+
+/// One of the `max_connections` places, given back when the connection ends.
+struct Slot(Arc<Server>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Server {
-    pub fn new(exports: Vec<Export>) -> Arc<Server> {
+    pub fn new(exports: Vec<Export>, limits: Limits) -> Arc<Server> {
         let infos = exports.iter().map(|e| e.info.clone()).collect();
         Arc::new(Server {
             exports,
             infos,
             next_conn: AtomicU64::new(1),
+            limits,
+            open: AtomicUsize::new(0),
+            refused: Mutex::new(Refusals::default()),
         })
+    }
+
+    fn take_slot(self: &Arc<Self>) -> Option<Slot> {
+        let max = self.limits.max_connections;
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(self.clone()))
+    }
+
+    /// A connection over the limit was closed: say so, at most every REFUSAL_LOG_INTERVAL.
+    fn log_refusal(&self, peer: &str) {
+        let mut r = self.refused.lock().unwrap();
+        r.since_logged += 1;
+        let now = Instant::now();
+        if r.last_logged
+            .is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_INTERVAL)
+        {
+            tracing::warn!(%peer, "NBD connection limit reached: {} connections open \
+                (--nbd-max-connections); closed {} new connection(s) since the last such message",
+                self.limits.max_connections, r.since_logged);
+            r.last_logged = Some(now);
+            r.since_logged = 0;
+        }
     }
 
     pub fn spawn_unix(
@@ -81,13 +146,20 @@ impl Server {
     }
 
     fn spawn_conn<S: Stream>(self: &Arc<Self>, stream: S, peer: String) {
+        let accepted = Instant::now();
+        let Some(slot) = self.take_slot() else {
+            drop(stream); // closed before a byte is sent: the client reads EOF
+            self.log_refusal(&peer);
+            return;
+        };
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let server = self.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-conn-{id}"))
             .spawn(move || {
+                let _slot = slot;
                 tracing::debug!(conn = id, %peer, "connected");
-                if let Err(e) = server.serve(id, stream) {
+                if let Err(e) = server.serve(id, stream, accepted) {
                     tracing::warn!(conn = id, %peer, "connection ended with an error: {e}");
                 }
             });
@@ -96,10 +168,13 @@ impl Server {
         }
     }
 
-    fn serve<S: Stream>(&self, id: u64, stream: S) -> io::Result<()> {
-        stream.set_timeout(Some(HANDSHAKE_TIMEOUT))?;
-        let mut w = stream.try_clone_stream()?;
-        let mut r = BufReader::with_capacity(64 << 10, stream);
+    fn serve<S: Stream>(&self, id: u64, stream: S, accepted: Instant) -> io::Result<()> {
+        let until = accepted + self.limits.handshake_timeout;
+        let mut w = Deadline {
+            s: stream.try_clone()?,
+            until,
+        };
+        let mut r = BufReader::with_capacity(64 << 10, Deadline { s: stream, until });
         w.write_all(&handshake::greeting())?;
         let mut flags = [0u8; 4];
         r.read_exact(&mut flags)?;
@@ -150,7 +225,7 @@ impl Server {
         tracing::info!(conn = id, export = %export.info.name, structured = agreed.structured,
             base_allocation = agreed.base_allocation, "client attached");
         let leftover = r.buffer().to_vec();
-        let stream = r.into_inner();
+        let stream = r.into_inner().s;
         stream.set_timeout(None)?;
         drop(w);
         let conn = Conn::new(id, export, &agreed, stream.into_fd(), &leftover)?;
@@ -162,9 +237,9 @@ impl Server {
 }
 
 /// What the server needs of a connected socket, unix or TCP.
-trait Stream: Read + Send + 'static {
+trait Stream: Read + Write + Send + Sized + 'static {
     fn set_timeout(&self, t: Option<Duration>) -> io::Result<()>;
-    fn try_clone_stream(&self) -> io::Result<Box<dyn Write>>;
+    fn try_clone(&self) -> io::Result<Self>;
     fn into_fd(self) -> OwnedFd;
 }
 
@@ -173,8 +248,8 @@ impl Stream for UnixStream {
         self.set_read_timeout(t)?;
         self.set_write_timeout(t)
     }
-    fn try_clone_stream(&self) -> io::Result<Box<dyn Write>> {
-        Ok(Box::new(self.try_clone()?))
+    fn try_clone(&self) -> io::Result<Self> {
+        UnixStream::try_clone(self)
     }
     fn into_fd(self) -> OwnedFd {
         self.into()
@@ -186,10 +261,64 @@ impl Stream for TcpStream {
         self.set_read_timeout(t)?;
         self.set_write_timeout(t)
     }
-    fn try_clone_stream(&self) -> io::Result<Box<dyn Write>> {
-        Ok(Box::new(self.try_clone()?))
+    fn try_clone(&self) -> io::Result<Self> {
+        TcpStream::try_clone(self)
     }
     fn into_fd(self) -> OwnedFd {
         self.into()
+    }
+}
+
+/// The handshake's socket: each read and write may block only for what is left until `until`.
+struct Deadline<S> {
+    s: S,
+    until: Instant,
+}
+
+impl<S: Stream> Deadline<S> {
+    fn arm(&self) -> io::Result<()> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Self::expired());
+        }
+        self.s.set_timeout(Some(left))
+    }
+
+    fn expired() -> io::Error {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            "handshake not finished in time (--nbd-handshake-timeout); disconnected",
+        )
+    }
+
+    fn check<T>(r: io::Result<T>) -> io::Result<T> {
+        match r {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(Self::expired())
+            }
+            r => r,
+        }
+    }
+}
+
+impl<S: Stream> Read for Deadline<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm()?;
+        Self::check(self.s.read(buf))
+    }
+}
+
+impl<S: Stream> Write for Deadline<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.arm()?;
+        Self::check(self.s.write(buf))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.s.flush()
     }
 }
