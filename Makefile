@@ -12,9 +12,10 @@ release:
 	$(CARGO) build --release
 
 # A primary and a mirror on this machine: certificates, writes through real NBD clients, live
-# status with lag, then a byte-for-byte check of the mirror.
-demo: release
-	bash tools/demo.sh
+# status with lag, then a byte-for-byte check of the mirror. It first sets up what it needs
+# (tools/setup.sh), then builds.
+demo:
+	CARGO="$(CARGO)" bash tools/demo.sh
 
 # Everything CI runs: formatting, lints, unit tests and the end-to-end tests with real clients.
 test:

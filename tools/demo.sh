@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# The built-in default: a primary and a mirror on this machine. Generates a CA and both
+# The built-in default: a primary and a mirror on this machine. Installs (as root) or names the
+# Debian packages it needs (tools/setup.sh), builds blkmirror, generates a CA and both
 # certificates, starts `blkmirror mirror` and `blkmirror primary --mirror`, writes to the
 # primary's volume with real NBD clients (nbdcopy, qemu-io, fio), shows live status with lag,
 # then checks that the mirror is byte-identical to the primary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=${BLKMIRROR:-target/release/blkmirror}
+# First what the clients below come from, before building or starting anything.
+bash tools/setup.sh
+if [ -z "${BLKMIRROR:-}" ]; then
+  CARGO=${CARGO:-cargo}
+  command -v "$CARGO" >/dev/null || { echo "demo: $CARGO not found: install a Rust toolchain first" >&2; exit 1; }
+  "$CARGO" build --release
+fi
+BIN=${BLKMIRROR:-${CARGO_TARGET_DIR:-target}/release/blkmirror}
 DIR=${DEMO_DIR:-target/demo}
 SIZE=${DEMO_SIZE:-256M}
 PORT=${DEMO_PORT:-17788}

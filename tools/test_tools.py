@@ -1,6 +1,6 @@
 #!/usr/bin/python3
-"""Self-test for tools/workload.py and tools/crashcheck.py, and for the benchmark history that
-benches/benchlib.py appends to (HistoryTests).
+"""Self-test for tools/workload.py and tools/crashcheck.py, for the benchmark history that
+benches/benchlib.py appends to (HistoryTests), and for tools/setup.sh (SetupTests).
 
 Run: /usr/bin/python3 tools/test_tools.py   (exit status non-zero on failure)
 
@@ -33,6 +33,7 @@ import benchlib  # noqa: E402
 
 PYTHON = "/usr/bin/python3"  # Debian's python, the one with libnbd bindings
 WORKLOAD = os.path.join(TOOLS, "workload.py")
+SETUP = os.path.join(TOOLS, "setup.sh")
 CRASHCHECK = os.path.join(TOOLS, "crashcheck.py")
 
 BS = 4096
@@ -544,6 +545,68 @@ class HistoryTests(unittest.TestCase):
                         self.assertGreaterEqual(when, last_time, where)
                     last_time = when
                 last_day = day
+
+class SetupTests(unittest.TestCase):
+    """tools/setup.sh, the first step of `make demo` and .ci/run: with a command missing it must
+    stop at once and print the one command that installs its package. Nothing is uninstalled:
+    the script runs with a PATH of links to every command but nbdcopy."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="bm-setup-")
+        os.chmod(self.dir, 0o755)  # the non-root case runs as nobody
+        self.bin = os.path.join(self.dir, "bin")
+        os.mkdir(self.bin)
+        for d in os.environ.get("PATH", "").split(":") + ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]:
+            if not os.path.isdir(d):
+                continue
+            for name in os.listdir(d):
+                link = os.path.join(self.bin, name)
+                if name != "nbdcopy" and not os.path.lexists(link):
+                    os.symlink(os.path.join(d, name), link)
+
+    def tearDown(self):
+        shutil.rmtree(self.dir)
+
+    def setup_sh(self, *args, user=None):
+        cmd = ["/bin/bash", SETUP, *args]
+        if user is not None:
+            # A copy the user can read wherever the checkout is (/root is not readable to all).
+            copy = os.path.join(self.dir, "setup.sh")
+            shutil.copy(SETUP, copy)
+            cmd = ["/usr/bin/setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",
+                   "/bin/bash", copy, *args]
+        started = time.time()
+        p = subprocess.run(cmd, env=dict(os.environ, PATH=self.bin), capture_output=True,
+                           text=True, timeout=60)
+        return p, time.time() - started
+
+    def assert_names_install_command(self, p, elapsed, sudo):
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        self.assertIn("missing: nbdcopy (libnbd-bin)", p.stderr)
+        self.assertIn(f"{sudo}apt-get install -y libnbd-bin", p.stderr)
+        self.assertNotIn("installing", p.stdout + p.stderr)
+        self.assertLess(elapsed, 10, "the check should fail at once")
+
+    def test_check_without_nbdcopy_prints_the_install_command(self):
+        p, elapsed = self.setup_sh("--check")
+        self.assert_names_install_command(p, elapsed, "" if os.geteuid() == 0 else "sudo ")
+
+    @unittest.skipUnless(os.geteuid() == 0, "needs root to run as another user")
+    def test_non_root_without_nbdcopy_prints_the_install_command(self):
+        p, elapsed = self.setup_sh(user=65534)
+        self.assert_names_install_command(p, elapsed, "sudo ")
+
+    def test_passes_with_every_command_present(self):
+        os.symlink(shutil.which("nbdcopy"), os.path.join(self.bin, "nbdcopy"))
+        p, _ = self.setup_sh("--check")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(p.stdout + p.stderr, "")
+
+    def test_rejects_unknown_arguments(self):
+        p, _ = self.setup_sh("--install-everything")
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("usage", p.stderr)
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)
