@@ -45,14 +45,15 @@ step "primary: serves vol1 over NBD on $SOCK and replicates it"
 pids+=($!)
 for _ in $(seq 200); do [ -S "$SOCK" ] && [ -S "$PCTL" ] && [ -S "$MCTL" ] && break; sleep 0.05; done
 
-status_json() { "$BIN" status --control "$1" --json; }
+# Polls: status exits 6 (and says so on stderr) until the mirror is consistent and the link up.
+status_json() { "$BIN" status --control "$1" --json 2>/dev/null; }
 vol() { /usr/bin/python3 -c "import json,sys; v=json.load(sys.stdin)['volumes'][0]; print(v['$2'])" <<<"$(status_json "$1")"; }
 wait_for() { # wait_for DESCRIPTION COMMAND...
   local what=$1; shift
   for _ in $(seq 600); do "$@" && return 0; sleep 0.1; done
   echo "timed out waiting for: $what" >&2; return 1
 }
-wait_for "the mirror to be consistent (initial copy)" bash -c "[ \"\$($(printf %q "$BIN") status --control $MCTL --json | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)[\"volumes\"][0][\"consistent\"])')\" = True ]"
+wait_for "the mirror to be consistent (initial copy)" bash -c "[ \"\$($(printf %q "$BIN") status --control $MCTL --json 2>/dev/null | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)[\"volumes\"][0][\"consistent\"])')\" = True ]"
 # Exit 6 means "not replicating yet": the primary may still be closing its initial copy.
 "$BIN" status --control "$PCTL" || [ $? -eq 6 ]
 
@@ -73,7 +74,7 @@ done
 wait $w1 $w2
 
 step "quiesce: wait until the mirror has made every write durable (lag 0)"
-wait_for "lag 0" bash -c "[ \"\$($(printf %q "$BIN") status --control $PCTL --json | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)[\"volumes\"][0][\"lag_bytes\"])')\" = 0 ]"
+wait_for "lag 0" bash -c "[ \"\$($(printf %q "$BIN") status --control $PCTL --json 2>/dev/null | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)[\"volumes\"][0][\"lag_bytes\"])')\" = 0 ]"
 "$BIN" status --control "$PCTL"
 "$BIN" status --control "$MCTL"
 
