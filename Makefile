@@ -17,16 +17,19 @@ release:
 demo:
 	CARGO="$(CARGO)" bash tools/demo.sh
 
-# Everything CI runs: formatting, lints, unit tests and the end-to-end tests with real clients.
+# Everything CI runs: formatting, lints (with and without the test hooks), unit tests, the
+# simulator's schedules and the end-to-end tests with real clients. Tests need the test-only
+# hooks (fault injection, planted bugs); release builds never have them.
 test:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets --features test-hooks -- -D warnings
 	/usr/bin/python3 tools/test_tools.py
-	$(CARGO) test
+	$(CARGO) test --features test-hooks
 
 # More kill -9 rounds of the mirror than `make test` runs (BLKMIRROR_TORTURE_ROUNDS, default 100).
 torture:
-	BLKMIRROR_TORTURE_ROUNDS=$${BLKMIRROR_TORTURE_ROUNDS:-100} $(CARGO) test --release --test replication -- --nocapture mirror_kill9
+	BLKMIRROR_TORTURE_ROUNDS=$${BLKMIRROR_TORTURE_ROUNDS:-100} $(CARGO) test --release --features test-hooks --test replication -- --nocapture mirror_kill9
 
 # fio over NBD: blkmirror against qemu-nbd, alternating; writes target/bench/nbd.json.
 bench-nbd: release

@@ -101,20 +101,19 @@ pub fn not_replicating(doc: &serde_json::Value) -> Vec<(String, String)> {
             continue;
         }
         let name = vol["name"].as_str().unwrap_or("?").to_string();
+        let link = vol["link"].as_str().unwrap_or("unknown");
         let why = match vol["state"].as_str() {
             Some("replicating") => None,
-            Some(state) if state != "consistent" => Some(format!("state: {state}")),
-            _ if vol["link"] != "up" => Some(format!(
-                "link {}",
-                vol["link"].as_str().unwrap_or("unknown")
-            )),
-            _ if vol.get("initial_copy").is_some_and(|c| !c.is_null()) => {
+            _ if link != "up" => Some(format!("link {link}")),
+            Some(state) => Some(format!("state: {state}")),
+            // A daemon from before the `state` key.
+            None if vol.get("initial_copy").is_some_and(|c| !c.is_null()) => {
                 Some("initial copy in progress".to_string())
             }
-            _ if vol.get("consistent").is_some_and(|c| c != true) => {
+            None if vol.get("consistent").is_some_and(|c| c != true) => {
                 Some("not consistent".to_string())
             }
-            _ => None,
+            None => None,
         };
         if let Some(why) = why {
             out.push((name, why));
@@ -123,42 +122,105 @@ pub fn not_replicating(doc: &serde_json::Value) -> Vec<(String, String)> {
     out
 }
 
-/// A human-readable rendering of a status document.
+/// A number of bytes as people read them: `1.2 GiB`, `350 KiB`, `12 B`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else if v < 10.0 {
+        format!("{v:.1} {}", UNITS[u])
+    } else {
+        format!("{v:.0} {}", UNITS[u])
+    }
+}
+
+/// A duration in seconds as people read it: `350 ms`, `4.2 s`, `3 min 20 s`, `2 h 5 min`.
+pub fn human_seconds(s: f64) -> String {
+    if s < 1.0 {
+        format!("{:.0} ms", s * 1000.0)
+    } else if s < 60.0 {
+        format!("{s:.1} s")
+    } else if s < 3600.0 {
+        format!("{} min {} s", (s / 60.0) as u64, s as u64 % 60)
+    } else {
+        format!("{} h {} min", (s / 3600.0) as u64, s as u64 % 3600 / 60)
+    }
+}
+
+/// A human-readable rendering of a status document: a table whose columns line up, sizes
+/// and ages readable, then a line per volume that has something to say.
 pub fn render(v: &serde_json::Value) -> String {
     let mut out = format!("role: {}\n", v["role"].as_str().unwrap_or("?"));
-    let cols = [
-        "name",
-        "link",
-        "lag_seconds",
-        "lag_bytes",
-        "journal_bytes",
-        "sent_bytes",
-        "wire_bytes",
-        "acked_set",
-        "applied_set",
-        "reconnects",
-        "consistent",
+    let cols: [(&str, &str); 9] = [
+        ("name", "VOLUME"),
+        ("state", "STATE"),
+        ("link", "LINK"),
+        ("lag_seconds", "LAG"),
+        ("lag_bytes", "LAG BYTES"),
+        ("journal_bytes", "LOG"),
+        ("acked_set", "ACKED SET"),
+        ("applied_set", "APPLIED SET"),
+        ("reconnects", "RECONNECTS"),
     ];
-    out.push_str(&cols.join("  "));
-    out.push('\n');
-    for vol in v["volumes"].as_array().into_iter().flatten() {
-        let cells: Vec<String> = cols
+    let mut rows: Vec<Vec<String>> = vec![cols.iter().map(|(_, h)| h.to_string()).collect()];
+    let vols: Vec<&serde_json::Value> = v["volumes"].as_array().into_iter().flatten().collect();
+    for vol in &vols {
+        rows.push(
+            cols.iter()
+                .map(|(key, _)| match (&vol[*key], *key) {
+                    (serde_json::Value::Null, _) => "-".into(),
+                    (serde_json::Value::String(s), _) => s.clone(),
+                    (n, "lag_seconds") => n.as_f64().map_or("-".into(), human_seconds),
+                    (n, "lag_bytes" | "journal_bytes") => {
+                        n.as_u64().map_or("-".into(), human_bytes)
+                    }
+                    (other, _) => other.to_string(),
+                })
+                .collect(),
+        );
+    }
+    let widths: Vec<usize> = (0..cols.len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    for row in &rows {
+        let cells: Vec<String> = row
             .iter()
-            .map(|c| match &vol[*c] {
-                serde_json::Value::String(s) => s.clone(),
-                serde_json::Value::Null => "-".into(),
-                other => other.to_string(),
-            })
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
             .collect();
-        out.push_str(&cells.join("  "));
+        out.push_str(cells.join("  ").trim_end());
         out.push('\n');
+    }
+    for vol in vols {
+        let name = vol["name"].as_str().unwrap_or("?");
+        if let Some(d) = vol["state_detail"].as_str().filter(|d| *d != "consistent") {
+            out.push_str(&format!("  {name}: {d}\n"));
+        }
         if let Some(e) = vol["last_error"].as_str().filter(|e| !e.is_empty()) {
-            out.push_str(&format!("  last error: {e}\n"));
+            out.push_str(&format!("  {name}: last error: {e}\n"));
         }
         if let Some(p) = vol.get("initial_copy").filter(|p| !p.is_null()) {
+            let what = if p["compare"] == true {
+                "comparison"
+            } else {
+                "full copy"
+            };
             out.push_str(&format!(
-                "  initial copy: {} / {} bytes\n",
-                p["done_bytes"], p["total_bytes"]
+                "  {name}: {what}: {} of {}\n",
+                human_bytes(p["done_bytes"].as_u64().unwrap_or(0)),
+                human_bytes(p["total_bytes"].as_u64().unwrap_or(0))
+            ));
+        }
+        if let Some(t) = vol["newest_write_at"].as_str() {
+            out.push_str(&format!(
+                "  {name}: newest write held: {t} (received {})\n",
+                vol["received_at"].as_str().unwrap_or("-")
             ));
         }
     }
@@ -188,13 +250,43 @@ mod tests {
         ]});
         assert_eq!(names(primary), ["down", "copying", "stated"]);
         let mirror = json!({ "role": "mirror", "volumes": [
-            { "name": "ok", "link": "up", "consistent": true, "state": "consistent" },
-            { "name": "down", "link": "down", "consistent": true, "state": "consistent" },
-            { "name": "behind", "link": "up", "consistent": false,
-              "state": "initial copy not complete: NOT consistent" },
+            { "name": "ok", "link": "up", "consistent": true, "state": "replicating" },
+            { "name": "down", "link": "down", "consistent": true, "state": "connecting" },
+            { "name": "behind", "link": "up", "consistent": false, "state": "resyncing" },
             { "name": "no-state", "link": "up", "consistent": false },
         ]});
         assert_eq!(names(mirror), ["down", "behind", "no-state"]);
         assert!(names(json!({ "role": "primary", "volumes": [] })).is_empty());
+    }
+
+    #[test]
+    fn sizes_and_ages_read_like_people_write_them() {
+        assert_eq!(human_bytes(12), "12 B");
+        assert_eq!(human_bytes(1_288_490_189), "1.2 GiB");
+        assert_eq!(human_bytes(350 << 10), "350 KiB");
+        assert_eq!(human_seconds(0.35), "350 ms");
+        assert_eq!(human_seconds(4.25), "4.2 s");
+        assert_eq!(human_seconds(200.0), "3 min 20 s");
+        assert_eq!(human_seconds(7500.0), "2 h 5 min");
+    }
+
+    #[test]
+    fn the_table_lines_up() {
+        let doc = json!({ "role": "primary", "volumes": [
+            { "name": "a-long-volume-name", "state": "replicating", "link": "up",
+              "lag_seconds": 0.012, "lag_bytes": 0, "journal_bytes": 1_288_490_189u64,
+              "acked_set": 12, "applied_set": 11, "reconnects": 0 },
+            { "name": "b", "state": "connecting", "link": "down", "lag_seconds": null,
+              "lag_bytes": 4096, "journal_bytes": 8192, "acked_set": 1, "applied_set": 1,
+              "reconnects": 3, "last_error": "mirror refused: no" },
+        ]});
+        let text = render(&doc);
+        let lines: Vec<&str> = text.lines().collect();
+        let col = |l: &str, word: &str| l.find(word).unwrap();
+        assert_eq!(col(lines[1], "STATE"), col(lines[2], "replicating"));
+        assert_eq!(col(lines[1], "STATE"), col(lines[3], "connecting"));
+        assert_eq!(col(lines[1], "LOG"), col(lines[2], "1.2 GiB"));
+        assert!(text.contains("12 ms"), "{text}");
+        assert!(text.contains("b: last error: mirror refused: no"), "{text}");
     }
 }

@@ -52,9 +52,8 @@ enum Command {
         /// Directory for the daemon's state (locked: one daemon per directory).
         #[arg(long)]
         state_dir: PathBuf,
-        /// Test only: inject disk faults, OP:WHAT[:START-END][:COUNT] (see docs/TESTING.md).
-        #[arg(long = "inject-fault", hide = true)]
-        faults: Vec<String>,
+        #[command(flatten)]
+        hooks: TestHooks,
         /// Replicate every volume to the mirror at HOST:PORT (needs --ca/--cert/--key/--peer-name).
         #[arg(long, requires_all = ["ca", "cert", "key", "peer_name"])]
         mirror: Option<String>,
@@ -69,9 +68,6 @@ enum Command {
         /// Control socket (default STATE_DIR/control.sock).
         #[arg(long)]
         control: Option<PathBuf>,
-        /// Test only: corrupt one byte of the first data set sent, after its CRC is computed.
-        #[arg(long, hide = true)]
-        test_corrupt_first_set: bool,
         /// lz4 for replicated data: auto (on when --link-rate is below 4G), on, off.
         #[arg(long, value_enum, default_value_t = CompressArg::Auto)]
         compress: CompressArg,
@@ -116,6 +112,36 @@ enum Command {
     /// Manage the replication CA and peer certificates (init, issue).
     #[command(subcommand)]
     Certs(blkmirror::certs::CertsCommand),
+}
+
+/// Flags only test builds have (`--features test-hooks`): release binaries carry no way to
+/// corrupt what they ship or to fail their own disk.
+#[derive(clap::Args, Default)]
+struct TestHooks {
+    /// Test only: inject disk faults, OP:WHAT[:START-END][:COUNT] (see docs/TESTING.md).
+    #[cfg(feature = "test-hooks")]
+    #[arg(long = "inject-fault", hide = true)]
+    faults: Vec<String>,
+    /// Test only: corrupt one byte of the first data set sent, after its CRC is computed.
+    #[cfg(feature = "test-hooks")]
+    #[arg(long, hide = true)]
+    test_corrupt_first_set: bool,
+}
+
+impl TestHooks {
+    fn faults(&self) -> Vec<String> {
+        #[cfg(feature = "test-hooks")]
+        return self.faults.clone();
+        #[cfg(not(feature = "test-hooks"))]
+        Vec::new()
+    }
+
+    fn corrupt_first_set(&self) -> bool {
+        #[cfg(feature = "test-hooks")]
+        return self.test_corrupt_first_set;
+        #[cfg(not(feature = "test-hooks"))]
+        false
+    }
 }
 
 #[derive(clap::Args)]
@@ -270,13 +296,12 @@ fn run(command: Command) -> Result<Exit, Failure> {
             nbd_max_connections,
             nbd_handshake_timeout,
             state_dir,
-            faults,
+            hooks,
             mirror,
             tls,
             link,
             journal_size,
             control,
-            test_corrupt_first_set,
             compress,
         } => {
             let replication = match mirror {
@@ -286,7 +311,7 @@ fn run(command: Command) -> Result<Exit, Failure> {
                     tls: tls.files()?,
                     tuning: link.tuning(),
                     journal_bytes: journal_size,
-                    corrupt_first_set: test_corrupt_first_set,
+                    corrupt_first_set: hooks.corrupt_first_set(),
                     compress: match compress {
                         CompressArg::Auto => None,
                         CompressArg::On => Some(true),
@@ -305,7 +330,7 @@ fn run(command: Command) -> Result<Exit, Failure> {
                 state_dir,
                 replication,
                 control,
-                faults,
+                faults: hooks.faults(),
             })?;
         }
         Command::Mirror {

@@ -62,7 +62,7 @@ pub fn run(opts: MirrorOptions) -> Result<(), DaemonError> {
         let key = reset_key(&opts.state_dir)?;
         crate::transport::server_endpoint_with_reset_key(listen, &identity, &opts.tuning, &key)?
     };
-    runtime.spawn(mirror.clone().serve(endpoint));
+    runtime.spawn(mirror.clone().serve(endpoint.clone()));
     let control = opts
         .control
         .clone()
@@ -79,6 +79,9 @@ pub fn run(opts: MirrorOptions) -> Result<(), DaemonError> {
     let sig = signals.wait_for_termination()?;
     tracing::info!(signal = %sig, "shutting down");
     drop(control_socket);
+    endpoint.close(0u32.into(), b"mirror shutting down");
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    // What was received is made durable, applied and checkpointed: a clean stop.
+    mirror.close();
     Ok(())
 }

@@ -10,7 +10,10 @@ use crate::disk::Storage;
 use crate::journal::{Journal, JournalOptions, MIN_JOURNAL_BYTES};
 use crate::nbd::handshake::ExportInfo;
 use crate::nbd::server::{Export, Limits, Server};
-use crate::repl::shipper::{ShipStats, Shipper};
+use crate::repl::core::primary::{Limits as SessionLimits, PrimaryVolumeState};
+use crate::repl::core::ReplState;
+use crate::repl::identity::GenId;
+use crate::repl::shipper::{ShipStats, Shipper, VolumeRecord};
 use crate::transport::{Identity, TlsFiles, Tuning};
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -88,7 +91,7 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
         .control
         .clone()
         .unwrap_or_else(|| control::default_path(&opts.state_dir));
-    let mut shipping: Vec<(String, Arc<Journal>, Arc<ShipStats>)> = Vec::new();
+    let mut shipping: Vec<Shipping> = Vec::new();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -112,13 +115,21 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
             crate::transport::client_endpoint(&identity, &repl.tuning)?
         };
         quic_endpoint = Some(endpoint.clone());
+        let fs = crate::env::os();
         for (spec, export) in opts.volumes.iter().zip(exports.iter_mut()) {
             let dir = opts.state_dir.join("journal").join(&spec.name);
             let journal = Arc::new(Journal::open(JournalOptions::new(
-                crate::env::os(),
+                fs.clone(),
                 dir,
                 repl.journal_bytes,
             ))?);
+            let record = Arc::new(open_record(
+                &fs,
+                &opts.state_dir,
+                &spec.name,
+                &journal,
+                &*export.storage,
+            )?);
             let stats = Arc::new(ShipStats::default());
             stats
                 .corrupt_next
@@ -131,6 +142,8 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
                 mirror,
                 identity: identity.clone(),
                 stats: stats.clone(),
+                record: record.clone(),
+                limits: SessionLimits::default(),
                 compress: repl
                     .compress
                     .unwrap_or(repl.tuning.link_rate_bps < COMPRESS_BELOW_BPS),
@@ -146,7 +159,13 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
             });
             runtime.spawn(shipper.run());
             export.journal = Some(journal.clone());
-            shipping.push((spec.name.clone(), journal, stats));
+            shipping.push(Shipping {
+                name: spec.name.clone(),
+                journal,
+                stats,
+                record,
+                storage: export.storage.clone(),
+            });
         }
         tracing::info!(mirror = %mirror, peer = %repl.tls.peer_name, volumes = shipping.len(), "replicating");
     } else {
@@ -158,7 +177,8 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
         }
     }
     let volumes_for_status: Vec<String> = opts.volumes.iter().map(|v| v.name.clone()).collect();
-    let shipping_for_close: Vec<(String, Arc<Journal>, Arc<ShipStats>)> = shipping.clone();
+    let shipping = Arc::new(shipping);
+    let shipping_for_close = shipping.clone();
     let control_socket = daemon::serve_control(
         &control,
         Arc::new(move || primary_status(&volumes_for_status, &shipping)),
@@ -181,6 +201,8 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
     tracing::info!(signal = %sig, "shutting down");
     drop(nbd_socket);
     drop(control_socket);
+    // Every write ends before the journal closes and the volume is sealed.
+    let drained = server.shutdown(std::time::Duration::from_secs(10));
     if let Some(ep) = quic_endpoint {
         // Tell the mirror now, rather than let it wait out the idle timeout.
         ep.close(0u32.into(), b"primary shutting down");
@@ -189,34 +211,91 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
         });
     }
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
-    // A clean stop leaves a clean journal: the next start knows nothing was lost.
-    for (name, journal, _) in &shipping_for_close {
-        if let Err(e) = journal.close() {
-            tracing::warn!(volume = %name, "cannot close the journal cleanly: {e}");
+    // A clean stop leaves a clean journal (the next start knows nothing was lost) and a
+    // sealed volume (the next start notices a change made while stopped).
+    if drained {
+        for v in shipping_for_close.iter() {
+            let sealed = v.journal.close().and_then(|()| {
+                let disk = v.storage.fingerprint()?;
+                v.record.seal(disk)
+            });
+            if let Err(e) = sealed {
+                tracing::warn!(volume = %v.name, "cannot close the journal cleanly: {e}");
+            }
         }
     }
     Ok(())
 }
 
+/// A replicated volume, as the daemon keeps it.
+struct Shipping {
+    name: String,
+    journal: Arc<Journal>,
+    stats: Arc<ShipStats>,
+    record: Arc<VolumeRecord>,
+    storage: Arc<dyn Storage>,
+}
+
+/// The volume's state at this start: its disk checked against what the state describes, and
+/// a new generation, persisted before any write is taken.
+fn open_record(
+    fs: &crate::env::Fs,
+    state_dir: &std::path::Path,
+    name: &str,
+    journal: &Journal,
+    storage: &dyn Storage,
+) -> Result<VolumeRecord, DaemonError> {
+    let disk = storage.fingerprint()?;
+    let path = PrimaryVolumeState::path(state_dir, name);
+    let loaded = PrimaryVolumeState::load(&**fs, &path)?;
+    let st = PrimaryVolumeState::at_start(
+        loaded,
+        &disk,
+        journal.last_stop(),
+        journal.last_seq() + 1,
+        GenId::random(),
+    );
+    st.save(&**fs, &path)?;
+    let current = st.identity.lineage.current().copied();
+    tracing::info!(volume = %name, uuid = ?st.identity.uuid,
+        generation = ?current.map(|s| s.gen), first_seq = ?current.map(|s| s.first_seq),
+        continuous = ?current.map(|s| s.continuous), last_stop = ?journal.last_stop(),
+        "volume identity");
+    if let Some(why) = &st.volume_changed {
+        tracing::error!(volume = %name, "{why}: nothing is shipped until an admin accepts the volume");
+    }
+    Ok(VolumeRecord::new(fs.clone(), path, st, disk))
+}
+
 /// The status document of a primary (keys are a contract: extend, never rename).
-fn primary_status(
-    volumes: &[String],
-    shipping: &[(String, Arc<Journal>, Arc<ShipStats>)],
-) -> serde_json::Value {
+fn primary_status(volumes: &[String], shipping: &[Shipping]) -> serde_json::Value {
     use std::sync::atomic::Ordering::Relaxed;
     let vols: Vec<serde_json::Value> = volumes
         .iter()
-        .map(|name| match shipping.iter().find(|(n, _, _)| n == name) {
-            None => serde_json::json!({ "name": name, "link": "none", "replicated": false }),
-            Some((_, j, s)) => {
+        .map(|name| match shipping.iter().find(|v| &v.name == name) {
+            None => serde_json::json!({ "name": name, "link": "none", "replicated": false, "state": "standalone" }),
+            Some(v) => {
+                let (j, s) = (&v.journal, &v.stats);
                 let js = j.stats();
                 let copying = s.copying.load(Relaxed);
+                let state = *s.state.lock().unwrap();
+                let rec = v.record.snapshot();
+                // The RPO is known only while the mirror holds a consistent copy: during a
+                // copy, or when the mirror refuses, there is no usable copy to be behind.
+                let rpo_known = s.mirror_consistent.load(Relaxed)
+                    && !matches!(state, ReplState::Resyncing | ReplState::Refused
+                        | ReplState::SplitBrain | ReplState::Unrelated | ReplState::VolumeChanged);
                 serde_json::json!({
                     "name": name,
                     "replicated": true,
+                    "state": state,
+                    "uuid": rec.identity.uuid,
+                    "generation": rec.identity.lineage.current().map(|c| c.gen),
                     "link": if s.link_up.load(Relaxed) { "up" } else { "down" },
                     "lag_bytes": js.lag_bytes,
-                    "lag_seconds": js.lag.as_secs_f64(),
+                    "lag_seconds": if rpo_known { serde_json::json!(js.lag.as_secs_f64()) } else { serde_json::Value::Null },
+                    "stalls": s.stalls.load(Relaxed),
+                    "last_decision": s.last_decision.lock().unwrap().clone(),
                     "journal_bytes": js.disk_bytes,
                     "journal_full": js.full,
                     "journal_seq": js.last_seq,
@@ -232,6 +311,7 @@ fn primary_status(
                     "initial_copy": if copying { serde_json::json!({
                         "done_bytes": s.copy_done.load(Relaxed),
                         "total_bytes": s.copy_total.load(Relaxed),
+                        "compare": s.comparing.load(Relaxed),
                     }) } else { serde_json::Value::Null },
                 })
             }

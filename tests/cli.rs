@@ -498,7 +498,10 @@ fn status_of_a_primary_without_mirror_exits_0() {
     );
     assert_eq!(o.status.code(), Some(0), "{out}{err}");
     assert!(
-        out.starts_with("role: primary\n") && out.contains("vol1  none"),
+        out.starts_with("role: primary\n")
+            && out
+                .lines()
+                .any(|l| l.starts_with("vol1 ") && l.contains("standalone") && l.contains("none")),
         "{out}"
     );
 }

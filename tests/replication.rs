@@ -9,7 +9,9 @@
 mod common;
 
 use blkmirror::extent::{Extent, Payload};
-use blkmirror::repl::frame::{self, DeltaSet, Message, SetKind, PROTOCOL_VERSION};
+use blkmirror::repl::core::primary::PrimaryVolumeState;
+use blkmirror::repl::frame::{self, DeltaSet, Message, Mode, SetKind, PROTOCOL_VERSION};
+use blkmirror::repl::identity::PrimaryClaim;
 use blkmirror::transport::{client_endpoint, connect, Identity, TlsFiles, Tuning};
 use common::*;
 use serde_json::Value;
@@ -1197,19 +1199,47 @@ impl Attacker {
         (c, r)
     }
 
-    /// Hello for vol1, expecting HelloAck; returns the stream and durable_set.
-    fn attach(&self) -> (Conn, u64, u64) {
-        let (c, r) = self.hello(VOL, SIZE);
-        match r {
-            Reply::Msg(Message::HelloAck {
+    /// Hello and Identify for vol1 as the real primary would say them (its identity and
+    /// generations read from its state file: what a compromised primary knows), expecting a
+    /// decision to resume; returns the stream, durable_set and durable_seq.
+    fn attach(&self, primary_state: &Path) -> (Conn, u64, u64) {
+        let st: PrimaryVolumeState = serde_json::from_slice(
+            &std::fs::read(primary_state.join("volumes").join(format!("{VOL}.json")))
+                .expect("the primary's state file"),
+        )
+        .expect("a primary state file");
+        let mut c = self.open();
+        self.send_msg(
+            &mut c,
+            &Message::Hello {
+                version: PROTOCOL_VERSION,
+                volume: VOL.into(),
+                size: SIZE,
+            },
+        );
+        self.send_msg(
+            &mut c,
+            &Message::Identify(Box::new(PrimaryClaim {
+                uuid: st.identity.uuid,
+                lineage: st.identity.lineage.clone(),
+                journal_acked: 0,
+                // Claims to hold whatever the mirror holds.
+                journal_last: 1 << 40,
+                fingerprint: st.identity.fingerprint.clone().expect("a fingerprint"),
+            })),
+        );
+        match self.reply(&mut c) {
+            Reply::Msg(Message::Decision {
+                mode,
                 durable_set,
                 durable_seq,
-                needs_full_copy,
+                reason,
+                ..
             }) => {
-                assert!(!needs_full_copy, "the mirror should hold a full copy");
+                assert_eq!(mode, Mode::Resume, "the mirror should resume: {reason}");
                 (c, durable_set, durable_seq)
             }
-            other => panic!("expected HelloAck, got {other:?}"),
+            other => panic!("expected a Decision, got {other:?}"),
         }
     }
 
@@ -1244,6 +1274,7 @@ fn bad_wire_input_is_refused() {
     rig.wait("mirror link down", LONG, |m, _| m["link"] == "down");
     let baseline = mirror_fingerprint(&rig);
     let a = Attacker::new(&rig.pki, rig.mirror_addr());
+    let primary_state = rig.dir().join("primary-state");
     let mut outcomes = Vec::new();
     let dropped = |rig: &Rig| {
         rig.mirror
@@ -1289,7 +1320,7 @@ fn bad_wire_input_is_refused() {
 
     // (b) a set from the future.
     let before = dropped(&rig);
-    let (mut c, durable_set, durable_seq) = a.attach();
+    let (mut c, durable_set, durable_seq) = a.attach(&primary_state);
     let set = data_set(durable_set + 5, durable_seq + 1, 0, 8192, 72);
     a.send_msg(&mut c, &Message::Set(set));
     let r = a.reply(&mut c);
@@ -1311,7 +1342,7 @@ fn bad_wire_input_is_refused() {
 
     // (b') a set already durable, and one writing past the volume's end.
     let before = dropped(&rig);
-    let (mut c, durable_set, durable_seq) = a.attach();
+    let (mut c, durable_set, durable_seq) = a.attach(&primary_state);
     a.send_msg(
         &mut c,
         &Message::Set(data_set(durable_set, durable_seq, 0, 4096, 73)),
@@ -1324,7 +1355,7 @@ fn bad_wire_input_is_refused() {
     a.close(c);
     check_unchanged(&rig, "(b') already durable");
     let before = dropped(&rig);
-    let (mut c, durable_set, durable_seq) = a.attach();
+    let (mut c, durable_set, durable_seq) = a.attach(&primary_state);
     a.send_msg(
         &mut c,
         &Message::Set(data_set(
@@ -1346,7 +1377,7 @@ fn bad_wire_input_is_refused() {
 
     // (c) half a (valid, next) set, then the end of the stream.
     let before = dropped(&rig);
-    let (mut c, durable_set, durable_seq) = a.attach();
+    let (mut c, durable_set, durable_seq) = a.attach(&primary_state);
     let mut buf = Vec::new();
     frame::encode(
         &Message::Set(data_set(durable_set + 1, durable_seq + 1, 0, 65536, 75)),
@@ -1368,7 +1399,7 @@ fn bad_wire_input_is_refused() {
 
     // (d) a frame header claiming a 4 GiB body, inside a session and as the first message.
     let before = dropped(&rig);
-    let (mut c, _, _) = a.attach();
+    let (mut c, _, _) = a.attach(&primary_state);
     let mut huge = vec![0xFF, 0xFF, 0xFF, 0xFF, 3];
     huge.extend_from_slice(&pseudo_random(1000, 76));
     a.send(&mut c, &huge);
@@ -1480,13 +1511,11 @@ fn cli_status(control: &Path, role: &str) -> Value {
         "human status:\n{human}"
     );
     assert!(
-        human.contains("lag_bytes") && human.contains("acked_set"),
+        human.contains("LAG BYTES") && human.contains("ACKED SET"),
         "{human}"
     );
     assert!(
-        human
-            .lines()
-            .any(|l| l.starts_with(&format!("{VOL}  {}", vols[0]["link"].as_str().unwrap()))),
+        human.lines().any(|l| l.starts_with(&format!("{VOL}  "))),
         "human status has no line for {VOL}:\n{human}"
     );
     v
@@ -1534,7 +1563,8 @@ fn status_reports_lag_and_initial_copy() {
     cli_status(&rig.primary.control, "primary");
     let m = cli_status(&rig.mirror.control, "mirror");
     assert_eq!(m["volumes"][0]["copy"], "done", "{m}");
-    assert_eq!(m["volumes"][0]["state"], "consistent", "{m}");
+    assert_eq!(m["volumes"][0]["state"], "replicating", "{m}");
+    assert_eq!(m["volumes"][0]["state_detail"], "consistent", "{m}");
 
     // A write burst: lag shows, acked_set grows, then lag 0.
     let (_, p) = rig.wait_synced();

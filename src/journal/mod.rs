@@ -54,6 +54,17 @@ pub struct JournalOptions {
     /// This boot of the host (`/proc/sys/kernel/random/boot_id`): a stop that was not clean
     /// under another boot id was a crash of the host, which may have lost unsynced records.
     pub boot_id: String,
+    /// The wall clock records are stamped with (Unix milliseconds).
+    pub clock: WallClock,
+}
+
+/// A wall clock in Unix milliseconds: the system's in production, a virtual one in the
+/// simulator.
+pub type WallClock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The system's wall clock.
+pub fn system_clock() -> WallClock {
+    Arc::new(|| crate::repl::core::primary::unix_ms(std::time::SystemTime::now()))
 }
 
 impl JournalOptions {
@@ -65,6 +76,7 @@ impl JournalOptions {
             ram_bytes: 32 << 20,
             segment_bytes: 64 << 20,
             boot_id: boot_id(),
+            clock: system_clock(),
         }
     }
 }
@@ -113,6 +125,8 @@ pub struct ShipRecord {
     /// CRC32 of the data (data records), computed once when the write was journaled: the
     /// frame encoder reuses it for a piece that is exactly this record's data.
     pub crc: Option<u32>,
+    /// When the write completed (Unix milliseconds, 0 if not known).
+    pub written_ms: u64,
 }
 
 /// A write announced to the journal but not yet completed.
@@ -162,10 +176,12 @@ struct Entry {
     len: u32,
     zero: bool,
     segment: u64,
-    pos: u64,
+    /// Where the record's data starts in its segment.
+    data_pos: u64,
     /// CRC32 of the data (0 for zero records).
     crc: u32,
     at: Instant,
+    written_ms: u64,
 }
 
 struct Inner {
@@ -389,6 +405,7 @@ impl Journal {
             len,
             data_crc: 0,
             completes: 0,
+            time_ms: 0,
         };
         let appended = self.append_locked(&mut g, &h, &[]);
         g.reserved -= HEADER_LEN as u64;
@@ -464,6 +481,7 @@ impl Journal {
             return Err(closed());
         }
         let seq = g.next_seq;
+        let time_ms = (self.opts.clock)();
         let (h, data): (Header, &[u8]) = match &payload {
             Payload::Data(d) => (
                 Header {
@@ -473,6 +491,7 @@ impl Journal {
                     len: d.len() as u32,
                     data_crc: crc32fast::hash(d),
                     completes,
+                    time_ms,
                 },
                 d,
             ),
@@ -484,6 +503,7 @@ impl Journal {
                     len: *len,
                     data_crc: 0,
                     completes,
+                    time_ms,
                 },
                 &[],
             ),
@@ -495,9 +515,10 @@ impl Journal {
             len: h.len,
             zero: h.kind == Kind::Zero,
             segment,
-            pos,
+            data_pos: pos + HEADER_LEN as u64,
             crc: h.data_crc,
             at: Instant::now(),
+            written_ms: time_ms,
         });
         g.lag_bytes += h.len as u64;
         if let Payload::Data(d) = payload {
@@ -674,14 +695,10 @@ impl Journal {
                     Data::Ready(Payload::Data(g.ram[i].1.clone()))
                 } else {
                     let seg_idx = g.segments.partition_point(|s| s.first_seq <= e.segment) - 1;
-                    Data::OnDisk(
-                        g.segments[seg_idx].file.clone(),
-                        e.pos + HEADER_LEN as u64,
-                        e.len,
-                    )
+                    Data::OnDisk(g.segments[seg_idx].file.clone(), e.data_pos, e.len)
                 };
                 let crc = (!e.zero).then_some(e.crc);
-                pending.push((e.seq, e.offset, data, crc));
+                pending.push((e.seq, e.offset, data, crc, e.written_ms));
             }
             (pending, covered)
         };
@@ -690,7 +707,7 @@ impl Journal {
         let mut out = Vec::with_capacity(pending.len());
         let mut i = 0;
         while i < pending.len() {
-            let (seq, offset, data, crc) = &pending[i];
+            let (seq, offset, data, crc, written_ms) = &pending[i];
             let Data::OnDisk(file, first_pos, _) = data else {
                 let Data::Ready(p) = data else { unreachable!() };
                 out.push(ShipRecord {
@@ -700,6 +717,7 @@ impl Journal {
                         payload: p.clone(),
                     },
                     crc: *crc,
+                    written_ms: *written_ms,
                 });
                 i += 1;
                 continue;
@@ -707,7 +725,7 @@ impl Journal {
             // The first record always joins, however long (an NBD write may be 32 MiB).
             let mut end = i;
             let mut span_end = *first_pos;
-            while let Some((_, _, Data::OnDisk(f, pos, len), _)) = pending.get(end) {
+            while let Some((_, _, Data::OnDisk(f, pos, len), _, _)) = pending.get(end) {
                 let next_end = pos + *len as u64;
                 let joins = end == i
                     || (Arc::ptr_eq(f, file)
@@ -720,7 +738,7 @@ impl Journal {
                 end += 1;
             }
             let span = file.map(*first_pos, (span_end - first_pos) as usize)?;
-            for (seq, offset, data, crc) in &pending[i..end] {
+            for (seq, offset, data, crc, written_ms) in &pending[i..end] {
                 let Data::OnDisk(_, pos, len) = data else {
                     unreachable!()
                 };
@@ -732,6 +750,7 @@ impl Journal {
                         payload: Payload::Data(span.slice(at..at + *len as usize)),
                     },
                     crc: *crc,
+                    written_ms: *written_ms,
                 });
             }
             i = end;
@@ -784,15 +803,16 @@ fn recover_segment(
     g.next_seq = g.next_seq.max(first_seq);
     let mut older_lap = false;
     let now = Instant::now();
+    let now_ms = (opts.clock)();
     while pos < data.len() {
-        let Some(h) = Header::decode(&data[pos..]) else {
+        let Some((h, header_len)) = Header::decode(&data[pos..]) else {
             break;
         };
         if h.seq != g.next_seq {
             older_lap = h.seq < first_seq;
             break;
         }
-        let body = &data[pos + HEADER_LEN..];
+        let body = &data[pos + header_len..];
         if body.len() < h.data_len()
             || (h.kind == Kind::Data && crc32fast::hash(&body[..h.data_len()]) != h.data_crc)
         {
@@ -804,22 +824,25 @@ fn recover_segment(
             }
             Kind::Data | Kind::Zero => {
                 g.open_intents.remove(&h.completes);
+                // Lag counts from when the write completed, as far as the clock says.
+                let age = Duration::from_millis(now_ms.saturating_sub(h.time_ms));
                 g.index.push_back(Entry {
                     seq: h.seq,
                     offset: h.offset,
                     len: h.len,
                     zero: h.kind == Kind::Zero,
                     segment: first_seq,
-                    pos: pos as u64,
+                    data_pos: (pos + header_len) as u64,
                     crc: h.data_crc,
-                    at: now,
+                    at: now.checked_sub(age).unwrap_or(now),
+                    written_ms: h.time_ms,
                 });
                 g.lag_bytes += h.len as u64;
             }
         }
         last_seq = h.seq;
         g.next_seq = h.seq + 1;
-        pos += HEADER_LEN + h.data_len();
+        pos += header_len + h.data_len();
     }
     if pos < data.len() {
         match last_stop {
@@ -855,6 +878,7 @@ mod tests {
         JournalOptions {
             fs: os(),
             boot_id: "boot-1".into(),
+            clock: system_clock(),
             dir: dir.to_path_buf(),
             max_disk_bytes: 1 << 20,
             ram_bytes: 8192,
@@ -1140,6 +1164,7 @@ mod tests {
         JournalOptions {
             fs: Arc::new(fs.clone()),
             boot_id: boot.into(),
+            clock: Arc::new(|| 1_000),
             dir: PathBuf::from("/state/journal/v"),
             max_disk_bytes: 1 << 20,
             ram_bytes: 8192,

@@ -1,25 +1,36 @@
 //! On-disk journal records as pure code.
 //!
+//! Version 2 (`BMJ2`, written now), 56-byte header:
+//!
 //! | bytes | field |
 //! | --- | --- |
-//! | 0..4 | magic `BMJ1` |
-//! | 4 | kind: 1 data, 2 zero, 3 intent, 4 resync |
+//! | 0..4 | magic `BMJ2` |
+//! | 4 | kind: 1 data, 2 zero, 3 intent |
 //! | 5..8 | reserved (0) |
 //! | 8..16 | seq (u64 BE) |
 //! | 16..24 | volume offset |
 //! | 24..28 | length in bytes |
 //! | 28..32 | crc32 of the data that follows (data records), else 0 |
 //! | 32..40 | intent seq this record completes (data/zero), else 0 |
-//! | 40..44 | crc32 of bytes 0..40 |
-//! | 44..48 | reserved (0) |
-//! | 48.. | data (data records only) |
+//! | 40..48 | when the write completed, Unix milliseconds (data/zero), else 0 |
+//! | 48..52 | crc32 of bytes 0..48 |
+//! | 52..56 | reserved (0) |
+//! | 56.. | data (data records only) |
+//!
+//! Version 1 (`BMJ1`, still read): the same fields without the time, a 48-byte header whose
+//! crc32 of bytes 0..40 sits at 40..44.
 //!
 //! An intent is written before a write is submitted to the local disk; the data (or zero)
 //! record that completes it names it. Intents left open by a crash mark ranges that may differ
-//! from the mirror: they are re-read from the volume and journaled again (resync records).
+//! from the mirror: they are re-read from the volume and journaled again (resync records). The
+//! completion time lets the mirror say how old the newest write it holds is, even for records
+//! read back after a restart.
 
-pub const MAGIC: [u8; 4] = *b"BMJ1";
-pub const HEADER_LEN: usize = 48;
+pub const MAGIC: [u8; 4] = *b"BMJ2";
+pub const MAGIC_V1: [u8; 4] = *b"BMJ1";
+/// Header length of the records written now.
+pub const HEADER_LEN: usize = 56;
+const V1_HEADER_LEN: usize = 48;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -36,6 +47,8 @@ pub struct Header {
     pub len: u32,
     pub data_crc: u32,
     pub completes: u64,
+    /// Unix milliseconds when the write completed (0: not known, or an intent).
+    pub time_ms: u64,
 }
 
 impl Header {
@@ -48,18 +61,26 @@ impl Header {
         b[24..28].copy_from_slice(&self.len.to_be_bytes());
         b[28..32].copy_from_slice(&self.data_crc.to_be_bytes());
         b[32..40].copy_from_slice(&self.completes.to_be_bytes());
-        let crc = crc32fast::hash(&b[0..40]);
-        b[40..44].copy_from_slice(&crc.to_be_bytes());
+        b[40..48].copy_from_slice(&self.time_ms.to_be_bytes());
+        let crc = crc32fast::hash(&b[0..48]);
+        b[48..52].copy_from_slice(&crc.to_be_bytes());
         b
     }
 
-    /// None for anything that is not an intact header (a torn tail, garbage).
-    pub fn decode(b: &[u8]) -> Option<Header> {
-        if b.len() < HEADER_LEN || b[0..4] != MAGIC {
+    /// The intact header at the start of `b` and its length; None for anything else (a torn
+    /// tail, garbage).
+    pub fn decode(b: &[u8]) -> Option<(Header, usize)> {
+        let magic = b.get(0..4)?;
+        let (len, crc_at, covered) = if magic == MAGIC {
+            (HEADER_LEN, 48, 48)
+        } else if magic == MAGIC_V1 {
+            (V1_HEADER_LEN, 40, 40)
+        } else {
             return None;
-        }
-        let crc = u32::from_be_bytes(b[40..44].try_into().ok()?);
-        if crc != crc32fast::hash(&b[0..40]) {
+        };
+        let b = b.get(..len)?;
+        let crc = u32::from_be_bytes(b[crc_at..crc_at + 4].try_into().ok()?);
+        if crc != crc32fast::hash(&b[0..covered]) {
             return None;
         }
         let kind = match b[4] {
@@ -68,14 +89,20 @@ impl Header {
             3 => Kind::Intent,
             _ => return None,
         };
-        Some(Header {
-            kind,
-            seq: u64::from_be_bytes(b[8..16].try_into().ok()?),
-            offset: u64::from_be_bytes(b[16..24].try_into().ok()?),
-            len: u32::from_be_bytes(b[24..28].try_into().ok()?),
-            data_crc: u32::from_be_bytes(b[28..32].try_into().ok()?),
-            completes: u64::from_be_bytes(b[32..40].try_into().ok()?),
-        })
+        let u64_at =
+            |i: usize| -> Option<u64> { Some(u64::from_be_bytes(b[i..i + 8].try_into().ok()?)) };
+        Some((
+            Header {
+                kind,
+                seq: u64_at(8)?,
+                offset: u64_at(16)?,
+                len: u32::from_be_bytes(b[24..28].try_into().ok()?),
+                data_crc: u32::from_be_bytes(b[28..32].try_into().ok()?),
+                completes: u64_at(32)?,
+                time_ms: if len == HEADER_LEN { u64_at(40)? } else { 0 },
+            },
+            len,
+        ))
     }
 
     /// Bytes of data that follow the header on disk.
@@ -101,18 +128,47 @@ mod tests {
             len: 512,
             data_crc: 99,
             completes: 6,
+            time_ms: 1_700_000_000_123,
         };
         let b = h.encode();
-        assert_eq!(Header::decode(&b), Some(h));
+        assert_eq!(Header::decode(&b), Some((h, HEADER_LEN)));
         assert_eq!(h.data_len(), 512);
         for i in 0..HEADER_LEN {
             let mut d = b;
             d[i] ^= 0x40;
-            if (44..48).contains(&i) || (5..8).contains(&i) {
+            if (52..56).contains(&i) || (5..8).contains(&i) {
                 continue; // reserved bytes are not covered
             }
             assert_eq!(Header::decode(&d), None, "flip at {i} must be caught");
         }
         assert_eq!(Header::decode(&b[..40]), None);
+    }
+
+    /// Records of the previous layout are still read (a journal written by an older release).
+    #[test]
+    fn version_1_headers_are_read() {
+        let mut b = [0u8; 48];
+        b[0..4].copy_from_slice(&MAGIC_V1);
+        b[4] = 2;
+        b[8..16].copy_from_slice(&9u64.to_be_bytes());
+        b[16..24].copy_from_slice(&8192u64.to_be_bytes());
+        b[24..28].copy_from_slice(&4096u32.to_be_bytes());
+        b[32..40].copy_from_slice(&8u64.to_be_bytes());
+        let crc = crc32fast::hash(&b[0..40]);
+        b[40..44].copy_from_slice(&crc.to_be_bytes());
+        let (h, len) = Header::decode(&b).unwrap();
+        assert_eq!(len, 48);
+        assert_eq!(
+            h,
+            Header {
+                kind: Kind::Zero,
+                seq: 9,
+                offset: 8192,
+                len: 4096,
+                data_crc: 0,
+                completes: 8,
+                time_ms: 0,
+            }
+        );
     }
 }

@@ -49,6 +49,10 @@ pub struct Server {
     /// Connections open now, handshakes included.
     open: AtomicUsize,
     refused: Mutex<Refusals>,
+    /// A copy of each open connection's socket, to end it at shutdown.
+    live: Mutex<std::collections::HashMap<u64, OwnedFd>>,
+    /// Shutting down: new connections are closed at once.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -76,7 +80,35 @@ impl Server {
             limits,
             open: AtomicUsize::new(0),
             refused: Mutex::new(Refusals::default()),
+            live: Mutex::new(std::collections::HashMap::new()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Stop serving: new connections are closed, open ones are ended (their sockets shut
+    /// down; each finishes the disk operations it has in flight and replies to none), and this
+    /// waits up to `timeout` for all of them to be gone. Returns whether they all are: only
+    /// then has every write reached its end, journal included.
+    pub fn shutdown(&self, timeout: Duration) -> bool {
+        self.stopping.store(true, Ordering::SeqCst);
+        for fd in self.live.lock().unwrap().values() {
+            let _ = nix::sys::socket::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(fd),
+                nix::sys::socket::Shutdown::Both,
+            );
+        }
+        let deadline = Instant::now() + timeout;
+        while self.open.load(Ordering::Acquire) > 0 {
+            if Instant::now() > deadline {
+                tracing::warn!(
+                    open = self.open.load(Ordering::Acquire),
+                    "NBD connections still busy at shutdown"
+                );
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
     }
 
     fn take_slot(self: &Arc<Self>) -> Option<Slot> {
@@ -147,6 +179,9 @@ impl Server {
 
     fn spawn_conn<S: Stream>(self: &Arc<Self>, stream: S, peer: String) {
         let accepted = Instant::now();
+        if self.stopping.load(Ordering::SeqCst) {
+            return;
+        }
         let Some(slot) = self.take_slot() else {
             drop(stream); // closed before a byte is sent: the client reads EOF
             self.log_refusal(&peer);
@@ -159,9 +194,13 @@ impl Server {
             .spawn(move || {
                 let _slot = slot;
                 tracing::debug!(conn = id, %peer, "connected");
+                if let Ok(copy) = stream.try_clone() {
+                    server.live.lock().unwrap().insert(id, copy.into_fd());
+                }
                 if let Err(e) = server.serve(id, stream, accepted) {
                     tracing::warn!(conn = id, %peer, "connection ended with an error: {e}");
                 }
+                server.live.lock().unwrap().remove(&id);
             });
         if let Err(e) = spawned {
             tracing::error!(conn = id, "cannot start a connection thread: {e}");

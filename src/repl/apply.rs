@@ -5,11 +5,13 @@ use super::frame::{self, DeltaSet, Message, SetKind};
 use super::redo::RedoLog;
 use crate::disk::buf::{AlignedBuf, BufPool};
 use crate::disk::file::{FileStorage, IoMode};
+use crate::disk::fingerprint::Fingerprint;
 use crate::disk::ranges::aligned_span;
 use crate::disk::spec::VolumeSpec;
 use crate::disk::{DiskOp, Prepared, Storage};
 use crate::env::{write_atomic, FileSystem, Fs};
 use crate::extent::{Extent, Payload};
+use crate::repl::identity::VolumeIdentity;
 use io_uring::IoUring;
 use serde::{Deserialize, Serialize};
 use std::io;
@@ -26,15 +28,53 @@ pub enum CopyState {
     Done,
 }
 
-/// What the mirror remembers of a volume between runs (`STATE/volumes/NAME.json`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// What the mirror remembers of a volume between runs (`STATE/volumes/NAME.json`), saved
+/// atomically at every checkpoint and decision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeState {
+    /// Always "mirror": a daemon of the other role refuses this state directory.
+    #[serde(default = "mirror_role")]
+    pub role: String,
     pub applied_set: u64,
     pub applied_seq: u64,
     pub copy: CopyState,
     /// The volume is consistent once journal sets up to this sequence number are applied
     /// after the full copy (the copy read blocks that were newer than the sets before it).
     pub consistent_after_seq: u64,
+    /// Which pair and generation the data belongs to, and the disks of both sides.
+    #[serde(default)]
+    pub identity: VolumeIdentity,
+    /// When the newest write applied here completed on the primary (Unix ms, the primary's
+    /// clock; 0: not known).
+    #[serde(default)]
+    pub newest_write_ms: u64,
+    /// When the newest applied set was received (Unix ms, this host's clock).
+    #[serde(default)]
+    pub newest_received_ms: u64,
+    /// The volume is not what this state describes (its disk was replaced, or it changed
+    /// while the daemon was stopped): not consistent until a resync completes.
+    #[serde(default)]
+    pub volume_changed: Option<String>,
+}
+
+fn mirror_role() -> String {
+    "mirror".into()
+}
+
+impl Default for VolumeState {
+    fn default() -> Self {
+        VolumeState {
+            role: mirror_role(),
+            applied_set: 0,
+            applied_seq: 0,
+            copy: CopyState::None,
+            consistent_after_seq: 0,
+            identity: VolumeIdentity::default(),
+            newest_write_ms: 0,
+            newest_received_ms: 0,
+            volume_changed: None,
+        }
+    }
 }
 
 impl VolumeState {
@@ -43,16 +83,27 @@ impl VolumeState {
     }
 
     pub fn load(fs: &dyn FileSystem, path: &Path) -> io::Result<VolumeState> {
-        match fs.read(path) {
+        let st: VolumeState = match fs.read(path) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("{}: {e}", path.display()),
                 )
-            }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(VolumeState::default()),
-            Err(e) => Err(e),
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(VolumeState::default()),
+            Err(e) => return Err(e),
+        };
+        if st.role != "mirror" {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} belongs to a {} (this daemon is a mirror)",
+                    path.display(),
+                    st.role
+                ),
+            ));
         }
+        Ok(st)
     }
 
     /// Write atomically: temp file, fsync, rename, fsync the directory.
@@ -61,19 +112,30 @@ impl VolumeState {
         write_atomic(fs, path, &bytes)
     }
 
+    /// The volume holds a state of the primary's: a copy completed, every journal set up to
+    /// its point applied, and the volume is the disk this state describes.
     pub fn consistent(&self) -> bool {
-        self.copy == CopyState::Done && self.applied_seq >= self.consistent_after_seq
+        self.copy == CopyState::Done
+            && self.applied_seq >= self.consistent_after_seq
+            && self.volume_changed.is_none()
     }
 
     /// The state after `set` is applied.
     pub fn advance(&mut self, set: &DeltaSet) {
         self.applied_set = set.set;
+        self.newest_write_ms = self.newest_write_ms.max(set.newest_write_ms);
         match set.kind {
             SetKind::Journal => self.applied_seq = self.applied_seq.max(set.last_seq),
             SetKind::Copy { done } => {
                 if done {
+                    // The copy holds every write up to where it started (`first_seq`); the
+                    // journal sets after it bring the volume to `last_seq`, where it read
+                    // its last chunk.
                     self.copy = CopyState::Done;
+                    self.applied_seq = self.applied_seq.max(set.first_seq);
                     self.consistent_after_seq = set.last_seq;
+                    // The copy now holds what the volume held when it was read.
+                    self.volume_changed = None;
                 } else {
                     self.copy = CopyState::Running;
                 }
@@ -90,6 +152,10 @@ pub trait ApplyTarget {
     fn apply(&mut self, set: &DeltaSet) -> io::Result<()>;
     /// Make everything applied so far durable.
     fn sync(&mut self) -> io::Result<()>;
+    /// Read what the volume holds (comparison checksums).
+    fn read(&mut self, offset: u64, out: &mut [u8]) -> io::Result<()>;
+    /// The disk behind the volume.
+    fn fingerprint(&self) -> io::Result<Fingerprint>;
 }
 
 impl ApplyTarget for Applier {
@@ -99,6 +165,14 @@ impl ApplyTarget for Applier {
 
     fn sync(&mut self) -> io::Result<()> {
         Applier::sync(self)
+    }
+
+    fn read(&mut self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        self.storage.read_sync(offset, out)
+    }
+
+    fn fingerprint(&self) -> io::Result<Fingerprint> {
+        self.storage.fingerprint()
     }
 }
 
@@ -516,6 +590,10 @@ pub fn replay(
     }
     if n > 0 {
         applier.sync()?;
+        // Sealed again: the replay's own writes moved the disk's change time.
+        if state.identity.fingerprint.is_some() {
+            state.identity.fingerprint = Some(applier.fingerprint()?);
+        }
         state.save(fs, state_path)?;
     }
     redo.trim(state.applied_set)?;

@@ -910,6 +910,7 @@ pub fn decode_frame(frame: &Bytes) -> Result<Message, FrameError> {
     }
 }
 
+#[cfg(any(test, feature = "test-hooks"))]
 /// Test-only fault hook: flips (bitwise NOT) the last stored byte of the first data extent of an
 /// encoded Set message, so that the CRC check must catch it (for lz4 extents the last byte is a
 /// literal, so the block still decompresses — to wrong data). Returns false if `encoded` does not
@@ -922,6 +923,7 @@ pub fn corrupt_first_data_byte(encoded: &mut [u8]) -> bool {
     true
 }
 
+#[cfg(any(test, feature = "test-hooks"))]
 fn first_data_byte(encoded: &[u8]) -> Option<usize> {
     let total = frame_len(encoded).ok()??;
     let header_len = match *encoded.get(4)? {

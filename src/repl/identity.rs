@@ -186,6 +186,14 @@ impl Lineage {
         (i > 0).then(|| (i - 1, &self.spans[i - 1]))
     }
 
+    /// The generation a data state after write `seq` belongs to: the span holding `seq`, or
+    /// the first span for a state before any of its writes (a copy taken at its start).
+    pub fn holding(&self, seq: u64) -> Option<&Span> {
+        self.span_at(seq)
+            .map(|(_, s)| s)
+            .or_else(|| self.spans.first())
+    }
+
     /// Where span `gen` (starting at `first_seq`) is, if this lineage has it.
     fn find(&self, gen: GenId, first_seq: u64) -> Option<usize> {
         self.spans
@@ -316,7 +324,7 @@ pub fn decide(p: &PrimaryClaim, m: &MirrorHolds) -> Decision {
                 .into(),
         };
     };
-    let Some((_, held)) = m.lineage.span_at(at) else {
+    let Some(held) = m.lineage.holding(at) else {
         return Decision::Compare {
             why: format!("the mirror cannot name the generation of its data at seq {at}"),
         };
@@ -452,6 +460,14 @@ mod tests {
         assert_eq!(decide(&p, &m), Decision::Resume { from_seq: 49 });
         let p = primary(&[(1, 1, true)], 49, 49);
         assert_eq!(decide(&p, &m), Decision::Resume { from_seq: 49 });
+    }
+
+    #[test]
+    fn a_mirror_holding_no_write_yet_resumes() {
+        // A full copy taken before the primary's first write: position 0, before any span.
+        let p = primary(&[(1, 1, false), (2, 3, true)], 0, 8);
+        let m = mirror(&[(1, 1, false)], Some(0));
+        assert_eq!(decide(&p, &m), Decision::Resume { from_seq: 0 });
     }
 
     #[test]

@@ -1,9 +1,18 @@
-//! The mirror daemon's replication side: accepts authenticated primaries, makes every delta set
-//! durable in the redo log before acknowledging it, and applies sets in order on a thread per
-//! volume.
+//! The mirror daemon's replication side, a driver of [`MirrorCore`] (which holds the rules):
+//! accepts authenticated primaries, takes the decision on connect, makes every delta set
+//! durable in the redo log before acknowledging it, and applies sets in order. Per volume a
+//! pipeline of three threads does the disk work: the **redo writer** writes whatever sets are
+//! waiting in one batch, the **sync thread** fdatasyncs everything written meanwhile (one sync
+//! per file per round) then acknowledges those sets in order and hands them on, the
+//! **applier** writes them in place and checkpoints. The pipeline belongs to the volume, not to
+//! a session, so a session that is replaced or dropped never leaves a durable set unapplied.
 
-use super::apply::{self, Applier, CopyState, VolumeState};
-use super::frame::{DeltaSet, Message, SetKind, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use super::apply::{self, Applier, ApplyTarget, VolumeState};
+use super::core::mirror::{Accepted, Durable, Failure, MirrorCore, Refusal};
+use super::core::primary::{chunk_sum, unix_ms};
+use super::frame::{
+    DeltaSet, Message, RefuseCode, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION, SUM_LEN,
+};
 use super::redo::RedoLog;
 use super::stream::{read_message, write_message, StreamError};
 use crate::disk::buf::{BlockBytes, SharedPool};
@@ -15,18 +24,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::OwnedSemaphorePermit;
-
-/// Refusal codes in `Message::Refuse`.
-pub mod refuse {
-    pub const VERSION: u16 = 1;
-    pub const UNKNOWN_VOLUME: u16 = 2;
-    pub const SIZE_MISMATCH: u16 = 3;
-    pub const BAD_SET: u16 = 4;
-    pub const BAD_MESSAGE: u16 = 5;
-    pub const DISK_FAILED: u16 = 6;
-}
 
 /// Bytes received but not yet durable, at most (per session).
 const PENDING_BYTES: usize = 32 << 20;
@@ -36,10 +35,22 @@ const PENDING_BYTES: usize = 32 << 20;
 const APPLY_QUEUE_BYTES: usize = 32 << 20;
 
 /// The mirror volume is synced and its applied set saved at most this often.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 /// Free receive buffers kept for reuse: a set's worth of each size class, roughly.
 const RECEIVE_POOL_BYTES: usize = 64 << 20;
+
+/// Sets written per redo batch, at most: larger groups would only delay the first acks.
+const BATCH_BYTES: usize = 32 << 20;
+
+/// How long the applier waits before trying a volume that failed again (it doubles up to
+/// [`APPLY_RETRY_MAX`]): a transient error heals without a restart, a dead disk is not
+/// hammered.
+const APPLY_RETRY_FIRST: Duration = Duration::from_millis(500);
+const APPLY_RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// How long a new session waits for the pipeline to drain before answering.
+const BARRIER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Room a set takes in the apply queue (at least 1, at most the whole queue).
 fn apply_cost(set: &DeltaSet) -> usize {
@@ -94,37 +105,47 @@ impl Drop for ApplyPermit {
     }
 }
 
-type AckResult = Result<Durable, (u16, String)>;
-type AckSender = tokio::sync::mpsc::UnboundedSender<AckResult>;
+/// What goes back to a session: a message for its primary, or the refusal that ends it.
+type Reply = Result<Message, Refusal>;
+type ReplySender = tokio::sync::mpsc::UnboundedSender<Reply>;
+
+/// A comparison request travelling the pipeline (it must see every set sent before it).
+struct SumsJob {
+    offset: u64,
+    chunk: u32,
+    sums: Vec<[u8; SUM_LEN]>,
+    reply: ReplySender,
+}
 
 /// Work for a volume's durability pipeline, from its sessions, in arrival order.
 enum Job {
     /// A received set: write it to the redo log, sync, acknowledge, apply.
     Set {
-        generation: u64,
+        session: u64,
         set: DeltaSet,
         raw: BlockBytes,
+        received_ms: u64,
         /// Holds the session's receive budget until the set is durable.
         received: OwnedSemaphorePermit,
-        ack: AckSender,
+        reply: ReplySender,
     },
-    /// A session starts: sets still queued from sessions before it are dropped (their primary
-    /// is the one reconnecting, and re-sends them), and `reply` gets the durable state once
-    /// everything written before has been synced and handed to the applier.
+    Sums(SumsJob),
+    /// Everything before it is written, synced and applied before `reply` is answered; sets
+    /// of sessions older than `session` arriving after it are dropped.
     Barrier {
-        generation: u64,
-        reply: tokio::sync::oneshot::Sender<Durable>,
+        session: Option<u64>,
+        reply: tokio::sync::oneshot::Sender<()>,
     },
 }
 
-/// A set the redo writer accepted (the next one, inside the volume), with what it holds until
-/// it is durable and the durable state once it is.
-struct Accepted {
+/// A set the redo writer accepted, with what it holds until it is durable.
+struct Pending {
     set: DeltaSet,
     /// The message as received, which the redo log writes.
     raw: BlockBytes,
+    received_ms: u64,
     received: OwnedSemaphorePermit,
-    ack: AckSender,
+    reply: ReplySender,
     after: Durable,
 }
 
@@ -133,21 +154,25 @@ enum ToSync {
     /// Sets written to `file`, durable once it is synced.
     Written {
         file: Handle,
-        sets: Vec<Accepted>,
+        sets: Vec<Pending>,
     },
     /// A set refused (not written): answered in order, after the sets before it.
-    Refused(AckSender, (u16, String)),
-    Barrier(tokio::sync::oneshot::Sender<Durable>),
+    Refused(ReplySender, Refusal),
+    Sums(SumsJob),
+    Barrier(tokio::sync::oneshot::Sender<()>),
 }
 
-/// Sets written per redo batch, at most: larger groups would only delay the first acks.
-const BATCH_BYTES: usize = 32 << 20;
-
-#[derive(Clone, Copy, Debug, Default)]
-struct Durable {
-    set: u64,
-    seq: u64,
-    copy_done: bool,
+/// From the sync thread to the applier.
+enum ToApply {
+    Set {
+        set: DeltaSet,
+        received_ms: u64,
+        _permit: ApplyPermit,
+    },
+    Sums(SumsJob),
+    Barrier(tokio::sync::oneshot::Sender<()>),
+    /// Checkpoint now (a clean stop), then answer.
+    Checkpoint(tokio::sync::oneshot::Sender<()>),
 }
 
 #[derive(Default)]
@@ -157,96 +182,160 @@ pub struct MirrorStats {
     pub sessions: AtomicU64,
     pub refused: AtomicU64,
     pub last_error: Mutex<String>,
-    /// Applying to the volume failed: the mirror is no longer being updated.
-    pub failed: AtomicBool,
 }
 
 pub struct MirrorVolume {
     pub name: String,
-    fs: Fs,
     pub size: u64,
+    fs: Fs,
+    state_path: PathBuf,
+    /// The rules; every thread asks it.
+    core: Mutex<MirrorCore>,
     redo: Mutex<RedoLog>,
-    durable: Mutex<Durable>,
-    pub state: Arc<Mutex<VolumeState>>,
-    /// Into the durability pipeline: redo writer thread, then sync thread, then applier thread.
-    /// It belongs to the volume, not to a session, so a session that is replaced or dropped
-    /// never leaves a durable set unapplied.
-    jobs: mpsc::Sender<Job>,
-    /// Sessions so far; a new one makes the queued sets of older ones stale.
-    generation: AtomicU64,
+    /// One writer of the state file at a time (checkpoints and decisions).
+    save_lock: Mutex<()>,
+    jobs: Mutex<mpsc::Sender<Job>>,
+    apply_tx: Mutex<mpsc::Sender<ToApply>>,
     /// Bounds the sets waiting for the applier (see [`APPLY_QUEUE_BYTES`]).
     apply_budget: Arc<ApplyBudget>,
     pub stats: MirrorStats,
     session: Mutex<Option<tokio::task::AbortHandle>>,
-    /// The applied set as of the last checkpoint (volume synced, state saved).
-    checkpointed: AtomicU64,
 }
 
 impl MirrorVolume {
-    /// Open the volume, replay its redo log, start its applier thread.
+    /// Open the volume, check its disk against its state, replay its redo log, start its
+    /// pipeline threads.
     pub fn open(fs: &Fs, spec: &VolumeSpec, state_dir: &Path) -> io::Result<Arc<MirrorVolume>> {
         // Direct I/O: through the page cache, each small write cost more CPU in ext4 than the
         // copy itself (large folios), and fsync then paid for the writeback.
         let storage = FileStorage::open(spec, IoMode::Direct).map_err(io::Error::other)?;
         let size = crate::disk::Storage::size(&storage);
         let mut applier = Applier::new(storage)?;
-        let state_path = VolumeState::path(state_dir, &spec.name);
+        Self::open_with(fs, &spec.name, size, &mut applier, state_dir).map(|(vol, threads)| {
+            threads.start(vol.clone(), applier);
+            vol
+        })
+    }
+
+    /// Everything `open` does but starting the threads (shared with the simulator's tests).
+    fn open_with(
+        fs: &Fs,
+        name: &str,
+        size: u64,
+        applier: &mut dyn ApplyTarget,
+        state_dir: &Path,
+    ) -> io::Result<(Arc<MirrorVolume>, Threads)> {
+        let state_path = VolumeState::path(state_dir, name);
         let mut state = VolumeState::load(&**fs, &state_path)?;
-        let mut redo = RedoLog::open(fs, &apply::redo_dir(state_dir, &spec.name))?;
-        let replayed = apply::replay(&mut applier, &mut redo, &mut state, &**fs, &state_path)?;
+        let mut redo = RedoLog::open(fs, &apply::redo_dir(state_dir, name))?;
+        // Read before the replay writes: the change time sealed at the last checkpoint is
+        // meaningful only if nothing was applied after it.
+        let disk = applier.fingerprint().ok();
+        let sealed_valid = redo.last_set().is_none_or(|l| l <= state.applied_set);
+        let replayed = apply::replay(applier, &mut redo, &mut state, &**fs, &state_path)?;
         if replayed > 0 {
-            tracing::info!(volume = %spec.name, sets = replayed, "redo log replayed");
+            tracing::info!(volume = %name, sets = replayed, "redo log replayed");
         }
-        tracing::info!(volume = %spec.name, applied_set = state.applied_set, copy = ?state.copy,
-            consistent = state.consistent(), "mirror volume open");
-        let durable = Durable {
-            set: state.applied_set,
-            seq: state.applied_seq,
-            copy_done: state.copy == CopyState::Done,
-        };
+        let core = MirrorCore::new(name, size, state, disk.as_ref(), sealed_valid);
+        core.state().save(&**fs, &state_path)?;
+        tracing::info!(volume = %name, applied_set = core.state().applied_set,
+            copy = ?core.state().copy, consistent = core.state().consistent(),
+            uuid = ?core.state().identity.uuid, "mirror volume open");
         let (jobs, jobs_rx) = mpsc::channel();
         let (sync_tx, sync_rx) = mpsc::channel();
         let (apply_tx, apply_rx) = mpsc::channel();
         let vol = Arc::new(MirrorVolume {
-            name: spec.name.clone(),
-            fs: fs.clone(),
+            name: name.to_string(),
             size,
+            fs: fs.clone(),
+            state_path,
+            core: Mutex::new(core),
             redo: Mutex::new(redo),
-            durable: Mutex::new(durable),
-            state: Arc::new(Mutex::new(state)),
-            jobs,
-            generation: AtomicU64::new(0),
+            save_lock: Mutex::new(()),
+            jobs: Mutex::new(jobs),
+            apply_tx: Mutex::new(apply_tx.clone()),
             apply_budget: ApplyBudget::new(APPLY_QUEUE_BYTES),
             stats: MirrorStats::default(),
             session: Mutex::new(None),
-            checkpointed: AtomicU64::new(durable.set),
         });
-        let v = vol.clone();
-        std::thread::Builder::new()
-            .name(format!("redo-{}", spec.name))
-            .spawn(move || v.redo_loop(jobs_rx, sync_tx))?;
-        let v = vol.clone();
-        std::thread::Builder::new()
-            .name(format!("sync-{}", spec.name))
-            .spawn(move || v.sync_loop(sync_rx, apply_tx))?;
-        let v = vol.clone();
-        std::thread::Builder::new()
-            .name(format!("apply-{}", spec.name))
-            .spawn(move || v.apply_loop(applier, apply_rx, state_path))?;
-        Ok(vol)
+        Ok((
+            vol,
+            Threads {
+                jobs_rx,
+                sync_tx,
+                sync_rx,
+                apply_tx,
+                apply_rx,
+            },
+        ))
+    }
+
+    fn send_job(&self, job: Job) -> Result<(), Refusal> {
+        self.jobs.lock().unwrap().send(job).map_err(|_| stopped())
+    }
+
+    /// Wait until everything sent before is written, synced and applied.
+    fn barrier_blocking(&self) -> Result<(), Refusal> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.send_job(Job::Barrier {
+            session: None,
+            reply,
+        })?;
+        rx.blocking_recv().map_err(|_| stopped())
+    }
+
+    /// Session `session` starts once everything older sessions queued is written, synced and
+    /// applied (or, if it arrives later, dropped).
+    async fn barrier(&self, session: u64) -> Result<(), Refusal> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.send_job(Job::Barrier {
+            session: Some(session),
+            reply,
+        })?;
+        match tokio::time::timeout(BARRIER_TIMEOUT, rx).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(stopped()),
+            Err(_) => Err((
+                RefuseCode::VolumeFailed,
+                format!(
+                    "the mirror's pipeline did not drain within {} s (is its disk stuck?)",
+                    BARRIER_TIMEOUT.as_secs()
+                ),
+            )),
+        }
+    }
+
+    /// Persist what the core holds now (decisions, checkpoints).
+    fn save_state(&self, state: &VolumeState) -> io::Result<()> {
+        let _one_writer = self.save_lock.lock().unwrap();
+        state.save(&*self.fs, &self.state_path)
+    }
+
+    /// A clean stop: everything received is written, synced, applied and checkpointed, so
+    /// the next start finds the volume sealed and nothing to replay.
+    pub fn close(&self) {
+        if let Err(e) = self.barrier_blocking() {
+            tracing::warn!(volume = %self.name, "cannot drain the pipeline at stop: {}", e.1);
+            return;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self
+            .apply_tx
+            .lock()
+            .unwrap()
+            .send(ToApply::Checkpoint(tx))
+            .is_ok()
+        {
+            let _ = rx.blocking_recv();
+        }
     }
 
     /// Apply sets in order. The volume is synced and the state saved (a checkpoint) at most
     /// every [`CHECKPOINT_EVERY`], not per batch: until then the redo log still holds every
-    /// set since the last checkpoint, and a crash replays them (idempotent). Per batch, the
-    /// volume fsync, the state file's fsync and its directory's fsync had stalled applying
-    /// for several milliseconds each time.
-    fn apply_loop(
-        &self,
-        mut applier: Applier,
-        rx: mpsc::Receiver<(DeltaSet, ApplyPermit)>,
-        state_path: PathBuf,
-    ) {
+    /// set since the last checkpoint, and a crash replays them (idempotent). A volume that
+    /// fails to take a batch is retried with backoff; status says the mirror is not being
+    /// updated meanwhile.
+    fn apply_loop(&self, mut applier: Applier, rx: mpsc::Receiver<ToApply>) {
         let mut last_checkpoint = Instant::now();
         let mut unsaved = false;
         loop {
@@ -263,70 +352,190 @@ impl MirrorVolume {
                     Err(_) => return,
                 }
             };
-            let result = (|| -> io::Result<()> {
-                if let Some(first) = first {
-                    let mut batch = vec![first];
-                    while batch.len() < 64 {
-                        match rx.try_recv() {
-                            Ok(s) => batch.push(s),
-                            Err(_) => break,
+            let mut batch = Vec::new();
+            let mut after_batch = None;
+            if let Some(first) = first {
+                let mut next = Some(first);
+                while let Some(item) = next.take() {
+                    match item {
+                        ToApply::Set {
+                            set,
+                            received_ms,
+                            _permit,
+                        } => batch.push((set, received_ms, _permit)),
+                        other => {
+                            after_batch = Some(other);
+                            break;
                         }
                     }
-                    let mut next = self.state.lock().unwrap().clone();
-                    for (set, _) in &batch {
-                        // Sets arrive in order, each once; a gap would be silent divergence.
-                        if set.set != next.applied_set + 1 {
-                            return Err(io::Error::other(format!(
-                                "set {} reached the applier after set {}",
-                                set.set, next.applied_set
-                            )));
-                        }
-                        applier.apply(set)?;
-                        next.advance(set);
-                    }
-                    // Applied, not yet durable: status shows it, the redo log keeps it.
-                    *self.state.lock().unwrap() = next;
-                    unsaved = true;
-                }
-                if unsaved && last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
-                    applier.sync()?;
-                    let state = self.state.lock().unwrap().clone();
-                    state.save(&*self.fs, &state_path)?;
-                    self.checkpointed
-                        .store(state.applied_set, Ordering::Relaxed);
-                    last_checkpoint = Instant::now();
-                    unsaved = false;
-                    // Not behind a redo fsync: if the log is busy, the next append trims.
-                    if let Ok(mut redo) = self.redo.try_lock() {
-                        if let Err(e) = redo.trim(state.applied_set) {
-                            tracing::warn!(volume = %self.name, "cannot trim the redo log: {e}");
-                        }
+                    if batch.len() < 64 {
+                        next = rx.try_recv().ok();
                     }
                 }
-                Ok(())
-            })();
-            if let Err(e) = result {
-                // The redo log still holds the sets.
-                self.fail_disk(
-                    format!("mirror disk failed: {e}"),
-                    "applying to the mirror volume",
-                );
-                return;
+            }
+            if !batch.is_empty() {
+                self.apply_batch(&mut applier, &batch);
+                unsaved = true;
+            }
+            drop(batch);
+            let force = matches!(after_batch, Some(ToApply::Checkpoint(_)));
+            if unsaved && (force || last_checkpoint.elapsed() >= CHECKPOINT_EVERY) {
+                match self.checkpoint(&mut applier) {
+                    Ok(()) => {
+                        last_checkpoint = Instant::now();
+                        unsaved = false;
+                    }
+                    Err(e) => self.core.lock().unwrap().fail(Failure {
+                        code: RefuseCode::VolumeFailed,
+                        why: format!("mirror volume failed: checkpoint: {e}"),
+                    }),
+                }
+            }
+            match after_batch {
+                Some(ToApply::Sums(job)) => self.answer_sums(&mut applier, job),
+                Some(ToApply::Barrier(reply) | ToApply::Checkpoint(reply)) => {
+                    let _ = reply.send(());
+                }
+                _ => {}
             }
         }
     }
 
-    /// This volume's entry in the mirror's status document.
+    /// Write `batch` to the volume, in order; on a failure, wait and try again from the set
+    /// that failed (the redo log holds them all; nothing may be skipped).
+    fn apply_batch(&self, applier: &mut Applier, batch: &[(DeltaSet, u64, ApplyPermit)]) {
+        let mut retry = APPLY_RETRY_FIRST;
+        let mut i = 0;
+        while i < batch.len() {
+            let (set, received_ms, _) = &batch[i];
+            if let Err(why) = self.core.lock().unwrap().check_apply(set) {
+                // Sets arrive in order, each once; a gap would be silent divergence.
+                self.core.lock().unwrap().fail(Failure {
+                    code: RefuseCode::VolumeFailed,
+                    why: format!("mirror stopped applying: {why}"),
+                });
+                return;
+            }
+            match applier.apply(set) {
+                Ok(()) => {
+                    let mut core = self.core.lock().unwrap();
+                    core.applied(set, *received_ms);
+                    core.volume_works();
+                    retry = APPLY_RETRY_FIRST;
+                    i += 1;
+                }
+                Err(e) => {
+                    self.core.lock().unwrap().fail(Failure {
+                        code: RefuseCode::VolumeFailed,
+                        why: format!(
+                            "mirror volume failed: applying set {}: {e}; retrying every {} s",
+                            set.set,
+                            retry.as_secs_f64()
+                        ),
+                    });
+                    std::thread::sleep(retry);
+                    retry = (retry * 2).min(APPLY_RETRY_MAX);
+                }
+            }
+        }
+    }
+
+    /// Sync the volume, save the state with its disk's change time sealed, and let the
+    /// checkpointed sets leave the redo log.
+    fn checkpoint(&self, applier: &mut Applier) -> io::Result<()> {
+        applier.sync()?;
+        let disk = ApplyTarget::fingerprint(applier).ok();
+        let state = self.core.lock().unwrap().checkpoint_state(disk);
+        self.save_state(&state)?;
+        self.core.lock().unwrap().checkpoint_done(state.applied_set);
+        // Not behind a redo fsync: if the log is busy, the next append trims.
+        if let Ok(mut redo) = self.redo.try_lock() {
+            if let Err(e) = redo.trim(state.applied_set) {
+                tracing::warn!(volume = %self.name, "cannot trim the redo log: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Compare the primary's chunk checksums with the volume as applied now (every set sent
+    /// before the Sums is applied: it travelled the pipeline behind them).
+    fn answer_sums(&self, applier: &mut Applier, job: SumsJob) {
+        let chunk = u64::from(job.chunk);
+        let mut buf = vec![0u8; job.chunk as usize];
+        let mut differ = Vec::with_capacity(job.sums.len());
+        for (i, sum) in job.sums.iter().enumerate() {
+            let at = job.offset + i as u64 * chunk;
+            if at >= self.size {
+                differ.push(true);
+                continue;
+            }
+            let len = chunk.min(self.size - at) as usize;
+            let b = &mut buf[..len];
+            let d = match applier.read(at, b) {
+                Ok(()) => chunk_sum(b) != *sum,
+                Err(e) => {
+                    tracing::warn!(volume = %self.name, offset = at, "cannot read for a comparison: {e}");
+                    true
+                }
+            };
+            differ.push(d);
+        }
+        let _ = job.reply.send(Ok(Message::SumsReply {
+            offset: job.offset,
+            chunk: job.chunk,
+            differ,
+        }));
+    }
+
+    /// This volume's entry in the mirror's status document (keys are a contract: extend,
+    /// never rename).
     pub fn status(&self) -> serde_json::Value {
-        let d = *self.durable.lock().unwrap();
-        let st = self.state.lock().unwrap().clone();
-        let failed = self.stats.failed.load(Ordering::Relaxed);
+        let link_up = self.stats.link_up.load(Ordering::Relaxed);
+        let core = self.core.lock().unwrap();
+        let d = core.durable();
+        let st = core.state().clone();
+        let state = core.repl_state(link_up);
+        let failure = core.failure().cloned();
+        let refused = core.refused().cloned();
+        drop(core);
         let sessions = self.stats.sessions.load(Ordering::Relaxed);
+        let consistent = st.consistent() && failure.is_none();
+        let now_ms = unix_ms(SystemTime::now());
+        // How old the newest write held here is: by the primary's clock, but never newer than
+        // when it arrived by this host's own clock (a primary whose clock runs ahead must not
+        // make old data look fresh).
+        let newest = match (st.newest_write_ms, st.newest_received_ms) {
+            (0, 0) => None,
+            (0, r) => Some(r),
+            (w, 0) => Some(w),
+            (w, r) => Some(w.min(r)),
+        };
+        let age = newest.map(|t| now_ms.saturating_sub(t) as f64 / 1000.0);
+        let detail = if let Some(f) = &failure {
+            format!("{}: mirror is NOT being updated", f.why)
+        } else if let Some((_, why)) = &refused {
+            why.clone()
+        } else if let Some(why) = &st.volume_changed {
+            format!("{why}: NOT consistent")
+        } else if st.consistent() {
+            "consistent".into()
+        } else if st.copy == apply::CopyState::Done {
+            "catching up after the full copy: not yet consistent".into()
+        } else {
+            "resync (copy or comparison) not complete: NOT consistent".into()
+        };
         serde_json::json!({
             "name": self.name,
-            "link": if self.stats.link_up.load(Ordering::Relaxed) { "up" } else { "down" },
+            "link": if link_up { "up" } else { "down" },
+            "state": state,
+            "state_detail": detail,
+            "uuid": st.identity.uuid,
+            "generation": st.identity.lineage.holding(st.applied_seq).map(|s| s.gen),
             "lag_bytes": serde_json::Value::Null,
-            "lag_seconds": serde_json::Value::Null,
+            "lag_seconds": if consistent { serde_json::json!(age) } else { serde_json::Value::Null },
+            "newest_write_at": fmt_time(st.newest_write_ms),
+            "received_at": fmt_time(st.newest_received_ms),
+            "data_age_seconds": age,
             "journal_bytes": self.redo.lock().unwrap().bytes(),
             "sent_bytes": 0,
             "wire_bytes": self.stats.received_bytes.load(Ordering::Relaxed),
@@ -338,116 +547,68 @@ impl MirrorVolume {
             "reconnects": sessions.saturating_sub(1),
             "refused": self.stats.refused.load(Ordering::Relaxed),
             "copy": st.copy,
-            "consistent": st.consistent() && !failed,
-            "state": if failed { "disk failed: mirror is NOT being updated" }
-                     else if st.consistent() { "consistent" }
-                     else if st.copy == CopyState::Done { "catching up after the full copy: not yet consistent" }
-                     else { "initial copy not complete: NOT consistent" },
+            "consistent": consistent,
             "last_error": self.stats.last_error.lock().unwrap().clone(),
         })
     }
 
-    /// The mirror's disk failed: replication to this volume stops (I2: never silent), and
-    /// status and every new session say why.
-    fn fail_disk(&self, why: String, doing: &str) {
-        tracing::error!(volume = %self.name, "{doing}: {why}; replication to it is stopped");
-        *self.stats.last_error.lock().unwrap() = why;
-        self.stats.failed.store(true, Ordering::Relaxed);
-    }
-
-    /// `set` must be the one after `written`, and inside the volume; the state after it.
-    fn check_next(&self, written: &Durable, set: &DeltaSet) -> AckResult {
-        if set.set != written.set + 1 {
-            let what = if set.set > written.set + 1 {
-                "from the future"
-            } else {
-                "already durable"
-            };
-            return Err((
-                refuse::BAD_SET,
-                format!(
-                    "set {} is {what} (next expected {})",
-                    set.set,
-                    written.set + 1
-                ),
-            ));
-        }
-        if let Some(e) = set.extents.iter().find(|e| e.end() > self.size) {
-            return Err((
-                refuse::BAD_SET,
-                format!(
-                    "set {} writes past the volume's end ({} > {})",
-                    set.set,
-                    e.end(),
-                    self.size
-                ),
-            ));
-        }
-        let mut d = *written;
-        d.set = set.set;
-        match set.kind {
-            SetKind::Journal => d.seq = d.seq.max(set.last_seq),
-            SetKind::Copy { done } => d.copy_done = done,
-        }
-        Ok(d)
-    }
-
-    /// The redo writer: checks each set follows the last one written, writes the sets waiting
-    /// in one go, and hands them to the sync thread. It writes the next batch while the sync
+    /// The redo writer: asks the core whether each set comes next, writes the sets waiting in
+    /// one go, and hands them to the sync thread. It writes the next batch while the sync
     /// thread syncs the previous one: waiting for each sync here had kept the redo log idle
     /// for 40 % of its time.
     fn redo_loop(&self, jobs: mpsc::Receiver<Job>, to_sync: mpsc::Sender<ToSync>) {
-        let mut generation = 0;
-        let mut written = *self.durable.lock().unwrap();
-        let mut batch = Vec::new();
-        let mut from = written;
+        let mut batch: Vec<Pending> = Vec::new();
+        let mut from = self.core.lock().unwrap().durable();
         while let Ok(first) = jobs.recv() {
             let mut next = Some(first);
             while let Some(job) = next.take() {
                 match job {
-                    // A replaced session's: its primary re-sends after the barrier's state.
-                    Job::Set { generation: g, .. } if g < generation => {}
                     Job::Set {
+                        session,
                         set,
                         raw,
+                        received_ms,
                         received,
-                        ack,
-                        ..
+                        reply,
                     } => {
-                        let checked = if self.stats.failed.load(Ordering::Relaxed) {
-                            Err((
-                                refuse::DISK_FAILED,
-                                self.stats.last_error.lock().unwrap().clone(),
-                            ))
-                        } else {
-                            self.check_next(&written, &set)
+                        let accepted = {
+                            let mut core = self.core.lock().unwrap();
+                            if batch.is_empty() {
+                                from = core.written_position();
+                            }
+                            core.accept(session, &set)
                         };
-                        match checked {
-                            Ok(d) => {
-                                if batch.is_empty() {
-                                    from = written;
+                        match accepted {
+                            Ok(Some(Accepted { after, ack_now })) => {
+                                if let Some(ack) = ack_now {
+                                    let _ = reply.send(Ok(ack));
                                 }
-                                written = d;
-                                batch.push(Accepted {
+                                batch.push(Pending {
                                     set,
                                     raw,
+                                    received_ms,
                                     received,
-                                    ack,
-                                    after: d,
+                                    reply,
+                                    after,
                                 });
                             }
+                            // A replaced session's: its primary re-sends after the decision.
+                            Ok(None) => {}
                             Err(e) => {
-                                self.write_batch(&mut batch, from, &mut written, &to_sync);
-                                let _ = to_sync.send(ToSync::Refused(ack, e));
+                                self.write_batch(&mut batch, from, &to_sync);
+                                let _ = to_sync.send(ToSync::Refused(reply, e));
                             }
                         }
                     }
-                    Job::Barrier {
-                        generation: g,
-                        reply,
-                    } => {
-                        generation = generation.max(g);
-                        self.write_batch(&mut batch, from, &mut written, &to_sync);
+                    Job::Sums(job) => {
+                        self.write_batch(&mut batch, from, &to_sync);
+                        let _ = to_sync.send(ToSync::Sums(job));
+                    }
+                    Job::Barrier { session, reply } => {
+                        self.write_batch(&mut batch, from, &to_sync);
+                        if let Some(s) = session {
+                            self.core.lock().unwrap().enter_session(s);
+                        }
                         let _ = to_sync.send(ToSync::Barrier(reply));
                     }
                 }
@@ -456,20 +617,13 @@ impl MirrorVolume {
                     next = jobs.try_recv().ok();
                 }
             }
-            self.write_batch(&mut batch, from, &mut written, &to_sync);
+            self.write_batch(&mut batch, from, &to_sync);
         }
     }
 
     /// Write `batch` to the redo log (not yet synced) and pass it on; on failure, refuse its
-    /// sets and forget them (`written` goes back to `from`, the state before
-    /// them).
-    fn write_batch(
-        &self,
-        batch: &mut Vec<Accepted>,
-        from: Durable,
-        written: &mut Durable,
-        to_sync: &mpsc::Sender<ToSync>,
-    ) {
+    /// sets and forget them (the core goes back to `from`, the position before them).
+    fn write_batch(&self, batch: &mut Vec<Pending>, from: Durable, to_sync: &mpsc::Sender<ToSync>) {
         if batch.is_empty() {
             return;
         }
@@ -477,7 +631,8 @@ impl MirrorVolume {
         let result = {
             let mut redo = self.redo.lock().unwrap();
             // Only what a checkpoint made durable on the volume may leave the redo log.
-            if let Err(e) = redo.trim(self.checkpointed.load(Ordering::Relaxed)) {
+            let checkpointed = self.core.lock().unwrap().checkpointed();
+            if let Err(e) = redo.trim(checkpointed) {
                 tracing::warn!(volume = %self.name, "cannot trim the redo log: {e}");
             }
             let entries: Vec<(u64, &BlockBytes)> =
@@ -490,13 +645,21 @@ impl MirrorVolume {
             }
             Err(e) => {
                 // Not durable, not acknowledged: the primary re-sends them. The log's tail is
-                // rewritten from where this batch began.
-                let why = format!("redo log: {e}");
-                tracing::error!(volume = %self.name, "{why}");
-                *written = from;
+                // rewritten from where this batch began. A full file system under the redo log
+                // is not a failed volume: it clears when the log can be written again.
+                let why = format!("mirror redo log failed: {e}");
+                self.core.lock().unwrap().write_failed(
+                    from,
+                    Failure {
+                        code: RefuseCode::RedoFailed,
+                        why: why.clone(),
+                    },
+                );
                 for a in sets {
-                    let _ =
-                        to_sync.send(ToSync::Refused(a.ack, (refuse::DISK_FAILED, why.clone())));
+                    let _ = to_sync.send(ToSync::Refused(
+                        a.reply,
+                        (RefuseCode::RedoFailed, why.clone()),
+                    ));
                 }
             }
         }
@@ -504,11 +667,7 @@ impl MirrorVolume {
 
     /// The sync thread: one fdatasync per file for every batch written meanwhile (group
     /// commit), then the acknowledgements, then the sets go to the applier in order.
-    fn sync_loop(
-        &self,
-        from_redo: mpsc::Receiver<ToSync>,
-        apply: mpsc::Sender<(DeltaSet, ApplyPermit)>,
-    ) {
+    fn sync_loop(&self, from_redo: mpsc::Receiver<ToSync>, apply: mpsc::Sender<ToApply>) {
         while let Ok(first) = from_redo.recv() {
             let mut items = vec![first];
             while let Ok(more) = from_redo.try_recv() {
@@ -528,42 +687,124 @@ impl MirrorVolume {
                 }
             }
             // After a failed sync the log's content is unknown: nothing of this round counts
-            // as durable.
+            // as durable, and the log is not trusted again until the mirror restarts.
             let failed = result.err().map(|e| {
-                let why = format!("mirror disk failed: redo log sync: {e}");
-                self.fail_disk(why.clone(), "syncing the redo log");
+                let why = format!(
+                    "mirror redo log failed: sync: {e} (restart the mirror once its disk is fixed)"
+                );
+                self.core.lock().unwrap().fail(Failure {
+                    code: RefuseCode::VolumeFailed,
+                    why: why.clone(),
+                });
                 why
             });
-            let mut to_apply = Vec::new();
             for item in items {
                 match item {
                     ToSync::Written { sets, .. } => {
                         for a in sets {
                             if let Some(why) = &failed {
-                                let _ = a.ack.send(Err((refuse::DISK_FAILED, why.clone())));
+                                let _ = a.reply.send(Err((RefuseCode::VolumeFailed, why.clone())));
                                 continue;
                             }
-                            *self.durable.lock().unwrap() = a.after;
+                            let ack = self.core.lock().unwrap().synced(a.after);
                             drop(a.received);
-                            let _ = a.ack.send(Ok(a.after));
-                            to_apply.push(a.set);
+                            if let Some(ack) = ack {
+                                let _ = a.reply.send(Ok(ack));
+                            }
+                            let permit = self.apply_budget.acquire(apply_cost(&a.set));
+                            // The applier only ends with the process.
+                            let _ = apply.send(ToApply::Set {
+                                set: a.set,
+                                received_ms: a.received_ms,
+                                _permit: permit,
+                            });
                         }
                     }
-                    ToSync::Refused(ack, why) => {
-                        let _ = ack.send(Err(why));
+                    ToSync::Refused(reply, why) => {
+                        let _ = reply.send(Err(why));
+                    }
+                    ToSync::Sums(job) => {
+                        let _ = apply.send(ToApply::Sums(job));
                     }
                     ToSync::Barrier(reply) => {
-                        let _ = reply.send(*self.durable.lock().unwrap());
+                        let _ = apply.send(ToApply::Barrier(reply));
                     }
                 }
             }
-            for set in to_apply {
-                let permit = self.apply_budget.acquire(apply_cost(&set));
-                // The applier only ends after a disk failure, which status and sessions report.
-                let _ = apply.send((set, permit));
-            }
         }
     }
+}
+
+/// The pipeline's channels until its threads start.
+struct Threads {
+    jobs_rx: mpsc::Receiver<Job>,
+    sync_tx: mpsc::Sender<ToSync>,
+    sync_rx: mpsc::Receiver<ToSync>,
+    apply_tx: mpsc::Sender<ToApply>,
+    apply_rx: mpsc::Receiver<ToApply>,
+}
+
+impl Threads {
+    fn start(self, vol: Arc<MirrorVolume>, applier: Applier) {
+        drop(self.apply_tx);
+        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(f)
+                .expect("a pipeline thread starts")
+        };
+        let v = vol.clone();
+        let (jobs_rx, sync_tx) = (self.jobs_rx, self.sync_tx);
+        spawn(
+            format!("redo-{}", vol.name),
+            Box::new(move || v.redo_loop(jobs_rx, sync_tx)),
+        );
+        let v = vol.clone();
+        let (sync_rx, apply_tx) = (self.sync_rx, vol.apply_tx.lock().unwrap().clone());
+        spawn(
+            format!("sync-{}", vol.name),
+            Box::new(move || v.sync_loop(sync_rx, apply_tx)),
+        );
+        let v = vol.clone();
+        let apply_rx = self.apply_rx;
+        spawn(
+            format!("apply-{}", vol.name),
+            Box::new(move || v.apply_loop(applier, apply_rx)),
+        );
+    }
+}
+
+fn stopped() -> Refusal {
+    (
+        RefuseCode::Stopping,
+        "the mirror's pipeline has stopped".to_string(),
+    )
+}
+
+/// Unix milliseconds as RFC 3339 UTC text (None for 0: not known).
+pub fn fmt_time(ms: u64) -> Option<String> {
+    if ms == 0 {
+        return None;
+    }
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    Some(format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    ))
 }
 
 pub struct Mirror {
@@ -582,6 +823,16 @@ impl Mirror {
             volumes,
             pool: SharedPool::new(RECEIVE_POOL_BYTES),
         }))
+    }
+
+    /// A clean stop of every volume (after the endpoint is closed).
+    pub fn close(&self) {
+        for v in &self.volumes {
+            if let Some(s) = v.session.lock().unwrap().take() {
+                s.abort();
+            }
+            v.close();
+        }
     }
 
     /// Accept primaries until the endpoint closes.
@@ -606,47 +857,49 @@ impl Mirror {
                 return;
             }
         };
-        let (volume, size) = match read_message(&mut recv, &self.pool).await {
-            Ok(Some((
+        let first =
+            tokio::time::timeout(Duration::from_secs(10), read_message(&mut recv, &self.pool))
+                .await;
+        let (version, volume, size) = match first {
+            Ok(Ok(Some((
                 Message::Hello {
                     version,
                     volume,
                     size,
                 },
                 _,
-            ))) if (OLDEST_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) => {
-                (volume, size)
-            }
-            Ok(Some((Message::Hello { version, .. }, _))) => {
-                return refuse_and_close(
-                    &conn,
-                    &mut send,
-                    refuse::VERSION,
-                    format!("protocol version {version} unsupported (this mirror speaks {OLDEST_PROTOCOL_VERSION} to {PROTOCOL_VERSION})"),
-                )
-                .await;
-            }
-            Ok(other) => {
+            )))) => (version, volume, size),
+            Ok(Ok(other)) => {
                 let what = other.map_or("nothing".to_string(), |(m, _)| {
                     format!("{m:?}").chars().take(80).collect()
                 });
                 return refuse_and_close(
                     &conn,
                     &mut send,
-                    refuse::BAD_MESSAGE,
+                    RefuseCode::BadMessage,
                     format!("expected Hello, got {what}"),
                 )
                 .await;
             }
-            Err(e) => {
-                return refuse_and_close(&conn, &mut send, refuse::BAD_MESSAGE, e.to_string()).await
+            Ok(Err(e)) => {
+                return refuse_and_close(&conn, &mut send, RefuseCode::BadMessage, e.to_string())
+                    .await
+            }
+            Err(_) => {
+                return refuse_and_close(
+                    &conn,
+                    &mut send,
+                    RefuseCode::BadMessage,
+                    "no Hello within 10 s".into(),
+                )
+                .await
             }
         };
         let Some(vol) = self.volumes.iter().find(|v| v.name == volume).cloned() else {
             return refuse_and_close(
                 &conn,
                 &mut send,
-                refuse::UNKNOWN_VOLUME,
+                RefuseCode::UnknownVolume,
                 format!("no volume named {volume:?} here"),
             )
             .await;
@@ -655,7 +908,7 @@ impl Mirror {
             return refuse_and_close(
                 &conn,
                 &mut send,
-                refuse::SIZE_MISMATCH,
+                RefuseCode::SizeMismatch,
                 format!(
                     "volume {volume}: primary has {size} bytes, mirror has {}",
                     vol.size
@@ -663,17 +916,58 @@ impl Mirror {
             )
             .await;
         }
-        if vol.stats.failed.load(Ordering::Relaxed) {
-            let why = vol.stats.last_error.lock().unwrap().clone();
-            return refuse_and_close(&conn, &mut send, refuse::DISK_FAILED, why).await;
+        // An older primary sends no Identify: it is refused at once (it cannot say whose data
+        // it holds).
+        if version != PROTOCOL_VERSION {
+            let why = if (OLDEST_PROTOCOL_VERSION..PROTOCOL_VERSION).contains(&version) {
+                format!(
+                    "protocol version {version} has no volume identities; this mirror needs \
+                     version {PROTOCOL_VERSION}: upgrade the primary"
+                )
+            } else {
+                format!(
+                    "protocol version {version} unsupported (this mirror speaks \
+                     {PROTOCOL_VERSION})"
+                )
+            };
+            return refuse_and_close(&conn, &mut send, RefuseCode::Version, why).await;
         }
+        let claim = {
+            match read_message(&mut recv, &self.pool).await {
+                Ok(Some((Message::Identify(c), _))) => c,
+                Ok(other) => {
+                    let what = other.map_or("nothing".to_string(), |(m, _)| {
+                        format!("{m:?}").chars().take(80).collect()
+                    });
+                    return refuse_and_close(
+                        &conn,
+                        &mut send,
+                        RefuseCode::BadMessage,
+                        format!("expected Identify, got {what}"),
+                    )
+                    .await;
+                }
+                Err(e) => {
+                    return refuse_and_close(
+                        &conn,
+                        &mut send,
+                        RefuseCode::BadMessage,
+                        e.to_string(),
+                    )
+                    .await
+                }
+            }
+        };
         // A reconnecting primary replaces its stale session.
         let task = {
             let v = vol.clone();
             let conn = conn.clone();
             let pool = self.pool.clone();
             tokio::spawn(async move {
-                let result = v.clone().session(&mut send, &mut recv, &pool).await;
+                let result = v
+                    .clone()
+                    .session(&mut send, &mut recv, &pool, version, size, claim)
+                    .await;
                 v.stats.link_up.store(false, Ordering::Relaxed);
                 if let Err((code, why)) = result {
                     tracing::warn!(volume = %v.name, %peer, "replication session dropped: {why}");
@@ -696,37 +990,43 @@ impl MirrorVolume {
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
         pool: &Arc<SharedPool>,
-    ) -> Result<(), (u16, String)> {
-        let bad = |e: StreamError| (refuse::BAD_MESSAGE, e.to_string());
-        // Whatever earlier sessions left in the pipeline is synced and applied first, or
-        // dropped if not yet written: the primary resumes after what is durable now.
-        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        let (reply, durable) = tokio::sync::oneshot::channel();
-        let stopped = || {
-            (
-                refuse::DISK_FAILED,
-                "the mirror's redo log thread stopped".to_string(),
-            )
-        };
-        self.jobs
-            .send(Job::Barrier { generation, reply })
-            .map_err(|_| stopped())?;
-        let d = durable.await.map_err(|_| stopped())?;
-        let hello_ack = Message::HelloAck {
-            durable_set: d.set,
-            durable_seq: d.seq,
-            needs_full_copy: !d.copy_done,
-        };
-        write_message(send, &hello_ack).await.map_err(bad)?;
+        version: u16,
+        size: u64,
+        claim: Box<crate::repl::identity::PrimaryClaim>,
+    ) -> Result<(), Refusal> {
+        let bad = |e: StreamError| (RefuseCode::BadMessage, e.to_string());
+        // Whatever earlier sessions left in the pipeline is written, synced and applied
+        // first, or dropped if not yet written: the decision sees exactly what is durable.
+        let session = self.core.lock().unwrap().new_session();
+        self.barrier(session).await?;
+        let accept = self
+            .core
+            .lock()
+            .unwrap()
+            .hello(version, &self.name, size, &claim)?;
+        let state = self.core.lock().unwrap().state().clone();
+        let v = self.clone();
+        tokio::task::spawn_blocking(move || v.save_state(&state))
+            .await
+            .map_err(|e| (RefuseCode::Stopping, e.to_string()))?
+            .map_err(|e| {
+                (
+                    RefuseCode::RedoFailed,
+                    format!("mirror cannot save its volume state: {e}"),
+                )
+            })?;
+        write_message(send, &accept.decision).await.map_err(bad)?;
         self.stats.sessions.fetch_add(1, Ordering::Relaxed);
         self.stats.link_up.store(true, Ordering::Relaxed);
-        tracing::info!(volume = %self.name, "primary attached");
+        self.stats.last_error.lock().unwrap().clear();
+        tracing::info!(volume = %self.name, mode = ?accept.mode, reason = %accept.reason,
+            "primary attached");
         // Receiving, writing the redo log and syncing it overlap; received-but-not-durable
         // bytes are bounded.
-        let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<AckResult>();
+        let (reply_tx, mut reply_rx) = tokio::sync::mpsc::unbounded_channel::<Reply>();
         let budget = Arc::new(tokio::sync::Semaphore::new(PENDING_BYTES));
         let reading = async {
-            let ack_tx = ack_tx;
+            let reply_tx = reply_tx;
             let r = async {
                 loop {
                     let (msg, raw) = match read_message(recv, pool).await {
@@ -736,68 +1036,74 @@ impl MirrorVolume {
                             return Ok(());
                         }
                         Err(StreamError::Read(quinn::ReadExactError::ReadError(e))) => {
-                            return Err((refuse::BAD_MESSAGE, format!("link lost: {e}")));
+                            return Err((RefuseCode::BadMessage, format!("link lost: {e}")));
                         }
                         Err(e) => return Err(bad(e)),
                     };
-                    let Message::Set(set) = msg else {
-                        return Err((refuse::BAD_MESSAGE, "expected a delta set".into()));
-                    };
-                    if self.stats.failed.load(Ordering::Relaxed) {
-                        return Err((
-                            refuse::DISK_FAILED,
-                            self.stats.last_error.lock().unwrap().clone(),
-                        ));
-                    }
-                    self.stats
-                        .received_bytes
-                        .fetch_add(raw.len() as u64, Ordering::Relaxed);
-                    let want = (raw.len() as u32).min(PENDING_BYTES as u32);
-                    let received = budget
-                        .clone()
-                        .acquire_many_owned(want)
-                        .await
-                        .expect("budget never closes");
-                    let job = Job::Set {
-                        generation,
-                        set,
-                        raw,
-                        received,
-                        ack: ack_tx.clone(),
-                    };
-                    if self.jobs.send(job).is_err() {
-                        return Err(stopped());
+                    match msg {
+                        Message::Set(set) => {
+                            self.stats
+                                .received_bytes
+                                .fetch_add(raw.len() as u64, Ordering::Relaxed);
+                            let want = (raw.len() as u32).min(PENDING_BYTES as u32);
+                            let received = budget
+                                .clone()
+                                .acquire_many_owned(want)
+                                .await
+                                .expect("budget never closes");
+                            self.send_job(Job::Set {
+                                session,
+                                set,
+                                raw,
+                                received_ms: unix_ms(SystemTime::now()),
+                                received,
+                                reply: reply_tx.clone(),
+                            })?;
+                        }
+                        Message::Sums {
+                            offset,
+                            chunk,
+                            sums,
+                        } => self.send_job(Job::Sums(SumsJob {
+                            offset,
+                            chunk,
+                            sums,
+                            reply: reply_tx.clone(),
+                        }))?,
+                        other => {
+                            return Err((
+                                RefuseCode::BadMessage,
+                                format!(
+                                    "expected a delta set or checksums, got {}",
+                                    format!("{other:?}").chars().take(60).collect::<String>()
+                                ),
+                            ))
+                        }
                     }
                 }
             }
             .await;
-            // The acknowledgements end once the pipeline has answered every set sent.
-            drop(ack_tx);
+            // The replies end once the pipeline has answered everything sent.
+            drop(reply_tx);
             r
         };
-        let acking = async {
-            while let Some(result) = ack_rx.recv().await {
-                let d = result?;
-                let applied_set = self.state.lock().unwrap().applied_set;
-                let ack = Message::Ack {
-                    set: d.set,
-                    last_seq: d.seq,
-                    applied_set,
-                };
-                write_message(send, &ack)
+        let replying = async {
+            while let Some(reply) = reply_rx.recv().await {
+                let msg = reply?;
+                write_message(send, &msg)
                     .await
-                    .map_err(|e| (refuse::BAD_MESSAGE, e.to_string()))?;
+                    .map_err(|e| (RefuseCode::BadMessage, e.to_string()))?;
             }
             Ok(())
         };
-        tokio::pin!(acking);
+        tokio::pin!(replying);
         tokio::select! {
             r = reading => {
                 // Let what was received become durable and be acknowledged before leaving.
-                let a = acking.await;
+                let a = replying.await;
                 r.and(a)
             }
-            a = &mut acking => a,
+            a = &mut replying => a,
         }
     }
 }
@@ -805,7 +1111,7 @@ impl MirrorVolume {
 async fn refuse_and_close(
     conn: &quinn::Connection,
     send: &mut quinn::SendStream,
-    code: u16,
+    code: RefuseCode,
     reason: String,
 ) {
     tracing::warn!(peer = %conn.remote_address(), "refused replication stream: {reason}");
@@ -817,13 +1123,14 @@ async fn refuse_and_close(
 async fn send_refusal(
     conn: &quinn::Connection,
     send: &mut quinn::SendStream,
-    code: u16,
+    code: RefuseCode,
     reason: String,
 ) {
     let close_reason: Vec<u8> = reason.bytes().take(200).collect();
+    let code = code as u16;
     let _ = write_message(send, &Message::Refuse { code, reason }).await;
     let _ = send.finish();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), conn.closed()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
     conn.close(code.into(), &close_reason);
 }
 
@@ -831,6 +1138,7 @@ async fn send_refusal(
 mod tests {
     use super::*;
     use crate::extent::Extent;
+    use crate::repl::frame::SetKind;
     use bytes::Bytes;
     use std::os::unix::fs::FileExt;
     use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
@@ -838,12 +1146,12 @@ mod tests {
     const BLOCK: usize = 4096;
 
     /// Set `n` writes block n-1 full of the byte n.
-    fn set_job(n: u64, generation: u64, ack: &AckSender) -> Job {
+    fn set_job(n: u64, session: u64, reply: &ReplySender) -> Job {
         let set = DeltaSet {
             set: n,
             first_seq: n,
             last_seq: n,
-            newest_write_ms: 0,
+            newest_write_ms: 1000 + n,
             kind: SetKind::Journal,
             extents: vec![Extent {
                 offset: (n - 1) * BLOCK as u64,
@@ -854,26 +1162,38 @@ mod tests {
         super::super::frame::encode(&Message::Set(set.clone()), &mut raw);
         let budget = Arc::new(tokio::sync::Semaphore::new(1));
         Job::Set {
-            generation,
+            session,
             set,
             raw: BlockBytes::copy_from(&raw),
+            received_ms: 5000,
             received: budget.try_acquire_owned().unwrap(),
-            ack: ack.clone(),
+            reply: reply.clone(),
         }
     }
 
-    fn answers(mut rx: UnboundedReceiver<AckResult>) -> Vec<Result<u64, u16>> {
+    /// The set numbers acknowledged, or the refusal codes, in order.
+    fn answers(mut rx: UnboundedReceiver<Reply>) -> Vec<Result<u64, RefuseCode>> {
         let mut out = Vec::new();
         while let Some(r) = rx.blocking_recv() {
-            out.push(r.map(|d| d.set).map_err(|(code, _)| code));
+            out.push(match r {
+                Ok(Message::Ack { set, .. }) => Ok(set),
+                Ok(other) => panic!("unexpected {other:?}"),
+                Err((code, _)) => Err(code),
+            });
         }
         out
     }
 
-    fn barrier(vol: &MirrorVolume, generation: u64) -> Durable {
+    fn start_session(vol: &MirrorVolume) -> u64 {
+        let s = vol.core.lock().unwrap().new_session();
         let (reply, rx) = tokio::sync::oneshot::channel();
-        vol.jobs.send(Job::Barrier { generation, reply }).unwrap();
-        rx.blocking_recv().unwrap()
+        vol.send_job(Job::Barrier {
+            session: Some(s),
+            reply,
+        })
+        .unwrap();
+        rx.blocking_recv().unwrap();
+        s
     }
 
     #[test]
@@ -888,42 +1208,41 @@ mod tests {
             read_only: false,
         };
         let vol = MirrorVolume::open(&crate::env::os(), &spec, dir.path()).unwrap();
-        assert_eq!(barrier(&vol, 1).set, 0);
+        let s1 = start_session(&vol);
 
         // Session 1 queues sets 1-3; session 2 starts; then session 1's set 4 arrives late.
-        let (ack1, acks1) = unbounded_channel();
+        let (reply1, answers1) = unbounded_channel();
         for n in 1..=3 {
-            vol.jobs.send(set_job(n, 1, &ack1)).unwrap();
+            vol.send_job(set_job(n, s1, &reply1)).unwrap();
         }
-        let d = barrier(&vol, 2);
-        vol.jobs.send(set_job(4, 1, &ack1)).unwrap();
-        drop(ack1);
-        // Session 2 is told everything session 1 got written: it resumes at set 4.
-        assert_eq!(d.set, 3);
+        let s2 = start_session(&vol);
+        vol.send_job(set_job(4, s1, &reply1)).unwrap();
+        drop(reply1);
+        // Session 2 sees everything session 1 got written: it resumes at set 4.
+        assert_eq!(vol.core.lock().unwrap().durable().set, 3);
         assert_eq!(
-            answers(acks1),
+            answers(answers1),
             vec![Ok(1), Ok(2), Ok(3)],
             "set 4 of the old session is dropped, not acknowledged"
         );
 
-        let (ack2, acks2) = unbounded_channel();
-        vol.jobs.send(set_job(4, 2, &ack2)).unwrap();
+        let (reply2, answers2) = unbounded_channel();
+        vol.send_job(set_job(4, s2, &reply2)).unwrap();
         // A set that skips one, and one already durable, are refused.
-        vol.jobs.send(set_job(6, 2, &ack2)).unwrap();
-        vol.jobs.send(set_job(2, 2, &ack2)).unwrap();
-        drop(ack2);
+        vol.send_job(set_job(6, s2, &reply2)).unwrap();
+        vol.send_job(set_job(2, s2, &reply2)).unwrap();
+        drop(reply2);
         assert_eq!(
-            answers(acks2),
-            vec![Ok(4), Err(refuse::BAD_SET), Err(refuse::BAD_SET)]
+            answers(answers2),
+            vec![Ok(4), Err(RefuseCode::BadSet), Err(RefuseCode::BadSet)]
         );
 
-        // Every durable set reaches the volume, in order.
-        let deadline = Instant::now() + std::time::Duration::from_secs(10);
-        while vol.state.lock().unwrap().applied_set < 4 {
-            assert!(Instant::now() < deadline, "sets not applied");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        assert!(!vol.stats.failed.load(Ordering::Relaxed));
+        // Every durable set reaches the volume, in order, and a clean close checkpoints it.
+        vol.close();
+        let st = VolumeState::load(&OsFsRef, &VolumeState::path(dir.path(), "v")).unwrap();
+        assert_eq!(st.applied_set, 4);
+        assert_eq!(st.newest_write_ms, 1004);
+        assert!(vol.core.lock().unwrap().failure().is_none());
         let file = std::fs::File::open(&path).unwrap();
         for n in 1..=5u64 {
             let mut block = vec![0u8; BLOCK];
@@ -937,5 +1256,20 @@ mod tests {
                 block[0]
             );
         }
+    }
+
+    use crate::env::OsFs as OsFsRef;
+
+    #[test]
+    fn times_are_shown_in_utc() {
+        assert_eq!(fmt_time(0), None);
+        assert_eq!(
+            fmt_time(1_764_892_800_123).as_deref(),
+            Some("2025-12-05T00:00:00.123Z")
+        );
+        assert_eq!(
+            fmt_time(951_782_400_000).as_deref(),
+            Some("2000-02-29T00:00:00.000Z")
+        );
     }
 }

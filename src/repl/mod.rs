@@ -1,6 +1,7 @@
 //! Replication: the protocol as pure code (`fold`, `frame`), the primary's shipper, the mirror's
 //! receiver (`mirror`), redo log (`redo`) and applier (`apply`).
 pub mod apply;
+pub mod core;
 pub mod fold;
 pub mod frame;
 pub mod identity;

@@ -1,33 +1,35 @@
-//! The primary's shipper: one per volume. It connects to the mirror, learns what the mirror
-//! already holds, sends the full copy when the mirror is new, then cuts the journal into delta
-//! sets and keeps many of them in flight. Acknowledgements trim the journal. Any failure ends
-//! the session; the next one resumes from the mirror's last durable set.
+//! The primary's shipper, one per volume: a driver of the session state machine in
+//! `core::primary` over quinn. It connects, runs a session until it ends, and starts another
+//! (backing off); a refusal that retrying cannot cure stops the loop until an admin asks for a
+//! retry or [`SLOW_RETRY`] has passed. Encoding runs off the network threads; a writer task
+//! owns the QUIC send stream and a reader task the receive stream, so acknowledgements are
+//! handled while a large set is being sent.
 
-use super::fold::Folder;
-use super::frame::{DeltaSet, KnownCrcs, Message, SetKind, PROTOCOL_VERSION};
+use super::core::primary::{Event, Limits, PrimaryVolumeState, Session, SessionEnd, Transmit};
+use super::core::ReplState;
+use super::frame::{Message, Mode};
 use super::stream::{read_message, write_message};
 use crate::disk::buf::{SharedPool, VecPool};
+use crate::disk::fingerprint::Fingerprint;
 use crate::disk::Storage;
-use crate::extent::{Extent, Payload};
+use crate::env::Fs;
 use crate::journal::Journal;
+use crate::repl::identity::GenId;
 use crate::transport::{self, Identity};
-use bytes::Bytes;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 
-/// Raw bytes per delta set, at most.
-pub const SET_MAX_BYTES: u64 = 8 << 20;
-/// Delta sets in flight (sent, not yet acknowledged), at most.
-pub const WINDOW_SETS: usize = 32;
-/// A set smaller than this waits up to [`SET_LINGER`] for more records while earlier sets are
-/// in flight: a set costs both sides the same fixed work (encode task, redo write, ack, apply
-/// batch) whatever its size. 4 KiB random writes made ~8-record sets, 2,000 a second.
-const SET_TARGET_BYTES: u64 = 1 << 20;
-const SET_LINGER: Duration = Duration::from_millis(4);
-const COPY_CHUNK: u64 = 1 << 20;
+/// After a permanent refusal (split brain, unrelated data, a version or size the mirror will
+/// not take), the shipper tries again only this rarely, or when an admin asks: the mirror's
+/// admin may have fixed it, and a quiet probe every few minutes costs nothing.
+pub const SLOW_RETRY: Duration = Duration::from_secs(600);
+/// The longest wait between retries after an ordinary failure.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// What status shows of a shipper. Counters only grow.
 #[derive(Default)]
@@ -42,7 +44,16 @@ pub struct ShipStats {
     pub copy_total: AtomicU64,
     pub copy_done: AtomicU64,
     pub copying: AtomicBool,
+    /// The running resync is a comparison (not a plain copy).
+    pub comparing: AtomicBool,
+    /// The mirror durably holds a consistent copy (as far as this side knows).
+    pub mirror_consistent: AtomicBool,
+    /// Sessions ended by the stall watchdog.
+    pub stalls: AtomicU64,
+    pub state: Mutex<ReplState>,
     pub last_error: Mutex<String>,
+    /// Why the last session copied or compared (the mirror's decision).
+    pub last_decision: Mutex<String>,
     /// Test hook: corrupt the next data set after its CRC is computed.
     pub corrupt_next: AtomicBool,
     /// QUIC path counters, summed over sessions (see `QuicCounters`).
@@ -90,6 +101,58 @@ impl QuicCounters {
     }
 }
 
+/// The primary's persisted per-volume state (identity, generations, the disk it was last
+/// seen on) with where it lives; shared by the shipper, status and admin commands.
+pub struct VolumeRecord {
+    fs: Fs,
+    path: PathBuf,
+    state: Mutex<PrimaryVolumeState>,
+    /// The volume's disk as found at start.
+    pub disk: Fingerprint,
+    /// An admin asked for a retry (or accepted the volume): the shipper wakes.
+    pub retry: tokio::sync::Notify,
+}
+
+impl VolumeRecord {
+    pub fn new(fs: Fs, path: PathBuf, state: PrimaryVolumeState, disk: Fingerprint) -> Self {
+        VolumeRecord {
+            fs,
+            path,
+            state: Mutex::new(state),
+            disk,
+            retry: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub fn snapshot(&self) -> PrimaryVolumeState {
+        self.state.lock().unwrap().clone()
+    }
+
+    fn save(&self, st: &PrimaryVolumeState) -> std::io::Result<()> {
+        st.save(&*self.fs, &self.path)
+    }
+
+    /// Change the state and persist it (the caller runs this off the async threads).
+    pub fn update(&self, f: impl FnOnce(&mut PrimaryVolumeState)) -> std::io::Result<()> {
+        let mut st = self.state.lock().unwrap();
+        let mut next = st.clone();
+        f(&mut next);
+        self.save(&next)?;
+        *st = next;
+        Ok(())
+    }
+
+    /// Seal the volume's change time at a clean stop (every write is done): the next start
+    /// notices a change made while the daemon was stopped.
+    pub fn seal(&self, disk: Fingerprint) -> std::io::Result<()> {
+        self.update(|st| {
+            if st.volume_changed.is_none() {
+                st.identity.fingerprint = Some(disk);
+            }
+        })
+    }
+}
+
 pub struct Shipper {
     pub volume: String,
     pub journal: Arc<Journal>,
@@ -98,6 +161,8 @@ pub struct Shipper {
     pub mirror: SocketAddr,
     pub identity: Arc<Identity>,
     pub stats: Arc<ShipStats>,
+    pub record: Arc<VolumeRecord>,
+    pub limits: Limits,
     /// lz4-compress data that shrinks (off for links faster than lz4 itself).
     pub compress: bool,
     /// Buffers for encoded sets, reused once quinn is done with them ([`ENCODE_POOL_BYTES`]).
@@ -117,12 +182,19 @@ enum SessionError {
     Stream(#[from] super::stream::StreamError),
     #[error("connection: {0}")]
     Connection(#[from] quinn::ConnectionError),
-    #[error("mirror refused: {0}")]
-    Refused(String),
-    #[error("protocol: {0}")]
-    Protocol(String),
+    #[error("{0}")]
+    Core(#[from] SessionEnd),
     #[error("local I/O: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl SessionError {
+    fn core(&self) -> Option<&SessionEnd> {
+        match self {
+            SessionError::Core(e) => Some(e),
+            _ => None,
+        }
+    }
 }
 
 impl Shipper {
@@ -130,62 +202,130 @@ impl Shipper {
         let mut backoff = Duration::from_millis(100);
         let mut first = true;
         loop {
+            if let Some(why) = self.record.snapshot().volume_changed {
+                // Nothing is shipped from a volume this state does not describe: the mirror's
+                // copy may be the only good one.
+                self.set_state(ReplState::VolumeChanged);
+                *self.stats.last_error.lock().unwrap() = format!(
+                    "{why}; nothing is shipped until an admin accepts the volume (blkmirror \
+                     accept-volume)"
+                );
+                tracing::error!(volume = %self.volume, "{why}: replication is stopped");
+                self.record.retry.notified().await;
+                continue;
+            }
             if !first {
                 self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
             }
             first = false;
+            let was_up = self.stats.link_up.load(Ordering::Relaxed);
             let result = self.session().await;
-            self.stats.link_up.store(false, Ordering::Relaxed);
-            match result {
-                Ok(()) => backoff = Duration::from_millis(100),
-                Err(e) => {
-                    tracing::warn!(volume = %self.volume, "replication link down: {e}");
-                    *self.stats.last_error.lock().unwrap() = e.to_string();
-                }
+            let was_up = was_up || self.stats.link_up.swap(false, Ordering::Relaxed);
+            self.stats.copying.store(false, Ordering::Relaxed);
+            if was_up {
+                self.peer_lost().await;
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+            let wait = match result {
+                Ok(()) => {
+                    self.set_state(ReplState::Connecting);
+                    backoff = Duration::from_millis(100);
+                    backoff
+                }
+                Err(e) => {
+                    let end = e.core();
+                    let state = end.map_or(ReplState::Connecting, SessionEnd::state);
+                    self.set_state(state);
+                    if matches!(end, Some(SessionEnd::Stalled(_))) {
+                        self.stats.stalls.fetch_add(1, Ordering::Relaxed);
+                    }
+                    *self.stats.last_error.lock().unwrap() = e.to_string();
+                    if end.is_some_and(SessionEnd::permanent) {
+                        tracing::error!(volume = %self.volume, "replication refused for good: {e}; \
+                            nothing is shipped (retrying every {} s or on `blkmirror retry`)",
+                            SLOW_RETRY.as_secs());
+                        SLOW_RETRY
+                    } else {
+                        tracing::warn!(volume = %self.volume, "replication link down: {e}");
+                        let b = backoff;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        b
+                    }
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.record.retry.notified() => {}
+            }
+        }
+    }
+
+    fn set_state(&self, s: ReplState) {
+        *self.stats.state.lock().unwrap() = s;
+    }
+
+    /// The link went down after being up: writes from now on are ones the mirror has not
+    /// seen. A new generation is minted for them (DRBD does the same), persisted off the
+    /// network threads.
+    async fn peer_lost(&self) {
+        let next_seq = self.journal.last_seq() + 1;
+        let record = self.record.clone();
+        let volume = self.volume.clone();
+        let minted = tokio::task::spawn_blocking(move || {
+            let gen = GenId::random();
+            record
+                .update(|st| st.identity.lineage.mint(gen, next_seq, true))
+                .map(|()| gen)
+        })
+        .await;
+        match minted {
+            Ok(Ok(gen)) => {
+                tracing::info!(volume = %volume, %gen, first_seq = next_seq, "peer lost: new generation")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(volume = %volume, "cannot persist a new generation: {e}")
+            }
+            Err(e) => tracing::warn!(volume = %volume, "generation task failed: {e}"),
         }
     }
 
     async fn session(self: &Arc<Self>) -> Result<(), SessionError> {
         let conn = transport::connect(&self.endpoint, self.mirror, &self.identity).await?;
-        let (mut send, mut recv) = conn.open_bi().await?;
-        let hello = Message::Hello {
-            version: PROTOCOL_VERSION,
-            volume: self.volume.clone(),
-            size: self.storage.size(),
-        };
-        write_message(&mut send, &hello).await?;
-        // The mirror's answers are small: a few pages each.
-        let pool = SharedPool::new(1 << 20);
-        let ack = tokio::time::timeout(Duration::from_secs(10), read_message(&mut recv, &pool))
-            .await
-            .map_err(|_| SessionError::Protocol("no answer to hello within 10 s".into()))??;
-        let (durable_set, durable_seq, needs_full_copy) = match ack {
-            Some((
-                Message::HelloAck {
-                    durable_set,
-                    durable_seq,
-                    needs_full_copy,
-                },
-                _,
-            )) => (durable_set, durable_seq, needs_full_copy),
-            Some((Message::Refuse { reason, .. }, _)) => return Err(SessionError::Refused(reason)),
-            other => {
-                return Err(SessionError::Protocol(format!(
-                    "expected HelloAck, got {other:?}"
-                )))
+        let (mut send, recv) = conn.open_bi().await?;
+        let claim = self
+            .record
+            .snapshot()
+            .claim(&self.journal, &self.record.disk);
+        let (mut sess, opening) = Session::start(
+            self.limits.clone(),
+            &self.volume,
+            self.storage.size(),
+            claim,
+            Instant::now().into_std(),
+        );
+        #[cfg(feature = "test-hooks")]
+        if std::env::var_os("BLKMIRROR_TEST_PLANT_ACK_EARLY").is_some() {
+            sess.bugs.ack_one_set_early = true;
+        }
+        for m in &opening {
+            write_message(&mut send, m).await?;
+        }
+        // The reader: whole messages from the mirror, in order.
+        let (in_tx, mut in_rx) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            let mut recv = recv;
+            // The mirror's messages are small: a few pages each.
+            let pool = SharedPool::new(1 << 20);
+            loop {
+                let m = read_message(&mut recv, &pool).await;
+                let end = !matches!(m, Ok(Some(_)));
+                if in_tx.send(m).is_err() || end {
+                    return;
+                }
             }
-        };
-        tracing::info!(volume = %self.volume, durable_set, durable_seq, needs_full_copy, "replication link up");
-        self.stats.link_up.store(true, Ordering::Relaxed);
-        self.stats.acked_set.store(durable_set, Ordering::Relaxed);
-        self.journal
-            .ack(durable_seq)
-            .map_err(|e| SessionError::Protocol(format!("HelloAck: {e}")))?;
-        let window = Arc::new(Semaphore::new(WINDOW_SETS));
-        let acks = tokio::spawn(read_acks(self.clone(), recv, window.clone(), pool));
+        });
+        // The writer: encodes and sends what the session hands out, two at most queued.
+        let (out_tx, out_rx) = mpsc::channel::<Transmit>(2);
+        let writer = tokio::spawn(self.clone().writer(send, out_rx));
         let sampler = {
             let (stats, conn) = (self.stats.clone(), conn.clone());
             tokio::spawn(async move {
@@ -195,24 +335,14 @@ impl Shipper {
                 }
             })
         };
-        let sending = self.send_loop(
-            &mut send,
-            &window,
-            durable_set + 1,
-            durable_seq,
-            needs_full_copy,
-        );
-        let result = tokio::select! {
-            r = sending => r,
-            r = acks => match r {
-                Ok(r) => r,
-                Err(e) => Err(SessionError::Protocol(format!("ack reader: {e}"))),
-            },
-        };
+        let result = self.drive(&mut sess, &mut in_rx, &out_tx, writer).await;
         sampler.abort();
+        reader.abort();
         // A peer that closed on us usually said why (a refusal): that is the error to show.
         let result = match (result, conn.close_reason()) {
-            (Err(e), Some(reason)) => Err(SessionError::Protocol(format!("{e}; {reason}"))),
+            (Err(SessionError::Stream(e)), Some(reason)) => Err(SessionError::Core(
+                SessionEnd::Protocol(format!("{e}; {reason}")),
+            )),
             (r, _) => r,
         };
         {
@@ -224,250 +354,190 @@ impl Shipper {
         result
     }
 
-    async fn send_loop(
+    /// Run `sess` until it ends: hand out transmits while the writer has room, feed it the
+    /// mirror's messages and the passing of time.
+    async fn drive(
         &self,
-        send: &mut quinn::SendStream,
-        window: &Semaphore,
-        mut next_set: u64,
-        mut shipped_seq: u64,
-        needs_full_copy: bool,
+        sess: &mut Session,
+        in_rx: &mut mpsc::UnboundedReceiver<
+            Result<Option<(Message, crate::disk::buf::BlockBytes)>, super::stream::StreamError>,
+        >,
+        out_tx: &mpsc::Sender<Transmit>,
+        mut writer: tokio::task::JoinHandle<Result<(), SessionError>>,
     ) -> Result<(), SessionError> {
-        let mut copy = if needs_full_copy {
-            // The copy carries everything journaled so far.
-            let seq = self.journal.last_seq();
-            self.journal
-                .ack(seq)
-                .map_err(|e| SessionError::Protocol(e.to_string()))?;
-            shipped_seq = shipped_seq.max(seq);
-            self.stats
-                .copy_total
-                .store(self.storage.size(), Ordering::Relaxed);
-            self.stats.copy_done.store(0, Ordering::Relaxed);
-            self.stats.copying.store(true, Ordering::Relaxed);
-            tracing::info!(volume = %self.volume, bytes = self.storage.size(), "mirror is new: full copy starts");
-            Some(0u64)
-        } else {
-            None
-        };
-        let mut linger_until: Option<tokio::time::Instant> = None;
         loop {
-            self.resync_dirty()?;
-            // Journal first: a copy chunk must land after every set cut before it was read.
             let notified = self.records.notified();
-            let (records, covered) = self.journal.collect(shipped_seq, SET_MAX_BYTES)?;
-            let mut sent = false;
-            if covered > shipped_seq && copy.is_none() {
-                let bytes: u64 = records.iter().map(|r| r.extent.len()).sum();
-                let in_flight = window.available_permits() < WINDOW_SETS;
-                if in_flight && bytes < SET_TARGET_BYTES {
-                    let until = *linger_until
-                        .get_or_insert_with(|| tokio::time::Instant::now() + SET_LINGER);
-                    if tokio::time::Instant::now() < until {
-                        tokio::time::sleep_until(until).await;
-                        continue;
-                    }
-                }
-            }
-            linger_until = None;
-            if covered > shipped_seq {
-                // The journal's CRCs of the records, for the pieces folding leaves whole.
-                let mut known = KnownCrcs::default();
-                for r in &records {
-                    if let (Payload::Data(data), Some(crc)) = (&r.extent.payload, r.crc) {
-                        known.insert(data, crc);
-                    }
-                }
-                let mut folder = Folder::new();
-                for r in records {
-                    folder.add(r.extent);
-                }
-                let set = DeltaSet {
-                    set: next_set,
-                    first_seq: shipped_seq + 1,
-                    last_seq: covered,
-                    newest_write_ms: 0,
-                    kind: SetKind::Journal,
-                    extents: folder.into_extents(),
+            let mut writer_full = false;
+            loop {
+                let Ok(permit) = out_tx.try_reserve() else {
+                    writer_full = true;
+                    break;
                 };
-                self.send_set(send, window, set, known).await?;
-                next_set += 1;
-                shipped_seq = covered;
-                sent = true;
+                let now = Instant::now().into_std();
+                match sess.poll_transmit(now, &self.journal, &*self.storage)? {
+                    Some(t) => permit.send(t),
+                    None => break,
+                }
             }
-            // One copy set per journal set: neither starves the other.
-            if let Some(pos) = copy {
-                let (set, next) = self.copy_set(next_set, pos)?;
-                self.send_set(send, window, set, KnownCrcs::default())
-                    .await?;
-                next_set += 1;
-                self.stats.copy_done.store(next, Ordering::Relaxed);
-                if next >= self.storage.size() {
+            if let Some((done, total)) = sess.resync_progress() {
+                self.stats.copy_done.store(done, Ordering::Relaxed);
+                self.stats.copy_total.store(total, Ordering::Relaxed);
+            }
+            let timeout = Instant::from_std(sess.poll_timeout());
+            tokio::select! {
+                m = in_rx.recv() => {
+                    let msg = match m {
+                        Some(Ok(Some((msg, _)))) => msg,
+                        Some(Ok(None)) | None => {
+                            return Err(SessionEnd::Protocol("mirror closed the stream".into()).into())
+                        }
+                        Some(Err(e)) => return Err(e.into()),
+                    };
+                    let now = Instant::now().into_std();
+                    for ev in sess.on_message(msg, now, &self.journal)? {
+                        self.on_event(ev, sess).await?;
+                    }
+                }
+                _ = tokio::time::sleep_until(timeout) => sess.on_timeout(Instant::now().into_std())?,
+                _ = notified => {}
+                r = out_tx.reserve(), if writer_full => drop(r),
+                r = &mut writer => {
+                    return match r {
+                        Ok(Ok(())) => Err(SessionEnd::Protocol("sending stopped".into()).into()),
+                        Ok(Err(e)) => Err(e),
+                        Err(e) => Err(SessionEnd::Protocol(format!("sender: {e}")).into()),
+                    };
+                }
+            }
+        }
+    }
+
+    async fn on_event(&self, ev: Event, sess: &Session) -> Result<(), SessionError> {
+        match ev {
+            Event::AdoptUuid(uuid) => {
+                let record = self.record.clone();
+                tokio::task::spawn_blocking(move || {
+                    record.update(|st| st.identity.uuid = Some(uuid))
+                })
+                .await
+                .map_err(|e| SessionEnd::Protocol(e.to_string()))??;
+                tracing::info!(volume = %self.volume, %uuid, "volume identity adopted from the mirror");
+            }
+            Event::Up {
+                mode,
+                durable_set,
+                durable_seq,
+                reason,
+            } => {
+                tracing::info!(volume = %self.volume, ?mode, durable_set, durable_seq, %reason,
+                    "replication link up");
+                self.stats.link_up.store(true, Ordering::Relaxed);
+                self.stats.acked_set.store(durable_set, Ordering::Relaxed);
+                self.stats.last_error.lock().unwrap().clear();
+                *self.stats.last_decision.lock().unwrap() = reason;
+                let resync = mode != Mode::Resume;
+                self.stats
+                    .mirror_consistent
+                    .store(!resync, Ordering::Relaxed);
+                self.stats.copying.store(resync, Ordering::Relaxed);
+                self.stats
+                    .comparing
+                    .store(mode == Mode::Compare, Ordering::Relaxed);
+                self.stats.copy_done.store(0, Ordering::Relaxed);
+                self.stats
+                    .copy_total
+                    .store(self.storage.size(), Ordering::Relaxed);
+                self.set_state(if resync {
+                    ReplState::Resyncing
+                } else {
+                    ReplState::Replicating
+                });
+                if resync {
+                    tracing::info!(volume = %self.volume, bytes = self.storage.size(),
+                        compare = mode == Mode::Compare, "full copy starts");
+                }
+            }
+            Event::Acked { set, applied_set } => {
+                self.stats.acked_set.store(set, Ordering::Relaxed);
+                self.stats.applied_set.store(applied_set, Ordering::Relaxed);
+                if sess.resync_progress().is_none()
+                    && self.stats.copying.swap(false, Ordering::Relaxed)
+                {
                     tracing::info!(volume = %self.volume, "full copy sent");
-                    self.stats.copying.store(false, Ordering::Relaxed);
-                    copy = None;
-                } else {
-                    copy = Some(next);
                 }
-                continue;
             }
-            if sent {
-                continue;
+            Event::MirrorConsistent => {
+                tracing::info!(volume = %self.volume, "the mirror holds a consistent copy again");
+                self.stats.mirror_consistent.store(true, Ordering::Relaxed);
+                self.set_state(ReplState::Replicating);
             }
-            // Nothing to send: sleep until the journal grows (or re-check now and then).
-            let _ = tokio::time::timeout(Duration::from_millis(500), notified).await;
         }
+        Ok(())
     }
 
-    async fn send_set(
-        &self,
-        send: &mut quinn::SendStream,
-        window: &Semaphore,
-        set: DeltaSet,
-        known: KnownCrcs,
+    /// Encode and send whatever the session hands out, in order.
+    async fn writer(
+        self: Arc<Self>,
+        mut send: quinn::SendStream,
+        mut rx: mpsc::Receiver<Transmit>,
     ) -> Result<(), SessionError> {
-        window
-            .acquire()
-            .await
-            .expect("window semaphore never closes")
-            .forget();
-        let number = set.set;
-        let compress = self.compress;
-        let pool = self.encode_pool.clone();
-        // Folding, CRCs and lz4 take milliseconds per set: off the network threads.
-        let (mut chunks, stats) = tokio::task::spawn_blocking(move || {
-            if compress {
-                // Sized once: growing an 8 MiB buffer by doubling copies it again and again.
-                let mut buf = pool.take(
-                    usize::try_from(set.max_body_len()).unwrap_or(0) + super::frame::PREFIX_LEN,
-                );
-                let stats =
-                    super::frame::encode_with_crcs(&Message::Set(set), &mut buf, true, &known);
-                (vec![pool.lend(buf)], stats)
-            } else {
-                // Uncompressed, the data is sent from the journal's own buffers.
-                super::frame::encode_set_chunks(&set, &known)
-            }
-        })
-        .await
-        .map_err(|e| SessionError::Protocol(format!("encoder task: {e}")))?;
-        if self.stats.corrupt_next.load(Ordering::Relaxed) {
-            let mut flat = chunks.concat();
-            if super::frame::corrupt_first_data_byte(&mut flat) {
-                chunks = vec![Bytes::from(flat)];
-                self.stats.corrupt_next.store(false, Ordering::Relaxed);
-                tracing::warn!(volume = %self.volume, set = number, "test hook: corrupted a byte of this set after its CRC");
-            }
-        }
-        // Handed over, not copied: quinn keeps the chunks until the mirror acknowledges them.
-        send.write_all_chunks(&mut chunks)
-            .await
-            .map_err(super::stream::StreamError::from)?;
-        self.stats
-            .sent_bytes
-            .fetch_add(stats.raw_bytes, Ordering::Relaxed);
-        self.stats
-            .wire_bytes
-            .fetch_add(stats.wire_bytes, Ordering::Relaxed);
-        self.stats.sent_set.store(number, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// The next piece of the full copy from `pos`: data where the volume has data, zero
-    /// extents where it reads as zeroes (holes cost nothing on the wire).
-    fn copy_set(&self, set: u64, pos: u64) -> std::io::Result<(DeltaSet, u64)> {
-        let size = self.storage.size();
-        let mut folder = Folder::new();
-        let mut at = pos;
-        while at < size && folder.data_bytes() < SET_MAX_BYTES {
-            let len = COPY_CHUNK.min(size - at);
-            let holes = self.storage.allocation(at, len)?;
-            if holes.len() == 1 && holes[0].1 {
-                folder.add(Extent {
-                    offset: at,
-                    payload: Payload::Zero(len as u32),
-                });
-            } else {
-                let mut buf = vec![0u8; len as usize];
-                self.storage.read_sync(at, &mut buf)?;
-                let payload = if buf.iter().all(|&b| b == 0) {
-                    Payload::Zero(len as u32)
-                } else {
-                    Payload::Data(Bytes::from(buf))
-                };
-                folder.add(Extent {
-                    offset: at,
-                    payload,
-                });
-            }
-            at += len;
-        }
-        // Blocks read now may be newer than the sets sent so far: the mirror is consistent
-        // only once sets up to the journal's current end have been applied.
-        let seq = self.journal.last_seq();
-        let kind = SetKind::Copy { done: at >= size };
-        Ok((
-            DeltaSet {
-                set,
-                first_seq: seq,
-                last_seq: seq,
-                newest_write_ms: 0,
-                kind,
-                extents: folder.into_extents(),
-            },
-            at,
-        ))
-    }
-
-    /// Re-read ranges whose content the journal could not vouch for and journal them.
-    fn resync_dirty(&self) -> std::io::Result<()> {
-        for (offset, len) in self.journal.take_dirty() {
-            tracing::info!(volume = %self.volume, offset, len, "re-reading a range the journal could not vouch for");
-            let end = (offset + len).min(self.storage.size());
-            let mut at = offset;
-            while at < end {
-                let n = COPY_CHUNK.min(end - at);
-                let mut buf = vec![0u8; n as usize];
-                self.storage.read_sync(at, &mut buf)?;
-                self.journal.resync(at, Bytes::from(buf))?;
-                at += n;
+        while let Some(t) = rx.recv().await {
+            match t {
+                Transmit::Message(m) => {
+                    write_message(&mut send, &m).await?;
+                }
+                Transmit::Set { set, known } => {
+                    let number = set.set;
+                    let compress = self.compress;
+                    let pool = self.encode_pool.clone();
+                    // Folding, CRCs and lz4 take milliseconds per set: off the network threads.
+                    #[allow(unused_mut)]
+                    let (mut chunks, stats) = tokio::task::spawn_blocking(move || {
+                        if compress {
+                            // Sized once: growing an 8 MiB buffer by doubling copies it again
+                            // and again.
+                            let mut buf = pool.take(
+                                usize::try_from(set.max_body_len()).unwrap_or(0)
+                                    + super::frame::PREFIX_LEN,
+                            );
+                            let stats = super::frame::encode_with_crcs(
+                                &Message::Set(set),
+                                &mut buf,
+                                true,
+                                &known,
+                            );
+                            (vec![pool.lend(buf)], stats)
+                        } else {
+                            // Uncompressed, the data is sent from the journal's own buffers.
+                            super::frame::encode_set_chunks(&set, &known)
+                        }
+                    })
+                    .await
+                    .map_err(|e| SessionEnd::Protocol(format!("encoder task: {e}")))?;
+                    #[cfg(feature = "test-hooks")]
+                    if self.stats.corrupt_next.load(Ordering::Relaxed) {
+                        let mut flat = chunks.concat();
+                        if super::frame::corrupt_first_data_byte(&mut flat) {
+                            chunks = vec![bytes::Bytes::from(flat)];
+                            self.stats.corrupt_next.store(false, Ordering::Relaxed);
+                            tracing::warn!(volume = %self.volume, set = number, "test hook: corrupted a byte of this set after its CRC");
+                        }
+                    }
+                    // Handed over, not copied: quinn keeps the chunks until the mirror
+                    // acknowledges them.
+                    send.write_all_chunks(&mut chunks)
+                        .await
+                        .map_err(super::stream::StreamError::from)?;
+                    self.stats
+                        .sent_bytes
+                        .fetch_add(stats.raw_bytes, Ordering::Relaxed);
+                    self.stats
+                        .wire_bytes
+                        .fetch_add(stats.wire_bytes, Ordering::Relaxed);
+                    self.stats.sent_set.store(number, Ordering::Relaxed);
+                }
             }
         }
         Ok(())
-    }
-}
-
-async fn read_acks(
-    shipper: Arc<Shipper>,
-    mut recv: quinn::RecvStream,
-    window: Arc<Semaphore>,
-    pool: Arc<SharedPool>,
-) -> Result<(), SessionError> {
-    loop {
-        match read_message(&mut recv, &pool).await? {
-            Some((
-                Message::Ack {
-                    set,
-                    last_seq,
-                    applied_set,
-                },
-                _,
-            )) => {
-                shipper
-                    .journal
-                    .ack(last_seq)
-                    .map_err(|e| SessionError::Protocol(format!("Ack of set {set}: {e}")))?;
-                shipper.stats.acked_set.store(set, Ordering::Relaxed);
-                shipper
-                    .stats
-                    .applied_set
-                    .store(applied_set, Ordering::Relaxed);
-                window.add_permits(1);
-            }
-            Some((Message::Refuse { reason, .. }, _)) => return Err(SessionError::Refused(reason)),
-            Some((other, _)) => {
-                return Err(SessionError::Protocol(format!("unexpected {other:?}")))
-            }
-            None => return Err(SessionError::Protocol("mirror closed the stream".into())),
-        }
     }
 }

@@ -1,0 +1,469 @@
+//! The mirror's rules for one volume, without I/O of its own: the decision when a primary
+//! connects, which set may come next, what is durable and acknowledged, what is applied, what
+//! a checkpoint saves. The driver (`repl::mirror`: a redo writer, a sync and an applier thread
+//! per volume) and the simulator both call these, so both keep the same rules:
+//!
+//! - a set is accepted only if it is the next one and lies inside the volume;
+//! - a set is acknowledged only once the redo log holding it is synced ([`MirrorCore::synced`]);
+//! - sets are applied in order, and leave the redo log only once a checkpoint synced the
+//!   volume after them;
+//! - a session's decision (resume, full copy, compare, refuse) comes from
+//!   `repl::identity::decide`, taken only once everything durable is applied, and is persisted
+//!   before it is answered.
+
+use super::ReplState;
+use crate::disk::fingerprint::Fingerprint;
+use crate::repl::apply::{CopyState, VolumeState};
+use crate::repl::frame::{
+    DeltaSet, Message, Mode, RefuseCode, SetKind, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
+use crate::repl::identity::{decide, Decision, MirrorHolds, PrimaryClaim, RefuseKind, VolumeUuid};
+
+/// A refusal: its code and why.
+pub type Refusal = (RefuseCode, String);
+
+/// How far the redo log has got: the last set written (or durable) and the journal sequence
+/// and copy state after it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Durable {
+    pub set: u64,
+    pub seq: u64,
+    pub copy_done: bool,
+}
+
+/// A session accepted: the Decision to send once the state is saved.
+#[derive(Debug)]
+pub struct Accept {
+    pub decision: Message,
+    pub mode: Mode,
+    pub reason: String,
+}
+
+/// A set accepted into the redo log.
+#[derive(Debug)]
+pub struct Accepted {
+    /// The redo log's position once the set is written.
+    pub after: Durable,
+    /// An acknowledgement to send right away: only ever from a planted bug.
+    pub ack_now: Option<Message>,
+}
+
+/// A failure of the mirror's own storage: status says which part failed, sessions are
+/// refused with it, and it clears when the part works again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub code: RefuseCode,
+    pub why: String,
+}
+
+/// The mirror's rules for one volume (module doc).
+pub struct MirrorCore {
+    name: String,
+    size: u64,
+    /// What is applied (in memory; saved at checkpoints and decisions).
+    state: VolumeState,
+    /// The redo writer's position (written, maybe not yet synced).
+    written: Durable,
+    /// Synced in the redo log, acknowledged.
+    durable: Durable,
+    /// The applied set as of the last checkpoint (volume synced, state saved).
+    checkpointed: u64,
+    /// Sessions started so far.
+    sessions: u64,
+    /// The newest session whose barrier has passed the redo writer: sets of older sessions
+    /// arriving after it are dropped (their primary re-sends them).
+    session: u64,
+    failure: Option<Failure>,
+    /// A permanent refusal of the last session (split brain, unrelated), for status.
+    refused: Option<(ReplState, String)>,
+    #[cfg(any(test, feature = "test-hooks"))]
+    pub bugs: super::PlantedBugs,
+}
+
+impl MirrorCore {
+    /// The rules for a volume of `size` bytes whose persisted (and replayed) state is `state`.
+    /// `disk` is the volume's disk as found now: a disk that is not the one the state
+    /// describes, or that changed since the state sealed it (`sealed_valid`: nothing was
+    /// applied after the seal), makes the volume not consistent until a resync completes.
+    pub fn new(
+        name: &str,
+        size: u64,
+        mut state: VolumeState,
+        disk: Option<&Fingerprint>,
+        sealed_valid: bool,
+    ) -> MirrorCore {
+        if let (Some(known), Some(now)) = (&state.identity.fingerprint, disk) {
+            let why = if !known.same_disk(now) {
+                Some(format!(
+                    "the volume is not the disk this state describes: it was {}, it is {}",
+                    known.describe(),
+                    now.describe()
+                ))
+            } else if sealed_valid && now.changed_since(known) {
+                Some("the volume changed while the mirror was not applying to it".to_string())
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                tracing::error!(volume = %name, "{why}: NOT consistent until the primary resyncs it");
+                state.volume_changed = Some(why);
+            }
+        }
+        if let Some(now) = disk {
+            state.identity.fingerprint = Some(now.clone());
+        }
+        let durable = Durable {
+            set: state.applied_set,
+            seq: state.applied_seq,
+            copy_done: state.copy == CopyState::Done,
+        };
+        MirrorCore {
+            name: name.to_string(),
+            size,
+            checkpointed: state.applied_set,
+            state,
+            written: durable,
+            durable,
+            sessions: 0,
+            session: 0,
+            failure: None,
+            refused: None,
+            #[cfg(any(test, feature = "test-hooks"))]
+            bugs: super::PlantedBugs::default(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn state(&self) -> &VolumeState {
+        &self.state
+    }
+
+    pub fn durable(&self) -> Durable {
+        self.durable
+    }
+
+    pub fn checkpointed(&self) -> u64 {
+        self.checkpointed
+    }
+
+    pub fn failure(&self) -> Option<&Failure> {
+        self.failure.as_ref()
+    }
+
+    pub fn refused(&self) -> Option<&(ReplState, String)> {
+        self.refused.as_ref()
+    }
+
+    /// A new session begins: its number. Once its barrier reaches the redo writer
+    /// ([`MirrorCore::enter_session`]), sets of older sessions are dropped.
+    pub fn new_session(&mut self) -> u64 {
+        self.sessions += 1;
+        self.sessions
+    }
+
+    /// Session `id`'s barrier reached the redo writer: what older sessions queued before it
+    /// was written; what they send after it is stale.
+    pub fn enter_session(&mut self, id: u64) {
+        self.session = self.session.max(id);
+    }
+
+    /// The redo writer's position.
+    pub fn written_position(&self) -> Durable {
+        self.written
+    }
+
+    /// The decision on Hello + Identify. Call it only once everything durable is applied (the
+    /// driver's barrier). On `Ok`, save [`MirrorCore::state`] durably before sending the
+    /// decision: a full copy or comparison marks the volume not consistent first.
+    pub fn hello(
+        &mut self,
+        version: u16,
+        volume: &str,
+        size: u64,
+        claim: &PrimaryClaim,
+    ) -> Result<Accept, Refusal> {
+        if version != PROTOCOL_VERSION {
+            let why = if (OLDEST_PROTOCOL_VERSION..PROTOCOL_VERSION).contains(&version) {
+                format!(
+                    "protocol version {version} has no volume identities; this mirror needs \
+                     version {PROTOCOL_VERSION}: upgrade the primary"
+                )
+            } else {
+                format!(
+                    "protocol version {version} unsupported (this mirror speaks \
+                     {PROTOCOL_VERSION})"
+                )
+            };
+            return Err((RefuseCode::Version, why));
+        }
+        if volume != self.name {
+            return Err((
+                RefuseCode::UnknownVolume,
+                format!("no volume named {volume:?} here"),
+            ));
+        }
+        if size != self.size {
+            return Err((
+                RefuseCode::SizeMismatch,
+                format!(
+                    "volume {volume}: primary has {size} bytes, mirror has {}",
+                    self.size
+                ),
+            ));
+        }
+        match &self.failure {
+            // The redo log is retried by the session itself: if it is still full or broken,
+            // its first write fails again and says so.
+            Some(f) if f.code == RefuseCode::RedoFailed => {
+                tracing::info!(volume = %self.name, "retrying the redo log after: {}", f.why);
+                self.failure = None;
+            }
+            Some(f) => return Err((f.code, f.why.clone())),
+            None => {}
+        }
+        assert_eq!(
+            self.written, self.durable,
+            "a decision is taken with nothing unsynced"
+        );
+        assert_eq!(
+            self.durable.set, self.state.applied_set,
+            "a decision is taken with everything durable applied"
+        );
+        let st = &self.state;
+        let holds = MirrorHolds {
+            uuid: st.identity.uuid,
+            lineage: st.identity.lineage.clone(),
+            position: st.consistent().then_some(st.applied_seq),
+            has_data: st.copy != CopyState::None,
+            peer_fingerprint: st.identity.peer_fingerprint.clone(),
+        };
+        let decision = decide(claim, &holds);
+        tracing::info!(volume = %self.name, primary_uuid = ?claim.uuid,
+            mirror_uuid = ?holds.uuid, primary_gen = ?claim.lineage.current().map(|s| s.gen),
+            mirror_position = ?holds.position, ?decision, "decision on connect");
+        let (mode, reason) = match decision {
+            Decision::Refuse { kind, why } => {
+                let (code, state) = match kind {
+                    RefuseKind::Unrelated => (RefuseCode::Unrelated, ReplState::Unrelated),
+                    RefuseKind::SplitBrain => (RefuseCode::SplitBrain, ReplState::SplitBrain),
+                };
+                self.refused = Some((state, why.clone()));
+                return Err((code, why));
+            }
+            Decision::Resume { from_seq } => {
+                debug_assert_eq!(from_seq, self.durable.seq);
+                (Mode::Resume, "same data: resuming".to_string())
+            }
+            Decision::FullCopy { why } => (Mode::FullCopy, why),
+            Decision::Compare { why } => (Mode::Compare, why),
+        };
+        self.refused = None;
+        let uuid = claim
+            .uuid
+            .or(self.state.identity.uuid)
+            .unwrap_or_else(VolumeUuid::random);
+        let st = &mut self.state;
+        st.identity.uuid = Some(uuid);
+        st.identity.lineage = claim.lineage.clone();
+        let mut peer = claim.fingerprint.clone();
+        peer.ctime = None;
+        st.identity.peer_fingerprint = Some(peer);
+        if mode != Mode::Resume {
+            // Chunks will be overwritten: not a state of the primary's until the copy ends.
+            st.copy = CopyState::Running;
+            st.applied_seq = 0;
+            st.consistent_after_seq = 0;
+            self.durable.seq = 0;
+            self.durable.copy_done = false;
+            self.written = self.durable;
+        } else {
+            st.identity.synced = claim.lineage.current().map(|s| s.gen);
+        }
+        Ok(Accept {
+            decision: Message::Decision {
+                uuid,
+                mode,
+                durable_set: self.durable.set,
+                durable_seq: self.durable.seq,
+                reason: reason.clone(),
+            },
+            mode,
+            reason,
+        })
+    }
+
+    /// A set arrived for session `session`. `Ok(None)`: it belongs to a replaced session and is
+    /// dropped (its primary re-sends it after the new session's decision).
+    pub fn accept(&mut self, session: u64, set: &DeltaSet) -> Result<Option<Accepted>, Refusal> {
+        if session < self.session {
+            return Ok(None);
+        }
+        if let Some(f) = &self.failure {
+            return Err((f.code, f.why.clone()));
+        }
+        let w = self.written;
+        if set.set != w.set + 1 {
+            let what = if set.set > w.set + 1 {
+                "from the future"
+            } else {
+                "already durable"
+            };
+            return Err((
+                RefuseCode::BadSet,
+                format!("set {} is {what} (next expected {})", set.set, w.set + 1),
+            ));
+        }
+        if let Some(e) = set.extents.iter().find(|e| e.end() > self.size) {
+            return Err((
+                RefuseCode::BadSet,
+                format!(
+                    "set {} writes past the volume's end ({} > {})",
+                    set.set,
+                    e.end(),
+                    self.size
+                ),
+            ));
+        }
+        let mut d = w;
+        d.set = set.set;
+        match set.kind {
+            SetKind::Journal => d.seq = d.seq.max(set.last_seq),
+            SetKind::Copy { done } => {
+                d.copy_done = done;
+                if done {
+                    d.seq = d.seq.max(set.first_seq);
+                }
+            }
+        }
+        self.written = d;
+        #[allow(unused_mut)]
+        let mut ack_now = None;
+        #[cfg(any(test, feature = "test-hooks"))]
+        if self.bugs.ack_before_sync {
+            ack_now = Some(self.ack_message(d));
+        }
+        Ok(Some(Accepted { after: d, ack_now }))
+    }
+
+    /// Writing sets to the redo log failed: they are forgotten (the primary re-sends them) and
+    /// the log's tail is rewritten from `back_to`, the position before them.
+    pub fn write_failed(&mut self, back_to: Durable, failure: Failure) {
+        self.written = back_to;
+        self.fail(failure);
+    }
+
+    /// The redo log is synced up to `after` (a set written earlier): it is durable. Returns the
+    /// acknowledgement to send.
+    pub fn synced(&mut self, after: Durable) -> Option<Message> {
+        debug_assert!(after.set <= self.written.set);
+        self.durable = after;
+        // The storage works again: a failure of the redo log clears itself.
+        if self
+            .failure
+            .as_ref()
+            .is_some_and(|f| f.code == RefuseCode::RedoFailed)
+        {
+            tracing::info!(volume = %self.name, "redo log works again");
+            self.failure = None;
+        }
+        #[cfg(any(test, feature = "test-hooks"))]
+        if self.bugs.ack_before_sync {
+            return None;
+        }
+        Some(self.ack_message(after))
+    }
+
+    fn ack_message(&self, d: Durable) -> Message {
+        Message::Ack {
+            set: d.set,
+            last_seq: d.seq,
+            applied_set: self.state.applied_set,
+        }
+    }
+
+    /// `set` is the next set the applier may write (sets are applied in order, each once).
+    pub fn check_apply(&self, set: &DeltaSet) -> Result<(), String> {
+        if set.set != self.state.applied_set + 1 {
+            return Err(format!(
+                "set {} reached the applier after set {}",
+                set.set, self.state.applied_set
+            ));
+        }
+        if set.set > self.durable.set {
+            return Err(format!(
+                "set {} reached the applier before it was durable (durable: {})",
+                set.set, self.durable.set
+            ));
+        }
+        Ok(())
+    }
+
+    /// `set` was written to the volume (not yet synced), received at `received_ms` (this
+    /// host's clock).
+    pub fn applied(&mut self, set: &DeltaSet, received_ms: u64) {
+        self.state.advance(set);
+        self.state.newest_received_ms = self.state.newest_received_ms.max(received_ms);
+        if self.state.consistent() {
+            self.state.identity.synced = self
+                .state
+                .identity
+                .lineage
+                .holding(self.state.applied_seq)
+                .map(|s| s.gen);
+        }
+    }
+
+    /// The state a checkpoint saves, once the volume is synced; `disk` is the volume's disk
+    /// now (sealing its change time: nothing applied since the sync).
+    pub fn checkpoint_state(&mut self, disk: Option<Fingerprint>) -> VolumeState {
+        if let Some(d) = disk {
+            self.state.identity.fingerprint = Some(d);
+        }
+        self.state.clone()
+    }
+
+    /// A checkpoint saved the state with sets up to `set` applied and synced: they may leave
+    /// the redo log.
+    pub fn checkpoint_done(&mut self, set: u64) {
+        self.checkpointed = self.checkpointed.max(set);
+    }
+
+    /// A part of the mirror's storage failed (I2: never silent).
+    pub fn fail(&mut self, failure: Failure) {
+        tracing::error!(volume = %self.name, code = ?failure.code, "{}", failure.why);
+        self.failure = Some(failure);
+    }
+
+    /// The volume accepted writes again after failing: the failure is over.
+    pub fn volume_works(&mut self) {
+        if self
+            .failure
+            .as_ref()
+            .is_some_and(|f| f.code == RefuseCode::VolumeFailed)
+        {
+            tracing::info!(volume = %self.name, "the mirror volume works again");
+            self.failure = None;
+        }
+    }
+
+    /// What status shows of the volume's replication state.
+    pub fn repl_state(&self, link_up: bool) -> ReplState {
+        if self.failure.is_some() {
+            return ReplState::Failed;
+        }
+        if let Some((s, _)) = &self.refused {
+            return *s;
+        }
+        if !link_up {
+            return ReplState::Connecting;
+        }
+        if self.state.consistent() {
+            ReplState::Replicating
+        } else {
+            ReplState::Resyncing
+        }
+    }
+}

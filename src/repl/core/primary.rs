@@ -1,0 +1,854 @@
+//! The primary's side of replication, without I/O of its own: the per-volume state it keeps
+//! (identity, generations, the volume's fingerprint) and one session with the mirror.
+//!
+//! A session: Hello and Identify out; the mirror's Decision in (resume, full copy, compare, or
+//! a refusal); then delta sets cut from the journal, up to [`Limits::window_sets`] in flight,
+//! each trimmed from the journal once acknowledged. A full copy or a comparison interleaves
+//! with the journal, one unit of each in turn, so neither starves. The session ends on any
+//! error (the driver starts a new one from the mirror's durable point), on a refusal, or when
+//! no acknowledgement arrives for [`Limits::stall_timeout`] while sets are in flight.
+
+use super::ReplState;
+use crate::disk::fingerprint::Fingerprint;
+use crate::disk::Storage;
+use crate::env::{write_atomic, FileSystem};
+use crate::extent::{Extent, Payload};
+use crate::journal::{Journal, LastStop};
+use crate::repl::fold::Folder;
+use crate::repl::frame::{DeltaSet, KnownCrcs, Message, Mode, RefuseCode, SetKind, SUM_LEN};
+use crate::repl::identity::{GenId, PrimaryClaim, VolumeIdentity, VolumeUuid};
+use bytes::Bytes;
+use std::collections::VecDeque;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The session's limits, named and explained (the defaults are what production runs).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Raw bytes per delta set, at most (a single larger write goes alone in its set).
+    pub set_max_bytes: u64,
+    /// Delta sets in flight (sent, not yet acknowledged), at most: enough to fill a
+    /// 1 Gbit/s link with a 30 ms round trip.
+    pub window_sets: usize,
+    /// A set smaller than this waits up to `linger` for more records while earlier sets are in
+    /// flight: a set costs both sides the same fixed work (encode, redo write, ack, apply
+    /// batch) whatever its size; 4 KiB random writes made ~8-record sets, 2,000 a second.
+    pub set_target_bytes: u64,
+    pub linger: Duration,
+    /// The unit of the full copy and of the comparison.
+    pub copy_chunk: u64,
+    /// Chunks summed per Sums message (one volume read of this many chunks per message).
+    pub sums_per_message: usize,
+    /// Sums messages awaiting their reply, at most (bounds how far the comparison reads
+    /// ahead of the mirror).
+    pub sums_in_flight: usize,
+    /// How long the mirror may take to answer Hello.
+    pub decision_timeout: Duration,
+    /// No acknowledgement (nor comparison reply) for this long while something is in flight,
+    /// with the link up, is a stalled stream: the session is ended and started again. Long
+    /// enough for a window of sets over a slow link and a mirror's fsync; short enough that a
+    /// stalled volume is noticed in well under a minute.
+    pub stall_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            set_max_bytes: 8 << 20,
+            window_sets: 32,
+            set_target_bytes: 1 << 20,
+            linger: Duration::from_millis(4),
+            copy_chunk: 1 << 20,
+            sums_per_message: 8,
+            sums_in_flight: 16,
+            decision_timeout: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionEnd {
+    /// The mirror refused (`code` says whether retrying helps).
+    #[error("mirror refused: {reason}")]
+    Refused { code: u16, reason: String },
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("stalled: {0}")]
+    Stalled(String),
+    #[error("local I/O: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl SessionEnd {
+    /// A refusal retrying cannot cure (until an admin acts).
+    pub fn permanent(&self) -> bool {
+        matches!(self, SessionEnd::Refused { code, .. }
+            if RefuseCode::from_u16(*code).is_some_and(RefuseCode::permanent))
+    }
+
+    /// The state status shows after this end.
+    pub fn state(&self) -> ReplState {
+        match self {
+            SessionEnd::Refused { code, .. } => match RefuseCode::from_u16(*code) {
+                Some(RefuseCode::SplitBrain) => ReplState::SplitBrain,
+                Some(RefuseCode::Unrelated) => ReplState::Unrelated,
+                Some(c) if c.permanent() => ReplState::Refused,
+                Some(RefuseCode::VolumeFailed | RefuseCode::RedoFailed) => ReplState::Failed,
+                _ => ReplState::Connecting,
+            },
+            _ => ReplState::Connecting,
+        }
+    }
+}
+
+/// What a session hands the driver to send.
+#[derive(Debug)]
+pub enum Transmit {
+    /// Encode and send (`known`: CRCs the journal already computed for whole records).
+    Set {
+        set: DeltaSet,
+        known: KnownCrcs,
+    },
+    Message(Message),
+}
+
+/// What the driver should do after a message was handled.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The mirror's decision arrived: the link is up.
+    Up {
+        mode: Mode,
+        durable_set: u64,
+        durable_seq: u64,
+        reason: String,
+    },
+    /// The pair's UUID, new to this side: persist it before anything else.
+    AdoptUuid(VolumeUuid),
+    /// Set `set` is durable at the mirror (and the journal trimmed up to its seq); sets up to
+    /// `applied_set` are applied there.
+    Acked { set: u64, applied_set: u64 },
+    /// The mirror durably holds a consistent copy from now on (its copy or comparison is
+    /// done and the journal up to that point is durable there).
+    MirrorConsistent,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    set: u64,
+    /// The durable sequence number the mirror reports once this set is durable.
+    durable_seq: u64,
+}
+
+#[derive(Debug)]
+enum Phase {
+    AwaitDecision,
+    Running,
+}
+
+/// The full copy or the comparison in progress.
+#[derive(Debug)]
+struct Resync {
+    compare: bool,
+    /// The journal's end when it began: the copy holds every write up to here.
+    start_seq: u64,
+    /// Next byte to copy (full) or to sum (compare).
+    pos: u64,
+    /// Compare: Sums sent, awaiting replies (offset, chunks).
+    awaiting: VecDeque<(u64, usize)>,
+    /// Compare: chunks the mirror said differ, to send.
+    differ: VecDeque<u64>,
+    bytes_done: u64,
+}
+
+/// One session with the mirror (module doc).
+pub struct Session {
+    limits: Limits,
+    size: u64,
+    uuid: Option<VolumeUuid>,
+    phase: Phase,
+    next_set: u64,
+    shipped_seq: u64,
+    in_flight: VecDeque<InFlight>,
+    resync: Option<Resync>,
+    /// The last unit sent was from the journal: a resync unit goes next.
+    resync_turn: bool,
+    linger_until: Option<Instant>,
+    /// The mirror's durable seq as of the last acknowledgement (or its decision): what a
+    /// copy set's acknowledgement reports until a journal set moves it.
+    floor: u64,
+    /// When the mirror must have answered or acknowledged something.
+    deadline: Instant,
+    /// After a copy or comparison: the mirror is consistent once the set with this number is
+    /// durable there (None: it already is, or no resync ended yet).
+    consistent_at_set: Option<u64>,
+    /// The copy-done set's seq, until a journal set reaching it is sent.
+    consistent_after_seq: Option<u64>,
+    /// Mistakes planted to prove the simulator catches them.
+    #[cfg(any(test, feature = "test-hooks"))]
+    pub bugs: super::PlantedBugs,
+}
+
+/// Milliseconds since the Unix epoch by this host's clock (0 if the clock is before 1970).
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Session {
+    /// A new session: the messages that open it (Hello, Identify) and the session.
+    pub fn start(
+        limits: Limits,
+        volume: &str,
+        size: u64,
+        claim: PrimaryClaim,
+        now: Instant,
+    ) -> (Session, Vec<Message>) {
+        let hello = vec![
+            Message::Hello {
+                version: crate::repl::frame::PROTOCOL_VERSION,
+                volume: volume.to_string(),
+                size,
+            },
+            Message::Identify(Box::new(claim.clone())),
+        ];
+        let deadline = now + limits.decision_timeout;
+        (
+            Session {
+                limits,
+                size,
+                uuid: claim.uuid,
+                phase: Phase::AwaitDecision,
+                next_set: 0,
+                shipped_seq: 0,
+                in_flight: VecDeque::new(),
+                resync: None,
+                resync_turn: false,
+                linger_until: None,
+                floor: 0,
+                deadline,
+                consistent_at_set: None,
+                consistent_after_seq: None,
+                #[cfg(any(test, feature = "test-hooks"))]
+                bugs: super::PlantedBugs::default(),
+            },
+            hello,
+        )
+    }
+
+    /// Copy or comparison progress: (bytes done, total), while one runs.
+    pub fn resync_progress(&self) -> Option<(u64, u64)> {
+        self.resync.as_ref().map(|r| (r.bytes_done, self.size))
+    }
+
+    pub fn comparing(&self) -> bool {
+        self.resync.as_ref().is_some_and(|r| r.compare)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// The next moment [`Session::on_timeout`] must run.
+    pub fn poll_timeout(&self) -> Instant {
+        match self.linger_until {
+            Some(l) => l.min(self.deadline),
+            None => self.deadline,
+        }
+    }
+
+    /// Time passed: the decision is late, or the stream stalled (an error), or lingering ends.
+    pub fn on_timeout(&mut self, now: Instant) -> Result<(), SessionEnd> {
+        if now >= self.deadline {
+            return match self.phase {
+                Phase::AwaitDecision => Err(SessionEnd::Protocol(format!(
+                    "no answer to hello within {} s",
+                    self.limits.decision_timeout.as_secs()
+                ))),
+                Phase::Running if self.waiting_for_mirror() => Err(SessionEnd::Stalled(format!(
+                    "no acknowledgement for {} s while {} sets and {} comparisons are in \
+                     flight with the link up",
+                    self.limits.stall_timeout.as_secs(),
+                    self.in_flight.len(),
+                    self.resync.as_ref().map_or(0, |r| r.awaiting.len())
+                ))),
+                Phase::Running => {
+                    self.deadline = now + self.limits.stall_timeout;
+                    Ok(())
+                }
+            };
+        }
+        Ok(())
+    }
+
+    fn waiting_for_mirror(&self) -> bool {
+        !self.in_flight.is_empty() || self.resync.as_ref().is_some_and(|r| !r.awaiting.is_empty())
+    }
+
+    /// The mirror made progress: the stall watchdog starts again.
+    fn progress(&mut self, now: Instant) {
+        self.deadline = now + self.limits.stall_timeout;
+    }
+
+    /// A message from the mirror.
+    pub fn on_message(
+        &mut self,
+        msg: Message,
+        now: Instant,
+        journal: &Journal,
+    ) -> Result<Vec<Event>, SessionEnd> {
+        match (msg, &self.phase) {
+            (Message::Refuse { code, reason }, _) => Err(SessionEnd::Refused { code, reason }),
+            (
+                Message::Decision {
+                    uuid,
+                    mode,
+                    durable_set,
+                    durable_seq,
+                    reason,
+                },
+                Phase::AwaitDecision,
+            ) => self.on_decision(uuid, mode, durable_set, durable_seq, reason, now, journal),
+            (
+                Message::Ack {
+                    set,
+                    last_seq,
+                    applied_set,
+                },
+                Phase::Running,
+            ) => self.on_ack(set, last_seq, applied_set, now, journal),
+            (
+                Message::SumsReply {
+                    offset,
+                    chunk,
+                    differ,
+                },
+                Phase::Running,
+            ) => {
+                self.on_sums_reply(offset, chunk, differ)?;
+                self.progress(now);
+                Ok(Vec::new())
+            }
+            (other, phase) => Err(SessionEnd::Protocol(format!(
+                "unexpected {} while {phase:?}",
+                describe(&other)
+            ))),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_decision(
+        &mut self,
+        uuid: VolumeUuid,
+        mode: Mode,
+        durable_set: u64,
+        durable_seq: u64,
+        reason: String,
+        now: Instant,
+        journal: &Journal,
+    ) -> Result<Vec<Event>, SessionEnd> {
+        let mut events = Vec::new();
+        match self.uuid {
+            Some(mine) if mine != uuid => {
+                return Err(SessionEnd::Protocol(format!(
+                    "the mirror answered for volume {uuid}, this is {mine}"
+                )))
+            }
+            Some(_) => {}
+            None => {
+                self.uuid = Some(uuid);
+                events.push(Event::AdoptUuid(uuid));
+            }
+        }
+        let trim = |seq: u64| {
+            journal
+                .ack(seq)
+                .map_err(|e| SessionEnd::Protocol(format!("decision: {e}")))
+        };
+        match mode {
+            Mode::Resume => {
+                // The mirror resumes only where the journal still holds what follows.
+                if durable_seq < journal.acked_seq() {
+                    return Err(SessionEnd::Protocol(format!(
+                        "the mirror resumes after seq {durable_seq}, but the journal was \
+                         acknowledged up to {}",
+                        journal.acked_seq()
+                    )));
+                }
+                trim(durable_seq)?;
+                self.shipped_seq = durable_seq;
+            }
+            Mode::FullCopy | Mode::Compare => {
+                // The copy carries everything journaled so far; later records follow it.
+                let seq = journal.last_seq();
+                trim(seq)?;
+                self.shipped_seq = seq;
+                self.resync = Some(Resync {
+                    compare: mode == Mode::Compare,
+                    start_seq: seq,
+                    pos: 0,
+                    awaiting: VecDeque::new(),
+                    differ: VecDeque::new(),
+                    bytes_done: 0,
+                });
+            }
+        }
+        self.floor = durable_seq;
+        self.next_set = durable_set + 1;
+        self.phase = Phase::Running;
+        self.progress(now);
+        events.push(Event::Up {
+            mode,
+            durable_set,
+            durable_seq,
+            reason,
+        });
+        Ok(events)
+    }
+
+    fn on_ack(
+        &mut self,
+        set: u64,
+        last_seq: u64,
+        applied_set: u64,
+        now: Instant,
+        journal: &Journal,
+    ) -> Result<Vec<Event>, SessionEnd> {
+        let Some(front) = self.in_flight.front() else {
+            return Err(SessionEnd::Protocol(format!(
+                "acknowledgement of set {set}, but no set is in flight"
+            )));
+        };
+        if front.set != set || front.durable_seq != last_seq {
+            return Err(SessionEnd::Protocol(format!(
+                "acknowledgement of set {set} (seq {last_seq}), expected set {} (seq {})",
+                front.set, front.durable_seq
+            )));
+        }
+        #[allow(unused_mut)]
+        let mut trim_to = last_seq;
+        #[cfg(any(test, feature = "test-hooks"))]
+        if self.bugs.ack_one_set_early {
+            if let Some(next) = self.in_flight.get(1) {
+                trim_to = next.durable_seq;
+            }
+        }
+        journal
+            .ack(trim_to)
+            .map_err(|e| SessionEnd::Protocol(format!("acknowledgement of set {set}: {e}")))?;
+        self.in_flight.pop_front();
+        self.floor = last_seq;
+        self.progress(now);
+        let mut events = vec![Event::Acked { set, applied_set }];
+        if self.consistent_at_set.is_some_and(|c| set >= c) {
+            self.consistent_at_set = None;
+            events.push(Event::MirrorConsistent);
+        }
+        Ok(events)
+    }
+
+    fn on_sums_reply(
+        &mut self,
+        offset: u64,
+        chunk: u32,
+        differ: Vec<bool>,
+    ) -> Result<(), SessionEnd> {
+        let r = self
+            .resync
+            .as_mut()
+            .filter(|r| r.compare)
+            .ok_or_else(|| SessionEnd::Protocol("a comparison reply, but none runs".into()))?;
+        match r.awaiting.front() {
+            Some(&(o, n))
+                if o == offset
+                    && n == differ.len()
+                    && u64::from(chunk) == self.limits.copy_chunk =>
+            {
+                r.awaiting.pop_front();
+            }
+            _ => {
+                return Err(SessionEnd::Protocol(format!(
+                    "a comparison reply for offset {offset}, expected {:?}",
+                    r.awaiting.front()
+                )))
+            }
+        }
+        for (i, d) in differ.into_iter().enumerate() {
+            let at = offset + i as u64 * u64::from(chunk);
+            if d {
+                r.differ.push_back(at);
+            } else {
+                r.bytes_done += u64::from(chunk).min(self.size - at);
+            }
+        }
+        Ok(())
+    }
+
+    /// The next thing to send, if any is due now: a journal set, a copy or comparison unit,
+    /// or nothing (the window is full, the journal is empty, or a small set lingers: see
+    /// [`Session::poll_timeout`]). Reads the journal and the volume.
+    pub fn poll_transmit(
+        &mut self,
+        now: Instant,
+        journal: &Journal,
+        volume: &dyn Storage,
+    ) -> Result<Option<Transmit>, SessionEnd> {
+        if !matches!(self.phase, Phase::Running) {
+            return Ok(None);
+        }
+        resync_dirty(journal, volume)?;
+        if self.resync_turn && self.in_flight.len() < self.limits.window_sets {
+            if let Some(t) = self.resync_unit(journal, volume)? {
+                self.resync_turn = false;
+                return Ok(Some(t));
+            }
+        }
+        if self.in_flight.len() >= self.limits.window_sets {
+            return Ok(None);
+        }
+        let (records, covered) = journal.collect(self.shipped_seq, self.limits.set_max_bytes)?;
+        if covered > self.shipped_seq {
+            let bytes: u64 = records.iter().map(|r| r.extent.len()).sum();
+            let idle = self.in_flight.is_empty() || self.resync.is_some();
+            if !idle && bytes < self.limits.set_target_bytes {
+                let until = *self.linger_until.get_or_insert(now + self.limits.linger);
+                if now < until {
+                    return Ok(None);
+                }
+            }
+            self.linger_until = None;
+            // The journal's CRCs of the records, for the pieces folding leaves whole.
+            let mut known = KnownCrcs::default();
+            for r in &records {
+                if let (Payload::Data(data), Some(crc)) = (&r.extent.payload, r.crc) {
+                    known.insert(data, crc);
+                }
+            }
+            let newest_write_ms = records.iter().map(|r| r.written_ms).max().unwrap_or(0);
+            let mut folder = Folder::new();
+            for r in records {
+                folder.add(r.extent);
+            }
+            let set = DeltaSet {
+                set: self.next_set,
+                first_seq: self.shipped_seq + 1,
+                last_seq: covered,
+                newest_write_ms,
+                kind: SetKind::Journal,
+                extents: folder.into_extents(),
+            };
+            self.shipped_seq = covered;
+            self.resync_turn = true;
+            return Ok(Some(self.sent(set, known)));
+        }
+        self.linger_until = None;
+        if self.in_flight.len() < self.limits.window_sets {
+            if let Some(t) = self.resync_unit(journal, volume)? {
+                return Ok(Some(t));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Account a set handed out for sending.
+    fn sent(&mut self, set: DeltaSet, known: KnownCrcs) -> Transmit {
+        // What the mirror will report as durable after this set: a journal set moves its
+        // position, a copy set leaves it where the set before left it.
+        let before = self.in_flight.back().map_or(self.floor, |f| f.durable_seq);
+        let durable_seq = match set.kind {
+            SetKind::Journal => before.max(set.last_seq),
+            SetKind::Copy { done: true } => before.max(set.first_seq),
+            SetKind::Copy { done: false } => before,
+        };
+        match set.kind {
+            SetKind::Copy { done: true } => {
+                if self.shipped_seq >= set.last_seq {
+                    self.consistent_at_set = Some(set.set);
+                } else {
+                    self.consistent_after_seq = Some(set.last_seq);
+                }
+            }
+            SetKind::Journal => {
+                if self.consistent_after_seq.is_some_and(|s| set.last_seq >= s) {
+                    self.consistent_after_seq = None;
+                    self.consistent_at_set = Some(set.set);
+                }
+            }
+            SetKind::Copy { done: false } => {}
+        }
+        self.in_flight.push_back(InFlight {
+            set: set.set,
+            durable_seq,
+        });
+        self.next_set += 1;
+        Transmit::Set { set, known }
+    }
+
+    /// The next unit of the full copy or the comparison, if one is due.
+    fn resync_unit(
+        &mut self,
+        journal: &Journal,
+        volume: &dyn Storage,
+    ) -> Result<Option<Transmit>, SessionEnd> {
+        let size = self.size;
+        let chunk = self.limits.copy_chunk;
+        let Some(r) = self.resync.as_mut() else {
+            return Ok(None);
+        };
+        if !r.compare {
+            // Full copy: the next piece of the volume.
+            let mut folder = Folder::new();
+            let mut at = r.pos;
+            while at < size && folder.data_bytes() < self.limits.set_max_bytes {
+                let len = chunk.min(size - at);
+                folder.add(read_chunk(volume, at, len)?);
+                at += len;
+            }
+            r.bytes_done = at;
+            r.pos = at;
+            let done = at >= size;
+            let set = self.copy_set(journal, folder.into_extents(), done);
+            return Ok(Some(set));
+        }
+        // Compare: first send what differs, then ask about more, then finish.
+        if !r.differ.is_empty() {
+            let mut folder = Folder::new();
+            while let Some(&at) = r.differ.front() {
+                if folder.data_bytes() >= self.limits.set_max_bytes {
+                    break;
+                }
+                r.differ.pop_front();
+                let len = chunk.min(size - at);
+                folder.add(read_chunk(volume, at, len)?);
+                r.bytes_done += len;
+            }
+            let set = self.copy_set(journal, folder.into_extents(), false);
+            return Ok(Some(set));
+        }
+        if r.pos < size && r.awaiting.len() < self.limits.sums_in_flight {
+            let offset = r.pos;
+            let mut sums = Vec::with_capacity(self.limits.sums_per_message);
+            let mut buf = vec![0u8; chunk as usize];
+            while r.pos < size && sums.len() < self.limits.sums_per_message {
+                let len = chunk.min(size - r.pos);
+                let b = &mut buf[..len as usize];
+                volume.read_sync(r.pos, b)?;
+                sums.push(chunk_sum(b));
+                r.pos += len;
+            }
+            r.awaiting.push_back((offset, sums.len()));
+            return Ok(Some(Transmit::Message(Message::Sums {
+                offset,
+                chunk: u32::try_from(chunk).expect("chunks are small"),
+                sums,
+            })));
+        }
+        if r.pos >= size && r.awaiting.is_empty() {
+            // Everything compared and what differed sent: the copy is complete once the
+            // journal up to now is applied.
+            let set = self.copy_set(journal, Vec::new(), true);
+            return Ok(Some(set));
+        }
+        Ok(None)
+    }
+
+    /// A Copy set of `extents`: `first_seq` is where the copy began (every write up to it is
+    /// in the copy), `last_seq` the journal's end now. Blocks read now may be newer than the
+    /// sets sent so far: the mirror is consistent only once journal sets up to `last_seq` are
+    /// applied.
+    fn copy_set(&mut self, journal: &Journal, extents: Vec<Extent>, done: bool) -> Transmit {
+        let seq = journal.last_seq();
+        let start = self.resync.as_ref().map_or(seq, |r| r.start_seq);
+        if done {
+            self.resync = None;
+        }
+        let set = DeltaSet {
+            set: self.next_set,
+            first_seq: start,
+            last_seq: seq,
+            newest_write_ms: 0,
+            kind: SetKind::Copy { done },
+            extents,
+        };
+        self.resync_turn = false;
+        self.sent(set, KnownCrcs::default())
+    }
+}
+
+fn describe(m: &Message) -> String {
+    format!("{m:?}").chars().take(80).collect()
+}
+
+/// SHA-256 of one chunk as the comparison sends it.
+pub fn chunk_sum(data: &[u8]) -> [u8; SUM_LEN] {
+    let d = ring::digest::digest(&ring::digest::SHA256, data);
+    let mut out = [0u8; SUM_LEN];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// One chunk of the volume as an extent: a zero extent where it reads as zeroes (holes cost
+/// nothing on the wire), else its data.
+fn read_chunk(volume: &dyn Storage, at: u64, len: u64) -> io::Result<Extent> {
+    let holes = volume.allocation(at, len)?;
+    let n = u32::try_from(len).expect("chunks are small");
+    if holes.len() == 1 && holes[0].1 {
+        return Ok(Extent {
+            offset: at,
+            payload: Payload::Zero(n),
+        });
+    }
+    let mut buf = vec![0u8; len as usize];
+    volume.read_sync(at, &mut buf)?;
+    let payload = if buf.iter().all(|&b| b == 0) {
+        Payload::Zero(n)
+    } else {
+        Payload::Data(Bytes::from(buf))
+    };
+    Ok(Extent {
+        offset: at,
+        payload,
+    })
+}
+
+/// Largest piece re-read at once from a range the journal could not vouch for.
+const RESYNC_PIECE: u64 = 1 << 20;
+
+/// Re-read ranges whose content the journal could not vouch for (writes in flight at a crash,
+/// failed writes, records that could not be written) and journal their current content. A
+/// range that cannot be read now is kept for the next try.
+pub fn resync_dirty(journal: &Journal, volume: &dyn Storage) -> io::Result<()> {
+    let ranges = journal.take_dirty();
+    for (i, &(offset, len)) in ranges.iter().enumerate() {
+        tracing::info!(
+            offset,
+            len,
+            "re-reading a range the journal could not vouch for"
+        );
+        let end = (offset + len).min(volume.size());
+        let mut at = offset;
+        while at < end {
+            let n = RESYNC_PIECE.min(end - at);
+            let mut buf = vec![0u8; n as usize];
+            let done = volume
+                .read_sync(at, &mut buf)
+                .and_then(|()| journal.resync(at, Bytes::from(buf)));
+            if let Err(e) = done {
+                journal.mark_dirty(at, end - at);
+                for &(o, l) in &ranges[i + 1..] {
+                    journal.mark_dirty(o, l);
+                }
+                return Err(e);
+            }
+            at += n;
+        }
+    }
+    Ok(())
+}
+
+/// The primary's per-volume state (`STATE/volumes/NAME.json`): which pair this volume belongs
+/// to, its generations, and the disk it was last seen on.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PrimaryVolumeState {
+    /// Always "primary": a daemon of the other role refuses this state directory.
+    pub role: String,
+    pub identity: VolumeIdentity,
+    /// The volume's disk is not what this state describes (replaced, or changed while the
+    /// daemon was stopped), and no admin has accepted it: nothing is shipped. Kept across
+    /// restarts until accepted.
+    #[serde(default)]
+    pub volume_changed: Option<String>,
+}
+
+impl PrimaryVolumeState {
+    pub fn path(state_dir: &Path, volume: &str) -> PathBuf {
+        state_dir.join("volumes").join(format!("{volume}.json"))
+    }
+
+    pub fn load(fs: &dyn FileSystem, path: &Path) -> io::Result<Option<PrimaryVolumeState>> {
+        match fs.read(path) {
+            Ok(b) => {
+                let st: PrimaryVolumeState = serde_json::from_slice(&b).map_err(|e| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{}: {e}", path.display()),
+                    )
+                })?;
+                if st.role != "primary" {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "{} belongs to a {} (this daemon is a primary)",
+                            path.display(),
+                            st.role
+                        ),
+                    ));
+                }
+                Ok(Some(st))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn save(&self, fs: &dyn FileSystem, path: &Path) -> io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
+        write_atomic(fs, path, &bytes)
+    }
+
+    /// The state at a start of the primary: loaded (or new), the volume's disk checked against
+    /// it, and a new generation minted at `next_seq` (continuous unless the host crashed or
+    /// the state is new). Persist it before any write is taken.
+    pub fn at_start(
+        loaded: Option<PrimaryVolumeState>,
+        disk: &Fingerprint,
+        last_stop: LastStop,
+        next_seq: u64,
+        gen: GenId,
+    ) -> PrimaryVolumeState {
+        let mut st = loaded.unwrap_or_else(|| PrimaryVolumeState {
+            role: "primary".into(),
+            ..Default::default()
+        });
+        if st.volume_changed.is_none() {
+            if let Some(known) = &st.identity.fingerprint {
+                if !known.same_disk(disk) {
+                    st.volume_changed = Some(format!(
+                        "the volume is not the disk this state describes: it was {}, it is {}",
+                        known.describe(),
+                        disk.describe()
+                    ));
+                } else if last_stop == LastStop::Clean && disk.changed_since(known) {
+                    st.volume_changed = Some(format!(
+                        "the volume changed while the daemon was stopped ({} was sealed at \
+                         the clean stop)",
+                        known.describe()
+                    ));
+                }
+            }
+        }
+        let fresh = st.identity.lineage.spans.is_empty();
+        let continuous = !fresh && last_stop != LastStop::HostCrash;
+        st.identity.lineage.mint(gen, next_seq, continuous);
+        if st.volume_changed.is_none() {
+            // Not sealed while running: the daemon's own writes move the change time.
+            let mut seen = disk.clone();
+            seen.ctime = None;
+            st.identity.fingerprint = Some(seen);
+        }
+        st
+    }
+
+    /// The claim this state makes in Identify.
+    pub fn claim(&self, journal: &Journal, disk: &Fingerprint) -> PrimaryClaim {
+        PrimaryClaim {
+            uuid: self.identity.uuid,
+            lineage: self.identity.lineage.clone(),
+            journal_acked: journal.acked_seq(),
+            journal_last: journal.last_seq(),
+            fingerprint: disk.clone(),
+        }
+    }
+}
