@@ -1,7 +1,7 @@
 # blkmirror — the README's two commands are `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: all build release demo test bench-nbd bench-repl bench-wan torture clean
+.PHONY: all build release demo test sim bench-nbd bench-repl bench-wan torture clean
 
 all: build
 
@@ -26,6 +26,11 @@ test:
 	$(CARGO) clippy --all-targets --features test-hooks -- -D warnings
 	/usr/bin/python3 tools/test_tools.py
 	$(CARGO) test --features test-hooks
+
+# The deterministic simulator: SEEDS random schedules (default 400, about a minute), or one
+# replayed exactly with BLKMIRROR_SIM_SEED=S. Last line: `N schedules, V violations`.
+sim:
+	$(CARGO) run --quiet --release --features test-hooks --bin blkmirror-sim
 
 # More kill -9 rounds of the mirror than `make test` runs (BLKMIRROR_TORTURE_ROUNDS, default 100).
 torture:

@@ -15,4 +15,5 @@ pub mod repl;
 #[cfg(any(test, feature = "test-hooks"))]
 pub mod sim;
 pub mod transport;
+pub mod volume;
 pub mod wake;

@@ -138,6 +138,10 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
                 volume: spec.name.clone(),
                 journal: journal.clone(),
                 storage: export.storage.clone(),
+                reader: Arc::new(crate::volume::LockedReader {
+                    storage: export.storage.clone(),
+                    locks: export.locks.clone(),
+                }),
                 endpoint: endpoint.clone(),
                 mirror,
                 identity: identity.clone(),
@@ -256,6 +260,8 @@ fn open_record(
         GenId::random(),
     );
     st.save(&**fs, &path)?;
+    // Only now: a failure before this leaves the journal's account of the last stop as it was.
+    journal.mark_running()?;
     let current = st.identity.lineage.current().copied();
     tracing::info!(volume = %name, uuid = ?st.identity.uuid,
         generation = ?current.map(|s| s.gen), first_seq = ?current.map(|s| s.first_seq),

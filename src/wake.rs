@@ -42,18 +42,17 @@ impl Waiters {
     }
 
     /// Wake every registered waiter and keep them registered (a subscriber, like the shipper,
-    /// that always wants to hear of new records).
+    /// that always wants to hear of new records). Called for every journal record: no
+    /// allocation, and the wakers it calls must not block.
     pub fn notify_subscribers(&self) {
-        let list: Vec<Weak<dyn Wake>> = {
-            let mut l = self.list.lock().unwrap();
-            l.retain(|w| w.strong_count() > 0);
-            l.clone()
-        };
-        for w in list {
-            if let Some(w) = w.upgrade() {
+        let mut l = self.list.lock().unwrap();
+        l.retain(|w| match w.upgrade() {
+            Some(w) => {
                 w.wake();
+                true
             }
-        }
+            None => false,
+        });
     }
 }
 

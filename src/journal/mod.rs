@@ -129,6 +129,17 @@ pub struct ShipRecord {
     pub written_ms: u64,
 }
 
+/// A range whose content the journal cannot vouch for (a write in flight at a crash, a write
+/// that failed, a completed write whose record could not be written): it is re-read from the
+/// volume and journaled. Its intent stays open until then, so a crash meanwhile finds it
+/// again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dirty {
+    pub offset: u64,
+    pub len: u64,
+    intent: u64,
+}
+
 /// A write announced to the journal but not yet completed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Intent {
@@ -194,7 +205,7 @@ struct Inner {
     ram_bytes: u64,
     open_intents: BTreeMap<u64, (u64, u32)>,
     /// Ranges that must be re-read from the volume and journaled (crash, failed write).
-    dirty: Vec<(u64, u64)>,
+    dirty: Vec<Dirty>,
     acked_seq: u64,
     lag_bytes: u64,
     waiting_for_space: bool,
@@ -212,6 +223,8 @@ struct Inner {
     /// one too, or a power cut could lose the segment's name with the records a FLUSH synced.
     dir_changed: bool,
     closed: bool,
+    /// `mark_running` was called: appends are allowed.
+    running: bool,
 }
 
 /// Acknowledged segments kept for reuse, at most.
@@ -228,10 +241,17 @@ pub struct Journal {
     space: Waiters,
     /// The shipper: woken when records or dirty ranges arrive.
     records: Waiters,
+    /// Test builds: told of every record appended (the simulator's model of the volume).
+    #[cfg(any(test, feature = "test-hooks"))]
+    observer: Mutex<Option<RecordObserver>>,
 }
 
+/// Sees every record appended: its sequence number and what it did.
+#[cfg(any(test, feature = "test-hooks"))]
+pub type RecordObserver = Box<dyn Fn(u64, &Extent) + Send>;
+
 fn closed() -> io::Error {
-    io::Error::other("the journal is closed: the daemon is stopping")
+    io::Error::other("the journal is not running (not started, or closed: the daemon is stopping)")
 }
 
 fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
@@ -239,7 +259,10 @@ fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
 }
 
 impl Journal {
-    /// Open (and recover) the journal in `opts.dir`, and mark it running.
+    /// Open (and recover) the journal in `opts.dir`. Nothing may be appended until
+    /// [`Journal::mark_running`]: until then `stop.json` still tells how the last run ended,
+    /// so a start that fails before the caller has recorded it (say, a host crash) learns it
+    /// again next time.
     pub fn open(opts: JournalOptions) -> io::Result<Journal> {
         let fs = opts.fs.clone();
         let names = numbered_segments(&*fs, &opts.dir, ".jnl")?;
@@ -275,6 +298,7 @@ impl Journal {
             spares: Spares::load(&fs, &opts.dir, MAX_SPARES)?,
             dir_changed: false,
             closed: false,
+            running: false,
         };
         let mut broken = false;
         for (first_seq, path) in names {
@@ -290,14 +314,22 @@ impl Journal {
             }
             recover_segment(&opts, &mut inner, first_seq, &path, last_stop)?;
         }
-        inner
-            .dirty
-            .extend(inner.open_intents.values().map(|&(o, l)| (o, l as u64)));
-        if !inner.open_intents.is_empty() {
-            tracing::warn!(ranges = inner.open_intents.len(),
+        // Intents without a completion stay open (their segments are kept) until the ranges
+        // they name are re-read and journaled: a crash before that finds them again.
+        let open: Vec<Dirty> = inner
+            .open_intents
+            .iter()
+            .map(|(&intent, &(offset, len))| Dirty {
+                offset,
+                len: u64::from(len),
+                intent,
+            })
+            .collect();
+        if !open.is_empty() {
+            tracing::warn!(ranges = open.len(),
                 "journal: writes were in flight at the last stop; their ranges will be re-read and shipped");
-            inner.open_intents.clear();
         }
+        inner.dirty.extend(open);
         let first = inner.index.front().map(|e| e.seq);
         tracing::info!(dir = %opts.dir.display(), records = inner.index.len(), first_seq = ?first,
             next_seq = inner.next_seq, bytes = inner.disk_bytes, ?last_stop, "journal open");
@@ -307,16 +339,30 @@ impl Journal {
             last_stop,
             space: Waiters::new(),
             records: Waiters::new(),
+            #[cfg(any(test, feature = "test-hooks"))]
+            observer: Mutex::new(None),
         };
-        // Running from now on: a crash before `close` is seen as one at the next open.
-        let next_seq = journal.inner.lock().unwrap().next_seq;
-        journal.write_marker(false, next_seq)?;
         Ok(journal)
     }
 
     /// How the journal was closed before this open.
     pub fn last_stop(&self) -> LastStop {
         self.last_stop
+    }
+
+    /// Test builds: call `f` for every record appended from now on.
+    #[cfg(any(test, feature = "test-hooks"))]
+    pub fn observe(&self, f: RecordObserver) {
+        *self.observer.lock().unwrap() = Some(f);
+    }
+
+    /// From now on a stop that is not [`Journal::close`] is seen as a crash at the next open:
+    /// records may be appended.
+    pub fn mark_running(&self) -> io::Result<()> {
+        let next_seq = self.inner.lock().unwrap().next_seq;
+        self.write_marker(false, next_seq)?;
+        self.inner.lock().unwrap().running = true;
+        Ok(())
     }
 
     fn write_marker(&self, clean: bool, next_seq: u64) -> io::Result<()> {
@@ -365,7 +411,7 @@ impl Journal {
         let data = if carries_data { u64::from(len) } else { 0 };
         let need = 2 * HEADER_LEN as u64 + data;
         let mut g = self.inner.lock().unwrap();
-        if g.closed {
+        if g.closed || !g.running {
             return Err(closed());
         }
         if g.disk_bytes + g.reserved + need > self.opts.max_disk_bytes
@@ -426,12 +472,17 @@ impl Journal {
     pub fn complete(&self, intent: Intent, offset: u64, payload: Payload) -> io::Result<u64> {
         let mut g = self.inner.lock().unwrap();
         g.reserved -= intent.reserved;
-        g.open_intents.remove(&intent.seq);
         let len = payload.len();
         match self.record_locked(&mut g, offset, payload, intent.seq) {
             Ok(seq) => Ok(seq),
             Err(e) => {
-                g.dirty.push((offset, len));
+                // The intent stays open (its segment is kept, a crash finds it again) until the
+                // range is re-read and journaled.
+                g.dirty.push(Dirty {
+                    offset,
+                    len,
+                    intent: intent.seq,
+                });
                 drop(g);
                 self.records.notify_subscribers();
                 Err(e)
@@ -439,32 +490,39 @@ impl Journal {
         }
     }
 
-    /// The write announced by `intent` failed: the range's content is unknown, re-read it.
+    /// The write announced by `intent` failed: the range's content is unknown, re-read it (the
+    /// intent stays open until then).
     pub fn fail(&self, intent: Intent) {
         let mut g = self.inner.lock().unwrap();
         g.reserved -= intent.reserved;
-        if let Some((o, l)) = g.open_intents.remove(&intent.seq) {
-            g.dirty.push((o, l as u64));
+        if let Some(&(offset, len)) = g.open_intents.get(&intent.seq) {
+            g.dirty.push(Dirty {
+                offset,
+                len: u64::from(len),
+                intent: intent.seq,
+            });
         }
         drop(g);
         self.records.notify_subscribers();
     }
 
-    /// Journal the current content of a range re-read from the volume.
-    pub fn resync(&self, offset: u64, data: Bytes) -> io::Result<u64> {
+    /// Journal the current content of a range re-read from the volume; `closes` is the dirty
+    /// range this read finishes (its intent is closed by the record).
+    pub fn resync(&self, offset: u64, data: Bytes, closes: Option<&Dirty>) -> io::Result<u64> {
         let mut g = self.inner.lock().unwrap();
-        self.record_locked(&mut g, offset, Payload::Data(data), 0)
+        let completes = closes.map_or(0, |d| d.intent);
+        self.record_locked(&mut g, offset, Payload::Data(data), completes)
     }
 
-    /// Ranges waiting to be re-read from the volume (taken: the caller must journal them, or
-    /// give them back with [`Journal::mark_dirty`] if it cannot).
-    pub fn take_dirty(&self) -> Vec<(u64, u64)> {
+    /// Ranges waiting to be re-read from the volume (taken: the caller must journal them with
+    /// [`Journal::resync`], or give them back with [`Journal::give_back`]).
+    pub fn take_dirty(&self) -> Vec<Dirty> {
         std::mem::take(&mut self.inner.lock().unwrap().dirty)
     }
 
-    /// A range whose content must be re-read from the volume and shipped.
-    pub fn mark_dirty(&self, offset: u64, len: u64) {
-        self.inner.lock().unwrap().dirty.push((offset, len));
+    /// Dirty ranges the caller could not re-read now.
+    pub fn give_back(&self, ranges: impl IntoIterator<Item = Dirty>) {
+        self.inner.lock().unwrap().dirty.extend(ranges);
         self.records.notify_subscribers();
     }
 
@@ -477,7 +535,7 @@ impl Journal {
     ) -> io::Result<u64> {
         // A write that completes after a clean close stays an open intent, which the next
         // start re-reads: nothing is appended behind the closed tail.
-        if g.closed {
+        if g.closed || !g.running {
             return Err(closed());
         }
         let seq = g.next_seq;
@@ -509,6 +567,20 @@ impl Journal {
             ),
         };
         let (segment, pos) = self.append_locked(g, &h, data)?;
+        // The write it completes (or the dirty range it re-read) is accounted for.
+        if completes != 0 {
+            g.open_intents.remove(&completes);
+        }
+        #[cfg(any(test, feature = "test-hooks"))]
+        if let Some(f) = &*self.observer.lock().unwrap() {
+            f(
+                seq,
+                &Extent {
+                    offset,
+                    payload: payload.clone(),
+                },
+            );
+        }
         g.index.push_back(Entry {
             seq,
             offset,
@@ -886,6 +958,17 @@ mod tests {
         }
     }
 
+    fn ranges(d: Vec<Dirty>) -> Vec<(u64, u64)> {
+        d.into_iter().map(|d| (d.offset, d.len)).collect()
+    }
+
+    /// Open and mark running, as a daemon does once its state is recorded.
+    fn open(o: JournalOptions) -> Journal {
+        let j = Journal::open(o).unwrap();
+        j.mark_running().unwrap();
+        j
+    }
+
     /// Begin, retrying while the journal says "not now" (as the connection loop does).
     fn begin(j: &Journal, offset: u64, len: u32) -> io::Result<Intent> {
         loop {
@@ -904,7 +987,7 @@ mod tests {
     fn records_survive_reopen_and_open_intents_become_dirty() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let j = Journal::open(opts(dir.path())).unwrap();
+            let j = open(opts(dir.path()));
             for i in 0..20u64 {
                 let it = begin(&j, i * 4096, 4096).unwrap();
                 j.complete(it, i * 4096, data(i as u8, 4096)).unwrap();
@@ -914,7 +997,7 @@ mod tests {
             let _in_flight = begin(&j, 1 << 19, 512).unwrap();
             j.sync().unwrap();
         }
-        let j = Journal::open(opts(dir.path())).unwrap();
+        let j = open(opts(dir.path()));
         let (recs, covered) = j.collect(0, u64::MAX).unwrap();
         assert_eq!(recs.len(), 21);
         assert_eq!(covered, j.last_seq());
@@ -927,23 +1010,23 @@ mod tests {
             }
         );
         assert_eq!(recs[20].extent.payload, Payload::Zero(8192));
-        assert_eq!(j.take_dirty(), vec![(1 << 19, 512)]);
+        assert_eq!(ranges(j.take_dirty()), vec![(1 << 19, 512)]);
     }
 
     #[test]
     fn a_failed_write_is_re_read() {
         let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(opts(dir.path())).unwrap();
+        let j = open(opts(dir.path()));
         let c = j.begin(4095, 2, true).unwrap().expect("room");
         j.fail(c);
-        assert_eq!(j.take_dirty(), vec![(4095, 2)]);
+        assert_eq!(ranges(j.take_dirty()), vec![(4095, 2)]);
     }
 
     #[test]
     fn torn_tail_is_truncated() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let j = Journal::open(opts(dir.path())).unwrap();
+            let j = open(opts(dir.path()));
             for i in 0..3u64 {
                 let it = begin(&j, i * 512, 512).unwrap();
                 j.complete(it, i * 512, data(1, 512)).unwrap();
@@ -962,11 +1045,11 @@ mod tests {
             .unwrap()
             .set_len(len - 100)
             .unwrap();
-        let j = Journal::open(opts(dir.path())).unwrap();
+        let j = open(opts(dir.path()));
         let (recs, _) = j.collect(0, u64::MAX).unwrap();
         assert_eq!(recs.len(), 2, "the torn third record is gone");
         assert_eq!(
-            j.take_dirty(),
+            ranges(j.take_dirty()),
             vec![(1024, 512)],
             "its intent survived: the range is re-read"
         );
@@ -975,7 +1058,7 @@ mod tests {
     #[test]
     fn ack_trims_segments_and_full_journal_waits() {
         let dir = tempfile::tempdir().unwrap();
-        let j = Arc::new(Journal::open(opts(dir.path())).unwrap());
+        let j = Arc::new(open(opts(dir.path())));
         let mut last = 0;
         // Fill to just under the 1 MiB cap.
         while j.stats().disk_bytes + 3 * (32 << 10) < (1 << 20) {
@@ -1011,7 +1094,7 @@ mod tests {
         let mut o = opts(dir.path());
         o.max_disk_bytes = 64 << 20;
         o.segment_bytes = 32 << 20;
-        let j = Journal::open(o).unwrap();
+        let j = open(o);
         let big = READ_RUN_BYTES as usize + 4096;
         for (len, b) in [(4096, 1u8), (big, 2), (4096, 3)] {
             let it = begin(&j, 0, len as u32).unwrap();
@@ -1025,7 +1108,7 @@ mod tests {
     #[test]
     fn collect_respects_byte_budget_and_reads_evicted_data_from_disk() {
         let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(opts(dir.path())).unwrap();
+        let j = open(opts(dir.path()));
         for i in 0..10u8 {
             let it = begin(&j, 0, 4096).unwrap();
             j.complete(it, 0, data(i, 4096)).unwrap();
@@ -1048,7 +1131,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut o = opts(dir.path());
         o.segment_bytes = 64 << 10;
-        let j = Journal::open(o).unwrap();
+        let j = open(o);
         for i in 0..40u8 {
             let it = begin(&j, 0, 4096).unwrap();
             j.complete(it, 0, data(i, 4096)).unwrap();
@@ -1093,7 +1176,7 @@ mod tests {
     #[test]
     fn recycled_segments_keep_only_the_new_records() {
         let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(opts(dir.path())).unwrap();
+        let j = open(opts(dir.path()));
         let mut expect = Vec::new();
         for b in 0..120u8 {
             let seq = write(&j, b);
@@ -1117,14 +1200,14 @@ mod tests {
         let acked = j.stats().acked_seq;
         assert_eq!(shipped(&j, acked), expect);
         drop(j);
-        let j = Journal::open(opts(dir.path())).unwrap();
+        let j = open(opts(dir.path()));
         assert_eq!(shipped(&j, acked), expect);
         // Numbering continues, and the journal reopens again to the same records plus these.
         let seq = write(&j, 200);
         assert_eq!(seq, j.last_seq());
         expect.push((seq, 200));
         drop(j);
-        let j = Journal::open(opts(dir.path())).unwrap();
+        let j = open(opts(dir.path()));
         assert_eq!(shipped(&j, acked), expect);
     }
 
@@ -1137,7 +1220,7 @@ mod tests {
         let mut expect = Vec::new();
         let next;
         {
-            let j = Journal::open(opts(dir.path())).unwrap();
+            let j = open(opts(dir.path()));
             for b in 0..12u8 {
                 expect.push((write(&j, b), b));
             }
@@ -1148,7 +1231,7 @@ mod tests {
         }
         let spare = files(dir.path(), ".spare").pop().expect("a spare");
         std::fs::rename(&spare, dir.path().join(format!("{next:020}.jnl"))).unwrap();
-        let j = Journal::open(opts(dir.path())).unwrap();
+        let j = open(opts(dir.path()));
         assert_eq!(j.last_seq(), next - 1);
         let acked = expect[0].0 - 1;
         assert_eq!(shipped(&j, acked), expect);
@@ -1156,7 +1239,7 @@ mod tests {
         assert_eq!(seq, next + 1, "an intent, then the record");
         expect.push((seq, 99));
         drop(j);
-        let j = Journal::open(opts(dir.path())).unwrap();
+        let j = open(opts(dir.path()));
         assert_eq!(shipped(&j, acked), expect);
     }
 
@@ -1178,7 +1261,7 @@ mod tests {
     #[test]
     fn a_trim_larger_than_the_journal_never_waits() {
         let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(opts(dir.path())).unwrap();
+        let j = open(opts(dir.path()));
         while j.begin(0, 32 << 10, true).unwrap().is_some_and(|it| {
             j.complete(it, 0, data(1, 32 << 10)).unwrap();
             true
@@ -1204,7 +1287,7 @@ mod tests {
             }
         }
         let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(opts(dir.path())).unwrap();
+        let j = open(opts(dir.path()));
         let mut last = 0;
         while let Some(it) = j.begin(0, 32 << 10, true).unwrap() {
             last = j.complete(it, 0, data(1, 32 << 10)).unwrap();
@@ -1222,7 +1305,7 @@ mod tests {
     #[test]
     fn an_ack_beyond_the_end_is_refused_and_trims_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(opts(dir.path())).unwrap();
+        let j = open(opts(dir.path()));
         let seq = write(&j, 1);
         let err = j.ack(seq + 10).unwrap_err();
         assert!(
@@ -1241,7 +1324,7 @@ mod tests {
     fn a_full_file_system_loses_no_record_and_reuses_no_number() {
         use crate::env::mem::{Faults, MemFs};
         let fs = MemFs::new();
-        let j = Journal::open(mem_opts(&fs, "b1")).unwrap();
+        let j = open(mem_opts(&fs, "b1"));
         let mut written = Vec::new();
         for b in 0..3u8 {
             written.push((write(&j, b), b));
@@ -1255,7 +1338,7 @@ mod tests {
         let err = j.complete(it, 9 * 4096, data(9, 4096)).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
         assert_eq!(
-            j.take_dirty(),
+            ranges(j.take_dirty()),
             vec![(9 * 4096, 4096)],
             "re-read, not forgotten"
         );
@@ -1267,9 +1350,41 @@ mod tests {
         assert!(seqs.windows(2).all(|w| w[0] < w[1]));
         j.close().unwrap();
         drop(j);
-        let j = Journal::open(mem_opts(&fs, "b1")).unwrap();
+        let j = open(mem_opts(&fs, "b1"));
         assert_eq!(j.last_stop(), LastStop::Clean);
         assert_eq!(shipped(&j, 0), written);
+    }
+
+    /// A range whose record could not be written is kept through acknowledgements and a
+    /// crash until it is re-read: its intent's segment is not trimmed, and the journal
+    /// reopens with the range dirty again. Re-reading it closes the intent.
+    #[test]
+    fn a_dirty_range_survives_trimming_and_a_crash_until_it_is_re_read() {
+        use crate::env::mem::{Faults, MemFs};
+        let fs = MemFs::new();
+        let j = open(mem_opts(&fs, "b1"));
+        let it = begin(&j, 3 * 4096, 4096).unwrap();
+        fs.set_faults(Faults {
+            capacity: Some(fs.used_bytes()),
+            failing_syncs: 0,
+        });
+        assert!(j.complete(it, 3 * 4096, data(3, 4096)).is_err());
+        fs.set_faults(Faults::default());
+        for b in 10..40u8 {
+            write(&j, b);
+        }
+        j.ack(j.last_seq()).unwrap();
+        drop(j);
+        fs.restart();
+        let j = open(mem_opts(&fs, "b1"));
+        let dirty = j.take_dirty();
+        assert_eq!(ranges(dirty.clone()), vec![(3 * 4096, 4096)]);
+        j.resync(3 * 4096, Bytes::from(vec![3u8; 4096]), Some(&dirty[0]))
+            .unwrap();
+        drop(j);
+        fs.restart();
+        let j = open(mem_opts(&fs, "b1"));
+        assert!(j.take_dirty().is_empty(), "closed by its re-read");
     }
 
     /// How the last stop went: clean, a crash of the process (same boot), or of the host.
@@ -1277,22 +1392,22 @@ mod tests {
     fn open_tells_how_the_journal_was_last_closed() {
         use crate::env::mem::MemFs;
         let fs = MemFs::new();
-        let j = Journal::open(mem_opts(&fs, "b1")).unwrap();
+        let j = open(mem_opts(&fs, "b1"));
         assert_eq!(j.last_stop(), LastStop::Fresh);
         write(&j, 1);
         j.close().unwrap();
         drop(j);
-        let j = Journal::open(mem_opts(&fs, "b1")).unwrap();
+        let j = open(mem_opts(&fs, "b1"));
         assert_eq!(j.last_stop(), LastStop::Clean);
         write(&j, 2);
         drop(j);
         fs.restart();
-        let j = Journal::open(mem_opts(&fs, "b1")).unwrap();
+        let j = open(mem_opts(&fs, "b1"));
         assert_eq!(j.last_stop(), LastStop::ProcessCrash);
         assert_eq!(shipped(&j, 0).len(), 2, "kill -9 loses nothing");
         drop(j);
         fs.restart();
-        let j = Journal::open(mem_opts(&fs, "b2")).unwrap();
+        let j = open(mem_opts(&fs, "b2"));
         assert_eq!(j.last_stop(), LastStop::HostCrash);
         assert!(j.begin(0, 1, true).is_ok());
         j.close().unwrap();
@@ -1314,7 +1429,7 @@ mod tests {
             let fs = MemFs::new();
             let mut synced: Vec<(u64, u8)> = Vec::new();
             for round in 0..3 {
-                let j = Journal::open(mem_opts(&fs, &format!("boot-{seed}-{round}"))).unwrap();
+                let j = open(mem_opts(&fs, &format!("boot-{seed}-{round}")));
                 assert!(
                     j.last_seq() >= synced.last().map_or(0, |s| s.0),
                     "seed {seed}"

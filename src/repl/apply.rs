@@ -11,7 +11,7 @@ use crate::disk::spec::VolumeSpec;
 use crate::disk::{DiskOp, Prepared, Storage};
 use crate::env::{write_atomic, FileSystem, Fs};
 use crate::extent::{Extent, Payload};
-use crate::repl::identity::VolumeIdentity;
+use crate::repl::identity::{GenId, VolumeIdentity};
 use io_uring::IoUring;
 use serde::{Deserialize, Serialize};
 use std::io;
@@ -55,6 +55,11 @@ pub struct VolumeState {
     /// while the daemon was stopped): not consistent until a resync completes.
     #[serde(default)]
     pub volume_changed: Option<String>,
+    /// The generation the data belongs to: with `applied_seq`, the state it is. A sequence
+    /// number alone can be ambiguous across a break (the content after a host crash, copied
+    /// before any new write, sits at the number where the lost history also had a state).
+    #[serde(default)]
+    pub position_gen: Option<GenId>,
 }
 
 fn mirror_role() -> String {
@@ -73,6 +78,7 @@ impl Default for VolumeState {
             newest_write_ms: 0,
             newest_received_ms: 0,
             volume_changed: None,
+            position_gen: None,
         }
     }
 }
@@ -124,16 +130,24 @@ impl VolumeState {
     pub fn advance(&mut self, set: &DeltaSet) {
         self.applied_set = set.set;
         self.newest_write_ms = self.newest_write_ms.max(set.newest_write_ms);
+        let lineage = &self.identity.lineage;
         match set.kind {
-            SetKind::Journal => self.applied_seq = self.applied_seq.max(set.last_seq),
+            SetKind::Journal => {
+                self.applied_seq = self.applied_seq.max(set.last_seq);
+                if let Some((_, s)) = lineage.span_at(self.applied_seq) {
+                    self.position_gen = Some(s.gen);
+                }
+            }
             SetKind::Copy { done } => {
                 if done {
                     // The copy holds every write up to where it started (`first_seq`); the
                     // journal sets after it bring the volume to `last_seq`, where it read
-                    // its last chunk.
+                    // its last chunk. It is the primary's current generation's data (the
+                    // session's lineage ends with it).
                     self.copy = CopyState::Done;
                     self.applied_seq = self.applied_seq.max(set.first_seq);
                     self.consistent_after_seq = set.last_seq;
+                    self.position_gen = lineage.current().map(|s| s.gen);
                     // The copy now holds what the volume held when it was read.
                     self.volume_changed = None;
                 } else {

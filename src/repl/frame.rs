@@ -112,7 +112,8 @@
 //!
 //! A version-3 session starts with Hello then **Identify** (type 6, primary → mirror): `flags
 //! u8 (bit 0: a UUID follows) | uuid [16] | forgotten_below u64 | count u16 (≤ 64) | count ×
-//! (gen u64 ≠ 0, first_seq u64 non-decreasing, continuous u8 0/1) | journal_acked u64 |
+//! (gen u64 ≠ 0, first_seq u64, flags u8: 1 continuous, 2 a break where an admin accepted
+//! another disk; only a break may start lower than the span before) | journal_acked u64 |
 //! journal_last u64 (≥ journal_acked) | fingerprint (string: the disk fingerprint as JSON) |
 //! check u32` (see `repl::identity`). The mirror answers **Decision** (type 7) instead of
 //! HelloAck: `uuid [16] | mode u8 (0 resume, 1 full copy, 2 compare) | durable_set u64 |
@@ -591,7 +592,7 @@ fn put_identify(c: &PrimaryClaim, out: &mut Vec<u8>) {
     for s in spans {
         out.extend_from_slice(&s.gen.0.to_be_bytes());
         out.extend_from_slice(&s.first_seq.to_be_bytes());
-        out.push(u8::from(s.continuous));
+        out.push(u8::from(s.continuous) | (u8::from(s.accepted) << 1));
     }
     out.extend_from_slice(&c.journal_acked.to_be_bytes());
     out.extend_from_slice(&c.journal_last.to_be_bytes());
@@ -1157,13 +1158,25 @@ fn parse_identify(r: &mut Reader<'_>) -> Result<PrimaryClaim, FrameError> {
         let span = Span {
             gen: GenId(r.u64()?),
             first_seq: r.u64()?,
-            continuous: match r.u8()? {
-                0 => false,
-                1 => true,
-                _ => return Err(FrameError::Malformed("identify: continuous is not 0 or 1")),
-            },
+            continuous: false,
+            accepted: false,
         };
-        if span.gen.0 == 0 || spans.last().is_some_and(|p| p.first_seq > span.first_seq) {
+        let span = match r.u8()? {
+            0 => span,
+            1 => Span {
+                continuous: true,
+                ..span
+            },
+            2 => Span {
+                accepted: true,
+                ..span
+            },
+            _ => return Err(FrameError::Malformed("identify: unknown span flags")),
+        };
+        // Only a generation starting with a break may start lower (a crash lost records).
+        if span.gen.0 == 0
+            || (span.continuous && spans.last().is_some_and(|p| p.first_seq > span.first_seq))
+        {
             return Err(FrameError::Malformed("identify: generations out of order"));
         }
         spans.push(span);
@@ -2400,7 +2413,11 @@ mod tests {
                 let mut first = 0;
                 for (g, step, cont) in raw {
                     first += step;
-                    lineage.mint(GenId(g), first, cont);
+                    if !cont && g % 3 == 0 {
+                        lineage.mint_accepted(GenId(g), first);
+                    } else {
+                        lineage.mint(GenId(g), first, cont);
+                    }
                 }
                 PrimaryClaim {
                     uuid: uuid.map(VolumeUuid),

@@ -142,6 +142,11 @@ pub struct Span {
     /// `first_seq` that the previous spans name is still what the volume holds. False after a
     /// host crash, a lost state, an accepted volume change.
     pub continuous: bool,
+    /// The break is an admin accepting another disk as the volume (`accept-volume`): from
+    /// here on the primary's disk may differ from the one the mirror last saw. Any other break
+    /// keeps the disk.
+    #[serde(default)]
+    pub accepted: bool,
 }
 
 /// The spans of the primary's numbering, oldest first, with where the forgotten ones ended.
@@ -160,30 +165,53 @@ impl Lineage {
         self.spans.last()
     }
 
-    /// Start a new generation at `first_seq` (never before the current one's start).
+    /// Start a new generation at `first_seq`. Only a generation that starts with a break may
+    /// start before the current one: a host crash lost records (their numbers are given
+    /// again, to writes of the new generation).
     pub fn mint(&mut self, gen: GenId, first_seq: u64, continuous: bool) {
-        if let Some(last) = self.spans.last() {
-            assert!(
-                first_seq >= last.first_seq,
-                "a generation starts at {first_seq}, before the current one's {}",
-                last.first_seq
-            );
-        }
-        self.spans.push(Span {
+        self.push(Span {
             gen,
             first_seq,
             continuous,
+            accepted: false,
         });
+    }
+
+    /// Start a new generation with a break where an admin accepted another disk.
+    pub fn mint_accepted(&mut self, gen: GenId, first_seq: u64) {
+        self.push(Span {
+            gen,
+            first_seq,
+            continuous: false,
+            accepted: true,
+        });
+    }
+
+    fn push(&mut self, span: Span) {
+        if let Some(last) = self.spans.last() {
+            assert!(
+                span.first_seq >= last.first_seq || !span.continuous,
+                "a continuous generation starts at {}, before the current one's {}",
+                span.first_seq,
+                last.first_seq
+            );
+        }
+        self.spans.push(span);
         while self.spans.len() > MAX_SPANS {
             let dropped = self.spans.remove(0);
             self.forgotten_below = self.forgotten_below.max(dropped.first_seq + 1);
         }
     }
 
-    /// The span holding write `seq` (the last one starting at or before it).
+    /// The span holding write `seq` in the history as it is now: the newest one starting at
+    /// or before it (a newer generation that started lower, after a crash lost records, owns
+    /// the numbers it gave again).
     pub fn span_at(&self, seq: u64) -> Option<(usize, &Span)> {
-        let i = self.spans.partition_point(|s| s.first_seq <= seq);
-        (i > 0).then(|| (i - 1, &self.spans[i - 1]))
+        self.spans
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, s)| s.first_seq <= seq)
     }
 
     /// The generation a data state after write `seq` belongs to: the span holding `seq`, or
@@ -202,11 +230,13 @@ impl Lineage {
     }
 
     /// The last sequence number of span `i` as far as this lineage knows (`end` for the
-    /// current one: the writer's last written seq).
-    fn span_end(&self, i: usize, end: u64) -> u64 {
-        self.spans
-            .get(i + 1)
-            .map_or(end, |next| next.first_seq.saturating_sub(1))
+    /// current one: the writer's last written seq), and the span that ended it: the later one
+    /// starting lowest.
+    fn span_end(&self, i: usize, end: u64) -> (u64, Option<&Span>) {
+        match self.spans[i + 1..].iter().min_by_key(|s| s.first_seq) {
+            Some(next) => (next.first_seq.saturating_sub(1), Some(next)),
+            None => (end, None),
+        }
     }
 }
 
@@ -247,6 +277,8 @@ pub struct MirrorHolds {
     /// The mirror holds the state after every write up to this seq of `lineage`, durably;
     /// None when it is no such state (a copy or comparison not finished, its volume changed).
     pub position: Option<u64>,
+    /// The generation of that state, where the mirror recorded it (else the lineage says).
+    pub position_gen: Option<GenId>,
     /// It ever received data of a primary (a legacy mirror from before volume UUIDs has data
     /// but no UUID).
     pub has_data: bool,
@@ -324,11 +356,35 @@ pub fn decide(p: &PrimaryClaim, m: &MirrorHolds) -> Decision {
                 .into(),
         };
     };
-    let Some(held) = m.lineage.holding(at) else {
+    let recorded = m
+        .position_gen
+        .and_then(|g| m.lineage.spans.iter().rev().find(|s| s.gen == g));
+    let Some(held) = recorded.or_else(|| m.lineage.holding(at)) else {
         return Decision::Compare {
             why: format!("the mirror cannot name the generation of its data at seq {at}"),
         };
     };
+    // A primary on another disk than the one the mirror last saw, with no admin's acceptance
+    // of a new disk since: a copy of the primary (a cloned machine or image) claiming its
+    // identity. Its data is not the mirror's to take.
+    if let (Some(known), Some(i)) = (
+        &m.peer_fingerprint,
+        p.lineage.find(held.gen, held.first_seq),
+    ) {
+        let accepted_since = p.lineage.spans[i + 1..].iter().any(|s| s.accepted);
+        if !known.same_disk(&p.fingerprint) && !accepted_since {
+            return Decision::Refuse {
+                kind: RefuseKind::Unrelated,
+                why: format!(
+                    "another disk claims volume {mu}: the mirror's data came from {}, this \
+                     primary serves {} and no admin accepted a new disk (a copy of the \
+                     primary?)",
+                    known.describe(),
+                    p.fingerprint.describe()
+                ),
+            };
+        }
+    }
     let Some(i) = p.lineage.find(held.gen, held.first_seq) else {
         if at < p.lineage.forgotten_below {
             return Decision::Compare {
@@ -357,9 +413,9 @@ pub fn decide(p: &PrimaryClaim, m: &MirrorHolds) -> Decision {
             ),
         };
     };
-    let end = p.lineage.span_end(i, p.journal_last);
+    let (end, ended_by) = p.lineage.span_end(i, p.journal_last);
     if at > end {
-        return match p.lineage.spans.get(i + 1) {
+        return match ended_by {
             Some(next) if !next.continuous => Decision::Compare {
                 why: format!(
                     "the primary lost writes the mirror holds (generation {} ends at seq {end} \
@@ -440,6 +496,7 @@ mod tests {
             uuid: Some(U),
             lineage: lineage(spans),
             position,
+            position_gen: None,
             has_data: true,
             peer_fingerprint: Some(disk(10)),
         }
@@ -470,6 +527,19 @@ mod tests {
         assert_eq!(decide(&p, &m), Decision::Resume { from_seq: 0 });
     }
 
+    /// After a host crash the content at the break's start (copied before any new write)
+    /// sits at a number where the lost history also had a state: the recorded generation
+    /// says which one the mirror holds.
+    #[test]
+    fn the_recorded_generation_names_a_state_at_a_break() {
+        let p = primary(&[(1, 1, true), (2, 139, false), (3, 139, true)], 138, 138);
+        let mut m = mirror(&[(1, 1, true), (2, 139, false)], Some(138));
+        m.position_gen = Some(GenId(2));
+        assert_eq!(decide(&p, &m), Decision::Resume { from_seq: 138 });
+        m.position_gen = Some(GenId(1));
+        assert!(is_compare(&decide(&p, &m)), "the lost history's state");
+    }
+
     #[test]
     fn new_and_legacy_mirrors() {
         let p = primary(&[(1, 1, true)], 0, 10);
@@ -477,6 +547,7 @@ mod tests {
             uuid: None,
             lineage: Lineage::default(),
             position: None,
+            position_gen: None,
             has_data: false,
             peer_fingerprint: None,
         };
@@ -532,6 +603,22 @@ mod tests {
         assert!(is_compare(&decide(&p, &m)));
     }
 
+    /// A host crash lost records after a generation minted at peer loss: the new generation
+    /// starts lower, giving those numbers again. A mirror holding writes of the lost
+    /// generation is compared, not taken for a split brain; one holding less of the older
+    /// generation is compared too (the break lies after it).
+    #[test]
+    fn a_generation_that_lost_its_writes_is_compared() {
+        let p = primary(&[(1, 1, true), (2, 17, true), (3, 16, false)], 10, 30);
+        let m = mirror(&[(1, 1, true), (2, 17, true)], Some(20));
+        assert!(is_compare(&decide(&p, &m)), "{:?}", decide(&p, &m));
+        let m = mirror(&[(1, 1, true)], Some(12));
+        assert!(is_compare(&decide(&p, &m)), "{:?}", decide(&p, &m));
+        // Numbers given again belong to the newest generation.
+        assert_eq!(p.lineage.span_at(20).map(|(_, s)| s.gen), Some(GenId(3)));
+        assert_eq!(p.lineage.span_at(15).map(|(_, s)| s.gen), Some(GenId(1)));
+    }
+
     #[test]
     fn two_writers_of_one_generation_are_a_split_brain() {
         // A clone of the primary's state ran on: the mirror holds more of generation 1 than
@@ -554,6 +641,27 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// A copy of the primary (same identity, same history, another disk) is refused, even
+    /// when its copy shows a break (a cloned machine boots: a host crash to its journal); the
+    /// same disk after a real host crash is compared, and another disk an admin accepted is
+    /// compared too.
+    #[test]
+    fn another_disk_with_the_same_identity_is_refused_unless_accepted() {
+        let mut p = primary(&[(1, 1, true), (2, 41, false)], 30, 60);
+        let m = mirror(&[(1, 1, true)], Some(45));
+        assert!(is_compare(&decide(&p, &m)), "same disk, host crash");
+        p.fingerprint = disk(77);
+        assert!(matches!(
+            decide(&p, &m),
+            Decision::Refuse {
+                kind: RefuseKind::Unrelated,
+                ..
+            }
+        ));
+        p.lineage.mint_accepted(GenId(3), 61);
+        assert!(is_compare(&decide(&p, &m)), "accepted by an admin");
     }
 
     #[test]

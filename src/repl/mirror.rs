@@ -130,8 +130,8 @@ enum Job {
         reply: ReplySender,
     },
     Sums(SumsJob),
-    /// Everything before it is written, synced and applied before `reply` is answered; sets
-    /// of sessions older than `session` arriving after it are dropped.
+    /// Everything before it is written, synced, applied and checkpointed before `reply` is
+    /// answered; sets of sessions older than `session` arriving after it are dropped.
     Barrier {
         session: Option<u64>,
         reply: tokio::sync::oneshot::Sender<()>,
@@ -232,11 +232,21 @@ impl MirrorVolume {
         // meaningful only if nothing was applied after it.
         let disk = applier.fingerprint().ok();
         let sealed_valid = redo.last_set().is_none_or(|l| l <= state.applied_set);
+        let known = state.identity.fingerprint.clone();
         let replayed = apply::replay(applier, &mut redo, &mut state, &**fs, &state_path)?;
         if replayed > 0 {
             tracing::info!(volume = %name, sets = replayed, "redo log replayed");
         }
-        let core = MirrorCore::new(name, size, state, disk.as_ref(), sealed_valid);
+        // After the replay (which must not clear what it finds: an old copy's end replayed on
+        // a replaced disk proves nothing), with the disk as it was found.
+        MirrorCore::check_disk(
+            name,
+            &mut state,
+            known.as_ref(),
+            disk.as_ref(),
+            sealed_valid,
+        );
+        let core = MirrorCore::new(name, size, state, applier.fingerprint().ok());
         core.state().save(&**fs, &state_path)?;
         tracing::info!(volume = %name, applied_set = core.state().applied_set,
             copy = ?core.state().copy, consistent = core.state().consistent(),
@@ -378,7 +388,12 @@ impl MirrorVolume {
                 unsaved = true;
             }
             drop(batch);
-            let force = matches!(after_batch, Some(ToApply::Checkpoint(_)));
+            // A barrier checkpoints too: the decision it precedes saves the state, which must
+            // not claim sets the volume has not synced.
+            let force = matches!(
+                after_batch,
+                Some(ToApply::Checkpoint(_) | ToApply::Barrier(_))
+            );
             if unsaved && (force || last_checkpoint.elapsed() >= CHECKPOINT_EVERY) {
                 match self.checkpoint(&mut applier) {
                     Ok(()) => {
@@ -530,7 +545,7 @@ impl MirrorVolume {
             "state": state,
             "state_detail": detail,
             "uuid": st.identity.uuid,
-            "generation": st.identity.lineage.holding(st.applied_seq).map(|s| s.gen),
+            "generation": st.position_gen,
             "lag_bytes": serde_json::Value::Null,
             "lag_seconds": if consistent { serde_json::json!(age) } else { serde_json::Value::Null },
             "newest_write_at": fmt_time(st.newest_write_ms),
@@ -999,11 +1014,13 @@ impl MirrorVolume {
         // first, or dropped if not yet written: the decision sees exactly what is durable.
         let session = self.core.lock().unwrap().new_session();
         self.barrier(session).await?;
-        let accept = self
-            .core
-            .lock()
-            .unwrap()
-            .hello(version, &self.name, size, &claim)?;
+        let accept = self.core.lock().unwrap().hello(
+            version,
+            &self.name,
+            size,
+            &claim,
+            crate::repl::identity::VolumeUuid::random,
+        )?;
         let state = self.core.lock().unwrap().state().clone();
         let v = self.clone();
         tokio::task::spawn_blocking(move || v.save_state(&state))

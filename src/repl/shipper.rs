@@ -157,6 +157,8 @@ pub struct Shipper {
     pub volume: String,
     pub journal: Arc<Journal>,
     pub storage: Arc<dyn Storage>,
+    /// The volume as replication reads it: never a range with a change in flight.
+    pub reader: Arc<dyn crate::volume::VolumeRead>,
     pub endpoint: quinn::Endpoint,
     pub mirror: SocketAddr,
     pub identity: Arc<Identity>,
@@ -374,7 +376,7 @@ impl Shipper {
                     break;
                 };
                 let now = Instant::now().into_std();
-                match sess.poll_transmit(now, &self.journal, &*self.storage)? {
+                match sess.poll_transmit(now, &self.journal, &*self.reader)? {
                     Some(t) => permit.send(t),
                     None => break,
                 }

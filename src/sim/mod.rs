@@ -1,5 +1,713 @@
-//! The deterministic simulator (TigerBeetle's VOPR is the model): one seed drives a primary and
-//! a mirror through link faults and crashes in virtual time, and every schedule is checked
-//! against the promises of docs/DESIGN.md.
+//! The deterministic simulator (TigerBeetle's VOPR is the model): one seed drives a primary
+//! and a mirror through a random write workload with flushes, link faults (loss, duplication,
+//! reordering, corruption, delay, partitions), full file systems and crashes of either host
+//! (kill -9 or a power cut, restarted with what their storage kept), all in virtual time.
+//! The real cores (`repl::core`), journal, redo log, applier rules and state files run over
+//! `env::mem::MemFs` and `disk::MemDisk`; only the drivers are the simulator's.
+//!
+//! Checked on every schedule (docs/DESIGN.md):
+//! - I1: whenever the mirror says it is consistent (after every recovery, and after applies),
+//!   its volume is exactly the primary's state after a prefix of its writes: the one its
+//!   generation and applied sequence number name ([`model::Model`]).
+//! - Durability: after a crash of the mirror, every set it ever acknowledged is still there.
+//! - Honesty: a decision never has to fall back to a comparison because the mirror lost what
+//!   it had acknowledged.
+//! - I2: once faults stop and writes end, both sides converge within a bounded virtual time
+//!   and the mirror equals the primary, byte for byte.
+//!
+//! A failing seed replays exactly: `BLKMIRROR_SIM_SEED=S make sim`.
 
+pub mod disk;
+pub mod hosts;
+pub mod link;
+pub mod model;
 pub mod rng;
+
+use crate::repl::core::PlantedBugs;
+use crate::repl::frame::Mode;
+use hosts::{Clock, MirrorHost, PrimaryHost, VOLUME_BYTES};
+use link::{Dir, Link};
+use rng::Prng;
+use std::time::Duration;
+
+/// What a schedule is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    /// Random writes, faults and crashes.
+    Random,
+    /// The primary's state directory is lost while it is down (a reinstall).
+    LostPrimaryState,
+    /// The primary's volume is replaced by a blank disk while it is down; later an admin
+    /// accepts it.
+    BlankPrimaryDisk,
+    /// Another primary (another disk, no shared history) connects to the mirror.
+    ForeignPrimary,
+    /// A copy of the primary's state and disk (another disk, as a cloned machine's image is)
+    /// runs as a second primary: both write.
+    SplitBrain,
+    /// The mirror's volume is replaced by a blank disk while it is down.
+    BlankMirrorDisk,
+    /// The mirror's state directory is lost while it is down.
+    LostMirrorState,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 7] = [
+        Scenario::Random,
+        Scenario::LostPrimaryState,
+        Scenario::BlankPrimaryDisk,
+        Scenario::ForeignPrimary,
+        Scenario::SplitBrain,
+        Scenario::BlankMirrorDisk,
+        Scenario::LostMirrorState,
+    ];
+}
+
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// Random steps before the quiet phase.
+    pub steps: usize,
+    /// Lost, duplicated, reordered, corrupted frames.
+    pub link_faults: bool,
+    /// Chances in 10,000 per step of each fault: a crash of each host, a partition, a file
+    /// system filling up.
+    pub crash_rate: u64,
+    pub partition_rate: u64,
+    pub full_disk_rate: u64,
+    /// Of the crashes, how many in 100 are power cuts (the rest kill -9).
+    pub power_cuts: u64,
+    pub bugs: PlantedBugs,
+    pub scenario: Scenario,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            steps: 3000,
+            link_faults: true,
+            crash_rate: 40,
+            partition_rate: 20,
+            full_disk_rate: 20,
+            power_cuts: 50,
+            bugs: PlantedBugs::default(),
+            scenario: Scenario::Random,
+        }
+    }
+}
+
+/// Counters of one schedule.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub steps: usize,
+    pub writes: u64,
+    pub primary_crashes: u64,
+    pub mirror_crashes: u64,
+    pub partitions: u64,
+    pub decisions: Vec<Mode>,
+    pub virtual_ms: u64,
+    pub frames: u64,
+    pub frames_dropped: u64,
+    /// The copy of the primary was refused (scenario SplitBrain).
+    pub clone_refused: bool,
+}
+
+/// How one schedule ended.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub seed: u64,
+    pub scenario: Scenario,
+    pub violations: Vec<String>,
+    pub stats: Stats,
+    /// The last lines both hosts logged (for a failure's report).
+    pub trace: Vec<String>,
+}
+
+/// The virtual time allowed to converge once faults stop (a comparison of the whole volume
+/// included, and a slow retry after a permanent refusal in the scenarios that expect one).
+const CONVERGE_WITHIN: Duration = Duration::from_secs(3600);
+
+struct World {
+    rng: Prng,
+    clock: Clock,
+    link: Link,
+    primary: PrimaryHost,
+    mirror: MirrorHost,
+    /// A second primary (the foreign or cloned one of a scenario).
+    other: Option<PrimaryHost>,
+    cfg: SimConfig,
+    violations: Vec<String>,
+    stats: Stats,
+    /// Applies since the last I1 check.
+    applies: u64,
+    /// The admin means to accept the primary's changed volume (as soon as it runs).
+    accept_pending: bool,
+}
+
+/// The schedule a seed stands for: mostly random ones; one seed in four is an identity
+/// scenario (lost state, replaced disks, a foreign or cloned primary).
+pub fn config_for_seed(seed: u64) -> SimConfig {
+    let mut rng = Prng::new(seed ^ 0x5ce7_a210);
+    let scenario = if rng.chance(1, 4) {
+        Scenario::ALL[1 + rng.below(Scenario::ALL.len() as u64 - 1) as usize]
+    } else {
+        Scenario::Random
+    };
+    // How rough the schedule is: calm ones exercise the paths faults interrupt (resuming
+    // after a blip), rough ones the recovery paths.
+    let (link_faults, crash_rate, partition_rate, full_disk_rate, power_cuts) = match rng.below(4) {
+        0 => (false, 0, 5, 0, 0),
+        1 => (true, 5, 20, 5, 10),
+        2 => (true, 20, 20, 20, 30),
+        _ => (true, 40, 20, 20, 50),
+    };
+    SimConfig {
+        scenario,
+        link_faults,
+        crash_rate,
+        partition_rate,
+        full_disk_rate,
+        power_cuts,
+        ..SimConfig::default()
+    }
+}
+
+/// Run one schedule.
+pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
+    let clock = Clock::new();
+    let mut w = World {
+        rng: Prng::new(seed),
+        link: Link::new(Duration::from_millis(10)),
+        primary: PrimaryHost::new("primary", 1, 0, &clock),
+        mirror: MirrorHost::new(100, &clock),
+        clock,
+        other: None,
+        cfg: cfg.clone(),
+        violations: Vec::new(),
+        stats: Stats::default(),
+        applies: 0,
+        accept_pending: false,
+    };
+    w.primary.bugs = cfg.bugs;
+    w.mirror.bugs = cfg.bugs;
+    if cfg.link_faults {
+        w.link.faults = link::Faults {
+            loss: 2,
+            duplicate: 2,
+            corrupt: 2,
+            reorder: 5,
+            reorder_ms: 30,
+        };
+    }
+    w.run();
+    let mut trace: Vec<String> = w.primary.log.clone();
+    trace.extend(w.mirror.log.iter().cloned());
+    if let Some(o) = &w.other {
+        trace.extend(o.log.iter().cloned());
+    }
+    trace.sort();
+    w.stats.virtual_ms = w.clock.now().as_millis() as u64;
+    w.stats.frames = w.link.sent;
+    w.stats.frames_dropped = w.link.dropped;
+    Outcome {
+        seed,
+        scenario: cfg.scenario,
+        violations: w.violations,
+        stats: w.stats,
+        trace,
+    }
+}
+
+impl World {
+    fn violation(&mut self, what: String) {
+        if self.violations.len() < 5 {
+            self.violations
+                .push(format!("[{} ms] {what}", self.clock.now().as_millis()));
+        }
+    }
+
+    fn run(&mut self) {
+        self.start_primary();
+        self.start_mirror();
+        let steps = self.cfg.steps;
+        let mut scenario_done = false;
+        let mut accept_at = usize::MAX;
+        for step in 0..steps {
+            self.stats.steps = step;
+            // The event comes once the pair is paired (the mirror knows the primary's volume),
+            // a third of the way in at the earliest.
+            if !scenario_done && step >= steps / 3 && self.paired() {
+                self.scenario_event();
+                scenario_done = true;
+                accept_at = step + steps / 4;
+            }
+            if self.cfg.scenario == Scenario::BlankPrimaryDisk && scenario_done && step == accept_at
+            {
+                // The admin accepts the blank disk as the volume's content from now on.
+                self.accept_pending = true;
+            }
+            self.accept_if_pending();
+            self.step(true);
+            if !self.violations.is_empty() {
+                return;
+            }
+        }
+        // An admin who has not accepted the replaced disk by now does.
+        if self.cfg.scenario == Scenario::BlankPrimaryDisk && scenario_done {
+            self.accept_pending = true;
+        }
+        self.quiesce();
+    }
+
+    /// The mirror holds the primary's volume identity.
+    fn paired(&self) -> bool {
+        let m = self.mirror.core().and_then(|c| c.state().identity.uuid);
+        let p = self.primary.state().and_then(|s| s.identity.uuid);
+        m.is_some() && m == p
+    }
+
+    fn accept_if_pending(&mut self) {
+        if self.accept_pending && self.primary.is_up() {
+            match self.primary.accept_volume(&mut self.rng) {
+                Ok(()) => self.accept_pending = false,
+                Err(e) => self.primary.note(format!("accept failed: {e}")),
+            }
+        }
+    }
+
+    fn start_primary(&mut self) {
+        if let Err(e) = self.primary.start(&self.clock, &mut self.rng) {
+            self.primary.note(format!("start failed: {e}"));
+            self.primary.down_until = self.clock.now() + Duration::from_secs(1);
+        }
+    }
+
+    fn start_mirror(&mut self) {
+        match self.mirror.start(&self.clock) {
+            Ok(()) => self.after_mirror_start(),
+            Err(e) => {
+                self.mirror.note(format!("start failed: {e}"));
+                self.mirror.down_until = self.clock.now() + Duration::from_secs(1);
+            }
+        }
+    }
+
+    /// Checks after the mirror recovered: durability and I1.
+    fn after_mirror_start(&mut self) {
+        let Some(core) = self.mirror.core() else {
+            return;
+        };
+        let durable = core.durable().set;
+        if durable < self.mirror.max_acked_set {
+            let what = format!(
+                "durability: the mirror acknowledged set {} but holds only up to set {durable} \
+                 after restarting",
+                self.mirror.max_acked_set
+            );
+            self.violation(what);
+        }
+        self.check_i1("after the mirror restarted");
+    }
+
+    /// I1: a mirror that says it is consistent holds exactly the state it names.
+    fn check_i1(&mut self, when: &str) {
+        let Some(core) = self.mirror.core() else {
+            return;
+        };
+        let st = core.state();
+        if !st.consistent() {
+            return;
+        }
+        let Some(gen) = st.position_gen else {
+            let what = format!(
+                "{when}: consistent, but no generation for seq {}",
+                st.applied_seq
+            );
+            return self.violation(what);
+        };
+        let span = crate::repl::identity::Span {
+            gen,
+            first_seq: 0,
+            continuous: true,
+            accepted: false,
+        };
+        let seq = st.applied_seq;
+        let models =
+            std::iter::once(&self.primary.model).chain(self.other.as_ref().map(|o| &o.model));
+        let expected: Vec<Vec<u8>> = models.filter_map(|m| m.state(span.gen, seq)).collect();
+        let Some(want) = expected.first() else {
+            let what = format!(
+                "{when}: the mirror says it holds generation {} up to seq {seq}, which no \
+                 primary made",
+                span.gen
+            );
+            return self.violation(what);
+        };
+        let have = self.mirror.disk.content();
+        if let Some((block, count)) = model::first_difference(&have, want) {
+            let primary_now = self.primary.disk.content();
+            let b = block * 4096..(block + 1) * 4096;
+            let what = format!(
+                "I1 {when}: the mirror says it is consistent at generation {} seq {seq}, but \
+                 {count} block(s) differ from that state, the first block {block} (the \
+                 primary's disk holds {} there now; writes to it: {:?})",
+                span.gen,
+                if primary_now[b.clone()] == have[b.clone()] {
+                    "what the mirror holds"
+                } else if primary_now[b.clone()] == want[b] {
+                    "that state's content"
+                } else {
+                    "something else"
+                },
+                self.primary.model.writes_to(block as u64 * 4096, 4096)
+            );
+            self.violation(what);
+        }
+    }
+
+    /// One step of the world.
+    fn step(&mut self, faults: bool) {
+        let now = self.clock.now();
+        // Hosts come back after a crash.
+        if !self.primary.is_up() && now >= self.primary.down_until {
+            self.start_primary();
+        }
+        if !self.mirror.is_up() && now >= self.mirror.down_until {
+            self.start_mirror();
+        }
+        if let Some(o) = self.other.as_mut() {
+            if !o.is_up() && now >= o.down_until {
+                let _ = o.start(&self.clock, &mut self.rng);
+            }
+        }
+        let too_far: Vec<String> = std::iter::once(&self.primary)
+            .chain(self.other.as_ref())
+            .filter_map(|p| p.trimmed_too_far().map(|why| format!("{}: {why}", p.label)))
+            .collect();
+        for what in too_far {
+            self.violation(what);
+        }
+        self.deliver();
+        let writing = faults;
+        if faults {
+            let c = &self.cfg;
+            let (crash, part, full) = (c.crash_rate, c.partition_rate, c.full_disk_rate);
+            if self.rng.chance(crash, 10_000) {
+                self.crash_primary();
+            }
+            if self.rng.chance(crash, 10_000) {
+                self.crash_mirror();
+            }
+            if self.rng.chance(part, 10_000) {
+                let d = Duration::from_millis(self.rng.range(100, 40_000));
+                self.link.partitioned_until = now + d;
+                self.stats.partitions += 1;
+            }
+            if self.rng.chance(full, 10_000) {
+                self.fill_a_disk();
+            }
+            if self.rng.chance(full * 2, 10_000) {
+                self.primary.fs.set_faults(Default::default());
+                self.mirror.fs.set_faults(Default::default());
+            }
+        }
+        let r = self.rng.below(1000);
+        match r {
+            0..=149 if writing => {
+                self.primary.begin_change(&mut self.rng);
+                self.stats.writes += 1;
+            }
+            150..=299 if writing => self.primary.progress_change(&mut self.rng),
+            300..=319 if writing => self.primary.flush(),
+            320..=449 => self
+                .primary
+                .tick(&self.clock, &mut self.link, &mut self.rng),
+            450..=549 => self.mirror.sync(&self.clock, &mut self.link, &mut self.rng),
+            550..=699 => {
+                let applied = self
+                    .mirror
+                    .apply_one(&self.clock, &mut self.link, &mut self.rng);
+                self.applies += u64::from(applied);
+                if applied && self.applies.is_multiple_of(8) {
+                    self.check_i1("after applying");
+                }
+            }
+            700..=729 => self.mirror.checkpoint(&self.clock, false),
+            730..=799 => {
+                if let Some(o) = self.other.as_mut() {
+                    if writing {
+                        o.begin_change(&mut self.rng);
+                        o.progress_change(&mut self.rng);
+                    }
+                    o.tick(&self.clock, &mut self.link, &mut self.rng);
+                }
+            }
+            _ => {}
+        }
+        // Time passes: a little, or to the next thing due when nothing else is going on.
+        let d = if self.rng.chance(1, 50) {
+            Duration::from_millis(self.rng.range(50, 3000))
+        } else {
+            Duration::from_millis(self.rng.below(3))
+        };
+        self.clock.advance(d);
+    }
+
+    fn deliver(&mut self) {
+        let now = self.clock.now();
+        for (dir, f) in self.link.due(now) {
+            match dir {
+                Dir::ToMirror => self
+                    .mirror
+                    .receive(f, &self.clock, &mut self.link, &mut self.rng),
+                Dir::ToPrimary => {
+                    // Connection numbers tell the two primaries' frames apart.
+                    match self.other.as_mut() {
+                        Some(o) if f.conn >= 1_000_000 => o.receive(f, &self.clock, &mut self.rng),
+                        _ => self.primary.receive(f, &self.clock, &mut self.rng),
+                    }
+                }
+            }
+        }
+    }
+
+    fn crash_primary(&mut self) {
+        if !self.primary.is_up() {
+            return;
+        }
+        self.stats.primary_crashes += 1;
+        if !self.rng.chance(self.cfg.power_cuts, 100) {
+            self.primary.note("kill -9".into());
+            self.primary.kill();
+        } else {
+            self.primary.note("power cut".into());
+            self.primary.power_cut(&mut self.rng);
+        }
+        self.primary.down_until =
+            self.clock.now() + Duration::from_millis(self.rng.range(10, 20_000));
+    }
+
+    fn crash_mirror(&mut self) {
+        if !self.mirror.is_up() {
+            return;
+        }
+        self.stats.mirror_crashes += 1;
+        if !self.rng.chance(self.cfg.power_cuts, 100) {
+            self.mirror.note("kill -9".into());
+            self.mirror.kill();
+        } else {
+            self.mirror.note("power cut".into());
+            self.mirror.power_cut(&mut self.rng);
+        }
+        self.mirror.down_until =
+            self.clock.now() + Duration::from_millis(self.rng.range(10, 20_000));
+    }
+
+    /// One host's file system fills up for a while.
+    fn fill_a_disk(&mut self) {
+        let fs = if self.rng.chance(1, 2) {
+            &self.primary.fs
+        } else {
+            &self.mirror.fs
+        };
+        let used = fs.used_bytes();
+        fs.set_faults(crate::env::mem::Faults {
+            capacity: Some(used + self.rng.below(64 << 10)),
+            failing_syncs: 0,
+        });
+    }
+
+    /// The scenario's event, a third of the way in.
+    fn scenario_event(&mut self) {
+        match self.cfg.scenario {
+            Scenario::Random => {}
+            Scenario::LostPrimaryState => {
+                self.primary.kill();
+                self.primary.fs = crate::env::mem::MemFs::new();
+                self.primary.note("state directory lost".into());
+                self.primary.down_until = self.clock.now();
+            }
+            Scenario::BlankPrimaryDisk => {
+                self.primary.kill();
+                self.primary.disk = std::sync::Arc::new(disk::MemDisk::new(2, VOLUME_BYTES));
+                self.primary.note("volume replaced by a blank disk".into());
+                self.primary.down_until = self.clock.now();
+            }
+            Scenario::ForeignPrimary => {
+                let mut o = PrimaryHost::new("foreign", 3, 1_000_000, &self.clock);
+                let _ = o.start(&self.clock, &mut self.rng);
+                self.other = Some(o);
+            }
+            Scenario::SplitBrain => {
+                // A copy of the primary's state and disk, taken while it runs.
+                // A copy of the disk is another disk (a cloned machine's image).
+                let mut o = PrimaryHost::new("clone", 4, 1_000_000, &self.clock);
+                self.primary.flush();
+                o.fs = self.primary.fs.snapshot();
+                o.disk.fill(&self.primary.disk.content());
+                o.model = self.primary.model.fork();
+                let _ = o.start(&self.clock, &mut self.rng);
+                self.other = Some(o);
+            }
+            Scenario::BlankMirrorDisk => {
+                self.mirror.kill();
+                self.mirror.disk = std::sync::Arc::new(disk::MemDisk::new(101, VOLUME_BYTES));
+                self.mirror.max_acked_set = 0;
+                self.mirror.note("volume replaced by a blank disk".into());
+                self.mirror.down_until = self.clock.now();
+            }
+            Scenario::LostMirrorState => {
+                self.mirror.kill();
+                self.mirror.fs = crate::env::mem::MemFs::new();
+                self.mirror.max_acked_set = 0;
+                self.mirror.note("state directory lost".into());
+                self.mirror.down_until = self.clock.now();
+            }
+        }
+    }
+
+    /// Faults stop, writes end: both sides must converge, and then hold the same bytes.
+    fn quiesce(&mut self) {
+        self.primary.fs.set_faults(Default::default());
+        self.mirror.fs.set_faults(Default::default());
+        self.link.faults = link::Faults::default();
+        self.link.partitioned_until = self.clock.now();
+        // The second primary of a scenario goes away (an admin stopped it); its history stays
+        // known to the checks.
+        if let Some(o) = self.other.as_mut() {
+            o.kill();
+            o.down_until = Duration::MAX;
+        }
+        let deadline = self.clock.now() + CONVERGE_WITHIN;
+        // Writes in flight complete.
+        while self.primary.is_up() && self.primary.changes() > 0 {
+            self.primary.progress_change(&mut self.rng);
+        }
+        self.primary.flush();
+        loop {
+            if self.primary.quiet() && self.mirror.quiet() && self.link.in_flight() == 0 {
+                break;
+            }
+            if self.clock.now() > deadline {
+                break;
+            }
+            self.settle_step();
+            if !self.violations.is_empty() {
+                return;
+            }
+        }
+        self.check_end();
+    }
+
+    /// A quiet step: every host does what is due, then time moves to the next thing due.
+    fn settle_step(&mut self) {
+        self.accept_if_pending();
+        let now = self.clock.now();
+        if !self.primary.is_up() && now >= self.primary.down_until {
+            self.start_primary();
+        }
+        if !self.mirror.is_up() && now >= self.mirror.down_until {
+            self.start_mirror();
+        }
+        self.deliver();
+        self.primary
+            .tick(&self.clock, &mut self.link, &mut self.rng);
+        self.mirror.sync(&self.clock, &mut self.link, &mut self.rng);
+        while self
+            .mirror
+            .apply_one(&self.clock, &mut self.link, &mut self.rng)
+        {}
+        self.mirror.checkpoint(&self.clock, false);
+        self.check_i1("while settling");
+        self.primary
+            .tick(&self.clock, &mut self.link, &mut self.rng);
+        if self.mirror.has_work() || self.link.in_flight() > 0 {
+            let next = self.link.next_due().unwrap_or(now).max(now);
+            let step = next
+                .saturating_sub(now)
+                .clamp(Duration::from_millis(1), Duration::from_millis(50));
+            self.clock.advance(step);
+            return;
+        }
+        let mut next = now + Duration::from_secs(1);
+        for t in [
+            self.primary.next_event(&self.clock),
+            self.mirror.next_checkpoint(),
+            Some(self.primary.down_until),
+            Some(self.mirror.down_until),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if t > now {
+                next = next.min(t);
+            }
+        }
+        self.clock
+            .advance((next - now).max(Duration::from_millis(1)));
+    }
+
+    /// What must hold at the end, by scenario.
+    fn check_end(&mut self) {
+        self.stats.decisions = self.primary.decisions.iter().map(|(m, _)| *m).collect();
+        let lying: Vec<String> = self
+            .primary
+            .decisions
+            .iter()
+            .filter(|(m, why)| *m == Mode::Compare && why.contains("lost durable data"))
+            .map(|(_, why)| why.clone())
+            .collect();
+        for why in lying {
+            self.violation(format!(
+                "a decision had to compare because the mirror lost data it had acknowledged: {why}"
+            ));
+        }
+        match self.cfg.scenario {
+            Scenario::SplitBrain => {
+                // The copy runs on another disk than its state describes: it must never ship
+                // (it stops itself; the mirror would refuse it too). The mirror never mixes the
+                // two histories (I1 against both, all along).
+                self.stats.clone_refused =
+                    self.other.as_ref().is_some_and(|o| o.decisions.is_empty());
+                if self.other.as_ref().is_some_and(|o| !o.decisions.is_empty()) {
+                    self.violation("a copy of the primary on another disk was accepted".into());
+                }
+                self.check_i1("at the end");
+                return;
+            }
+            // It may never have reached the mirror (partitions, crashes); if it did, it was
+            // refused.
+            Scenario::ForeignPrimary
+                if self.other.as_ref().is_some_and(|o| !o.decisions.is_empty()) =>
+            {
+                self.violation("a foreign primary was accepted by the mirror".into());
+            }
+            _ => {}
+        }
+        if !(self.primary.quiet() && self.mirror.quiet()) {
+            let p = self.primary.state().map(|s| s.volume_changed.clone());
+            let what = format!(
+                "no convergence within {} s of virtual time after faults stopped (primary up {}, \
+                 quiet {}, volume changed {p:?}; mirror up {}, quiet {})",
+                CONVERGE_WITHIN.as_secs(),
+                self.primary.is_up(),
+                self.primary.quiet(),
+                self.mirror.is_up(),
+                self.mirror.quiet()
+            );
+            return self.violation(what);
+        }
+        let consistent = self.mirror.core().is_some_and(|c| c.state().consistent());
+        if !consistent {
+            return self.violation("quiet, but the mirror is not consistent".into());
+        }
+        let (p, m) = (self.primary.disk.content(), self.mirror.disk.content());
+        if let Some((block, count)) = model::first_difference(&p, &m) {
+            let what = format!(
+                "I2: after quiesce the mirror differs from the primary in {count} block(s), the \
+                 first block {block}"
+            );
+            self.violation(what);
+        }
+        self.check_i1("at the end");
+    }
+}

@@ -81,36 +81,48 @@ pub struct MirrorCore {
 }
 
 impl MirrorCore {
-    /// The rules for a volume of `size` bytes whose persisted (and replayed) state is `state`.
-    /// `disk` is the volume's disk as found now: a disk that is not the one the state
-    /// describes, or that changed since the state sealed it (`sealed_valid`: nothing was
-    /// applied after the seal), makes the volume not consistent until a resync completes.
+    /// Check the volume's disk, as found before the redo log was replayed, against what its
+    /// state said of it then (`known`; the replay seals the state again):
+    /// a disk that is not the one the state describes, or that changed since the state sealed
+    /// it (`sealed_valid`: nothing was applied after the seal), makes the volume not
+    /// consistent until a resync completes. Call it after the replay.
+    pub fn check_disk(
+        name: &str,
+        state: &mut VolumeState,
+        known: Option<&Fingerprint>,
+        disk: Option<&Fingerprint>,
+        sealed_valid: bool,
+    ) {
+        let (Some(known), Some(now)) = (known, disk) else {
+            return;
+        };
+        let why = if !known.same_disk(now) {
+            Some(format!(
+                "the volume is not the disk this state describes: it was {}, it is {}",
+                known.describe(),
+                now.describe()
+            ))
+        } else if sealed_valid && now.changed_since(known) {
+            Some("the volume changed while the mirror was not applying to it".to_string())
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            tracing::error!(volume = %name, "{why}: NOT consistent until the primary resyncs it");
+            state.volume_changed = Some(why);
+        }
+    }
+
+    /// The rules for a volume of `size` bytes whose persisted, checked and replayed state is
+    /// `state`; `disk` is its disk now (after the replay).
     pub fn new(
         name: &str,
         size: u64,
         mut state: VolumeState,
-        disk: Option<&Fingerprint>,
-        sealed_valid: bool,
+        disk: Option<Fingerprint>,
     ) -> MirrorCore {
-        if let (Some(known), Some(now)) = (&state.identity.fingerprint, disk) {
-            let why = if !known.same_disk(now) {
-                Some(format!(
-                    "the volume is not the disk this state describes: it was {}, it is {}",
-                    known.describe(),
-                    now.describe()
-                ))
-            } else if sealed_valid && now.changed_since(known) {
-                Some("the volume changed while the mirror was not applying to it".to_string())
-            } else {
-                None
-            };
-            if let Some(why) = why {
-                tracing::error!(volume = %name, "{why}: NOT consistent until the primary resyncs it");
-                state.volume_changed = Some(why);
-            }
-        }
-        if let Some(now) = disk {
-            state.identity.fingerprint = Some(now.clone());
+        if disk.is_some() {
+            state.identity.fingerprint = disk;
         }
         let durable = Durable {
             set: state.applied_set,
@@ -175,15 +187,18 @@ impl MirrorCore {
         self.written
     }
 
-    /// The decision on Hello + Identify. Call it only once everything durable is applied (the
-    /// driver's barrier). On `Ok`, save [`MirrorCore::state`] durably before sending the
-    /// decision: a full copy or comparison marks the volume not consistent first.
+    /// The decision on Hello + Identify. Call it only once everything durable is applied and
+    /// checkpointed (the driver's barrier). On `Ok`, save [`MirrorCore::state`] durably before
+    /// sending the decision: a full copy or comparison marks the volume not consistent first.
+    /// `new_uuid` names a pair seen for the first time (random in production, the seed's in the
+    /// simulator).
     pub fn hello(
         &mut self,
         version: u16,
         volume: &str,
         size: u64,
         claim: &PrimaryClaim,
+        new_uuid: impl FnOnce() -> VolumeUuid,
     ) -> Result<Accept, Refusal> {
         if version != PROTOCOL_VERSION {
             let why = if (OLDEST_PROTOCOL_VERSION..PROTOCOL_VERSION).contains(&version) {
@@ -237,6 +252,7 @@ impl MirrorCore {
             uuid: st.identity.uuid,
             lineage: st.identity.lineage.clone(),
             position: st.consistent().then_some(st.applied_seq),
+            position_gen: st.position_gen,
             has_data: st.copy != CopyState::None,
             peer_fingerprint: st.identity.peer_fingerprint.clone(),
         };
@@ -264,7 +280,7 @@ impl MirrorCore {
         let uuid = claim
             .uuid
             .or(self.state.identity.uuid)
-            .unwrap_or_else(VolumeUuid::random);
+            .unwrap_or_else(new_uuid);
         let st = &mut self.state;
         st.identity.uuid = Some(uuid);
         st.identity.lineage = claim.lineage.clone();
@@ -276,6 +292,7 @@ impl MirrorCore {
             st.copy = CopyState::Running;
             st.applied_seq = 0;
             st.consistent_after_seq = 0;
+            st.position_gen = None;
             self.durable.seq = 0;
             self.durable.copy_done = false;
             self.written = self.durable;
@@ -407,12 +424,7 @@ impl MirrorCore {
         self.state.advance(set);
         self.state.newest_received_ms = self.state.newest_received_ms.max(received_ms);
         if self.state.consistent() {
-            self.state.identity.synced = self
-                .state
-                .identity
-                .lineage
-                .holding(self.state.applied_seq)
-                .map(|s| s.gen);
+            self.state.identity.synced = self.state.position_gen;
         }
     }
 

@@ -10,13 +10,13 @@
 
 use super::ReplState;
 use crate::disk::fingerprint::Fingerprint;
-use crate::disk::Storage;
 use crate::env::{write_atomic, FileSystem};
 use crate::extent::{Extent, Payload};
 use crate::journal::{Journal, LastStop};
 use crate::repl::fold::Folder;
 use crate::repl::frame::{DeltaSet, KnownCrcs, Message, Mode, RefuseCode, SetKind, SUM_LEN};
 use crate::repl::identity::{GenId, PrimaryClaim, VolumeIdentity, VolumeUuid};
+use crate::volume::VolumeRead;
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::io;
@@ -186,6 +186,8 @@ pub struct Session {
     consistent_at_set: Option<u64>,
     /// The copy-done set's seq, until a journal set reaching it is sent.
     consistent_after_seq: Option<u64>,
+    /// A chunk to read was busy (a change in flight): try again then.
+    busy_retry: Option<Instant>,
     /// Mistakes planted to prove the simulator catches them.
     #[cfg(any(test, feature = "test-hooks"))]
     pub bugs: super::PlantedBugs,
@@ -231,6 +233,7 @@ impl Session {
                 deadline,
                 consistent_at_set: None,
                 consistent_after_seq: None,
+                busy_retry: None,
                 #[cfg(any(test, feature = "test-hooks"))]
                 bugs: super::PlantedBugs::default(),
             },
@@ -253,14 +256,17 @@ impl Session {
 
     /// The next moment [`Session::on_timeout`] must run.
     pub fn poll_timeout(&self) -> Instant {
-        match self.linger_until {
-            Some(l) => l.min(self.deadline),
-            None => self.deadline,
-        }
+        [self.linger_until, self.busy_retry]
+            .into_iter()
+            .flatten()
+            .fold(self.deadline, Instant::min)
     }
 
     /// Time passed: the decision is late, or the stream stalled (an error), or lingering ends.
     pub fn on_timeout(&mut self, now: Instant) -> Result<(), SessionEnd> {
+        if self.busy_retry.is_some_and(|t| now >= t) {
+            self.busy_retry = None;
+        }
         if now >= self.deadline {
             return match self.phase {
                 Phase::AwaitDecision => Err(SessionEnd::Protocol(format!(
@@ -493,14 +499,16 @@ impl Session {
         &mut self,
         now: Instant,
         journal: &Journal,
-        volume: &dyn Storage,
+        volume: &dyn VolumeRead,
     ) -> Result<Option<Transmit>, SessionEnd> {
         if !matches!(self.phase, Phase::Running) {
             return Ok(None);
         }
-        resync_dirty(journal, volume)?;
+        if !resync_dirty(journal, volume)? {
+            self.busy_retry = Some(now + BUSY_RETRY);
+        }
         if self.resync_turn && self.in_flight.len() < self.limits.window_sets {
-            if let Some(t) = self.resync_unit(journal, volume)? {
+            if let Some(t) = self.resync_unit(now, journal, volume)? {
                 self.resync_turn = false;
                 return Ok(Some(t));
             }
@@ -545,7 +553,7 @@ impl Session {
         }
         self.linger_until = None;
         if self.in_flight.len() < self.limits.window_sets {
-            if let Some(t) = self.resync_unit(journal, volume)? {
+            if let Some(t) = self.resync_unit(now, journal, volume)? {
                 return Ok(Some(t));
             }
         }
@@ -586,57 +594,84 @@ impl Session {
         Transmit::Set { set, known }
     }
 
-    /// The next unit of the full copy or the comparison, if one is due.
+    /// The next unit of the full copy or the comparison, if one is due. A chunk with a change
+    /// in flight is left for a moment later (the unit ends before it).
     fn resync_unit(
         &mut self,
+        now: Instant,
         journal: &Journal,
-        volume: &dyn Storage,
+        volume: &dyn VolumeRead,
     ) -> Result<Option<Transmit>, SessionEnd> {
         let size = self.size;
         let chunk = self.limits.copy_chunk;
         let Some(r) = self.resync.as_mut() else {
             return Ok(None);
         };
+        let mut busy = false;
         if !r.compare {
             // Full copy: the next piece of the volume.
             let mut folder = Folder::new();
             let mut at = r.pos;
             while at < size && folder.data_bytes() < self.limits.set_max_bytes {
                 let len = chunk.min(size - at);
-                folder.add(read_chunk(volume, at, len)?);
+                let Some(e) = read_chunk(volume, at, len)? else {
+                    busy = true;
+                    break;
+                };
+                folder.add(e);
                 at += len;
             }
-            r.bytes_done = at;
-            r.pos = at;
-            let done = at >= size;
-            let set = self.copy_set(journal, folder.into_extents(), done);
-            return Ok(Some(set));
+            if busy {
+                self.busy_retry = Some(now + BUSY_RETRY);
+            }
+            if at > r.pos {
+                r.bytes_done = at;
+                r.pos = at;
+                let set = self.copy_set(journal, folder.into_extents(), false);
+                return Ok(Some(set));
+            }
         }
         // Compare: first send what differs, then ask about more, then finish.
-        if !r.differ.is_empty() {
+        if r.compare && !r.differ.is_empty() {
             let mut folder = Folder::new();
             while let Some(&at) = r.differ.front() {
                 if folder.data_bytes() >= self.limits.set_max_bytes {
                     break;
                 }
-                r.differ.pop_front();
                 let len = chunk.min(size - at);
-                folder.add(read_chunk(volume, at, len)?);
+                let Some(e) = read_chunk(volume, at, len)? else {
+                    busy = true;
+                    break;
+                };
+                r.differ.pop_front();
+                folder.add(e);
                 r.bytes_done += len;
+            }
+            if busy {
+                self.busy_retry = Some(now + BUSY_RETRY);
+            }
+            if folder.is_empty() {
+                return Ok(None);
             }
             let set = self.copy_set(journal, folder.into_extents(), false);
             return Ok(Some(set));
         }
-        if r.pos < size && r.awaiting.len() < self.limits.sums_in_flight {
+        if r.compare && r.pos < size && r.awaiting.len() < self.limits.sums_in_flight {
             let offset = r.pos;
             let mut sums = Vec::with_capacity(self.limits.sums_per_message);
             let mut buf = vec![0u8; chunk as usize];
             while r.pos < size && sums.len() < self.limits.sums_per_message {
                 let len = chunk.min(size - r.pos);
                 let b = &mut buf[..len as usize];
-                volume.read_sync(r.pos, b)?;
+                if !volume.read_settled(r.pos, b)? {
+                    self.busy_retry = Some(now + BUSY_RETRY);
+                    break;
+                }
                 sums.push(chunk_sum(b));
                 r.pos += len;
+            }
+            if sums.is_empty() {
+                return Ok(None);
             }
             r.awaiting.push_back((offset, sums.len()));
             return Ok(Some(Transmit::Message(Message::Sums {
@@ -645,9 +680,14 @@ impl Session {
                 sums,
             })));
         }
-        if r.pos >= size && r.awaiting.is_empty() {
-            // Everything compared and what differed sent: the copy is complete once the
-            // journal up to now is applied.
+        if r.pos >= size && r.awaiting.is_empty() && r.differ.is_empty() {
+            // Everything copied (or compared, and what differed sent): the copy is complete
+            // once the journal up to now is applied. Not while a range waits to be re-read:
+            // the copy may hold a write whose record is still to come.
+            if journal.stats().dirty_ranges > 0 {
+                self.busy_retry = Some(now + BUSY_RETRY);
+                return Ok(None);
+            }
             let set = self.copy_set(journal, Vec::new(), true);
             return Ok(Some(set));
         }
@@ -689,63 +729,69 @@ pub fn chunk_sum(data: &[u8]) -> [u8; SUM_LEN] {
     out
 }
 
+/// How soon a read that found a change in flight is tried again.
+const BUSY_RETRY: Duration = Duration::from_millis(1);
+
 /// One chunk of the volume as an extent: a zero extent where it reads as zeroes (holes cost
-/// nothing on the wire), else its data.
-fn read_chunk(volume: &dyn Storage, at: u64, len: u64) -> io::Result<Extent> {
-    let holes = volume.allocation(at, len)?;
+/// nothing on the wire), else its data; None while a change to it is in flight.
+fn read_chunk(volume: &dyn VolumeRead, at: u64, len: u64) -> io::Result<Option<Extent>> {
     let n = u32::try_from(len).expect("chunks are small");
-    if holes.len() == 1 && holes[0].1 {
-        return Ok(Extent {
-            offset: at,
-            payload: Payload::Zero(n),
-        });
-    }
     let mut buf = vec![0u8; len as usize];
-    volume.read_sync(at, &mut buf)?;
+    // A hole is read too (under the lock): a change may be filling it right now.
+    if !volume.read_settled(at, &mut buf)? {
+        return Ok(None);
+    }
     let payload = if buf.iter().all(|&b| b == 0) {
         Payload::Zero(n)
     } else {
         Payload::Data(Bytes::from(buf))
     };
-    Ok(Extent {
+    Ok(Some(Extent {
         offset: at,
         payload,
-    })
+    }))
 }
 
 /// Largest piece re-read at once from a range the journal could not vouch for.
 const RESYNC_PIECE: u64 = 1 << 20;
 
 /// Re-read ranges whose content the journal could not vouch for (writes in flight at a crash,
-/// failed writes, records that could not be written) and journal their current content. A
-/// range that cannot be read now is kept for the next try.
-pub fn resync_dirty(journal: &Journal, volume: &dyn Storage) -> io::Result<()> {
-    let ranges = journal.take_dirty();
-    for (i, &(offset, len)) in ranges.iter().enumerate() {
+/// failed writes, records that could not be written) and journal their current content.
+/// A range that cannot be read now (a change to it is in flight, or the read fails) is kept
+/// for the next try; returns whether every range was done.
+pub fn resync_dirty(journal: &Journal, volume: &dyn VolumeRead) -> io::Result<bool> {
+    let mut ranges = journal.take_dirty().into_iter();
+    while let Some(d) = ranges.next() {
         tracing::info!(
-            offset,
-            len,
+            offset = d.offset,
+            len = d.len,
             "re-reading a range the journal could not vouch for"
         );
-        let end = (offset + len).min(volume.size());
-        let mut at = offset;
+        let end = (d.offset + d.len).min(volume.size());
+        let mut at = d.offset;
+        let mut done = Ok(true);
         while at < end {
             let n = RESYNC_PIECE.min(end - at);
             let mut buf = vec![0u8; n as usize];
-            let done = volume
-                .read_sync(at, &mut buf)
-                .and_then(|()| journal.resync(at, Bytes::from(buf)));
-            if let Err(e) = done {
-                journal.mark_dirty(at, end - at);
-                for &(o, l) in &ranges[i + 1..] {
-                    journal.mark_dirty(o, l);
-                }
-                return Err(e);
+            // The last piece closes the range's intent.
+            let closes = (at + n >= end).then_some(&d);
+            done = match volume.read_settled(at, &mut buf) {
+                Ok(true) => journal.resync(at, Bytes::from(buf), closes).map(|_| true),
+                other => other,
+            };
+            if !matches!(done, Ok(true)) {
+                break;
             }
             at += n;
         }
+        if !matches!(done, Ok(true)) {
+            // Read again from the start next time: the pieces read so far are journaled, and
+            // reading them again is harmless.
+            journal.give_back(std::iter::once(d).chain(ranges));
+            return done;
+        }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// The primary's per-volume state (`STATE/volumes/NAME.json`): which pair this volume belongs
@@ -800,7 +846,8 @@ impl PrimaryVolumeState {
 
     /// The state at a start of the primary: loaded (or new), the volume's disk checked against
     /// it, and a new generation minted at `next_seq` (continuous unless the host crashed or
-    /// the state is new). Persist it before any write is taken.
+    /// the state is new, or the journal no longer reaches where the lineage says writes were
+    /// numbered). Persist it, then mark the journal running, before any write is taken.
     pub fn at_start(
         loaded: Option<PrimaryVolumeState>,
         disk: &Fingerprint,
@@ -830,7 +877,14 @@ impl PrimaryVolumeState {
             }
         }
         let fresh = st.identity.lineage.spans.is_empty();
-        let continuous = !fresh && last_stop != LastStop::HostCrash;
+        // Records the lineage knows were written are gone from the journal: a break, whatever
+        // the journal says of the last stop.
+        let lost = st
+            .identity
+            .lineage
+            .current()
+            .is_some_and(|c| next_seq < c.first_seq);
+        let continuous = !fresh && !lost && last_stop != LastStop::HostCrash;
         st.identity.lineage.mint(gen, next_seq, continuous);
         if st.volume_changed.is_none() {
             // Not sealed while running: the daemon's own writes move the change time.
@@ -839,6 +893,23 @@ impl PrimaryVolumeState {
             st.identity.fingerprint = Some(seen);
         }
         st
+    }
+
+    /// An admin accepts the volume as it is now (after a replacement or a change while
+    /// stopped): its disk is recorded, and a new generation with a break starts at
+    /// `next_seq`, so the mirror is brought to it by a comparison, never resumed on a guess.
+    /// Returns false (and changes nothing) when the volume is not marked changed: a session may
+    /// be running on the current generation, and there is nothing to accept.
+    pub fn accept_volume(&mut self, disk: &Fingerprint, next_seq: u64, gen: GenId) -> bool {
+        if self.volume_changed.is_none() {
+            return false;
+        }
+        self.volume_changed = None;
+        let mut seen = disk.clone();
+        seen.ctime = None;
+        self.identity.fingerprint = Some(seen);
+        self.identity.lineage.mint_accepted(gen, next_seq);
+        true
     }
 
     /// The claim this state makes in Identify.

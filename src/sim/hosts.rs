@@ -1,0 +1,1097 @@
+//! The two simulated hosts: a primary (a journal and a volume over a `MemFs` and a `MemDisk`,
+//! a writing workload, the primary session core) and a mirror (the mirror core, its redo log
+//! and state over another `MemFs`, its volume on a `MemDisk`), each driven step by step the
+//! way the real drivers drive them, and each able to crash at any step.
+
+use super::disk::{MemApplier, MemDisk};
+use super::link::{Dir, Frame, Link};
+use super::model::Model;
+use super::rng::Prng;
+use crate::disk::buf::BlockBytes;
+use crate::disk::Storage;
+use crate::env::mem::MemFs;
+use crate::env::{Fs, Handle};
+use crate::extent::{Extent, Payload};
+use crate::journal::{Intent, Journal, JournalOptions};
+use crate::repl::apply::{self, VolumeState};
+use crate::repl::core::mirror::{Durable, Failure, MirrorCore};
+use crate::repl::core::primary::{
+    chunk_sum, Event, Limits, PrimaryVolumeState, Session, SessionEnd, Transmit,
+};
+use crate::repl::core::{PlantedBugs, ReplState};
+use crate::repl::frame::{self, DeltaSet, Message, Mode, RefuseCode, SUM_LEN};
+use crate::repl::identity::{GenId, PrimaryClaim};
+use crate::repl::redo::RedoLog;
+use crate::volume::VolumeRead;
+use bytes::Bytes;
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The simulated volume: 64 blocks of 4 KiB.
+pub const VOLUME_BYTES: u64 = 64 * 4096;
+pub const VOLUME: &str = "vol";
+const JOURNAL_SEGMENT: u64 = 16 << 10;
+const JOURNAL_CAP: u64 = 160 << 10;
+const REDO_SEGMENT: u64 = 32 << 10;
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+/// After a permanent refusal the simulated primary retries this rarely (as the real one).
+const SLOW_RETRY: Duration = Duration::from_secs(600);
+
+/// The limits of the simulated sessions: small, so that a short schedule cuts many sets,
+/// fills the window and the journal, and copies and compares a volume in many units.
+pub fn sim_limits() -> Limits {
+    Limits {
+        set_max_bytes: 16 << 10,
+        window_sets: 4,
+        set_target_bytes: 8 << 10,
+        linger: Duration::from_millis(4),
+        copy_chunk: 16 << 10,
+        sums_per_message: 2,
+        sums_in_flight: 2,
+        decision_timeout: Duration::from_secs(10),
+        stall_timeout: Duration::from_secs(30),
+    }
+}
+
+/// Virtual time shared by both hosts and their journals' wall clocks.
+#[derive(Clone)]
+pub struct Clock {
+    base: Instant,
+    now_ms: Arc<AtomicU64>,
+}
+
+/// The virtual wall clock starts here (a plausible date), so write times look real.
+const EPOCH_MS: u64 = 1_790_000_000_000;
+
+impl Clock {
+    pub fn new() -> Clock {
+        Clock {
+            base: Instant::now(),
+            now_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+    pub fn now(&self) -> Duration {
+        Duration::from_millis(self.now_ms.load(Ordering::Relaxed))
+    }
+    pub fn instant(&self) -> Instant {
+        self.base + self.now()
+    }
+    pub fn advance(&self, d: Duration) {
+        self.now_ms
+            .fetch_add(d.as_millis() as u64, Ordering::Relaxed);
+    }
+    pub fn wall_ms(&self) -> u64 {
+        EPOCH_MS + self.now_ms.load(Ordering::Relaxed)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+/// A trace line: virtual time, host, message.
+fn stamp(clock: &Clock, label: &str, msg: String) -> String {
+    format!("{:>9} ms {label}: {msg}", clock.now().as_millis())
+}
+
+fn encode(m: &Message) -> Vec<u8> {
+    let mut out = Vec::new();
+    frame::encode(m, &mut out);
+    out
+}
+
+/// A change in flight on the primary: announced to the journal, maybe done on the disk.
+struct Change {
+    intent: Intent,
+    offset: u64,
+    payload: Payload,
+    on_disk: bool,
+}
+
+impl Change {
+    /// The blocks the change holds (its range lock).
+    fn blocks(&self) -> (u64, u64) {
+        (
+            self.offset / 4096,
+            (self.offset + self.payload.len() - 1) / 4096,
+        )
+    }
+}
+
+/// The volume as the primary's session reads it: a range with a change in flight is busy
+/// (the real volume's range locks).
+struct SimReader<'a> {
+    disk: &'a MemDisk,
+    busy: Vec<(u64, u64)>,
+}
+
+impl VolumeRead for SimReader<'_> {
+    fn size(&self) -> u64 {
+        VOLUME_BYTES
+    }
+
+    fn read_settled(&self, offset: u64, out: &mut [u8]) -> std::io::Result<bool> {
+        let (a, z) = (offset / 4096, (offset + out.len() as u64 - 1) / 4096);
+        if self.busy.iter().any(|&(ca, cz)| ca <= z && a <= cz) {
+            return Ok(false);
+        }
+        self.disk.read_at(offset, out);
+        Ok(true)
+    }
+
+    fn is_hole(&self, _offset: u64, _len: u64) -> std::io::Result<bool> {
+        Ok(false)
+    }
+}
+
+/// A running primary.
+struct PrimaryUp {
+    journal: Arc<Journal>,
+    state: PrimaryVolumeState,
+    session: Option<(u64, Session)>,
+    /// The session got its decision: losing it now is losing the peer.
+    up: bool,
+    /// How far the journal may be trimmed: the decision's point, then what acknowledgements
+    /// said was durable (a check against trimming on a guess).
+    may_trim: u64,
+    connect_at: Duration,
+    backoff: Duration,
+    changes: Vec<Change>,
+}
+
+/// A primary host (see the module doc).
+pub struct PrimaryHost {
+    pub label: &'static str,
+    pub fs: MemFs,
+    pub disk: Arc<MemDisk>,
+    boot: u64,
+    up: Option<PrimaryUp>,
+    pub down_until: Duration,
+    pub model: Model,
+    pub bugs: PlantedBugs,
+    /// Permanent refusals seen, by state (split brain, unrelated, ...).
+    pub refusals: Vec<ReplState>,
+    pub decisions: Vec<(Mode, String)>,
+    pub log: Vec<String>,
+    next_conn: u64,
+    clock: Clock,
+}
+
+impl PrimaryHost {
+    /// A line of the host's trace, stamped with the virtual time.
+    pub fn note(&mut self, msg: String) {
+        self.log.push(stamp(&self.clock, self.label, msg));
+    }
+
+    pub fn new(label: &'static str, disk_id: u64, conn_base: u64, clock: &Clock) -> PrimaryHost {
+        PrimaryHost {
+            label,
+            fs: MemFs::new(),
+            disk: Arc::new(MemDisk::new(disk_id, VOLUME_BYTES)),
+            boot: 1,
+            up: None,
+            down_until: Duration::ZERO,
+            model: Model::default(),
+            bugs: PlantedBugs::default(),
+            refusals: Vec::new(),
+            decisions: Vec::new(),
+            log: Vec::new(),
+            next_conn: conn_base,
+            clock: clock.clone(),
+        }
+    }
+
+    fn fs(&self) -> Fs {
+        Arc::new(self.fs.clone())
+    }
+
+    fn state_path() -> PathBuf {
+        PrimaryVolumeState::path(Path::new("/p"), VOLUME)
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.is_some()
+    }
+
+    /// Start (or restart after a crash): open the journal, check the disk against the
+    /// state, mint a generation, persist it. A start that fails (a full file system) is
+    /// retried later.
+    pub fn start(&mut self, clock: &Clock, rng: &mut Prng) -> Result<(), String> {
+        let clock2 = clock.clone();
+        let opts = JournalOptions {
+            fs: self.fs(),
+            dir: PathBuf::from("/p/journal").join(VOLUME),
+            max_disk_bytes: JOURNAL_CAP,
+            ram_bytes: 16 << 10,
+            segment_bytes: JOURNAL_SEGMENT,
+            boot_id: format!("boot-{}", self.boot),
+            clock: Arc::new(move || clock2.wall_ms()),
+        };
+        let journal = Arc::new(Journal::open(opts).map_err(|e| format!("journal: {e}"))?);
+        let model = self.model.clone();
+        journal.observe(Box::new(move |seq, e| model.record(seq, e)));
+        let fs = self.fs();
+        let loaded = PrimaryVolumeState::load(&*fs, &Self::state_path())
+            .map_err(|e| format!("state: {e}"))?;
+        let disk = self.disk.fingerprint().expect("a simulated disk");
+        let gen = GenId(rng.next_u64().max(1));
+        let next_seq = journal.last_seq() + 1;
+        let st = PrimaryVolumeState::at_start(loaded, &disk, journal.last_stop(), next_seq, gen);
+        st.save(&*fs, &Self::state_path())
+            .map_err(|e| format!("state save: {e}"))?;
+        journal
+            .mark_running()
+            .map_err(|e| format!("journal marker: {e}"))?;
+        let span = *st.identity.lineage.current().expect("just minted");
+        self.model.mint(
+            gen,
+            next_seq,
+            (!span.continuous).then(|| self.disk.content()),
+        );
+        self.note(format!(
+            "start: last stop {:?}, gen {gen} at {next_seq} continuous {}, changed {:?}",
+            journal.last_stop(),
+            span.continuous,
+            st.volume_changed
+        ));
+        self.up = Some(PrimaryUp {
+            journal,
+            state: st,
+            session: None,
+            up: false,
+            connect_at: clock.now(),
+            backoff: Duration::from_millis(100),
+            changes: Vec::new(),
+            may_trim: 0,
+        });
+        Ok(())
+    }
+
+    /// kill -9: the process and everything in memory is gone; the page cache and the disk
+    /// keep what was written.
+    pub fn kill(&mut self) {
+        self.up = None;
+        self.fs.restart();
+    }
+
+    /// A power cut of the host: unsynced data of the file system and the disk is partly lost.
+    pub fn power_cut(&mut self, rng: &mut Prng) {
+        self.up = None;
+        self.fs.crash(rng);
+        self.disk.crash(rng);
+        self.boot += 1;
+    }
+
+    pub fn journal(&self) -> Option<&Arc<Journal>> {
+        self.up.as_ref().map(|u| &u.journal)
+    }
+
+    pub fn state(&self) -> Option<&PrimaryVolumeState> {
+        self.up.as_ref().map(|u| &u.state)
+    }
+
+    /// Announce a random write, zeroing or trim (it waits if the journal is full).
+    pub fn begin_change(&mut self, rng: &mut Prng) {
+        let Some(u) = self.up.as_mut() else { return };
+        if u.changes.len() >= 8 {
+            return;
+        }
+        let blocks = VOLUME_BYTES / 4096;
+        let first = rng.below(blocks);
+        let n = rng.range(1, 4).min(blocks - first);
+        // Unaligned now and then: a write of part of a block.
+        let (offset, len) = if rng.chance(1, 8) {
+            let off = first * 4096 + rng.below(4096);
+            (off, rng.range(1, 4096).min(VOLUME_BYTES - off))
+        } else {
+            (first * 4096, n * 4096)
+        };
+        let zero = rng.chance(1, 6);
+        // Changes sharing a block go one at a time (the volume's range locks).
+        let (a, z) = (offset / 4096, (offset + len - 1) / 4096);
+        if u.changes.iter().any(|c| {
+            let (ca, cz) = c.blocks();
+            ca <= z && a <= cz
+        }) {
+            return;
+        }
+        let Ok(Some(intent)) = u.journal.begin(offset, len as u32, !zero) else {
+            return;
+        };
+        let payload = if zero {
+            Payload::Zero(len as u32)
+        } else {
+            let mut d = vec![0u8; len as usize];
+            rng.fill(&mut d);
+            Payload::Data(Bytes::from(d))
+        };
+        u.changes.push(Change {
+            intent,
+            offset,
+            payload,
+            on_disk: false,
+        });
+    }
+
+    /// Move one change forward: write it to the disk, or complete it in the journal.
+    pub fn progress_change(&mut self, rng: &mut Prng) {
+        let Some(u) = self.up.as_mut() else { return };
+        if u.changes.is_empty() {
+            return;
+        }
+        let i = rng.below(u.changes.len() as u64) as usize;
+        let c = &mut u.changes[i];
+        if !c.on_disk {
+            match &c.payload {
+                Payload::Data(d) => self.disk.write_at(c.offset, d),
+                Payload::Zero(n) => self.disk.zero(c.offset, u64::from(*n)),
+            }
+            c.on_disk = true;
+            return;
+        }
+        let c = u.changes.swap_remove(i);
+        // A record that cannot be written leaves the range to be re-read: nothing to do here.
+        let _ = u.journal.complete(c.intent, c.offset, c.payload);
+    }
+
+    /// A client FLUSH: the disk, then the journal.
+    pub fn flush(&mut self) {
+        let Some(u) = self.up.as_ref() else { return };
+        self.disk.sync();
+        let _ = u.journal.sync();
+    }
+
+    /// Writes in flight.
+    pub fn changes(&self) -> usize {
+        self.up.as_ref().map_or(0, |u| u.changes.len())
+    }
+
+    /// Connect when it is time, send what the session hands out, keep time.
+    pub fn tick(&mut self, clock: &Clock, link: &mut Link, rng: &mut Prng) {
+        let now = clock.now();
+        let Some(u) = self.up.as_mut() else { return };
+        if u.session.is_none() {
+            if u.state.volume_changed.is_some() || now < u.connect_at {
+                return;
+            }
+            self.next_conn += 1;
+            let conn = self.next_conn;
+            let claim = PrimaryClaim {
+                uuid: u.state.identity.uuid,
+                lineage: u.state.identity.lineage.clone(),
+                journal_acked: u.journal.acked_seq(),
+                journal_last: u.journal.last_seq(),
+                fingerprint: self.disk.fingerprint().expect("simulated disk"),
+            };
+            let (mut s, opening) =
+                Session::start(sim_limits(), VOLUME, VOLUME_BYTES, claim, clock.instant());
+            s.bugs = self.bugs;
+            for m in &opening {
+                link.send(
+                    now,
+                    Dir::ToMirror,
+                    Frame {
+                        conn,
+                        bytes: encode(m),
+                    },
+                    rng,
+                );
+            }
+            u.session = Some((conn, s));
+            u.up = false;
+            return;
+        }
+        let (conn, sess) = u.session.as_mut().expect("checked");
+        let conn = *conn;
+        let mut end = None;
+        let reader = SimReader {
+            disk: &self.disk,
+            busy: u.changes.iter().map(|c| c.blocks()).collect(),
+        };
+        for _ in 0..4 {
+            match sess.poll_transmit(clock.instant(), &u.journal, &reader) {
+                Ok(Some(t)) => {
+                    let m = match t {
+                        Transmit::Set { set, .. } => Message::Set(set),
+                        Transmit::Message(m) => m,
+                    };
+                    link.send(
+                        now,
+                        Dir::ToMirror,
+                        Frame {
+                            conn,
+                            bytes: encode(&m),
+                        },
+                        rng,
+                    );
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    end = Some(e);
+                    break;
+                }
+            }
+        }
+        if end.is_none() && clock.instant() >= sess.poll_timeout() {
+            end = sess.on_timeout(clock.instant()).err();
+        }
+        if let Some(e) = end {
+            self.end_session(e, clock, rng);
+        }
+    }
+
+    /// The next moment something is due on this host.
+    pub fn next_event(&self, clock: &Clock) -> Option<Duration> {
+        let u = self.up.as_ref()?;
+        match &u.session {
+            None if u.state.volume_changed.is_none() => Some(u.connect_at),
+            None => None,
+            Some((_, s)) => Some(s.poll_timeout().saturating_duration_since(clock.base)),
+        }
+    }
+
+    /// A frame from the mirror.
+    pub fn receive(&mut self, f: Frame, clock: &Clock, rng: &mut Prng) {
+        let Some(u) = self.up.as_mut() else { return };
+        let Some((conn, sess)) = u.session.as_mut() else {
+            return;
+        };
+        if f.conn != *conn {
+            return;
+        }
+        let msg = match frame::decode_one(&f.bytes) {
+            Ok(Some((m, used))) if used == f.bytes.len() => m,
+            Ok(_) => {
+                return self.end_session(
+                    SessionEnd::Protocol("a torn frame from the mirror".into()),
+                    clock,
+                    rng,
+                )
+            }
+            Err(e) => return self.end_session(SessionEnd::Protocol(e.to_string()), clock, rng),
+        };
+        match &msg {
+            Message::Ack { last_seq, .. } => u.may_trim = u.may_trim.max(*last_seq),
+            // Resuming trims to the mirror's durable point; a copy covers the journal so far.
+            Message::Decision {
+                mode, durable_seq, ..
+            } => {
+                let point = match mode {
+                    Mode::Resume => *durable_seq,
+                    Mode::FullCopy | Mode::Compare => u.journal.last_seq(),
+                };
+                u.may_trim = u.may_trim.max(point);
+            }
+            _ => {}
+        }
+        match sess.on_message(msg, clock.instant(), &u.journal) {
+            Ok(events) => {
+                for ev in events {
+                    match ev {
+                        Event::AdoptUuid(uuid) => {
+                            // Persisted before anything else, or the session ends (as the
+                            // shipper does).
+                            let mut st = u.state.clone();
+                            st.identity.uuid = Some(uuid);
+                            let fs: Fs = Arc::new(self.fs.clone());
+                            if let Err(e) = st.save(&*fs, &Self::state_path()) {
+                                return self.end_session(SessionEnd::Io(e), clock, rng);
+                            }
+                            u.state = st;
+                        }
+                        Event::Up { mode, reason, .. } => {
+                            u.up = true;
+                            u.backoff = Duration::from_millis(100);
+                            self.decisions.push((mode, reason));
+                        }
+                        Event::Acked { .. } | Event::MirrorConsistent => {}
+                    }
+                }
+            }
+            Err(e) => self.end_session(e, clock, rng),
+        }
+    }
+
+    fn end_session(&mut self, e: SessionEnd, clock: &Clock, rng: &mut Prng) {
+        let now = clock.now();
+        let Some(u) = self.up.as_mut() else { return };
+        u.session = None;
+        self.log.push(stamp(
+            &self.clock,
+            self.label,
+            format!("session ended: {e}"),
+        ));
+        if u.up {
+            // Peer lost: a new generation for the writes the mirror has not seen.
+            let gen = GenId(rng.next_u64().max(1));
+            let first = u.journal.last_seq() + 1;
+            u.state.identity.lineage.mint(gen, first, true);
+            let fs: Fs = Arc::new(self.fs.clone());
+            if u.state.save(&*fs, &Self::state_path()).is_ok() {
+                self.model.mint(gen, first, None);
+            } else {
+                u.state.identity.lineage.spans.pop();
+            }
+        }
+        u.up = false;
+        if e.permanent() {
+            self.refusals.push(e.state());
+            u.connect_at = now + SLOW_RETRY;
+        } else {
+            u.connect_at = now + u.backoff;
+            u.backoff = (u.backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// The journal was trimmed past what the mirror said was durable.
+    pub fn trimmed_too_far(&self) -> Option<String> {
+        let u = self.up.as_ref()?;
+        let acked = u.journal.acked_seq();
+        (acked > u.may_trim).then(|| {
+            format!(
+                "the journal was trimmed to seq {acked}, but the mirror only acknowledged up to \
+                 {}",
+                u.may_trim
+            )
+        })
+    }
+
+    /// The admin accepts a changed volume (`blkmirror accept-volume`).
+    pub fn accept_volume(&mut self, rng: &mut Prng) -> Result<(), String> {
+        let Some(u) = self.up.as_mut() else {
+            return Err("not running".into());
+        };
+        if u.state.volume_changed.is_none() {
+            // Nothing to accept (as the command answers "already").
+            return Ok(());
+        }
+        let disk = self.disk.fingerprint().expect("simulated disk");
+        let gen = GenId(rng.next_u64().max(1));
+        let next = u.journal.last_seq() + 1;
+        let mut st = u.state.clone();
+        st.accept_volume(&disk, next, gen);
+        let fs: Fs = Arc::new(self.fs.clone());
+        st.save(&*fs, &Self::state_path())
+            .map_err(|e| e.to_string())?;
+        u.state = st;
+        self.model.mint(gen, next, Some(self.disk.content()));
+        Ok(())
+    }
+
+    /// The primary has nothing left to ship and is connected.
+    pub fn quiet(&self) -> bool {
+        self.up.as_ref().is_some_and(|u| {
+            u.up && u.changes.is_empty()
+                && u.journal.stats().lag_bytes == 0
+                && u.journal.stats().dirty_ranges == 0
+                && u.journal.acked_seq() == u.journal.last_seq()
+                && u.session
+                    .as_ref()
+                    .is_some_and(|(_, s)| s.in_flight() == 0 && s.resync_progress().is_none())
+        })
+    }
+}
+
+/// An item of the mirror's pipeline, in arrival order.
+enum Item {
+    Set {
+        set: DeltaSet,
+        after: Durable,
+        durable: bool,
+        received_ms: u64,
+        conn: u64,
+    },
+    Sums {
+        offset: u64,
+        chunk: u32,
+        sums: Vec<[u8; SUM_LEN]>,
+        conn: u64,
+    },
+}
+
+struct MirrorUp {
+    core: MirrorCore,
+    redo: RedoLog,
+    conn: Option<u64>,
+    session: u64,
+    /// A Hello waiting for its Identify: (conn, version, volume, size).
+    hello: Option<(u64, u16, String, u64)>,
+    pipeline: VecDeque<Item>,
+    unsynced: Vec<Handle>,
+    last_checkpoint: Duration,
+    unsaved: bool,
+}
+
+/// The mirror host (see the module doc).
+pub struct MirrorHost {
+    pub fs: MemFs,
+    pub disk: Arc<MemDisk>,
+    up: Option<MirrorUp>,
+    pub down_until: Duration,
+    /// The highest set any Ack ever said was durable.
+    pub max_acked_set: u64,
+    pub log: Vec<String>,
+    pub bugs: PlantedBugs,
+    clock: Clock,
+}
+
+fn state_path() -> PathBuf {
+    VolumeState::path(Path::new("/m"), VOLUME)
+}
+
+impl MirrorHost {
+    /// A line of the host's trace, stamped with the virtual time.
+    pub fn note(&mut self, msg: String) {
+        self.log.push(stamp(&self.clock, "mirror", msg));
+    }
+
+    pub fn new(disk_id: u64, clock: &Clock) -> MirrorHost {
+        MirrorHost {
+            fs: MemFs::new(),
+            disk: Arc::new(MemDisk::new(disk_id, VOLUME_BYTES)),
+            up: None,
+            down_until: Duration::ZERO,
+            max_acked_set: 0,
+            log: Vec::new(),
+            bugs: PlantedBugs::default(),
+            clock: clock.clone(),
+        }
+    }
+
+    fn fs(&self) -> Fs {
+        Arc::new(self.fs.clone())
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.is_some()
+    }
+
+    pub fn core(&self) -> Option<&MirrorCore> {
+        self.up.as_ref().map(|u| &u.core)
+    }
+
+    /// Start (or restart): open the redo log, check the disk, replay, persist.
+    pub fn start(&mut self, clock: &Clock) -> Result<(), String> {
+        let fs = self.fs();
+        let mut redo =
+            RedoLog::open_with(&fs, &apply::redo_dir(Path::new("/m"), VOLUME), REDO_SEGMENT)
+                .map_err(|e| format!("redo: {e}"))?;
+        let mut state =
+            VolumeState::load(&*fs, &state_path()).map_err(|e| format!("state: {e}"))?;
+        let disk = self.disk.fingerprint().expect("simulated disk");
+        let sealed_valid = redo.last_set().is_none_or(|l| l <= state.applied_set);
+        let known = state.identity.fingerprint.clone();
+        apply::replay(
+            &mut MemApplier(&self.disk),
+            &mut redo,
+            &mut state,
+            &*fs,
+            &state_path(),
+        )
+        .map_err(|e| format!("replay: {e}"))?;
+        // After the replay (which must not clear what it finds: an old copy's end replayed on
+        // a replaced disk proves nothing), with the disk as it was found.
+        MirrorCore::check_disk(
+            VOLUME,
+            &mut state,
+            known.as_ref(),
+            Some(&disk),
+            sealed_valid,
+        );
+        let mut core = MirrorCore::new(
+            VOLUME,
+            VOLUME_BYTES,
+            state,
+            Some(self.disk.fingerprint().expect("simulated disk")),
+        );
+        core.bugs = self.bugs;
+        core.state()
+            .save(&*fs, &state_path())
+            .map_err(|e| format!("state save: {e}"))?;
+        self.note(format!(
+            "start: applied set {} seq {}, consistent {}, changed {:?}",
+            core.state().applied_set,
+            core.state().applied_seq,
+            core.state().consistent(),
+            core.state().volume_changed
+        ));
+        self.up = Some(MirrorUp {
+            core,
+            redo,
+            conn: None,
+            session: 0,
+            hello: None,
+            pipeline: VecDeque::new(),
+            unsynced: Vec::new(),
+            last_checkpoint: clock.now(),
+            unsaved: false,
+        });
+        Ok(())
+    }
+
+    pub fn kill(&mut self) {
+        self.up = None;
+        self.fs.restart();
+    }
+
+    pub fn power_cut(&mut self, rng: &mut Prng) {
+        self.up = None;
+        self.fs.crash(rng);
+        self.disk.crash(rng);
+    }
+
+    fn send(u: &MirrorUp, conn: u64, m: &Message, clock: &Clock, link: &mut Link, rng: &mut Prng) {
+        let _ = u;
+        link.send(
+            clock.now(),
+            Dir::ToPrimary,
+            Frame {
+                conn,
+                bytes: encode(m),
+            },
+            rng,
+        );
+    }
+
+    fn refuse(
+        &mut self,
+        conn: u64,
+        code: RefuseCode,
+        why: String,
+        clock: &Clock,
+        link: &mut Link,
+        rng: &mut Prng,
+    ) {
+        self.note(format!("refused conn {conn}: {why}"));
+        if let Some(u) = self.up.as_mut() {
+            if u.conn == Some(conn) {
+                u.conn = None;
+            }
+            let m = Message::Refuse {
+                code: code as u16,
+                reason: why,
+            };
+            Self::send(u, conn, &m, clock, link, rng);
+        }
+    }
+
+    /// A frame from a primary.
+    pub fn receive(&mut self, f: Frame, clock: &Clock, link: &mut Link, rng: &mut Prng) {
+        if self.up.is_none() {
+            return;
+        }
+        let msg = match frame::decode_one(&f.bytes) {
+            Ok(Some((m, used))) if used == f.bytes.len() => m,
+            Ok(_) => {
+                return self.refuse(
+                    f.conn,
+                    RefuseCode::BadMessage,
+                    "a torn frame".into(),
+                    clock,
+                    link,
+                    rng,
+                )
+            }
+            Err(e) => {
+                return self.refuse(
+                    f.conn,
+                    RefuseCode::BadMessage,
+                    e.to_string(),
+                    clock,
+                    link,
+                    rng,
+                )
+            }
+        };
+        match msg {
+            Message::Hello {
+                version,
+                volume,
+                size,
+            } => {
+                let u = self.up.as_mut().expect("up");
+                u.hello = Some((f.conn, version, volume, size));
+                // A new connection replaces the session: nothing more of the old one counts.
+                u.conn = None;
+            }
+            Message::Identify(claim) => {
+                let u = self.up.as_mut().expect("up");
+                let Some((conn, version, volume, size)) = u.hello.take().filter(|h| h.0 == f.conn)
+                else {
+                    return self.refuse(
+                        f.conn,
+                        RefuseCode::BadMessage,
+                        "Identify without Hello".into(),
+                        clock,
+                        link,
+                        rng,
+                    );
+                };
+                // The barrier: everything durable applied and checkpointed, nothing unsynced (a
+                // decision saves the state: it must not claim sets the volume has not synced).
+                self.drain(clock, link, rng);
+                self.checkpoint(clock, true);
+                let Some(u) = self.up.as_mut() else { return };
+                let session = u.core.new_session();
+                u.core.enter_session(session);
+                let mut bytes = [0u8; 16];
+                rng.fill(&mut bytes);
+                match u.core.hello(version, &volume, size, &claim, || {
+                    crate::repl::identity::VolumeUuid(bytes)
+                }) {
+                    Ok(accept) => {
+                        let state = u.core.state().clone();
+                        let fs: Fs = Arc::new(self.fs.clone());
+                        if let Err(e) = state.save(&*fs, &state_path()) {
+                            return self.refuse(
+                                conn,
+                                RefuseCode::RedoFailed,
+                                format!("state: {e}"),
+                                clock,
+                                link,
+                                rng,
+                            );
+                        }
+                        let u = self.up.as_mut().expect("up");
+                        u.conn = Some(conn);
+                        u.session = session;
+                        self.log.push(stamp(
+                            &self.clock,
+                            "mirror",
+                            format!("conn {conn}: {:?}: {}", accept.mode, accept.reason),
+                        ));
+                        Self::send(u, conn, &accept.decision, clock, link, rng);
+                    }
+                    Err((code, why)) => self.refuse(conn, code, why, clock, link, rng),
+                }
+            }
+            Message::Set(set) => {
+                let u = self.up.as_mut().expect("up");
+                if u.conn != Some(f.conn) {
+                    return;
+                }
+                let from = u.core.written_position();
+                match u.core.accept(u.session, &set) {
+                    Ok(Some(acc)) => {
+                        let raw = BlockBytes::copy_from(&f.bytes);
+                        match u.redo.write(&[(set.set, &raw)]) {
+                            Ok(h) => {
+                                if !u.unsynced.iter().any(|x| Arc::ptr_eq(x, &h)) {
+                                    u.unsynced.push(h);
+                                }
+                                if let Some(ack) = acc.ack_now {
+                                    if let Message::Ack { set, .. } = &ack {
+                                        self.max_acked_set = self.max_acked_set.max(*set);
+                                    }
+                                    Self::send(u, f.conn, &ack, clock, link, rng);
+                                }
+                                u.pipeline.push_back(Item::Set {
+                                    set,
+                                    after: acc.after,
+                                    durable: false,
+                                    received_ms: clock.wall_ms(),
+                                    conn: f.conn,
+                                });
+                            }
+                            Err(e) => {
+                                let why = format!("mirror redo log failed: {e}");
+                                u.core.write_failed(
+                                    from,
+                                    Failure {
+                                        code: RefuseCode::RedoFailed,
+                                        why: why.clone(),
+                                    },
+                                );
+                                self.refuse(f.conn, RefuseCode::RedoFailed, why, clock, link, rng);
+                            }
+                        }
+                    }
+                    Ok(None) => {}
+                    Err((code, why)) => self.refuse(f.conn, code, why, clock, link, rng),
+                }
+            }
+            Message::Sums {
+                offset,
+                chunk,
+                sums,
+            } => {
+                let u = self.up.as_mut().expect("up");
+                if u.conn == Some(f.conn) {
+                    u.pipeline.push_back(Item::Sums {
+                        offset,
+                        chunk,
+                        sums,
+                        conn: f.conn,
+                    });
+                }
+            }
+            other => {
+                let what = format!("{other:?}").chars().take(40).collect();
+                self.refuse(f.conn, RefuseCode::BadMessage, what, clock, link, rng)
+            }
+        }
+    }
+
+    /// Sync the redo log: what was written is durable and acknowledged.
+    pub fn sync(&mut self, clock: &Clock, link: &mut Link, rng: &mut Prng) {
+        let Some(u) = self.up.as_mut() else { return };
+        if u.unsynced.is_empty() {
+            return;
+        }
+        for h in std::mem::take(&mut u.unsynced) {
+            if let Err(e) = h.sync_data() {
+                u.core.fail(Failure {
+                    code: RefuseCode::VolumeFailed,
+                    why: format!("redo sync: {e}"),
+                });
+                return;
+            }
+        }
+        let mut acks = Vec::new();
+        for item in u.pipeline.iter_mut() {
+            if let Item::Set {
+                after,
+                durable,
+                conn,
+                ..
+            } = item
+            {
+                if !*durable {
+                    *durable = true;
+                    if let Some(ack) = u.core.synced(*after) {
+                        acks.push((*conn, ack));
+                    }
+                }
+            }
+        }
+        for (conn, ack) in acks {
+            if let Message::Ack { set, .. } = &ack {
+                self.max_acked_set = self.max_acked_set.max(*set);
+            }
+            Self::send(u, conn, &ack, clock, link, rng);
+        }
+    }
+
+    /// Apply the next durable set, or answer the next comparison. Returns whether it did.
+    pub fn apply_one(&mut self, clock: &Clock, link: &mut Link, rng: &mut Prng) -> bool {
+        let Some(u) = self.up.as_mut() else {
+            return false;
+        };
+        match u.pipeline.front() {
+            Some(Item::Set { durable: true, .. }) => {
+                let Some(Item::Set {
+                    set, received_ms, ..
+                }) = u.pipeline.pop_front()
+                else {
+                    unreachable!()
+                };
+                if let Err(why) = u.core.check_apply(&set) {
+                    u.core.fail(Failure {
+                        code: RefuseCode::VolumeFailed,
+                        why,
+                    });
+                    return false;
+                }
+                self.disk.apply(&set);
+                u.core.applied(&set, received_ms);
+                u.unsaved = true;
+                true
+            }
+            Some(Item::Sums { .. }) => {
+                let Some(Item::Sums {
+                    offset,
+                    chunk,
+                    sums,
+                    conn,
+                }) = u.pipeline.pop_front()
+                else {
+                    unreachable!()
+                };
+                let content = self.disk.content();
+                let differ = sums
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        let at = offset + i as u64 * u64::from(chunk);
+                        if at >= VOLUME_BYTES {
+                            return true;
+                        }
+                        let end = (at + u64::from(chunk)).min(VOLUME_BYTES);
+                        chunk_sum(&content[at as usize..end as usize]) != *s
+                    })
+                    .collect();
+                let m = Message::SumsReply {
+                    offset,
+                    chunk,
+                    differ,
+                };
+                Self::send(u, conn, &m, clock, link, rng);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A checkpoint, when due (or `force`d): sync the volume, save the state, trim the redo.
+    pub fn checkpoint(&mut self, clock: &Clock, force: bool) {
+        let Some(u) = self.up.as_mut() else { return };
+        if !u.unsaved || (!force && clock.now() < u.last_checkpoint + CHECKPOINT_EVERY) {
+            return;
+        }
+        self.disk.sync();
+        let fp = self.disk.fingerprint().expect("simulated disk");
+        let state = u.core.checkpoint_state(Some(fp));
+        let fs: Fs = Arc::new(self.fs.clone());
+        if state.save(&*fs, &state_path()).is_err() {
+            return;
+        }
+        u.core.checkpoint_done(state.applied_set);
+        let _ = u.redo.trim(state.applied_set);
+        u.last_checkpoint = clock.now();
+        u.unsaved = false;
+    }
+
+    /// Everything written is synced and applied (a new session's barrier; a clean stop).
+    pub fn drain(&mut self, clock: &Clock, link: &mut Link, rng: &mut Prng) {
+        self.sync(clock, link, rng);
+        while self.apply_one(clock, link, rng) {}
+        // Sets of a replaced session not yet written are dropped with their pipeline place.
+        if let Some(u) = self.up.as_mut() {
+            u.pipeline
+                .retain(|i| matches!(i, Item::Set { durable: true, .. }));
+        }
+    }
+
+    /// Applied everything durable, nothing pending.
+    pub fn quiet(&self) -> bool {
+        self.up.as_ref().is_some_and(|u| {
+            u.pipeline.is_empty()
+                && u.unsynced.is_empty()
+                && u.core.durable().set == u.core.state().applied_set
+        })
+    }
+
+    pub fn next_checkpoint(&self) -> Option<Duration> {
+        let u = self.up.as_ref()?;
+        u.unsaved.then_some(u.last_checkpoint + CHECKPOINT_EVERY)
+    }
+
+    pub fn has_work(&self) -> bool {
+        self.up
+            .as_ref()
+            .is_some_and(|u| !u.pipeline.is_empty() || !u.unsynced.is_empty())
+    }
+}
+
+/// The claim a primary would make now (for the scenarios that need one by hand).
+pub fn extent_at(offset: u64, data: Vec<u8>) -> Extent {
+    Extent {
+        offset,
+        payload: Payload::Data(Bytes::from(data)),
+    }
+}
