@@ -1,5 +1,8 @@
-//! The control socket (`STATE_DIR/control.sock`): one line in (`status`), one JSON document out.
-//! `blkmirror status` is its client. Binding it is the daemon's job (`daemon::serve_control`).
+//! The control socket (`STATE_DIR/control.sock`): one command per line in, one JSON document
+//! per line out. `status` answers the status document; admin commands (`accept-volume NAME`,
+//! `retry [NAME]`) answer `{"ok": true, "result": ..., "message": ...}` or `{"error": ...,
+//! "code": ...}`. `blkmirror status`, `accept-volume` and `retry` are its clients. Binding it is
+//! the daemon's job (`daemon::serve_control`).
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -7,23 +10,40 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+/// Answers one command (its words) with one JSON document.
+pub type Handler = Arc<dyn Fn(&[&str]) -> serde_json::Value + Send + Sync>;
+
+/// A handler that knows only `status`.
+pub fn status_only(status: impl Fn() -> serde_json::Value + Send + Sync + 'static) -> Handler {
+    Arc::new(move |words: &[&str]| match words {
+        ["status"] => status(),
+        other => unknown(other, "status"),
+    })
+}
+
+/// The answer to a command the daemon does not know.
+pub fn unknown(words: &[&str], known: &str) -> serde_json::Value {
+    serde_json::json!({
+        "error": format!("unknown command {:?}; this daemon knows: {known}", words.join(" ")),
+        "code": "usage",
+    })
+}
 
 pub fn default_path(state_dir: &Path) -> PathBuf {
     state_dir.join("control.sock")
 }
 
 /// Answer on `listener` on a thread of its own.
-pub fn serve(listener: UnixListener, status: StatusFn) -> io::Result<()> {
+pub fn serve(listener: UnixListener, handler: Handler) -> io::Result<()> {
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                let status = status.clone();
+                let handler = handler.clone();
                 let _ = std::thread::Builder::new()
                     .name("control-conn".into())
                     .spawn(move || {
-                        if let Err(e) = answer(stream, &status) {
+                        if let Err(e) = answer(stream, &handler) {
                             tracing::debug!("control client: {e}");
                         }
                     });
@@ -32,16 +52,13 @@ pub fn serve(listener: UnixListener, status: StatusFn) -> io::Result<()> {
     Ok(())
 }
 
-fn answer(stream: UnixStream, status: &StatusFn) -> io::Result<()> {
+fn answer(stream: UnixStream, handler: &Handler) -> io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut w = stream.try_clone()?;
     for line in BufReader::new(stream).lines() {
-        let reply = match line?.trim() {
-            "status" => status(),
-            other => {
-                serde_json::json!({ "error": format!("unknown command {other:?}; try: status") })
-            }
-        };
+        let line = line?;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let reply = handler(&words);
         serde_json::to_writer(&mut w, &reply)?;
         w.write_all(b"\n")?;
     }
@@ -61,6 +78,11 @@ pub enum QueryError {
 
 /// Ask a daemon for its status.
 pub fn query(path: &Path) -> Result<serde_json::Value, QueryError> {
+    request(path, "status")
+}
+
+/// Send one command to a daemon; its JSON answer.
+pub fn request(path: &Path, command: &str) -> Result<serde_json::Value, QueryError> {
     let failed = |source: io::Error| {
         use io::ErrorKind::*;
         let path = path.to_path_buf();
@@ -75,7 +97,8 @@ pub fn query(path: &Path) -> Result<serde_json::Value, QueryError> {
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(failed)?;
     let mut w = s.try_clone().map_err(failed)?;
-    w.write_all(b"status\n").map_err(failed)?;
+    w.write_all(format!("{command}\n").as_bytes())
+        .map_err(failed)?;
     let mut line = String::new();
     if BufReader::new(s).read_line(&mut line).map_err(failed)? == 0 {
         return Err(failed(io::Error::new(

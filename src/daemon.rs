@@ -3,7 +3,7 @@
 //! Nothing here knows about primaries or mirrors: a process may later change role without a
 //! restart, and keeps all of this across the change.
 
-use crate::control::{self, StatusFn};
+use crate::control::{self, Handler};
 use nix::sys::signal::{SigSet, Signal};
 use std::fs::{File, TryLockError};
 use std::io;
@@ -152,9 +152,9 @@ pub fn bind_unix(path: &Path) -> Result<(UnixListener, SocketFile), DaemonError>
 }
 
 /// Serve the control socket at `path` (see [`control`]) until the returned guard drops.
-pub fn serve_control(path: &Path, status: StatusFn) -> Result<SocketFile, DaemonError> {
+pub fn serve_control(path: &Path, handler: Handler) -> Result<SocketFile, DaemonError> {
     let (listener, file) = bind_unix(path)?;
-    control::serve(listener, status).map_err(|source| DaemonError::Listen {
+    control::serve(listener, handler).map_err(|source| DaemonError::Listen {
         what: path.display().to_string(),
         source,
     })?;

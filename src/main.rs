@@ -109,6 +109,31 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// On the primary: accept a volume's disk as it is now, after it was replaced or changed
+    /// while the daemon was stopped (replication of it stops until then). The mirror is then
+    /// brought to it by a comparison. Answers "already" when there is nothing to accept.
+    AcceptVolume {
+        /// The primary's control socket (STATE_DIR/control.sock).
+        #[arg(long)]
+        control: PathBuf,
+        /// The volume's name.
+        #[arg(long)]
+        volume: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// On the primary: try to reach the mirror again now (after a refusal for good, which
+    /// otherwise is retried only every 10 minutes, or while backing off).
+    Retry {
+        /// The primary's control socket (STATE_DIR/control.sock).
+        #[arg(long)]
+        control: PathBuf,
+        /// Only this volume (default: all).
+        #[arg(long)]
+        volume: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage the replication CA and peer certificates (init, issue).
     #[command(subcommand)]
     Certs(blkmirror::certs::CertsCommand),
@@ -287,6 +312,37 @@ impl From<DaemonError> for Failure {
     }
 }
 
+/// An admin command on a daemon's control socket: its answer printed (the message, or the
+/// JSON), its error mapped to an exit code.
+fn admin(control: &std::path::Path, command: &str, json: bool) -> Result<(), Failure> {
+    let word = command
+        .split_whitespace()
+        .next()
+        .unwrap_or(command)
+        .to_string();
+    let v = blkmirror::control::request(control, command)
+        .map_err(|e| Failure::new(e.exit_code(), format!("{word}: {e}")))?;
+    if json {
+        println!("{v}");
+    }
+    if let Some(err) = v["error"].as_str() {
+        let code = match v["code"].as_str() {
+            Some("usage") => Exit::Usage,
+            Some("io") => Exit::Io,
+            Some("refused") => Exit::Refused,
+            _ => Exit::Internal,
+        };
+        return Err(Failure::new(code, format!("{word}: {err}")));
+    }
+    if !json {
+        match v["message"].as_str() {
+            Some(m) => println!("{m}"),
+            None => println!("{}", v["result"].as_str().unwrap_or("ok")),
+        }
+    }
+    Ok(())
+}
+
 fn run(command: Command) -> Result<Exit, Failure> {
     match command {
         Command::Primary {
@@ -394,6 +450,22 @@ fn run(command: Command) -> Result<Exit, Failure> {
                 eprintln!("blkmirror: not replicating: {}", list.join(", "));
                 return Ok(Exit::Degraded);
             }
+        }
+        Command::AcceptVolume {
+            control,
+            volume,
+            json,
+        } => admin(&control, &format!("accept-volume {volume}"), json)?,
+        Command::Retry {
+            control,
+            volume,
+            json,
+        } => {
+            let cmd = match volume {
+                Some(v) => format!("retry {v}"),
+                None => "retry".into(),
+            };
+            admin(&control, &cmd, json)?
         }
         Command::Certs(cmd) => {
             blkmirror::certs::run(cmd).map_err(|e| Failure::new(e.exit_code(), e))?

@@ -7,7 +7,6 @@ use crate::disk::spec::VolumeSpec;
 use crate::repl::mirror::Mirror;
 use crate::transport::{Identity, TlsFiles, Tuning};
 use std::path::PathBuf;
-use std::sync::Arc;
 
 pub struct MirrorOptions {
     pub listen: String,
@@ -70,7 +69,7 @@ pub fn run(opts: MirrorOptions) -> Result<(), DaemonError> {
     let m = mirror.clone();
     let control_socket = daemon::serve_control(
         &control,
-        Arc::new(move || {
+        control::status_only(move || {
             let vols: Vec<_> = m.volumes.iter().map(|v| v.status()).collect();
             serde_json::json!({ "role": "mirror", "volumes": vols })
         }),

@@ -185,7 +185,13 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
     let shipping_for_close = shipping.clone();
     let control_socket = daemon::serve_control(
         &control,
-        Arc::new(move || primary_status(&volumes_for_status, &shipping)),
+        Arc::new(move |words: &[&str]| match words {
+            ["status"] => primary_status(&volumes_for_status, &shipping),
+            ["accept-volume", name] => accept_volume(&shipping, name),
+            ["retry"] => retry(&shipping, None),
+            ["retry", name] => retry(&shipping, Some(name)),
+            other => control::unknown(other, "status, accept-volume NAME, retry [NAME]"),
+        }),
     )?;
     let server = Server::new(exports, opts.nbd_limits);
     let (unix, nbd_socket) = daemon::bind_unix(&opts.nbd_unix)?;
@@ -229,6 +235,70 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
         }
     }
     Ok(())
+}
+
+/// `accept-volume NAME`: the admin says the volume's disk as it is now is the volume (after a
+/// replacement, or a change made while the daemon was stopped). A new generation with a
+/// break starts; the mirror is brought to it by a comparison.
+fn accept_volume(shipping: &[Shipping], name: &str) -> serde_json::Value {
+    let Some(v) = shipping.iter().find(|v| v.name == name) else {
+        return serde_json::json!({
+            "error": format!("no replicated volume named {name:?}"),
+            "code": "usage",
+        });
+    };
+    let disk = match v.storage.fingerprint() {
+        Ok(d) => d,
+        Err(e) => {
+            return serde_json::json!({ "error": format!("cannot read the disk: {e}"), "code": "io" })
+        }
+    };
+    let next = v.journal.last_seq() + 1;
+    let mut accepted = false;
+    let saved = v.record.update(|st| {
+        accepted = st.accept_volume(&disk, next, GenId::random());
+    });
+    match saved {
+        Err(e) => serde_json::json!({
+            "error": format!("cannot save the volume's state: {e}"),
+            "code": "io",
+        }),
+        Ok(()) if !accepted => serde_json::json!({
+            "ok": true,
+            "result": "already",
+            "message": format!("volume {name}: its disk is the one its state describes: nothing to accept"),
+        }),
+        Ok(()) => {
+            tracing::warn!(volume = %name, disk = %disk.describe(),
+                "the admin accepted the volume's disk: the mirror will be compared with it");
+            v.record.retry.notify_one();
+            serde_json::json!({
+                "ok": true,
+                "result": "accepted",
+                "message": format!(
+                    "volume {name}: {} accepted; the mirror is brought to it by a comparison \
+                     (only differing chunks are sent)",
+                    disk.describe()
+                ),
+            })
+        }
+    }
+}
+
+/// `retry [NAME]`: try again now, after a refusal or while backing off.
+fn retry(shipping: &[Shipping], name: Option<&str>) -> serde_json::Value {
+    let mut woken = Vec::new();
+    for v in shipping.iter().filter(|v| name.is_none_or(|n| n == v.name)) {
+        v.record.retry.notify_one();
+        woken.push(v.name.clone());
+    }
+    if woken.is_empty() {
+        return serde_json::json!({
+            "error": format!("no replicated volume named {:?}", name.unwrap_or("")),
+            "code": "usage",
+        });
+    }
+    serde_json::json!({ "ok": true, "result": "retrying", "volumes": woken })
 }
 
 /// A replicated volume, as the daemon keeps it.
