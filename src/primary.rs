@@ -15,6 +15,7 @@ use crate::repl::core::ReplState;
 use crate::repl::identity::GenId;
 use crate::repl::shipper::{ShipStats, Shipper, VolumeRecord};
 use crate::transport::{Identity, TlsFiles, Tuning};
+use crate::volume::Volume;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -56,9 +57,10 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
         return Err(DaemonError::NoVolumes);
     }
     let _lock = daemon::lock_state_dir(&opts.state_dir)?;
-    let mut exports = Vec::new();
+    // Each volume's disk, then (replicated) its journal and state, then its write path.
+    let mut opened: Vec<(ExportInfo, Arc<dyn Storage>)> = Vec::new();
     for spec in &opts.volumes {
-        if exports.iter().any(|e: &Export| e.info.name == spec.name) {
+        if opened.iter().any(|(info, _)| info.name == spec.name) {
             return Err(DaemonError::DuplicateName(spec.name.clone()));
         }
         let file = FileStorage::open(spec, IoMode::Direct)?;
@@ -75,18 +77,27 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
             tracing::warn!(volume = %spec.name, rules = ?opts.faults, "fault injection is ON (test only)");
             Arc::new(Faulty::new(file, rules.map_err(DaemonError::Fault)?))
         };
-        exports.push(Export {
-            info: ExportInfo {
+        opened.push((
+            ExportInfo {
                 name: spec.name.clone(),
                 size: storage.size(),
                 read_only: spec.read_only,
                 description: format!("blkmirror volume {}", spec.name),
             },
             storage,
-            journal: None,
-            locks: Arc::new(crate::disk::ranges::RangeLocks::new()),
-        });
+        ));
     }
+    let mut volumes: Vec<Arc<Volume>> = opened
+        .iter()
+        .map(|(info, storage)| {
+            Arc::new(Volume {
+                name: info.name.clone(),
+                storage: storage.clone(),
+                journal: None,
+                locks: Arc::new(crate::disk::ranges::RangeLocks::new()),
+            })
+        })
+        .collect();
     let control = opts
         .control
         .clone()
@@ -116,7 +127,7 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
         };
         quic_endpoint = Some(endpoint.clone());
         let fs = crate::env::os();
-        for (spec, export) in opts.volumes.iter().zip(exports.iter_mut()) {
+        for (spec, volume) in opts.volumes.iter().zip(volumes.iter_mut()) {
             let dir = opts.state_dir.join("journal").join(&spec.name);
             let journal = Arc::new(Journal::open(JournalOptions::new(
                 fs.clone(),
@@ -128,8 +139,12 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
                 &opts.state_dir,
                 &spec.name,
                 &journal,
-                &*export.storage,
+                &*volume.storage,
             )?);
+            *volume = Arc::new(Volume {
+                journal: Some(journal.clone()),
+                ..Volume::clone_parts(volume)
+            });
             let stats = Arc::new(ShipStats::default());
             stats
                 .corrupt_next
@@ -137,11 +152,8 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
             let shipper = Arc::new(Shipper {
                 volume: spec.name.clone(),
                 journal: journal.clone(),
-                storage: export.storage.clone(),
-                reader: Arc::new(crate::volume::LockedReader {
-                    storage: export.storage.clone(),
-                    locks: export.locks.clone(),
-                }),
+                storage: volume.storage.clone(),
+                reader: Arc::new(volume.reader()),
                 endpoint: endpoint.clone(),
                 mirror,
                 identity: identity.clone(),
@@ -162,13 +174,12 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
                 },
             });
             runtime.spawn(shipper.run());
-            export.journal = Some(journal.clone());
             shipping.push(Shipping {
                 name: spec.name.clone(),
                 journal,
                 stats,
                 record,
-                storage: export.storage.clone(),
+                storage: volume.storage.clone(),
             });
         }
         tracing::info!(mirror = %mirror, peer = %repl.tls.peer_name, volumes = shipping.len(), "replicating");
@@ -193,6 +204,11 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
             other => control::unknown(other, "status, accept-volume NAME, retry [NAME]"),
         }),
     )?;
+    let exports = opened
+        .into_iter()
+        .zip(volumes)
+        .map(|((info, _), volume)| Export { info, volume })
+        .collect();
     let server = Server::new(exports, opts.nbd_limits);
     let (unix, nbd_socket) = daemon::bind_unix(&opts.nbd_unix)?;
     server.spawn_unix(unix)?;

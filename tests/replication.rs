@@ -1664,3 +1664,55 @@ fn status_exits_6_until_volumes_replicate() {
     }
     rig.stop_both();
 }
+
+// ------------------------------------------------------------------------------------------
+// 9. Writes that wait for journal space are woken when the mirror frees it (no polling).
+// ------------------------------------------------------------------------------------------
+
+/// libnbd: write `count` MiB over the volume (wrapping), each MiB stamped with its number, then
+/// flush; prints "done".
+const NBD_FILL_WRAPPING: &str = r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+count = int(sys.argv[2])
+size = h.get_size()
+buf = bytearray(1 << 20)
+for i in range(count):
+    buf[0:8] = i.to_bytes(8, "little")
+    h.pwrite(bytes(buf), (i << 20) % size)
+h.flush()
+print("done")
+"#;
+
+/// The mirror is away and the clients write more than the journal holds: writes wait (the
+/// journal says full) without failing; once the mirror is back, its acknowledgements free
+/// space and the waiting writes go on by themselves, and the mirror ends byte-identical.
+#[test]
+fn writes_waiting_for_journal_space_resume_when_the_mirror_returns() {
+    let mut rig = Rig::new(RigOptions {
+        primary_extra: vec!["--journal-size".into(), "128M".into()],
+        ..Default::default()
+    });
+    rig.primary.start();
+    rig.wait_consistent();
+    assert!(rig.mirror.stop().is_some_and(|s| s.success()));
+    let mut c = Command::new("/usr/bin/python3");
+    c.args(["-c", NBD_FILL_WRAPPING, &rig.uri(), "200"]);
+    let mut writer = Bg::spawn("a 200 MiB writer", c, &rig.dir().join("fill.out"));
+    rig.wait("the journal full, writes waiting", LONG, |_, p| {
+        p["journal_full"] == true
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        writer.is_running(),
+        "the writer should wait: {}",
+        writer.output()
+    );
+    rig.mirror.start();
+    writer.wait_success();
+    assert!(writer.output().contains("done"));
+    let (_, p) = rig.wait_synced();
+    assert_eq!(p["journal_full"], false, "{p}");
+    rig.finish_and_compare();
+}

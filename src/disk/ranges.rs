@@ -6,11 +6,14 @@
 //! (the connection thread must keep reaping completions): `try_lock` says no and the caller
 //! retries later.
 
-use std::sync::Mutex;
+use crate::wake::{Waiters, Wake};
+use std::sync::{Arc, Mutex};
 
 #[derive(Default)]
 pub struct RangeLocks {
     held: Mutex<Vec<(u64, u64, u64)>>, // (start, end, id)
+    /// Holders-to-be waiting for a range: woken at every unlock, they try again.
+    waiters: Waiters,
 }
 
 /// Proof of a held range; give it back with `unlock`.
@@ -34,11 +37,32 @@ impl RangeLocks {
         Some(RangeGuard { id })
     }
 
-    pub fn unlock(&self, guard: RangeGuard) {
+    /// [`RangeLocks::try_lock`]; when the range is held, `waker` is woken at the next unlock
+    /// (registered under the same lock as the check, so no wake-up is lost).
+    pub fn try_lock_or_wait(
+        &self,
+        start: u64,
+        end: u64,
+        id: u64,
+        waker: &Arc<dyn Wake>,
+    ) -> Option<RangeGuard> {
         let mut held = self.held.lock().unwrap();
-        if let Some(i) = held.iter().position(|&(_, _, id)| id == guard.id) {
-            held.swap_remove(i);
+        if held.iter().any(|&(s, e, _)| s < end && start < e) {
+            self.waiters.register(waker);
+            return None;
         }
+        held.push((start, end, id));
+        Some(RangeGuard { id })
+    }
+
+    pub fn unlock(&self, guard: RangeGuard) {
+        {
+            let mut held = self.held.lock().unwrap();
+            if let Some(i) = held.iter().position(|&(_, _, id)| id == guard.id) {
+                held.swap_remove(i);
+            }
+        }
+        self.waiters.wake_all();
     }
 
     pub fn held(&self) -> usize {

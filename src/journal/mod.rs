@@ -408,6 +408,18 @@ impl Journal {
     /// again when woken. Never blocks. (Overlapping writes never reach here together: the
     /// volume's range locks order them, so journal order is disk order.)
     pub fn begin(&self, offset: u64, len: u32, carries_data: bool) -> io::Result<Option<Intent>> {
+        self.begin_or_wait(offset, len, carries_data, None)
+    }
+
+    /// [`Journal::begin`]; when it says "not now", `waker` is woken once space may have freed
+    /// (registered under the same lock as the check, so no wake-up is lost).
+    pub fn begin_or_wait(
+        &self,
+        offset: u64,
+        len: u32,
+        carries_data: bool,
+        waker: Option<&Arc<dyn Wake>>,
+    ) -> io::Result<Option<Intent>> {
         let data = if carries_data { u64::from(len) } else { 0 };
         let need = 2 * HEADER_LEN as u64 + data;
         let mut g = self.inner.lock().unwrap();
@@ -418,6 +430,9 @@ impl Journal {
             && !g.segments.is_empty()
             && data > 0
         {
+            if let Some(w) = waker {
+                self.space.register(w);
+            }
             if !g.waiting_for_space {
                 g.waiting_for_space = true;
                 g.full_episodes += 1;

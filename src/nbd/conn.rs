@@ -12,10 +12,11 @@ use super::server::Export;
 use super::transmission::{self as tx, Command, NbdErrno, Rejection, RequestHeader, Session};
 use super::wire::*;
 use crate::disk::buf::{AlignedBuf, PooledBuf, SharedPool};
-use crate::disk::ranges::{aligned_span, RangeGuard, RangeLocks};
+use crate::disk::ranges::aligned_span;
 use crate::disk::{DiskOp, Prepared, Storage};
 use crate::extent::Payload;
-use crate::journal::{Intent, Journal};
+use crate::volume::{Change, Ended, Volume};
+use crate::wake::Wake;
 use io_uring::{opcode, types, IoUring};
 use std::collections::VecDeque;
 use std::io;
@@ -30,6 +31,8 @@ const RX_BUF: usize = 256 << 10;
 const MAX_IOV: usize = 64;
 const TOKEN_SOCK_READ: u64 = u64::MAX;
 const TOKEN_SOCK_WRITE: u64 = u64::MAX - 1;
+/// The read of the connection's eventfd: a parked op may go now.
+const TOKEN_WAKE: u64 = u64::MAX - 2;
 /// Reads are scanned for zero runs of this size, answered with OFFSET_HOLE.
 const HOLE_GRANULE: usize = 4096;
 
@@ -65,15 +68,13 @@ struct Op {
     /// Bytes transferred so far (reads and writes may complete short).
     done: u32,
     stage: Stage,
-    /// The journal's record of this write, taken before the disk sees it.
-    intent: Option<Intent>,
+    /// The change admitted to the volume (blocks locked, journal intent recorded).
+    change: Option<Change>,
     /// A TRIM the disk could not perform: the range kept its old content.
     trim_noop: bool,
     /// The request's range widened to whole blocks of the storage's alignment: what is read
     /// from disk, written to disk, and locked.
     span: (u64, u64),
-    /// The lock on `span` a change holds while in flight.
-    guard: Option<RangeGuard>,
     /// An unaligned write's span: old edge blocks with the new bytes copied in between.
     bounce: Option<PooledBuf>,
 }
@@ -114,13 +115,34 @@ impl Seg {
     }
 }
 
+/// Wakes a connection's ring from any thread: an eventfd whose read the ring has in flight
+/// while ops are parked.
+struct EventWaker {
+    fd: OwnedFd,
+}
+
+impl EventWaker {
+    fn new() -> io::Result<EventWaker> {
+        let efd = nix::sys::eventfd::EventFd::from_flags(
+            nix::sys::eventfd::EfdFlags::EFD_CLOEXEC | nix::sys::eventfd::EfdFlags::EFD_NONBLOCK,
+        )?;
+        Ok(EventWaker { fd: efd.into() })
+    }
+}
+
+impl Wake for EventWaker {
+    fn wake(&self) {
+        // A full counter (never, in practice) still leaves the ring woken.
+        let _ = nix::unistd::write(&self.fd, &1u64.to_ne_bytes());
+    }
+}
+
 pub struct Conn {
     id: u64,
     export: String,
     storage: Arc<dyn Storage>,
-    journal: Option<Arc<Journal>>,
-    /// The volume's in-flight changes, shared with its other connections.
-    locks: Arc<RangeLocks>,
+    /// The write path: range locks and the journal, shared with the volume's other connections.
+    volume: Arc<Volume>,
     align: u64,
     session: Session,
     sock: OwnedFd,
@@ -150,8 +172,13 @@ pub struct Conn {
     dead: bool,
     zeroes: Rc<PooledBuf>,
     cqes: Vec<(u64, i32)>,
-    /// Ops the journal told to wait (see `Journal::begin`), retried every turn of the loop.
+    /// Ops the volume told to wait (a busy range, a full journal), retried when woken.
     parked: VecDeque<usize>,
+    /// Woken (an eventfd) by whoever frees what a parked op waits for.
+    waker: Arc<EventWaker>,
+    /// A read of the eventfd is in flight, into this buffer.
+    wake_armed: bool,
+    wake_buf: Box<[u8; 8]>,
     stats: ConnStats,
 }
 
@@ -163,7 +190,7 @@ impl Conn {
         sock: OwnedFd,
         leftover: &[u8],
     ) -> io::Result<Conn> {
-        let storage = export.storage.clone();
+        let storage = export.volume.storage.clone();
         let session = Session {
             size: storage.size(),
             read_only: storage.read_only(),
@@ -177,8 +204,7 @@ impl Conn {
             export: export.info.name.clone(),
             align: storage.alignment(),
             storage,
-            journal: export.journal.clone(),
-            locks: export.locks.clone(),
+            volume: export.volume.clone(),
             session,
             sock,
             ring: IoUring::new(RING_ENTRIES)?,
@@ -203,6 +229,9 @@ impl Conn {
             zeroes: Rc::new(AlignedBuf::zeroed(1 << 20).into()),
             cqes: Vec::with_capacity(RING_ENTRIES as usize),
             parked: VecDeque::new(),
+            waker: Arc::new(EventWaker::new()?),
+            wake_armed: false,
+            wake_buf: Box::new([0; 8]),
             stats: ConnStats::default(),
         })
     }
@@ -222,24 +251,23 @@ impl Conn {
             let talking =
                 !self.dead && (self.read_inflight || self.write_inflight || !self.out.is_empty());
             if self.live_ops == 0 && !talking && !self.read_inflight && !self.write_inflight {
+                if self.wake_armed {
+                    // The ring must be quiet before it goes: end the eventfd read.
+                    self.waker.wake();
+                    let _ = self.ring.submit_and_wait(1);
+                    self.ring.completion().for_each(drop);
+                }
                 break;
             }
             for _ in 0..self.parked.len() {
                 let slot = self.parked.pop_front().expect("counted");
                 self.start_disk(slot);
             }
-            let waited = if self.parked.is_empty() {
-                self.ring.submit_and_wait(1)
-            } else {
-                // Parked ops may be freed by another connection: do not sleep for long.
-                let ts = types::Timespec::new().nsec(500_000);
-                let args = types::SubmitArgs::new().timespec(&ts);
-                match self.ring.submitter().submit_with_args(1, &args) {
-                    Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(0),
-                    r => r,
-                }
-            };
-            match waited {
+            // Parked ops wait for another connection or the mirror: the eventfd wakes the ring.
+            if !self.parked.is_empty() && !self.wake_armed {
+                self.submit_wake_read();
+            }
+            match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
@@ -253,6 +281,7 @@ impl Conn {
                 match token {
                     TOKEN_SOCK_READ => self.on_sock_read(res),
                     TOKEN_SOCK_WRITE => self.on_sock_write(res),
+                    TOKEN_WAKE => self.wake_armed = false,
                     slot => self.on_disk_done(slot as usize, res),
                 }
             }
@@ -466,10 +495,9 @@ impl Conn {
             buf,
             done: 0,
             stage: Stage::Main,
-            intent: None,
+            change: None,
             trim_noop: false,
             span,
-            guard: None,
             bounce: None,
         });
         if let Command::Write { .. } = cmd {
@@ -551,37 +579,25 @@ impl Conn {
             op.cmd,
             Command::Write { .. } | Command::Trim { .. } | Command::WriteZeroes { .. }
         );
-        if changes && op.guard.is_none() {
-            // Changes sharing a block go one at a time (read-modify-write safety, and journal
-            // order equal to disk order); a conflict parks the op, never blocks the thread.
-            match self
-                .locks
-                .try_lock(op.span.0, op.span.1, (self.id << 16) | slot as u64)
-            {
-                Some(g) => op.guard = Some(g),
-                None => {
-                    self.parked.push_back(slot);
-                    return;
-                }
-            }
-        }
         if let (
-            Some(j),
+            true,
             None,
             Command::Write { offset, len, .. }
             | Command::Trim { offset, len, .. }
             | Command::WriteZeroes { offset, len, .. },
-        ) = (&self.journal, op.intent, op.cmd)
+        ) = (changes, &op.change, op.cmd)
         {
-            // The journal hears of every change before the disk does: a crash in between
-            // leaves an intent that makes the range be re-read and shipped again.
-            match j.begin(offset, len, matches!(op.cmd, Command::Write { .. })) {
-                Ok(Some(i)) => op.intent = Some(i),
+            // Locked and announced before the disk sees it (`volume`); "not now" parks the
+            // op, never blocks the thread, and the eventfd says when to try again.
+            let waker: Arc<dyn Wake> = self.waker.clone();
+            let holder = (self.id << 16) | slot as u64;
+            let data = matches!(op.cmd, Command::Write { .. });
+            match self
+                .volume
+                .admit(offset, len, data, op.span, holder, &waker)
+            {
+                Ok(Some(c)) => op.change = Some(c),
                 Ok(None) => {
-                    // Journal full: let others have the range meanwhile, try again later.
-                    if let Some(g) = op.guard.take() {
-                        self.locks.unlock(g);
-                    }
                     self.parked.push_back(slot);
                     return;
                 }
@@ -805,52 +821,45 @@ impl Conn {
         }
     }
 
-    /// Tell the journal how a change ended, and make it durable when the client asked.
-    /// Runs after the local disk completed and before the reply: journal order is
-    /// completion order.
+    /// Tell the volume how the op ended (after the local disk completed, before the reply:
+    /// journal order is completion order): a change's outcome, or a FLUSH's journal sync.
     /// `written` is a successful write's data.
-    fn journal_outcome(
+    fn record_outcome(
         &self,
-        op: &Op,
+        op: &mut Op,
         ok: bool,
         written: Option<bytes::Bytes>,
     ) -> Result<(), (NbdErrno, String)> {
-        let Some(j) = &self.journal else {
+        if let (Command::Flush, true) = (op.cmd, ok) {
+            return self
+                .volume
+                .flush()
+                .map_err(|e| (NbdErrno::Io, format!("journal sync: {e}")));
+        }
+        let Some(change) = op.change.take() else {
             return Ok(());
         };
-        let sync_err = |e: io::Error| (NbdErrno::Io, format!("journal sync: {e}"));
-        let (offset, payload, fua) = match op.cmd {
-            Command::Flush if ok => return j.sync().map_err(sync_err),
-            Command::Write { offset, fua, .. } => (offset, written.map(Payload::Data), fua),
-            Command::WriteZeroes {
-                offset, len, fua, ..
-            } => (offset, Some(Payload::Zero(len)), fua),
+        let (ended, fua) = match op.cmd {
+            Command::Write { fua, .. } => (written.map(Payload::Data), fua),
+            Command::WriteZeroes { len, fua, .. } => (Some(Payload::Zero(len)), fua),
             // A trim that did not deallocate, or a device whose discarded blocks read back
             // as anything: ship what the disk now holds, not what we hope it holds.
-            Command::Trim { offset, len, fua }
+            Command::Trim { len, fua, .. }
                 if !op.trim_noop && self.storage.discard_reads_zero() =>
             {
-                (offset, Some(Payload::Zero(len)), fua)
+                (Some(Payload::Zero(len)), fua)
             }
-            Command::Trim { offset, fua, .. } => (offset, None, fua),
-            _ => return Ok(()),
+            Command::Trim { fua, .. } => (None, fua),
+            _ => (None, false),
         };
-        let Some(intent) = op.intent else {
-            return Ok(());
+        let ended = match ended {
+            Some(p) if ok => Ended::Done(p),
+            _ => Ended::Unknown,
         };
-        match payload {
-            Some(p) if ok => {
-                if let Err(e) = j.complete(intent, offset, p) {
-                    tracing::error!(conn = self.id, export = %self.export, "journal: cannot record a completed write: {e}");
-                    return Err((NbdErrno::Io, format!("journal: {e}")));
-                }
-            }
-            _ => j.fail(intent),
-        }
-        if ok && fua {
-            j.sync().map_err(sync_err)?;
-        }
-        Ok(())
+        self.volume.finish(change, ended, ok && fua).map_err(|e| {
+            tracing::error!(conn = self.id, export = %self.export, "journal: cannot record a completed write: {e}");
+            (NbdErrno::Io, format!("journal: {e}"))
+        })
     }
 
     /// Queue the reply for a finished op and free its slot.
@@ -862,7 +871,9 @@ impl Conn {
         let written = {
             let op = self.ops[slot].as_mut().expect("live op");
             match (&op.cmd, &op.buf) {
-                (Command::Write { .. }, Some(b)) if result.is_ok() && self.journal.is_some() => {
+                (Command::Write { .. }, Some(b))
+                    if result.is_ok() && self.volume.journal.is_some() =>
+                {
                     if b.len() >= HAND_OVER_MIN {
                         let b = op.buf.take().expect("just seen");
                         self.inflight_bytes -= b.len();
@@ -874,17 +885,11 @@ impl Conn {
                 _ => None,
             }
         };
-        let journaled = {
-            let op = self.ops[slot].as_ref().expect("live op");
-            self.journal_outcome(op, result.is_ok(), written)
-        };
-        let result = result.and(journaled);
         let mut op = self.ops[slot].take().expect("live op");
+        let recorded = self.record_outcome(&mut op, result.is_ok(), written);
+        let result = result.and(recorded);
         self.free_slots.push(slot);
         self.live_ops -= 1;
-        if let Some(g) = op.guard.take() {
-            self.locks.unlock(g);
-        }
         if let Some(b) = op.bounce.take() {
             self.release(b);
         }
@@ -959,6 +964,13 @@ impl Conn {
         if let Some(b) = op.buf {
             self.release(b);
         }
+    }
+
+    fn submit_wake_read(&mut self) {
+        let fd = types::Fd(self.waker.fd.as_raw_fd());
+        let ptr = self.wake_buf.as_mut_ptr();
+        self.push(opcode::Read::new(fd, ptr, 8).build().user_data(TOKEN_WAKE));
+        self.wake_armed = true;
     }
 
     fn submit_sock_write(&mut self) {

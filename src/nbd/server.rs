@@ -4,7 +4,6 @@
 
 use super::conn::Conn;
 use super::handshake::{self, ExportInfo, Negotiation, Outcome};
-use crate::disk::Storage;
 use std::io::{self, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
@@ -34,11 +33,8 @@ const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 pub struct Export {
     pub info: ExportInfo,
-    pub storage: Arc<dyn Storage>,
-    /// Present when the volume is replicated: every change is journaled before its reply.
-    pub journal: Option<Arc<crate::journal::Journal>>,
-    /// Block ranges of changes in flight, across all of the volume's connections.
-    pub locks: Arc<crate::disk::ranges::RangeLocks>,
+    /// Its disk, journal and range locks, shared by all of the volume's connections.
+    pub volume: Arc<crate::volume::Volume>,
 }
 
 pub struct Server {
