@@ -703,6 +703,7 @@ fn big_buffers(s: &UdpSocket) {
         (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
     ] {
         for opt in [force, plain] {
+            // SAFETY: an open socket, and a c_int option passed with its true size.
             let rc = unsafe {
                 libc::setsockopt(
                     s.as_raw_fd(),

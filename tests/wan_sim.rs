@@ -7,7 +7,6 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::process::{Command, Output};
 use std::sync::{Mutex, MutexGuard};
 use std::thread;
@@ -124,16 +123,10 @@ impl Drop for Sim {
 fn in_netns<T>(ns: &str, f: impl FnOnce() -> T) -> T {
     let home = File::open("/proc/thread-self/ns/net").unwrap();
     let target = File::open(format!("/run/netns/{ns}")).unwrap();
-    // SAFETY: setns on valid fds; this thread returns home before leaving.
-    assert_eq!(
-        unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) },
-        0
-    );
+    // This thread returns home before leaving, so no other code runs in `ns` by accident.
+    nix::sched::setns(&target, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter netns");
     let out = f();
-    assert_eq!(
-        unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) },
-        0
-    );
+    nix::sched::setns(&home, nix::sched::CloneFlags::CLONE_NEWNET).expect("leave netns");
     out
 }
 

@@ -7,7 +7,7 @@
 //! an 8 MiB redo batch is 33, from 2 MiB pages each is one or two. Sequential replication went from about 700 to 900 MiB/s
 //! (docs/TUNING.md, seventh session).
 
-use std::alloc::{alloc, alloc_zeroed, dealloc, Layout};
+use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
@@ -34,8 +34,10 @@ pub struct AlignedBuf {
     memory: Memory,
 }
 
-// The buffer owns its memory (or its piece of a shared mapping) exclusively.
+// SAFETY: the buffer owns its memory (or its piece of a shared mapping) exclusively, so it
+// may move to another thread.
 unsafe impl Send for AlignedBuf {}
+// SAFETY: shared references only read the bytes; writing needs `&mut`.
 unsafe impl Sync for AlignedBuf {}
 
 /// Anonymous memory of `bytes` (a multiple of [`HUGE`]) starting on a huge-page boundary,
@@ -57,15 +59,19 @@ fn capacity_for(len: usize) -> usize {
 
 impl AlignedBuf {
     /// A buffer of `len` bytes (capacity rounded up to a power of two, at least one page).
+    /// Its whole capacity starts zeroed, so every byte `Deref` may show is initialised; the
+    /// pool makes fresh allocations rare enough that the zeroing does not show in benchmarks.
     pub fn new(len: usize) -> Self {
-        Self::alloc(len, false)
+        Self::alloc(len)
     }
 
+    /// A buffer of `len` zero bytes (the same as [`AlignedBuf::new`], named for callers that
+    /// rely on the zeroes).
     pub fn zeroed(len: usize) -> Self {
-        Self::alloc(len, true)
+        Self::alloc(len)
     }
 
-    fn alloc(len: usize, zero: bool) -> Self {
+    fn alloc(len: usize) -> Self {
         let cap = capacity_for(len);
         if cap >= HUGE {
             // Fresh anonymous memory reads as zeroes.
@@ -80,13 +86,8 @@ impl AlignedBuf {
             };
         }
         let layout = Layout::from_size_align(cap, ALIGN).expect("buffer layout");
-        let raw = unsafe {
-            if zero {
-                alloc_zeroed(layout)
-            } else {
-                alloc(layout)
-            }
-        };
+        // SAFETY: the layout has a non-zero size (cap >= ALIGN) and a power-of-two alignment.
+        let raw = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
         AlignedBuf {
             ptr,
@@ -101,7 +102,8 @@ impl AlignedBuf {
         let (map, base) = huge_mapping(HUGE);
         let map = Arc::new(map);
         (0..HUGE / cap).map(move |i| AlignedBuf {
-            // In bounds: i * cap < HUGE, and the mapping holds HUGE bytes from `base`.
+            // SAFETY: in bounds (i * cap < HUGE, and the mapping holds HUGE bytes from `base`),
+            // so the pointer is non-null.
             ptr: unsafe { NonNull::new_unchecked(base.as_ptr().add(i * cap)) },
             cap,
             len: cap,
@@ -139,12 +141,15 @@ impl AlignedBuf {
 impl std::ops::Deref for AlignedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr` points at `cap >= len` bytes this buffer owns, all initialised (zeroed
+        // at allocation) and alive as long as `self`.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
 
 impl std::ops::DerefMut for AlignedBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `deref`, and `&mut self` makes this the only reference.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 }
@@ -152,6 +157,7 @@ impl std::ops::DerefMut for AlignedBuf {
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
         if let Memory::Heap = self.memory {
+            // SAFETY: heap buffers were allocated in `with_capacity` with this very layout.
             unsafe {
                 dealloc(
                     self.ptr.as_ptr(),

@@ -78,11 +78,15 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 fn dio_alignment(f: &File, block_device: bool) -> Option<(u64, usize)> {
     if block_device {
         let mut sector: libc::c_int = 0;
+        // SAFETY: BLKSSZGET writes one c_int through the pointer, which is valid for it.
         let ok = unsafe { libc::ioctl(f.as_raw_fd(), BLKSSZGET, &mut sector) } == 0;
         return (ok && sector > 0).then_some((sector as u64, sector as usize));
     }
+    // SAFETY: statx is a plain C struct of integers; all zeroes is a valid value.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     let empty = c"";
+    // SAFETY: an empty, NUL-terminated path with AT_EMPTY_PATH names the open descriptor;
+    // the kernel writes at most one statx into `stx`.
     let rc = unsafe {
         libc::statx(
             f.as_raw_fd(),
@@ -137,10 +141,11 @@ impl FileStorage {
         // A process killed with io_uring requests in flight keeps its files (and this lock) for
         // a moment while the kernel tears its ring down: give a just-dead owner LOCK_WAIT.
         let deadline = std::time::Instant::now() + LOCK_WAIT;
-        while unsafe { libc::flock(buffered.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                return Err(io_err(e));
+        loop {
+            match buffered.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) => {}
+                Err(std::fs::TryLockError::Error(e)) => return Err(io_err(e)),
             }
             if std::time::Instant::now() > deadline {
                 return Err(OpenError::Locked { name, path });
@@ -149,6 +154,7 @@ impl FileStorage {
         }
         let size = if block_device {
             let mut sz: u64 = 0;
+            // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid for it.
             if unsafe { libc::ioctl(buffered.as_raw_fd(), BLKGETSIZE64, &mut sz) } != 0 {
                 return Err(io_err(io::Error::last_os_error()));
             }
@@ -240,6 +246,7 @@ impl FileStorage {
             return -libc::EOPNOTSUPP;
         }
         let range: [u64; 2] = [offset, len as u64];
+        // SAFETY: BLKDISCARD and BLKZEROOUT read two u64 (start, length) from the pointer.
         if unsafe { libc::ioctl(self.file.as_raw_fd(), req, &range) } != 0 {
             return -io::Error::last_os_error()
                 .raw_os_error()
@@ -361,27 +368,27 @@ impl Storage for FileStorage {
         if self.block_device {
             return Ok(vec![(len, false)]);
         }
-        let fd = self.file.as_raw_fd();
         let seek = |pos: u64, whence| -> io::Result<Option<u64>> {
-            let r = unsafe { libc::lseek(fd, pos as libc::off_t, whence) };
-            if r >= 0 {
-                return Ok(Some(r as u64));
-            }
-            match io::Error::last_os_error() {
-                e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
-                e => Err(e),
+            match nix::unistd::lseek(&self.file, pos as libc::off_t, whence) {
+                Ok(r) => Ok(Some(r as u64)),
+                Err(nix::errno::Errno::ENXIO) => Ok(None),
+                Err(e) => Err(e.into()),
             }
         };
         let mut out = Vec::new();
         let mut pos = offset;
         while pos < end {
-            let data = seek(pos, libc::SEEK_DATA)?.unwrap_or(end).min(end);
+            let data = seek(pos, nix::unistd::Whence::SeekData)?
+                .unwrap_or(end)
+                .min(end);
             if data > pos {
                 out.push((data - pos, true));
                 pos = data;
                 continue;
             }
-            let hole = seek(pos, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+            let hole = seek(pos, nix::unistd::Whence::SeekHole)?
+                .unwrap_or(end)
+                .min(end);
             if hole <= pos {
                 // A file system that cannot tell: report data.
                 out.push((end - pos, false));

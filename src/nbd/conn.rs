@@ -320,7 +320,7 @@ impl Conn {
                 let op = self.ops[slot].as_mut().expect("payload slot");
                 let buf = op.buf.as_mut().expect("write buffer");
                 let done = op.done as usize;
-                let ptr = unsafe { buf.as_mut_ptr().add(done) };
+                let ptr = buf[done..].as_mut_ptr();
                 opcode::Read::new(fd, ptr, (buf.len() - done) as u32).build()
             }
             _ => {
@@ -332,7 +332,7 @@ impl Conn {
                     self.rx_end -= self.rx_start;
                     self.rx_start = 0;
                 }
-                let ptr = unsafe { self.rx.as_mut_ptr().add(self.rx_end) };
+                let ptr = self.rx[self.rx_end..].as_mut_ptr();
                 opcode::Read::new(fd, ptr, (self.rx.len() - self.rx_end) as u32).build()
             }
         };
@@ -628,7 +628,7 @@ impl Conn {
                 let b = op.bounce.as_mut().expect("bounce buffer");
                 DiskOp::Read {
                     offset: op.span.0 + done as u64,
-                    buf: unsafe { b.as_mut_ptr().add(done as usize) },
+                    buf: b[done as usize..].as_mut_ptr(),
                     len: align - done,
                 }
             }
@@ -637,7 +637,7 @@ impl Conn {
                 let at = b.len() - align as usize + done as usize;
                 DiskOp::Read {
                     offset: op.span.1 - align as u64 + done as u64,
-                    buf: unsafe { b.as_mut_ptr().add(at) },
+                    buf: b[at..].as_mut_ptr(),
                     len: align - done,
                 }
             }
@@ -655,7 +655,7 @@ impl Conn {
                 let buf = op.buf.as_mut().expect("read buffer");
                 DiskOp::Read {
                     offset: op.span.0 + done as u64,
-                    buf: unsafe { buf.as_mut_ptr().add(done as usize) },
+                    buf: buf[done as usize..].as_mut_ptr(),
                     len: buf.len() as u32 - done,
                 }
             }
@@ -666,7 +666,7 @@ impl Conn {
                 };
                 DiskOp::Write {
                     offset: at + done as u64,
-                    buf: unsafe { buf.as_ptr().add(done as usize) },
+                    buf: buf[done as usize..].as_ptr(),
                     len: buf.len() as u32 - done,
                     fua,
                 }
@@ -1031,6 +1031,6 @@ impl Conn {
         self.rx_closed = true;
         self.out.clear();
         // Wake a pending receive so the loop can end once the disk is quiet.
-        unsafe { libc::shutdown(self.sock.as_raw_fd(), libc::SHUT_RDWR) };
+        let _ = nix::sys::socket::shutdown(self.sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
     }
 }

@@ -307,6 +307,7 @@ pub fn zero_runs(data: &[u8], granule: usize) -> Vec<(usize, usize, bool)> {
 }
 
 fn is_zero(b: &[u8]) -> bool {
+    // SAFETY: every bit pattern is a valid u64.
     let (head, words, tail) = unsafe { b.align_to::<u64>() };
     head.iter().all(|&x| x == 0) && words.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
 }

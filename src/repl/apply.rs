@@ -364,6 +364,7 @@ impl Applier {
             Prepared::Done(r) if r < 0 => Err(io::Error::from_raw_os_error(-r)),
             Prepared::Done(_) => Ok(()),
             Prepared::Submit(e) => {
+                // SAFETY: a sync names no buffer; it is reaped before this returns.
                 unsafe {
                     while self
                         .ring
