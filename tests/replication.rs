@@ -696,27 +696,13 @@ struct Relay {
 }
 
 fn big_buffers(s: &UdpSocket) {
-    use std::os::fd::AsRawFd;
-    let v: libc::c_int = 8 << 20;
-    for (force, plain) in [
-        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
-        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
-    ] {
-        for opt in [force, plain] {
-            // SAFETY: an open socket, and a c_int option passed with its true size.
-            let rc = unsafe {
-                libc::setsockopt(
-                    s.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    opt,
-                    (&v as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if rc == 0 {
-                break;
-            }
-        }
+    use nix::sys::socket::{setsockopt, sockopt};
+    let v: usize = 8 << 20;
+    if setsockopt(s, sockopt::RcvBufForce, &v).is_err() {
+        let _ = setsockopt(s, sockopt::RcvBuf, &v);
+    }
+    if setsockopt(s, sockopt::SndBufForce, &v).is_err() {
+        let _ = setsockopt(s, sockopt::SndBuf, &v);
     }
 }
 

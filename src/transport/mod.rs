@@ -41,7 +41,6 @@ use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -558,22 +557,21 @@ impl Tuning {
 /// `net.core.wmem_max`; a warning says when the result is below the bandwidth-delay product.
 pub fn bind_udp(addr: SocketAddr, tuning: &Tuning) -> Result<UdpSocket, TransportError> {
     let socket = UdpSocket::bind(addr).map_err(|source| TransportError::Socket { addr, source })?;
-    let want = i32::try_from(tuning.socket_buffer_bytes()).unwrap_or(i32::MAX);
-    let fd = socket.as_raw_fd();
-    let mut got = [0i64; 2];
-    for (i, (force, plain)) in [
-        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
-        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        if setsockopt_int(fd, libc::SOL_SOCKET, force, want).is_err() {
-            let _ = setsockopt_int(fd, libc::SOL_SOCKET, plain, want);
-        }
-        // Linux reports twice the usable size (bookkeeping overhead included).
-        got[i] = getsockopt_int(fd, libc::SOL_SOCKET, plain).map_or(-1, |v| i64::from(v) / 2);
+    use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+    let want = usize::try_from(tuning.socket_buffer_bytes()).unwrap_or(usize::MAX);
+    let want = want.min(i32::MAX as usize);
+    // Linux reports twice the usable size (bookkeeping overhead included).
+    let usable = |v: nix::Result<usize>| v.map_or(-1, |v| v as i64 / 2);
+    if setsockopt(&socket, sockopt::RcvBufForce, &want).is_err() {
+        let _ = setsockopt(&socket, sockopt::RcvBuf, &want);
     }
+    if setsockopt(&socket, sockopt::SndBufForce, &want).is_err() {
+        let _ = setsockopt(&socket, sockopt::SndBuf, &want);
+    }
+    let got = [
+        usable(getsockopt(&socket, sockopt::RcvBuf)),
+        usable(getsockopt(&socket, sockopt::SndBuf)),
+    ];
     let local = socket.local_addr().unwrap_or(addr);
     tracing::debug!(%local, want, rcvbuf = got[0], sndbuf = got[1], "UDP socket buffers");
     let bdp = i64::try_from(tuning.bdp_bytes()).unwrap_or(i64::MAX);
@@ -587,37 +585,6 @@ pub fn bind_udp(addr: SocketAddr, tuning: &Tuning) -> Result<UdpSocket, Transpor
         );
     }
     Ok(socket)
-}
-
-fn setsockopt_int(fd: libc::c_int, level: i32, opt: i32, value: i32) -> std::io::Result<()> {
-    // SAFETY: `fd` is an open socket owned by the caller; the option value is a c_int whose
-    // address and size are passed correctly.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            opt,
-            (&value as *const i32).cast(),
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-fn getsockopt_int(fd: libc::c_int, level: i32, opt: i32) -> std::io::Result<i32> {
-    let mut value: i32 = 0;
-    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
-    // SAFETY: as above; `value` and `len` are valid for writes of the sizes given.
-    let rc = unsafe { libc::getsockopt(fd, level, opt, (&mut value as *mut i32).cast(), &mut len) };
-    if rc == 0 {
-        Ok(value)
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 fn endpoint(
@@ -732,8 +699,7 @@ fn client_endpoint_on_socket(
 }
 
 fn v6_only(socket: &UdpSocket) -> bool {
-    getsockopt_int(socket.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)
-        .map_or(true, |v| v != 0)
+    nix::sys::socket::getsockopt(socket, nix::sys::socket::sockopt::Ipv6V6Only).unwrap_or(true)
 }
 
 /// Connects to the server at `addr`, which must present a certificate from the configured CA
