@@ -346,9 +346,9 @@ fn teardown(names: &Names, verbose: bool) -> Result<(), Error> {
     let _ = request(names, &json!({"cmd": "shutdown"}));
     if let Some(pid) = pid.filter(|&p| is_our_daemon(p)) {
         if !wait_gone(pid, Duration::from_secs(2)) {
-            sys::kill(pid, libc::SIGTERM);
+            sys::kill(pid, nix::sys::signal::Signal::SIGTERM);
             if !wait_gone(pid, Duration::from_secs(2)) {
-                sys::kill(pid, libc::SIGKILL);
+                sys::kill(pid, nix::sys::signal::Signal::SIGKILL);
                 wait_gone(pid, Duration::from_secs(2));
             }
         }
@@ -364,7 +364,7 @@ fn teardown(names: &Names, verbose: bool) -> Result<(), Error> {
                 eprintln!("wan-sim: stopping processes left in {ns}: {pids:?}");
             }
             for &p in &pids {
-                sys::kill(p, libc::SIGTERM);
+                sys::kill(p, nix::sys::signal::Signal::SIGTERM);
             }
             let t = Instant::now();
             while pids.iter().any(|&p| sys::pid_alive(p)) && t.elapsed() < Duration::from_secs(2) {
@@ -372,7 +372,7 @@ fn teardown(names: &Names, verbose: bool) -> Result<(), Error> {
             }
             for &p in &pids {
                 if sys::pid_alive(p) {
-                    sys::kill(p, libc::SIGKILL);
+                    sys::kill(p, nix::sys::signal::Signal::SIGKILL);
                 }
             }
         }

@@ -103,8 +103,7 @@ fn send_echo(fd: &OwnedFd, to: Ipv4Addr, id: u16, seq: u16, size: usize) -> io::
 /// `timeout_ms` after the last one for stragglers.
 pub fn ping(ns: &str, to: Ipv4Addr, o: &PingOpts) -> io::Result<PingReport> {
     let fd = in_netns(ns, raw_icmp_socket)?;
-    // SAFETY: getpid cannot fail.
-    let id = (unsafe { libc::getpid() } as u32 ^ (now_ns() as u32 >> 7)) as u16;
+    let id = (std::process::id() ^ (now_ns() as u32 >> 7)) as u16;
     let count = o.count.clamp(1, 65535) as usize;
     let mut sent_at: Vec<u64> = Vec::with_capacity(count);
     let mut rtts: Vec<Option<f64>> = vec![None; count];

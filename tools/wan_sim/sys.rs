@@ -19,12 +19,7 @@ pub fn netns_exists(name: &str) -> bool {
 /// Moves the calling thread into the network namespace behind `ns` (a file opened from
 /// `/run/netns/NAME` or `/proc/self/ns/net`).
 pub fn setns_net(ns: &File) -> io::Result<()> {
-    // SAFETY: plain syscall on a valid fd.
-    let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
 }
 
 /// Runs `f` with the calling thread inside network namespace `name`, then returns to the
@@ -71,32 +66,26 @@ pub fn open_tun(name: &str) -> io::Result<File> {
 /// CLOCK_MONOTONIC in nanoseconds (vDSO: no syscall).
 #[inline]
 pub fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always there");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
 /// Makes the calling thread's timed sleeps wake within ~1 ns of slack instead of the default
 /// 50 µs, so that packets leave close to their due time.
 pub fn tight_timer_slack() {
-    // SAFETY: prctl with integer arguments.
-    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
+    let _ = nix::sys::prctl::set_timerslack(1);
 }
 
 /// Is `pid` alive (or a zombie)?
 pub fn pid_alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks existence and permission.
-    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+    // No signal: only checks existence and permission.
+    pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
 }
 
-pub fn kill(pid: i32, sig: libc::c_int) {
+pub fn kill(pid: i32, sig: nix::sys::signal::Signal) {
     if pid > 0 {
-        // SAFETY: plain syscall.
-        unsafe { libc::kill(pid, sig) };
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
     }
 }
 
