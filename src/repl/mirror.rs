@@ -8,11 +8,9 @@
 //! a session, so a session that is replaced or dropped never leaves a durable set unapplied.
 
 use super::apply::{self, Applier, ApplyTarget, VolumeState};
-use super::core::mirror::{Accepted, Durable, Failure, MirrorCore, Refusal};
+use super::core::mirror::{check_hello, Accepted, Durable, Failure, MirrorCore, Refusal};
 use super::core::primary::{chunk_sum, unix_ms};
-use super::frame::{
-    DeltaSet, Message, RefuseCode, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION, SUM_LEN,
-};
+use super::frame::{DeltaSet, Message, RefuseCode, SUM_LEN};
 use super::redo::RedoLog;
 use super::stream::{read_message, write_message, StreamError};
 use crate::disk::buf::{BlockBytes, SharedPool};
@@ -885,9 +883,7 @@ impl Mirror {
                 _,
             )))) => (version, volume, size),
             Ok(Ok(other)) => {
-                let what = other.map_or("nothing".to_string(), |(m, _)| {
-                    format!("{m:?}").chars().take(80).collect()
-                });
+                let what = describe(other.map(|(m, _)| m));
                 return refuse_and_close(
                     &conn,
                     &mut send,
@@ -919,41 +915,14 @@ impl Mirror {
             )
             .await;
         };
-        if size != vol.size {
-            return refuse_and_close(
-                &conn,
-                &mut send,
-                RefuseCode::SizeMismatch,
-                format!(
-                    "volume {volume}: primary has {size} bytes, mirror has {}",
-                    vol.size
-                ),
-            )
-            .await;
-        }
-        // An older primary sends no Identify: it is refused at once (it cannot say whose data
-        // it holds).
-        if version != PROTOCOL_VERSION {
-            let why = if (OLDEST_PROTOCOL_VERSION..PROTOCOL_VERSION).contains(&version) {
-                format!(
-                    "protocol version {version} has no volume identities; this mirror needs \
-                     version {PROTOCOL_VERSION}: upgrade the primary"
-                )
-            } else {
-                format!(
-                    "protocol version {version} unsupported (this mirror speaks \
-                     {PROTOCOL_VERSION})"
-                )
-            };
-            return refuse_and_close(&conn, &mut send, RefuseCode::Version, why).await;
+        if let Err((code, why)) = check_hello(version, &volume, size, vol.size) {
+            return refuse_and_close(&conn, &mut send, code, why).await;
         }
         let claim = {
             match read_message(&mut recv, &self.pool).await {
                 Ok(Some((Message::Identify(c), _))) => c,
                 Ok(other) => {
-                    let what = other.map_or("nothing".to_string(), |(m, _)| {
-                        format!("{m:?}").chars().take(80).collect()
-                    });
+                    let what = describe(other.map(|(m, _)| m));
                     return refuse_and_close(
                         &conn,
                         &mut send,
@@ -997,6 +966,13 @@ impl Mirror {
             old.abort();
         }
     }
+}
+
+/// A message that came instead of the one expected, for the refusal's text.
+fn describe(got: Option<Message>) -> String {
+    got.map_or("nothing".to_string(), |m| {
+        format!("{m:?}").chars().take(80).collect()
+    })
 }
 
 impl MirrorVolume {

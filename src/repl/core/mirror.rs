@@ -80,6 +80,32 @@ pub struct MirrorCore {
     pub bugs: super::PlantedBugs,
 }
 
+/// What a Hello must say before anything else is read: the protocol version this mirror
+/// speaks (an older primary sends no Identify: it cannot say whose data it holds) and the
+/// volume's size here. The driver checks it on arrival; [`MirrorCore::hello`] again.
+pub fn check_hello(version: u16, volume: &str, size: u64, here: u64) -> Result<(), Refusal> {
+    if version != PROTOCOL_VERSION {
+        let why = if (OLDEST_PROTOCOL_VERSION..PROTOCOL_VERSION).contains(&version) {
+            format!(
+                "protocol version {version} has no volume identities; this mirror needs \
+                 version {PROTOCOL_VERSION}: upgrade the primary"
+            )
+        } else {
+            format!(
+                "protocol version {version} unsupported (this mirror speaks {PROTOCOL_VERSION})"
+            )
+        };
+        return Err((RefuseCode::Version, why));
+    }
+    if size != here {
+        return Err((
+            RefuseCode::SizeMismatch,
+            format!("volume {volume}: primary has {size} bytes, mirror has {here}"),
+        ));
+    }
+    Ok(())
+}
+
 impl MirrorCore {
     /// Check the volume's disk, as found before the redo log was replayed, against what its
     /// state said of it then (`known`; the replay seals the state again):
@@ -200,35 +226,13 @@ impl MirrorCore {
         claim: &PrimaryClaim,
         new_uuid: impl FnOnce() -> VolumeUuid,
     ) -> Result<Accept, Refusal> {
-        if version != PROTOCOL_VERSION {
-            let why = if (OLDEST_PROTOCOL_VERSION..PROTOCOL_VERSION).contains(&version) {
-                format!(
-                    "protocol version {version} has no volume identities; this mirror needs \
-                     version {PROTOCOL_VERSION}: upgrade the primary"
-                )
-            } else {
-                format!(
-                    "protocol version {version} unsupported (this mirror speaks \
-                     {PROTOCOL_VERSION})"
-                )
-            };
-            return Err((RefuseCode::Version, why));
-        }
         if volume != self.name {
             return Err((
                 RefuseCode::UnknownVolume,
                 format!("no volume named {volume:?} here"),
             ));
         }
-        if size != self.size {
-            return Err((
-                RefuseCode::SizeMismatch,
-                format!(
-                    "volume {volume}: primary has {size} bytes, mirror has {}",
-                    self.size
-                ),
-            ));
-        }
+        check_hello(version, volume, size, self.size)?;
         match &self.failure {
             // The redo log is retried by the session itself: if it is still full or broken,
             // its first write fails again and says so.
