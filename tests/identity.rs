@@ -1084,7 +1084,6 @@ fn watch_private_modes(
 /// the restart (STATE/journal and STATE/redo are checked when created; the modes of the
 /// state directories themselves are printed).
 #[test]
-#[ignore = "bug: redo spares an older release left 0644 are not tightened at start"]
 fn state_files_are_private() {
     let mut p = Pair::new(PairOptions::default());
     p.mirror.start();
