@@ -507,7 +507,8 @@ fn stop_ok(d: &mut Daemon) {
 /// `lag_seconds` null, `status` exits 6, `retry` does not change that, and the mirror's image
 /// and positions stay as they were. After `accept-volume` (exit 0, "accepted") the mirror is
 /// compared (not fully copied) and ends byte-identical to the blank + new writes; the pair
-/// keeps its UUID under a new generation. `accept-volume` again answers "already", exit 0.
+/// keeps its UUID under a new generation. `accept-volume` again answers "already", exit 0;
+/// for an unknown volume it exits 2 (usage), with the primary stopped 4 (not running).
 #[test]
 fn blank_primary_volume_is_refused_until_accepted() {
     let mut p = Pair::new(PairOptions::default());
@@ -600,7 +601,25 @@ fn blank_primary_volume_is_refused_until_accepted() {
     let (code, out, err) = accept_volume(&p.primary, false);
     assert_eq!(code, Some(0), "accept-volume again: {out}{err}");
     assert!(out.contains("nothing to accept"), "{out}");
+    let (code, out, err) = cli(&[
+        "accept-volume",
+        "--control",
+        p.primary.control.to_str().unwrap(),
+        "--volume",
+        "no-such-volume",
+    ]);
+    assert_eq!(
+        code,
+        Some(2),
+        "accept-volume of an unknown volume: {out}{err}"
+    );
     p.finish_and_compare();
+    let (code, out, err) = accept_volume(&p.primary, false);
+    assert_eq!(
+        code,
+        Some(4),
+        "accept-volume with the primary stopped: {out}{err}"
+    );
 }
 
 // ------------------------------------------------------------------------------------------
@@ -680,9 +699,10 @@ fn lost_primary_state_is_compared() {
 ///
 /// Expected: B and C are refused as unrelated data: their `state` is `unrelated`, `last_error`
 /// and the mirror's log say "unrelated data" and name both disks (B, which has no UUID) or
-/// both UUIDs (C); `lag_seconds` null, `status` exits 6, `retry` gets the same refusal; the
-/// mirror's image and positions do not change. A then resumes (no new copy or comparison),
-/// and the mirror ends byte-identical to A.
+/// both UUIDs (C); `lag_seconds` null, `status` exits 6; the refusal is not retried on its
+/// own, `retry` tries again at once and gets the same refusal; the mirror's image and
+/// positions do not change. A then resumes (no new copy or comparison), and the mirror ends
+/// byte-identical to A.
 #[test]
 fn unrelated_primaries_are_refused() {
     let mut p = Pair::new(PairOptions::default());
@@ -742,7 +762,15 @@ fn unrelated_primaries_are_refused() {
         tail_lines(&p.mirror.log(), 20)
     );
     assert_status_exits_6(&b);
+    // A permanent refusal is not retried on its own (the backoff of a transient failure is
+    // at most 2 s); `blkmirror retry` tries again at once.
     let refusals = p.mirror.log().matches("unrelated data").count();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        p.mirror.log().matches("unrelated data").count(),
+        refusals,
+        "a permanent refusal is retried without an admin"
+    );
     let (code, out, err) = cli(&["retry", "--control", b.control.to_str().unwrap()]);
     assert_eq!(code, Some(0), "retry: {out}{err}");
     assert!(
@@ -827,12 +855,15 @@ fn unrelated_primaries_are_refused() {
 // ------------------------------------------------------------------------------------------
 
 /// Tried: a pair replicates 8 MiB and both stop; the mirror's volume file is deleted and the
-/// mirror started again with its state directory (it creates a blank file at the path).
+/// mirror started again with its state directory (it creates a blank file at the path); then
+/// the primary. Then both stop again, 2 MiB are written into the mirror's volume file with
+/// `dd conv=notrunc`, and both start again.
 ///
-/// Expected: the mirror says NOT consistent (`consistent` false, `state` not replicating,
-/// `state_detail` names the replaced disk, `lag_seconds` null, `status` exits 6) although its
-/// redo log and state say it was; once the primary is back it is compared (not resumed), and
-/// only then consistent, byte-identical to the primary.
+/// Expected: each time the mirror says NOT consistent (`consistent` false, `state` not
+/// replicating, `state_detail` says why: the replaced disk, the change while stopped;
+/// `lag_seconds` null, `status` exits 6) although its redo log and state say it was; once the
+/// primary is back it is compared (not resumed), and only then consistent, byte-identical to
+/// the primary.
 #[test]
 fn blank_mirror_volume_is_not_consistent_until_compared() {
     let mut p = Pair::new(PairOptions::default());
@@ -876,6 +907,40 @@ fn blank_mirror_volume_is_not_consistent_until_compared() {
             && l.contains("Compare")
             && l.contains("not a consistent copy")),
         "the mirror's log should show its decision to be compared:\n{mlog}"
+    );
+
+    // The mirror's volume written while the mirror was stopped (cleanly): the same.
+    p.stop_both();
+    let data = p.dir().join("offline.bin");
+    std::fs::write(&data, pseudo_random(2 * MIB as usize, 403)).unwrap();
+    run(
+        "dd",
+        &[
+            &format!("if={}", data.display()),
+            &format!("of={}", p.mirror_img.display()),
+            "bs=1M",
+            "seek=20",
+            "conv=notrunc",
+            "status=none",
+        ],
+    );
+    let mark = p.mirror.log().len();
+    p.mirror.start();
+    let m = vol0(&p.mirror.status());
+    assert_eq!(m["consistent"], false, "a changed disk is not a copy: {m}");
+    assert!(
+        s(&m, "state_detail").contains("changed while the mirror was not applying"),
+        "state_detail should say why: {m}"
+    );
+    assert_status_exits_6(&p.mirror);
+    p.primary.start();
+    p.wait_synced();
+    assert!(
+        log_since(&p.mirror, mark)
+            .lines()
+            .any(|l| l.contains("decision on connect") && l.contains("Compare")),
+        "{}",
+        log_since(&p.mirror, mark)
     );
     p.finish_and_compare();
 }
@@ -938,6 +1003,29 @@ fn primary_journal_enospc_ends_identical() {
     stop_ok(&mut p.primary);
     p.primary.start();
     p.nbd_write(10 * MIB, &pseudo_random(4 * MIB as usize, 502));
+    p.wait_synced();
+
+    // Again, but the primary is killed (-9) while its file system is still full.
+    let enospc = p.primary.log().matches("No space left on device").count();
+    let mut w = p.writer(504, 96 * MIB, 256 << 10);
+    p.wait("the writer is under way", LONG, |_, pv| {
+        u(pv, "journal_seq") >= 100
+    });
+    let filled = fill_file_system(&filler);
+    assert!(
+        p.primary
+            .wait_for_log_count("No space left on device", enospc + 1, LONG),
+        "the journal did not run out of space again"
+    );
+    p.primary.kill9();
+    w.wait();
+    eprintln!(
+        "journal_enospc: again, filler {filled} bytes; writer: {}",
+        w.output()
+    );
+    std::fs::remove_file(&filler).unwrap();
+    p.primary.start();
+    p.nbd_write(30 * MIB, &pseudo_random(4 * MIB as usize, 505));
     p.wait_synced();
     p.finish_and_compare();
 }
@@ -1252,12 +1340,15 @@ fn clean_stop_leaves_a_clean_journal() {
 // ------------------------------------------------------------------------------------------
 
 /// Tried: a 256 MiB volume with `--journal-size 128M` holding data; a single 200 MiB TRIM
-/// through libnbd (`h.trim`), then `mkfs.ext4` (which discards the whole device) through
-/// nbdfuse and a loop device.
+/// through libnbd (`h.trim`), a 200 MiB WRITE_ZEROES (`h.zero`), then `mkfs.ext4` (which
+/// discards the whole device) through nbdfuse and a loop device. Then, with the mirror
+/// stopped and a writer parked on the full journal, a 200 MiB TRIM and a 64 MiB
+/// WRITE_ZEROES; then the mirror starts again.
 ///
-/// Expected: both complete (each bounded: a client still running after 120 s fails the
-/// test), `journal_full` is false afterwards, and the mirror ends byte-identical (the
-/// trimmed range zero on both).
+/// Expected: each completes (each bounded: a client still running after 120 s fails the
+/// test), even while the journal is full (the writer keeps waiting for space, not the TRIM);
+/// `journal_full` is false afterwards, and the mirror ends byte-identical (the trimmed range
+/// zero on both; mkfs's discard reached the volume).
 #[test]
 fn trim_larger_than_the_journal_completes() {
     let mut p = Pair::new(PairOptions {
@@ -1280,6 +1371,18 @@ fn trim_larger_than_the_journal_completes() {
     let trim_took = started.elapsed();
     let (_, pv) = p.vols();
     assert_eq!(pv["journal_full"], false, "after the TRIM: {pv}");
+    p.wait_synced();
+    // A WRITE_ZEROES of the same size, over data.
+    p.nbd_write(60 * MIB, &pseudo_random(4 * MIB as usize, 906));
+    p.wait_synced();
+    let started = Instant::now();
+    nbdsh(
+        &p.uri(),
+        &["h.zero(200 * 1024 * 1024, 40 * 1024 * 1024)", "h.flush()"],
+    );
+    let zero_took = started.elapsed();
+    let (_, pv) = p.vols();
+    assert_eq!(pv["journal_full"], false, "after the WRITE_ZEROES: {pv}");
     p.wait_synced();
     assert!(
         read_at(&p.primary_img, 100 * MIB, 4096)
@@ -1310,7 +1413,39 @@ fn trim_larger_than_the_journal_completes() {
     let (_, pv) = p.vols();
     assert_eq!(pv["journal_full"], false, "after mkfs.ext4: {pv}");
     p.wait_synced();
-    eprintln!("trim: 200 MiB TRIM took {trim_took:?}, mkfs.ext4 {mkfs_took:?}");
+    eprintln!(
+        "trim: 200 MiB TRIM took {trim_took:?}, WRITE_ZEROES {zero_took:?}, mkfs.ext4 \
+         {mkfs_took:?}"
+    );
+
+    // With the mirror away and the journal full (a writer parked on it), a TRIM and a
+    // WRITE_ZEROES still complete.
+    stop_ok(&mut p.mirror);
+    let mut w = p.writer(907, 160 * MIB, MIB);
+    p.wait("the journal is full", LONG, |_, pv| {
+        pv["journal_full"] == true
+    });
+    let started = Instant::now();
+    nbdsh(
+        &p.uri(),
+        &[
+            "h.trim(200 * 1024 * 1024, 16 * 1024 * 1024)",
+            "h.zero(64 * 1024 * 1024, 0)",
+            "h.flush()",
+        ],
+    );
+    let full_took = started.elapsed();
+    assert!(w.is_running(), "the writer should wait for journal space");
+    p.mirror.start();
+    let status = w.wait();
+    assert!(
+        status.success() && w.output().contains("errors=0"),
+        "{}",
+        w.output()
+    );
+    let (_, pv) = p.wait_synced();
+    assert_eq!(pv["journal_full"], false, "{pv}");
+    eprintln!("trim: with the journal full, TRIM + WRITE_ZEROES took {full_took:?}");
     p.finish_and_compare();
 }
 
@@ -1319,12 +1454,14 @@ fn trim_larger_than_the_journal_completes() {
 // ------------------------------------------------------------------------------------------
 
 /// Tried: a pair replicates 4 MiB; the primary stops cleanly; 2 MiB are written into its
-/// volume file with `dd conv=notrunc`; the primary starts again.
+/// volume file with `dd conv=notrunc`; the primary starts again. Then the mirror stops, the
+/// admin runs `accept-volume`, a client writes 1 MiB, the primary restarts, and only then
+/// the mirror starts again.
 ///
 /// Expected: the primary ships nothing (`state` volume_changed, `last_error` says the volume
 /// changed while the daemon was stopped, `lag_seconds` null, `status` exits 6) and the
-/// mirror is untouched until `accept-volume`; then a comparison brings the mirror to the
-/// volume, byte-identical.
+/// mirror is untouched until `accept-volume`; the acceptance survives the restart, and when
+/// the mirror is back a comparison (not a resume) brings it to the volume, byte-identical.
 #[test]
 fn volume_written_while_stopped_is_refused_until_accepted() {
     let mut p = Pair::new(PairOptions::default());
@@ -1382,11 +1519,31 @@ fn volume_written_while_stopped_is_refused_until_accepted() {
         decisions,
         "a primary whose volume changed connected to the mirror"
     );
+    // Accepted while the mirror is away; the primary writes on and restarts before the
+    // mirror is back: the acceptance (a break in its history) survives the restart.
+    stop_ok(&mut p.mirror);
     let (code, out, err) = accept_volume(&p.primary, false);
     assert_eq!(code, Some(0), "accept-volume: {out}{err}");
+    p.wait("accepted: connecting", LONG, |_, pv| {
+        pv["state"] == "connecting"
+    });
+    p.nbd_write(30 * MIB, &pseudo_random(MIB as usize, 1003));
+    stop_ok(&mut p.primary);
+    let mark = p.primary.log().len();
+    p.primary.start();
+    let (_, pv) = p.vols();
+    assert_ne!(
+        pv["state"], "volume_changed",
+        "accepted before the restart: {pv}"
+    );
+    assert_eq!(p.mirror_holds().0, before.0, "the mirror's image changed");
+    p.mirror.start();
     p.wait_synced();
     let log = log_since(&p.primary, mark);
-    assert!(log.contains("mode=Compare"), "{log}");
+    assert!(
+        log.contains("mode=Compare") && !log.contains("mode=Resume"),
+        "the mirror must be compared after the accepted change, not resumed:\n{log}"
+    );
     p.finish_and_compare();
 }
 
