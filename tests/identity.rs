@@ -1680,7 +1680,6 @@ fn data_age_is_shown_and_rpo_unknown_without_a_copy() {
 /// bug: it was refused for good as a "split brain" after 31 restarts); the mirror ends
 /// byte-identical.
 #[test]
-#[ignore = "bug: after 31 idle restarts the genuine primary is refused as a split brain"]
 fn idle_restarts_never_make_a_split_brain() {
     let mut p = Pair::new(PairOptions::default());
     p.mirror.start();
