@@ -282,7 +282,7 @@ fn accept_volume(shipping: &[Shipping], name: &str) -> serde_json::Value {
         Ok(()) if !accepted => serde_json::json!({
             "ok": true,
             "result": "already",
-            "message": format!("volume {name}: its disk is the one its state describes: nothing to accept"),
+            "message": format!("volume {name}: already accepted: its disk is the one its state describes, nothing to accept"),
         }),
         Ok(()) => {
             tracing::warn!(volume = %name, disk = %disk.describe(),

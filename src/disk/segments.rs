@@ -2,7 +2,7 @@
 //! primary's journal and the mirror's redo log: listing them in order, recycling retired ones
 //! as spares, and making renames durable.
 
-use crate::env::{FileSystem, Fs};
+use crate::env::{FileSystem, Fs, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -28,6 +28,12 @@ pub fn numbered_segments(
         })
         .collect();
     names.sort();
+    // Opened for writing once, which tightens a file an older release left readable by
+    // others (0644) to 0600: a spare or a segment read only at replay is otherwise not
+    // reopened for writing until it is reused, and it holds replicated client data.
+    for (_, path) in &names {
+        drop(fs.open(path, OpenOptions::write())?);
+    }
     Ok(names)
 }
 

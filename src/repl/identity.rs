@@ -153,8 +153,8 @@ pub struct Span {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lineage {
     pub spans: Vec<Span>,
-    /// Spans starting below this were forgotten ([`MAX_SPANS`]): a position before it cannot
-    /// be placed.
+    /// Positions below this lay in spans that were forgotten ([`MAX_SPANS`]): they cannot be
+    /// placed.
     #[serde(default)]
     pub forgotten_below: u64,
 }
@@ -199,7 +199,11 @@ impl Lineage {
         self.spans.push(span);
         while self.spans.len() > MAX_SPANS {
             let dropped = self.spans.remove(0);
-            self.forgotten_below = self.forgotten_below.max(dropped.first_seq + 1);
+            // The forgotten span named every number up to where the next one starts (many
+            // spans start at the same number when nothing was written in between: restarts,
+            // link losses): none of them can be placed any more.
+            let next = self.spans.first().map_or(0, |s| s.first_seq);
+            self.forgotten_below = self.forgotten_below.max(dropped.first_seq + 1).max(next);
         }
     }
 
@@ -681,6 +685,30 @@ mod tests {
         p.journal_last = 10_000;
         let m = mirror(&[(1, 1, true)], Some(5));
         assert!(is_compare(&decide(&p, &m)));
+    }
+
+    /// A primary restarted again and again with no write in between (or whose link dropped
+    /// again and again) mints a generation each time, all starting at the same sequence
+    /// number. Once the one the mirror's data belongs to is forgotten, the mirror's position
+    /// lies before every generation the primary remembers: compared, never refused as a
+    /// split brain.
+    #[test]
+    fn a_generation_pushed_out_by_idle_restarts_is_compared() {
+        let mut l = lineage(&[(1, 1, false)]);
+        for g in 2..(MAX_SPANS as u64 + 2) {
+            l.mint(GenId(g), 3, true);
+        }
+        assert!(
+            l.find(GenId(1), 1).is_none(),
+            "the first generation is forgotten"
+        );
+        let p = PrimaryClaim {
+            lineage: l,
+            ..primary(&[], 2, 2)
+        };
+        let mut m = mirror(&[(1, 1, false), (2, 3, true)], Some(2));
+        m.position_gen = Some(GenId(1));
+        assert!(is_compare(&decide(&p, &m)), "{:?}", decide(&p, &m));
     }
 
     #[test]

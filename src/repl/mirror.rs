@@ -346,6 +346,8 @@ impl MirrorVolume {
     fn apply_loop(&self, mut applier: Applier, rx: mpsc::Receiver<ToApply>) {
         let mut last_checkpoint = Instant::now();
         let mut unsaved = false;
+        // The failure of the last checkpoint, cleared by the next one that succeeds.
+        let mut checkpoint_failed: Option<Failure> = None;
         loop {
             let first = if unsaved {
                 let wait = CHECKPOINT_EVERY.saturating_sub(last_checkpoint.elapsed());
@@ -397,11 +399,17 @@ impl MirrorVolume {
                     Ok(()) => {
                         last_checkpoint = Instant::now();
                         unsaved = false;
+                        if let Some(f) = checkpoint_failed.take() {
+                            self.core.lock().unwrap().works_again(&f);
+                        }
                     }
-                    Err(e) => self.core.lock().unwrap().fail(Failure {
-                        code: RefuseCode::VolumeFailed,
-                        why: format!("mirror volume failed: checkpoint: {e}"),
-                    }),
+                    Err(f) => {
+                        // Tried again after CHECKPOINT_EVERY, not at once (a full file
+                        // system would spin this thread).
+                        last_checkpoint = Instant::now();
+                        self.core.lock().unwrap().fail(f.clone());
+                        checkpoint_failed = Some(f);
+                    }
                 }
             }
             match after_batch {
@@ -455,11 +463,22 @@ impl MirrorVolume {
 
     /// Sync the volume, save the state with its disk's change time sealed, and let the
     /// checkpointed sets leave the redo log.
-    fn checkpoint(&self, applier: &mut Applier) -> io::Result<()> {
-        applier.sync()?;
+    /// A failure names the part that failed: the volume (its sync) or the state directory
+    /// (the state file, on the redo log's file system, e.g. full).
+    fn checkpoint(&self, applier: &mut Applier) -> Result<(), Failure> {
+        applier.sync().map_err(|e| Failure {
+            code: RefuseCode::VolumeFailed,
+            why: format!("mirror volume failed: checkpoint: sync: {e}"),
+        })?;
         let disk = ApplyTarget::fingerprint(applier).ok();
         let state = self.core.lock().unwrap().checkpoint_state(disk);
-        self.save_state(&state)?;
+        self.save_state(&state).map_err(|e| Failure {
+            code: RefuseCode::RedoFailed,
+            why: format!(
+                "mirror state directory failed: cannot save {}: {e}",
+                self.state_path.display()
+            ),
+        })?;
         self.core.lock().unwrap().checkpoint_done(state.applied_set);
         // Not behind a redo fsync: if the log is busy, the next append trims.
         if let Ok(mut redo) = self.redo.try_lock() {

@@ -928,3 +928,165 @@ pub fn terminate(mut child: Child, label: &str) -> Option<ExitStatus> {
     }
     child.wait().ok()
 }
+
+// ------------------------------------------------------------------------------------------
+// Small generic helpers: a tmpfs, filling a file system, file modes, CLI exit codes, and a
+// background client.
+// ------------------------------------------------------------------------------------------
+
+/// A tmpfs of a given size mounted at a directory (created); unmounted on Drop (lazily if
+/// busy), so a failing test leaves no mount behind.
+pub struct Tmpfs {
+    pub dir: PathBuf,
+    mounted: bool,
+}
+
+impl Tmpfs {
+    /// `mount -t tmpfs -o size=SIZE,mode=0755 tmpfs DIR` (SIZE as mount takes it: `160M`).
+    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).expect("create tmpfs mount point");
+        run(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+                dir.to_str().unwrap(),
+            ],
+        );
+        Tmpfs {
+            dir: dir.to_path_buf(),
+            mounted: true,
+        }
+    }
+
+    /// Bytes still free on it.
+    pub fn free_bytes(&self) -> u64 {
+        let s = nix::sys::statvfs::statvfs(&self.dir).expect("statvfs");
+        s.blocks_available() as u64 * s.fragment_size() as u64
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        if !self.mounted {
+            return;
+        }
+        let ok = Command::new("umount")
+            .arg(&self.dir)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
+    }
+}
+
+/// Write zeroes to a new file at `path` until its file system says ENOSPC (1 MiB writes, then
+/// 4 KiB ones for the rest); returns the bytes written. Removing the file frees the space.
+pub fn fill_file_system(path: &Path) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let f = File::create(path).expect("create filler file");
+    let mut at = 0u64;
+    for piece in [1usize << 20, 4096] {
+        let buf = vec![0u8; piece];
+        loop {
+            match f.write_at(&buf, at) {
+                Ok(0) => break,
+                Ok(n) => at += n as u64,
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling {}: {e}", path.display()),
+            }
+        }
+    }
+    at
+}
+
+/// Permission bits (`mode & 0o777`) of a file or directory.
+pub fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// `blkmirror ARGS...`: (exit code, stdout, stderr), whatever the exit code.
+pub fn cli(args: &[&str]) -> (Option<i32>, String, String) {
+    let o = run_output(BIN, args, None);
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// A client running in the background, its stdout and stderr going to a file; killed on Drop
+/// if still running.
+pub struct Background {
+    what: String,
+    child: Option<Child>,
+    out: PathBuf,
+}
+
+impl Background {
+    pub fn spawn(what: &str, mut c: Command, out: &Path) -> Background {
+        let f = File::create(out).expect("create output file");
+        let child = c
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(f.try_clone().expect("dup output file")))
+            .stderr(Stdio::from(f))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+        Background {
+            what: what.into(),
+            child: Some(child),
+            out: out.to_path_buf(),
+        }
+    }
+
+    /// What it printed so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().expect("try_wait").is_none())
+    }
+
+    /// Wait for its exit (killed, and panicking, after [`CLIENT_TIMEOUT`]).
+    pub fn wait(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("already waited");
+        let deadline = Instant::now() + CLIENT_TIMEOUT;
+        loop {
+            if let Some(s) = child.try_wait().expect("try_wait") {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{} still running after {CLIENT_TIMEOUT:?}; output:\n{}",
+                    self.what,
+                    self.output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

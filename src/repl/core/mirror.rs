@@ -449,8 +449,20 @@ impl MirrorCore {
 
     /// A part of the mirror's storage failed (I2: never silent).
     pub fn fail(&mut self, failure: Failure) {
-        tracing::error!(volume = %self.name, code = ?failure.code, "{}", failure.why);
+        // Logged once, not at every retry of the same failure.
+        if self.failure.as_ref() != Some(&failure) {
+            tracing::error!(volume = %self.name, code = ?failure.code, "{}", failure.why);
+        }
         self.failure = Some(failure);
+    }
+
+    /// The part that failed with `failure` works again: it is over, unless another failure
+    /// has replaced it since.
+    pub fn works_again(&mut self, failure: &Failure) {
+        if self.failure.as_ref() == Some(failure) {
+            tracing::info!(volume = %self.name, "works again after: {}", failure.why);
+            self.failure = None;
+        }
     }
 
     /// The volume accepted writes again after failing: the failure is over.

@@ -1,0 +1,1729 @@
+//! Volumes that know who they are (issue 13's table of cases, promise I6 of docs/DESIGN.md),
+//! tried as an admin would: a `blkmirror mirror` and a `blkmirror primary` (real processes,
+//! QUIC with mutual TLS on 127.0.0.1), real NBD clients (libnbd through /usr/bin/python3,
+//! nbdsh, nbdfuse + a loop device), and what an admin checks: `status` (its keys, `state`,
+//! exit code), the logs, `accept-volume`, and at the end a mirror byte-identical to the primary
+//! after `blkmirror recover`.
+//!
+//! No timed assertions: every wait is for a condition, polled with a generous timeout, and a
+//! timeout fails with the last status documents and log lines of every daemon involved.
+//! (Case 12 of the table, `status` exiting 6 with every link down, is
+//! `status_exits_6_until_volumes_replicate` in tests/replication.rs.)
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::ffi::OsString;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const VOL: &str = "vol1";
+/// Generous bound for conditions that normally take a few seconds (debug build, 2 cores, other
+/// tests running at the same time).
+const LONG: Duration = Duration::from_secs(180);
+
+fn os(s: impl Into<OsString>) -> OsString {
+    s.into()
+}
+
+/// volumes[0] of a status document (Null when the daemon does not answer).
+fn vol0(status: &Option<Value>) -> Value {
+    status
+        .as_ref()
+        .map(|s| s["volumes"][0].clone())
+        .unwrap_or(Value::Null)
+}
+
+fn u(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or(0)
+}
+
+fn s<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key].as_str().unwrap_or("")
+}
+
+/// Poll the daemons every 100 ms until `cond(their volumes[0])` holds; on timeout, panic with
+/// each one's last status and log tail.
+fn wait_for(
+    what: &str,
+    timeout: Duration,
+    daemons: &[&Daemon],
+    mut cond: impl FnMut(&[Value]) -> bool,
+) -> Vec<Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let vols: Vec<Value> = daemons.iter().map(|d| vol0(&d.status())).collect();
+        if cond(&vols) {
+            return vols;
+        }
+        if Instant::now() > deadline {
+            let mut msg = format!("timed out after {timeout:?} waiting for: {what}\n");
+            for (d, v) in daemons.iter().zip(&vols) {
+                msg.push_str(&format!(
+                    "--- last {} status ---\n{}\n--- {} log (last 30 lines) ---\n{}\n",
+                    d.label,
+                    serde_json::to_string_pretty(v).unwrap(),
+                    d.label,
+                    tail_lines(&d.log(), 30)
+                ));
+            }
+            panic!("{msg}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `blkmirror status --control SOCK` (human form): (exit code, stdout, stderr).
+fn status_cli(control: &Path) -> (Option<i32>, String, String) {
+    cli(&["status", "--control", control.to_str().unwrap()])
+}
+
+/// `blkmirror status` must exit 6 and name the volume as not replicating.
+fn assert_status_exits_6(d: &Daemon) {
+    let (code, out, err) = status_cli(&d.control);
+    assert_eq!(
+        code,
+        Some(6),
+        "{}: status should exit 6 (degraded):\n{out}{err}",
+        d.label
+    );
+    assert!(
+        err.contains(&format!("not replicating: {VOL} (")),
+        "{}: status does not name the volume: {err}",
+        d.label
+    );
+}
+
+/// `blkmirror accept-volume --control SOCK --volume vol1 [--json]`.
+fn accept_volume(d: &Daemon, json: bool) -> (Option<i32>, String, String) {
+    let mut args = vec![
+        "accept-volume",
+        "--control",
+        d.control.to_str().unwrap(),
+        "--volume",
+        VOL,
+    ];
+    if json {
+        args.push("--json");
+    }
+    cli(&args)
+}
+
+/// The log a daemon wrote after byte `mark` of its log file (one run of it).
+fn log_since(d: &Daemon, mark: usize) -> String {
+    d.log().get(mark..).unwrap_or_default().to_string()
+}
+
+/// A file's inode number: logs and messages name a volume's disk "file inode N born ...".
+fn inode_of(path: &Path) -> u64 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .ino()
+}
+
+/// libnbd: write the bytes of file argv[2] at offset argv[3], then FLUSH.
+const NBD_WRITE: &str = r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+data = open(sys.argv[2], 'rb').read()
+off = int(sys.argv[3])
+step = 4 << 20
+for i in range(0, len(data), step):
+    h.pwrite(data[i:i + step], off + i)
+h.flush()
+h.shutdown()
+"#;
+
+/// libnbd: `total` bytes of random writes of `piece` bytes at piece-aligned offsets below
+/// `span` (seed `seed`), a FLUSH every 16 writes; a failed request is counted, not fatal (a
+/// dead connection is opened again). Prints `ok=N errors=N last_error=...`.
+const NBD_WRITER: &str = r#"
+import nbd, sys, random
+uri, seed, total, piece, span = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+rng = random.Random(seed)
+def connect():
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    return h
+h = connect()
+ok = errors = 0
+last = ''
+done = 0
+while done < total:
+    off = rng.randrange(0, span // piece) * piece
+    data = rng.randbytes(piece)
+    done += piece
+    try:
+        if h.aio_is_dead():
+            h = connect()
+        h.pwrite(data, off)
+        ok += 1
+        if ok % 16 == 0:
+            h.flush()
+    except nbd.Error as e:
+        errors += 1
+        last = str(e)
+try:
+    h.flush()
+    h.shutdown()
+except nbd.Error as e:
+    errors += 1
+    last = str(e)
+print(f"ok={ok} errors={errors} last_error={last}", flush=True)
+"#;
+
+// ------------------------------------------------------------------------------------------
+// The pair: certificates, one mirror, one primary (both described, neither started).
+// ------------------------------------------------------------------------------------------
+
+struct PairOptions {
+    /// Size of the volume on both sides (sparse).
+    size: u64,
+    /// Extra arguments of the primary.
+    primary_extra: Vec<String>,
+    /// Put the primary's state directory on a tmpfs of this size (`mount -o size=`).
+    primary_tmpfs: Option<&'static str>,
+    /// Put the mirror's state directory on a tmpfs of this size.
+    mirror_tmpfs: Option<&'static str>,
+}
+
+impl Default for PairOptions {
+    fn default() -> Self {
+        PairOptions {
+            size: 64 * MIB,
+            primary_extra: Vec::new(),
+            primary_tmpfs: None,
+            mirror_tmpfs: None,
+        }
+    }
+}
+
+struct Pair {
+    // Fields drop in declaration order: the daemons stop, then the tmpfs mounts go, then the
+    // directory.
+    primary: Daemon,
+    mirror: Daemon,
+    size: u64,
+    port: u16,
+    pki: PathBuf,
+    primary_img: PathBuf,
+    mirror_img: PathBuf,
+    primary_state: PathBuf,
+    mirror_state: PathBuf,
+    nbd_sock: PathBuf,
+    tmpfs: Vec<Tmpfs>,
+    dir: tempfile::TempDir,
+}
+
+impl Pair {
+    fn new(opts: PairOptions) -> Pair {
+        let dir = tempfile::Builder::new()
+            .prefix("bm-ident-")
+            .tempdir_in("/tmp")
+            .expect("create temp dir");
+        let d = dir.path().to_path_buf();
+        let pki = d.join("pki");
+        certs_init(&pki, &["primary", "mirror"]);
+        let port = free_udp_port();
+        let mut tmpfs = Vec::new();
+        let mut state_dir = |name: &str, on_tmpfs: Option<&str>| match on_tmpfs {
+            None => d.join(name),
+            Some(size) => {
+                let t = Tmpfs::mount(&d.join(format!("{name}-fs")), size);
+                let state = t.dir.join("state");
+                tmpfs.push(t);
+                state
+            }
+        };
+        let primary_state = state_dir("primary-state", opts.primary_tmpfs);
+        let mirror_state = state_dir("mirror-state", opts.mirror_tmpfs);
+        let mirror_img = d.join("mirror.img");
+        let primary_img = d.join("primary.img");
+        let nbd_sock = d.join("nbd.sock");
+        let mut pair = Pair {
+            primary: Daemon::new("primary", Vec::new(), PathBuf::new(), PathBuf::new(), None),
+            mirror: Daemon::new("mirror", Vec::new(), PathBuf::new(), PathBuf::new(), None),
+            size: opts.size,
+            port,
+            pki,
+            primary_img,
+            mirror_img,
+            primary_state,
+            mirror_state,
+            nbd_sock,
+            tmpfs,
+            dir,
+        };
+        pair.mirror = pair.mirror_daemon(
+            "mirror",
+            &pair.mirror_img.clone(),
+            &pair.mirror_state.clone(),
+            port,
+        );
+        pair.primary = pair.primary_daemon(
+            "primary",
+            &pair.primary_img.clone(),
+            &pair.primary_state.clone(),
+            &pair.nbd_sock.clone(),
+            port,
+            &opts.primary_extra,
+        );
+        pair
+    }
+
+    fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A mirror daemon (not started) for volume `img` with state in `state`, on `port`.
+    fn mirror_daemon(&self, label: &str, img: &Path, state: &Path, port: u16) -> Daemon {
+        let mut a = vec![
+            os("mirror"),
+            os("--listen"),
+            os(format!("127.0.0.1:{port}")),
+            os("--volume"),
+            os(format!("{VOL}={},size={}", img.display(), self.size)),
+            os("--state-dir"),
+            os(state),
+        ];
+        a.extend(tls_args(&self.pki, "mirror"));
+        a.extend([os("--peer-name"), os("primary")]);
+        Daemon::new(
+            label,
+            a,
+            self.dir().join(format!("{label}.log")),
+            state.join("control.sock"),
+            None,
+        )
+    }
+
+    /// A primary daemon (not started) for volume `img`, replicating to the mirror on `port`
+    /// with the certificate named "primary".
+    fn primary_daemon(
+        &self,
+        label: &str,
+        img: &Path,
+        state: &Path,
+        sock: &Path,
+        port: u16,
+        extra: &[String],
+    ) -> Daemon {
+        let mut a = vec![
+            os("primary"),
+            os("--volume"),
+            os(format!("{VOL}={},size={}", img.display(), self.size)),
+            os("--nbd-unix"),
+            os(sock),
+            os("--state-dir"),
+            os(state),
+            os("--mirror"),
+            os(format!("127.0.0.1:{port}")),
+            os("--peer-name"),
+            os("mirror"),
+        ];
+        a.extend(tls_args(&self.pki, "primary"));
+        a.extend(extra.iter().map(os));
+        Daemon::new(
+            label,
+            a,
+            self.dir().join(format!("{}.log", label.replace(' ', "-"))),
+            state.join("control.sock"),
+            Some(sock.to_path_buf()),
+        )
+    }
+
+    fn uri(&self) -> String {
+        uri_of(&self.nbd_sock)
+    }
+
+    /// (mirror volume, primary volume) of the current status documents (Null if down).
+    fn vols(&self) -> (Value, Value) {
+        (vol0(&self.mirror.status()), vol0(&self.primary.status()))
+    }
+
+    /// Poll both daemons until `cond(mirror_volume, primary_volume)` holds (see [`wait_for`]).
+    fn wait(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut cond: impl FnMut(&Value, &Value) -> bool,
+    ) -> (Value, Value) {
+        let v = wait_for(what, timeout, &[&self.mirror, &self.primary], |v| {
+            cond(&v[0], &v[1])
+        });
+        (v[0].clone(), v[1].clone())
+    }
+
+    /// The initial copy is done and the mirror is consistent; the link is up.
+    fn wait_consistent(&self) -> (Value, Value) {
+        self.wait("mirror consistent, link up", LONG, |m, p| {
+            m["consistent"] == true && p["link"] == "up" && p["initial_copy"].is_null()
+        })
+    }
+
+    /// Everything written so far is durable at the mirror (lag 0) and applied there, and both
+    /// sides say they are replicating.
+    fn wait_synced(&self) -> (Value, Value) {
+        self.wait(
+            "lag 0: link up, everything acknowledged and applied, both replicating",
+            LONG,
+            |m, p| {
+                p["link"] == "up"
+                    && p["state"] == "replicating"
+                    && m["state"] == "replicating"
+                    && p["lag_bytes"] == 0
+                    && p["initial_copy"].is_null()
+                    && m["consistent"] == true
+                    && m["acked_set"] == p["acked_set"]
+                    && m["applied_set"] == m["acked_set"]
+            },
+        )
+    }
+
+    /// SIGTERM both; both must exit with status 0.
+    fn stop_both(&mut self) {
+        for d in [&mut self.primary, &mut self.mirror] {
+            stop_ok(d);
+        }
+    }
+
+    /// `blkmirror recover --json` on the mirror's volume (the mirror must be stopped).
+    fn recover(&self) -> Value {
+        let out = run(
+            BIN,
+            &[
+                "recover",
+                "--volume",
+                &format!("{VOL}={}", self.mirror_img.display()),
+                "--state-dir",
+                self.mirror_state.to_str().unwrap(),
+                "--json",
+            ],
+        );
+        let v: Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("recover --json printed {out:?}: {e}"));
+        v[0].clone()
+    }
+
+    /// Stop both, recover the mirror, and require it consistent and byte-identical to the
+    /// primary.
+    fn finish_and_compare(&mut self) {
+        self.stop_both();
+        let report = self.recover();
+        assert_eq!(
+            report["consistent"], true,
+            "recover says the mirror is not consistent: {report}"
+        );
+        if let Err(e) = compare_files(&self.primary_img, &self.mirror_img) {
+            panic!(
+                "mirror differs from primary after stop + recover: {e}\nrecover: {report}\n\
+                 --- mirror log ---\n{}\n--- primary log ---\n{}",
+                tail_lines(&self.mirror.log(), 40),
+                tail_lines(&self.primary.log(), 40)
+            );
+        }
+    }
+
+    /// Write `data` at `offset` of the primary's volume through libnbd, then FLUSH.
+    fn nbd_write(&self, offset: u64, data: &[u8]) {
+        nbd_write_to(&self.uri(), self.dir(), offset, data);
+    }
+
+    /// What must not change while the mirror refuses or is not shipped to: its image and
+    /// what it says it holds.
+    fn mirror_holds(&self) -> (String, Value, Value, Value) {
+        let m = vol0(&self.mirror.status());
+        (
+            sha256(&self.mirror_img),
+            m["acked_set"].clone(),
+            m["applied_set"].clone(),
+            m["durable_seq"].clone(),
+        )
+    }
+
+    /// Start `NBD_WRITER` in the background (see there).
+    fn writer(&self, seed: u64, total: u64, piece: u64) -> Background {
+        let mut c = Command::new("/usr/bin/python3");
+        c.arg("-c").arg(NBD_WRITER).args([
+            self.uri(),
+            seed.to_string(),
+            total.to_string(),
+            piece.to_string(),
+            self.size.to_string(),
+        ]);
+        Background::spawn(
+            &format!("writer seed {seed}"),
+            c,
+            &self.dir().join(format!("writer-{seed}.out")),
+        )
+    }
+
+    /// How many times the primary's log says a full copy or comparison started.
+    fn resyncs(&self) -> usize {
+        self.primary.log().matches("full copy starts").count()
+    }
+}
+
+fn uri_of(sock: &Path) -> String {
+    format!("nbd+unix:///{VOL}?socket={}", sock.display())
+}
+
+fn nbd_write_to(uri: &str, scratch: &Path, offset: u64, data: &[u8]) {
+    let path = scratch.join(format!("data-{offset}-{}.bin", data.len()));
+    std::fs::write(&path, data).unwrap();
+    python(
+        NBD_WRITE,
+        &[uri, path.to_str().unwrap(), &offset.to_string()],
+    );
+    std::fs::remove_file(&path).unwrap();
+}
+
+/// SIGTERM a daemon; it must exit with status 0 (if it was running).
+fn stop_ok(d: &mut Daemon) {
+    if let Some(status) = d.stop() {
+        assert!(
+            status.success(),
+            "{} exited with {status} on SIGTERM; log:\n{}",
+            d.label,
+            tail_lines(&d.log(), 30)
+        );
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// 1. The primary restarted with a blank volume file, same state directory.
+// ------------------------------------------------------------------------------------------
+
+/// Tried: a pair replicates 8 MiB; the primary is stopped, its volume file deleted, and the
+/// primary started again with the same state directory (it creates a blank file at the same
+/// path); a client writes 2 MiB to the blank volume.
+///
+/// Expected: the primary ships nothing: `state` volume_changed, `last_error` says the volume
+/// is not the disk its state describes (both disks named in the log) and how to accept it,
+/// `lag_seconds` null, `status` exits 6, `retry` does not change that, and the mirror's image
+/// and positions stay as they were. After `accept-volume` (exit 0, "accepted") the mirror is
+/// compared (not fully copied) and ends byte-identical to the blank + new writes; the pair
+/// keeps its UUID under a new generation. `accept-volume` again answers "already", exit 0;
+/// for an unknown volume it exits 2 (usage), with the primary stopped 4 (not running).
+#[test]
+fn blank_primary_volume_is_refused_until_accepted() {
+    let mut p = Pair::new(PairOptions::default());
+    p.mirror.start();
+    p.primary.start();
+    p.wait_consistent();
+    p.nbd_write(0, &pseudo_random(4 * MIB as usize, 101));
+    p.nbd_write(20 * MIB, &pseudo_random(4 * MIB as usize, 102));
+    let (_, pv) = p.wait_synced();
+    let uuid = pv["uuid"].clone();
+    let generation = pv["generation"].clone();
+    assert!(uuid.is_string(), "the pair has a UUID: {pv}");
+
+    stop_ok(&mut p.primary);
+    p.wait("mirror sees the primary gone", LONG, |m, _| {
+        m["link"] == "down"
+    });
+    let before = p.mirror_holds();
+    let old_ino = inode_of(&p.primary_img);
+    std::fs::remove_file(&p.primary_img).unwrap();
+    let mark = p.primary.log().len();
+    let decisions = p.mirror.log().matches("decision on connect").count();
+    p.primary.start();
+    let new_ino = inode_of(&p.primary_img);
+    let (_, pv) = p.wait(
+        "the primary refuses to ship: volume_changed",
+        LONG,
+        |_, pv| pv["state"] == "volume_changed",
+    );
+    let err = s(&pv, "last_error");
+    assert!(
+        err.contains("not the disk this state describes") && err.contains("accept-volume"),
+        "last_error should say why and what to do: {pv}"
+    );
+    assert_eq!(pv["link"], "down", "{pv}");
+    assert!(
+        pv["lag_seconds"].is_null(),
+        "no RPO for a refused volume: {pv}"
+    );
+    let log = log_since(&p.primary, mark);
+    assert!(
+        log.contains(&format!("it was file inode {old_ino} "))
+            && log.contains(&format!("it is file inode {new_ino} "))
+            && log.contains("nothing is shipped until an admin accepts the volume"),
+        "the primary's log does not name both disks:\n{log}"
+    );
+    assert_status_exits_6(&p.primary);
+
+    // Clients may use the new volume; nothing of it reaches the mirror, even on `retry`.
+    p.nbd_write(8 * MIB, &pseudo_random(2 * MIB as usize, 103));
+    let (code, out, err) = cli(&["retry", "--control", p.primary.control.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "retry: {out}{err}");
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, pv) = p.vols();
+    assert_eq!(pv["state"], "volume_changed", "after retry: {pv}");
+    assert_eq!(
+        p.mirror_holds(),
+        before,
+        "the mirror changed before accept-volume"
+    );
+    assert_eq!(
+        p.mirror.log().matches("decision on connect").count(),
+        decisions,
+        "a primary whose volume changed connected to the mirror"
+    );
+
+    let (code, out, err) = accept_volume(&p.primary, false);
+    assert_eq!(code, Some(0), "accept-volume: {out}{err}");
+    assert!(
+        out.contains("accepted") && out.contains("comparison"),
+        "accept-volume: {out}"
+    );
+    let (m, pv) = p.wait_synced();
+    assert_eq!(pv["uuid"], uuid, "accepting a disk keeps the pair: {pv}");
+    assert_eq!(m["uuid"], uuid, "{m}");
+    assert_ne!(pv["generation"], generation, "a new generation: {pv}");
+    assert!(
+        s(&pv, "last_decision").contains("break"),
+        "the decision should be a comparison after the accepted break: {pv}"
+    );
+    let log = log_since(&p.primary, mark);
+    assert!(
+        log.contains("mode=Compare") && !log.contains("mode=FullCopy"),
+        "the accepted volume should be compared, not copied:\n{log}"
+    );
+    let (code, out, err) = accept_volume(&p.primary, true);
+    assert_eq!(code, Some(0), "accept-volume again: {out}{err}");
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{out}: {e}"));
+    assert_eq!(v["result"], "already", "{v}");
+    let (code, out, err) = accept_volume(&p.primary, false);
+    assert_eq!(code, Some(0), "accept-volume again: {out}{err}");
+    assert!(out.contains("already"), "{out}");
+    let (code, out, err) = cli(&[
+        "accept-volume",
+        "--control",
+        p.primary.control.to_str().unwrap(),
+        "--volume",
+        "no-such-volume",
+    ]);
+    assert_eq!(
+        code,
+        Some(2),
+        "accept-volume of an unknown volume: {out}{err}"
+    );
+    p.finish_and_compare();
+    let (code, out, err) = accept_volume(&p.primary, false);
+    assert_eq!(
+        code,
+        Some(4),
+        "accept-volume with the primary stopped: {out}{err}"
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// 2. The primary restarted with a fresh state directory, its old volume.
+// ------------------------------------------------------------------------------------------
+
+/// Tried: a pair replicates 8 MiB; the primary is stopped, its state directory deleted
+/// (journal, identity, all), and the primary started again on the same volume file; a client
+/// writes 2 MiB at once (during the comparison), and 2 MiB more once it is done.
+///
+/// Expected: no trim or skip on the mirror's word: the mirror recognises the disk and
+/// decides a comparison, which the primary's log and status (`last_decision`) explain ("its
+/// state was lost"); the primary adopts the pair's UUID; the mirror ends byte-identical,
+/// with every write made after the restart.
+#[test]
+fn lost_primary_state_is_compared() {
+    let mut p = Pair::new(PairOptions::default());
+    p.mirror.start();
+    p.primary.start();
+    p.wait_consistent();
+    p.nbd_write(MIB, &pseudo_random(4 * MIB as usize, 201));
+    p.nbd_write(30 * MIB, &pseudo_random(4 * MIB as usize, 202));
+    let (m, _) = p.wait_synced();
+    let uuid = m["uuid"].clone();
+
+    stop_ok(&mut p.primary);
+    std::fs::remove_dir_all(&p.primary_state).unwrap();
+    let mark = p.primary.log().len();
+    p.primary.start();
+    // Written at once: the journal of the new state holds it, the comparison races with it.
+    p.nbd_write(2 * MIB, &pseudo_random(2 * MIB as usize, 203));
+    let mut seen = Vec::new();
+    p.wait("the comparison is done", LONG, |m, pv| {
+        if pv["state"] == "resyncing" || pv["initial_copy"]["compare"] == true {
+            seen.push(pv.clone());
+        }
+        m["consistent"] == true && pv["state"] == "replicating"
+    });
+    p.nbd_write(40 * MIB, &pseudo_random(2 * MIB as usize, 204));
+    let (_, pv) = p.wait_synced();
+    let log = log_since(&p.primary, mark);
+    assert!(
+        s(&pv, "last_decision").contains("its state was lost"),
+        "status should say why the mirror was compared: {pv}"
+    );
+    assert!(
+        log.contains("mode=Compare") && log.contains("its state was lost"),
+        "the primary's log should say a comparison and why:\n{log}"
+    );
+    assert!(!log.contains("mode=Resume"), "resumed on a guess:\n{log}");
+    assert_eq!(pv["uuid"], uuid, "the primary adopts the pair's UUID: {pv}");
+    assert!(
+        log.contains("volume identity adopted from the mirror"),
+        "{log}"
+    );
+    for v in &seen {
+        assert!(
+            v["lag_seconds"].is_null(),
+            "RPO shown during a comparison: {v}"
+        );
+    }
+    eprintln!(
+        "lost_primary_state: {} status samples during the comparison",
+        seen.len()
+    );
+    p.finish_and_compare();
+}
+
+// ------------------------------------------------------------------------------------------
+// 3. Two different primaries, the same certificate name, one after the other.
+// ------------------------------------------------------------------------------------------
+
+/// Tried: primary A replicates 8 MiB and stops. Then (a) primary B, another volume file with
+/// data of its own and a new state directory, same certificate name, connects to the mirror;
+/// then (b) primary C, which first paired with a second mirror of its own (so it has a
+/// volume UUID), is pointed at the first mirror. At last A starts again.
+///
+/// Expected: B and C are refused as unrelated data: their `state` is `unrelated`, `last_error`
+/// and the mirror's log say "unrelated data" and name both disks (B, which has no UUID) or
+/// both UUIDs (C); `lag_seconds` null, `status` exits 6; the refusal is not retried on its
+/// own, `retry` tries again at once and gets the same refusal; the mirror's image and
+/// positions do not change. A then resumes (no new copy or comparison), and the mirror ends
+/// byte-identical to A.
+#[test]
+fn unrelated_primaries_are_refused() {
+    let mut p = Pair::new(PairOptions::default());
+    p.mirror.start();
+    p.primary.start();
+    p.wait_consistent();
+    p.nbd_write(0, &pseudo_random(8 * MIB as usize, 301));
+    let (m, _) = p.wait_synced();
+    let uuid_m = s(&m, "uuid").to_string();
+    stop_ok(&mut p.primary);
+    p.wait("mirror sees A gone", LONG, |m, _| m["link"] == "down");
+    let before = p.mirror_holds();
+    let ino_a = inode_of(&p.primary_img);
+    let d = p.dir().to_path_buf();
+
+    // (a) B: no record of any pair.
+    let img_b = d.join("b.img");
+    {
+        let f = std::fs::File::create(&img_b).unwrap();
+        f.set_len(p.size).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &pseudo_random(8 * MIB as usize, 302), 0)
+            .unwrap();
+    }
+    let ino_b = inode_of(&img_b);
+    let mut b = p.primary_daemon(
+        "primary B",
+        &img_b,
+        &d.join("b-state"),
+        &d.join("b.sock"),
+        p.port,
+        &[],
+    );
+    b.start();
+    let v = wait_for("B refused as unrelated", LONG, &[&p.mirror, &b], |v| {
+        v[1]["state"] == "unrelated"
+    });
+    let (mv, bv) = (&v[0], &v[1]);
+    let err = s(bv, "last_error");
+    assert!(
+        err.contains("unrelated data")
+            && err.contains(&uuid_m)
+            && err.contains(&format!("file inode {ino_a} "))
+            && err.contains(&format!("file inode {ino_b} ")),
+        "B's last_error should say unrelated data, the mirror's UUID and both disks: {bv}"
+    );
+    assert_eq!(bv["link"], "down", "{bv}");
+    assert!(
+        bv["lag_seconds"].is_null(),
+        "no RPO for a refused volume: {bv}"
+    );
+    assert_eq!(mv["state"], "unrelated", "the mirror's state: {mv}");
+    assert!(
+        p.mirror
+            .log()
+            .contains("unrelated data: the mirror holds volume"),
+        "the mirror's log does not say unrelated data:\n{}",
+        tail_lines(&p.mirror.log(), 20)
+    );
+    assert_status_exits_6(&b);
+    // A permanent refusal is not retried on its own (the backoff of a transient failure is
+    // at most 2 s); `blkmirror retry` tries again at once.
+    let refusals = p.mirror.log().matches("unrelated data").count();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        p.mirror.log().matches("unrelated data").count(),
+        refusals,
+        "a permanent refusal is retried without an admin"
+    );
+    let (code, out, err) = cli(&["retry", "--control", b.control.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "retry: {out}{err}");
+    assert!(
+        p.mirror
+            .wait_for_log_count("unrelated data", refusals + 1, LONG),
+        "retry did not try again"
+    );
+    let bv = vol0(&b.status());
+    assert_eq!(bv["state"], "unrelated", "after retry: {bv}");
+    stop_ok(&mut b);
+    assert_eq!(p.mirror_holds(), before, "B changed the mirror");
+
+    // (b) C: a pair of its own with a second mirror first.
+    let port2 = free_udp_port();
+    let mut mirror2 = p.mirror_daemon("mirror 2", &d.join("m2.img"), &d.join("m2-state"), port2);
+    mirror2.start();
+    let img_c = d.join("c.img");
+    let (state_c, sock_c) = (d.join("c-state"), d.join("c.sock"));
+    let mut c = p.primary_daemon("primary C", &img_c, &state_c, &sock_c, port2, &[]);
+    c.start();
+    nbd_write_to(
+        &uri_of(&sock_c),
+        &d,
+        0,
+        &pseudo_random(4 * MIB as usize, 303),
+    );
+    let v = wait_for("C replicates to mirror 2", LONG, &[&mirror2, &c], |v| {
+        v[1]["state"] == "replicating" && v[1]["lag_bytes"] == 0 && v[0]["consistent"] == true
+    });
+    let uuid_c = s(&v[1], "uuid").to_string();
+    assert!(!uuid_c.is_empty() && uuid_c != uuid_m, "{}", v[1]);
+    stop_ok(&mut c);
+    stop_ok(&mut mirror2);
+    let mut c = p.primary_daemon(
+        "primary C to mirror 1",
+        &img_c,
+        &state_c,
+        &sock_c,
+        p.port,
+        &[],
+    );
+    c.start();
+    let v = wait_for("C refused as unrelated", LONG, &[&p.mirror, &c], |v| {
+        v[1]["state"] == "unrelated"
+    });
+    let cv = &v[1];
+    let err = s(cv, "last_error");
+    assert!(
+        err.contains("unrelated data") && err.contains(&uuid_c) && err.contains(&uuid_m),
+        "C's last_error should say unrelated data and name both UUIDs: {cv}"
+    );
+    assert!(cv["lag_seconds"].is_null(), "{cv}");
+    assert_eq!(v[0]["state"], "unrelated", "the mirror's state: {}", v[0]);
+    let mlog = p.mirror.log();
+    assert!(
+        mlog.lines()
+            .any(|l| l.contains("unrelated data") && l.contains(&uuid_c) && l.contains(&uuid_m)),
+        "the mirror's log has no line naming both UUIDs:\n{}",
+        tail_lines(&mlog, 20)
+    );
+    assert_status_exits_6(&c);
+    stop_ok(&mut c);
+    assert_eq!(p.mirror_holds(), before, "C changed the mirror");
+
+    // A again: it resumes.
+    let mark = p.primary.log().len();
+    p.primary.start();
+    p.nbd_write(16 * MIB, &pseudo_random(2 * MIB as usize, 304));
+    let (m, _) = p.wait_synced();
+    assert_eq!(m["uuid"], uuid_m.as_str(), "{m}");
+    let log = log_since(&p.primary, mark);
+    assert!(
+        log.contains("mode=Resume") && !log.contains("full copy starts"),
+        "A should resume, not copy or compare:\n{log}"
+    );
+    assert_eq!(p.resyncs(), 1, "only the initial copy");
+    p.finish_and_compare();
+}
+
+// ------------------------------------------------------------------------------------------
+// 4. The mirror restarted with a blank volume file, same mirror state directory.
+// ------------------------------------------------------------------------------------------
+
+/// Tried: a pair replicates 8 MiB and both stop; the mirror's volume file is deleted and the
+/// mirror started again with its state directory (it creates a blank file at the path); then
+/// the primary. Then both stop again, 2 MiB are written into the mirror's volume file with
+/// `dd conv=notrunc`, and both start again.
+///
+/// Expected: each time the mirror says NOT consistent (`consistent` false, `state` not
+/// replicating, `state_detail` says why: the replaced disk, the change while stopped;
+/// `lag_seconds` null, `status` exits 6) although its redo log and state say it was; once the
+/// primary is back it is compared (not resumed), and only then consistent, byte-identical to
+/// the primary.
+#[test]
+fn blank_mirror_volume_is_not_consistent_until_compared() {
+    let mut p = Pair::new(PairOptions::default());
+    p.mirror.start();
+    p.primary.start();
+    p.wait_consistent();
+    p.nbd_write(3 * MIB, &pseudo_random(4 * MIB as usize, 401));
+    p.nbd_write(50 * MIB, &pseudo_random(4 * MIB as usize, 402));
+    p.wait_synced();
+    p.stop_both();
+    std::fs::remove_file(&p.mirror_img).unwrap();
+    let mark = p.mirror.log().len();
+    p.mirror.start();
+    let m = vol0(&p.mirror.status());
+    assert_eq!(m["consistent"], false, "a blank disk is not a copy: {m}");
+    assert_ne!(m["state"], "replicating", "{m}");
+    assert!(m["lag_seconds"].is_null(), "{m}");
+    assert!(
+        s(&m, "state_detail").contains("not the disk this state describes")
+            && s(&m, "state_detail").contains("NOT consistent"),
+        "state_detail should say why: {m}"
+    );
+    assert_status_exits_6(&p.mirror);
+    assert!(
+        log_since(&p.mirror, mark).contains("NOT consistent until the primary resyncs it"),
+        "{}",
+        p.mirror.log()
+    );
+
+    let pmark = p.primary.log().len();
+    p.primary.start();
+    let (_, pv) = p.wait_synced();
+    let log = log_since(&p.primary, pmark);
+    assert!(
+        log.contains("mode=Compare") && s(&pv, "last_decision").contains("not a consistent copy"),
+        "the mirror should be compared:\n{log}\n{pv}"
+    );
+    let mlog = log_since(&p.mirror, mark);
+    assert!(
+        mlog.lines().any(|l| l.contains("decision on connect")
+            && l.contains("Compare")
+            && l.contains("not a consistent copy")),
+        "the mirror's log should show its decision to be compared:\n{mlog}"
+    );
+
+    // The mirror's volume written while the mirror was stopped (cleanly): the same.
+    p.stop_both();
+    let data = p.dir().join("offline.bin");
+    std::fs::write(&data, pseudo_random(2 * MIB as usize, 403)).unwrap();
+    run(
+        "dd",
+        &[
+            &format!("if={}", data.display()),
+            &format!("of={}", p.mirror_img.display()),
+            "bs=1M",
+            "seek=20",
+            "conv=notrunc",
+            "status=none",
+        ],
+    );
+    let mark = p.mirror.log().len();
+    p.mirror.start();
+    let m = vol0(&p.mirror.status());
+    assert_eq!(m["consistent"], false, "a changed disk is not a copy: {m}");
+    assert!(
+        s(&m, "state_detail").contains("changed while the mirror was not applying"),
+        "state_detail should say why: {m}"
+    );
+    assert_status_exits_6(&p.mirror);
+    p.primary.start();
+    p.wait_synced();
+    assert!(
+        log_since(&p.mirror, mark)
+            .lines()
+            .any(|l| l.contains("decision on connect") && l.contains("Compare")),
+        "{}",
+        log_since(&p.mirror, mark)
+    );
+    p.finish_and_compare();
+}
+
+// ------------------------------------------------------------------------------------------
+// 5. The primary's journal file system full (ENOSPC).
+// ------------------------------------------------------------------------------------------
+
+/// Tried: the primary's state directory on a 200 MiB tmpfs, `--journal-size 128M`; while a
+/// client writes 96 MiB of random 256 KiB writes (a FLUSH every 16), the tmpfs is filled up
+/// by a filler file; the client goes on; the filler is removed; a client writes 1 MiB; the
+/// primary is restarted (SIGTERM, start) and 4 MiB more are written.
+///
+/// Expected: clients may get errors (counted) or succeed; the log shows the journal ran out
+/// of space; once space is back a write succeeds and replication heals by itself (lag 0, the
+/// images equal); after the restart the mirror ends byte-identical to the primary (no
+/// sequence number given twice: the old bug left 65 blocks different with both sides saying
+/// lag 0).
+#[test]
+fn primary_journal_enospc_ends_identical() {
+    let mut p = Pair::new(PairOptions {
+        primary_extra: vec!["--journal-size".into(), "128M".into()],
+        primary_tmpfs: Some("200M"),
+        ..Default::default()
+    });
+    p.mirror.start();
+    p.primary.start();
+    p.wait_consistent();
+    let mut w = p.writer(501, 96 * MIB, 256 << 10);
+    p.wait("the writer is under way", LONG, |_, pv| {
+        u(pv, "journal_seq") >= 100
+    });
+    let filler = p.tmpfs[0].dir.join("filler");
+    let filled = fill_file_system(&filler);
+    let full = Instant::now();
+    // Until the journal has hit the full file system (or the writer is done).
+    while w.is_running() && !p.primary.log().contains("No space left on device") {
+        assert!(full.elapsed() < LONG, "no ENOSPC in the primary's log");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    std::fs::remove_file(&filler).unwrap();
+    let status = w.wait();
+    let out = w.output();
+    let (m, pv) = p.vols();
+    eprintln!(
+        "journal_enospc: filler {filled} bytes; writer {status}: {out}\nprimary: {pv}\nmirror: {m}"
+    );
+    assert!(
+        p.primary.log().contains("No space left on device"),
+        "the test did not make the journal run out of space:\n{}",
+        tail_lines(&p.primary.log(), 30)
+    );
+    // Space is back: a client write succeeds, and replication heals without a restart.
+    p.nbd_write(20 * MIB, &pseudo_random(MIB as usize, 503));
+    p.wait_synced();
+    if let Err(e) = compare_files(&p.primary_img, &p.mirror_img) {
+        panic!("lag 0 on both sides after the full journal, yet: {e}");
+    }
+    stop_ok(&mut p.primary);
+    p.primary.start();
+    p.nbd_write(10 * MIB, &pseudo_random(4 * MIB as usize, 502));
+    p.wait_synced();
+
+    // Again, but the primary is killed (-9) while its file system is still full.
+    let enospc = p.primary.log().matches("No space left on device").count();
+    let mut w = p.writer(504, 96 * MIB, 256 << 10);
+    p.wait("the writer is under way", LONG, |_, pv| {
+        u(pv, "journal_seq") >= 100
+    });
+    let filled = fill_file_system(&filler);
+    assert!(
+        p.primary
+            .wait_for_log_count("No space left on device", enospc + 1, LONG),
+        "the journal did not run out of space again"
+    );
+    p.primary.kill9();
+    w.wait();
+    eprintln!(
+        "journal_enospc: again, filler {filled} bytes; writer: {}",
+        w.output()
+    );
+    std::fs::remove_file(&filler).unwrap();
+    p.primary.start();
+    p.nbd_write(30 * MIB, &pseudo_random(4 * MIB as usize, 505));
+    p.wait_synced();
+    p.finish_and_compare();
+}
+
+// ------------------------------------------------------------------------------------------
+// 6. The mirror's redo log file system full.
+// ------------------------------------------------------------------------------------------
+
+/// Tried: the mirror's state directory on a 96 MiB tmpfs; while a client writes 64 MiB of
+/// random 1 MiB writes, the tmpfs is filled by a filler file; once the mirror reports the
+/// failure, the filler is removed.
+///
+/// Expected: the mirror's status names the redo log or the state directory (`state` failed,
+/// `state_detail` says so, not a failed volume) and the primary's `last_error` too; once
+/// space is freed, replication resumes by itself (no restart of either daemon) and the mirror
+/// ends byte-identical.
+#[test]
+fn mirror_redo_enospc_recovers_by_itself() {
+    let mut p = Pair::new(PairOptions {
+        mirror_tmpfs: Some("96M"),
+        ..Default::default()
+    });
+    p.mirror.start();
+    p.primary.start();
+    p.wait_consistent();
+    let mut w = p.writer(601, 64 * MIB, MIB);
+    p.wait("the writer is under way", LONG, |m, _| {
+        u(m, "acked_set") >= 3
+    });
+    let filler = p.tmpfs[0].dir.join("filler");
+    let errors_before = p.mirror.log().matches(" ERROR ").count();
+    let filled = fill_file_system(&filler);
+    // Every state and error shown while the file system is full (until the failure, and for
+    // 2 s more).
+    let mut details = Vec::new();
+    let mut errors = Vec::new();
+    let mut seen = |m: &Value, pv: &Value| {
+        for (list, v) in [
+            (&mut details, s(m, "state_detail")),
+            (&mut errors, s(pv, "last_error")),
+        ] {
+            if !v.is_empty() && !list.iter().any(|x| x == v) {
+                list.push(v.to_string());
+            }
+        }
+    };
+    let (m, pv) = p.wait("the mirror reports the full file system", LONG, |m, pv| {
+        seen(m, pv);
+        m["state"] == "failed"
+    });
+    assert_eq!(m["consistent"], false, "{m}");
+    let full = Instant::now();
+    while full.elapsed() < Duration::from_secs(2) {
+        let (m, pv) = p.vols();
+        seen(&m, &pv);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let spam = p.mirror.log().matches(" ERROR ").count() - errors_before;
+    eprintln!(
+        "redo_enospc: filler {filled} bytes; {spam} ERROR lines; mirror states seen: \
+         {details:#?}\nprimary errors seen: {errors:#?}\nmirror: {m}\nprimary: {pv}"
+    );
+    // The redo log and the volume's state file share the state directory's file system:
+    // whichever write hit it first is named, never the volume (which is fine).
+    let names_it = |d: &str| d.contains("redo log") || d.contains("state directory");
+    for d in details.iter().filter(|d| d.contains("NOT being updated")) {
+        assert!(
+            names_it(d) && !d.contains("volume failed"),
+            "the mirror's status should name the redo log or the state directory: {d}"
+        );
+    }
+    assert!(
+        errors.iter().any(|e| names_it(e)),
+        "the primary's last_error never named the redo log: {errors:?}"
+    );
+    assert!(
+        errors.iter().all(|e| !e.contains("volume failed")),
+        "{errors:?}"
+    );
+    assert!(
+        spam < 200,
+        "{spam} ERROR lines in 2 s: a failure is logged at every retry"
+    );
+    let mark = p.mirror.log().len();
+    std::fs::remove_file(&filler).unwrap();
+    w.wait();
+    eprintln!("redo_enospc: writer: {}", w.output());
+    let (m, pv) = p.wait_synced();
+    assert_eq!(p.mirror.starts, 1, "the mirror was restarted");
+    assert_eq!(p.primary.starts, 1, "the primary was restarted");
+    eprintln!("redo_enospc: after freeing space: mirror {m}\nprimary {pv}");
+    assert!(
+        log_since(&p.mirror, mark).contains("works again")
+            || log_since(&p.mirror, mark).contains("retrying the redo log"),
+        "{}",
+        tail_lines(&p.mirror.log(), 30)
+    );
+    p.finish_and_compare();
+}
+
+// ------------------------------------------------------------------------------------------
+// 7. Modes of journal and redo segments, state files, and their directories.
+// ------------------------------------------------------------------------------------------
+
+/// The modes of `dirs` and of the files directly in them, read while they may be changing
+/// (a file that vanishes meanwhile is skipped): (path, mode, is a directory).
+fn modes_in(dirs: &[PathBuf]) -> Vec<(PathBuf, u32, bool)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        out.push((dir.clone(), mode_of(dir), true));
+        for e in entries.flatten() {
+            if let Ok(meta) = e.metadata() {
+                if meta.is_file() {
+                    out.push((e.path(), meta.permissions().mode() & 0o777, false));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// While `w` runs (and once after), check that every file in `dirs` is 0600 and every one of
+/// `dirs` 0700; returns the problems and the file names seen.
+fn watch_private_modes(
+    dirs: &[PathBuf],
+    w: &mut Background,
+) -> (Vec<String>, std::collections::BTreeSet<String>) {
+    let mut problems = std::collections::BTreeSet::new();
+    let mut seen = std::collections::BTreeSet::new();
+    loop {
+        let running = w.is_running();
+        for (path, mode, is_dir) in modes_in(dirs) {
+            let want = if is_dir { 0o700 } else { 0o600 };
+            if mode != want {
+                problems.insert(format!("{} is {mode:o}, not {want:o}", path.display()));
+            }
+            if !is_dir {
+                // STATE/journal/vol1/1.jnl -> journal/vol1/1.jnl
+                let parts: Vec<_> = path.iter().rev().take(3).collect();
+                let short: Vec<String> = parts
+                    .iter()
+                    .rev()
+                    .map(|c| c.to_string_lossy().to_string())
+                    .collect();
+                seen.insert(short.join("/"));
+            }
+        }
+        if !running {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (problems.into_iter().collect(), seen)
+}
+
+/// Tried: a pair replicates 48 MiB of 1 MiB writes while the modes of the primary's journal
+/// segments (STATE/journal/vol1/*.jnl), the mirror's redo segments (STATE/redo/vol1/*.redo,
+/// and spares), both state files (STATE/volumes/*.json) and their directories are watched.
+/// Then, as an older release left them, the files are made 0644 and the directories 0755
+/// (STATE/journal and STATE/redo too), both daemons restart and replicate 32 MiB more, watched
+/// the same way.
+///
+/// Expected: files 0600 and their directories 0700 when created, and tightened to that after
+/// the restart (STATE/journal and STATE/redo are checked when created; the modes of the
+/// state directories themselves are printed).
+#[test]
+fn state_files_are_private() {
+    let mut p = Pair::new(PairOptions::default());
+    p.mirror.start();
+    p.primary.start();
+    p.wait_consistent();
+    let dirs = [
+        p.primary_state.join("journal").join(VOL),
+        p.primary_state.join("volumes"),
+        p.mirror_state.join("redo").join(VOL),
+        p.mirror_state.join("volumes"),
+    ];
+    let parents = [p.primary_state.join("journal"), p.mirror_state.join("redo")];
+    let check = |when: &str, w: &mut Background, parents_too: bool| {
+        let (mut problems, seen) = watch_private_modes(&dirs, w);
+        for suffix in [".jnl", ".redo", ".json"] {
+            if !seen.iter().any(|n| n.ends_with(suffix)) {
+                problems.push(format!("{when}: no *{suffix} file was seen (saw {seen:?})"));
+            }
+        }
+        if parents_too {
+            for d in &parents {
+                let m = mode_of(d);
+                if m != 0o700 {
+                    problems.push(format!("{} is {m:o}, not 700", d.display()));
+                }
+            }
+        }
+        eprintln!(
+            "private modes {when}: files seen {seen:?}; STATE/journal {:o}, STATE/redo {:o}, \
+             state dirs: primary {:o}, mirror {:o}",
+            mode_of(&parents[0]),
+            mode_of(&parents[1]),
+            mode_of(parents[0].parent().unwrap()),
+            mode_of(parents[1].parent().unwrap()),
+        );
+        assert!(problems.is_empty(), "{when}:\n{}", problems.join("\n"));
+    };
+    let mut w = p.writer(701, 48 * MIB, MIB);
+    check("as created", &mut w, true);
+    assert!(w.output().contains("errors=0"), "{}", w.output());
+    p.wait_synced();
+
+    p.stop_both();
+    use std::os::unix::fs::PermissionsExt;
+    let loosen = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    for (path, _, is_dir) in modes_in(&dirs) {
+        loosen(&path, if is_dir { 0o755 } else { 0o644 });
+    }
+    for d in &parents {
+        loosen(d, 0o755);
+    }
+    p.mirror.start();
+    p.primary.start();
+    let mut w = p.writer(702, 32 * MIB, MIB);
+    check(
+        "after a restart over files an older release left 0644",
+        &mut w,
+        false,
+    );
+    p.wait_synced();
+    p.finish_and_compare();
+}
+
+// ------------------------------------------------------------------------------------------
+// 8. A clean SIGTERM of the primary, then a restart.
+// ------------------------------------------------------------------------------------------
+
+/// Tried: a pair replicates 160 MiB of random 1 MiB writes over the 64 MiB volume (so the
+/// journal recycles segments); the mirror stops, 4 MiB more are written (they stay in the
+/// journal), the primary gets SIGTERM and starts again, then the mirror.
+///
+/// Expected: the stop logs "journal closed cleanly"; the restart's log says the last stop was
+/// clean (`journal open ... last_stop=Clean`), with no torn record, no tail cut and no range
+/// to re-read; the mirror resumes (no new copy or comparison) and ends byte-identical.
+#[test]
+fn clean_stop_leaves_a_clean_journal() {
+    let mut p = Pair::new(PairOptions::default());
+    p.mirror.start();
+    p.primary.start();
+    p.wait_consistent();
+    let mut w = p.writer(801, 160 * MIB, MIB);
+    let status = w.wait();
+    assert!(status.success(), "writer: {}", w.output());
+    assert!(w.output().contains("errors=0"), "{}", w.output());
+    p.wait_synced();
+    stop_ok(&mut p.mirror);
+    p.nbd_write(5 * MIB, &pseudo_random(4 * MIB as usize, 802));
+    let (_, pv) = p.wait("the journal holds unshipped writes", LONG, |_, pv| {
+        u(pv, "lag_bytes") > 0
+    });
+    let mark = p.primary.log().len();
+    stop_ok(&mut p.primary);
+    let stop_log = log_since(&p.primary, mark);
+    assert!(
+        stop_log.contains("journal closed cleanly"),
+        "the stop did not close the journal cleanly:\n{stop_log}"
+    );
+    let mark = p.primary.log().len();
+    p.primary.start();
+    let log = log_since(&p.primary, mark);
+    let open = log
+        .lines()
+        .find(|l| l.contains("journal open"))
+        .unwrap_or_else(|| panic!("no journal open line:\n{log}"));
+    assert!(open.contains("last_stop=Clean"), "{open}");
+    for bad in [
+        "torn",
+        "tail cut",
+        "unexpected bytes",
+        "writes were in flight",
+        "does not continue the journal",
+    ] {
+        assert!(
+            !log.to_lowercase().contains(bad),
+            "the restart after a clean stop logs {bad:?}:\n{log}"
+        );
+    }
+    let ident = log
+        .lines()
+        .find(|l| l.contains("volume identity"))
+        .unwrap_or_else(|| panic!("no volume identity line:\n{log}"));
+    assert!(ident.contains("continuous=Some(true)"), "{ident}");
+    p.mirror.start();
+    let (_, pv2) = p.wait_synced();
+    let log = log_since(&p.primary, mark);
+    assert!(
+        log.contains("mode=Resume") && !log.contains("full copy starts"),
+        "the primary should resume after a clean stop:\n{log}"
+    );
+    assert_eq!(p.resyncs(), 1, "only the initial copy");
+    eprintln!(
+        "clean_stop: journal held {} bytes at the stop; {open}\nafter: {pv2}",
+        pv["lag_bytes"]
+    );
+    p.finish_and_compare();
+}
+
+// ------------------------------------------------------------------------------------------
+// 9. A TRIM larger than the journal.
+// ------------------------------------------------------------------------------------------
+
+/// Tried: a 256 MiB volume with `--journal-size 128M` holding data; a single 200 MiB TRIM
+/// through libnbd (`h.trim`), a 200 MiB WRITE_ZEROES (`h.zero`), then `mkfs.ext4` (which
+/// discards the whole device) through nbdfuse and a loop device. Then, with the mirror
+/// stopped and a writer parked on the full journal, a 200 MiB TRIM and a 64 MiB
+/// WRITE_ZEROES; then the mirror starts again.
+///
+/// Expected: each completes (each bounded: a client still running after 120 s fails the
+/// test), even while the journal is full (the writer keeps waiting for space, not the TRIM);
+/// `journal_full` is false afterwards, and the mirror ends byte-identical (the trimmed range
+/// zero on both; mkfs's discard reached the volume).
+#[test]
+fn trim_larger_than_the_journal_completes() {
+    let mut p = Pair::new(PairOptions {
+        size: 256 * MIB,
+        primary_extra: vec!["--journal-size".into(), "128M".into()],
+        ..Default::default()
+    });
+    p.mirror.start();
+    p.primary.start();
+    p.wait_consistent();
+    for (i, at) in [16u64, 100, 200, 230].iter().enumerate() {
+        p.nbd_write(at * MIB, &pseudo_random(4 * MIB as usize, 901 + i as u64));
+    }
+    p.wait_synced();
+    let started = Instant::now();
+    nbdsh(
+        &p.uri(),
+        &["h.trim(200 * 1024 * 1024, 16 * 1024 * 1024)", "h.flush()"],
+    );
+    let trim_took = started.elapsed();
+    let (_, pv) = p.vols();
+    assert_eq!(pv["journal_full"], false, "after the TRIM: {pv}");
+    p.wait_synced();
+    // A WRITE_ZEROES of the same size, over data.
+    p.nbd_write(60 * MIB, &pseudo_random(4 * MIB as usize, 906));
+    p.wait_synced();
+    let started = Instant::now();
+    nbdsh(
+        &p.uri(),
+        &["h.zero(200 * 1024 * 1024, 40 * 1024 * 1024)", "h.flush()"],
+    );
+    let zero_took = started.elapsed();
+    let (_, pv) = p.vols();
+    assert_eq!(pv["journal_full"], false, "after the WRITE_ZEROES: {pv}");
+    p.wait_synced();
+    assert!(
+        read_at(&p.primary_img, 100 * MIB, 4096)
+            .iter()
+            .all(|&b| b == 0),
+        "the TRIM did not zero the primary's range"
+    );
+
+    // Data inside the future file system's block group 1, away from its metadata: mkfs's
+    // discard must zero it.
+    p.nbd_write(180 * MIB, &pseudo_random(4 * MIB as usize, 905));
+    p.wait_synced();
+    let started = Instant::now();
+    {
+        let fuse = FuseFile::start(&p.dir().join("fuse"), &p.uri());
+        let lo = LoopDev::attach(&fuse.file());
+        run("mkfs.ext4", &["-q", "-F", &lo.dev]);
+        drop(lo);
+        drop(fuse);
+    }
+    let mkfs_took = started.elapsed();
+    assert!(
+        read_at(&p.primary_img, 181 * MIB, 4096)
+            .iter()
+            .all(|&b| b == 0),
+        "mkfs.ext4's discard did not reach the volume"
+    );
+    let (_, pv) = p.vols();
+    assert_eq!(pv["journal_full"], false, "after mkfs.ext4: {pv}");
+    p.wait_synced();
+    eprintln!(
+        "trim: 200 MiB TRIM took {trim_took:?}, WRITE_ZEROES {zero_took:?}, mkfs.ext4 \
+         {mkfs_took:?}"
+    );
+
+    // With the mirror away and the journal full (a writer parked on it), a TRIM and a
+    // WRITE_ZEROES still complete.
+    stop_ok(&mut p.mirror);
+    let mut w = p.writer(907, 160 * MIB, MIB);
+    p.wait("the journal is full", LONG, |_, pv| {
+        pv["journal_full"] == true
+    });
+    let started = Instant::now();
+    nbdsh(
+        &p.uri(),
+        &[
+            "h.trim(200 * 1024 * 1024, 16 * 1024 * 1024)",
+            "h.zero(64 * 1024 * 1024, 0)",
+            "h.flush()",
+        ],
+    );
+    let full_took = started.elapsed();
+    assert!(w.is_running(), "the writer should wait for journal space");
+    p.mirror.start();
+    let status = w.wait();
+    assert!(
+        status.success() && w.output().contains("errors=0"),
+        "{}",
+        w.output()
+    );
+    let (_, pv) = p.wait_synced();
+    assert_eq!(pv["journal_full"], false, "{pv}");
+    eprintln!("trim: with the journal full, TRIM + WRITE_ZEROES took {full_took:?}");
+    p.finish_and_compare();
+}
+
+// ------------------------------------------------------------------------------------------
+// 10. A volume file written while its primary was not running.
+// ------------------------------------------------------------------------------------------
+
+/// Tried: a pair replicates 4 MiB; the primary stops cleanly; 2 MiB are written into its
+/// volume file with `dd conv=notrunc`; the primary starts again. Then the mirror stops, the
+/// admin runs `accept-volume`, a client writes 1 MiB, the primary restarts, and only then
+/// the mirror starts again.
+///
+/// Expected: the primary ships nothing (`state` volume_changed, `last_error` says the volume
+/// changed while the daemon was stopped, `lag_seconds` null, `status` exits 6) and the
+/// mirror is untouched until `accept-volume`; the acceptance survives the restart, and when
+/// the mirror is back a comparison (not a resume) brings it to the volume, byte-identical.
+#[test]
+fn volume_written_while_stopped_is_refused_until_accepted() {
+    let mut p = Pair::new(PairOptions::default());
+    p.mirror.start();
+    p.primary.start();
+    p.wait_consistent();
+    p.nbd_write(0, &pseudo_random(4 * MIB as usize, 1001));
+    p.wait_synced();
+    stop_ok(&mut p.primary);
+    p.wait("mirror sees the primary gone", LONG, |m, _| {
+        m["link"] == "down"
+    });
+    let before = p.mirror_holds();
+    let data = p.dir().join("offline.bin");
+    std::fs::write(&data, pseudo_random(2 * MIB as usize, 1002)).unwrap();
+    run(
+        "dd",
+        &[
+            &format!("if={}", data.display()),
+            &format!("of={}", p.primary_img.display()),
+            "bs=1M",
+            "seek=12",
+            "conv=notrunc",
+            "status=none",
+        ],
+    );
+    let decisions = p.mirror.log().matches("decision on connect").count();
+    let mark = p.primary.log().len();
+    p.primary.start();
+    let (_, pv) = p.wait(
+        "the primary refuses to ship: volume_changed",
+        LONG,
+        |_, pv| pv["state"] == "volume_changed",
+    );
+    assert!(
+        s(&pv, "last_error").contains("changed while the daemon was stopped")
+            && s(&pv, "last_error").contains("accept-volume"),
+        "{pv}"
+    );
+    assert!(pv["lag_seconds"].is_null(), "{pv}");
+    assert_status_exits_6(&p.primary);
+    assert!(
+        log_since(&p.primary, mark).contains("nothing is shipped until an admin accepts"),
+        "{}",
+        p.primary.log()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        p.mirror_holds(),
+        before,
+        "the mirror changed before accept-volume"
+    );
+    assert_eq!(
+        p.mirror.log().matches("decision on connect").count(),
+        decisions,
+        "a primary whose volume changed connected to the mirror"
+    );
+    // Accepted while the mirror is away; the primary writes on and restarts before the
+    // mirror is back: the acceptance (a break in its history) survives the restart.
+    stop_ok(&mut p.mirror);
+    let (code, out, err) = accept_volume(&p.primary, false);
+    assert_eq!(code, Some(0), "accept-volume: {out}{err}");
+    p.wait("accepted: connecting", LONG, |_, pv| {
+        pv["state"] == "connecting"
+    });
+    p.nbd_write(30 * MIB, &pseudo_random(MIB as usize, 1003));
+    stop_ok(&mut p.primary);
+    let mark = p.primary.log().len();
+    p.primary.start();
+    let (_, pv) = p.vols();
+    assert_ne!(
+        pv["state"], "volume_changed",
+        "accepted before the restart: {pv}"
+    );
+    assert_eq!(p.mirror_holds().0, before.0, "the mirror's image changed");
+    p.mirror.start();
+    p.wait_synced();
+    let log = log_since(&p.primary, mark);
+    assert!(
+        log.contains("mode=Compare") && !log.contains("mode=Resume"),
+        "the mirror must be compared after the accepted change, not resumed:\n{log}"
+    );
+    p.finish_and_compare();
+}
+
+// ------------------------------------------------------------------------------------------
+// 11. How old the mirror's data is, and RPO unknown while there is no usable copy.
+// ------------------------------------------------------------------------------------------
+
+/// Tried: the primary's 64 MiB volume holds random data before the mirror has seen it; the
+/// pair starts (initial copy) while the primary's status is polled; a client writes; the
+/// primary stops for good; later a foreign primary (another disk, no state) knocks.
+///
+/// Expected: during the initial copy the primary's `lag_seconds` is null (a number once the
+/// mirror is consistent). With the primary gone, the mirror's status shows `newest_write_at`
+/// and `received_at` (RFC 3339) and a `data_age_seconds` that matches when the write was made
+/// and keeps growing. The refused foreign primary shows `lag_seconds` null. The original
+/// primary then resumes, byte-identical.
+#[test]
+fn data_age_is_shown_and_rpo_unknown_without_a_copy() {
+    let mut p = Pair::new(PairOptions::default());
+    std::fs::write(&p.primary_img, pseudo_random(p.size as usize, 1101)).unwrap();
+    p.mirror.start();
+    p.primary.start();
+    let mut during_copy = Vec::new();
+    let deadline = Instant::now() + LONG;
+    loop {
+        let pv = vol0(&p.primary.status());
+        if !pv["initial_copy"].is_null() || pv["state"] == "resyncing" {
+            during_copy.push(pv.clone());
+        }
+        if pv["state"] == "replicating" && pv["initial_copy"].is_null() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no initial copy: {pv}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !during_copy.is_empty(),
+        "the initial copy was never seen running"
+    );
+    for v in &during_copy {
+        assert!(v["lag_seconds"].is_null(), "RPO shown during the copy: {v}");
+    }
+    let (_, pv) = p.wait_synced();
+    assert!(
+        pv["lag_seconds"].is_number(),
+        "RPO known once consistent: {pv}"
+    );
+    eprintln!(
+        "data_age: {} status samples during the initial copy",
+        during_copy.len()
+    );
+
+    let t_before = std::time::SystemTime::now();
+    p.nbd_write(MIB, &pseudo_random(MIB as usize, 1102));
+    let t_after = std::time::SystemTime::now();
+    p.wait_synced();
+    stop_ok(&mut p.primary);
+    let (m1, _) = p.wait("mirror sees the primary gone", LONG, |m, _| {
+        m["link"] == "down"
+    });
+    let q = std::time::SystemTime::now();
+    let secs = |a: std::time::SystemTime, b: std::time::SystemTime| {
+        a.duration_since(b).map_or(0.0, |d| d.as_secs_f64())
+    };
+    let age1 = m1["data_age_seconds"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no data_age_seconds: {m1}"));
+    assert!(
+        m1["newest_write_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z') && t.len() == 24)
+            && m1["received_at"].is_string(),
+        "the mirror should say when its newest write was made and received: {m1}"
+    );
+    // The write completed between t_before and t_after; the status was taken before q.
+    assert!(
+        age1 >= secs(t_before, t_after) - 1.0 && age1 <= secs(q, t_before) + 1.0,
+        "data_age_seconds {age1} does not match the write made {:.1}-{:.1} s ago: {m1}",
+        secs(q, t_after),
+        secs(q, t_before)
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let m2 = vol0(&p.mirror.status());
+    let age2 = m2["data_age_seconds"].as_f64().unwrap_or(0.0);
+    assert!(
+        age2 >= age1 + 1.0,
+        "data_age_seconds does not grow: {age1} then {age2}"
+    );
+    assert_eq!(m2["newest_write_at"], m1["newest_write_at"], "{m2}");
+    assert_status_exits_6(&p.mirror);
+
+    // A foreign primary is refused: no RPO for it.
+    let d = p.dir().to_path_buf();
+    let mut f = p.primary_daemon(
+        "primary F",
+        &d.join("f.img"),
+        &d.join("f-state"),
+        &d.join("f.sock"),
+        p.port,
+        &[],
+    );
+    f.start();
+    let v = wait_for("F refused", LONG, &[&p.mirror, &f], |v| {
+        v[1]["state"] == "unrelated"
+    });
+    assert!(
+        v[1]["lag_seconds"].is_null(),
+        "RPO shown for a refused volume: {}",
+        v[1]
+    );
+    assert!(
+        v[0]["data_age_seconds"].as_f64().unwrap_or(0.0) >= age2,
+        "a refused primary refreshed the mirror's age: {}",
+        v[0]
+    );
+    stop_ok(&mut f);
+
+    p.primary.start();
+    p.wait_synced();
+    p.finish_and_compare();
+}
+
+// ------------------------------------------------------------------------------------------
+// 13. (Found while testing the cases above.) Many restarts with no write in between.
+// ------------------------------------------------------------------------------------------
+
+/// Tried: a pair replicates 1 MiB; then the primary is stopped cleanly and started again 34
+/// times with no write in between (as a service manager restarting it, or a flapping link,
+/// would: every start and every lost peer mints a generation, all at the same sequence
+/// number, and a primary remembers 64); then a client writes.
+///
+/// Expected: every reconnection resumes or, once the generation of the mirror's data is
+/// forgotten, compares (and resumes again after); the genuine primary is never refused (the
+/// bug: it was refused for good as a "split brain" after 31 restarts); the mirror ends
+/// byte-identical.
+#[test]
+fn idle_restarts_never_make_a_split_brain() {
+    let mut p = Pair::new(PairOptions::default());
+    p.mirror.start();
+    p.primary.start();
+    p.wait_consistent();
+    p.nbd_write(0, &pseudo_random(MIB as usize, 1301));
+    p.wait_synced();
+    let mut modes = Vec::new();
+    for i in 0..34 {
+        stop_ok(&mut p.primary);
+        let mark = p.primary.log().len();
+        p.primary.start();
+        let refused = ["refused", "split_brain", "unrelated"];
+        let (_, pv) = p.wait(&format!("restart {i}: synced or refused"), LONG, |m, pv| {
+            let done = pv["state"] == "replicating"
+                && pv["lag_bytes"] == 0
+                && m["consistent"] == true
+                && m["applied_set"] == pv["acked_set"];
+            done || refused.iter().any(|r| pv["state"] == *r)
+        });
+        assert_eq!(
+            pv["state"], "replicating",
+            "restart {i}: the genuine primary was refused: {pv}"
+        );
+        let log = log_since(&p.primary, mark);
+        let mode = ["mode=Resume", "mode=Compare", "mode=FullCopy"]
+            .into_iter()
+            .find(|m| log.contains(m))
+            .unwrap_or("?");
+        modes.push(mode);
+    }
+    eprintln!("idle_restarts: decisions {modes:?}");
+    assert!(
+        modes
+            .iter()
+            .all(|m| *m == "mode=Resume" || *m == "mode=Compare"),
+        "{modes:?}"
+    );
+    assert_eq!(
+        modes.last(),
+        Some(&"mode=Resume"),
+        "after a comparison, restarts resume again: {modes:?}"
+    );
+    p.nbd_write(8 * MIB, &pseudo_random(MIB as usize, 1302));
+    p.wait_synced();
+    p.finish_and_compare();
+}
