@@ -850,6 +850,64 @@ fn unrelated_primaries_are_refused() {
     p.finish_and_compare();
 }
 
+/// Tried: while primary A replicates (and keeps writing), primary B (another volume file, a
+/// new state directory, the same certificate name) connects to the mirror.
+///
+/// Expected: B is refused as unrelated data at once; A's session is not touched: its
+/// `reconnects` does not move, its link stays up and its state `replicating`, the mirror's
+/// state stays `replicating`, the mirror's log says why B was refused, and A's writes made
+/// meanwhile arrive: byte-identical at the end.
+#[test]
+fn a_foreign_primary_does_not_disturb_the_running_pair() {
+    let mut p = Pair::new(PairOptions::default());
+    p.mirror.start();
+    p.primary.start();
+    p.wait_consistent();
+    p.nbd_write(0, &pseudo_random(4 * MIB as usize, 311));
+    let (_, a0) = p.wait_synced();
+    let d = p.dir().to_path_buf();
+    let img_b = d.join("b.img");
+    {
+        let f = std::fs::File::create(&img_b).unwrap();
+        f.set_len(p.size).unwrap();
+    }
+    let mut b = p.primary_daemon(
+        "primary B",
+        &img_b,
+        &d.join("b-state"),
+        &d.join("b.sock"),
+        p.port,
+        &[],
+    );
+    let mut writer = p.writer(312, 16 * MIB, 256 * 1024);
+    b.start();
+    let bv = wait_for("B refused as unrelated", LONG, &[&b], |v| {
+        v[0]["state"] == "unrelated"
+    })[0]
+        .clone();
+    assert!(
+        s(&bv, "last_error").contains("unrelated data"),
+        "B's last_error: {bv}"
+    );
+    let status = writer.wait();
+    assert!(status.success(), "A's writer: {}", writer.output());
+    stop_ok(&mut b);
+    let (m, a1) = p.wait_synced();
+    assert_eq!(
+        a1["reconnects"], a0["reconnects"],
+        "B's connection disturbed A's session: before {a0}, after {a1}"
+    );
+    assert_eq!(m["state"], "replicating", "the mirror's state: {m}");
+    assert!(
+        p.mirror
+            .log()
+            .contains("refused a primary holding another volume's data"),
+        "the mirror's log does not say why B was refused:\n{}",
+        tail_lines(&p.mirror.log(), 20)
+    );
+    p.finish_and_compare();
+}
+
 // ------------------------------------------------------------------------------------------
 // 4. The mirror restarted with a blank volume file, same mirror state directory.
 // ------------------------------------------------------------------------------------------

@@ -312,6 +312,32 @@ pub enum RefuseKind {
     SplitBrain,
 }
 
+/// Why a primary's claim is another volume pair's, from the identities alone (whatever the
+/// mirror's position): another volume UUID, or no record of one from a disk other than the
+/// one the mirror last saw. `None` when the claim may be this pair's. The mirror checks it
+/// before a connection may disturb a running session, and [`decide`] first.
+pub fn foreign(
+    p: &PrimaryClaim,
+    mirror_uuid: VolumeUuid,
+    peer_fingerprint: Option<&Fingerprint>,
+) -> Option<String> {
+    match p.uuid {
+        Some(pu) if pu != mirror_uuid => Some(format!(
+            "unrelated data: the primary's volume is {pu}, the mirror holds {mirror_uuid}"
+        )),
+        Some(_) => None,
+        None => match peer_fingerprint {
+            Some(f) if f.same_disk(&p.fingerprint) => None,
+            other => Some(format!(
+                "unrelated data: the mirror holds volume {mirror_uuid} of {}, the primary has \
+                 no record of it and serves {}",
+                other.map_or("an unknown disk".into(), |f| f.describe()),
+                p.fingerprint.describe()
+            )),
+        },
+    }
+}
+
 /// The decision on connect (module doc). `uuid` of the result is the pair's UUID: the
 /// primary's, or the mirror's when the primary lost its record, or a new one.
 pub fn decide(p: &PrimaryClaim, m: &MirrorHolds) -> Decision {
@@ -325,34 +351,22 @@ pub fn decide(p: &PrimaryClaim, m: &MirrorHolds) -> Decision {
             why: "the mirror's data predates volume identities: compared once".into(),
         };
     };
-    let Some(pu) = p.uuid else {
-        return match &m.peer_fingerprint {
-            Some(f) if f.same_disk(&p.fingerprint) => Decision::Compare {
-                why: format!(
-                    "the primary has no record of volume {mu} but serves the same disk ({}): \
-                     its state was lost",
-                    p.fingerprint.describe()
-                ),
-            },
-            other => Decision::Refuse {
-                kind: RefuseKind::Unrelated,
-                why: format!(
-                    "unrelated data: the mirror holds volume {mu} of {}, the primary has no \
-                     record of it and serves {}",
-                    other
-                        .as_ref()
-                        .map_or("an unknown disk".into(), |f| f.describe()),
-                    p.fingerprint.describe()
-                ),
-            },
-        };
-    };
-    if pu != mu {
+    if let Some(why) = foreign(p, mu, m.peer_fingerprint.as_ref()) {
         return Decision::Refuse {
             kind: RefuseKind::Unrelated,
-            why: format!("unrelated data: the primary's volume is {pu}, the mirror holds {mu}"),
+            why,
         };
     }
+    let Some(pu) = p.uuid else {
+        return Decision::Compare {
+            why: format!(
+                "the primary has no record of volume {mu} but serves the same disk ({}): its \
+                 state was lost",
+                p.fingerprint.describe()
+            ),
+        };
+    };
+    debug_assert_eq!(pu, mu, "foreign() refuses another UUID");
     let Some(at) = m.position else {
         return Decision::Compare {
             why: "the mirror is not a consistent copy (a copy or comparison did not finish, \

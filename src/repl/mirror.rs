@@ -961,6 +961,18 @@ impl Mirror {
                 }
             }
         };
+        // Another pair's primary is refused before it can disturb the session of this pair's
+        // own primary (which a new session replaces, below).
+        let live = vol.stats.link_up.load(Ordering::Relaxed);
+        let screened = vol.core.lock().unwrap().screen(&claim, live);
+        if let Err((code, why)) = screened {
+            tracing::warn!(volume = %vol.name, %peer, primary_uuid = ?claim.uuid,
+                "refused a primary holding another volume's data: {why}");
+            *vol.stats.last_error.lock().unwrap() = why.clone();
+            vol.stats.refused.fetch_add(1, Ordering::Relaxed);
+            send_refusal(&conn, &mut send, code, why).await;
+            return;
+        }
         // A reconnecting primary replaces its stale session.
         let task = {
             let v = vol.clone();

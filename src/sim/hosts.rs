@@ -816,8 +816,6 @@ impl MirrorHost {
             } => {
                 let u = self.up.as_mut().expect("up");
                 u.hello = Some((f.conn, version, volume, size));
-                // A new connection replaces the session: nothing more of the old one counts.
-                u.conn = None;
             }
             Message::Identify(claim) => {
                 let u = self.up.as_mut().expect("up");
@@ -832,6 +830,14 @@ impl MirrorHost {
                         rng,
                     );
                 };
+                // Another pair's primary is refused before it can replace the session, as the
+                // driver does.
+                let live = u.conn.is_some();
+                if let Err((code, why)) = u.core.screen(&claim, live) {
+                    return self.refuse(conn, code, why, clock, link, rng);
+                }
+                // A new connection replaces the session: nothing more of the old one counts.
+                u.conn = None;
                 // The barrier: everything durable applied and checkpointed, nothing unsynced (a
                 // decision saves the state: it must not claim sets the volume has not synced).
                 self.drain(clock, link, rng);

@@ -17,7 +17,9 @@ use crate::repl::apply::{CopyState, VolumeState};
 use crate::repl::frame::{
     DeltaSet, Message, Mode, RefuseCode, SetKind, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
-use crate::repl::identity::{decide, Decision, MirrorHolds, PrimaryClaim, RefuseKind, VolumeUuid};
+use crate::repl::identity::{
+    decide, foreign, Decision, MirrorHolds, PrimaryClaim, RefuseKind, VolumeUuid,
+};
 
 /// A refusal: its code and why.
 pub type Refusal = (RefuseCode, String);
@@ -211,6 +213,23 @@ impl MirrorCore {
     /// The redo writer's position.
     pub fn written_position(&self) -> Durable {
         self.written
+    }
+
+    /// A claim from another volume pair's primary, refused on arrival, before its connection
+    /// may replace a session (`identity::foreign`: the identities alone say so). While this
+    /// pair's own session is `live` the stranger does not change what status says of it.
+    pub fn screen(&mut self, claim: &PrimaryClaim, live: bool) -> Result<(), Refusal> {
+        let id = &self.state.identity;
+        let Some(why) = id
+            .uuid
+            .and_then(|mu| foreign(claim, mu, id.peer_fingerprint.as_ref()))
+        else {
+            return Ok(());
+        };
+        if !live {
+            self.refused = Some((ReplState::Unrelated, why.clone()));
+        }
+        Err((RefuseCode::Unrelated, why))
     }
 
     /// The decision on Hello + Identify. Call it only once everything durable is applied and
