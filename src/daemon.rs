@@ -4,10 +4,11 @@
 //! restart, and keeps all of this across the change.
 
 use crate::control::{self, Handler};
+use crate::env::{FileSystem, OsFs};
 use nix::sys::signal::{SigSet, Signal};
 use std::fs::{File, TryLockError};
 use std::io;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -63,19 +64,37 @@ pub fn resolve(flag: &'static str, addr: &str) -> Result<std::net::SocketAddr, D
         .ok_or_else(|| bad("resolves to nothing".into()))
 }
 
+/// The state directory's subdirectories that hold or describe client data (journal, redo log,
+/// volume state); their own subdirectories are tightened when the logs open them.
+const PRIVATE_SUBDIRS: [&str; 3] = ["journal", "redo", "volumes"];
+
 /// An exclusive lock on STATE_DIR/lock, held until the returned file is dropped.
 pub fn lock_state_dir(dir: &Path) -> Result<File, DaemonError> {
     let err = |source| DaemonError::StateDir {
         path: dir.to_path_buf(),
         source,
     };
-    std::fs::create_dir_all(dir).map_err(err)?;
+    // The state directory holds client data (the journal, the redo log) and what describes
+    // it: owner only, like everything in it (`env::os`), also when an older release or an
+    // admin's mkdir left it open to others.
+    FileSystem::create_dir_all(&OsFs, dir).map_err(err)?;
+    for sub in PRIVATE_SUBDIRS {
+        let path = dir.join(sub);
+        if path.is_dir() {
+            FileSystem::create_dir_all(&OsFs, &path).map_err(err)?;
+        }
+    }
     let f = File::options()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(dir.join("lock"))
         .map_err(err)?;
+    if f.metadata().map_err(err)?.permissions().mode() & 0o777 != 0o600 {
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(err)?;
+    }
     // std's try_lock is flock(LOCK_EX|LOCK_NB): the same lock earlier versions took.
     match f.try_lock() {
         Ok(()) => Ok(f),

@@ -1247,12 +1247,12 @@ fn watch_private_modes(
 /// segments (STATE/journal/vol1/*.jnl), the mirror's redo segments (STATE/redo/vol1/*.redo,
 /// and spares), both state files (STATE/volumes/*.json) and their directories are watched.
 /// Then, as an older release left them, the files are made 0644 and the directories 0755
-/// (STATE/journal and STATE/redo too), both daemons restart and replicate 32 MiB more, watched
-/// the same way.
+/// (STATE/journal, STATE/redo, the state directories and their lock files too), both daemons
+/// restart and replicate 32 MiB more, watched the same way.
 ///
 /// Expected: files 0600 and their directories 0700 when created, and tightened to that after
-/// the restart (STATE/journal and STATE/redo are checked when created; the modes of the
-/// state directories themselves are printed).
+/// the restart; the state directories, STATE/journal and STATE/redo 0700, and the lock files
+/// 0600, both times.
 #[test]
 fn state_files_are_private() {
     let mut p = Pair::new(PairOptions::default());
@@ -1265,34 +1265,37 @@ fn state_files_are_private() {
         p.mirror_state.join("redo").join(VOL),
         p.mirror_state.join("volumes"),
     ];
-    let parents = [p.primary_state.join("journal"), p.mirror_state.join("redo")];
-    let check = |when: &str, w: &mut Background, parents_too: bool| {
+    let parents = [
+        p.primary_state.join("journal"),
+        p.mirror_state.join("redo"),
+        p.primary_state.clone(),
+        p.mirror_state.clone(),
+    ];
+    let locks = [p.primary_state.join("lock"), p.mirror_state.join("lock")];
+    let check = |when: &str, w: &mut Background| {
         let (mut problems, seen) = watch_private_modes(&dirs, w);
         for suffix in [".jnl", ".redo", ".json"] {
             if !seen.iter().any(|n| n.ends_with(suffix)) {
                 problems.push(format!("{when}: no *{suffix} file was seen (saw {seen:?})"));
             }
         }
-        if parents_too {
-            for d in &parents {
-                let m = mode_of(d);
-                if m != 0o700 {
-                    problems.push(format!("{} is {m:o}, not 700", d.display()));
-                }
+        for d in &parents {
+            let m = mode_of(d);
+            if m != 0o700 {
+                problems.push(format!("{} is {m:o}, not 700", d.display()));
             }
         }
-        eprintln!(
-            "private modes {when}: files seen {seen:?}; STATE/journal {:o}, STATE/redo {:o}, \
-             state dirs: primary {:o}, mirror {:o}",
-            mode_of(&parents[0]),
-            mode_of(&parents[1]),
-            mode_of(parents[0].parent().unwrap()),
-            mode_of(parents[1].parent().unwrap()),
-        );
+        for f in &locks {
+            let m = mode_of(f);
+            if m != 0o600 {
+                problems.push(format!("{} is {m:o}, not 600", f.display()));
+            }
+        }
+        eprintln!("private modes {when}: files seen {seen:?}");
         assert!(problems.is_empty(), "{when}:\n{}", problems.join("\n"));
     };
     let mut w = p.writer(701, 48 * MIB, MIB);
-    check("as created", &mut w, true);
+    check("as created", &mut w);
     assert!(w.output().contains("errors=0"), "{}", w.output());
     p.wait_synced();
 
@@ -1307,13 +1310,15 @@ fn state_files_are_private() {
     for d in &parents {
         loosen(d, 0o755);
     }
+    for f in &locks {
+        loosen(f, 0o644);
+    }
     p.mirror.start();
     p.primary.start();
     let mut w = p.writer(702, 32 * MIB, MIB);
     check(
         "after a restart over files an older release left 0644",
         &mut w,
-        false,
     );
     p.wait_synced();
     p.finish_and_compare();
