@@ -126,6 +126,11 @@ pub fn not_replicating(doc: &serde_json::Value) -> Vec<(String, String)> {
         let name = vol["name"].as_str().unwrap_or("?").to_string();
         let link = vol["link"].as_str().unwrap_or("unknown");
         let why = match vol["state"].as_str() {
+            // Writes cannot be journaled: clients get errors and the mirror falls behind.
+            _ if vol["journal_error"].is_string() => Some(format!(
+                "journal failing: {}",
+                vol["journal_error"].as_str().unwrap_or_default()
+            )),
             Some("replicating") => None,
             _ if link != "up" => Some(format!("link {link}")),
             Some(state) => Some(format!("state: {state}")),
@@ -228,6 +233,9 @@ pub fn render(v: &serde_json::Value) -> String {
         if let Some(e) = vol["last_error"].as_str().filter(|e| !e.is_empty()) {
             out.push_str(&format!("  {name}: last error: {e}\n"));
         }
+        if let Some(e) = vol["journal_error"].as_str() {
+            out.push_str(&format!("  {name}: journal: {e}\n"));
+        }
         if let Some(p) = vol.get("initial_copy").filter(|p| !p.is_null()) {
             let what = if p["compare"] == true {
                 "comparison"
@@ -270,8 +278,10 @@ mod tests {
             { "name": "stated", "replicated": true, "link": "up", "initial_copy": null,
               "state": "refused" },
             { "name": "says-so", "replicated": true, "link": "down", "state": "replicating" },
+            { "name": "no-journal", "replicated": true, "link": "up", "state": "replicating",
+              "journal_error": "cannot append to the journal: No space left on device" },
         ]});
-        assert_eq!(names(primary), ["down", "copying", "stated"]);
+        assert_eq!(names(primary), ["down", "copying", "stated", "no-journal"]);
         let mirror = json!({ "role": "mirror", "volumes": [
             { "name": "ok", "link": "up", "consistent": true, "state": "replicating" },
             { "name": "down", "link": "down", "consistent": true, "state": "connecting" },
@@ -301,7 +311,8 @@ mod tests {
               "acked_set": 12, "applied_set": 11, "reconnects": 0 },
             { "name": "b", "state": "connecting", "link": "down", "lag_seconds": null,
               "lag_bytes": 4096, "journal_bytes": 8192, "acked_set": 1, "applied_set": 1,
-              "reconnects": 3, "last_error": "mirror refused: no" },
+              "reconnects": 3, "last_error": "mirror refused: no",
+              "journal_error": "cannot sync the journal: Input/output error" },
         ]});
         let text = render(&doc);
         let lines: Vec<&str> = text.lines().collect();
@@ -311,5 +322,9 @@ mod tests {
         assert_eq!(col(lines[1], "LOG"), col(lines[2], "1.2 GiB"));
         assert!(text.contains("12 ms"), "{text}");
         assert!(text.contains("b: last error: mirror refused: no"), "{text}");
+        assert!(
+            text.contains("b: journal: cannot sync the journal: Input/output error"),
+            "{text}"
+        );
     }
 }

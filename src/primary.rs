@@ -390,6 +390,7 @@ fn primary_status(volumes: &[String], shipping: &[Shipping]) -> serde_json::Valu
                     "last_decision": s.last_decision.lock().unwrap().clone(),
                     "journal_bytes": js.disk_bytes,
                     "journal_full": js.full,
+                    "journal_error": js.failure,
                     "journal_seq": js.last_seq,
                     "acked_seq": js.acked_seq,
                     "sent_bytes": s.sent_bytes.load(Relaxed),

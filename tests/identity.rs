@@ -1013,7 +1013,7 @@ fn blank_mirror_volume_is_not_consistent_until_compared() {
 /// primary is restarted (SIGTERM, start) and 4 MiB more are written.
 ///
 /// Expected: clients may get errors (counted) or succeed; the log shows the journal ran out
-/// of space; once space is back a write succeeds and replication heals by itself (lag 0, the
+/// of space, and status names it (`journal_error`, `status` exits 6); once space is back a write succeeds and replication heals by itself (lag 0, the
 /// images equal); after the restart the mirror ends byte-identical to the primary (no
 /// sequence number given twice: the old bug left 65 blocks different with both sides saying
 /// lag 0).
@@ -1040,6 +1040,14 @@ fn primary_journal_enospc_ends_identical() {
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_secs(1));
+    // While full, status names the journal, and `status` says the volume is not replicating.
+    let pv = vol0(&p.primary.status());
+    let je = pv["journal_error"].as_str().unwrap_or_default();
+    assert!(
+        je.contains("journal") && je.contains("No space left on device"),
+        "status should name the journal's failure while its file system is full: {pv}"
+    );
+    assert_status_exits_6(&p.primary);
     std::fs::remove_file(&filler).unwrap();
     let status = w.wait();
     let out = w.output();
@@ -1054,7 +1062,11 @@ fn primary_journal_enospc_ends_identical() {
     );
     // Space is back: a client write succeeds, and replication heals without a restart.
     p.nbd_write(20 * MIB, &pseudo_random(MIB as usize, 503));
-    p.wait_synced();
+    let (_, pv) = p.wait_synced();
+    assert!(
+        pv["journal_error"].is_null(),
+        "the journal's failure should clear once it works: {pv}"
+    );
     if let Err(e) = compare_files(&p.primary_img, &p.mirror_img) {
         panic!("lag 0 on both sides after the full journal, yet: {e}");
     }

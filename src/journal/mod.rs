@@ -155,7 +155,7 @@ pub enum JournalError {
     AckBeyondEnd { acked: u64, last: u64 },
 }
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct JournalStats {
     /// Bytes of segments on disk.
     pub disk_bytes: u64,
@@ -169,6 +169,10 @@ pub struct JournalStats {
     pub full: bool,
     /// Ranges waiting to be re-read from the volume.
     pub dirty_ranges: usize,
+    /// The journal's appends or syncs fail (its file system full, an I/O error): why. An
+    /// append failure clears with the next record with data appended, a sync failure with
+    /// the next sync that works.
+    pub failure: Option<String>,
 }
 
 struct Segment {
@@ -223,6 +227,10 @@ struct Inner {
     /// one too, or a power cut could lose the segment's name with the records a FLUSH synced.
     dir_changed: bool,
     closed: bool,
+    /// Why the last append failed, until a record with data is appended (status).
+    append_failure: Option<String>,
+    /// Why the last sync failed, until a sync works (status).
+    sync_failure: Option<String>,
     /// `mark_running` was called: appends are allowed.
     running: bool,
 }
@@ -298,6 +306,8 @@ impl Journal {
             spares: Spares::load(&fs, &opts.dir, MAX_SPARES)?,
             dir_changed: false,
             closed: false,
+            append_failure: None,
+            sync_failure: None,
             running: false,
         };
         let mut broken = false;
@@ -620,8 +630,20 @@ impl Journal {
         Ok(seq)
     }
 
-    /// Append one record to the current segment; returns (segment id, header position).
+    /// Append one record to the current segment; returns (segment id, header position). A
+    /// failure is kept for status until a record with data is appended (a bare header may
+    /// still fit in a full file system's last page).
     fn append_locked(&self, g: &mut Inner, h: &Header, data: &[u8]) -> io::Result<(u64, u64)> {
+        let appended = self.append_locked_once(g, h, data);
+        match &appended {
+            Ok(_) if !data.is_empty() => g.append_failure = None,
+            Ok(_) => {}
+            Err(e) => g.append_failure = Some(format!("cannot append to the journal: {e}")),
+        }
+        appended
+    }
+
+    fn append_locked_once(&self, g: &mut Inner, h: &Header, data: &[u8]) -> io::Result<(u64, u64)> {
         let rotate = g
             .segments
             .back()
@@ -685,17 +707,27 @@ impl Journal {
         // A new segment's name must survive a power loss with its records.
         if dir_changed {
             if let Err(e) = self.opts.fs.sync_dir(&self.opts.dir) {
-                self.inner.lock().unwrap().dir_changed = true;
+                let mut g = self.inner.lock().unwrap();
+                g.dir_changed = true;
+                g.sync_failure = Some(format!("cannot sync the journal's directory: {e}"));
                 return Err(e);
             }
         }
+        let synced_any = !unsynced.is_empty();
         for (file, len) in unsynced {
-            file.sync_data()?;
+            if let Err(e) = file.sync_data() {
+                self.inner.lock().unwrap().sync_failure =
+                    Some(format!("cannot sync the journal: {e}"));
+                return Err(e);
+            }
             let mut g = self.inner.lock().unwrap();
             // The segment may have been acknowledged and removed meanwhile.
             if let Some(s) = g.segments.iter_mut().find(|s| Arc::ptr_eq(&s.file, &file)) {
                 s.synced_len = s.synced_len.max(len);
             }
+        }
+        if dir_changed || synced_any {
+            self.inner.lock().unwrap().sync_failure = None;
         }
         Ok(())
     }
@@ -865,6 +897,7 @@ impl Journal {
             acked_seq: g.acked_seq,
             full: g.waiting_for_space,
             dirty_ranges: g.dirty.len(),
+            failure: g.append_failure.clone().or_else(|| g.sync_failure.clone()),
         }
     }
 }
@@ -1352,6 +1385,11 @@ mod tests {
         let it = begin(&j, 9 * 4096, 4096).unwrap();
         let err = j.complete(it, 9 * 4096, data(9, 4096)).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+        let failure = j.stats().failure.expect("status says the journal failed");
+        assert!(
+            failure.contains("cannot append to the journal") && failure.contains("No space"),
+            "{failure}"
+        );
         assert_eq!(
             ranges(j.take_dirty()),
             vec![(9 * 4096, 4096)],
@@ -1361,6 +1399,7 @@ mod tests {
         for b in 3..6u8 {
             written.push((write(&j, b), b));
         }
+        assert_eq!(j.stats().failure, None, "cleared once an append works");
         let seqs: Vec<u64> = written.iter().map(|(s, _)| *s).collect();
         assert!(seqs.windows(2).all(|w| w[0] < w[1]));
         j.close().unwrap();
@@ -1368,6 +1407,26 @@ mod tests {
         let j = open(mem_opts(&fs, "b1"));
         assert_eq!(j.last_stop(), LastStop::Clean);
         assert_eq!(shipped(&j, 0), written);
+    }
+
+    /// A failing sync (a FLUSH the disk could not honour) shows in status until a sync works.
+    #[test]
+    fn a_failing_sync_shows_until_a_sync_works() {
+        use crate::env::mem::{Faults, MemFs};
+        let fs = MemFs::new();
+        let j = open(mem_opts(&fs, "b1"));
+        write(&j, 1);
+        fs.set_faults(Faults {
+            capacity: None,
+            failing_syncs: 1,
+        });
+        assert!(j.sync().is_err());
+        let failure = j.stats().failure.expect("status says the sync failed");
+        assert!(failure.contains("cannot sync the journal"), "{failure}");
+        write(&j, 2);
+        assert!(j.stats().failure.is_some(), "an append does not vouch for syncs");
+        j.sync().unwrap();
+        assert_eq!(j.stats().failure, None);
     }
 
     /// A range whose record could not be written is kept through acknowledgements and a

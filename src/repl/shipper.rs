@@ -129,7 +129,9 @@ impl VolumeRecord {
     }
 
     fn save(&self, st: &PrimaryVolumeState) -> std::io::Result<()> {
-        st.save(&*self.fs, &self.path)
+        st.save(&*self.fs, &self.path).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("state file {}: {e}", self.path.display()))
+        })
     }
 
     /// Change the state and persist it (the caller runs this off the async threads).

@@ -78,8 +78,15 @@ pub enum SessionEnd {
     Protocol(String),
     #[error("stalled: {0}")]
     Stalled(String),
+    /// A local file or disk failed; the error names which (see [`local`]).
     #[error("local I/O: {0}")]
     Io(#[from] io::Error),
+}
+
+/// An I/O error with the part of this host that failed (the journal, the volume, the state
+/// file) in front, so status tells an admin where to look.
+pub fn local(what: &'static str) -> impl FnOnce(io::Error) -> io::Error {
+    move |e| io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
 impl SessionEnd {
@@ -516,7 +523,9 @@ impl Session {
         if self.in_flight.len() >= self.limits.window_sets {
             return Ok(None);
         }
-        let (records, covered) = journal.collect(self.shipped_seq, self.limits.set_max_bytes)?;
+        let (records, covered) = journal
+            .collect(self.shipped_seq, self.limits.set_max_bytes)
+            .map_err(local("journal"))?;
         if covered > self.shipped_seq {
             let bytes: u64 = records.iter().map(|r| r.extent.len()).sum();
             let idle = self.in_flight.is_empty() || self.resync.is_some();
@@ -663,7 +672,7 @@ impl Session {
             while r.pos < size && sums.len() < self.limits.sums_per_message {
                 let len = chunk.min(size - r.pos);
                 let b = &mut buf[..len as usize];
-                if !volume.read_settled(r.pos, b)? {
+                if !volume.read_settled(r.pos, b).map_err(local("volume"))? {
                     self.busy_retry = Some(now + BUSY_RETRY);
                     break;
                 }
@@ -738,7 +747,7 @@ fn read_chunk(volume: &dyn VolumeRead, at: u64, len: u64) -> io::Result<Option<E
     let n = u32::try_from(len).expect("chunks are small");
     let mut buf = vec![0u8; len as usize];
     // A hole is read too (under the lock): a change may be filling it right now.
-    if !volume.read_settled(at, &mut buf)? {
+    if !volume.read_settled(at, &mut buf).map_err(local("volume"))? {
         return Ok(None);
     }
     let payload = if buf.iter().all(|&b| b == 0) {
@@ -776,8 +785,11 @@ pub fn resync_dirty(journal: &Journal, volume: &dyn VolumeRead) -> io::Result<bo
             // The last piece closes the range's intent.
             let closes = (at + n >= end).then_some(&d);
             done = match volume.read_settled(at, &mut buf) {
-                Ok(true) => journal.resync(at, Bytes::from(buf), closes).map(|_| true),
-                other => other,
+                Ok(true) => journal
+                    .resync(at, Bytes::from(buf), closes)
+                    .map(|_| true)
+                    .map_err(local("journal")),
+                other => other.map_err(local("volume")),
             };
             if !matches!(done, Ok(true)) {
                 break;
