@@ -1424,7 +1424,10 @@ mod tests {
         let failure = j.stats().failure.expect("status says the sync failed");
         assert!(failure.contains("cannot sync the journal"), "{failure}");
         write(&j, 2);
-        assert!(j.stats().failure.is_some(), "an append does not vouch for syncs");
+        assert!(
+            j.stats().failure.is_some(),
+            "an append does not vouch for syncs"
+        );
         j.sync().unwrap();
         assert_eq!(j.stats().failure, None);
     }

@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-pub use nix::sys::signal::Signal;
+pub(crate) use nix::sys::signal::Signal;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_blkmirror");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_blkmirror");
 
-pub const MIB: u64 = 1 << 20;
+pub(crate) const MIB: u64 = 1 << 20;
 
 /// One `--volume` of the server under test.
 #[derive(Clone, Debug)]
@@ -29,7 +29,7 @@ struct VolumeDef {
 
 /// Describes a server to start; see [`Server::builder`].
 #[derive(Default)]
-pub struct ServerBuilder {
+pub(crate) struct ServerBuilder {
     volumes: Vec<VolumeDef>,
     faults: Vec<String>,
     log_level: Option<String>,
@@ -39,7 +39,7 @@ pub struct ServerBuilder {
 
 impl ServerBuilder {
     /// A writable volume whose backing file does not exist yet: the server creates it sparse.
-    pub fn volume(mut self, name: &str, size: u64) -> Self {
+    pub(crate) fn volume(mut self, name: &str, size: u64) -> Self {
         self.volumes.push(VolumeDef {
             name: name.into(),
             size,
@@ -50,7 +50,7 @@ impl ServerBuilder {
     }
 
     /// A read-only volume backed by an existing file holding `contents`.
-    pub fn ro_volume(mut self, name: &str, contents: Vec<u8>) -> Self {
+    pub(crate) fn ro_volume(mut self, name: &str, contents: Vec<u8>) -> Self {
         self.volumes.push(VolumeDef {
             name: name.into(),
             size: contents.len() as u64,
@@ -61,30 +61,30 @@ impl ServerBuilder {
     }
 
     /// `--inject-fault RULE`.
-    pub fn fault(mut self, rule: &str) -> Self {
+    pub(crate) fn fault(mut self, rule: &str) -> Self {
         self.faults.push(rule.into());
         self
     }
 
     /// `--nbd-tcp ADDR:PORT`.
-    pub fn tcp(mut self, addr: &str) -> Self {
+    pub(crate) fn tcp(mut self, addr: &str) -> Self {
         self.tcp = Some(addr.into());
         self
     }
 
     /// Any other argument of `blkmirror primary`.
-    pub fn arg(mut self, arg: &str) -> Self {
+    pub(crate) fn arg(mut self, arg: &str) -> Self {
         self.extra.push(arg.into());
         self
     }
 
     /// BLKMIRROR_LOG for the server (default `debug`, so tests can assert on detail).
-    pub fn log_level(mut self, level: &str) -> Self {
+    pub(crate) fn log_level(mut self, level: &str) -> Self {
         self.log_level = Some(level.into());
         self
     }
 
-    pub fn start(self) -> Server {
+    pub(crate) fn start(self) -> Server {
         assert!(!self.volumes.is_empty(), "a server needs a volume");
         let dir = tempfile::Builder::new()
             .prefix("blkmirror-e2e-")
@@ -151,7 +151,7 @@ impl ServerBuilder {
 }
 
 /// A running `blkmirror primary`; SIGTERM (then SIGKILL after 5 s) on Drop.
-pub struct Server {
+pub(crate) struct Server {
     dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub log_path: PathBuf,
@@ -160,43 +160,43 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn builder() -> ServerBuilder {
+    pub(crate) fn builder() -> ServerBuilder {
         ServerBuilder::default()
     }
 
     /// The common case: one writable, sparse volume called `vol1`.
-    pub fn with_volume(size: u64) -> Server {
+    pub(crate) fn with_volume(size: u64) -> Server {
         Server::builder().volume("vol1", size).start()
     }
 
     /// A scratch directory that lives as long as the server (for client-side files).
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         self.dir.path()
     }
 
     /// Its `--state-dir`.
-    pub fn state_dir(&self) -> PathBuf {
+    pub(crate) fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
     }
 
     /// Its control socket (the default, in the state directory).
-    pub fn control(&self) -> PathBuf {
+    pub(crate) fn control(&self) -> PathBuf {
         self.state_dir().join("control.sock")
     }
 
     /// Send `sig` to the running server.
-    pub fn signal(&self, sig: Signal) {
+    pub(crate) fn signal(&self, sig: Signal) {
         let child = self.child.as_ref().expect("server is not running");
         signal(child, sig);
     }
 
     /// `nbd+unix:///NAME?socket=PATH`.
-    pub fn uri(&self, name: &str) -> String {
+    pub(crate) fn uri(&self, name: &str) -> String {
         format!("nbd+unix:///{}?socket={}", name, self.socket.display())
     }
 
     /// The backing file of volume `name`.
-    pub fn volume_path(&self, name: &str) -> PathBuf {
+    pub(crate) fn volume_path(&self, name: &str) -> PathBuf {
         self.volumes
             .iter()
             .find(|v| v.0 == name)
@@ -205,7 +205,7 @@ impl Server {
             .clone()
     }
 
-    pub fn volume_size(&self, name: &str) -> u64 {
+    pub(crate) fn volume_size(&self, name: &str) -> u64 {
         self.volumes
             .iter()
             .find(|v| v.0 == name)
@@ -214,12 +214,12 @@ impl Server {
     }
 
     /// Everything the server has written to stderr so far.
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
     /// Wait (up to `timeout`) for a log line containing `needle`; returns whether it came.
-    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+    pub(crate) fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
             if self.log().contains(needle) {
@@ -233,7 +233,7 @@ impl Server {
     }
 
     /// Panic, showing the log, unless a line containing `needle` appears within 5 s.
-    pub fn assert_log(&self, needle: &str) {
+    pub(crate) fn assert_log(&self, needle: &str) {
         assert!(
             self.wait_for_log(needle, Duration::from_secs(5)),
             "server log has no line containing {needle:?}; log:\n{}",
@@ -242,7 +242,7 @@ impl Server {
     }
 
     /// Is the process still running?
-    pub fn is_running(&mut self) -> bool {
+    pub(crate) fn is_running(&mut self) -> bool {
         match self.child.as_mut() {
             Some(c) => c.try_wait().expect("try_wait").is_none(),
             None => false,
@@ -273,7 +273,7 @@ impl Server {
     }
 
     /// SIGTERM and wait up to 5 s, then SIGKILL. Returns the exit status.
-    pub fn stop(&mut self) -> Option<ExitStatus> {
+    pub(crate) fn stop(&mut self) -> Option<ExitStatus> {
         terminate(self.child.take()?, "blkmirror")
     }
 }
@@ -316,11 +316,11 @@ fn probe(socket: &Path) -> std::io::Result<()> {
 }
 
 /// How long a client may run before it is considered hung and killed.
-pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Run a client to completion (killed after [`CLIENT_TIMEOUT`]); returns its output whatever
 /// the exit status.
-pub fn run_output(cmd: &str, args: &[&str], cwd: Option<&Path>) -> Output {
+pub(crate) fn run_output(cmd: &str, args: &[&str], cwd: Option<&Path>) -> Output {
     let mut c = Command::new(cmd);
     c.args(args);
     if let Some(d) = cwd {
@@ -330,7 +330,7 @@ pub fn run_output(cmd: &str, args: &[&str], cwd: Option<&Path>) -> Output {
 }
 
 /// Run a prepared command to completion (killed after [`CLIENT_TIMEOUT`]).
-pub fn run_command(mut c: Command) -> Output {
+pub(crate) fn run_command(mut c: Command) -> Output {
     let what = format!("{c:?}");
     c.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -381,12 +381,12 @@ fn describe(cmd: &str, args: &[&str], o: &Output) -> String {
 }
 
 /// Run a real client, assert it succeeded (showing its stderr if not), return its stdout.
-pub fn run(cmd: &str, args: &[&str]) -> String {
+pub(crate) fn run(cmd: &str, args: &[&str]) -> String {
     run_in(cmd, args, None)
 }
 
 /// [`run`] in working directory `cwd`.
-pub fn run_in(cmd: &str, args: &[&str], cwd: Option<&Path>) -> String {
+pub(crate) fn run_in(cmd: &str, args: &[&str], cwd: Option<&Path>) -> String {
     let o = run_output(cmd, args, cwd);
     if !o.status.success() {
         panic!("{}", describe(cmd, args, &o));
@@ -395,7 +395,7 @@ pub fn run_in(cmd: &str, args: &[&str], cwd: Option<&Path>) -> String {
 }
 
 /// Run a real client and assert it failed; returns stdout + stderr.
-pub fn run_fails(cmd: &str, args: &[&str]) -> String {
+pub(crate) fn run_fails(cmd: &str, args: &[&str]) -> String {
     let o = run_output(cmd, args, None);
     assert!(
         !o.status.success(),
@@ -410,7 +410,7 @@ pub fn run_fails(cmd: &str, args: &[&str]) -> String {
 }
 
 /// A python script run by `/usr/bin/python3` (the interpreter with libnbd's `nbd` module).
-pub fn python(script: &str, args: &[&str]) -> String {
+pub(crate) fn python(script: &str, args: &[&str]) -> String {
     let mut a = vec!["-c", script];
     a.extend_from_slice(args);
     run("/usr/bin/python3", &a)
@@ -418,7 +418,7 @@ pub fn python(script: &str, args: &[&str]) -> String {
 
 /// `nbdsh -u URI -c CMD...`, with /usr/bin first on PATH: nbdsh runs `python3 -m nbd`, and
 /// only the distribution's python has the libnbd bindings.
-pub fn nbdsh(uri: &str, cmds: &[&str]) -> String {
+pub(crate) fn nbdsh(uri: &str, cmds: &[&str]) -> String {
     let mut c = Command::new("nbdsh");
     c.arg("-u").arg(uri);
     for cmd in cmds {
@@ -438,7 +438,7 @@ pub fn nbdsh(uri: &str, cmds: &[&str]) -> String {
 }
 
 /// Parse `key=value` lines (as the python helper scripts print them).
-pub fn kv(out: &str) -> std::collections::HashMap<String, String> {
+pub(crate) fn kv(out: &str) -> std::collections::HashMap<String, String> {
     out.lines()
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
@@ -446,10 +446,10 @@ pub fn kv(out: &str) -> std::collections::HashMap<String, String> {
 }
 
 /// xorshift64*: deterministic randomness for tests (reproducible failures, no extra crate).
-pub struct Rng(pub u64);
+pub(crate) struct Rng(pub u64);
 
 impl Rng {
-    pub fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -457,7 +457,7 @@ impl Rng {
     }
 
     /// One byte of each draw (garbage datagrams).
-    pub fn fill(&mut self, buf: &mut [u8]) {
+    pub(crate) fn fill(&mut self, buf: &mut [u8]) {
         for b in buf {
             *b = self.next() as u8;
         }
@@ -465,7 +465,7 @@ impl Rng {
 }
 
 /// Deterministic pseudo-random bytes (xorshift64*), so failures are reproducible.
-pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut v = Vec::with_capacity(len + 8);
     while v.len() < len {
@@ -476,7 +476,7 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
 }
 
 /// `sha256sum FILE` -> hex digest.
-pub fn sha256(path: &Path) -> String {
+pub(crate) fn sha256(path: &Path) -> String {
     let out = run("sha256sum", &[path.to_str().unwrap()]);
     out.split_whitespace()
         .next()
@@ -485,7 +485,7 @@ pub fn sha256(path: &Path) -> String {
 }
 
 /// Read `len` bytes at `offset` of a file.
-pub fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+pub(crate) fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     use std::os::unix::fs::FileExt;
     let f = File::open(path).expect("open file");
     let mut v = vec![0u8; len];
@@ -494,13 +494,13 @@ pub fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
 }
 
 /// An nbdfuse process exposing an export as MOUNTDIR/nbd; unmounted and reaped on Drop.
-pub struct FuseFile {
+pub(crate) struct FuseFile {
     mountdir: PathBuf,
     child: Option<Child>,
 }
 
 impl FuseFile {
-    pub fn start(mountdir: &Path, uri: &str) -> FuseFile {
+    pub(crate) fn start(mountdir: &Path, uri: &str) -> FuseFile {
         std::fs::create_dir_all(mountdir).expect("create fuse mount dir");
         let pidfile = mountdir.with_extension("pid");
         let _ = std::fs::remove_file(&pidfile);
@@ -527,7 +527,7 @@ impl FuseFile {
         f
     }
 
-    pub fn file(&self) -> PathBuf {
+    pub(crate) fn file(&self) -> PathBuf {
         self.mountdir.join("nbd")
     }
 }
@@ -562,12 +562,12 @@ impl Drop for FuseFile {
 }
 
 /// A loop device over a file; detached on Drop.
-pub struct LoopDev {
+pub(crate) struct LoopDev {
     pub dev: String,
 }
 
 impl LoopDev {
-    pub fn attach(file: &Path) -> LoopDev {
+    pub(crate) fn attach(file: &Path) -> LoopDev {
         let out = run(
             "losetup",
             &["-f", "--show", "--direct-io=off", file.to_str().unwrap()],
@@ -596,13 +596,13 @@ impl Drop for LoopDev {
 }
 
 /// A mounted file system; unmounted on Drop (lazily if busy).
-pub struct Mount {
+pub(crate) struct Mount {
     pub dir: PathBuf,
     mounted: bool,
 }
 
 impl Mount {
-    pub fn at(dev: &str, dir: &Path) -> Mount {
+    pub(crate) fn at(dev: &str, dir: &Path) -> Mount {
         std::fs::create_dir_all(dir).expect("create mount point");
         run("mount", &[dev, dir.to_str().unwrap()]);
         Mount {
@@ -612,7 +612,7 @@ impl Mount {
     }
 
     /// Unmount now, asserting success.
-    pub fn umount(mut self) {
+    pub(crate) fn umount(mut self) {
         run("umount", &[self.dir.to_str().unwrap()]);
         self.mounted = false;
     }
@@ -640,13 +640,13 @@ impl Drop for Mount {
 
 /// A free UDP port on 127.0.0.1 (bound, read, released: another process could take it in
 /// between, which is unlikely enough for tests).
-pub fn free_udp_port() -> u16 {
+pub(crate) fn free_udp_port() -> u16 {
     let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a UDP socket");
     s.local_addr().expect("local address").port()
 }
 
 /// `blkmirror certs init --dir DIR` followed by `certs issue --dir DIR NAME` for each name.
-pub fn certs_init(dir: &Path, names: &[&str]) {
+pub(crate) fn certs_init(dir: &Path, names: &[&str]) {
     run(BIN, &["certs", "init", "--dir", dir.to_str().unwrap()]);
     for n in names {
         certs_issue(dir, n, &[]);
@@ -654,7 +654,7 @@ pub fn certs_init(dir: &Path, names: &[&str]) {
 }
 
 /// `blkmirror certs issue --dir DIR [EXTRA...] NAME`.
-pub fn certs_issue(dir: &Path, name: &str, extra: &[&str]) {
+pub(crate) fn certs_issue(dir: &Path, name: &str, extra: &[&str]) {
     let mut args = vec!["certs", "issue", "--dir", dir.to_str().unwrap()];
     args.extend_from_slice(extra);
     args.push(name);
@@ -662,7 +662,7 @@ pub fn certs_issue(dir: &Path, name: &str, extra: &[&str]) {
 }
 
 /// The `--ca --cert --key` arguments for certificate NAME of the CA in `dir`.
-pub fn tls_args(dir: &Path, name: &str) -> Vec<std::ffi::OsString> {
+pub(crate) fn tls_args(dir: &Path, name: &str) -> Vec<std::ffi::OsString> {
     vec![
         "--ca".into(),
         dir.join("ca.crt").into(),
@@ -674,7 +674,7 @@ pub fn tls_args(dir: &Path, name: &str) -> Vec<std::ffi::OsString> {
 }
 
 /// Ask a daemon's control socket for its status document (None if it does not answer).
-pub fn query_status(control: &Path) -> Option<serde_json::Value> {
+pub(crate) fn query_status(control: &Path) -> Option<serde_json::Value> {
     let s = UnixStream::connect(control).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
     let mut w = s.try_clone().ok()?;
@@ -685,7 +685,7 @@ pub fn query_status(control: &Path) -> Option<serde_json::Value> {
 }
 
 /// The last `n` lines of a text.
-pub fn tail_lines(text: &str, n: usize) -> String {
+pub(crate) fn tail_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
@@ -693,7 +693,7 @@ pub fn tail_lines(text: &str, n: usize) -> String {
 /// A `blkmirror` daemon (`mirror` or `primary`) with a fixed command line that can be stopped,
 /// killed and started again; every run appends to the same log file. SIGTERM (then SIGKILL
 /// after 5 s) on Drop; the log tail is printed when the test is failing.
-pub struct Daemon {
+pub(crate) struct Daemon {
     pub label: String,
     args: Vec<std::ffi::OsString>,
     log_level: String,
@@ -708,7 +708,7 @@ pub struct Daemon {
 
 impl Daemon {
     /// Describe a daemon (not started yet). `args` is everything after the binary name.
-    pub fn new(
+    pub(crate) fn new(
         label: &str,
         args: Vec<std::ffi::OsString>,
         log_path: PathBuf,
@@ -729,7 +729,7 @@ impl Daemon {
 
     /// Start the process (it must not be running) and wait until its control socket answers
     /// (and its NBD socket, for a primary). Panics with the log if it exits meanwhile.
-    pub fn start(&mut self) {
+    pub(crate) fn start(&mut self) {
         assert!(!self.is_running(), "{} is already running", self.label);
         let log = File::options()
             .create(true)
@@ -771,11 +771,11 @@ impl Daemon {
         }
     }
 
-    pub fn pid(&self) -> Option<u32> {
+    pub(crate) fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }
 
-    pub fn is_running(&mut self) -> bool {
+    pub(crate) fn is_running(&mut self) -> bool {
         match self.child.as_mut() {
             Some(c) => c.try_wait().expect("try_wait").is_none(),
             None => false,
@@ -783,12 +783,12 @@ impl Daemon {
     }
 
     /// Send `sig` to the running process.
-    pub fn signal(&self, sig: Signal) {
+    pub(crate) fn signal(&self, sig: Signal) {
         signal(self.child.as_ref().expect("daemon is not running"), sig);
     }
 
     /// `kill -9` and reap.
-    pub fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         let mut child = self.child.take().expect("daemon is not running");
         signal(&child, Signal::SIGKILL);
         let _ = child.wait();
@@ -796,22 +796,22 @@ impl Daemon {
 
     /// SIGTERM and wait up to 5 s, then SIGKILL. Returns the exit status (None if it was not
     /// running).
-    pub fn stop(&mut self) -> Option<ExitStatus> {
+    pub(crate) fn stop(&mut self) -> Option<ExitStatus> {
         terminate(self.child.take()?, &self.label)
     }
 
     /// The status document from the control socket (None if the daemon does not answer).
-    pub fn status(&self) -> Option<serde_json::Value> {
+    pub(crate) fn status(&self) -> Option<serde_json::Value> {
         query_status(&self.control)
     }
 
     /// Everything every run of this daemon has logged.
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
     /// Wait (up to `timeout`) until the log contains `needle` at least `count` times.
-    pub fn wait_for_log_count(&self, needle: &str, count: usize, timeout: Duration) -> bool {
+    pub(crate) fn wait_for_log_count(&self, needle: &str, count: usize, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
             if self.log().matches(needle).count() >= count {
@@ -840,7 +840,7 @@ impl Drop for Daemon {
 }
 
 /// Compare two files byte for byte; Err describes the first difference.
-pub fn compare_files(a: &Path, b: &Path) -> Result<(), String> {
+pub(crate) fn compare_files(a: &Path, b: &Path) -> Result<(), String> {
     let mut fa = File::open(a).map_err(|e| format!("{}: {e}", a.display()))?;
     let mut fb = File::open(b).map_err(|e| format!("{}: {e}", b.display()))?;
     let la = fa.metadata().map_err(|e| e.to_string())?.len();
@@ -883,7 +883,7 @@ pub fn compare_files(a: &Path, b: &Path) -> Result<(), String> {
 
 impl LoopDev {
     /// A read-only loop device over a file.
-    pub fn attach_ro(file: &Path) -> LoopDev {
+    pub(crate) fn attach_ro(file: &Path) -> LoopDev {
         let out = run(
             "losetup",
             &["-f", "--show", "--read-only", file.to_str().unwrap()],
@@ -896,7 +896,7 @@ impl LoopDev {
 
 impl Mount {
     /// `mount -o OPTIONS DEV DIR`.
-    pub fn with_options(dev: &str, dir: &Path, options: &str) -> Mount {
+    pub(crate) fn with_options(dev: &str, dir: &Path, options: &str) -> Mount {
         std::fs::create_dir_all(dir).expect("create mount point");
         run("mount", &["-o", options, dev, dir.to_str().unwrap()]);
         Mount {
@@ -907,13 +907,13 @@ impl Mount {
 }
 
 /// Send `sig` to a child process (not yet reaped, so its pid is still its own).
-pub fn signal(child: &Child, sig: Signal) {
+pub(crate) fn signal(child: &Child, sig: Signal) {
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let _ = nix::sys::signal::kill(pid, sig);
 }
 
 /// SIGTERM a child and wait up to 5 s, then SIGKILL it. Returns its exit status.
-pub fn terminate(mut child: Child, label: &str) -> Option<ExitStatus> {
+pub(crate) fn terminate(mut child: Child, label: &str) -> Option<ExitStatus> {
     if let Ok(None) = child.try_wait() {
         signal(&child, Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -936,14 +936,14 @@ pub fn terminate(mut child: Child, label: &str) -> Option<ExitStatus> {
 
 /// A tmpfs of a given size mounted at a directory (created); unmounted on Drop (lazily if
 /// busy), so a failing test leaves no mount behind.
-pub struct Tmpfs {
+pub(crate) struct Tmpfs {
     pub dir: PathBuf,
     mounted: bool,
 }
 
 impl Tmpfs {
     /// `mount -t tmpfs -o size=SIZE,mode=0755 tmpfs DIR` (SIZE as mount takes it: `160M`).
-    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
+    pub(crate) fn mount(dir: &Path, size: &str) -> Tmpfs {
         std::fs::create_dir_all(dir).expect("create tmpfs mount point");
         run(
             "mount",
@@ -963,7 +963,7 @@ impl Tmpfs {
     }
 
     /// Bytes still free on it.
-    pub fn free_bytes(&self) -> u64 {
+    pub(crate) fn free_bytes(&self) -> u64 {
         let s = nix::sys::statvfs::statvfs(&self.dir).expect("statvfs");
         s.blocks_available() as u64 * s.fragment_size() as u64
     }
@@ -987,7 +987,7 @@ impl Drop for Tmpfs {
 
 /// Write zeroes to a new file at `path` until its file system says ENOSPC (1 MiB writes, then
 /// 4 KiB ones for the rest); returns the bytes written. Removing the file frees the space.
-pub fn fill_file_system(path: &Path) -> u64 {
+pub(crate) fn fill_file_system(path: &Path) -> u64 {
     use std::os::unix::fs::FileExt;
     let f = File::create(path).expect("create filler file");
     let mut at = 0u64;
@@ -1006,7 +1006,7 @@ pub fn fill_file_system(path: &Path) -> u64 {
 }
 
 /// Permission bits (`mode & 0o777`) of a file or directory.
-pub fn mode_of(path: &Path) -> u32 {
+pub(crate) fn mode_of(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -1016,7 +1016,7 @@ pub fn mode_of(path: &Path) -> u32 {
 }
 
 /// `blkmirror ARGS...`: (exit code, stdout, stderr), whatever the exit code.
-pub fn cli(args: &[&str]) -> (Option<i32>, String, String) {
+pub(crate) fn cli(args: &[&str]) -> (Option<i32>, String, String) {
     let o = run_output(BIN, args, None);
     (
         o.status.code(),
@@ -1027,14 +1027,14 @@ pub fn cli(args: &[&str]) -> (Option<i32>, String, String) {
 
 /// A client running in the background, its stdout and stderr going to a file; killed on Drop
 /// if still running.
-pub struct Background {
+pub(crate) struct Background {
     what: String,
     child: Option<Child>,
     out: PathBuf,
 }
 
 impl Background {
-    pub fn spawn(what: &str, mut c: Command, out: &Path) -> Background {
+    pub(crate) fn spawn(what: &str, mut c: Command, out: &Path) -> Background {
         let f = File::create(out).expect("create output file");
         let child = c
             .stdin(Stdio::null())
@@ -1050,18 +1050,18 @@ impl Background {
     }
 
     /// What it printed so far.
-    pub fn output(&self) -> String {
+    pub(crate) fn output(&self) -> String {
         std::fs::read_to_string(&self.out).unwrap_or_default()
     }
 
-    pub fn is_running(&mut self) -> bool {
+    pub(crate) fn is_running(&mut self) -> bool {
         self.child
             .as_mut()
             .is_some_and(|c| c.try_wait().expect("try_wait").is_none())
     }
 
     /// Wait for its exit (killed, and panicking, after [`CLIENT_TIMEOUT`]).
-    pub fn wait(&mut self) -> ExitStatus {
+    pub(crate) fn wait(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("already waited");
         let deadline = Instant::now() + CLIENT_TIMEOUT;
         loop {

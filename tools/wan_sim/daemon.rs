@@ -19,7 +19,7 @@ use crate::{run_ip, Error, Names, TUN_NAME};
 
 /// Everything the daemon needs, passed as one JSON argument by `up`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Config {
+pub(crate) struct Config {
     pub names: Names,
     pub params: Params,
     pub seed: u64,
@@ -32,7 +32,7 @@ pub struct Config {
 /// A line on the control socket.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase")]
-pub enum Request {
+pub(crate) enum Request {
     Stats,
     Set { params: Patch },
     Cut { secs: f64 },
@@ -116,7 +116,7 @@ fn configure(ns: &str, addr: &str, mtu: u32) -> Result<(), Error> {
     Ok(())
 }
 
-pub fn run(cfg: Config) -> Result<(), Error> {
+pub(crate) fn run(cfg: Config) -> Result<(), Error> {
     let n = &cfg.names;
     // The link should not be what a CPU-bound benchmark starves: a reader thread that waits for
     // the CPU lets the TUN queue in front of it overflow (counted as tun_in_dropped). Nice -10

@@ -36,7 +36,7 @@ const TICK_NS: u64 = 100_000;
 const MAX_OVERSLEEP_NS: u64 = 500_000;
 
 /// What the control socket changes while the data path runs.
-pub struct Control {
+pub(crate) struct Control {
     pub params: Mutex<Params>,
     /// Bumped on every `set`; readers reload their shaper when it moves.
     pub generation: AtomicU64,
@@ -45,7 +45,7 @@ pub struct Control {
 }
 
 impl Control {
-    pub fn new(params: Params) -> Control {
+    pub(crate) fn new(params: Params) -> Control {
         Control {
             params: Mutex::new(params),
             generation: AtomicU64::new(0),
@@ -53,11 +53,11 @@ impl Control {
         }
     }
 
-    pub fn params(&self) -> Params {
+    pub(crate) fn params(&self) -> Params {
         lock(&self.params).clone()
     }
 
-    pub fn set_params(&self, p: Params) {
+    pub(crate) fn set_params(&self, p: Params) {
         *lock(&self.params) = p;
         self.generation.fetch_add(1, Ordering::Release);
     }
@@ -125,7 +125,7 @@ impl Ord for Pending {
 }
 
 /// One direction of the link: packets read from `input` are written to `output`.
-pub struct Direction {
+pub(crate) struct Direction {
     pub name: &'static str,
     input: File,
     output: File,
@@ -142,7 +142,7 @@ pub struct Direction {
 }
 
 impl Direction {
-    pub fn new(
+    pub(crate) fn new(
         name: &'static str,
         input: File,
         output: File,
@@ -186,7 +186,7 @@ impl Direction {
         }
     }
 
-    pub fn stats_json(&self) -> Value {
+    pub(crate) fn stats_json(&self) -> Value {
         let s = &self.stats;
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         json!({
@@ -415,7 +415,7 @@ impl Direction {
 }
 
 /// Starts the four data-path threads.
-pub fn spawn(dirs: &[Arc<Direction>], ctl: &Arc<Control>, seed: u64) -> std::io::Result<()> {
+pub(crate) fn spawn(dirs: &[Arc<Direction>], ctl: &Arc<Control>, seed: u64) -> std::io::Result<()> {
     for (i, d) in dirs.iter().enumerate() {
         // Every buffer that exists fits in either channel, so no send ever fails for lack of room.
         let cap = d.max_inflight + 2;

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 /// Link parameters, as given on the command line (`up` / `set`) and shown by `stats`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Params {
+pub(crate) struct Params {
     /// Round-trip time added by the link (each direction gets half).
     pub rtt_ms: f64,
     /// Jitter: the one-way delay wanders within ± jitter/2 (never reordering
@@ -44,7 +44,7 @@ impl Default for Params {
 
 /// A partial change of [`Params`] (`set` changes only what it names).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Patch {
+pub(crate) struct Patch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rtt_ms: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -64,12 +64,12 @@ pub struct Patch {
 }
 
 impl Patch {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         *self == Patch::default()
     }
 
     /// `base` with this patch applied (not validated).
-    pub fn apply(&self, base: &Params) -> Params {
+    pub(crate) fn apply(&self, base: &Params) -> Params {
         Params {
             rtt_ms: self.rtt_ms.unwrap_or(base.rtt_ms),
             jitter_ms: self.jitter_ms.unwrap_or(base.jitter_ms),
@@ -85,7 +85,7 @@ impl Patch {
 
 impl Params {
     /// Checks ranges; the message names the offending flag.
-    pub fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         let finite_nonneg = [
             ("--rtt-ms", self.rtt_ms),
             ("--jitter-ms", self.jitter_ms),
@@ -116,10 +116,10 @@ impl Params {
 
 /// xorshift64* — a few nanoseconds per number, reproducible from a seed.
 #[derive(Clone, Debug)]
-pub struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    pub fn new(seed: u64) -> Rng {
+    pub(crate) fn new(seed: u64) -> Rng {
         // splitmix64 of the seed, so that nearby seeds give unrelated streams and 0 is fine.
         let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -129,7 +129,7 @@ impl Rng {
     }
 
     #[inline]
-    pub fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -140,27 +140,27 @@ impl Rng {
 
     /// Uniform in [0, 1).
     #[inline]
-    pub fn next_f64(&mut self) -> f64 {
+    pub(crate) fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 
     /// True with probability `p` (p = 0 never, p = 1 always).
     #[inline]
-    pub fn chance(&mut self, p: f64) -> bool {
+    pub(crate) fn chance(&mut self, p: f64) -> bool {
         p > 0.0 && self.next_f64() < p
     }
 }
 
 /// Why a packet was dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DropReason {
+pub(crate) enum DropReason {
     Loss,
     QueueFull,
 }
 
 /// What happens to one packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Drop(DropReason),
     /// Deliver at `due` (ns, same clock as `now`); if `dup_due` is set, deliver a copy then too.
     /// `held` = this packet got the reordering extra delay.
@@ -210,7 +210,7 @@ impl Compiled {
 /// optional reordering. The bottleneck is modelled in virtual time (`link_free_at` = when the
 /// queued bytes will have left), which is exactly a FIFO queue served at rate R.
 #[derive(Clone, Debug)]
-pub struct Shaper {
+pub(crate) struct Shaper {
     c: Compiled,
     rng: Rng,
     /// ns at which the bottleneck finishes sending everything accepted so far.
@@ -228,7 +228,7 @@ pub struct Shaper {
 const JITTER_PERIOD_MIN_NS: f64 = 10e6;
 
 impl Shaper {
-    pub fn new(params: &Params, seed: u64) -> Shaper {
+    pub(crate) fn new(params: &Params, seed: u64) -> Shaper {
         Shaper {
             c: Compiled::new(params),
             rng: Rng::new(seed),
@@ -241,7 +241,7 @@ impl Shaper {
     }
 
     /// New parameters take effect for the next packet; queued packets keep their times.
-    pub fn set_params(&mut self, params: &Params) {
+    pub(crate) fn set_params(&mut self, params: &Params) {
         self.c = Compiled::new(params);
         self.jit_t0 = -1.0;
     }
@@ -313,7 +313,7 @@ impl Shaper {
 
     /// Decides the fate of one packet of `len` bytes read at `now` (ns).
     #[inline]
-    pub fn on_packet(&mut self, now: u64, len: usize) -> Verdict {
+    pub(crate) fn on_packet(&mut self, now: u64, len: usize) -> Verdict {
         if self.rng.chance(self.c.loss) {
             return Verdict::Drop(DropReason::Loss);
         }

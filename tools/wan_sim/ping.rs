@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::sys::{in_netns, now_ns};
 
 #[derive(Debug, Serialize)]
-pub struct PingReport {
+pub(crate) struct PingReport {
     pub from_ns: String,
     pub to: String,
     pub sent: u32,
@@ -24,7 +24,7 @@ pub struct PingReport {
     pub rtts_ms: Vec<Option<f64>>,
 }
 
-pub struct PingOpts {
+pub(crate) struct PingOpts {
     pub count: u32,
     pub interval_ms: u64,
     pub timeout_ms: u64,
@@ -101,7 +101,7 @@ fn send_echo(fd: &OwnedFd, to: Ipv4Addr, id: u16, seq: u16, size: usize) -> io::
 
 /// Sends `count` echo requests from namespace `ns` to `to`, one every `interval_ms`, and waits
 /// `timeout_ms` after the last one for stragglers.
-pub fn ping(ns: &str, to: Ipv4Addr, o: &PingOpts) -> io::Result<PingReport> {
+pub(crate) fn ping(ns: &str, to: Ipv4Addr, o: &PingOpts) -> io::Result<PingReport> {
     let fd = in_netns(ns, raw_icmp_socket)?;
     let id = (std::process::id() ^ (now_ns() as u32 >> 7)) as u16;
     let count = o.count.clamp(1, 65535) as usize;

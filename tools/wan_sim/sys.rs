@@ -8,24 +8,24 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Where `ip netns add NAME` binds namespace NAME.
-pub fn netns_path(name: &str) -> PathBuf {
+pub(crate) fn netns_path(name: &str) -> PathBuf {
     Path::new("/run/netns").join(name)
 }
 
-pub fn netns_exists(name: &str) -> bool {
+pub(crate) fn netns_exists(name: &str) -> bool {
     netns_path(name).exists()
 }
 
 /// Moves the calling thread into the network namespace behind `ns` (a file opened from
 /// `/run/netns/NAME` or `/proc/self/ns/net`).
-pub fn setns_net(ns: &File) -> io::Result<()> {
+pub(crate) fn setns_net(ns: &File) -> io::Result<()> {
     nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
 }
 
 /// Runs `f` with the calling thread inside network namespace `name`, then returns to the
 /// namespace it was in (also when `f` fails). File descriptors opened by `f` (sockets, TUN
 /// devices) stay bound to `name`.
-pub fn in_netns<T>(name: &str, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+pub(crate) fn in_netns<T>(name: &str, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
     let home = File::open("/proc/thread-self/ns/net")?;
     let target = File::open(netns_path(name))
         .map_err(|e| io::Error::new(e.kind(), format!("network namespace {name}: {e}")))?;
@@ -37,7 +37,7 @@ pub fn in_netns<T>(name: &str, f: impl FnOnce() -> io::Result<T>) -> io::Result<
 
 /// Creates TUN device `name` (IFF_TUN | IFF_NO_PI: each read/write is one bare IP packet) in
 /// the calling thread's network namespace. The device lives as long as the returned file.
-pub fn open_tun(name: &str) -> io::Result<File> {
+pub(crate) fn open_tun(name: &str) -> io::Result<File> {
     if name.len() >= libc::IFNAMSIZ {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -65,7 +65,7 @@ pub fn open_tun(name: &str) -> io::Result<File> {
 
 /// CLOCK_MONOTONIC in nanoseconds (vDSO: no syscall).
 #[inline]
-pub fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .expect("CLOCK_MONOTONIC is always there");
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
@@ -73,24 +73,24 @@ pub fn now_ns() -> u64 {
 
 /// Makes the calling thread's timed sleeps wake within ~1 ns of slack instead of the default
 /// 50 µs, so that packets leave close to their due time.
-pub fn tight_timer_slack() {
+pub(crate) fn tight_timer_slack() {
     let _ = nix::sys::prctl::set_timerslack(1);
 }
 
 /// Is `pid` alive (or a zombie)?
-pub fn pid_alive(pid: i32) -> bool {
+pub(crate) fn pid_alive(pid: i32) -> bool {
     // No signal: only checks existence and permission.
     pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
 }
 
-pub fn kill(pid: i32, sig: nix::sys::signal::Signal) {
+pub(crate) fn kill(pid: i32, sig: nix::sys::signal::Signal) {
     if pid > 0 {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
     }
 }
 
 /// Command line of `pid`, arguments joined by spaces ("" when gone).
-pub fn cmdline(pid: i32) -> String {
+pub(crate) fn cmdline(pid: i32) -> String {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|b| {
             b.split(|&c| c == 0)
