@@ -39,6 +39,19 @@ const MIN_MODEL_RTT: Duration = Duration::from_millis(5);
 /// In startup the window stays within this many times the measured bandwidth-delay product.
 const STARTUP_CAP: f64 = 2.5;
 
+/// The smallest window the controller ever has: four datagrams of the path's current MTU.
+///
+/// quinn sends an ack-eliciting packet only while `bytes in flight + one datagram < window`.
+/// A window below one datagram therefore stops the connection for good: nothing is sent, so
+/// nothing is acknowledged, and only acknowledgements move the window. `initial_window`
+/// (14,720 bytes, ten 1472-byte datagrams) is such a window once MTU discovery has found a
+/// large path MTU (65,507 bytes on loopback): with 128 volumes on one host, a starved round
+/// trip of seconds made the startup cap fall to it, or persistent congestion reset the
+/// controller to it, and the stream stalled with the link up (issue 13).
+fn min_window(mtu: u64) -> u64 {
+    4 * mtu
+}
+
 #[derive(Clone, Debug)]
 pub struct SteadyConfig {
     pub initial_window: u64,
@@ -90,7 +103,9 @@ pub struct Steady {
 impl Steady {
     pub fn new(config: Arc<SteadyConfig>, now: Instant, mtu: u16) -> Steady {
         Steady {
-            window: config.initial_window,
+            // Also after persistent congestion, when the path's MTU may be far above the one
+            // `initial_window` was sized for (see `min_window`).
+            window: config.initial_window.max(min_window(mtu as u64)),
             config,
             mtu: mtu as u64,
             mode: Mode::Startup,
@@ -108,7 +123,7 @@ impl Steady {
     }
 
     fn min_window(&self) -> u64 {
-        4 * self.mtu
+        min_window(self.mtu)
     }
 
     /// Bytes per second: the largest delivery rate of the recent rounds.
@@ -215,7 +230,8 @@ impl Steady {
             let cap = self
                 .model_window(STARTUP_CAP)
                 .unwrap_or(u64::MAX)
-                .max(self.config.initial_window);
+                .max(self.config.initial_window)
+                .max(self.min_window());
             self.window = (self.window + bytes).min(cap).min(self.config.max_window);
         }
         // A packet sent after the round began has made the trip: the round is over.
@@ -389,6 +405,83 @@ mod tests {
             got / MBIT
         );
         assert!(lost < 0.10, "lost {:.3} of packets", lost);
+    }
+
+    /// The loopback path's MTU, which MTU discovery finds on one host.
+    const LOOPBACK_MTU: u16 = 65_507;
+
+    /// A controller on a path whose MTU discovery found `mtu` after the start at 1452 bytes.
+    fn on_path(now: Instant, mtu: u16) -> Steady {
+        let mut cc = Steady::new(Arc::new(SteadyConfig::default()), now, 1452);
+        cc.on_mtu_update(mtu);
+        cc
+    }
+
+    #[test]
+    fn persistent_congestion_leaves_room_for_datagrams_of_the_current_mtu() {
+        // Issue 13: reset to `initial_window` (14,720 bytes) on loopback, where datagrams are
+        // 65,507 bytes, quinn could never send again and the stream stalled with the link up.
+        let now = Instant::now();
+        let mut cc = on_path(now, LOOPBACK_MTU);
+        cc.window = 10 << 20;
+        cc.mode = Mode::Steady;
+        cc.on_congestion_event(now, now, true, 1 << 20);
+        assert_eq!(cc.mode, Mode::Startup);
+        assert_eq!(cc.window(), 4 * u64::from(LOOPBACK_MTU));
+    }
+
+    #[test]
+    fn a_starved_startup_never_caps_the_window_below_a_datagram() {
+        // Round trips of seconds (both daemons starved of CPU) measure a delivery rate so low
+        // that the startup cap fell to `initial_window`, below one loopback datagram (issue 13).
+        let t0 = Instant::now();
+        let mut cc = on_path(t0, LOOPBACK_MTU);
+        let min = Duration::from_micros(100);
+        let mtu = u64::from(LOOPBACK_MTU);
+        // A round of one datagram acknowledged after 3 s: ~22 kB/s.
+        let t1 = t0 + Duration::from_secs(3);
+        cc.ack(t1, t0 + Duration::from_millis(1), mtu, false, min);
+        // Acks of packets sent before that round began: the window grows under the cap only.
+        cc.ack(t1, t0, mtu, false, min);
+        assert_eq!(cc.mode, Mode::Startup);
+        assert!(cc.window() >= 4 * mtu, "window {} < 4 x {mtu}", cc.window());
+    }
+
+    #[test]
+    fn the_window_always_holds_four_datagrams() {
+        // Any mix of acks (fast, starved, app-limited), losses, persistent congestion and MTU
+        // changes leaves room for four datagrams: quinn must always be able to send.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut now = Instant::now();
+        let mut cc = Steady::new(Arc::new(SteadyConfig::default()), now, 1200);
+        for _ in 0..20_000 {
+            let sent = now;
+            now += Duration::from_micros(rnd(3_000_000));
+            match rnd(100) {
+                0 => cc.on_congestion_event(now, sent, true, rnd(1 << 20)),
+                1..=4 => cc.on_congestion_event(now, sent, false, rnd(1 << 20)),
+                5 => cc.on_mtu_update([1200, 1452, 1472, 9000, LOOPBACK_MTU][rnd(5) as usize]),
+                _ => cc.ack(
+                    now,
+                    sent,
+                    rnd(cc.mtu * 8) + 1,
+                    rnd(4) == 0,
+                    Duration::from_micros(rnd(50_000) + 1),
+                ),
+            }
+            assert!(
+                cc.window() >= 4 * cc.mtu,
+                "window {} with mtu {}",
+                cc.window(),
+                cc.mtu
+            );
+        }
     }
 
     #[test]
