@@ -1,7 +1,7 @@
 # blkmirror — the README's two commands are `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: all build release demo test sim bench-nbd bench-repl bench-wan torture clean
+.PHONY: all build release demo test sim bench-nbd bench-repl bench-wan torture many-volumes clean
 
 all: build
 
@@ -35,6 +35,11 @@ sim:
 # More kill -9 rounds of the mirror than `make test` runs (BLKMIRROR_TORTURE_ROUNDS, default 100).
 torture:
 	BLKMIRROR_TORTURE_ROUNDS=$${BLKMIRROR_TORTURE_ROUNDS:-100} $(CARGO) test --release --features test-hooks --test replication -- --nocapture mirror_kill9
+
+# 128 volumes written at once (fio, 64 KiB random, QD4): exit 0 when no stream stalled or
+# reconnected and every lag drained (tools/many_volumes.py; ~12 GiB of RAM).
+many-volumes: release
+	/usr/bin/python3 tools/many_volumes.py $(MANY_VOLUMES_ARGS)
 
 # fio over NBD: blkmirror against qemu-nbd, alternating; writes target/bench/nbd.json.
 bench-nbd: release

@@ -54,6 +54,12 @@ pub fn run(opts: MirrorOptions) -> Result<(), DaemonError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
+        // The two workers receive for every volume: they weigh more the more volumes there are,
+        // as on the primary (`daemon::network_nice`, issue 13).
+        .on_thread_park({
+            let nice = daemon::network_nice(opts.volumes.len());
+            move || daemon::prioritize_network_thread(nice)
+        })
         .thread_name("repl")
         .build()?;
     let endpoint = {

@@ -106,9 +106,15 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        // Shipping runs at the clients' priority: lowering it (nice 5) let a burst of client
-        // writes starve the link, 2-3 % less throughput over the WAN and a longer RPO; the
-        // journal bounds how far clients can run ahead anyway.
+        // Shipping (encoding, in the blocking pool) runs at the clients' priority: lowering it
+        // (nice 5) let a burst of client writes starve the link, 2-3 % less throughput over the
+        // WAN and a longer RPO; the journal bounds how far clients can run ahead anyway. The two
+        // workers that drive QUIC for every volume weigh more the more volumes there are
+        // (`daemon::network_nice`, issue 13).
+        .on_thread_park({
+            let nice = daemon::network_nice(opts.volumes.len());
+            move || daemon::prioritize_network_thread(nice)
+        })
         .thread_name("repl")
         .build()?;
     let mut quic_endpoint = None;

@@ -378,7 +378,12 @@ impl Shipper {
                     break;
                 };
                 let now = Instant::now().into_std();
-                match sess.poll_transmit(now, &self.journal, &*self.reader)? {
+                // Blocking calls (the journal's lock, which a client's write holds across its
+                // file write; the volume, read 8 MiB at a time during a copy): in place, so the
+                // worker's other connections go on on another thread meanwhile (issue 13).
+                match tokio::task::block_in_place(|| {
+                    sess.poll_transmit(now, &self.journal, &*self.reader)
+                })? {
                     Some(t) => permit.send(t),
                     None => break,
                 }
@@ -398,7 +403,10 @@ impl Shipper {
                         Some(Err(e)) => return Err(e.into()),
                     };
                     let now = Instant::now().into_std();
-                    for ev in sess.on_message(msg, now, &self.journal)? {
+                    // An acknowledgement trims the journal (its lock, segment files): as above.
+                    let events =
+                        tokio::task::block_in_place(|| sess.on_message(msg, now, &self.journal))?;
+                    for ev in events {
                         self.on_event(ev, sess).await?;
                     }
                 }
