@@ -14,6 +14,8 @@
 #   BENCH_SKIP_BUILD=0 1 skips `cargo build --release`
 #   BLKMIRROR_BIN=     benchmark this blkmirror binary instead (no build), e.g. one built from
 #                      another revision (its history line then has no commit, and says which binary)
+#   BENCH_WORKLOADS=   space-separated names of the workloads to run (default all: seq_write_1m_qd16
+#                      rand_write_4k_qd32 rand_read_4k_qd32), for an A/B of one of them
 #   BENCH_HISTORY=     directory for the history line instead of benches/history (trial runs)
 #
 # Runs alternate blkmirror / qemu-nbd (the order flips every round) so that drift of a shared,
@@ -132,6 +134,14 @@ WORKLOADS=(
     "rand_write_4k_qd32 randwrite 4k 32 IOPS"
     "rand_read_4k_qd32 randread 4k 32 IOPS"
 )
+if [[ -n ${BENCH_WORKLOADS:-} ]]; then
+    chosen=()
+    for w in "${WORKLOADS[@]}"; do
+        [[ " $BENCH_WORKLOADS " == *" ${w%% *} "* ]] && chosen+=("$w")
+    done
+    ((${#chosen[@]})) || die "BENCH_WORKLOADS names no workload: $BENCH_WORKLOADS"
+    WORKLOADS=("${chosen[@]}")
+fi
 
 # fio_run OUT_JSON RW BS QD ARGS... : one time-based fio job; fails loudly on any fio error.
 fio_run() {
