@@ -505,3 +505,82 @@ fn status_of_a_primary_without_mirror_exits_0() {
         "{out}"
     );
 }
+
+/// The nice value of each thread of `pid` whose name is `name` (field 19 of its stat).
+fn thread_nices(pid: u32, name: &str) -> Vec<i32> {
+    let mut nices = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.join("stat")).unwrap_or_default();
+        // Fields after the command's closing parenthesis start at field 3 (state).
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        nices.push(after.split(' ').nth(16).unwrap().parse().unwrap());
+    }
+    nices
+}
+
+/// Tried: a primary with one volume, one with four (as root), one with four run as `nobody`
+/// (no CAP_SYS_NICE).
+///
+/// Expected: one volume leaves every thread at nice 0; with four, the runtime's two workers
+/// (the threads that drive QUIC for every volume, named `repl`) run at nice -3 (README,
+/// "Replicate to a mirror"; `daemon::network_nice`) and the NBD threads stay at 0; without
+/// the right, the log says once that the priority cannot be raised and why, and the daemon
+/// serves all the same.
+#[test]
+fn network_threads_priority_scales_with_the_volume_count() {
+    let nices_after = |srv: &Server, want_raised: usize, nice: i32| {
+        let pid = srv.pid();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let repl = thread_nices(pid, "repl");
+            if repl.iter().filter(|&&n| n == nice).count() >= want_raised {
+                return repl;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "repl threads' nice values: {repl:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let one = Server::builder().volume("vol1", 4 * MIB).start();
+    let repl = nices_after(&one, 2, 0);
+    assert!(repl.iter().all(|&n| n == 0), "one volume: {repl:?}");
+
+    let mut four = Server::builder();
+    for i in 0..4 {
+        four = four.volume(&format!("vol{i}"), 4 * MIB);
+    }
+    let four = four.start();
+    let repl = nices_after(&four, 2, -3);
+    assert_eq!(repl.iter().filter(|&&n| n == -3).count(), 2, "{repl:?}");
+    let nbd = thread_nices(four.pid(), "nbd-unix-accept");
+    assert_eq!(nbd, vec![0], "the NBD acceptor keeps the default priority");
+
+    let mut unprivileged = Server::builder();
+    for i in 0..4 {
+        unprivileged = unprivileged.volume(&format!("vol{i}"), 4 * MIB);
+    }
+    let unprivileged = unprivileged.run_as(65534, 65534).start();
+    const NO_RIGHT: &str = "cannot raise the network threads' priority";
+    assert!(
+        unprivileged.wait_for_log(NO_RIGHT, Duration::from_secs(10)),
+        "{}",
+        unprivileged.log()
+    );
+    let size = run("nbdinfo", &["--size", &unprivileged.uri("vol3")]);
+    assert_eq!(size.trim(), (4 * MIB).to_string());
+    let log = unprivileged.log();
+    assert_eq!(log.matches(NO_RIGHT).count(), 1, "said once:\n{log}");
+    assert!(
+        log.contains("CAP_SYS_NICE"),
+        "says what would grant it:\n{log}"
+    );
+    let repl = thread_nices(unprivileged.pid(), "repl");
+    assert!(repl.iter().all(|&n| n == 0), "without the right: {repl:?}");
+}

@@ -35,6 +35,8 @@ pub(crate) struct ServerBuilder {
     log_level: Option<String>,
     tcp: Option<String>,
     extra: Vec<String>,
+    /// Run the daemon as this (uid, gid), without root's capabilities (`setpriv`).
+    user: Option<(u32, u32)>,
 }
 
 impl ServerBuilder {
@@ -78,6 +80,13 @@ impl ServerBuilder {
         self
     }
 
+    /// Run the daemon as `uid`:`gid` (its directory is handed over to them), as a service
+    /// without privileges runs.
+    pub(crate) fn run_as(mut self, uid: u32, gid: u32) -> Self {
+        self.user = Some((uid, gid));
+        self
+    }
+
     /// BLKMIRROR_LOG for the server (default `debug`, so tests can assert on detail).
     pub(crate) fn log_level(mut self, level: &str) -> Self {
         self.log_level = Some(level.into());
@@ -104,7 +113,18 @@ impl ServerBuilder {
         let state_dir = dir.path().join("state");
         let log_path = dir.path().join("server.log");
         let mut volumes = Vec::new();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match self.user {
+            None => Command::new(BIN),
+            Some((uid, gid)) => {
+                std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown");
+                let mut c = Command::new("setpriv");
+                c.arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={gid}"))
+                    .arg("--clear-groups")
+                    .arg(BIN);
+                c
+            }
+        };
         cmd.arg("primary");
         for v in &self.volumes {
             let path = dir.path().join(format!("{}.img", v.name));
@@ -175,6 +195,11 @@ impl Server {
     }
 
     /// Its `--state-dir`.
+    /// The daemon's process id (it must still run).
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server running").id()
+    }
+
     pub(crate) fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
     }
