@@ -176,6 +176,8 @@ pub struct PrimaryHost {
     pub bugs: PlantedBugs,
     /// Permanent refusals seen, by state (split brain, unrelated, ...).
     pub refusals: Vec<ReplState>,
+    /// Sessions the stall watchdog ended (no acknowledgement with sets in flight).
+    pub stalls: u64,
     pub decisions: Vec<(Mode, String)>,
     pub log: Vec<String>,
     next_conn: u64,
@@ -199,6 +201,7 @@ impl PrimaryHost {
             model: Model::default(),
             bugs: PlantedBugs::default(),
             refusals: Vec::new(),
+            stalls: 0,
             decisions: Vec::new(),
             log: Vec::new(),
             next_conn: conn_base,
@@ -521,6 +524,9 @@ impl PrimaryHost {
         let now = clock.now();
         let Some(u) = self.up.as_mut() else { return };
         u.session = None;
+        if matches!(e, SessionEnd::Stalled(_)) {
+            self.stalls += 1;
+        }
         self.log.push(stamp(
             &self.clock,
             self.label,

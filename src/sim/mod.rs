@@ -103,6 +103,8 @@ pub struct Stats {
     pub primary_crashes: u64,
     pub mirror_crashes: u64,
     pub partitions: u64,
+    /// Sessions of the primary that the stall watchdog ended.
+    pub stalls: u64,
     pub decisions: Vec<Mode>,
     pub virtual_ms: u64,
     pub frames: u64,
@@ -208,6 +210,7 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
     w.stats.virtual_ms = w.clock.now().as_millis() as u64;
     w.stats.frames = w.link.sent;
     w.stats.frames_dropped = w.link.dropped;
+    w.stats.stalls = w.primary.stalls;
     Outcome {
         seed,
         scenario: cfg.scenario,
