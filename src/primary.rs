@@ -48,6 +48,21 @@ pub struct ReplicationOptions {
     pub compress: Option<bool>,
 }
 
+/// The limits of each volume's sessions. Test builds read `BLKMIRROR_TEST_STALL_TIMEOUT_MS`, so
+/// that a test of the stall watchdog need not wait its 30 s.
+fn session_limits() -> SessionLimits {
+    #[allow(unused_mut)]
+    let mut limits = SessionLimits::default();
+    #[cfg(feature = "test-hooks")]
+    if let Some(ms) = std::env::var("BLKMIRROR_TEST_STALL_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        limits.stall_timeout = std::time::Duration::from_millis(ms);
+    }
+    limits
+}
+
 /// lz4 compresses at roughly 4 Gbit/s per core here: on a faster link it would slow shipping.
 pub const COMPRESS_BELOW_BPS: u64 = 4_000_000_000;
 
@@ -165,7 +180,7 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
                 identity: identity.clone(),
                 stats: stats.clone(),
                 record: record.clone(),
-                limits: SessionLimits::default(),
+                limits: session_limits(),
                 compress: repl
                     .compress
                     .unwrap_or(repl.tuning.link_rate_bps < COMPRESS_BELOW_BPS),

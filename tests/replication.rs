@@ -862,6 +862,57 @@ fn link_blip_resumes_without_new_copy() {
     );
 }
 
+/// Tried: the mirror's first session acknowledges nothing while its link stays up (test hook
+/// `BLKMIRROR_TEST_WITHHOLD_ACKS_SESSIONS=1`: sets arrive and are made durable, the Acks are
+/// not sent), as a stream that stalls for good did with 128 volumes; the primary's stall
+/// watchdog is cut to 3 s (`BLKMIRROR_TEST_STALL_TIMEOUT_MS`, 30 s in production).
+///
+/// Expected: the primary ends that session as stalled (its log says "stalled: no
+/// acknowledgement", status `stalls` 1), connects again by itself, the second session
+/// resumes from what the mirror made durable (no second full copy), data written afterwards
+/// replicates (lag 0) and the mirror ends byte-identical; the watchdog fires once only.
+#[test]
+fn a_stalled_stream_is_ended_reported_and_resumed() {
+    let mut rig = Rig::new(RigOptions::default());
+    rig.mirror.stop();
+    rig.mirror
+        .envs
+        .push(("BLKMIRROR_TEST_WITHHOLD_ACKS_SESSIONS".into(), "1".into()));
+    rig.mirror.start();
+    rig.primary
+        .envs
+        .push(("BLKMIRROR_TEST_STALL_TIMEOUT_MS".into(), "3000".into()));
+    rig.primary.start();
+    let (_, p) = rig.wait("the watchdog ended the first session", LONG, |_, p| {
+        u(p, "stalls") >= 1
+    });
+    assert_eq!(u(&p, "stalls"), 1, "{p}");
+    let log = rig.primary.log();
+    assert!(
+        log.contains("stalled: no acknowledgement for 3 s"),
+        "the primary's log names the stall:\n{}",
+        tail_lines(&log, 30)
+    );
+    assert!(
+        rig.mirror
+            .log()
+            .contains("test hook: acknowledgement withheld"),
+        "the hook was active"
+    );
+    rig.wait_consistent();
+    rig.nbd_write(8 * MIB, &pseudo_random(4 * MIB as usize, 77));
+    let (m, p) = rig.wait_synced();
+    assert_eq!(u(&p, "stalls"), 1, "the second session never stalls: {p}");
+    assert!(u(&m, "reconnects") >= 1, "the mirror saw a second session: {m}");
+    assert_eq!(
+        rig.full_copies(),
+        1,
+        "the stall caused a new full copy:\n{}",
+        rig.primary.log()
+    );
+    rig.finish_and_compare();
+}
+
 // ------------------------------------------------------------------------------------------
 // 5. Peers the mirror must refuse (I3).
 // ------------------------------------------------------------------------------------------

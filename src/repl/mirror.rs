@@ -1111,9 +1111,21 @@ impl MirrorVolume {
             drop(reply_tx);
             r
         };
+        // Test builds: the first N sessions of each volume acknowledge nothing (their link
+        // stays up), as a stream that stalls (`BLKMIRROR_TEST_WITHHOLD_ACKS_SESSIONS=N`).
+        #[cfg(feature = "test-hooks")]
+        let withhold_acks = std::env::var("BLKMIRROR_TEST_WITHHOLD_ACKS_SESSIONS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| session <= n);
         let replying = async {
             while let Some(reply) = reply_rx.recv().await {
                 let msg = reply?;
+                #[cfg(feature = "test-hooks")]
+                if withhold_acks && matches!(msg, Message::Ack { .. }) {
+                    tracing::warn!(volume = %self.name, session, "test hook: acknowledgement withheld");
+                    continue;
+                }
                 write_message(send, &msg)
                     .await
                     .map_err(|e| (RefuseCode::BadMessage, e.to_string()))?;

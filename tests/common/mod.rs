@@ -729,6 +729,9 @@ pub(crate) struct Daemon {
     child: Option<Child>,
     /// How many times the process was started.
     pub starts: u32,
+    /// Environment variables of the process beside BLKMIRROR_LOG (test hooks), from the
+    /// next start on.
+    pub envs: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -749,6 +752,7 @@ impl Daemon {
             nbd_socket,
             child: None,
             starts: 0,
+            envs: Vec::new(),
         }
     }
 
@@ -764,6 +768,7 @@ impl Daemon {
         let child = Command::new(BIN)
             .args(&self.args)
             .env("BLKMIRROR_LOG", &self.log_level)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
