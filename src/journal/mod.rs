@@ -28,6 +28,7 @@
 //!   host's boot id) before any record is written, so the next start knows whether the last
 //!   stop was clean, a crash of the process, or of the whole host.
 
+pub mod dirty;
 pub mod record;
 
 use crate::disk::segments::{numbered_segments, Spares};
