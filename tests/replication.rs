@@ -613,7 +613,10 @@ fn a_stalled_stream_is_ended_reported_and_resumed() {
     rig.nbd_write(8 * MIB, &pseudo_random(4 * MIB as usize, 77));
     let (m, p) = rig.wait_synced();
     assert_eq!(u(&p, "stalls"), 1, "the second session never stalls: {p}");
-    assert!(u(&m, "reconnects") >= 1, "the mirror saw a second session: {m}");
+    assert!(
+        u(&m, "reconnects") >= 1,
+        "the mirror saw a second session: {m}"
+    );
     assert_eq!(
         rig.full_copies(),
         1,
