@@ -14,66 +14,13 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::ffi::OsString;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const VOL: &str = "vol1";
-/// Generous bound for conditions that normally take a few seconds (debug build, 2 cores, other
-/// tests running at the same time).
-const LONG: Duration = Duration::from_secs(180);
-
-fn os(s: impl Into<OsString>) -> OsString {
-    s.into()
-}
-
-/// volumes[0] of a status document (Null when the daemon does not answer).
-fn vol0(status: &Option<Value>) -> Value {
-    status
-        .as_ref()
-        .map(|s| s["volumes"][0].clone())
-        .unwrap_or(Value::Null)
-}
-
-fn u(v: &Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or(0)
-}
-
 fn s<'a>(v: &'a Value, key: &str) -> &'a str {
     v[key].as_str().unwrap_or("")
-}
-
-/// Poll the daemons every 100 ms until `cond(their volumes[0])` holds; on timeout, panic with
-/// each one's last status and log tail.
-fn wait_for(
-    what: &str,
-    timeout: Duration,
-    daemons: &[&Daemon],
-    mut cond: impl FnMut(&[Value]) -> bool,
-) -> Vec<Value> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let vols: Vec<Value> = daemons.iter().map(|d| vol0(&d.status())).collect();
-        if cond(&vols) {
-            return vols;
-        }
-        if Instant::now() > deadline {
-            let mut msg = format!("timed out after {timeout:?} waiting for: {what}\n");
-            for (d, v) in daemons.iter().zip(&vols) {
-                msg.push_str(&format!(
-                    "--- last {} status ---\n{}\n--- {} log (last 30 lines) ---\n{}\n",
-                    d.label,
-                    serde_json::to_string_pretty(v).unwrap(),
-                    d.label,
-                    tail_lines(&d.log(), 30)
-                ));
-            }
-            panic!("{msg}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// `blkmirror status --control SOCK` (human form): (exit code, stdout, stderr).
@@ -124,20 +71,6 @@ fn inode_of(path: &Path) -> u64 {
         .ino()
 }
 
-/// libnbd: write the bytes of file argv[2] at offset argv[3], then FLUSH.
-const NBD_WRITE: &str = r#"
-import nbd, sys
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
-data = open(sys.argv[2], 'rb').read()
-off = int(sys.argv[3])
-step = 4 << 20
-for i in range(0, len(data), step):
-    h.pwrite(data[i:i + step], off + i)
-h.flush()
-h.shutdown()
-"#;
-
 /// libnbd: `total` bytes of random writes of `piece` bytes at piece-aligned offsets below
 /// `span` (seed `seed`), a FLUSH every 16 writes; a failed request is counted, not fatal (a
 /// dead connection is opened again). Prints `ok=N errors=N last_error=...`.
@@ -177,274 +110,11 @@ print(f"ok={ok} errors={errors} last_error={last}", flush=True)
 "#;
 
 // ------------------------------------------------------------------------------------------
-// The pair: certificates, one mirror, one primary (both described, neither started).
+// The pair (tests/common/pair.rs): certificates, one mirror, one primary (both described,
+// neither started).
 // ------------------------------------------------------------------------------------------
 
-struct PairOptions {
-    /// Size of the volume on both sides (sparse).
-    size: u64,
-    /// Extra arguments of the primary.
-    primary_extra: Vec<String>,
-    /// Put the primary's state directory on a tmpfs of this size (`mount -o size=`).
-    primary_tmpfs: Option<&'static str>,
-    /// Put the mirror's state directory on a tmpfs of this size.
-    mirror_tmpfs: Option<&'static str>,
-}
-
-impl Default for PairOptions {
-    fn default() -> Self {
-        PairOptions {
-            size: 64 * MIB,
-            primary_extra: Vec::new(),
-            primary_tmpfs: None,
-            mirror_tmpfs: None,
-        }
-    }
-}
-
-struct Pair {
-    // Fields drop in declaration order: the daemons stop, then the tmpfs mounts go, then the
-    // directory.
-    primary: Daemon,
-    mirror: Daemon,
-    size: u64,
-    port: u16,
-    pki: PathBuf,
-    primary_img: PathBuf,
-    mirror_img: PathBuf,
-    primary_state: PathBuf,
-    mirror_state: PathBuf,
-    nbd_sock: PathBuf,
-    tmpfs: Vec<Tmpfs>,
-    dir: tempfile::TempDir,
-}
-
 impl Pair {
-    fn new(opts: PairOptions) -> Pair {
-        let dir = tempfile::Builder::new()
-            .prefix("bm-ident-")
-            .tempdir_in("/tmp")
-            .expect("create temp dir");
-        let d = dir.path().to_path_buf();
-        let pki = d.join("pki");
-        certs_init(&pki, &["primary", "mirror"]);
-        let port = free_udp_port();
-        let mut tmpfs = Vec::new();
-        let mut state_dir = |name: &str, on_tmpfs: Option<&str>| match on_tmpfs {
-            None => d.join(name),
-            Some(size) => {
-                let t = Tmpfs::mount(&d.join(format!("{name}-fs")), size);
-                let state = t.dir.join("state");
-                tmpfs.push(t);
-                state
-            }
-        };
-        let primary_state = state_dir("primary-state", opts.primary_tmpfs);
-        let mirror_state = state_dir("mirror-state", opts.mirror_tmpfs);
-        let mirror_img = d.join("mirror.img");
-        let primary_img = d.join("primary.img");
-        let nbd_sock = d.join("nbd.sock");
-        let mut pair = Pair {
-            primary: Daemon::new("primary", Vec::new(), PathBuf::new(), PathBuf::new(), None),
-            mirror: Daemon::new("mirror", Vec::new(), PathBuf::new(), PathBuf::new(), None),
-            size: opts.size,
-            port,
-            pki,
-            primary_img,
-            mirror_img,
-            primary_state,
-            mirror_state,
-            nbd_sock,
-            tmpfs,
-            dir,
-        };
-        pair.mirror = pair.mirror_daemon(
-            "mirror",
-            &pair.mirror_img.clone(),
-            &pair.mirror_state.clone(),
-            port,
-        );
-        pair.primary = pair.primary_daemon(
-            "primary",
-            &pair.primary_img.clone(),
-            &pair.primary_state.clone(),
-            &pair.nbd_sock.clone(),
-            port,
-            &opts.primary_extra,
-        );
-        pair
-    }
-
-    fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// A mirror daemon (not started) for volume `img` with state in `state`, on `port`.
-    fn mirror_daemon(&self, label: &str, img: &Path, state: &Path, port: u16) -> Daemon {
-        let mut a = vec![
-            os("mirror"),
-            os("--listen"),
-            os(format!("127.0.0.1:{port}")),
-            os("--volume"),
-            os(format!("{VOL}={},size={}", img.display(), self.size)),
-            os("--state-dir"),
-            os(state),
-        ];
-        a.extend(tls_args(&self.pki, "mirror"));
-        a.extend([os("--peer-name"), os("primary")]);
-        Daemon::new(
-            label,
-            a,
-            self.dir().join(format!("{label}.log")),
-            state.join("control.sock"),
-            None,
-        )
-    }
-
-    /// A primary daemon (not started) for volume `img`, replicating to the mirror on `port`
-    /// with the certificate named "primary".
-    fn primary_daemon(
-        &self,
-        label: &str,
-        img: &Path,
-        state: &Path,
-        sock: &Path,
-        port: u16,
-        extra: &[String],
-    ) -> Daemon {
-        let mut a = vec![
-            os("primary"),
-            os("--volume"),
-            os(format!("{VOL}={},size={}", img.display(), self.size)),
-            os("--nbd-unix"),
-            os(sock),
-            os("--state-dir"),
-            os(state),
-            os("--mirror"),
-            os(format!("127.0.0.1:{port}")),
-            os("--peer-name"),
-            os("mirror"),
-        ];
-        a.extend(tls_args(&self.pki, "primary"));
-        a.extend(extra.iter().map(os));
-        Daemon::new(
-            label,
-            a,
-            self.dir().join(format!("{}.log", label.replace(' ', "-"))),
-            state.join("control.sock"),
-            Some(sock.to_path_buf()),
-        )
-    }
-
-    fn uri(&self) -> String {
-        uri_of(&self.nbd_sock)
-    }
-
-    /// (mirror volume, primary volume) of the current status documents (Null if down).
-    fn vols(&self) -> (Value, Value) {
-        (vol0(&self.mirror.status()), vol0(&self.primary.status()))
-    }
-
-    /// Poll both daemons until `cond(mirror_volume, primary_volume)` holds (see [`wait_for`]).
-    fn wait(
-        &self,
-        what: &str,
-        timeout: Duration,
-        mut cond: impl FnMut(&Value, &Value) -> bool,
-    ) -> (Value, Value) {
-        let v = wait_for(what, timeout, &[&self.mirror, &self.primary], |v| {
-            cond(&v[0], &v[1])
-        });
-        (v[0].clone(), v[1].clone())
-    }
-
-    /// The initial copy is done and the mirror is consistent; the link is up.
-    fn wait_consistent(&self) -> (Value, Value) {
-        self.wait("mirror consistent, link up", LONG, |m, p| {
-            m["consistent"] == true && p["link"] == "up" && p["initial_copy"].is_null()
-        })
-    }
-
-    /// Everything written so far is durable at the mirror (lag 0) and applied there, and both
-    /// sides say they are replicating.
-    fn wait_synced(&self) -> (Value, Value) {
-        self.wait(
-            "lag 0: link up, everything acknowledged and applied, both replicating",
-            LONG,
-            |m, p| {
-                p["link"] == "up"
-                    && p["state"] == "replicating"
-                    && m["state"] == "replicating"
-                    && p["lag_bytes"] == 0
-                    && p["initial_copy"].is_null()
-                    && m["consistent"] == true
-                    && m["acked_set"] == p["acked_set"]
-                    && m["applied_set"] == m["acked_set"]
-            },
-        )
-    }
-
-    /// SIGTERM both; both must exit with status 0.
-    fn stop_both(&mut self) {
-        for d in [&mut self.primary, &mut self.mirror] {
-            stop_ok(d);
-        }
-    }
-
-    /// `blkmirror recover --json` on the mirror's volume (the mirror must be stopped).
-    fn recover(&self) -> Value {
-        let out = run(
-            BIN,
-            &[
-                "recover",
-                "--volume",
-                &format!("{VOL}={}", self.mirror_img.display()),
-                "--state-dir",
-                self.mirror_state.to_str().unwrap(),
-                "--json",
-            ],
-        );
-        let v: Value = serde_json::from_str(&out)
-            .unwrap_or_else(|e| panic!("recover --json printed {out:?}: {e}"));
-        v[0].clone()
-    }
-
-    /// Stop both, recover the mirror, and require it consistent and byte-identical to the
-    /// primary.
-    fn finish_and_compare(&mut self) {
-        self.stop_both();
-        let report = self.recover();
-        assert_eq!(
-            report["consistent"], true,
-            "recover says the mirror is not consistent: {report}"
-        );
-        if let Err(e) = compare_files(&self.primary_img, &self.mirror_img) {
-            panic!(
-                "mirror differs from primary after stop + recover: {e}\nrecover: {report}\n\
-                 --- mirror log ---\n{}\n--- primary log ---\n{}",
-                tail_lines(&self.mirror.log(), 40),
-                tail_lines(&self.primary.log(), 40)
-            );
-        }
-    }
-
-    /// Write `data` at `offset` of the primary's volume through libnbd, then FLUSH.
-    fn nbd_write(&self, offset: u64, data: &[u8]) {
-        nbd_write_to(&self.uri(), self.dir(), offset, data);
-    }
-
-    /// What must not change while the mirror refuses or is not shipped to: its image and
-    /// what it says it holds.
-    fn mirror_holds(&self) -> (String, Value, Value, Value) {
-        let m = vol0(&self.mirror.status());
-        (
-            sha256(&self.mirror_img),
-            m["acked_set"].clone(),
-            m["applied_set"].clone(),
-            m["durable_seq"].clone(),
-        )
-    }
-
     /// Start `NBD_WRITER` in the background (see there).
     fn writer(&self, seed: u64, total: u64, piece: u64) -> Background {
         let mut c = Command::new("/usr/bin/python3");
@@ -460,37 +130,6 @@ impl Pair {
             c,
             &self.dir().join(format!("writer-{seed}.out")),
         )
-    }
-
-    /// How many times the primary's log says a full copy or comparison started.
-    fn resyncs(&self) -> usize {
-        self.primary.log().matches("full copy starts").count()
-    }
-}
-
-fn uri_of(sock: &Path) -> String {
-    format!("nbd+unix:///{VOL}?socket={}", sock.display())
-}
-
-fn nbd_write_to(uri: &str, scratch: &Path, offset: u64, data: &[u8]) {
-    let path = scratch.join(format!("data-{offset}-{}.bin", data.len()));
-    std::fs::write(&path, data).unwrap();
-    python(
-        NBD_WRITE,
-        &[uri, path.to_str().unwrap(), &offset.to_string()],
-    );
-    std::fs::remove_file(&path).unwrap();
-}
-
-/// SIGTERM a daemon; it must exit with status 0 (if it was running).
-fn stop_ok(d: &mut Daemon) {
-    if let Some(status) = d.stop() {
-        assert!(
-            status.success(),
-            "{} exited with {status} on SIGTERM; log:\n{}",
-            d.label,
-            tail_lines(&d.log(), 30)
-        );
     }
 }
 
@@ -846,7 +485,7 @@ fn unrelated_primaries_are_refused() {
         log.contains("mode=Resume") && !log.contains("full copy starts"),
         "A should resume, not copy or compare:\n{log}"
     );
-    assert_eq!(p.resyncs(), 1, "only the initial copy");
+    assert_eq!(p.full_copies(), 1, "only the initial copy");
     p.finish_and_compare();
 }
 
@@ -1402,7 +1041,7 @@ fn clean_stop_leaves_a_clean_journal() {
         log.contains("mode=Resume") && !log.contains("full copy starts"),
         "the primary should resume after a clean stop:\n{log}"
     );
-    assert_eq!(p.resyncs(), 1, "only the initial copy");
+    assert_eq!(p.full_copies(), 1, "only the initial copy");
     eprintln!(
         "clean_stop: journal held {} bytes at the stop; {open}\nafter: {pv2}",
         pv["lag_bytes"]

@@ -15,7 +15,6 @@ use blkmirror::repl::identity::PrimaryClaim;
 use blkmirror::transport::{client_endpoint, connect, Identity, TlsFiles, Tuning};
 use common::*;
 use serde_json::Value;
-use std::ffi::OsString;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -23,15 +22,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const VOL: &str = "vol1";
-/// Every volume of these tests: 64 MiB, sparse.
+/// Every volume of these tests: 64 MiB, sparse (the default size of a [`Pair`]).
 const SIZE: u64 = 64 * MIB;
 /// workload.py block size and the number of blocks of a 64 MiB volume.
 const BLOCK: u64 = 4096;
 const BLOCKS: u64 = SIZE / BLOCK;
-/// Generous bound for conditions that normally take a few seconds (debug build, 2 cores, other
-/// tests running at the same time).
-const LONG: Duration = Duration::from_secs(180);
 
 fn tool(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -39,256 +34,19 @@ fn tool(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn os(s: impl Into<OsString>) -> OsString {
-    s.into()
-}
-
-/// volumes[0] of a status document (Null when there is none).
-fn vol0(status: &Option<Value>) -> Value {
-    status
-        .as_ref()
-        .map(|s| s["volumes"][0].clone())
-        .unwrap_or(Value::Null)
-}
-
-fn u(v: &Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or(0)
-}
-
 // ------------------------------------------------------------------------------------------
-// The rig: certificates, one mirror, one primary.
+// The rig: a pair (tests/common/pair.rs) whose mirror runs from the start.
 // ------------------------------------------------------------------------------------------
 
-#[derive(Default)]
-struct RigOptions {
-    /// The mirror's UDP port (default: a free one).
-    mirror_port: Option<u16>,
-    /// `--mirror` of the primary (default: the mirror's listen address).
-    mirror_addr: Option<String>,
-    /// Extra arguments of the primary.
-    primary_extra: Vec<String>,
+/// Certificates, a running mirror, and a primary that is described but not started (so a
+/// test can prepare the primary's volume first).
+fn rig(opts: PairOptions) -> Pair {
+    let mut rig = Pair::new(opts);
+    rig.mirror.start();
+    rig
 }
 
-struct Rig {
-    // Fields drop in declaration order: the daemons stop before the directory goes.
-    primary: Daemon,
-    mirror: Daemon,
-    port: u16,
-    pki: PathBuf,
-    primary_img: PathBuf,
-    mirror_img: PathBuf,
-    mirror_state: PathBuf,
-    nbd_sock: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Rig {
-    /// Certificates, a running mirror, and a primary that is described but not started (so a
-    /// test can prepare the primary's volume first).
-    fn new(opts: RigOptions) -> Rig {
-        let dir = tempfile::Builder::new()
-            .prefix("bm-repl-")
-            .tempdir_in("/tmp")
-            .expect("create temp dir");
-        let d = dir.path();
-        let pki = d.join("pki");
-        certs_init(&pki, &["primary", "mirror"]);
-        let port = opts.mirror_port.unwrap_or_else(free_udp_port);
-        let mirror_img = d.join("mirror.img");
-        let primary_img = d.join("primary.img");
-        let mirror_state = d.join("mirror-state");
-        let nbd_sock = d.join("nbd.sock");
-
-        let mut margs = vec![
-            os("mirror"),
-            os("--listen"),
-            os(format!("127.0.0.1:{port}")),
-            os("--volume"),
-            os(format!("{VOL}={},size={SIZE}", mirror_img.display())),
-            os("--state-dir"),
-            os(&mirror_state),
-        ];
-        margs.extend(tls_args(&pki, "mirror"));
-        margs.extend([os("--peer-name"), os("primary")]);
-        let mut mirror = Daemon::new(
-            "mirror",
-            margs,
-            d.join("mirror.log"),
-            mirror_state.join("control.sock"),
-            None,
-        );
-        mirror.start();
-
-        let mirror_addr = opts
-            .mirror_addr
-            .unwrap_or_else(|| format!("127.0.0.1:{port}"));
-        let pargs = primary_args(
-            &primary_img,
-            &nbd_sock,
-            &d.join("primary-state"),
-            &mirror_addr,
-            &pki,
-            &pki,
-            "primary",
-            &opts.primary_extra,
-        );
-        let primary = Daemon::new(
-            "primary",
-            pargs,
-            d.join("primary.log"),
-            d.join("primary-state").join("control.sock"),
-            Some(nbd_sock.clone()),
-        );
-        Rig {
-            primary,
-            mirror,
-            port,
-            pki,
-            primary_img,
-            mirror_img,
-            mirror_state,
-            nbd_sock,
-            dir,
-        }
-    }
-
-    fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd+unix:///{VOL}?socket={}", self.nbd_sock.display())
-    }
-
-    fn mirror_addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-
-    /// (mirror volume, primary volume) of the current status documents (Null if down).
-    fn vols(&self) -> (Value, Value) {
-        (vol0(&self.mirror.status()), vol0(&self.primary.status()))
-    }
-
-    /// Poll both daemons every 100 ms until `cond(mirror_volume, primary_volume)` holds;
-    /// on timeout, panic with the last status documents and log lines of both.
-    fn wait(
-        &self,
-        what: &str,
-        timeout: Duration,
-        mut cond: impl FnMut(&Value, &Value) -> bool,
-    ) -> (Value, Value) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let (m, p) = self.vols();
-            if cond(&m, &p) {
-                return (m, p);
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "timed out after {timeout:?} waiting for: {what}\n\
-                     --- last mirror status ---\n{}\n--- last primary status ---\n{}\n\
-                     --- mirror log (last 30 lines) ---\n{}\n\
-                     --- primary log (last 30 lines) ---\n{}",
-                    serde_json::to_string_pretty(&m).unwrap(),
-                    serde_json::to_string_pretty(&p).unwrap(),
-                    tail_lines(&self.mirror.log(), 30),
-                    tail_lines(&self.primary.log(), 30),
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// The initial copy is done and the mirror is consistent; the link is up.
-    fn wait_consistent(&self) -> (Value, Value) {
-        self.wait("mirror consistent, link up", LONG, |m, p| {
-            m["consistent"] == true && p["link"] == "up" && p["initial_copy"].is_null()
-        })
-    }
-
-    /// Everything written so far is durable at the mirror (lag 0) and applied there.
-    fn wait_synced(&self) -> (Value, Value) {
-        self.wait(
-            "lag 0: link up, everything acknowledged and applied, mirror consistent",
-            LONG,
-            |m, p| {
-                p["link"] == "up"
-                    && p["lag_bytes"] == 0
-                    && p["initial_copy"].is_null()
-                    && m["consistent"] == true
-                    && m["acked_set"] == p["acked_set"]
-                    && m["applied_set"] == m["acked_set"]
-            },
-        )
-    }
-
-    /// SIGTERM both; both must exit with status 0.
-    fn stop_both(&mut self) {
-        for d in [&mut self.primary, &mut self.mirror] {
-            if let Some(status) = d.stop() {
-                assert!(
-                    status.success(),
-                    "{} exited with {status} on SIGTERM; log:\n{}",
-                    d.label,
-                    tail_lines(&d.log(), 30)
-                );
-            }
-        }
-    }
-
-    /// `blkmirror recover --json` on the mirror's volume (the mirror must be stopped).
-    fn recover(&self) -> Value {
-        let out = run(
-            BIN,
-            &[
-                "recover",
-                "--volume",
-                &format!("{VOL}={}", self.mirror_img.display()),
-                "--state-dir",
-                self.mirror_state.to_str().unwrap(),
-                "--json",
-            ],
-        );
-        let v: Value = serde_json::from_str(&out)
-            .unwrap_or_else(|e| panic!("recover --json printed {out:?}: {e}"));
-        v[0].clone()
-    }
-
-    /// Stop both, recover the mirror, and require it byte-identical to the primary.
-    fn finish_and_compare(&mut self) -> Value {
-        self.stop_both();
-        let report = self.recover();
-        assert_eq!(
-            report["consistent"], true,
-            "recover says the mirror is not consistent: {report}"
-        );
-        if let Err(e) = compare_files(&self.primary_img, &self.mirror_img) {
-            panic!(
-                "mirror differs from primary after stop + recover: {e}\nrecover: {report}\n\
-                 --- mirror log ---\n{}\n--- primary log ---\n{}",
-                tail_lines(&self.mirror.log(), 30),
-                tail_lines(&self.primary.log(), 30)
-            );
-        }
-        report
-    }
-
-    /// How many times the primary's log says a full copy started.
-    fn full_copies(&self) -> usize {
-        self.primary.log().matches("full copy starts").count()
-    }
-
-    /// Write `data` at `offset` of the primary's volume through libnbd, then FLUSH.
-    fn nbd_write(&self, offset: u64, data: &[u8]) {
-        let path = self.dir().join(format!("data-{offset}-{}.bin", data.len()));
-        std::fs::write(&path, data).unwrap();
-        python(
-            NBD_WRITE,
-            &[&self.uri(), path.to_str().unwrap(), &offset.to_string()],
-        );
-        std::fs::remove_file(&path).unwrap();
-    }
-
+impl Pair {
     /// Start `tools/workload.py` writing seqs `start..=end` of plan `seed` in the background.
     fn workload(&self, seed: u64, start: u64, end: u64) -> Bg {
         let mut c = Command::new("/usr/bin/python3");
@@ -306,54 +64,6 @@ impl Rig {
         )
     }
 }
-
-/// The arguments of a `blkmirror primary` replicating volume `img`.
-#[allow(clippy::too_many_arguments)]
-fn primary_args(
-    img: &Path,
-    sock: &Path,
-    state: &Path,
-    mirror: &str,
-    ca_dir: &Path,
-    cert_dir: &Path,
-    cert_name: &str,
-    extra: &[String],
-) -> Vec<OsString> {
-    let mut a = vec![
-        os("primary"),
-        os("--volume"),
-        os(format!("{VOL}={},size={SIZE}", img.display())),
-        os("--nbd-unix"),
-        os(sock),
-        os("--state-dir"),
-        os(state),
-        os("--mirror"),
-        os(mirror),
-        os("--ca"),
-        os(ca_dir.join("ca.crt")),
-        os("--cert"),
-        os(cert_dir.join(format!("{cert_name}.crt"))),
-        os("--key"),
-        os(cert_dir.join(format!("{cert_name}.key"))),
-        os("--peer-name"),
-        os("mirror"),
-    ];
-    a.extend(extra.iter().map(os));
-    a
-}
-
-const NBD_WRITE: &str = r#"
-import nbd, sys
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
-data = open(sys.argv[2], 'rb').read()
-off = int(sys.argv[3])
-step = 4 << 20
-for i in range(0, len(data), step):
-    h.pwrite(data[i:i + step], off + i)
-h.flush()
-h.shutdown()
-"#;
 
 /// A background client whose output goes to a file; killed on Drop if still running.
 struct Bg {
@@ -491,7 +201,7 @@ fn checksums(dir: &Path) -> Vec<(String, String)> {
 /// checksums, and `e2fsck -fn` finds nothing.
 #[test]
 fn ext4_replicates_and_mirror_mounts() {
-    let mut rig = Rig::new(RigOptions::default());
+    let mut rig = rig(PairOptions::default());
     rig.primary.start();
     let mnt = rig.dir().join("mnt");
     let before;
@@ -562,7 +272,7 @@ fn mirror_kill9_rounds_keep_a_valid_crash_state() {
     let writes: u64 = per_round * rounds;
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
 
-    let mut rig = Rig::new(RigOptions::default());
+    let mut rig = rig(PairOptions::default());
     rig.primary.start();
     rig.wait_consistent();
 
@@ -651,7 +361,7 @@ fn mirror_kill9_rounds_keep_a_valid_crash_state() {
 
 #[test]
 fn primary_kill9_resumes_from_journal() {
-    let mut rig = Rig::new(RigOptions::default());
+    let mut rig = rig(PairOptions::default());
     rig.primary.start();
     rig.wait_consistent();
     let mut w = rig.workload(31, 1, 6000);
@@ -793,7 +503,7 @@ fn link_blip_resumes_without_new_copy() {
     // The relay needs the mirror's port before the mirror starts: take a free one for it.
     let mirror_port = free_udp_port();
     let relay = Relay::start(SocketAddr::from(([127, 0, 0, 1], mirror_port)));
-    let mut rig = Rig::new(RigOptions {
+    let mut rig = rig(PairOptions {
         mirror_port: Some(mirror_port),
         mirror_addr: Some(format!("127.0.0.1:{}", relay.port)),
         ..Default::default()
@@ -873,7 +583,7 @@ fn link_blip_resumes_without_new_copy() {
 /// replicates (lag 0) and the mirror ends byte-identical; the watchdog fires once only.
 #[test]
 fn a_stalled_stream_is_ended_reported_and_resumed() {
-    let mut rig = Rig::new(RigOptions::default());
+    let mut rig = rig(PairOptions::default());
     rig.mirror.stop();
     rig.mirror
         .envs
@@ -903,7 +613,10 @@ fn a_stalled_stream_is_ended_reported_and_resumed() {
     rig.nbd_write(8 * MIB, &pseudo_random(4 * MIB as usize, 77));
     let (m, p) = rig.wait_synced();
     assert_eq!(u(&p, "stalls"), 1, "the second session never stalls: {p}");
-    assert!(u(&m, "reconnects") >= 1, "the mirror saw a second session: {m}");
+    assert!(
+        u(&m, "reconnects") >= 1,
+        "the mirror saw a second session: {m}"
+    );
     assert_eq!(
         rig.full_copies(),
         1,
@@ -917,27 +630,16 @@ fn a_stalled_stream_is_ended_reported_and_resumed() {
 // 5. Peers the mirror must refuse (I3).
 // ------------------------------------------------------------------------------------------
 
-/// What must not change while a refused peer knocks.
-fn mirror_fingerprint(rig: &Rig) -> (Value, Value, Value, String) {
-    let m = vol0(&rig.mirror.status());
-    (
-        m["acked_set"].clone(),
-        m["applied_set"].clone(),
-        m["durable_seq"].clone(),
-        sha256(&rig.mirror_img),
-    )
-}
-
 #[test]
 fn refused_peers_apply_nothing() {
-    let mut rig = Rig::new(RigOptions::default());
+    let mut rig = rig(PairOptions::default());
     rig.primary.start();
     rig.wait_consistent();
     rig.nbd_write(MIB, &pseudo_random(6 * MIB as usize, 51));
     rig.wait_synced();
     rig.primary.stop();
     rig.wait("mirror link down", LONG, |m, _| m["link"] == "down");
-    let baseline = mirror_fingerprint(&rig);
+    let baseline = rig.mirror_holds();
 
     let d = rig.dir().to_path_buf();
     // (a) a certificate named "primary" from another CA (trusting the right CA itself).
@@ -973,12 +675,11 @@ fn refused_peers_apply_nothing() {
         std::fs::write(&img, &data).unwrap();
         drop(data);
         let state = d.join(format!("bad-{label}-state"));
-        let args = primary_args(
+        let args = rig.primary_args(
             &img,
             &d.join(format!("bad-{label}.sock")),
             &state,
             &format!("127.0.0.1:{}", rig.port),
-            &rig.pki,
             cert_dir,
             cert_name,
             &[],
@@ -1028,7 +729,7 @@ fn refused_peers_apply_nothing() {
             last["last_error"]
         ));
         assert_eq!(
-            mirror_fingerprint(&rig),
+            rig.mirror_holds(),
             baseline,
             "{label}: the mirror's state or volume changed after a refused peer"
         );
@@ -1057,7 +758,7 @@ fn refused_peers_apply_nothing() {
     // The mirror still answers (its control socket and, below, a good primary).
     rig.wait("mirror alive after garbage", LONG, |m, _| m["name"] == VOL);
     assert_eq!(
-        mirror_fingerprint(&rig),
+        rig.mirror_holds(),
         baseline,
         "garbage datagrams changed the mirror"
     );
@@ -1077,7 +778,7 @@ fn refused_peers_apply_nothing() {
 
 #[test]
 fn corrupted_frame_is_detected_and_resent() {
-    let mut rig = Rig::new(RigOptions {
+    let mut rig = rig(PairOptions {
         primary_extra: vec!["--test-corrupt-first-set".into()],
         ..Default::default()
     });
@@ -1302,7 +1003,7 @@ fn data_set(set: u64, seq: u64, offset: u64, len: usize, seed: u64) -> DeltaSet 
 
 #[test]
 fn bad_wire_input_is_refused() {
-    let mut rig = Rig::new(RigOptions::default());
+    let mut rig = rig(PairOptions::default());
     rig.primary.start();
     rig.wait_consistent();
     rig.nbd_write(0, &pseudo_random(2 * MIB as usize, 71));
@@ -1310,26 +1011,26 @@ fn bad_wire_input_is_refused() {
     // The attacker's Hello would replace a live primary's session: stop the good one.
     rig.primary.stop();
     rig.wait("mirror link down", LONG, |m, _| m["link"] == "down");
-    let baseline = mirror_fingerprint(&rig);
+    let baseline = rig.mirror_holds();
     let a = Attacker::new(&rig.pki, rig.mirror_addr());
-    let primary_state = rig.dir().join("primary-state");
+    let primary_state = rig.primary_state.clone();
     let mut outcomes = Vec::new();
-    let dropped = |rig: &Rig| {
+    let dropped = |rig: &Pair| {
         rig.mirror
             .log()
             .matches("replication session dropped")
             .count()
     };
-    let refused_streams = |rig: &Rig| {
+    let refused_streams = |rig: &Pair| {
         rig.mirror
             .log()
             .matches("refused replication stream")
             .count()
     };
-    let check_unchanged = |rig: &Rig, what: &str| {
+    let check_unchanged = |rig: &Pair, what: &str| {
         // The mirror has logged the outcome by now; the state and volume must be as before.
         assert_eq!(
-            mirror_fingerprint(rig),
+            rig.mirror_holds(),
             baseline,
             "{what}: the mirror's state or volume changed"
         );
@@ -1561,7 +1262,7 @@ fn cli_status(control: &Path, role: &str) -> Value {
 
 #[test]
 fn status_reports_lag_and_initial_copy() {
-    let mut rig = Rig::new(RigOptions::default());
+    let mut rig = rig(PairOptions::default());
     // The primary's volume holds data before any mirror has seen it: 40 MiB of random data,
     // the rest a hole.
     {
@@ -1663,7 +1364,7 @@ fn status_exit(control: &Path, json: bool) -> (Option<i32>, String, String) {
 /// exit 0.
 #[test]
 fn status_exits_6_until_volumes_replicate() {
-    let mut rig = Rig::new(RigOptions::default());
+    let mut rig = rig(PairOptions::default());
     let (code, out, err) = status_exit(&rig.mirror.control, false);
     assert_eq!(code, Some(6), "mirror, no primary yet:\n{out}{err}");
     assert!(err.contains(&format!("not replicating: {VOL} (")), "{err}");
@@ -1728,7 +1429,7 @@ print("done")
 /// space and the waiting writes go on by themselves, and the mirror ends byte-identical.
 #[test]
 fn writes_waiting_for_journal_space_resume_when_the_mirror_returns() {
-    let mut rig = Rig::new(RigOptions {
+    let mut rig = rig(PairOptions {
         primary_extra: vec!["--journal-size".into(), "128M".into()],
         ..Default::default()
     });

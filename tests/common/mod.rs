@@ -1,8 +1,13 @@
 //! Shared helpers for the end-to-end tests: a `blkmirror primary` process in a fresh temporary
-//! directory, a runner for real NBD clients, and Drop guards that undo mounts, loop devices and
-//! FUSE mounts even when a test fails.
+//! directory, a runner for real NBD clients, Drop guards that undo mounts, loop devices and
+//! FUSE mounts even when a test fails, and (in `pair`) a replicating primary + mirror pair.
 
 #![allow(dead_code)]
+
+mod pair;
+// Like the dead code above: only the replication tests use the pair.
+#[allow(unused_imports)]
+pub(crate) use pair::*;
 
 pub(crate) use nix::sys::signal::Signal;
 use std::fs::File;
