@@ -341,9 +341,9 @@ fn each_failure_has_its_exit_code() {
     );
     let j = format!("j={},size=1M", path("j"));
     check(
-        &replicating("127.0.0.1:9", "1M", &j),
+        &replicating("127.0.0.1:9", "63M", &j),
         USAGE,
-        "--journal-size must be at least",
+        "--journal-size must be at least 64 MiB",
     );
     check(
         &replicating("no-port-here", "1G", &j),

@@ -1424,13 +1424,14 @@ h.flush()
 print("done")
 "#;
 
-/// The mirror is away and the clients write more than the journal holds: writes wait (the
-/// journal says full) without failing; once the mirror is back, its acknowledgements free
-/// space and the waiting writes go on by themselves, and the mirror ends byte-identical.
+/// The mirror is away and the clients write more than the journal holds (the smallest
+/// journal, 64 MiB in 16 MiB segments): writes wait (the journal says full) without failing;
+/// once the mirror is back, its acknowledgements free space and the waiting writes go on by
+/// themselves, and the mirror ends byte-identical.
 #[test]
 fn writes_waiting_for_journal_space_resume_when_the_mirror_returns() {
     let mut rig = rig(PairOptions {
-        primary_extra: vec!["--journal-size".into(), "128M".into()],
+        primary_extra: vec!["--journal-size".into(), "64M".into()],
         ..Default::default()
     });
     rig.primary.start();

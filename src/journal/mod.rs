@@ -75,7 +75,7 @@ impl JournalOptions {
             dir,
             max_disk_bytes,
             ram_bytes: 32 << 20,
-            segment_bytes: 64 << 20,
+            segment_bytes: segment_bytes_for(max_disk_bytes),
             boot_id: boot_id(),
             clock: system_clock(),
         }
@@ -90,8 +90,16 @@ pub fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-/// Smallest journal that can hold the largest NBD write with room to rotate.
-pub const MIN_JOURNAL_BYTES: u64 = 128 << 20;
+/// Smallest journal: the largest NBD write (32 MiB) and a tail segment of 16 MiB fit twice
+/// over, so a write waits only for acknowledgements, never for good.
+pub const MIN_JOURNAL_BYTES: u64 = 64 << 20;
+
+/// Segments of a quarter of the journal, from 16 to 64 MiB: large enough that rotations are
+/// rare, small enough that a small journal frees space in steps while the mirror catches up
+/// (a 64 MiB journal of 64 MiB segments would free nothing until its one segment is passed).
+pub fn segment_bytes_for(max_disk_bytes: u64) -> u64 {
+    (max_disk_bytes / 4).clamp(16 << 20, 64 << 20)
+}
 
 /// How the journal was last closed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -234,6 +242,9 @@ struct Inner {
     sync_failure: Option<String>,
     /// `mark_running` was called: appends are allowed.
     running: bool,
+    /// The next append starts a new segment: the tail is acknowledged and alone keeps a
+    /// write from fitting (it cannot be trimmed while it is the last).
+    rotate_next: bool,
 }
 
 /// Acknowledged segments kept for reuse, at most.
@@ -310,6 +321,7 @@ impl Journal {
             append_failure: None,
             sync_failure: None,
             running: false,
+            rotate_next: false,
         };
         let mut broken = false;
         for (first_seq, path) in names {
@@ -437,10 +449,18 @@ impl Journal {
         if g.closed || !g.running {
             return Err(closed());
         }
-        if g.disk_bytes + g.reserved + need > self.opts.max_disk_bytes
-            && !g.segments.is_empty()
-            && data > 0
-        {
+        let fits = |g: &Inner, held: u64| held + g.reserved + need <= self.opts.max_disk_bytes;
+        if data > 0 && !g.segments.is_empty() && !fits(&g, g.disk_bytes) {
+            // Only the tail, acknowledged, in the way: start a new segment (with this write's
+            // intent) and trim the tail then. Waiting would be for good: nothing is left to
+            // acknowledge, and the last segment is never trimmed.
+            if let Some(tail) = self.acked_tail_bytes(&g) {
+                if fits(&g, g.disk_bytes - tail) {
+                    g.rotate_next = true;
+                }
+            }
+        }
+        if data > 0 && !g.segments.is_empty() && !g.rotate_next && !fits(&g, g.disk_bytes) {
             if let Some(w) = waker {
                 self.space.register(w);
             }
@@ -479,8 +499,13 @@ impl Journal {
             completes: 0,
             time_ms: 0,
         };
+        let rotating = g.rotate_next;
         let appended = self.append_locked(&mut g, &h, &[]);
         g.reserved -= HEADER_LEN as u64;
+        if rotating && !g.rotate_next {
+            let acked = g.acked_seq;
+            self.trim_locked(&mut g, acked);
+        }
         if let Err(e) = appended {
             g.reserved -= need - HEADER_LEN as u64;
             return Err(e);
@@ -645,10 +670,10 @@ impl Journal {
     }
 
     fn append_locked_once(&self, g: &mut Inner, h: &Header, data: &[u8]) -> io::Result<(u64, u64)> {
-        let rotate = g
-            .segments
-            .back()
-            .is_none_or(|s| s.len >= self.opts.segment_bytes);
+        let rotate = g.rotate_next
+            || g.segments
+                .back()
+                .is_none_or(|s| s.len >= self.opts.segment_bytes);
         if rotate {
             // A closed segment is not synced here: only a client FLUSH or FUA asks for
             // durability (`sync`). Syncing at rotation stalled every writer behind the lock
@@ -662,6 +687,7 @@ impl Journal {
                 how = how.create().truncate();
             }
             let file = self.opts.fs.open(&path, how)?;
+            g.rotate_next = false;
             g.segments.push_back(Segment {
                 first_seq: h.seq,
                 last_seq: h.seq,
@@ -753,6 +779,25 @@ impl Journal {
             let (_, d) = g.ram.pop_front().unwrap();
             g.ram_bytes -= d.len() as u64;
         }
+        if self.trim_locked(&mut g, seq) {
+            // Whoever waits retries; one that still does not fit marks the journal full again.
+            g.waiting_for_space = false;
+            drop(g);
+            self.space.wake_all();
+        }
+        Ok(())
+    }
+
+    /// Bytes of the tail segment when every record in it is acknowledged and no write it
+    /// announced is still open (it would be trimmed, were it not the last).
+    fn acked_tail_bytes(&self, g: &Inner) -> Option<u64> {
+        let tail = g.segments.back()?;
+        let oldest_open = g.open_intents.keys().next().copied().unwrap_or(u64::MAX);
+        (tail.last_seq <= g.acked_seq && tail.last_seq < oldest_open).then_some(tail.len)
+    }
+
+    /// Free the whole segments acknowledged up to `seq`; whether any was.
+    fn trim_locked(&self, g: &mut Inner, seq: u64) -> bool {
         let oldest_open = g.open_intents.keys().next().copied().unwrap_or(u64::MAX);
         let mut freed = false;
         // Never the last segment: it is being appended to.
@@ -764,18 +809,12 @@ impl Journal {
             let s = g.segments.pop_front().unwrap();
             g.disk_bytes -= s.len;
             freed = true;
-            if let Err(e) = self.retire(&mut g, s) {
+            if let Err(e) = self.retire(g, s) {
                 tracing::warn!("cannot remove or recycle an acknowledged journal segment: {e}");
             }
             g.dir_changed = true;
         }
-        if freed {
-            // Whoever waits retries; one that still does not fit marks the journal full again.
-            g.waiting_for_space = false;
-            drop(g);
-            self.space.wake_all();
-        }
-        Ok(())
+        freed
     }
 
     /// Keep an acknowledged segment as a spare, or delete it. Never a segment still mapped
@@ -1530,5 +1569,45 @@ mod tests {
                 fs.crash(&mut rng);
             }
         }
+    }
+
+    /// A journal whose every record is acknowledged takes the next write, even when its tail
+    /// segment overshot the segment size with a large write and fills most of the cap: the
+    /// tail is rotated out (the last segment is never trimmed, and nothing is left to
+    /// acknowledge, so waiting would hang the client for good). Before, a 32 MiB write into a
+    /// 128 MiB journal could hang this way.
+    #[test]
+    fn an_acknowledged_tail_never_blocks_a_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path());
+        o.max_disk_bytes = 128 << 10;
+        o.segment_bytes = 64 << 10;
+        let j = open(o.clone());
+        let write = |len: u32| {
+            let it = j.begin(0, len, true).unwrap().expect("the write fits");
+            j.complete(it, 0, data(1, len as usize)).unwrap();
+        };
+        // A tail just under the segment size, then a large write that still goes into it.
+        while j.stats().disk_bytes + 4096 + 200 < 64 << 10 {
+            write(4096);
+        }
+        while j.stats().disk_bytes < (64 << 10) - 300 {
+            write(64);
+        }
+        write(32 << 10);
+        let tail = j.stats().disk_bytes;
+        assert!(
+            tail + (32 << 10) + 2 * HEADER_LEN as u64 > 128 << 10,
+            "{tail}"
+        );
+        j.ack(j.last_seq()).unwrap();
+        let last = j.last_seq();
+        write(32 << 10);
+        assert!(j.stats().disk_bytes < 40 << 10, "the old tail was trimmed");
+        assert_eq!(j.last_seq(), last + 2, "numbering goes on");
+        drop(j);
+        // After a crash the numbering resumes from the new segment.
+        let j = open(o);
+        assert_eq!(j.last_seq(), last + 2);
     }
 }
