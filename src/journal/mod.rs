@@ -12,7 +12,8 @@
 //!   completed write the journal failed to record (a full file system) is re-read the same way.
 //! - The journal's size is bounded: a write whose data does not fit waits until the mirror
 //!   acknowledges enough to trim whole segments; waiters are woken when space frees, not
-//!   polled. A TRIM or WRITE_ZEROES costs a record whatever its length, so it never waits for
+//!   polled. The last segment is never trimmed (it is appended to): once it is wholly
+//!   acknowledged and alone in the way, the next write starts a new segment and it goes. A TRIM or WRITE_ZEROES costs a record whatever its length, so it never waits for
 //!   room its length would not take.
 //! - Acknowledged segments are recycled, as the mirror's redo log does: up to [`MAX_SPARES`]
 //!   become `<n>.spare` and the next rotation renames one and overwrites it from the start.
@@ -779,7 +780,11 @@ impl Journal {
             let (_, d) = g.ram.pop_front().unwrap();
             g.ram_bytes -= d.len() as u64;
         }
-        if self.trim_locked(&mut g, seq) {
+        let freed = self.trim_locked(&mut g, seq);
+        // A tail now wholly acknowledged is rotated out by the next write that needs its room
+        // (`begin_or_wait`): a writer parked on it must retry, though nothing was freed yet.
+        let tail_free = g.waiting_for_space && self.acked_tail_bytes(&g).is_some();
+        if freed || tail_free {
             // Whoever waits retries; one that still does not fit marks the journal full again.
             g.waiting_for_space = false;
             drop(g);
@@ -1609,5 +1614,45 @@ mod tests {
         // After a crash the numbering resumes from the new segment.
         let j = open(o);
         assert_eq!(j.last_seq(), last + 2);
+    }
+
+    /// A writer parked while the tail segment is still unacknowledged is woken when the
+    /// acknowledgement covers the tail, although no segment is freed by it, and then fits.
+    #[test]
+    fn a_writer_parked_on_the_tail_is_woken_when_it_is_acknowledged() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        struct Flag(AtomicBool);
+        impl Wake for Flag {
+            fn wake(&self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path());
+        o.max_disk_bytes = 128 << 10;
+        o.segment_bytes = 64 << 10;
+        let j = open(o);
+        let write = |len: u32| {
+            let it = j.begin(0, len, true).unwrap().expect("the write fits");
+            j.complete(it, 0, data(1, len as usize)).unwrap()
+        };
+        while j.stats().disk_bytes + 4096 + 200 < 64 << 10 {
+            write(4096);
+        }
+        while j.stats().disk_bytes < (64 << 10) - 300 {
+            write(64);
+        }
+        let last = write(32 << 10);
+        let flag = Arc::new(Flag(AtomicBool::new(false)));
+        let waker: Arc<dyn Wake> = flag.clone();
+        assert!(
+            j.begin_or_wait(0, 32 << 10, true, Some(&waker))
+                .unwrap()
+                .is_none(),
+            "unacknowledged, the tail leaves no room"
+        );
+        j.ack(last).unwrap();
+        assert!(flag.0.load(Ordering::SeqCst), "the parked writer was woken");
+        assert!(j.begin_or_wait(0, 32 << 10, true, None).unwrap().is_some());
     }
 }
