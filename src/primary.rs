@@ -48,6 +48,17 @@ pub struct ReplicationOptions {
     pub compress: Option<bool>,
 }
 
+/// Bytes of journal records all volumes keep in RAM for the shipper, at most.
+const RAM_RINGS_BYTES: u64 = 256 << 20;
+
+/// Each volume's RAM ring: an equal share of [`RAM_RINGS_BYTES`], from 4 to 32 MiB. Records
+/// that left the ring are mapped from their segment (page cache) instead: a smaller ring
+/// costs a little CPU, never correctness, and a daemon's memory no longer grows by 32 MiB
+/// with every volume.
+fn ram_ring_bytes(volumes: usize) -> u64 {
+    (RAM_RINGS_BYTES / volumes.max(1) as u64).clamp(4 << 20, 32 << 20)
+}
+
 /// The limits of each volume's sessions. Test builds read `BLKMIRROR_TEST_STALL_TIMEOUT_MS`, so
 /// that a test of the stall watchdog need not wait its 30 s.
 fn session_limits() -> SessionLimits {
@@ -150,11 +161,10 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
         let fs = crate::env::os();
         for (spec, volume) in opts.volumes.iter().zip(volumes.iter_mut()) {
             let dir = opts.state_dir.join("journal").join(&spec.name);
-            let journal = Arc::new(Journal::open(JournalOptions::new(
-                fs.clone(),
-                dir,
-                repl.journal_bytes,
-            ))?);
+            let journal = Arc::new(Journal::open(JournalOptions {
+                ram_bytes: ram_ring_bytes(opts.volumes.len()),
+                ..JournalOptions::new(fs.clone(), dir, repl.journal_bytes)
+            })?);
             let record = Arc::new(open_record(
                 &fs,
                 &opts.state_dir,
@@ -432,4 +442,21 @@ fn primary_status(volumes: &[String], shipping: &[Shipping]) -> serde_json::Valu
         })
         .collect();
     serde_json::json!({ "role": "primary", "volumes": vols })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_rings_share_one_budget() {
+        assert_eq!(
+            ram_ring_bytes(1),
+            32 << 20,
+            "one volume keeps the full ring"
+        );
+        assert_eq!(ram_ring_bytes(8), 32 << 20);
+        assert_eq!(ram_ring_bytes(32), 8 << 20);
+        assert_eq!(ram_ring_bytes(1000), 4 << 20, "never below 4 MiB");
+    }
 }
