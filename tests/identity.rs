@@ -150,10 +150,7 @@ impl Pair {
 /// for an unknown volume it exits 2 (usage), with the primary stopped 4 (not running).
 #[test]
 fn blank_primary_volume_is_refused_until_accepted() {
-    let mut p = Pair::new(PairOptions::default());
-    p.mirror.start();
-    p.primary.start();
-    p.wait_consistent();
+    let mut p = Pair::running(PairOptions::default());
     p.nbd_write(0, &pseudo_random(4 * MIB as usize, 101));
     p.nbd_write(20 * MIB, &pseudo_random(4 * MIB as usize, 102));
     let (_, pv) = p.wait_synced();
@@ -275,10 +272,7 @@ fn blank_primary_volume_is_refused_until_accepted() {
 /// with every write made after the restart.
 #[test]
 fn lost_primary_state_is_compared() {
-    let mut p = Pair::new(PairOptions::default());
-    p.mirror.start();
-    p.primary.start();
-    p.wait_consistent();
+    let mut p = Pair::running(PairOptions::default());
     p.nbd_write(MIB, &pseudo_random(4 * MIB as usize, 201));
     p.nbd_write(30 * MIB, &pseudo_random(4 * MIB as usize, 202));
     let (m, _) = p.wait_synced();
@@ -344,10 +338,7 @@ fn lost_primary_state_is_compared() {
 /// byte-identical to A.
 #[test]
 fn unrelated_primaries_are_refused() {
-    let mut p = Pair::new(PairOptions::default());
-    p.mirror.start();
-    p.primary.start();
-    p.wait_consistent();
+    let mut p = Pair::running(PairOptions::default());
     p.nbd_write(0, &pseudo_random(8 * MIB as usize, 301));
     let (m, _) = p.wait_synced();
     let uuid_m = s(&m, "uuid").to_string();
@@ -498,10 +489,7 @@ fn unrelated_primaries_are_refused() {
 /// meanwhile arrive: byte-identical at the end.
 #[test]
 fn a_foreign_primary_does_not_disturb_the_running_pair() {
-    let mut p = Pair::new(PairOptions::default());
-    p.mirror.start();
-    p.primary.start();
-    p.wait_consistent();
+    let mut p = Pair::running(PairOptions::default());
     p.nbd_write(0, &pseudo_random(4 * MIB as usize, 311));
     let (_, a0) = p.wait_synced();
     let d = p.dir().to_path_buf();
@@ -563,10 +551,7 @@ fn a_foreign_primary_does_not_disturb_the_running_pair() {
 /// the primary.
 #[test]
 fn blank_mirror_volume_is_not_consistent_until_compared() {
-    let mut p = Pair::new(PairOptions::default());
-    p.mirror.start();
-    p.primary.start();
-    p.wait_consistent();
+    let mut p = Pair::running(PairOptions::default());
     p.nbd_write(3 * MIB, &pseudo_random(4 * MIB as usize, 401));
     p.nbd_write(50 * MIB, &pseudo_random(4 * MIB as usize, 402));
     p.wait_synced();
@@ -658,14 +643,11 @@ fn blank_mirror_volume_is_not_consistent_until_compared() {
 /// lag 0).
 #[test]
 fn primary_journal_enospc_ends_identical() {
-    let mut p = Pair::new(PairOptions {
+    let mut p = Pair::running(PairOptions {
         primary_extra: vec!["--journal-size".into(), "128M".into()],
         primary_tmpfs: Some("200M"),
         ..Default::default()
     });
-    p.mirror.start();
-    p.primary.start();
-    p.wait_consistent();
     let mut w = p.writer(501, 96 * MIB, 256 << 10);
     p.wait("the writer is under way", LONG, |_, pv| {
         u(pv, "journal_seq") >= 100
@@ -753,13 +735,10 @@ fn primary_journal_enospc_ends_identical() {
 /// ends byte-identical.
 #[test]
 fn mirror_redo_enospc_recovers_by_itself() {
-    let mut p = Pair::new(PairOptions {
+    let mut p = Pair::running(PairOptions {
         mirror_tmpfs: Some("96M"),
         ..Default::default()
     });
-    p.mirror.start();
-    p.primary.start();
-    p.wait_consistent();
     let mut w = p.writer(601, 64 * MIB, MIB);
     p.wait("the writer is under way", LONG, |m, _| {
         u(m, "acked_set") >= 3
@@ -906,10 +885,7 @@ fn watch_private_modes(
 /// 0600, both times.
 #[test]
 fn state_files_are_private() {
-    let mut p = Pair::new(PairOptions::default());
-    p.mirror.start();
-    p.primary.start();
-    p.wait_consistent();
+    let mut p = Pair::running(PairOptions::default());
     let dirs = [
         p.primary_state.join("journal").join(VOL),
         p.primary_state.join("volumes"),
@@ -988,10 +964,7 @@ fn state_files_are_private() {
 /// to re-read; the mirror resumes (no new copy or comparison) and ends byte-identical.
 #[test]
 fn clean_stop_leaves_a_clean_journal() {
-    let mut p = Pair::new(PairOptions::default());
-    p.mirror.start();
-    p.primary.start();
-    p.wait_consistent();
+    let mut p = Pair::running(PairOptions::default());
     let mut w = p.writer(801, 160 * MIB, MIB);
     let status = w.wait();
     assert!(status.success(), "writer: {}", w.output());
@@ -1065,14 +1038,11 @@ fn clean_stop_leaves_a_clean_journal() {
 /// zero on both; mkfs's discard reached the volume).
 #[test]
 fn trim_larger_than_the_journal_completes() {
-    let mut p = Pair::new(PairOptions {
+    let mut p = Pair::running(PairOptions {
         size: 256 * MIB,
         primary_extra: vec!["--journal-size".into(), "128M".into()],
         ..Default::default()
     });
-    p.mirror.start();
-    p.primary.start();
-    p.wait_consistent();
     for (i, at) in [16u64, 100, 200, 230].iter().enumerate() {
         p.nbd_write(at * MIB, &pseudo_random(4 * MIB as usize, 901 + i as u64));
     }
@@ -1178,10 +1148,7 @@ fn trim_larger_than_the_journal_completes() {
 /// the mirror is back a comparison (not a resume) brings it to the volume, byte-identical.
 #[test]
 fn volume_written_while_stopped_is_refused_until_accepted() {
-    let mut p = Pair::new(PairOptions::default());
-    p.mirror.start();
-    p.primary.start();
-    p.wait_consistent();
+    let mut p = Pair::running(PairOptions::default());
     p.nbd_write(0, &pseudo_random(4 * MIB as usize, 1001));
     p.wait_synced();
     stop_ok(&mut p.primary);
@@ -1395,10 +1362,7 @@ fn data_age_is_shown_and_rpo_unknown_without_a_copy() {
 /// byte-identical.
 #[test]
 fn idle_restarts_never_make_a_split_brain() {
-    let mut p = Pair::new(PairOptions::default());
-    p.mirror.start();
-    p.primary.start();
-    p.wait_consistent();
+    let mut p = Pair::running(PairOptions::default());
     p.nbd_write(0, &pseudo_random(MIB as usize, 1301));
     p.wait_synced();
     let mut modes = Vec::new();

@@ -17,7 +17,7 @@ use common::*;
 use serde_json::Value;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -48,7 +48,7 @@ fn rig(opts: PairOptions) -> Pair {
 
 impl Pair {
     /// Start `tools/workload.py` writing seqs `start..=end` of plan `seed` in the background.
-    fn workload(&self, seed: u64, start: u64, end: u64) -> Bg {
+    fn workload(&self, seed: u64, start: u64, end: u64) -> Background {
         let mut c = Command::new("/usr/bin/python3");
         c.arg(tool("workload.py"))
             .args(["--uri", &self.uri()])
@@ -57,85 +57,11 @@ impl Pair {
             .args(["--start-seq", &start.to_string()])
             .args(["--blocks", &BLOCKS.to_string()])
             .args(["--block-size", &BLOCK.to_string()]);
-        Bg::spawn(
+        Background::spawn(
             &format!("workload seed {seed} seqs {start}..={end}"),
             c,
             &self.dir().join(format!("workload-{seed}-{start}.out")),
         )
-    }
-}
-
-/// A background client whose output goes to a file; killed on Drop if still running.
-struct Bg {
-    what: String,
-    child: Option<Child>,
-    out: PathBuf,
-}
-
-impl Bg {
-    fn spawn(what: &str, mut c: Command, out: &Path) -> Bg {
-        let f = std::fs::File::create(out).unwrap();
-        let child = c
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(f.try_clone().unwrap()))
-            .stderr(Stdio::from(f))
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
-        Bg {
-            what: what.into(),
-            child: Some(child),
-            out: out.to_path_buf(),
-        }
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.out).unwrap_or_default()
-    }
-
-    fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().unwrap().is_none())
-    }
-
-    /// Wait for the exit (killed and panicking after CLIENT_TIMEOUT).
-    fn wait(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("already waited");
-        let deadline = Instant::now() + CLIENT_TIMEOUT;
-        loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                return s;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "{} still running after {CLIENT_TIMEOUT:?}; output:\n{}",
-                    self.what,
-                    self.output()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn wait_success(&mut self) {
-        let s = self.wait();
-        assert!(
-            s.success(),
-            "{} exited with {s}; output:\n{}",
-            self.what,
-            self.output()
-        );
-    }
-}
-
-impl Drop for Bg {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 
@@ -272,9 +198,7 @@ fn mirror_kill9_rounds_keep_a_valid_crash_state() {
     let writes: u64 = per_round * rounds;
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
 
-    let mut rig = rig(PairOptions::default());
-    rig.primary.start();
-    rig.wait_consistent();
+    let mut rig = Pair::running(PairOptions::default());
 
     let started = Instant::now();
     let mut next_seq = 1;
@@ -361,9 +285,7 @@ fn mirror_kill9_rounds_keep_a_valid_crash_state() {
 
 #[test]
 fn primary_kill9_resumes_from_journal() {
-    let mut rig = rig(PairOptions::default());
-    rig.primary.start();
-    rig.wait_consistent();
+    let mut rig = Pair::running(PairOptions::default());
     let mut w = rig.workload(31, 1, 6000);
     // Kill once a good part of the workload is journaled (not after a fixed time).
     let (_, p) = rig.wait("the workload is under way", LONG, |_, p| {
@@ -503,13 +425,11 @@ fn link_blip_resumes_without_new_copy() {
     // The relay needs the mirror's port before the mirror starts: take a free one for it.
     let mirror_port = free_udp_port();
     let relay = Relay::start(SocketAddr::from(([127, 0, 0, 1], mirror_port)));
-    let mut rig = rig(PairOptions {
+    let mut rig = Pair::running(PairOptions {
         mirror_port: Some(mirror_port),
         mirror_addr: Some(format!("127.0.0.1:{}", relay.port)),
         ..Default::default()
     });
-    rig.primary.start();
-    rig.wait_consistent();
     let seed = 41;
     let writes = 6000;
 
@@ -632,9 +552,7 @@ fn a_stalled_stream_is_ended_reported_and_resumed() {
 
 #[test]
 fn refused_peers_apply_nothing() {
-    let mut rig = rig(PairOptions::default());
-    rig.primary.start();
-    rig.wait_consistent();
+    let mut rig = Pair::running(PairOptions::default());
     rig.nbd_write(MIB, &pseudo_random(6 * MIB as usize, 51));
     rig.wait_synced();
     rig.primary.stop();
@@ -778,12 +696,10 @@ fn refused_peers_apply_nothing() {
 
 #[test]
 fn corrupted_frame_is_detected_and_resent() {
-    let mut rig = rig(PairOptions {
+    let mut rig = Pair::running(PairOptions {
         primary_extra: vec!["--test-corrupt-first-set".into()],
         ..Default::default()
     });
-    rig.primary.start();
-    rig.wait_consistent();
     rig.nbd_write(2 * MIB, &pseudo_random(4 * MIB as usize, 61));
     assert!(
         rig.mirror
@@ -1003,9 +919,7 @@ fn data_set(set: u64, seq: u64, offset: u64, len: usize, seed: u64) -> DeltaSet 
 
 #[test]
 fn bad_wire_input_is_refused() {
-    let mut rig = rig(PairOptions::default());
-    rig.primary.start();
-    rig.wait_consistent();
+    let mut rig = Pair::running(PairOptions::default());
     rig.nbd_write(0, &pseudo_random(2 * MIB as usize, 71));
     rig.wait_synced();
     // The attacker's Hello would replace a live primary's session: stop the good one.
@@ -1430,16 +1344,14 @@ print("done")
 /// themselves, and the mirror ends byte-identical.
 #[test]
 fn writes_waiting_for_journal_space_resume_when_the_mirror_returns() {
-    let mut rig = rig(PairOptions {
+    let mut rig = Pair::running(PairOptions {
         primary_extra: vec!["--journal-size".into(), "64M".into()],
         ..Default::default()
     });
-    rig.primary.start();
-    rig.wait_consistent();
     assert!(rig.mirror.stop().is_some_and(|s| s.success()));
     let mut c = Command::new("/usr/bin/python3");
     c.args(["-c", NBD_FILL_WRAPPING, &rig.uri(), "200"]);
-    let mut writer = Bg::spawn("a 200 MiB writer", c, &rig.dir().join("fill.out"));
+    let mut writer = Background::spawn("a 200 MiB writer", c, &rig.dir().join("fill.out"));
     rig.wait("the journal full, writes waiting", LONG, |_, p| {
         p["journal_full"] == true
     });

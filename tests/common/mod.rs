@@ -1115,6 +1115,17 @@ impl Background {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+
+    /// Wait for its exit, which must be a success.
+    pub(crate) fn wait_success(&mut self) {
+        let s = self.wait();
+        assert!(
+            s.success(),
+            "{} exited with {s}; output:\n{}",
+            self.what,
+            self.output()
+        );
+    }
 }
 
 impl Drop for Background {

@@ -167,6 +167,16 @@ pub(crate) struct Pair {
 impl Pair {
     /// Certificates and both daemons, described but not started (so a test can prepare a
     /// volume or a state directory first), in a new directory /tmp/bm-TESTFILE-*.
+    /// A pair with both daemons started and the initial copy done (the mirror consistent,
+    /// the link up).
+    pub(crate) fn running(opts: PairOptions) -> Pair {
+        let mut p = Pair::new(opts);
+        p.mirror.start();
+        p.primary.start();
+        p.wait_consistent();
+        p
+    }
+
     pub(crate) fn new(opts: PairOptions) -> Pair {
         let dir = tempfile::Builder::new()
             .prefix(concat!("bm-", env!("CARGO_CRATE_NAME"), "-"))
