@@ -170,6 +170,10 @@ pub trait ApplyTarget {
     fn read(&mut self, offset: u64, out: &mut [u8]) -> io::Result<()>;
     /// The disk behind the volume.
     fn fingerprint(&self) -> io::Result<Fingerprint>;
+    /// Whether the volume may hold data: anything allocated in a file (a block device always
+    /// may). A mirror with no record of any copy compares such a volume (pre-seeded from a
+    /// backup, shipped by courier) instead of copying all of it.
+    fn holds_data(&self) -> io::Result<bool>;
 }
 
 impl ApplyTarget for Applier {
@@ -187,6 +191,16 @@ impl ApplyTarget for Applier {
 
     fn fingerprint(&self) -> io::Result<Fingerprint> {
         self.storage.fingerprint()
+    }
+
+    fn holds_data(&self) -> io::Result<bool> {
+        use crate::disk::Storage;
+        let size = self.storage.size();
+        Ok(self
+            .storage
+            .allocation(0, size)?
+            .iter()
+            .any(|&(_, hole)| !hole))
     }
 }
 

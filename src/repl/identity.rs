@@ -286,6 +286,9 @@ pub struct MirrorHolds {
     /// It ever received data of a primary (a legacy mirror from before volume UUIDs has data
     /// but no UUID).
     pub has_data: bool,
+    /// Its volume holds data although it never received any (pre-seeded from a backup or a
+    /// shipped disk): compared, so that only what differs crosses the link.
+    pub unrecorded_data: bool,
     pub peer_fingerprint: Option<Fingerprint>,
 }
 
@@ -342,6 +345,13 @@ pub fn foreign(
 /// primary's, or the mirror's when the primary lost its record, or a new one.
 pub fn decide(p: &PrimaryClaim, m: &MirrorHolds) -> Decision {
     let Some(mu) = m.uuid else {
+        if !m.has_data && m.unrecorded_data {
+            return Decision::Compare {
+                why: "the mirror's volume holds data it has no record of (pre-seeded?): \
+                      compared, only the chunks that differ are sent"
+                    .into(),
+            };
+        }
         if !m.has_data {
             return Decision::FullCopy {
                 why: "the mirror holds no data yet".into(),
@@ -516,6 +526,7 @@ mod tests {
             position,
             position_gen: None,
             has_data: true,
+            unrecorded_data: false,
             peer_fingerprint: Some(disk(10)),
         }
     }
@@ -567,11 +578,21 @@ mod tests {
             position: None,
             position_gen: None,
             has_data: false,
+            unrecorded_data: false,
             peer_fingerprint: None,
         };
         assert!(matches!(decide(&p, &fresh), Decision::FullCopy { .. }));
+        // A new mirror whose volume already holds data (a restored backup): compared.
+        let preseeded = MirrorHolds {
+            unrecorded_data: true,
+            ..fresh.clone()
+        };
+        assert!(
+            matches!(decide(&p, &preseeded), Decision::Compare { ref why } if why.contains("pre-seeded"))
+        );
         let legacy = MirrorHolds {
             has_data: true,
+            unrecorded_data: false,
             position: Some(10),
             ..fresh
         };

@@ -244,7 +244,11 @@ impl MirrorVolume {
             disk.as_ref(),
             sealed_valid,
         );
-        let core = MirrorCore::new(name, size, state, applier.fingerprint().ok());
+        // A volume never copied to may be pre-seeded: compare it rather than copy over it. A
+        // disk that cannot say is assumed to hold data (a comparison costs only reads).
+        let holds_data =
+            state.copy == apply::CopyState::None && applier.holds_data().unwrap_or(true);
+        let core = MirrorCore::new(name, size, state, applier.fingerprint().ok(), holds_data);
         core.state().save(&**fs, &state_path)?;
         tracing::info!(volume = %name, applied_set = core.state().applied_set,
             copy = ?core.state().copy, consistent = core.state().consistent(),

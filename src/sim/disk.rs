@@ -227,4 +227,8 @@ impl ApplyTarget for MemApplier<'_> {
     fn fingerprint(&self) -> io::Result<Fingerprint> {
         Ok(self.0.fingerprint_now())
     }
+
+    fn holds_data(&self) -> io::Result<bool> {
+        Ok(self.0.content().iter().any(|&b| b != 0))
+    }
 }

@@ -714,6 +714,7 @@ impl MirrorHost {
             VOLUME_BYTES,
             state,
             Some(self.disk.fingerprint().expect("simulated disk")),
+            self.disk.content().iter().any(|&b| b != 0),
         );
         core.bugs = self.bugs;
         core.state()

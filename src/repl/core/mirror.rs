@@ -78,6 +78,8 @@ pub struct MirrorCore {
     failure: Option<Failure>,
     /// A permanent refusal of the last session (split brain, unrelated), for status.
     refused: Option<(ReplState, String)>,
+    /// The volume held data when the daemon started (see [`MirrorCore::new`]).
+    volume_holds_data: bool,
     #[cfg(any(test, feature = "test-hooks"))]
     pub bugs: super::PlantedBugs,
 }
@@ -142,12 +144,15 @@ impl MirrorCore {
     }
 
     /// The rules for a volume of `size` bytes whose persisted, checked and replayed state is
-    /// `state`; `disk` is its disk now (after the replay).
+    /// `state`; `disk` is its disk now (after the replay); `volume_holds_data` whether the
+    /// volume holds data (`ApplyTarget::holds_data`), which matters only while no copy was
+    /// ever received.
     pub fn new(
         name: &str,
         size: u64,
         mut state: VolumeState,
         disk: Option<Fingerprint>,
+        volume_holds_data: bool,
     ) -> MirrorCore {
         if disk.is_some() {
             state.identity.fingerprint = disk;
@@ -168,6 +173,7 @@ impl MirrorCore {
             session: 0,
             failure: None,
             refused: None,
+            volume_holds_data,
             #[cfg(any(test, feature = "test-hooks"))]
             bugs: super::PlantedBugs::default(),
         }
@@ -277,6 +283,7 @@ impl MirrorCore {
             position: st.consistent().then_some(st.applied_seq),
             position_gen: st.position_gen,
             has_data: st.copy != CopyState::None,
+            unrecorded_data: st.copy == CopyState::None && self.volume_holds_data,
             peer_fingerprint: st.identity.peer_fingerprint.clone(),
         };
         let decision = decide(claim, &holds);
