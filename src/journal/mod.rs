@@ -1656,3 +1656,72 @@ mod tests {
         assert!(j.begin_or_wait(0, 32 << 10, true, None).unwrap().is_some());
     }
 }
+
+#[cfg(test)]
+mod small_journal_tests {
+    use super::*;
+    use crate::env::os;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    struct Flag(AtomicBool);
+    impl Wake for Flag {
+        fn wake(&self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn data(b: u8, n: usize) -> Payload {
+        Payload::Data(Bytes::from(vec![b; n]))
+    }
+
+    /// A large write parks while the (only, unacknowledged) tail and another large write in
+    /// flight leave no room; a small write then fits and goes into the same tail, which
+    /// clears "waiting for space" although the large one still waits. When the mirror
+    /// acknowledges everything, nothing is freed (the tail is the last segment), and the
+    /// parked writer must still be woken: it can now rotate the tail out. Otherwise it waits
+    /// until some other write arrives and is acknowledged: for good with an idle client (a
+    /// 64 MiB journal: a 32 MiB write parked behind another, a 4 KiB write beside them).
+    #[test]
+    fn a_parked_writer_is_woken_by_the_tail_ack_even_after_a_small_write_fitted() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = JournalOptions {
+            fs: os(),
+            boot_id: "boot-1".into(),
+            clock: system_clock(),
+            dir: dir.path().to_path_buf(),
+            max_disk_bytes: 128 << 10,
+            ram_bytes: 8192,
+            segment_bytes: 32 << 10,
+        };
+        let j = Journal::open(o).unwrap();
+        j.mark_running().unwrap();
+        // One small segment, acknowledged: the tail, alone.
+        let it = j.begin(0, 8 << 10, true).unwrap().unwrap();
+        j.complete(it, 0, data(1, 8 << 10)).unwrap();
+        j.ack(j.last_seq()).unwrap();
+        // A: a large write in flight.
+        let a = j.begin(1 << 20, 60 << 10, true).unwrap().expect("A fits");
+        // B: a second large write does not fit beside A; it parks.
+        let flag = Arc::new(Flag(AtomicBool::new(false)));
+        let waker: Arc<dyn Wake> = flag.clone();
+        assert!(j
+            .begin_or_wait(2 << 20, 60 << 10, true, Some(&waker))
+            .unwrap()
+            .is_none());
+        assert!(j.stats().full, "B waits: the journal is full");
+        // C: a small write fits and lands in the same tail.
+        let c = j.begin(3 << 20, 4 << 10, true).unwrap().expect("C fits");
+        j.complete(c, 3 << 20, data(3, 4 << 10)).unwrap();
+        j.complete(a, 1 << 20, data(2, 60 << 10)).unwrap();
+        // The mirror acknowledges everything: only the tail is left, wholly acknowledged.
+        j.ack(j.last_seq()).unwrap();
+        assert!(
+            flag.0.load(Ordering::SeqCst),
+            "the parked writer was never woken: it waits for good"
+        );
+        assert!(j
+            .begin_or_wait(2 << 20, 60 << 10, true, None)
+            .unwrap()
+            .is_some());
+    }
+}
