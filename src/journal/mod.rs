@@ -783,7 +783,9 @@ impl Journal {
         let freed = self.trim_locked(&mut g, seq);
         // A tail now wholly acknowledged is rotated out by the next write that needs its room
         // (`begin_or_wait`): a writer parked on it must retry, though nothing was freed yet.
-        let tail_free = g.waiting_for_space && self.acked_tail_bytes(&g).is_some();
+        // Not only when `waiting_for_space` says so: any write that fits clears it, also while
+        // a larger one stays parked (waking no one is cheap).
+        let tail_free = self.acked_tail_bytes(&g).is_some();
         if freed || tail_free {
             // Whoever waits retries; one that still does not fit marks the journal full again.
             g.waiting_for_space = false;
