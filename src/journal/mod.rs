@@ -1726,4 +1726,44 @@ mod small_journal_tests {
             .unwrap()
             .is_some());
     }
+
+    /// An acknowledged segment that was the tail when the mirror went away is not trimmed
+    /// when a later write rotates past it (only an acknowledgement trims, and the mirror is
+    /// away): it keeps holding its bytes against the cap. In a 64 MiB journal whose tail
+    /// ended with a 32 MiB write, half the journal is then taken by data the mirror already
+    /// has, and a write waits for the mirror though the journal holds almost nothing
+    /// unacknowledged.
+    #[test]
+    fn an_acknowledged_segment_behind_the_tail_does_not_keep_a_write_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = JournalOptions {
+            fs: os(),
+            boot_id: "boot-1".into(),
+            clock: system_clock(),
+            dir: dir.path().to_path_buf(),
+            max_disk_bytes: 128 << 10,
+            ram_bytes: 8192,
+            segment_bytes: 32 << 10,
+        };
+        let j = Journal::open(o).unwrap();
+        j.mark_running().unwrap();
+        let write = |off: u64, len: u32| {
+            let it = j.begin(off, len, true).unwrap().expect("the write fits");
+            j.complete(it, off, data(1, len as usize)).unwrap()
+        };
+        // A tail that ends with a large write, all acknowledged; then the mirror goes away.
+        write(0, 8 << 10);
+        write(1 << 20, 60 << 10);
+        j.ack(j.last_seq()).unwrap();
+        // A small write rotates (the tail is past the segment size): the acknowledged segment
+        // is no longer the tail, and is still on disk.
+        write(2 << 20, 4 << 10);
+        assert!(j.stats().lag_bytes == 4 << 10);
+        // 4 KiB unacknowledged in a 128 KiB journal: a 60 KiB write must fit.
+        assert!(
+            j.begin(3 << 20, 60 << 10, true).unwrap().is_some(),
+            "a 60 KiB write waits with 4 KiB unacknowledged in a 128 KiB journal (disk_bytes {})",
+            j.stats().disk_bytes
+        );
+    }
 }
