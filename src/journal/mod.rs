@@ -452,6 +452,12 @@ impl Journal {
         }
         let fits = |g: &Inner, held: u64| held + g.reserved + need <= self.opts.max_disk_bytes;
         if data > 0 && !g.segments.is_empty() && !fits(&g, g.disk_bytes) {
+            // Segments acknowledged while they were the tail, rotated past since: only an
+            // acknowledgement trims, and with the mirror away none comes.
+            let acked = g.acked_seq;
+            self.trim_locked(&mut g, acked);
+        }
+        if data > 0 && !g.segments.is_empty() && !fits(&g, g.disk_bytes) {
             // Only the tail, acknowledged, in the way: start a new segment (with this write's
             // intent) and trim the tail then. Waiting would be for good: nothing is left to
             // acknowledge, and the last segment is never trimmed.
