@@ -258,7 +258,12 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
     tracing::info!(signal = %sig, "shutting down");
     drop(nbd_socket);
     drop(control_socket);
-    // Every write ends before the journal closes and the volume is sealed.
+    // Writes not yet admitted (parked on a full journal: only the mirror could make room) are
+    // refused, so that every write admitted ends before the journal closes and the volume
+    // is sealed.
+    for s in shipping_for_close.iter() {
+        s.journal.refuse_new_writes();
+    }
     let drained = server.shutdown(std::time::Duration::from_secs(10));
     if let Some(ep) = quic_endpoint {
         // Tell the mirror now, rather than let it wait out the idle timeout.

@@ -246,6 +246,9 @@ struct Inner {
     /// The next append starts a new segment: the tail is acknowledged and alone keeps a
     /// write from fitting (it cannot be trimmed while it is the last).
     rotate_next: bool,
+    /// The daemon is stopping: no new write is admitted (parked ones are told so), writes
+    /// already admitted complete and are journaled.
+    stopping: bool,
 }
 
 /// Acknowledged segments kept for reuse, at most.
@@ -323,6 +326,7 @@ impl Journal {
             sync_failure: None,
             running: false,
             rotate_next: false,
+            stopping: false,
         };
         let mut broken = false;
         for (first_seq, path) in names {
@@ -449,6 +453,9 @@ impl Journal {
         let mut g = self.inner.lock().unwrap();
         if g.closed || !g.running {
             return Err(closed());
+        }
+        if g.stopping {
+            return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
         }
         let fits = |g: &Inner, held: u64| held + g.reserved + need <= self.opts.max_disk_bytes;
         if data > 0 && !g.segments.is_empty() && !fits(&g, g.disk_bytes) {
@@ -764,6 +771,15 @@ impl Journal {
             self.inner.lock().unwrap().sync_failure = None;
         }
         Ok(())
+    }
+
+    /// The daemon stops: refuse every write not yet admitted (ESHUTDOWN, which NBD tells the
+    /// client as such) and wake the parked ones so they hear it, rather than waiting for room
+    /// only the mirror could make. Writes already admitted complete, so the journal then
+    /// closes cleanly.
+    pub fn refuse_new_writes(&self) {
+        self.inner.lock().unwrap().stopping = true;
+        self.space.wake_all();
     }
 
     /// The mirror made everything up to `seq` durable: forget it and free whole segments.

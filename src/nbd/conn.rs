@@ -238,6 +238,25 @@ impl Conn {
 
     pub fn run(mut self) -> io::Result<ConnStats> {
         loop {
+            // Parked ops first: what they lead to (a disk op, or at once a reply: refused, or
+            // the daemon stopping) is submitted below, before the ring is waited on. Retried
+            // after the wait instead, a reply could sit unsent with nothing in flight to end
+            // the wait, and the connection hung for good.
+            for _ in 0..self.parked.len() {
+                let slot = self.parked.pop_front().expect("counted");
+                self.start_disk(slot);
+            }
+            // A dead socket never delivers the rest of a write's payload: drop that write
+            // (nothing of it reached the disk), or its slot keeps the connection for good.
+            // Not while a read still lands in its buffer: that read ends first (`die`).
+            if self.dead && !self.read_inflight {
+                if let Rx::Payload { slot } = self.rx_state {
+                    tracing::warn!(conn = self.id, export = %self.export,
+                        "client gone mid-payload of a write; nothing written");
+                    self.free_op(slot);
+                    self.rx_state = Rx::Header;
+                }
+            }
             if !self.dead {
                 // Slots or memory freed by the last completions may let buffered requests go.
                 self.process_rx();
@@ -258,10 +277,6 @@ impl Conn {
                     self.ring.completion().for_each(drop);
                 }
                 break;
-            }
-            for _ in 0..self.parked.len() {
-                let slot = self.parked.pop_front().expect("counted");
-                self.start_disk(slot);
             }
             // Parked ops wait for another connection or the mirror: the eventfd wakes the ring.
             if !self.parked.is_empty() && !self.wake_armed {
@@ -600,6 +615,15 @@ impl Conn {
                 Ok(None) => {
                     self.parked.push_back(slot);
                     return;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ESHUTDOWN) => {
+                    // The daemon stops: the write never started, the client may retry it
+                    // elsewhere or later.
+                    tracing::info!(conn = self.id, export = %self.export, "write refused: the daemon is stopping");
+                    return self.finish(
+                        slot,
+                        Err((NbdErrno::Shutdown, "the server is shutting down".into())),
+                    );
                 }
                 Err(e) => {
                     tracing::error!(conn = self.id, export = %self.export, "journal: cannot record a write: {e}");
