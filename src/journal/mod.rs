@@ -848,9 +848,17 @@ impl Journal {
 
     /// Keep an acknowledged segment as a spare, or delete it. Never a segment still mapped
     /// by records in flight (or being synced): its pages must not change under them.
+    /// One that a large write made much longer than a segment (or an older configuration's
+    /// larger segment) is cut back to a segment first: reused, it would keep its whole length
+    /// on disk while counted for the records written into it, and the journal's disk would
+    /// outgrow its cap. (Every segment ends up to one record past the size: that is kept.)
     fn retire(&self, g: &mut Inner, s: Segment) -> io::Result<()> {
         if Arc::strong_count(&s.file) > 1 || s.file.mapped() {
             return self.opts.fs.remove_file(&s.path);
+        }
+        let keep = self.opts.segment_bytes + self.opts.segment_bytes / 2;
+        if s.file.size()? > keep {
+            s.file.set_len(self.opts.segment_bytes)?;
         }
         g.spares.retire(&s.path)
     }
@@ -1678,6 +1686,35 @@ mod tests {
         j.ack(last).unwrap();
         assert!(flag.0.load(Ordering::SeqCst), "the parked writer was woken");
         assert!(j.begin_or_wait(0, 32 << 10, true, None).unwrap().is_some());
+    }
+
+    /// A segment that a large write made much longer than a segment is cut back to a segment
+    /// when it becomes a spare: reused, its length would stay on disk beyond the journal's cap.
+    #[test]
+    fn an_oversized_segment_is_cut_back_as_a_spare() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path());
+        o.max_disk_bytes = 1 << 20;
+        o.segment_bytes = 64 << 10;
+        let j = open(o);
+        let spare_lengths = || {
+            let mut v: Vec<u64> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap())
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".spare"))
+                .map(|e| e.metadata().unwrap().len())
+                .collect();
+            v.sort();
+            v
+        };
+        // Segment 1: a small record, then one that overshoots the segment size by far.
+        write(&j, 1);
+        let it = j.begin(0, 200 << 10, true).unwrap().unwrap();
+        let last = j.complete(it, 0, data(2, 200 << 10)).unwrap();
+        // Segment 2 starts; acknowledging segment 1 retires it.
+        write(&j, 3);
+        j.ack(last).unwrap();
+        assert_eq!(spare_lengths(), vec![64 << 10], "cut back to one segment");
     }
 }
 
