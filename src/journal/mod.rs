@@ -848,16 +848,16 @@ impl Journal {
 
     /// Keep an acknowledged segment as a spare, or delete it. Never a segment still mapped
     /// by records in flight (or being synced): its pages must not change under them.
-    /// One that a large write made much longer than a segment (or an older configuration's
-    /// larger segment) is cut back to a segment first: reused, it would keep its whole length
-    /// on disk while counted for the records written into it, and the journal's disk would
-    /// outgrow its cap. (Every segment ends up to one record past the size: that is kept.)
+    /// A spare is cut back to one segment (every segment ends up to one record past it, a
+    /// large write's by up to 32 MiB, an older configuration's may be larger): reused, its
+    /// whole length would stay on disk while only the records written into it are counted,
+    /// and the journal's disk would outgrow its cap. The cut frees at most the last record's
+    /// blocks, not the segment's.
     fn retire(&self, g: &mut Inner, s: Segment) -> io::Result<()> {
         if Arc::strong_count(&s.file) > 1 || s.file.mapped() {
             return self.opts.fs.remove_file(&s.path);
         }
-        let keep = self.opts.segment_bytes + self.opts.segment_bytes / 2;
-        if s.file.size()? > keep {
+        if s.file.size()? > self.opts.segment_bytes {
             s.file.set_len(self.opts.segment_bytes)?;
         }
         g.spares.retire(&s.path)
