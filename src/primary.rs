@@ -159,6 +159,7 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
         };
         quic_endpoint = Some(endpoint.clone());
         let fs = crate::env::os();
+        let reserve = Arc::new(crate::env::Reserve::new(fs.clone(), &opts.state_dir));
         for (spec, volume) in opts.volumes.iter().zip(volumes.iter_mut()) {
             let dir = opts.state_dir.join("journal").join(&spec.name);
             let journal = Arc::new(Journal::open(JournalOptions {
@@ -167,6 +168,7 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
             })?);
             let record = Arc::new(open_record(
                 &fs,
+                &reserve,
                 &opts.state_dir,
                 &spec.name,
                 &journal,
@@ -212,6 +214,12 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
                 record,
                 storage: volume.storage.clone(),
             });
+        }
+        // Made (again) once every volume's state is saved: a full file system at start may have
+        // needed it.
+        if let Err(e) = reserve.ensure() {
+            tracing::warn!(state_dir = %opts.state_dir.display(),
+                "cannot keep a reserve in the state directory ({e}): a journal that fills its file system may keep replication from resuming");
         }
         tracing::info!(mirror = %mirror, peer = %repl.tls.peer_name, volumes = shipping.len(), "replicating");
     } else {
@@ -366,6 +374,7 @@ struct Shipping {
 /// a new generation, persisted before any write is taken.
 fn open_record(
     fs: &crate::env::Fs,
+    reserve: &Arc<crate::env::Reserve>,
     state_dir: &std::path::Path,
     name: &str,
     journal: &Journal,
@@ -381,9 +390,9 @@ fn open_record(
         journal.last_seq() + 1,
         GenId::random(),
     );
-    st.save(&**fs, &path)?;
+    reserve.write_through(|| st.save(&**fs, &path))?;
     // Only now: a failure before this leaves the journal's account of the last stop as it was.
-    journal.mark_running()?;
+    reserve.write_through(|| journal.mark_running())?;
     let current = st.identity.lineage.current().copied();
     tracing::info!(volume = %name, uuid = ?st.identity.uuid,
         generation = ?current.map(|s| s.gen), first_seq = ?current.map(|s| s.first_seq),
@@ -392,7 +401,7 @@ fn open_record(
     if let Some(why) = &st.volume_changed {
         tracing::error!(volume = %name, "{why}: nothing is shipped until an admin accepts the volume");
     }
-    Ok(VolumeRecord::new(fs.clone(), path, st, disk))
+    Ok(VolumeRecord::new(fs.clone(), path, st, disk).with_reserve(reserve.clone()))
 }
 
 /// The status document of a primary (keys are a contract: extend, never rename).

@@ -170,15 +170,28 @@ impl State {
         })
     }
 
+    /// Bytes of the files some directory names, now or after a crash: an unlinked file's
+    /// space is free once the unlink is durable, as a file system frees it once the last
+    /// handle closes (handles are not tracked here).
     fn used(&self) -> u64 {
-        self.inodes.values().map(|i| i.current.len() as u64).sum()
+        let named = self.named();
+        self.inodes
+            .iter()
+            .filter(|(ino, _)| named.contains(ino))
+            .map(|(_, i)| i.current.len() as u64)
+            .sum()
     }
 
     /// Drop inodes no directory names any more, now or after a crash (an unlink not yet
     /// synced may be undone by one). Open handles are dead after a crash anyway.
     fn collect_garbage(&mut self) {
-        let named: BTreeSet<u64> = self
-            .dirs
+        let named = self.named();
+        self.inodes.retain(|ino, _| named.contains(ino));
+    }
+
+    /// Inodes some directory names, now or after a crash.
+    fn named(&self) -> BTreeSet<u64> {
+        self.dirs
             .values()
             .flat_map(|d| {
                 d.live.values().chain(d.durable.values()).copied().chain(
@@ -188,8 +201,7 @@ impl State {
                     }),
                 )
             })
-            .collect();
-        self.inodes.retain(|ino, _| named.contains(ino));
+            .collect()
     }
 }
 

@@ -171,6 +171,56 @@ pub fn write_atomic(fs: &dyn FileSystem, path: &Path, data: &[u8]) -> io::Result
     fs.sync_dir(dir)
 }
 
+/// Room kept in a daemon's state directory for its small state files (`STATE/reserve`, 1 MiB
+/// of zeros). The journal shares that file system and can fill it (an undersized disk, the
+/// mirror away): then the one state write that lets replication resume, and so lets the
+/// journal shrink, would fail for want of a few kilobytes, for good. On ENOSPC the reserve is
+/// given back and the write tried once more; it is made again at the next start.
+pub struct Reserve {
+    fs: Fs,
+    path: PathBuf,
+}
+
+/// Bytes of the reserve: many times the state files written before space can come back.
+pub const RESERVE_BYTES: usize = 1 << 20;
+
+fn out_of_space(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOSPC) || e.kind() == io::ErrorKind::StorageFull
+}
+
+impl Reserve {
+    pub fn new(fs: Fs, state_dir: &Path) -> Reserve {
+        Reserve {
+            fs,
+            path: state_dir.join("reserve"),
+        }
+    }
+
+    /// Make the reserve if it is missing (an error when there is no room for it).
+    pub fn ensure(&self) -> io::Result<()> {
+        if self.fs.exists(&self.path)? {
+            return Ok(());
+        }
+        write_atomic(&*self.fs, &self.path, &vec![0u8; RESERVE_BYTES])
+    }
+
+    /// `write`, and once more after giving the reserve back if it failed for want of space.
+    pub fn write_through<T>(&self, mut write: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+        match write() {
+            Err(e) if out_of_space(&e) && self.fs.exists(&self.path).unwrap_or(false) => {
+                self.fs.remove_file(&self.path)?;
+                if let Some(dir) = self.path.parent() {
+                    self.fs.sync_dir(dir)?;
+                }
+                tracing::warn!(path = %self.path.display(),
+                    "the state directory is full: its reserve was given back so that state can be saved (it is made again at the next start; free space on this file system)");
+                write()
+            }
+            other => other,
+        }
+    }
+}
+
 /// The real file system.
 pub fn os() -> Fs {
     Arc::new(OsFs)
@@ -218,6 +268,32 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_full_file_system_gives_the_reserve_back_for_state() {
+        use mem::{Faults, MemFs};
+        let m = MemFs::new();
+        let fs: Fs = Arc::new(m.clone());
+        let dir = Path::new("/state");
+        let reserve = Reserve::new(fs.clone(), dir);
+        reserve.ensure().unwrap();
+        m.set_faults(Faults {
+            capacity: Some(m.used_bytes()),
+            ..Faults::default()
+        });
+        let state = dir.join("volumes/v.json");
+        let e = write_atomic(&*fs, &state, b"{}").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+        reserve
+            .write_through(|| write_atomic(&*fs, &state, b"{\"a\": 1}"))
+            .expect("saved in the reserve's room");
+        assert_eq!(fs.read(&state).unwrap(), b"{\"a\": 1}");
+        assert!(!fs.exists(&dir.join("reserve")).unwrap());
+        // Given back once: a second failure is the caller's to see.
+        let big = vec![1u8; 2 * RESERVE_BYTES];
+        assert!(reserve
+            .write_through(|| write_atomic(&*fs, &dir.join("big"), &big))
+            .is_err());
+    }
     #[test]
     fn os_and_memory_file_systems_keep_the_same_contract() {
         let dir = tempfile::tempdir().unwrap();

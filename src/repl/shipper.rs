@@ -111,6 +111,8 @@ pub struct VolumeRecord {
     pub disk: Fingerprint,
     /// An admin asked for a retry (or accepted the volume): the shipper wakes.
     pub retry: tokio::sync::Notify,
+    /// Room for the state file when the journal filled the file system.
+    reserve: Option<Arc<crate::env::Reserve>>,
 }
 
 impl VolumeRecord {
@@ -121,7 +123,14 @@ impl VolumeRecord {
             state: Mutex::new(state),
             disk,
             retry: tokio::sync::Notify::new(),
+            reserve: None,
         }
+    }
+
+    /// Save through `reserve` (`env::Reserve`): given back when the file system is full.
+    pub fn with_reserve(mut self, reserve: Arc<crate::env::Reserve>) -> Self {
+        self.reserve = Some(reserve);
+        self
     }
 
     pub fn snapshot(&self) -> PrimaryVolumeState {
@@ -129,7 +138,12 @@ impl VolumeRecord {
     }
 
     fn save(&self, st: &PrimaryVolumeState) -> std::io::Result<()> {
-        st.save(&*self.fs, &self.path).map_err(|e| {
+        let save = || st.save(&*self.fs, &self.path);
+        match &self.reserve {
+            Some(r) => r.write_through(save),
+            None => save(),
+        }
+        .map_err(|e| {
             std::io::Error::new(e.kind(), format!("state file {}: {e}", self.path.display()))
         })
     }
