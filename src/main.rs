@@ -61,8 +61,9 @@ enum Command {
         tls: TlsArgs,
         #[command(flatten)]
         link: LinkArgs,
-        /// Cap on each volume's on-disk journal (e.g. 1G); writes wait when it is full. (Up to
-        /// two acknowledged 64 MiB segments are also kept for reuse.)
+        /// Cap on each volume's on-disk journal (e.g. 1G, at least 64M); writes wait when it is
+        /// full. (Up to two acknowledged segments, a quarter of it each, 16-64 MiB, are also
+        /// kept for reuse.)
         #[arg(long, default_value = "1G", value_parser = parse_size)]
         journal_size: u64,
         /// Control socket (default STATE_DIR/control.sock).
