@@ -1108,6 +1108,39 @@ mod tests {
         Payload::Data(Bytes::from(vec![b; n]))
     }
 
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A waker that remembers it was woken.
+    struct Flag(AtomicBool);
+    impl Wake for Flag {
+        fn wake(&self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Small acknowledged-or-not records until the only segment is just under `segment` bytes
+    /// (within 300 bytes): the next large write still goes into it.
+    fn fill_tail_to_just_under(j: &Journal, segment: u64) {
+        let write = |len: u32| {
+            let it = j.begin(0, len, true).unwrap().expect("fits");
+            j.complete(it, 0, data(1, len as usize)).unwrap();
+        };
+        while j.stats().disk_bytes + 4096 + 200 < segment {
+            write(4096);
+        }
+        while j.stats().disk_bytes < segment - 300 {
+            write(64);
+        }
+    }
+
+    /// A journal of `max` bytes in segments of `segment` bytes, open and running.
+    fn small_journal(dir: &Path, max: u64, segment: u64) -> Journal {
+        let mut o = opts(dir);
+        o.max_disk_bytes = max;
+        o.segment_bytes = segment;
+        open(o)
+    }
+
     #[test]
     fn records_survive_reopen_and_open_intents_become_dirty() {
         let dir = tempfile::tempdir().unwrap();
@@ -1404,13 +1437,6 @@ mod tests {
     /// even if no writer comes back (the client went away), and parked writers are woken.
     #[test]
     fn full_clears_and_waiters_are_woken_when_space_frees() {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        struct Flag(AtomicBool);
-        impl Wake for Flag {
-            fn wake(&self) {
-                self.0.store(true, Ordering::SeqCst);
-            }
-        }
         let dir = tempfile::tempdir().unwrap();
         let j = open(opts(dir.path()));
         let mut last = 0;
@@ -1625,12 +1651,7 @@ mod tests {
             j.complete(it, 0, data(1, len as usize)).unwrap();
         };
         // A tail just under the segment size, then a large write that still goes into it.
-        while j.stats().disk_bytes + 4096 + 200 < 64 << 10 {
-            write(4096);
-        }
-        while j.stats().disk_bytes < (64 << 10) - 300 {
-            write(64);
-        }
+        fill_tail_to_just_under(&j, 64 << 10);
         write(32 << 10);
         let tail = j.stats().disk_bytes;
         assert!(
@@ -1652,28 +1673,13 @@ mod tests {
     /// acknowledgement covers the tail, although no segment is freed by it, and then fits.
     #[test]
     fn a_writer_parked_on_the_tail_is_woken_when_it_is_acknowledged() {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        struct Flag(AtomicBool);
-        impl Wake for Flag {
-            fn wake(&self) {
-                self.0.store(true, Ordering::SeqCst);
-            }
-        }
         let dir = tempfile::tempdir().unwrap();
-        let mut o = opts(dir.path());
-        o.max_disk_bytes = 128 << 10;
-        o.segment_bytes = 64 << 10;
-        let j = open(o);
+        let j = small_journal(dir.path(), 128 << 10, 64 << 10);
         let write = |len: u32| {
             let it = j.begin(0, len, true).unwrap().expect("the write fits");
             j.complete(it, 0, data(1, len as usize)).unwrap()
         };
-        while j.stats().disk_bytes + 4096 + 200 < 64 << 10 {
-            write(4096);
-        }
-        while j.stats().disk_bytes < (64 << 10) - 300 {
-            write(64);
-        }
+        fill_tail_to_just_under(&j, 64 << 10);
         let last = write(32 << 10);
         let flag = Arc::new(Flag(AtomicBool::new(false)));
         let waker: Arc<dyn Wake> = flag.clone();
@@ -1716,24 +1722,6 @@ mod tests {
         j.ack(last).unwrap();
         assert_eq!(spare_lengths(), vec![64 << 10], "cut back to one segment");
     }
-}
-
-#[cfg(test)]
-mod small_journal_tests {
-    use super::*;
-    use crate::env::os;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    struct Flag(AtomicBool);
-    impl Wake for Flag {
-        fn wake(&self) {
-            self.0.store(true, Ordering::SeqCst);
-        }
-    }
-
-    fn data(b: u8, n: usize) -> Payload {
-        Payload::Data(Bytes::from(vec![b; n]))
-    }
 
     /// A large write parks while the (only, unacknowledged) tail and another large write in
     /// flight leave no room; a small write then fits and goes into the same tail, which
@@ -1745,17 +1733,7 @@ mod small_journal_tests {
     #[test]
     fn a_parked_writer_is_woken_by_the_tail_ack_even_after_a_small_write_fitted() {
         let dir = tempfile::tempdir().unwrap();
-        let o = JournalOptions {
-            fs: os(),
-            boot_id: "boot-1".into(),
-            clock: system_clock(),
-            dir: dir.path().to_path_buf(),
-            max_disk_bytes: 128 << 10,
-            ram_bytes: 8192,
-            segment_bytes: 32 << 10,
-        };
-        let j = Journal::open(o).unwrap();
-        j.mark_running().unwrap();
+        let j = small_journal(dir.path(), 128 << 10, 32 << 10);
         // One small segment, acknowledged: the tail, alone.
         let it = j.begin(0, 8 << 10, true).unwrap().unwrap();
         j.complete(it, 0, data(1, 8 << 10)).unwrap();
@@ -1795,17 +1773,7 @@ mod small_journal_tests {
     #[test]
     fn an_acknowledged_segment_behind_the_tail_does_not_keep_a_write_waiting() {
         let dir = tempfile::tempdir().unwrap();
-        let o = JournalOptions {
-            fs: os(),
-            boot_id: "boot-1".into(),
-            clock: system_clock(),
-            dir: dir.path().to_path_buf(),
-            max_disk_bytes: 128 << 10,
-            ram_bytes: 8192,
-            segment_bytes: 32 << 10,
-        };
-        let j = Journal::open(o).unwrap();
-        j.mark_running().unwrap();
+        let j = small_journal(dir.path(), 128 << 10, 32 << 10);
         let write = |off: u64, len: u32| {
             let it = j.begin(off, len, true).unwrap().expect("the write fits");
             j.complete(it, off, data(1, len as usize)).unwrap()
