@@ -648,19 +648,24 @@ impl Mount {
     }
 }
 
+/// Unmount `dir` on the way out of a test: lazily if it is busy, errors ignored.
+fn umount_quietly(dir: &Path) {
+    let ok = Command::new("umount")
+        .arg(dir)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        let _ = Command::new("umount").arg("-l").arg(dir).status();
+    }
+}
+
 impl Drop for Mount {
     fn drop(&mut self) {
         if !self.mounted {
             return;
         }
-        let ok = Command::new("umount")
-            .arg(&self.dir)
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-        }
+        umount_quietly(&self.dir);
     }
 }
 
@@ -1009,14 +1014,7 @@ impl Drop for Tmpfs {
         if !self.mounted {
             return;
         }
-        let ok = Command::new("umount")
-            .arg(&self.dir)
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-        }
+        umount_quietly(&self.dir);
     }
 }
 
