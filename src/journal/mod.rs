@@ -183,6 +183,9 @@ pub struct JournalStats {
     /// append failure clears with the next record with data appended, a sync failure with
     /// the next sync that works.
     pub failure: Option<String>,
+    /// Acknowledged tail segments rotated out because they alone kept a write from fitting,
+    /// since the journal opened.
+    pub tail_rotations: u64,
 }
 
 struct Segment {
@@ -246,6 +249,8 @@ struct Inner {
     /// The next append starts a new segment: the tail is acknowledged and alone keeps a
     /// write from fitting (it cannot be trimmed while it is the last).
     rotate_next: bool,
+    /// How many times that happened (`JournalStats::tail_rotations`).
+    tail_rotations: u64,
     /// The daemon is stopping: no new write is admitted (parked ones are told so), writes
     /// already admitted complete and are journaled.
     stopping: bool,
@@ -326,6 +331,7 @@ impl Journal {
             sync_failure: None,
             running: false,
             rotate_next: false,
+            tail_rotations: 0,
             stopping: false,
         };
         let mut broken = false;
@@ -517,6 +523,7 @@ impl Journal {
         let appended = self.append_locked(&mut g, &h, &[]);
         g.reserved -= HEADER_LEN as u64;
         if rotating && !g.rotate_next {
+            g.tail_rotations += 1;
             let acked = g.acked_seq;
             self.trim_locked(&mut g, acked);
         }
@@ -975,6 +982,7 @@ impl Journal {
             full: g.waiting_for_space,
             dirty_ranges: g.dirty.len(),
             failure: g.append_failure.clone().or_else(|| g.sync_failure.clone()),
+            tail_rotations: g.tail_rotations,
         }
     }
 }

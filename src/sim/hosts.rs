@@ -178,6 +178,12 @@ pub struct PrimaryHost {
     pub refusals: Vec<ReplState>,
     /// Sessions the stall watchdog ended (no acknowledgement with sets in flight).
     pub stalls: u64,
+    /// The journal's cap and the largest write, in 4 KiB blocks, the workload makes: a small
+    /// journal (twice the largest write, as 64 MiB is to NBD's 32 MiB) reaches its paths for
+    /// a full journal whose tail alone is in the way.
+    pub journal_cap: u64,
+    pub max_write_blocks: u64,
+    tail_rotations: u64,
     pub decisions: Vec<(Mode, String)>,
     pub log: Vec<String>,
     next_conn: u64,
@@ -202,6 +208,9 @@ impl PrimaryHost {
             bugs: PlantedBugs::default(),
             refusals: Vec::new(),
             stalls: 0,
+            journal_cap: JOURNAL_CAP,
+            max_write_blocks: 3,
+            tail_rotations: 0,
             decisions: Vec::new(),
             log: Vec::new(),
             next_conn: conn_base,
@@ -229,7 +238,7 @@ impl PrimaryHost {
         let opts = JournalOptions {
             fs: self.fs(),
             dir: PathBuf::from("/p/journal").join(VOLUME),
-            max_disk_bytes: JOURNAL_CAP,
+            max_disk_bytes: self.journal_cap,
             ram_bytes: 16 << 10,
             segment_bytes: JOURNAL_SEGMENT,
             boot_id: format!("boot-{}", self.boot),
@@ -278,16 +287,28 @@ impl PrimaryHost {
     /// kill -9: the process and everything in memory is gone; the page cache and the disk
     /// keep what was written.
     pub fn kill(&mut self) {
-        self.up = None;
+        self.stop_counting();
         self.fs.restart();
     }
 
     /// A power cut of the host: unsynced data of the file system and the disk is partly lost.
     pub fn power_cut(&mut self, rng: &mut Prng) {
-        self.up = None;
+        self.stop_counting();
         self.fs.crash(rng);
         self.disk.crash(rng);
         self.boot += 1;
+    }
+
+    /// The process ends: what its journal counted is kept for the schedule's stats.
+    fn stop_counting(&mut self) {
+        if let Some(u) = self.up.take() {
+            self.tail_rotations += u.journal.stats().tail_rotations;
+        }
+    }
+
+    /// Tail rotations of every run of the journal so far, the current one included.
+    pub fn tail_rotations(&self) -> u64 {
+        self.tail_rotations + self.journal().map_or(0, |j| j.stats().tail_rotations)
     }
 
     pub fn journal(&self) -> Option<&Arc<Journal>> {
@@ -306,7 +327,7 @@ impl PrimaryHost {
         }
         let blocks = VOLUME_BYTES / 4096;
         let first = rng.below(blocks);
-        let n = rng.range(1, 4).min(blocks - first);
+        let n = rng.range(1, self.max_write_blocks + 1).min(blocks - first);
         // Unaligned now and then: a write of part of a block.
         let (offset, len) = if rng.chance(1, 8) {
             let off = first * 4096 + rng.below(4096);

@@ -78,6 +78,9 @@ pub struct SimConfig {
     pub power_cuts: u64,
     pub bugs: PlantedBugs,
     pub scenario: Scenario,
+    /// A journal of twice the largest write (64 KiB, writes up to 32 KiB), as `--journal-size
+    /// 64M` is to NBD's 32 MiB writes.
+    pub small_journal: bool,
 }
 
 impl Default for SimConfig {
@@ -91,6 +94,7 @@ impl Default for SimConfig {
             power_cuts: 50,
             bugs: PlantedBugs::default(),
             scenario: Scenario::Random,
+            small_journal: false,
         }
     }
 }
@@ -105,6 +109,10 @@ pub struct Stats {
     pub partitions: u64,
     /// Sessions of the primary that the stall watchdog ended.
     pub stalls: u64,
+    /// Acknowledged journal tails rotated out because they alone kept a write from fitting.
+    pub tail_rotations: u64,
+    /// Decisions to compare a mirror volume that held data it had no record of.
+    pub preseeded_compares: u64,
     pub decisions: Vec<Mode>,
     pub virtual_ms: u64,
     pub frames: u64,
@@ -162,8 +170,10 @@ pub fn config_for_seed(seed: u64) -> SimConfig {
         2 => (true, 20, 20, 20, 30),
         _ => (true, 40, 20, 20, 50),
     };
+    let small_journal = rng.chance(1, 4);
     SimConfig {
         scenario,
+        small_journal,
         link_faults,
         crash_rate,
         partition_rate,
@@ -190,6 +200,10 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
         accept_pending: false,
     };
     w.primary.bugs = cfg.bugs;
+    if cfg.small_journal {
+        w.primary.journal_cap = 64 << 10;
+        w.primary.max_write_blocks = 8;
+    }
     w.mirror.bugs = cfg.bugs;
     if cfg.link_faults {
         w.link.faults = link::Faults {
@@ -211,6 +225,7 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
     w.stats.frames = w.link.sent;
     w.stats.frames_dropped = w.link.dropped;
     w.stats.stalls = w.primary.stalls;
+    w.stats.tail_rotations = w.primary.tail_rotations();
     Outcome {
         seed,
         scenario: cfg.scenario,
@@ -652,6 +667,12 @@ impl World {
     /// What must hold at the end, by scenario.
     fn check_end(&mut self) {
         self.stats.decisions = self.primary.decisions.iter().map(|(m, _)| *m).collect();
+        self.stats.preseeded_compares = self
+            .primary
+            .decisions
+            .iter()
+            .filter(|(m, why)| *m == Mode::Compare && why.contains("pre-seeded"))
+            .count() as u64;
         let lying: Vec<String> = self
             .primary
             .decisions

@@ -35,6 +35,9 @@ struct Totals {
     copies: u64,
     compares: u64,
     split_brains: u64,
+    stalls: u64,
+    tail_rotations: u64,
+    preseeded_compares: u64,
     scenarios: std::collections::BTreeMap<String, u64>,
 }
 
@@ -53,6 +56,9 @@ impl Totals {
             }
         }
         self.split_brains += u64::from(s.clone_refused);
+        self.stalls += s.stalls;
+        self.tail_rotations += s.tail_rotations;
+        self.preseeded_compares += s.preseeded_compares;
         *self
             .scenarios
             .entry(format!("{:?}", out.scenario))
@@ -67,7 +73,9 @@ impl Totals {
             .collect();
         format!(
             "covered: {} writes, crashes primary {} mirror {}, partitions {}; decisions: \
-             resume {}, full copy {}, compare {}; copies of the primary refused {}; schedules: {}",
+             resume {}, full copy {}, compare {} (of unrecorded mirror data {}); copies \
+             of the primary refused {}; stalls ended {}; journal tails rotated out {}; \
+             schedules: {}",
             self.writes,
             self.primary_crashes,
             self.mirror_crashes,
@@ -75,7 +83,10 @@ impl Totals {
             self.resumes,
             self.copies,
             self.compares,
+            self.preseeded_compares,
             self.split_brains,
+            self.stalls,
+            self.tail_rotations,
             scenarios.join(", ")
         )
     }
