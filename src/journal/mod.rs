@@ -465,12 +465,6 @@ impl Journal {
         }
         let fits = |g: &Inner, held: u64| held + g.reserved + need <= self.opts.max_disk_bytes;
         if data > 0 && !g.segments.is_empty() && !fits(&g, g.disk_bytes) {
-            // Segments acknowledged while they were the tail, rotated past since: only an
-            // acknowledgement trims, and with the mirror away none comes.
-            let acked = g.acked_seq;
-            self.trim_locked(&mut g, acked);
-        }
-        if data > 0 && !g.segments.is_empty() && !fits(&g, g.disk_bytes) {
             // Only the tail, acknowledged, in the way: start a new segment (with this write's
             // intent) and trim the tail then. Waiting would be for good: nothing is left to
             // acknowledge, and the last segment is never trimmed.
@@ -523,9 +517,8 @@ impl Journal {
         let appended = self.append_locked(&mut g, &h, &[]);
         g.reserved -= HEADER_LEN as u64;
         if rotating && !g.rotate_next {
+            // The rotation trimmed the old tail (`append_locked_once`).
             g.tail_rotations += 1;
-            let acked = g.acked_seq;
-            self.trim_locked(&mut g, acked);
         }
         if let Err(e) = appended {
             g.reserved -= need - HEADER_LEN as u64;
@@ -717,6 +710,15 @@ impl Journal {
                 len: 0,
                 synced_len: 0,
             });
+            // The old tail may have been acknowledged while it was the last segment, which
+            // only an acknowledgement trimmed: with the mirror away none comes, and it would
+            // hold its bytes against the cap. Trimmable now, it goes; parked writers retry
+            // (waking under the lock is the order `begin_or_wait` registers them in).
+            let acked = g.acked_seq;
+            if self.trim_locked(g, acked) {
+                g.waiting_for_space = false;
+                self.space.wake_all();
+            }
         }
         let seg = g.segments.back_mut().expect("segment just ensured");
         let pos = seg.len;
