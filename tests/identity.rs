@@ -325,6 +325,29 @@ fn lost_primary_state_is_compared() {
 // 3. Two different primaries, the same certificate name, one after the other.
 // ------------------------------------------------------------------------------------------
 
+/// Primary B: another volume file of the pair's size (8 MiB of data from `seed` at its start,
+/// or blank), a new state directory, the same certificate name, pointed at the pair's mirror;
+/// described, not started. Returns it and its volume file.
+fn primary_b(p: &Pair, seed: Option<u64>) -> (Daemon, PathBuf) {
+    let d = p.dir();
+    let img = d.join("b.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(p.size).unwrap();
+    if let Some(seed) = seed {
+        std::os::unix::fs::FileExt::write_all_at(&f, &pseudo_random(8 * MIB as usize, seed), 0)
+            .unwrap();
+    }
+    let b = p.primary_daemon(
+        "primary B",
+        &img,
+        &d.join("b-state"),
+        &d.join("b.sock"),
+        p.port,
+        &[],
+    );
+    (b, img)
+}
+
 /// Tried: primary A replicates 8 MiB and stops. Then (a) primary B, another volume file with
 /// data of its own and a new state directory, same certificate name, connects to the mirror;
 /// then (b) primary C, which first paired with a second mirror of its own (so it has a
@@ -349,22 +372,8 @@ fn unrelated_primaries_are_refused() {
     let d = p.dir().to_path_buf();
 
     // (a) B: no record of any pair.
-    let img_b = d.join("b.img");
-    {
-        let f = std::fs::File::create(&img_b).unwrap();
-        f.set_len(p.size).unwrap();
-        std::os::unix::fs::FileExt::write_all_at(&f, &pseudo_random(8 * MIB as usize, 302), 0)
-            .unwrap();
-    }
+    let (mut b, img_b) = primary_b(&p, Some(302));
     let ino_b = inode_of(&img_b);
-    let mut b = p.primary_daemon(
-        "primary B",
-        &img_b,
-        &d.join("b-state"),
-        &d.join("b.sock"),
-        p.port,
-        &[],
-    );
     b.start();
     // Both sides: the two status documents are read one after the other, and the refusal may
     // fall between them.
@@ -494,20 +503,7 @@ fn a_foreign_primary_does_not_disturb_the_running_pair() {
     let mut p = Pair::running(PairOptions::default());
     p.nbd_write(0, &pseudo_random(4 * MIB as usize, 311));
     let (_, a0) = p.wait_synced();
-    let d = p.dir().to_path_buf();
-    let img_b = d.join("b.img");
-    {
-        let f = std::fs::File::create(&img_b).unwrap();
-        f.set_len(p.size).unwrap();
-    }
-    let mut b = p.primary_daemon(
-        "primary B",
-        &img_b,
-        &d.join("b-state"),
-        &d.join("b.sock"),
-        p.port,
-        &[],
-    );
+    let (mut b, _) = primary_b(&p, None);
     let mut writer = p.writer(312, 16 * MIB, 256 * 1024);
     b.start();
     let bv = wait_for("B refused as unrelated", LONG, &[&b], |v| {

@@ -735,7 +735,7 @@ impl MirrorHost {
             VOLUME_BYTES,
             state,
             Some(self.disk.fingerprint().expect("simulated disk")),
-            self.disk.content().iter().any(|&b| b != 0),
+            apply::ApplyTarget::holds_data(&MemApplier(&self.disk)).expect("simulated disk"),
         );
         core.bugs = self.bugs;
         core.state()
