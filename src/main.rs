@@ -3,6 +3,7 @@
 use blkmirror::daemon::DaemonError;
 use blkmirror::disk::spec::VolumeSpec;
 use blkmirror::exit::Exit;
+use blkmirror::journal::OnFull;
 use blkmirror::mirror_daemon::{self, MirrorOptions};
 use blkmirror::nbd::server::{Limits, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS};
 use blkmirror::primary::{self, PrimaryOptions, ReplicationOptions};
@@ -66,6 +67,15 @@ enum Command {
         /// kept for reuse.)
         #[arg(long, default_value = "1G", value_parser = parse_size)]
         journal_size: u64,
+        /// What a full journal does: `track` folds it into a dirty map (writes go on at local
+        /// speed; the dirty regions are resynced when the mirror is back, staged so that the
+        /// mirror stays consistent), `block` makes writes wait for the mirror.
+        #[arg(long, value_enum, default_value_t = OnFull::Track)]
+        on_journal_full: OnFull,
+        /// The dirty map's region: the unit a resync reads and sends (a power of two, at
+        /// least 4K; a 1 TiB volume's map is 2 MiB at 64K).
+        #[arg(long, default_value = "64K", value_parser = parse_size)]
+        dirty_region: u64,
         /// Control socket (default STATE_DIR/control.sock).
         #[arg(long)]
         control: Option<PathBuf>,
@@ -358,6 +368,8 @@ fn run(command: Command) -> Result<Exit, Failure> {
             tls,
             link,
             journal_size,
+            on_journal_full,
+            dirty_region,
             control,
             compress,
         } => {
@@ -368,6 +380,8 @@ fn run(command: Command) -> Result<Exit, Failure> {
                     tls: tls.files()?,
                     tuning: link.tuning(),
                     journal_bytes: journal_size,
+                    on_journal_full,
+                    dirty_region,
                     corrupt_first_set: hooks.corrupt_first_set(),
                     compress: match compress {
                         CompressArg::Auto => None,
@@ -431,6 +445,13 @@ fn run(command: Command) -> Result<Exit, Failure> {
                             "NOT consistent (initial copy incomplete)"
                         }
                     );
+                    if r.staged_sets > 0 {
+                        println!(
+                            "{}: {} sets of an incomplete resync kept, not applied (the \
+                             volume is the state before it)",
+                            r.volume, r.staged_sets
+                        );
+                    }
                 }
             }
         }

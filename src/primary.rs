@@ -7,7 +7,7 @@ use crate::disk::faults::{FaultRule, Faulty};
 use crate::disk::file::{FileStorage, IoMode};
 use crate::disk::spec::VolumeSpec;
 use crate::disk::Storage;
-use crate::journal::{Journal, JournalOptions, MIN_JOURNAL_BYTES};
+use crate::journal::{Journal, JournalOptions, OnFull, MIN_JOURNAL_BYTES};
 use crate::nbd::handshake::ExportInfo;
 use crate::nbd::server::{Export, Limits, Server};
 use crate::repl::core::primary::{Limits as SessionLimits, PrimaryVolumeState};
@@ -42,6 +42,9 @@ pub struct ReplicationOptions {
     pub tuning: Tuning,
     /// Cap on each volume's on-disk journal; writes wait beyond it.
     pub journal_bytes: u64,
+    /// What a full journal does, and the dirty map's region.
+    pub on_journal_full: OnFull,
+    pub dirty_region: u64,
     /// Test only: corrupt one byte of the first data set after its CRC is computed.
     pub corrupt_first_set: bool,
     /// lz4 for data that shrinks; None = decide from the link rate.
@@ -164,6 +167,10 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
             let dir = opts.state_dir.join("journal").join(&spec.name);
             let journal = Arc::new(Journal::open(JournalOptions {
                 ram_bytes: ram_ring_bytes(opts.volumes.len()),
+                on_full: repl.on_journal_full,
+                // The map is kept whatever the mode: an open resync must finish.
+                volume_bytes: volume.storage.size(),
+                region_bytes: repl.dirty_region,
                 ..JournalOptions::new(fs.clone(), dir, repl.journal_bytes)
             })?);
             let record = Arc::new(open_record(
@@ -437,6 +444,10 @@ fn primary_status(volumes: &[String], shipping: &[Shipping]) -> serde_json::Valu
                     "journal_full": js.full,
                     "journal_error": js.failure,
                     "journal_seq": js.last_seq,
+                    "journal_tracking": js.tracking,
+                    "journal_folds": js.folds,
+                    "dirty_bytes": js.dirty_bytes,
+                    "dirty_map_error": js.map_failure,
                     "acked_seq": js.acked_seq,
                     "sent_bytes": s.sent_bytes.load(Relaxed),
                     "wire_bytes": s.wire_bytes.load(Relaxed),
@@ -450,6 +461,10 @@ fn primary_status(volumes: &[String], shipping: &[Shipping]) -> serde_json::Valu
                         "done_bytes": s.copy_done.load(Relaxed),
                         "total_bytes": s.copy_total.load(Relaxed),
                         "compare": s.comparing.load(Relaxed),
+                        // "dirty": the regions written while the journal was folded; the
+                        // mirror stays consistent (at its older point) meanwhile.
+                        "kind": if s.dirty_resync.load(Relaxed) { "dirty" }
+                            else if s.comparing.load(Relaxed) { "compare" } else { "copy" },
                     }) } else { serde_json::Value::Null },
                 })
             }

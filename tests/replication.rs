@@ -1391,7 +1391,12 @@ print("done")
 #[test]
 fn writes_waiting_for_journal_space_resume_when_the_mirror_returns() {
     let mut rig = Pair::running(PairOptions {
-        primary_extra: vec!["--journal-size".into(), "64M".into()],
+        primary_extra: vec![
+            "--journal-size".into(),
+            "64M".into(),
+            "--on-journal-full".into(),
+            "block".into(),
+        ],
         ..Default::default()
     });
     assert!(rig.mirror.stop().is_some_and(|s| s.success()));
@@ -1412,5 +1417,40 @@ fn writes_waiting_for_journal_space_resume_when_the_mirror_returns() {
     assert!(writer.output().contains("done"));
     let (_, p) = rig.wait_synced();
     assert_eq!(p["journal_full"], false, "{p}");
+    rig.finish_and_compare();
+}
+
+/// The mirror is away and the clients write three times what the journal holds, with the
+/// default `--on-journal-full track`: the journal folds into the dirty map and the writer
+/// finishes without waiting for the mirror (status says the journal is tracking, and how much
+/// is dirty). Once the mirror is back, the dirty regions are resynced (staged at the mirror)
+/// and the mirror ends byte-identical; the map is empty and the journal journals again.
+#[test]
+fn a_full_journal_folds_into_the_dirty_map_and_writes_go_on() {
+    let mut rig = Pair::running(PairOptions {
+        primary_extra: vec!["--journal-size".into(), "64M".into()],
+        ..Default::default()
+    });
+    assert!(rig.mirror.stop().is_some_and(|s| s.success()));
+    let mut c = Command::new("/usr/bin/python3");
+    c.args(["-c", NBD_FILL_WRAPPING, &rig.uri(), "200"]);
+    let mut writer = Background::spawn("a 200 MiB writer", c, &rig.dir().join("fill.out"));
+    // No mirror: the writer must finish by itself.
+    writer.wait_success();
+    assert!(writer.output().contains("done"));
+    let (_, p) = rig.wait("the journal folded", LONG, |_, p| {
+        p["journal_tracking"] == true
+    });
+    assert_eq!(p["journal_full"], false, "{p}");
+    assert!(p["journal_folds"].as_u64().unwrap() >= 1, "{p}");
+    let dirty = p["dirty_bytes"].as_u64().unwrap();
+    assert!(
+        dirty >= 64 << 20,
+        "the dirty map covers what was written: {p}"
+    );
+    rig.mirror.start();
+    let (_, p) = rig.wait_synced();
+    assert_eq!(p["dirty_bytes"], 0, "{p}");
+    assert_eq!(p["journal_tracking"], false, "{p}");
     rig.finish_and_compare();
 }

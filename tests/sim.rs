@@ -24,6 +24,11 @@ struct Reached {
     tail_rotations: u64,
     /// Mirror volumes holding data they had no record of, compared (lost mirror state).
     preseeded_compares: u64,
+    /// Full journals folded into the dirty map, staged resyncs completed, and crashes of
+    /// either host while one was staged.
+    folds: u64,
+    staged_commits: u64,
+    crashes_while_staged: u64,
 }
 
 /// Runs the seeds; returns a report line for each schedule that broke a promise, and what
@@ -39,6 +44,9 @@ fn run_all(
             reached.stalls += out.stats.stalls;
             reached.tail_rotations += out.stats.tail_rotations;
             reached.preseeded_compares += out.stats.preseeded_compares;
+            reached.folds += out.stats.folds;
+            reached.staged_commits += out.stats.staged_commits;
+            reached.crashes_while_staged += out.stats.crashes_while_staged;
             (!out.violations.is_empty()).then(|| {
                 format!(
                     "seed {seed} ({:?}): {}\n  replay: BLKMIRROR_SIM_SEED={seed} make sim",
@@ -84,10 +92,24 @@ fn every_schedule_keeps_the_promises() {
         reached.preseeded_compares > 0,
         "no mirror volume with unrecorded data was compared"
     );
+    assert!(
+        reached.folds > 0 && reached.staged_commits > 0 && reached.crashes_while_staged > 0,
+        "the overflow ladder was not reached: {} folds, {} staged resyncs completed, {} \
+         crashes while one was staged",
+        reached.folds,
+        reached.staged_commits,
+        reached.crashes_while_staged
+    );
     eprintln!(
         "{n} schedules: the stall watchdog ended {} sessions, {} journal tails rotated out, \
-         {} unrecorded mirror volumes compared",
-        reached.stalls, reached.tail_rotations, reached.preseeded_compares
+         {} unrecorded mirror volumes compared, {} journal folds, {} staged resyncs \
+         completed, {} crashes while one was staged",
+        reached.stalls,
+        reached.tail_rotations,
+        reached.preseeded_compares,
+        reached.folds,
+        reached.staged_commits,
+        reached.crashes_while_staged
     );
 }
 
@@ -122,6 +144,26 @@ fn a_set_acknowledged_before_its_sync_is_caught() {
     assert!(
         n > 0,
         "the mirror acknowledging unsynced sets went unnoticed in 60 schedules"
+    );
+}
+
+#[test]
+fn a_resync_applied_in_place_instead_of_staged_is_caught() {
+    // Journals that overflow, so that resyncs run.
+    let n = failures(1..=60, |seed| SimConfig {
+        bugs: PlantedBugs {
+            apply_resync_in_place: true,
+            ..Default::default()
+        },
+        small_journal: true,
+        on_full: blkmirror::journal::OnFull::Track,
+        ..sim::config_for_seed(seed)
+    })
+    .len();
+    assert!(
+        n > 0,
+        "the mirror applying a resync in place (not a prefix state meanwhile) went unnoticed \
+         in 60 schedules"
     );
 }
 

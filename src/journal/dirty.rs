@@ -26,15 +26,30 @@ use std::path::{Path, PathBuf};
 /// Bytes of the header, and of each bitmap page written as a unit.
 const PAGE: usize = 4096;
 const MAGIC: &[u8; 8] = b"BMDIRTY\0";
-const VERSION: u32 = 1;
-/// Header bytes covered by its CRC: magic, version, region and volume sizes.
-const HEADER_FIELDS: usize = 8 + 4 + 8 + 8;
+const VERSION: u32 = 2;
+/// Header bytes covered by its CRC: magic, version, region and volume sizes, the resync's
+/// two sequence numbers ([`Fold`]).
+const HEADER_FIELDS: usize = 8 + 4 + 8 + 8 + 8 + 8;
+/// `covers_after` when no resync is open.
+const NO_RESYNC: u64 = u64::MAX;
 
 /// The smallest region: one block of the volume's direct I/O.
 pub const MIN_REGION_BYTES: u64 = 4096;
 /// The default region: a 1 TiB volume is 16 M regions, a 2 MiB map; a 4 KiB random write
 /// dirties 64 KiB to resync, the sequential reads of a resync stay large.
 pub const DEFAULT_REGION_BYTES: u64 = 64 << 10;
+
+/// What the map's header says of the journal it stands in for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fold {
+    /// A resync is open: every write after this journal sequence number is in the journal or
+    /// in the map (the records acknowledged when the journal first folded). None once the
+    /// mirror holds the resync's end.
+    pub covers_after: Option<u64>,
+    /// Records up to this sequence number were folded into the map: they are never shipped
+    /// (the regions they wrote are read again instead), and numbering goes on after it.
+    pub folded_through: u64,
+}
 
 /// A volume's dirty map, in memory and in its file.
 pub struct DirtyMap {
@@ -49,6 +64,7 @@ pub struct DirtyMap {
     dirty: u64,
     /// Pages written since the last sync.
     unsynced: bool,
+    fold: Fold,
 }
 
 fn invalid(path: &Path, why: impl std::fmt::Display) -> io::Error {
@@ -58,12 +74,14 @@ fn invalid(path: &Path, why: impl std::fmt::Display) -> io::Error {
     )
 }
 
-fn header(region_bytes: u64, volume_bytes: u64) -> Vec<u8> {
+fn header(region_bytes: u64, volume_bytes: u64, fold: Fold) -> Vec<u8> {
     let mut h = Vec::with_capacity(PAGE);
     h.extend_from_slice(MAGIC);
     h.extend_from_slice(&VERSION.to_le_bytes());
     h.extend_from_slice(&region_bytes.to_le_bytes());
     h.extend_from_slice(&volume_bytes.to_le_bytes());
+    h.extend_from_slice(&fold.covers_after.unwrap_or(NO_RESYNC).to_le_bytes());
+    h.extend_from_slice(&fold.folded_through.to_le_bytes());
     let crc = crc32fast::hash(&h);
     h.extend_from_slice(&crc.to_le_bytes());
     h.resize(PAGE, 0);
@@ -94,7 +112,7 @@ impl DirtyMap {
             ));
         }
         let regions = volume_bytes.div_ceil(region_bytes);
-        let mut content = header(region_bytes, volume_bytes);
+        let mut content = header(region_bytes, volume_bytes, Fold::default());
         content.resize(PAGE + bitmap_bytes(regions), 0);
         write_atomic(&**fs, path, &content)?;
         let file = fs.open(path, OpenOptions::write())?;
@@ -107,6 +125,7 @@ impl DirtyMap {
             bits: content.split_off(PAGE),
             dirty: 0,
             unsynced: false,
+            fold: Fold::default(),
         })
     }
 
@@ -156,6 +175,11 @@ impl DirtyMap {
                 ),
             ));
         }
+        let covers_after = word(28);
+        let fold = Fold {
+            covers_after: (covers_after != NO_RESYNC).then_some(covers_after),
+            folded_through: word(36),
+        };
         let bits = content.split_off(PAGE);
         let mut map = DirtyMap {
             path: path.to_path_buf(),
@@ -166,6 +190,7 @@ impl DirtyMap {
             bits,
             dirty: 0,
             unsynced: false,
+            fold,
         };
         // Bits past the last region (padding) are never set by `mark`: set ones mean damage.
         if (map.regions..(map.bits.len() as u64 * 8)).any(|r| map.is_set(r)) {
@@ -181,6 +206,22 @@ impl DirtyMap {
 
     pub fn region_bytes(&self) -> u64 {
         self.region_bytes
+    }
+
+    pub fn fold(&self) -> Fold {
+        self.fold
+    }
+
+    /// Record `fold` in the header (written in place: its page is allocated, so this works on
+    /// a full file system too; durable with the next [`DirtyMap::sync`]).
+    pub fn set_fold(&mut self, fold: Fold) -> io::Result<()> {
+        if fold == self.fold {
+            return Ok(());
+        }
+        self.fold = fold;
+        self.unsynced = true;
+        let h = header(self.region_bytes, self.volume_bytes, fold);
+        write_all_at(&*self.file, &h, 0)
     }
 
     /// Regions marked dirty.
@@ -275,11 +316,16 @@ impl DirtyMap {
 
     /// The dirty parts of the volume as (offset, len), adjacent regions merged, in order.
     pub fn runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        let mut r = 0;
+        self.runs_from(0)
+    }
+
+    /// [`DirtyMap::runs`] of the regions from the one holding `offset` on.
+    pub fn runs_from(&self, offset: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let mut r = offset / self.region_bytes;
         std::iter::from_fn(move || {
             while r < self.regions && !self.is_set(r) {
                 // Skip clean bytes whole.
-                if r % 8 == 0 && self.bits[(r / 8) as usize] == 0 {
+                if r.is_multiple_of(8) && self.bits[(r / 8) as usize] == 0 {
                     r += 8;
                 } else {
                     r += 1;

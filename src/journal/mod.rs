@@ -24,6 +24,16 @@
 //!   in the segment's name, and sequence numbers never repeat.
 //! - Records are written at explicit offsets: a failed or short append (ENOSPC) leaves the
 //!   segment's length where it was, and the next append overwrites what it left.
+//! - When it is full and the admin chose `--on-journal-full track` (the default), or when a
+//!   record cannot be written (its file system full, its disk failing), the journal **folds**:
+//!   the ranges of every record not yet acknowledged, and of every write in flight, are marked
+//!   in the dirty map (`dirty.rs`, `STATE/journal/VOLUME/dirty.map`), the records are dropped,
+//!   and from then on writes only mark the map ("tracking"), at local-disk speed, until a
+//!   session with the mirror starts ([`Journal::resume_journaling`]). The session then reads
+//!   the dirty regions from the volume and ships them as a resync the mirror stages (I1). The
+//!   map's header records the fold ([`dirty::Fold`]): records up to `folded_through` are never
+//!   shipped again, even after a crash, and numbering goes on after it. One sequence number is
+//!   skipped at each fold: the tracked writes' place in the order (`folded_through` itself).
 //! - `STATE/journal/VOLUME/stop.json` says how the journal was last closed: `close()` writes
 //!   it clean after cutting the tail segment to its records; `open` marks it running (with the
 //!   host's boot id) before any record is written, so the next start knows whether the last
@@ -37,6 +47,7 @@ use crate::env::{write_all_vectored_at, write_atomic, Fs, Handle, OpenOptions};
 use crate::extent::{Extent, Payload};
 use crate::wake::{Waiters, Wake};
 use bytes::Bytes;
+use dirty::{DirtyMap, Fold};
 use record::{Header, Kind, HEADER_LEN};
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, IoSlice};
@@ -58,6 +69,24 @@ pub struct JournalOptions {
     pub boot_id: String,
     /// The wall clock records are stamped with (Unix milliseconds).
     pub clock: WallClock,
+    /// What a full journal does (`--on-journal-full`).
+    pub on_full: OnFull,
+    /// The volume's size, which the dirty map covers (0: no map; a full journal blocks).
+    pub volume_bytes: u64,
+    /// The dirty map's region (`--dirty-region`).
+    pub region_bytes: u64,
+}
+
+/// What a full journal does (`--on-journal-full`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFull {
+    /// Fold into the dirty map: writes go on at local speed, the mirror is resynced later
+    /// (staged, so it stays consistent).
+    #[default]
+    Track,
+    /// Writes wait for the mirror to acknowledge (production stops while the mirror is away).
+    Block,
 }
 
 /// A wall clock in Unix milliseconds: the system's in production, a virtual one in the
@@ -79,9 +108,23 @@ impl JournalOptions {
             segment_bytes: segment_bytes_for(max_disk_bytes),
             boot_id: boot_id(),
             clock: system_clock(),
+            on_full: OnFull::Block,
+            volume_bytes: 0,
+            region_bytes: dirty::DEFAULT_REGION_BYTES,
         }
     }
+
+    /// Track a full journal in a dirty map of a volume of `volume_bytes`.
+    pub fn tracking(mut self, volume_bytes: u64, region_bytes: u64) -> Self {
+        self.on_full = OnFull::Track;
+        self.volume_bytes = volume_bytes;
+        self.region_bytes = region_bytes;
+        self
+    }
 }
+
+/// The dirty map's file in a journal's directory.
+pub const DIRTY_MAP: &str = "dirty.map";
 
 /// This boot of the host, as the kernel names it (empty when it cannot be read: every stop
 /// then counts as a crash of the process only).
@@ -186,6 +229,19 @@ pub struct JournalStats {
     /// Acknowledged tail segments rotated out because they alone kept a write from fitting,
     /// since the journal opened.
     pub tail_rotations: u64,
+    /// Writes go to the dirty map, not the journal (folded; until the mirror is back).
+    pub tracking: bool,
+    /// Bytes of the volume in dirty regions, to resync.
+    pub dirty_bytes: u64,
+    /// A resync is due or running (the map's fold is open).
+    pub resync_open: bool,
+    /// Times the journal folded into the dirty map, since it opened.
+    pub folds: u64,
+    /// Writes taken by the dirty map alone, since the journal opened.
+    pub tracked_writes: u64,
+    /// The dirty map could not be written: why. Its bits are kept in memory; if the daemon
+    /// stops before the resync ends, the next start cannot trust the map.
+    pub map_failure: Option<String>,
 }
 
 struct Segment {
@@ -254,6 +310,13 @@ struct Inner {
     /// The daemon is stopping: no new write is admitted (parked ones are told so), writes
     /// already admitted complete and are journaled.
     stopping: bool,
+    /// Where writes go once the journal folds (module doc).
+    map: Option<DirtyMap>,
+    /// Folded: writes mark the map instead of being journaled.
+    tracking: bool,
+    folds: u64,
+    tracked_writes: u64,
+    map_failure: Option<String>,
 }
 
 /// Acknowledged segments kept for reuse, at most.
@@ -275,9 +338,23 @@ pub struct Journal {
     observer: Mutex<Option<RecordObserver>>,
 }
 
-/// Sees every record appended: its sequence number and what it did.
+/// What the simulator's model hears of the journal.
 #[cfg(any(test, feature = "test-hooks"))]
-pub type RecordObserver = Box<dyn Fn(u64, &Extent) + Send>;
+#[derive(Debug)]
+pub enum Observed<'a> {
+    /// A record appended: its sequence number and what it did.
+    Record(u64, &'a Extent),
+    /// A write the dirty map took instead: its place in the order is just after `seq`'s
+    /// records (the fold's skipped number).
+    Tracked(u64, &'a Extent),
+    /// A range the journal could not vouch for (a write in flight at a crash), folded into
+    /// the map: whatever the volume holds there now counts as written at `seq`'s place.
+    Adopted { seq: u64, offset: u64, len: u64 },
+}
+
+/// Sees what the journal records ([`Observed`]).
+#[cfg(any(test, feature = "test-hooks"))]
+pub type RecordObserver = Box<dyn Fn(Observed<'_>) + Send>;
 
 fn closed() -> io::Error {
     io::Error::other("the journal is not running (not started, or closed: the daemon is stopping)")
@@ -333,9 +410,47 @@ impl Journal {
             rotate_next: false,
             tail_rotations: 0,
             stopping: false,
+            map: None,
+            tracking: false,
+            folds: 0,
+            tracked_writes: 0,
+            map_failure: None,
         };
+        // The dirty map: kept while a resync is open, whatever the mode now (an admin who
+        // switched to `block` still gets the regions resynced). Read first: segments wholly
+        // folded into it are not the journal any more.
+        let map_path = opts.dir.join(DIRTY_MAP);
+        let map_exists = fs.exists(&map_path)?;
+        if map_exists || (opts.on_full == OnFull::Track && opts.volume_bytes > 0) {
+            let map = if map_exists {
+                DirtyMap::open(&fs, &map_path, opts.volume_bytes)?
+            } else {
+                DirtyMap::create(&fs, &map_path, opts.volume_bytes, opts.region_bytes)?
+            };
+            let fold = map.fold();
+            // Numbering goes on after the fold.
+            inner.next_seq = inner.next_seq.max(fold.folded_through + 1);
+            if fold.covers_after.is_some() {
+                tracing::warn!(
+                    dirty_bytes = map.dirty_bytes(),
+                    ?fold,
+                    "journal: a resync from the dirty map is due"
+                );
+            }
+            inner.map = Some(map);
+        }
+        let folded_through = inner.map.as_ref().map_or(0, |m| m.fold().folded_through);
         let mut broken = false;
         for (first_seq, path) in names {
+            // A segment begun before the fold holds only folded records (every segment is
+            // retired at a fold; one seen again was brought back by a power cut).
+            if first_seq <= folded_through {
+                tracing::info!(path = %path.display(), folded_through,
+                    "journal segment folded into the dirty map; removed");
+                fs.remove_file(&path)?;
+                inner.dir_changed = true;
+                continue;
+            }
             // Each segment continues the one before: after a torn record (or a spare renamed
             // into place just before a crash) nothing can be trusted to be in order.
             if broken || (!inner.segments.is_empty() && first_seq != inner.next_seq) {
@@ -463,6 +578,9 @@ impl Journal {
         if g.stopping {
             return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
         }
+        if g.tracking {
+            return Ok(Some(self.track_locked(&mut g, offset, len)));
+        }
         let fits = |g: &Inner, held: u64| held + g.reserved + need <= self.opts.max_disk_bytes;
         if data > 0 && !g.segments.is_empty() && !fits(&g, g.disk_bytes) {
             // Only the tail, acknowledged, in the way: start a new segment (with this write's
@@ -475,6 +593,10 @@ impl Journal {
             }
         }
         if data > 0 && !g.segments.is_empty() && !g.rotate_next && !fits(&g, g.disk_bytes) {
+            if self.opts.on_full == OnFull::Track && g.map.is_some() {
+                self.fold_locked(&mut g, "the journal is full");
+                return Ok(Some(self.track_locked(&mut g, offset, len)));
+            }
             if let Some(w) = waker {
                 self.space.register(w);
             }
@@ -538,8 +660,22 @@ impl Journal {
         let mut g = self.inner.lock().unwrap();
         g.reserved -= intent.reserved;
         let len = payload.len();
+        if self.tracked(&g, intent) {
+            self.observe_tracked(&g, offset, &payload);
+            return Ok(0);
+        }
+        #[cfg(any(test, feature = "test-hooks"))]
+        let kept = payload.clone();
         match self.record_locked(&mut g, offset, payload, intent.seq) {
             Ok(seq) => Ok(seq),
+            Err(e) if g.map.is_some() => {
+                // The write is on the disk; its range (an open intent) goes into the map with
+                // everything unshipped, and the client hears success.
+                self.fold_locked(&mut g, &format!("a record cannot be written ({e})"));
+                #[cfg(any(test, feature = "test-hooks"))]
+                self.observe_tracked(&g, offset, &kept);
+                Ok(0)
+            }
             Err(e) => {
                 // The intent stays open (its segment is kept, a crash finds it again) until the
                 // range is re-read and journaled.
@@ -560,6 +696,10 @@ impl Journal {
     pub fn fail(&self, intent: Intent) {
         let mut g = self.inner.lock().unwrap();
         g.reserved -= intent.reserved;
+        if self.tracked(&g, intent) {
+            // Its region is dirty: the resync reads whatever the disk holds.
+            return;
+        }
         if let Some(&(offset, len)) = g.open_intents.get(&intent.seq) {
             g.dirty.push(Dirty {
                 offset,
@@ -585,10 +725,241 @@ impl Journal {
         std::mem::take(&mut self.inner.lock().unwrap().dirty)
     }
 
+    /// The ranges waiting to be re-read, without taking them.
+    pub fn ranges_to_reread(&self) -> Vec<(u64, u64)> {
+        let g = self.inner.lock().unwrap();
+        g.dirty.iter().map(|d| (d.offset, d.len)).collect()
+    }
+
     /// Dirty ranges the caller could not re-read now.
     pub fn give_back(&self, ranges: impl IntoIterator<Item = Dirty>) {
         self.inner.lock().unwrap().dirty.extend(ranges);
         self.records.notify_subscribers();
+    }
+
+    /// A write the dirty map took (or an intent folded into it while in flight).
+    fn tracked(&self, g: &Inner, intent: Intent) -> bool {
+        intent.seq == 0
+            || g.map
+                .as_ref()
+                .is_some_and(|m| intent.seq <= m.fold().folded_through)
+    }
+
+    #[allow(unused_variables)]
+    fn observe_tracked(&self, g: &Inner, offset: u64, payload: &Payload) {
+        #[cfg(any(test, feature = "test-hooks"))]
+        if let Some(f) = &*self.observer.lock().unwrap() {
+            let at = g.map.as_ref().map_or(0, |m| m.fold().folded_through);
+            f(Observed::Tracked(
+                at,
+                &Extent {
+                    offset,
+                    payload: payload.clone(),
+                },
+            ));
+        }
+    }
+
+    /// Tracking: mark the write's regions (before it reaches the disk) instead of journaling.
+    fn track_locked(&self, g: &mut Inner, offset: u64, len: u32) -> Intent {
+        g.tracked_writes += 1;
+        let map = g.map.as_mut().expect("tracking needs the map");
+        if let Err(e) = map.mark(offset, u64::from(len)) {
+            self.map_failed(g, &e);
+        }
+        Intent {
+            seq: 0,
+            reserved: 0,
+        }
+    }
+
+    fn map_failed(&self, g: &mut Inner, e: &io::Error) {
+        if g.map_failure.is_none() {
+            tracing::error!(
+                "cannot write the dirty map: {e}; its regions are kept in memory, \
+                a stop before the resync ends means a full comparison"
+            );
+        }
+        g.map_failure = Some(format!("cannot write the dirty map: {e}"));
+    }
+
+    /// Fold (module doc): every unshipped record and write in flight into the dirty map, the
+    /// records dropped, writes tracked from now on. Sessions see [`Journal::folds`] move and
+    /// end: what they had in flight is in the map now.
+    fn fold_locked(&self, g: &mut Inner, why: &str) {
+        // Segments are only trimmed once acknowledged: before the first one kept, the mirror
+        // holds everything (what `acked_seq`, which starts at 0 after a restart, may not say).
+        let trimmed_through = g.segments.front().map_or(0, |s| s.first_seq - 1);
+        let mut ranges: Vec<(u64, u64)> = g
+            .index
+            .iter()
+            .filter(|e| e.seq > g.acked_seq)
+            .map(|e| (e.offset, u64::from(e.len)))
+            .collect();
+        ranges.extend(g.open_intents.values().map(|&(o, l)| (o, u64::from(l))));
+        ranges.extend(g.dirty.iter().map(|d| (d.offset, d.len)));
+        let map = g.map.as_mut().expect("folding needs the map");
+        let mut fold = map.fold();
+        // Every write after this is in the journal or the map from now on.
+        let covers = g.acked_seq.max(trimmed_through);
+        fold.covers_after = Some(fold.covers_after.map_or(covers, |c| c.min(covers)));
+        fold.folded_through = g.next_seq;
+        let mut failed = None;
+        for (offset, len) in ranges {
+            if let Err(e) = map.mark(offset, len) {
+                failed = Some(e);
+            }
+        }
+        if let Err(e) = map.set_fold(fold).and_then(|()| map.sync()) {
+            failed = Some(e);
+        }
+        let dirty_bytes = map.dirty_bytes();
+        if let Some(e) = failed {
+            self.map_failed(g, &e);
+        }
+        #[cfg(any(test, feature = "test-hooks"))]
+        if let Some(f) = &*self.observer.lock().unwrap() {
+            for d in &g.dirty {
+                f(Observed::Adopted {
+                    seq: fold.folded_through,
+                    offset: d.offset,
+                    len: d.len,
+                });
+            }
+        }
+        g.index.clear();
+        g.ram.clear();
+        g.ram_bytes = 0;
+        g.lag_bytes = 0;
+        g.dirty.clear();
+        g.open_intents.clear();
+        g.next_seq = fold.folded_through + 1;
+        g.rotate_next = false;
+        while let Some(seg) = g.segments.pop_front() {
+            g.disk_bytes -= seg.len;
+            if let Err(e) = self.retire(g, seg) {
+                tracing::warn!("cannot remove a folded journal segment: {e}");
+            }
+        }
+        g.dir_changed = true;
+        g.tracking = true;
+        g.folds += 1;
+        tracing::warn!(dirty_bytes, folded_through = fold.folded_through,
+            covers_after = ?fold.covers_after,
+            "journal folded into the dirty map ({why}): writes go on at local speed, the \
+             regions they change are resynced when the mirror is back");
+        if std::mem::take(&mut g.waiting_for_space) {
+            g.full_logged = false;
+        }
+        self.space.wake_all();
+        self.records.notify_subscribers();
+    }
+
+    /// A session with the mirror started: journal writes again (the resync reads what the map
+    /// tracked meanwhile).
+    pub fn resume_journaling(&self) {
+        let mut g = self.inner.lock().unwrap();
+        if std::mem::take(&mut g.tracking) {
+            tracing::info!(
+                tracked_writes = g.tracked_writes,
+                "journal: writes are journaled again; the dirty regions are being resynced"
+            );
+        }
+    }
+
+    /// Times the journal folded since it opened: a session that began before the latest fold
+    /// must end (the map holds what it had in flight).
+    pub fn folds(&self) -> u64 {
+        self.inner.lock().unwrap().folds
+    }
+
+    /// The open resync, if any (`dirty::Fold`).
+    pub fn fold(&self) -> Option<Fold> {
+        let g = self.inner.lock().unwrap();
+        g.map
+            .as_ref()
+            .map(|m| m.fold())
+            .filter(|f| f.covers_after.is_some())
+    }
+
+    /// Dirty runs of at most `max_bytes` in all, from `offset` on (the first clipped to start
+    /// there), each at most `piece` long.
+    pub fn dirty_runs(&self, offset: u64, max_bytes: u64, piece: u64) -> Vec<(u64, u64)> {
+        let g = self.inner.lock().unwrap();
+        let Some(map) = g.map.as_ref() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut total = 0;
+        for (o, l) in map.runs_from(offset) {
+            let (mut at, end) = (o.max(offset), o + l);
+            while at < end && total < max_bytes {
+                let n = piece.min(end - at);
+                out.push((at, n));
+                total += n;
+                at += n;
+            }
+            if total >= max_bytes {
+                break;
+            }
+        }
+        out
+    }
+
+    /// The mirror holds `ranges` (read while [`Journal::folds`] was `folds`): their regions
+    /// are clean, unless the journal folded since (the fold may have marked them again).
+    pub fn resynced(&self, ranges: &[(u64, u64)], folds: u64) {
+        let mut g = self.inner.lock().unwrap();
+        if g.folds != folds {
+            return;
+        }
+        let Some(map) = g.map.as_mut() else { return };
+        let mut failed = None;
+        for &(o, l) in ranges {
+            if let Err(e) = map.clear(o, l) {
+                failed = Some(e);
+            }
+        }
+        if let Some(e) = failed {
+            self.map_failed(&mut g, &e);
+        }
+    }
+
+    /// The mirror holds the resync's end (read while [`Journal::folds`] was `folds`): if no
+    /// region is left (`whole`: a full copy or comparison covered them all), the resync is
+    /// closed.
+    pub fn resync_complete(&self, folds: u64, whole: bool) -> bool {
+        let mut g = self.inner.lock().unwrap();
+        if g.folds != folds || g.tracking {
+            return false;
+        }
+        let volume_bytes = self.opts.volume_bytes;
+        let Some(map) = g.map.as_mut() else {
+            return false;
+        };
+        if whole && map.dirty_regions() > 0 {
+            if let Err(e) = map.clear(0, volume_bytes) {
+                self.map_failed(&mut g, &e);
+                return false;
+            }
+        }
+        let map = g.map.as_mut().expect("checked");
+        let mut fold = map.fold();
+        if map.dirty_regions() > 0 || fold.covers_after.is_none() {
+            return false;
+        }
+        fold.covers_after = None;
+        match map.set_fold(fold).and_then(|()| map.sync()) {
+            Ok(()) => {
+                tracing::info!("resync from the dirty map complete: the mirror holds it");
+                g.map_failure = None;
+                true
+            }
+            Err(e) => {
+                self.map_failed(&mut g, &e);
+                false
+            }
+        }
     }
 
     fn record_locked(
@@ -638,13 +1009,13 @@ impl Journal {
         }
         #[cfg(any(test, feature = "test-hooks"))]
         if let Some(f) = &*self.observer.lock().unwrap() {
-            f(
+            f(Observed::Record(
                 seq,
                 &Extent {
                     offset,
                     payload: payload.clone(),
                 },
-            );
+            ));
         }
         g.index.push_back(Entry {
             seq,
@@ -745,6 +1116,10 @@ impl Journal {
         // Oldest first, outside the lock: writers keep appending meanwhile.
         let (unsynced, dir_changed): (Vec<(Handle, u64)>, bool) = {
             let mut g = self.inner.lock().unwrap();
+            // Regions tracked so far survive a power cut with the writes this sync covers.
+            if let Some(Err(e)) = g.map.as_mut().map(|m| m.sync()) {
+                self.map_failed(&mut g, &e);
+            }
             let dir_changed = std::mem::take(&mut g.dir_changed);
             let unsynced = g
                 .segments
@@ -970,7 +1345,11 @@ impl Journal {
     /// The oldest sequence number the journal can still ship: records after `acked_seq` are
     /// all here.
     pub fn acked_seq(&self) -> u64 {
-        self.inner.lock().unwrap().acked_seq
+        let g = self.inner.lock().unwrap();
+        // After a restart `acked_seq` starts at 0; an open resync still knows how far the
+        // mirror had got.
+        let covers = g.map.as_ref().and_then(|m| m.fold().covers_after);
+        g.acked_seq.max(covers.unwrap_or(0))
     }
 
     pub fn stats(&self) -> JournalStats {
@@ -985,6 +1364,17 @@ impl Journal {
             dirty_ranges: g.dirty.len(),
             failure: g.append_failure.clone().or_else(|| g.sync_failure.clone()),
             tail_rotations: g.tail_rotations,
+            tracking: g.tracking,
+            dirty_bytes: g.map.as_ref().map_or(0, |m| {
+                (m.dirty_regions() * m.region_bytes()).min(self.opts.volume_bytes)
+            }),
+            resync_open: g
+                .map
+                .as_ref()
+                .is_some_and(|m| m.fold().covers_after.is_some()),
+            folds: g.folds,
+            tracked_writes: g.tracked_writes,
+            map_failure: g.map_failure.clone(),
         }
     }
 }
@@ -1090,6 +1480,9 @@ mod tests {
             max_disk_bytes: 1 << 20,
             ram_bytes: 8192,
             segment_bytes: 16 << 10,
+            on_full: OnFull::Block,
+            volume_bytes: 0,
+            region_bytes: dirty::DEFAULT_REGION_BYTES,
         }
     }
 
@@ -1420,7 +1813,82 @@ mod tests {
             max_disk_bytes: 1 << 20,
             ram_bytes: 8192,
             segment_bytes: 16 << 10,
+            on_full: OnFull::Block,
+            volume_bytes: 0,
+            region_bytes: dirty::DEFAULT_REGION_BYTES,
         }
+    }
+
+    /// A full journal in track mode folds: the unshipped records' regions go into the dirty
+    /// map, writes go on without waiting, and after kill -9 the fold, the tracked regions and
+    /// the numbering survive (no record folded is shipped again, no number is reused).
+    #[test]
+    fn a_full_journal_folds_and_a_restart_keeps_the_fold() {
+        use crate::env::mem::MemFs;
+        let fs = MemFs::new();
+        let o = JournalOptions {
+            max_disk_bytes: 64 << 10,
+            ..mem_opts(&fs, "b1")
+        }
+        .tracking(1 << 20, 4096);
+        let j = open(o.clone());
+        let first = write(&j, 0);
+        j.ack(first).unwrap();
+        let mut b = 1u8;
+        while j.stats().folds == 0 {
+            write(&j, b);
+            b += 1;
+        }
+        let st = j.stats();
+        assert!(st.tracking && st.resync_open, "{st:?}");
+        let fold = j.fold().expect("a resync is open");
+        assert_eq!(
+            fold.covers_after,
+            Some(first),
+            "the mirror holds the first write"
+        );
+        assert!(fold.folded_through > first);
+        // Tracked writes: taken at once, their regions marked.
+        write(&j, 200);
+        assert!(j
+            .dirty_runs(0, u64::MAX, u64::MAX)
+            .contains(&(200 * 4096, 4096)));
+        assert!(
+            !j.dirty_runs(0, u64::MAX, u64::MAX).contains(&(0, 4096)),
+            "the acknowledged write is not dirty"
+        );
+        assert_eq!(
+            j.collect(0, u64::MAX).unwrap().0.len(),
+            0,
+            "nothing left to ship"
+        );
+        // The mirror is back: journaling resumes after the skipped number.
+        j.resume_journaling();
+        let after = write(&j, 201);
+        assert!(
+            after > fold.folded_through,
+            "numbering goes on after the fold"
+        );
+        drop(j);
+        fs.restart();
+        let j = open(o);
+        assert_eq!(j.fold(), Some(fold), "the fold survives kill -9");
+        assert!(j
+            .dirty_runs(0, u64::MAX, u64::MAX)
+            .contains(&(200 * 4096, 4096)));
+        assert_eq!(
+            shipped(&j, 0),
+            vec![(after, 201)],
+            "folded records never ship"
+        );
+        assert_eq!(j.acked_seq(), first, "the mirror's point is remembered");
+        assert!(write(&j, 202) > after, "no number is reused");
+        // The resync's end: the regions are clean, the fold closed.
+        let runs = j.dirty_runs(0, u64::MAX, u64::MAX);
+        j.resynced(&runs, j.folds());
+        assert!(j.resync_complete(j.folds(), false));
+        assert_eq!(j.fold(), None);
+        assert_eq!(j.stats().dirty_bytes, 0);
     }
 
     /// A TRIM or WRITE_ZEROES costs a record, not its length: one larger than the whole

@@ -158,6 +158,83 @@ impl VolumeState {
     }
 }
 
+/// What the applier does with the next durable set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Write it to the volume now.
+    Apply,
+    /// Hold it: a resync of a consistent volume is being staged, and the volume keeps the
+    /// state it had before until the resync's end point is durable. The set stays in the
+    /// redo log (nothing past the stage's start is checkpointed).
+    Stage,
+    /// This set completes the staged resync: apply the sets from `first` on (read back from
+    /// the redo log), then this one. `state` is the volume's state after it.
+    Commit { first: u64, state: Box<VolumeState> },
+}
+
+/// A resync being staged: its first set, and the state the volume will have once every set
+/// staged so far is applied.
+#[derive(Clone, Debug)]
+pub struct Staging {
+    pub first: u64,
+    pub shadow: VolumeState,
+}
+
+/// The staging rule, shared by the applier, the replay and the simulator: a Copy set (a
+/// resync's data, read from the primary's volume) arriving while the volume is consistent
+/// starts a stage; every set from then on is held until the state after it is consistent
+/// again, and then all are applied at once. So the mirror holds a prefix state of the
+/// primary's writes at every instant, crashes included (I1): the old one until the resync's
+/// end point is durable, the new one after. (A full copy or a comparison starts from a volume
+/// already marked not consistent: its sets are applied as they come.)
+#[derive(Clone, Debug, Default)]
+pub struct Stager {
+    pub staging: Option<Staging>,
+}
+
+impl Stager {
+    /// The next set the applier expects, given the volume's applied state.
+    pub fn next_set(&self, applied: &VolumeState) -> u64 {
+        self.staging
+            .as_ref()
+            .map_or(applied.applied_set, |s| s.shadow.applied_set)
+            + 1
+    }
+
+    /// What to do with `set`, the next durable set, on a volume whose applied state is
+    /// `applied`.
+    pub fn step(&mut self, applied: &VolumeState, set: &DeltaSet) -> Step {
+        match &mut self.staging {
+            None => {
+                if !(applied.consistent() && matches!(set.kind, SetKind::Copy { .. })) {
+                    return Step::Apply;
+                }
+                let mut shadow = applied.clone();
+                shadow.advance(set);
+                if shadow.consistent() {
+                    return Step::Apply;
+                }
+                self.staging = Some(Staging {
+                    first: set.set,
+                    shadow,
+                });
+                Step::Stage
+            }
+            Some(s) => {
+                s.shadow.advance(set);
+                if !s.shadow.consistent() {
+                    return Step::Stage;
+                }
+                let s = self.staging.take().expect("staging");
+                Step::Commit {
+                    first: s.first,
+                    state: Box::new(s.shadow),
+                }
+            }
+        }
+    }
+}
+
 const RING: u32 = 256;
 
 /// Where the mirror applies delta sets: the volume's disk (an [`Applier`]), or a simulated one.
@@ -594,29 +671,68 @@ pub struct RecoverReport {
     pub applied_set: u64,
     pub applied_seq: u64,
     pub consistent: bool,
+    /// Sets of a resync staged but not complete: kept in the redo log, not applied (the
+    /// volume stays at its consistent state; a running mirror completes the resync).
+    pub staged_sets: u64,
+}
+
+/// What a replay did: sets applied, and the resync it found staged but not complete (its
+/// sets stay in the redo log; the mirror continues it).
+#[derive(Debug, Default)]
+pub struct Replayed {
+    pub sets: usize,
+    pub staged: Option<Staging>,
 }
 
 /// Replay `redo` into the volume past `state.applied_set`, sync, persist the state, trim.
+/// Sets of a staged resync are applied only up to its last complete stage (two passes: find
+/// where the last consistent state is, then apply up to it), so the volume ends at a prefix
+/// state whatever the crash interrupted.
 pub fn replay(
     applier: &mut dyn ApplyTarget,
     redo: &mut RedoLog,
     state: &mut VolumeState,
     fs: &dyn FileSystem,
     state_path: &Path,
-) -> io::Result<usize> {
-    let entries = redo.read_after(state.applied_set)?;
-    let n = entries.len();
-    for (set_no, raw) in entries {
-        let set = decode_set(&raw)?;
+) -> io::Result<Replayed> {
+    let check = |set_no: u64, raw: &[u8]| -> io::Result<DeltaSet> {
+        let set = decode_set(raw)?;
         if set.set != set_no {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("redo entry {set_no} holds set {}", set.set),
             ));
         }
+        Ok(set)
+    };
+    // Pass 1: the last set after which the volume is consistent (or not staged).
+    let mut stager = Stager::default();
+    let mut scratch = state.clone();
+    let mut apply_through = state.applied_set;
+    redo.for_each_after(state.applied_set, u64::MAX, |set_no, raw| {
+        let set = check(set_no, raw)?;
+        match stager.step(&scratch, &set) {
+            Step::Apply => {
+                scratch.advance(&set);
+                apply_through = set.set;
+            }
+            Step::Stage => {}
+            Step::Commit { state, .. } => {
+                scratch = *state;
+                apply_through = set.set;
+            }
+        }
+        Ok(())
+    })?;
+    // Pass 2: apply up to there.
+    let mut n = 0;
+    redo.for_each_after(state.applied_set, apply_through, |set_no, raw| {
+        let set = check(set_no, raw)?;
         applier.apply(&set)?;
         state.advance(&set);
-    }
+        n += 1;
+        Ok(())
+    })?;
     if n > 0 {
         applier.sync()?;
         // Sealed again: the replay's own writes moved the disk's change time.
@@ -626,7 +742,17 @@ pub fn replay(
         state.save(fs, state_path)?;
     }
     redo.trim(state.applied_set)?;
-    Ok(n)
+    if let Some(s) = &stager.staging {
+        tracing::info!(
+            first_set = s.first,
+            staged_through = s.shadow.applied_set,
+            "a staged resync is incomplete: the volume stays at its last consistent state"
+        );
+    }
+    Ok(Replayed {
+        sets: n,
+        staged: stager.staging,
+    })
 }
 
 /// `blkmirror recover`: offline, bring each volume to the last durable set.
@@ -644,10 +770,13 @@ pub fn recover(volumes: &[VolumeSpec], state_dir: &Path) -> io::Result<Vec<Recov
         let replayed = replay(&mut applier, &mut redo, &mut state, &*fs, &state_path)?;
         reports.push(RecoverReport {
             volume: spec.name.clone(),
-            replayed_sets: replayed,
+            replayed_sets: replayed.sets,
             applied_set: state.applied_set,
             applied_seq: state.applied_seq,
             consistent: state.consistent(),
+            staged_sets: replayed
+                .staged
+                .map_or(0, |s| s.shadow.applied_set + 1 - s.first),
         });
     }
     Ok(reports)

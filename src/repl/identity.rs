@@ -281,6 +281,9 @@ pub struct MirrorHolds {
     /// The mirror holds the state after every write up to this seq of `lineage`, durably;
     /// None when it is no such state (a copy or comparison not finished, its volume changed).
     pub position: Option<u64>,
+    /// The journal sequence its redo log durably reaches: `position`, or further while a
+    /// resync is staged (`apply::Stager`; those sets are applied once the resync completes).
+    pub durable_seq: u64,
     /// The generation of that state, where the mirror recorded it (else the lineage says).
     pub position_gen: Option<GenId>,
     /// It ever received data of a primary (a legacy mirror from before volume UUIDs has data
@@ -470,16 +473,17 @@ pub fn decide(p: &PrimaryClaim, m: &MirrorHolds) -> Decision {
             ),
         };
     }
-    if at < p.journal_acked {
+    let durable = m.durable_seq.max(at);
+    if durable < p.journal_acked {
         return Decision::Compare {
             why: format!(
-                "the mirror holds up to seq {at} but the primary's journal was acknowledged up \
-                 to {} (the mirror lost durable data?)",
+                "the mirror holds up to seq {durable} but the primary's journal was \
+                 acknowledged up to {} (the mirror lost durable data?)",
                 p.journal_acked
             ),
         };
     }
-    Decision::Resume { from_seq: at }
+    Decision::Resume { from_seq: durable }
 }
 
 #[cfg(test)]
@@ -524,6 +528,7 @@ mod tests {
             uuid: Some(U),
             lineage: lineage(spans),
             position,
+            durable_seq: position.unwrap_or(0),
             position_gen: None,
             has_data: true,
             unrecorded_data: false,
@@ -576,6 +581,7 @@ mod tests {
             uuid: None,
             lineage: Lineage::default(),
             position: None,
+            durable_seq: 0,
             position_gen: None,
             has_data: false,
             unrecorded_data: false,

@@ -7,11 +7,11 @@
 //! **applier** writes them in place and checkpoints. The pipeline belongs to the volume, not to
 //! a session, so a session that is replaced or dropped never leaves a durable set unapplied.
 
-use super::apply::{self, Applier, ApplyTarget, VolumeState};
+use super::apply::{self, Applier, ApplyTarget, Step, VolumeState};
 use super::core::mirror::{check_hello, Accepted, Durable, Failure, MirrorCore, Refusal};
 use super::core::primary::{chunk_sum, unix_ms};
 use super::frame::{DeltaSet, Message, RefuseCode, SUM_LEN};
-use super::redo::RedoLog;
+use super::redo::{self, RedoLog};
 use super::stream::{read_message, write_message, StreamError};
 use crate::disk::buf::{BlockBytes, SharedPool};
 use crate::disk::file::{FileStorage, IoMode};
@@ -232,8 +232,8 @@ impl MirrorVolume {
         let sealed_valid = redo.last_set().is_none_or(|l| l <= state.applied_set);
         let known = state.identity.fingerprint.clone();
         let replayed = apply::replay(applier, &mut redo, &mut state, &**fs, &state_path)?;
-        if replayed > 0 {
-            tracing::info!(volume = %name, sets = replayed, "redo log replayed");
+        if replayed.sets > 0 {
+            tracing::info!(volume = %name, sets = replayed.sets, "redo log replayed");
         }
         // After the replay (which must not clear what it finds: an old copy's end replayed on
         // a replaced disk proves nothing), with the disk as it was found.
@@ -248,7 +248,14 @@ impl MirrorVolume {
         // disk that cannot say is assumed to hold data (a comparison costs only reads).
         let holds_data =
             state.copy == apply::CopyState::None && applier.holds_data().unwrap_or(true);
-        let core = MirrorCore::new(name, size, state, applier.fingerprint().ok(), holds_data);
+        let core = MirrorCore::new(
+            name,
+            size,
+            state,
+            applier.fingerprint().ok(),
+            holds_data,
+            replayed.staged,
+        );
         core.state().save(&**fs, &state_path)?;
         tracing::info!(volume = %name, applied_set = core.state().applied_set,
             copy = ?core.state().copy, consistent = core.state().consistent(),
@@ -431,18 +438,41 @@ impl MirrorVolume {
     fn apply_batch(&self, applier: &mut Applier, batch: &[(DeltaSet, u64, ApplyPermit)]) {
         let mut retry = APPLY_RETRY_FIRST;
         let mut i = 0;
+        // A commit that failed part-way: retried from where it stopped (the stager has moved on).
+        let mut committing: Option<u64> = None;
         while i < batch.len() {
             let (set, received_ms, _) = &batch[i];
-            if let Err(why) = self.core.lock().unwrap().check_apply(set) {
-                // Sets arrive in order, each once; a gap would be silent divergence.
-                self.core.lock().unwrap().fail(Failure {
-                    code: RefuseCode::VolumeFailed,
-                    why: format!("mirror stopped applying: {why}"),
-                });
-                return;
+            let step = match committing {
+                Some(first) => Ok(Step::Commit {
+                    first,
+                    state: Box::default(),
+                }),
+                None => self.core.lock().unwrap().next_step(set),
+            };
+            if let Ok(Step::Commit { first, .. }) = &step {
+                committing = Some(*first);
             }
-            match applier.apply(set) {
+            let applied = match step {
+                Err(why) => {
+                    // Sets arrive in order, each once; a gap would be silent divergence.
+                    self.core.lock().unwrap().fail(Failure {
+                        code: RefuseCode::VolumeFailed,
+                        why: format!("mirror stopped applying: {why}"),
+                    });
+                    return;
+                }
+                Ok(Step::Stage) => {
+                    i += 1;
+                    continue;
+                }
+                Ok(Step::Apply) => applier.apply(set),
+                Ok(Step::Commit { first, .. }) => {
+                    self.commit_staged(applier, first, set, *received_ms)
+                }
+            };
+            match applied {
                 Ok(()) => {
+                    committing = None;
                     let mut core = self.core.lock().unwrap();
                     core.applied(set, *received_ms);
                     core.volume_works();
@@ -463,6 +493,54 @@ impl MirrorVolume {
                 }
             }
         }
+    }
+
+    /// A staged resync is complete with `last`: apply its sets from `first` on, read back
+    /// from the redo log, and `last` itself (which the caller accounts as applied). A crash
+    /// meanwhile replays them all (they are durable, and the state saved names the set
+    /// before `first` until a checkpoint after `last`). Failing, the staging is not lost:
+    /// the applier retries the commit from the redo log.
+    fn commit_staged(
+        &self,
+        applier: &mut Applier,
+        first: u64,
+        last: &DeltaSet,
+        received_ms: u64,
+    ) -> io::Result<()> {
+        let segments = self
+            .redo
+            .lock()
+            .unwrap()
+            .segments_between(first - 1, last.set - 1);
+        // The retry after a failure starts again from the first set not yet applied.
+        let from = self.core.lock().unwrap().state().applied_set.max(first - 1);
+        let mut applied = 0u64;
+        let r = redo::read_entries(&self.fs, &segments, from, last.set - 1, |n, raw| {
+            let set = apply::decode_set(raw)?;
+            if set.set != n {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("redo entry {n} holds set {}", set.set),
+                ));
+            }
+            applier.apply(&set)?;
+            self.core.lock().unwrap().applied(&set, received_ms);
+            applied += 1;
+            Ok(())
+        });
+        r?;
+        let want = last.set - 1 - from;
+        if applied != want {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the redo log holds {applied} of the {want} staged sets {}..{}",
+                    from + 1,
+                    last.set - 1
+                ),
+            ));
+        }
+        applier.apply(last)
     }
 
     /// Sync the volume, save the state with its disk's change time sealed, and let the
@@ -533,6 +611,7 @@ impl MirrorVolume {
         let state = core.repl_state(link_up);
         let failure = core.failure().cloned();
         let refused = core.refused().cloned();
+        let staging = core.staging();
         drop(core);
         let sessions = self.stats.sessions.load(Ordering::Relaxed);
         let consistent = st.consistent() && failure.is_none();
@@ -584,6 +663,12 @@ impl MirrorVolume {
             "refused": self.stats.refused.load(Ordering::Relaxed),
             "copy": st.copy,
             "consistent": consistent,
+            // A resync held back until its end point is durable: the volume stays at
+            // `applied_seq`, consistent, meanwhile.
+            "staged_resync": staging.map(|(first, last)| serde_json::json!({
+                "first_set": first,
+                "last_set": last,
+            })),
             "last_error": self.stats.last_error.lock().unwrap().clone(),
         })
     }

@@ -88,8 +88,12 @@ impl RedoLog {
         let mut expect: Option<u64> = None;
         for (first_set, path) in names {
             let data = {
-                let f = fs.open(&path, OpenOptions::read())?;
+                let f = fs.open(&path, OpenOptions::write())?;
                 let data = read_all(&*f)?;
+                // What a killed process wrote may still be only in the page cache: it is
+                // made durable before anything is decided on it (a staged resync keeps its
+                // sets here across restarts; the mirror says it holds them).
+                f.sync_data()?;
                 // Segments are written with O_DIRECT later: leave no cached pages behind.
                 f.drop_cache();
                 data
@@ -194,20 +198,72 @@ impl RedoLog {
     /// Every entry with a set number above `applied`, in order.
     pub fn read_after(&self, applied: u64) -> io::Result<Vec<(u64, Vec<u8>)>> {
         let mut out = Vec::new();
-        for seg in self.segments.iter().filter(|s| s.last_set > applied) {
-            let mut data = self.fs.read(&seg.path)?;
-            data.truncate(seg.len as usize);
-            let mut pos = 0;
-            while let Some((set, body, next)) = parse_entry(&data, pos) {
-                if set > applied {
-                    out.push((set, data[body].to_vec()));
-                }
-                pos = next;
-            }
-        }
+        self.for_each_after(applied, u64::MAX, |set, body| {
+            out.push((set, body.to_vec()));
+            Ok(())
+        })?;
         Ok(out)
     }
 
+    /// The segments holding sets in `(after, through]`: read them with [`read_entries`]
+    /// without holding the log (the writer appends meanwhile; these sets are durable, and a
+    /// segment holding sets not yet applied is never recycled).
+    pub fn segments_between(&self, after: u64, through: u64) -> Vec<(PathBuf, u64)> {
+        let mut first = 0;
+        let mut out = Vec::new();
+        for seg in &self.segments {
+            if seg.last_set > after && first <= through {
+                out.push((seg.path.clone(), seg.len));
+            }
+            first = seg.last_set + 1;
+        }
+        out
+    }
+
+    /// `f` for every entry with a set number in `(after, through]`, in order, one segment in
+    /// memory at a time (a staged resync may hold gigabytes).
+    pub fn for_each_after(
+        &self,
+        after: u64,
+        through: u64,
+        f: impl FnMut(u64, &[u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        read_entries(
+            &self.fs,
+            &self.segments_between(after, through),
+            after,
+            through,
+            f,
+        )
+    }
+}
+
+/// `f` for every entry of `segments` (path, length) with a set number in `(after, through]`.
+pub fn read_entries(
+    fs: &Fs,
+    segments: &[(PathBuf, u64)],
+    after: u64,
+    through: u64,
+    mut f: impl FnMut(u64, &[u8]) -> io::Result<()>,
+) -> io::Result<()> {
+    for (path, len) in segments {
+        let mut data = fs.read(path)?;
+        data.truncate(*len as usize);
+        let mut pos = 0;
+        while let Some((set, body, next)) = parse_entry(&data, pos) {
+            if set > through {
+                return Ok(());
+            }
+            if set > after {
+                f(set, &data[body])?;
+            }
+            pos = next;
+        }
+    }
+    Ok(())
+}
+
+impl RedoLog {
     /// Forget segments whose sets are all applied (and synced to the volume).
     pub fn trim(&mut self, applied: u64) -> io::Result<()> {
         while self.segments.front().is_some_and(|s| s.last_set <= applied) {

@@ -44,6 +44,8 @@ pub struct ShipStats {
     pub copy_total: AtomicU64,
     pub copy_done: AtomicU64,
     pub copying: AtomicBool,
+    /// The resync running is of the dirty map's regions (the mirror stays consistent).
+    pub dirty_resync: AtomicBool,
     /// The running resync is a comparison (not a plain copy).
     pub comparing: AtomicBool,
     /// The mirror durably holds a consistent copy (as far as this side knows).
@@ -462,18 +464,22 @@ impl Shipper {
                 self.stats.last_error.lock().unwrap().clear();
                 *self.stats.last_decision.lock().unwrap() = reason;
                 let resync = mode != Mode::Resume;
+                // A resync of dirty regions keeps the mirror consistent (it is staged there).
+                let dirty = sess.resyncing_dirty();
                 self.stats
                     .mirror_consistent
                     .store(!resync, Ordering::Relaxed);
-                self.stats.copying.store(resync, Ordering::Relaxed);
+                self.stats.copying.store(resync || dirty, Ordering::Relaxed);
+                self.stats.dirty_resync.store(dirty, Ordering::Relaxed);
                 self.stats
                     .comparing
                     .store(mode == Mode::Compare, Ordering::Relaxed);
                 self.stats.copy_done.store(0, Ordering::Relaxed);
-                self.stats
-                    .copy_total
-                    .store(self.storage.size(), Ordering::Relaxed);
-                self.set_state(if resync {
+                self.stats.copy_total.store(
+                    sess.resync_progress().map_or(self.storage.size(), |p| p.1),
+                    Ordering::Relaxed,
+                );
+                self.set_state(if resync || dirty {
                     ReplState::Resyncing
                 } else {
                     ReplState::Replicating

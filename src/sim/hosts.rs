@@ -12,7 +12,7 @@ use crate::disk::Storage;
 use crate::env::mem::MemFs;
 use crate::env::{Fs, Handle};
 use crate::extent::{Extent, Payload};
-use crate::journal::{Intent, Journal, JournalOptions};
+use crate::journal::{Intent, Journal, JournalOptions, Observed, OnFull};
 use crate::repl::apply::{self, VolumeState};
 use crate::repl::core::mirror::{Durable, Failure, MirrorCore};
 use crate::repl::core::primary::{
@@ -156,9 +156,6 @@ struct PrimaryUp {
     session: Option<(u64, Session)>,
     /// The session got its decision: losing it now is losing the peer.
     up: bool,
-    /// How far the journal may be trimmed: the decision's point, then what acknowledgements
-    /// said was durable (a check against trimming on a guess).
-    may_trim: u64,
     connect_at: Duration,
     backoff: Duration,
     changes: Vec<Change>,
@@ -183,7 +180,15 @@ pub struct PrimaryHost {
     /// a full journal whose tail alone is in the way.
     pub journal_cap: u64,
     pub max_write_blocks: u64,
+    /// How far the journal may be trimmed: decisions' points, then what acknowledgements said
+    /// was durable, across restarts (a check against trimming on a guess; an open resync
+    /// remembers the mirror's point through a restart).
+    may_trim: u64,
+    /// What a full journal does, and the dirty map's region.
+    pub on_full: OnFull,
+    pub region_bytes: u64,
     tail_rotations: u64,
+    folds: u64,
     pub decisions: Vec<(Mode, String)>,
     pub log: Vec<String>,
     next_conn: u64,
@@ -210,7 +215,11 @@ impl PrimaryHost {
             stalls: 0,
             journal_cap: JOURNAL_CAP,
             max_write_blocks: 3,
+            may_trim: 0,
+            on_full: OnFull::Block,
+            region_bytes: 4096,
             tail_rotations: 0,
+            folds: 0,
             decisions: Vec::new(),
             log: Vec::new(),
             next_conn: conn_base,
@@ -243,10 +252,23 @@ impl PrimaryHost {
             segment_bytes: JOURNAL_SEGMENT,
             boot_id: format!("boot-{}", self.boot),
             clock: Arc::new(move || clock2.wall_ms()),
+            on_full: self.on_full,
+            volume_bytes: VOLUME_BYTES,
+            region_bytes: self.region_bytes,
         };
         let journal = Arc::new(Journal::open(opts).map_err(|e| format!("journal: {e}"))?);
         let model = self.model.clone();
-        journal.observe(Box::new(move |seq, e| model.record(seq, e)));
+        let disk = self.disk.clone();
+        journal.observe(Box::new(move |o| match o {
+            Observed::Record(seq, e) => model.record(seq, false, e),
+            Observed::Tracked(seq, e) => model.record(seq, true, e),
+            Observed::Adopted { seq, offset, len } => {
+                let end = (offset + len).min(VOLUME_BYTES);
+                let mut data = vec![0u8; (end - offset) as usize];
+                disk.read_at(offset, &mut data);
+                model.record(seq, true, &extent_at(offset, data));
+            }
+        }));
         let fs = self.fs();
         let loaded = PrimaryVolumeState::load(&*fs, &Self::state_path())
             .map_err(|e| format!("state: {e}"))?;
@@ -265,11 +287,26 @@ impl PrimaryHost {
             next_seq,
             (!span.continuous).then(|| self.disk.content()),
         );
+        // The dirty regions hold whatever the disk holds now: a write the map took that was
+        // in flight at the crash is on the disk, or not, and the resync ships what is there
+        // (as a re-read record does for the journal's own writes in flight).
+        if let Some(fold) = journal.fold() {
+            let content = self.disk.content();
+            for (o, l) in journal.dirty_runs(0, u64::MAX, u64::MAX) {
+                let end = (o + l).min(VOLUME_BYTES);
+                let data = content[o as usize..end as usize].to_vec();
+                self.model
+                    .record(fold.folded_through, true, &extent_at(o, data));
+            }
+        }
         self.note(format!(
-            "start: last stop {:?}, gen {gen} at {next_seq} continuous {}, changed {:?}",
+            "start: last stop {:?}, gen {gen} at {next_seq} continuous {}, changed {:?}, \
+             resync {:?} of {} bytes",
             journal.last_stop(),
             span.continuous,
-            st.volume_changed
+            st.volume_changed,
+            journal.fold(),
+            journal.stats().dirty_bytes,
         ));
         self.up = Some(PrimaryUp {
             journal,
@@ -279,7 +316,6 @@ impl PrimaryHost {
             connect_at: clock.now(),
             backoff: Duration::from_millis(100),
             changes: Vec::new(),
-            may_trim: 0,
         });
         Ok(())
     }
@@ -303,7 +339,13 @@ impl PrimaryHost {
     fn stop_counting(&mut self) {
         if let Some(u) = self.up.take() {
             self.tail_rotations += u.journal.stats().tail_rotations;
+            self.folds += u.journal.stats().folds;
         }
+    }
+
+    /// Folds of the journal into the dirty map, over every run so far.
+    pub fn folds(&self) -> u64 {
+        self.folds + self.journal().map_or(0, |j| j.stats().folds)
     }
 
     /// Tail rotations of every run of the journal so far, the current one included.
@@ -347,6 +389,14 @@ impl PrimaryHost {
         let Ok(Some(intent)) = u.journal.begin(offset, len as u32, !zero) else {
             return;
         };
+        if std::env::var("SIMDBG").is_ok() {
+            let msg = format!(
+                "begin {offset}+{len} intent {intent:?} last {}",
+                u.journal.last_seq()
+            );
+            self.log.push(stamp(&self.clock, self.label, msg));
+        }
+        let Some(u) = self.up.as_mut() else { return };
         let payload = if zero {
             Payload::Zero(len as u32)
         } else {
@@ -500,7 +550,7 @@ impl PrimaryHost {
             Err(e) => return self.end_session(SessionEnd::Protocol(e.to_string()), clock, rng),
         };
         match &msg {
-            Message::Ack { last_seq, .. } => u.may_trim = u.may_trim.max(*last_seq),
+            Message::Ack { last_seq, .. } => self.may_trim = self.may_trim.max(*last_seq),
             // Resuming trims to the mirror's durable point; a copy covers the journal so far.
             Message::Decision {
                 mode, durable_seq, ..
@@ -509,7 +559,7 @@ impl PrimaryHost {
                     Mode::Resume => *durable_seq,
                     Mode::FullCopy | Mode::Compare => u.journal.last_seq(),
                 };
-                u.may_trim = u.may_trim.max(point);
+                self.may_trim = self.may_trim.max(point);
             }
             _ => {}
         }
@@ -575,15 +625,20 @@ impl PrimaryHost {
         }
     }
 
+    /// A copy of `other`'s state directory knows what `other`'s mirror acknowledged.
+    pub fn inherit_acks(&mut self, other: &PrimaryHost) {
+        self.may_trim = other.may_trim;
+    }
+
     /// The journal was trimmed past what the mirror said was durable.
     pub fn trimmed_too_far(&self) -> Option<String> {
         let u = self.up.as_ref()?;
         let acked = u.journal.acked_seq();
-        (acked > u.may_trim).then(|| {
+        (acked > self.may_trim).then(|| {
             format!(
                 "the journal was trimmed to seq {acked}, but the mirror only acknowledged up to \
                  {}",
-                u.may_trim
+                self.may_trim
             )
         })
     }
@@ -665,6 +720,11 @@ pub struct MirrorHost {
     pub log: Vec<String>,
     pub bugs: PlantedBugs,
     clock: Clock,
+    /// Sets held in a staged resync, and staged resyncs completed (applied at once).
+    pub staged_sets: u64,
+    pub commits: u64,
+    /// The mode of the last session the mirror accepted.
+    pub last_mode: Option<Mode>,
 }
 
 fn state_path() -> PathBuf {
@@ -687,6 +747,9 @@ impl MirrorHost {
             log: Vec::new(),
             bugs: PlantedBugs::default(),
             clock: clock.clone(),
+            staged_sets: 0,
+            commits: 0,
+            last_mode: None,
         }
     }
 
@@ -713,7 +776,7 @@ impl MirrorHost {
         let disk = self.disk.fingerprint().expect("simulated disk");
         let sealed_valid = redo.last_set().is_none_or(|l| l <= state.applied_set);
         let known = state.identity.fingerprint.clone();
-        apply::replay(
+        let replayed = apply::replay(
             &mut MemApplier(&self.disk),
             &mut redo,
             &mut state,
@@ -736,6 +799,7 @@ impl MirrorHost {
             state,
             Some(self.disk.fingerprint().expect("simulated disk")),
             apply::ApplyTarget::holds_data(&MemApplier(&self.disk)).expect("simulated disk"),
+            replayed.staged,
         );
         core.bugs = self.bugs;
         core.state()
@@ -894,6 +958,7 @@ impl MirrorHost {
                         let u = self.up.as_mut().expect("up");
                         u.conn = Some(conn);
                         u.session = session;
+                        self.last_mode = Some(accept.mode);
                         self.log.push(stamp(
                             &self.clock,
                             "mirror",
@@ -1024,12 +1089,44 @@ impl MirrorHost {
                 else {
                     unreachable!()
                 };
-                if let Err(why) = u.core.check_apply(&set) {
-                    u.core.fail(Failure {
-                        code: RefuseCode::VolumeFailed,
-                        why,
-                    });
-                    return false;
+                match u.core.next_step(&set) {
+                    Err(why) => {
+                        u.core.fail(Failure {
+                            code: RefuseCode::VolumeFailed,
+                            why,
+                        });
+                        return false;
+                    }
+                    Ok(apply::Step::Stage) => {
+                        self.staged_sets += 1;
+                        return true;
+                    }
+                    Ok(apply::Step::Apply) => {}
+                    Ok(apply::Step::Commit { first, .. }) => {
+                        // The staged sets, read back from the redo log as the applier does.
+                        let mut staged = Vec::new();
+                        let read = u.redo.for_each_after(first - 1, set.set - 1, |_, raw| {
+                            staged.push(apply::decode_set(raw)?);
+                            Ok(())
+                        });
+                        if let Err(e) = read {
+                            u.core.fail(Failure {
+                                code: RefuseCode::VolumeFailed,
+                                why: format!("reading staged sets: {e}"),
+                            });
+                            return false;
+                        }
+                        assert_eq!(
+                            staged.len() as u64,
+                            set.set - first,
+                            "every staged set is in the redo log"
+                        );
+                        for s in &staged {
+                            self.disk.apply(s);
+                            u.core.applied(s, received_ms);
+                        }
+                        self.commits += 1;
+                    }
                 }
                 self.disk.apply(&set);
                 u.core.applied(&set, received_ms);

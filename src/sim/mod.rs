@@ -81,6 +81,9 @@ pub struct SimConfig {
     /// A journal of twice the largest write (64 KiB, writes up to 32 KiB), as `--journal-size
     /// 64M` is to NBD's 32 MiB writes.
     pub small_journal: bool,
+    /// What the primary's full journal does (`--on-journal-full`), and its dirty map's region.
+    pub on_full: crate::journal::OnFull,
+    pub region_bytes: u64,
 }
 
 impl Default for SimConfig {
@@ -95,6 +98,8 @@ impl Default for SimConfig {
             bugs: PlantedBugs::default(),
             scenario: Scenario::Random,
             small_journal: false,
+            on_full: crate::journal::OnFull::Track,
+            region_bytes: 4096,
         }
     }
 }
@@ -111,6 +116,12 @@ pub struct Stats {
     pub stalls: u64,
     /// Acknowledged journal tails rotated out because they alone kept a write from fitting.
     pub tail_rotations: u64,
+    /// Folds of a full (or failing) journal into the dirty map.
+    pub folds: u64,
+    /// Staged resyncs the mirror completed (applied at once).
+    pub staged_commits: u64,
+    /// Crashes of either host while the mirror held a staged resync.
+    pub crashes_while_staged: u64,
     /// Decisions to compare a mirror volume that held data it had no record of.
     pub preseeded_compares: u64,
     pub decisions: Vec<Mode>,
@@ -171,9 +182,17 @@ pub fn config_for_seed(seed: u64) -> SimConfig {
         _ => (true, 40, 20, 20, 50),
     };
     let small_journal = rng.chance(1, 4);
+    let on_full = if rng.chance(1, 4) {
+        crate::journal::OnFull::Block
+    } else {
+        crate::journal::OnFull::Track
+    };
+    let region_bytes = 4096 << rng.below(3);
     SimConfig {
         scenario,
         small_journal,
+        on_full,
+        region_bytes,
         link_faults,
         crash_rate,
         partition_rate,
@@ -200,6 +219,8 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
         accept_pending: false,
     };
     w.primary.bugs = cfg.bugs;
+    w.primary.on_full = cfg.on_full;
+    w.primary.region_bytes = cfg.region_bytes;
     if cfg.small_journal {
         w.primary.journal_cap = 64 << 10;
         w.primary.max_write_blocks = 8;
@@ -226,6 +247,8 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
     w.stats.frames_dropped = w.link.dropped;
     w.stats.stalls = w.primary.stalls;
     w.stats.tail_rotations = w.primary.tail_rotations();
+    w.stats.folds = w.primary.folds();
+    w.stats.staged_commits = w.mirror.commits;
     Outcome {
         seed,
         scenario: cfg.scenario,
@@ -324,6 +347,10 @@ impl World {
             self.violation(what);
         }
         self.check_i1("after the mirror restarted");
+    }
+
+    fn mirror_consistent(&self) -> bool {
+        self.mirror.core().is_some_and(|c| c.state().consistent())
     }
 
     /// I1: a mirror that says it is consistent holds exactly the state it names.
@@ -441,10 +468,21 @@ impl World {
                 .tick(&self.clock, &mut self.link, &mut self.rng),
             450..=549 => self.mirror.sync(&self.clock, &mut self.link, &mut self.rng),
             550..=699 => {
+                let was_consistent = self.mirror_consistent();
                 let applied = self
                     .mirror
                     .apply_one(&self.clock, &mut self.link, &mut self.rng);
                 self.applies += u64::from(applied);
+                // Only a decision (a copy, a comparison) may make a consistent mirror stop
+                // being one; a resync within a resumed session is staged.
+                if was_consistent
+                    && !self.mirror_consistent()
+                    && self.mirror.last_mode == Some(Mode::Resume)
+                {
+                    let what = "I1 while resyncing: a consistent mirror stopped being one                                 within a resumed session (a resync must be staged)"
+                        .to_string();
+                    self.violation(what);
+                }
                 if applied && self.applies.is_multiple_of(8) {
                     self.check_i1("after applying");
                 }
@@ -488,10 +526,17 @@ impl World {
         }
     }
 
+    fn count_crash_while_staged(&mut self) {
+        if self.mirror.core().is_some_and(|c| c.staging().is_some()) {
+            self.stats.crashes_while_staged += 1;
+        }
+    }
+
     fn crash_primary(&mut self) {
         if !self.primary.is_up() {
             return;
         }
+        self.count_crash_while_staged();
         self.stats.primary_crashes += 1;
         if !self.rng.chance(self.cfg.power_cuts, 100) {
             self.primary.note("kill -9".into());
@@ -508,6 +553,7 @@ impl World {
         if !self.mirror.is_up() {
             return;
         }
+        self.count_crash_while_staged();
         self.stats.mirror_crashes += 1;
         if !self.rng.chance(self.cfg.power_cuts, 100) {
             self.mirror.note("kill -9".into());
@@ -563,6 +609,7 @@ impl World {
                 o.fs = self.primary.fs.snapshot();
                 o.disk.fill(&self.primary.disk.content());
                 o.model = self.primary.model.fork();
+                o.inherit_acks(&self.primary);
                 let _ = o.start(&self.clock, &mut self.rng);
                 self.other = Some(o);
             }

@@ -16,7 +16,10 @@ struct Span {
     first_seq: u64,
     /// The volume's content when this generation started with a break.
     base: Option<Vec<u8>>,
-    records: BTreeMap<u64, Extent>,
+    /// By (seq, n): a record at (seq, 0); the n-th write the dirty map took at (seq, n), just
+    /// after record `seq` (the number a fold skipped) in the order of completion.
+    records: BTreeMap<(u64, u64), Extent>,
+    tracked: u64,
 }
 
 /// The primary's history (module doc). Shared with the journal's observer.
@@ -33,14 +36,22 @@ impl Model {
             first_seq,
             base,
             records: BTreeMap::new(),
+            tracked: 0,
         });
     }
 
-    /// A record the journal appended (to the current generation).
-    pub fn record(&self, seq: u64, e: &Extent) {
+    /// A record the journal appended (to the current generation), or a write the dirty map
+    /// took instead (`tracked`, placed just after `seq`).
+    pub fn record(&self, seq: u64, tracked: bool, e: &Extent) {
         let mut spans = self.spans.lock().unwrap();
         let span = spans.last_mut().expect("a generation before any record");
-        span.records.insert(seq, e.clone());
+        let key = if tracked {
+            span.tracked += 1;
+            (seq, span.tracked)
+        } else {
+            (seq, 0)
+        };
+        span.records.insert(key, e.clone());
     }
 
     /// The volume after write `seq` of generation `gen` (None: no such generation here).
@@ -50,7 +61,7 @@ impl Model {
         let j = (0..=i).rev().find(|&k| spans[k].base.is_some())?;
         let mut content = spans[j].base.clone().expect("found a base");
         for span in &spans[j..=i] {
-            for (_, e) in span.records.range(..=seq) {
+            for (_, e) in span.records.range(..=(seq, u64::MAX)) {
                 let at = e.offset as usize;
                 match &e.payload {
                     Payload::Data(d) => content[at..at + d.len()].copy_from_slice(d),
@@ -66,7 +77,7 @@ impl Model {
         let spans = self.spans.lock().unwrap();
         let mut out = Vec::new();
         for s in spans.iter() {
-            for (seq, e) in &s.records {
+            for ((seq, _), e) in &s.records {
                 if e.offset < offset + len && offset < e.end() {
                     out.push((
                         format!("{}{}", s.gen, if s.base.is_some() { "*" } else { "" }),

@@ -6,7 +6,8 @@
 //! Environment: `SEEDS` (schedules to run, default 15000: under a minute on 2 cores),
 //! `BLKMIRROR_SIM_SEED` (replay that one seed, with its trace), `BLKMIRROR_SIM_STEPS`
 //! (steps per schedule, default 3000), `BLKMIRROR_SIM_BUG` (plant a known mistake:
-//! `ack-one-set-early` or `ack-before-sync`, to see the simulator catch it).
+//! `ack-one-set-early`, `ack-before-sync` or `apply-resync-in-place`, to see the simulator
+//! catch it).
 
 use blkmirror::repl::core::PlantedBugs;
 use blkmirror::sim;
@@ -38,6 +39,9 @@ struct Totals {
     stalls: u64,
     tail_rotations: u64,
     preseeded_compares: u64,
+    folds: u64,
+    staged_commits: u64,
+    crashes_while_staged: u64,
     scenarios: std::collections::BTreeMap<String, u64>,
 }
 
@@ -59,6 +63,9 @@ impl Totals {
         self.stalls += s.stalls;
         self.tail_rotations += s.tail_rotations;
         self.preseeded_compares += s.preseeded_compares;
+        self.folds += s.folds;
+        self.staged_commits += s.staged_commits;
+        self.crashes_while_staged += s.crashes_while_staged;
         *self
             .scenarios
             .entry(format!("{:?}", out.scenario))
@@ -75,6 +82,7 @@ impl Totals {
             "covered: {} writes, crashes primary {} mirror {}, partitions {}; decisions: \
              resume {}, full copy {}, compare {} (of unrecorded mirror data {}); copies \
              of the primary refused {}; stalls ended {}; journal tails rotated out {}; \
+             journal folds {}, staged resyncs completed {}, crashes while staged {}; \
              schedules: {}",
             self.writes,
             self.primary_crashes,
@@ -87,12 +95,22 @@ impl Totals {
             self.split_brains,
             self.stalls,
             self.tail_rotations,
+            self.folds,
+            self.staged_commits,
+            self.crashes_while_staged,
             scenarios.join(", ")
         )
     }
 }
 
 fn main() -> ExitCode {
+    // BLKMIRROR_LOG=debug shows the daemons' own log lines (for replaying one seed).
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("BLKMIRROR_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let parsed = (|| -> Result<(Option<u64>, u64, usize, PlantedBugs), String> {
         let bugs = match std::env::var("BLKMIRROR_SIM_BUG").as_deref() {
             Err(_) | Ok("") => PlantedBugs::default(),
@@ -103,6 +121,10 @@ fn main() -> ExitCode {
             Ok("ack-before-sync") => PlantedBugs {
                 ack_before_sync: true,
                 ..Default::default()
+            },
+            Ok("apply-resync-in-place") => PlantedBugs {
+                apply_resync_in_place: true,
+                ..PlantedBugs::default()
             },
             Ok(other) => return Err(format!("BLKMIRROR_SIM_BUG={other:?}: unknown")),
         };

@@ -13,7 +13,7 @@
 
 use super::ReplState;
 use crate::disk::fingerprint::Fingerprint;
-use crate::repl::apply::{CopyState, VolumeState};
+use crate::repl::apply::{CopyState, Stager, Staging, Step, VolumeState};
 use crate::repl::frame::{
     DeltaSet, Message, Mode, RefuseCode, SetKind, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
@@ -80,6 +80,8 @@ pub struct MirrorCore {
     refused: Option<(ReplState, String)>,
     /// The volume held data when the daemon started (see [`MirrorCore::new`]).
     volume_holds_data: bool,
+    /// A resync being staged (`apply::Stager`): its sets are durable, not applied.
+    stager: Stager,
     #[cfg(any(test, feature = "test-hooks"))]
     pub bugs: super::PlantedBugs,
 }
@@ -153,14 +155,17 @@ impl MirrorCore {
         mut state: VolumeState,
         disk: Option<Fingerprint>,
         volume_holds_data: bool,
+        staged: Option<Staging>,
     ) -> MirrorCore {
         if disk.is_some() {
             state.identity.fingerprint = disk;
         }
+        // A staged resync's sets are durable: the redo log holds them past the applied state.
+        let ahead = staged.as_ref().map_or(&state, |s| &s.shadow);
         let durable = Durable {
-            set: state.applied_set,
-            seq: state.applied_seq,
-            copy_done: state.copy == CopyState::Done,
+            set: ahead.applied_set,
+            seq: ahead.applied_seq,
+            copy_done: ahead.copy == CopyState::Done,
         };
         MirrorCore {
             name: name.to_string(),
@@ -174,9 +179,18 @@ impl MirrorCore {
             failure: None,
             refused: None,
             volume_holds_data,
+            stager: Stager { staging: staged },
             #[cfg(any(test, feature = "test-hooks"))]
             bugs: super::PlantedBugs::default(),
         }
+    }
+
+    /// The resync being staged: (its first set, the last set staged), if one is.
+    pub fn staging(&self) -> Option<(u64, u64)> {
+        self.stager
+            .staging
+            .as_ref()
+            .map(|s| (s.first, s.shadow.applied_set))
     }
 
     pub fn name(&self) -> &str {
@@ -273,14 +287,16 @@ impl MirrorCore {
             "a decision is taken with nothing unsynced"
         );
         assert_eq!(
-            self.durable.set, self.state.applied_set,
-            "a decision is taken with everything durable applied"
+            self.durable.set,
+            self.stager.next_set(&self.state) - 1,
+            "a decision is taken with everything durable applied or staged"
         );
         let st = &self.state;
         let holds = MirrorHolds {
             uuid: st.identity.uuid,
             lineage: st.identity.lineage.clone(),
             position: st.consistent().then_some(st.applied_seq),
+            durable_seq: self.durable.seq,
             position_gen: st.position_gen,
             has_data: st.copy != CopyState::None,
             unrecorded_data: st.copy == CopyState::None && self.volume_holds_data,
@@ -318,6 +334,12 @@ impl MirrorCore {
         peer.ctime = None;
         st.identity.peer_fingerprint = Some(peer);
         if mode != Mode::Resume {
+            // A staged resync is abandoned: the copy or comparison sends whatever differs.
+            if let Some(staging) = self.stager.staging.take() {
+                tracing::warn!(volume = %self.name, first_set = staging.first,
+                    "a staged resync is abandoned for a {mode:?}");
+                st.applied_set = staging.shadow.applied_set;
+            }
             // Chunks will be overwritten: not a state of the primary's until the copy ends.
             st.copy = CopyState::Running;
             st.applied_seq = 0;
@@ -431,12 +453,47 @@ impl MirrorCore {
         }
     }
 
-    /// `set` is the next set the applier may write (sets are applied in order, each once).
-    pub fn check_apply(&self, set: &DeltaSet) -> Result<(), String> {
-        if set.set != self.state.applied_set + 1 {
+    /// What the applier does with `set`, the next durable set (sets are applied in order,
+    /// each once; a staged resync's sets wait for its end: `apply::Stager`). Call
+    /// [`MirrorCore::applied`] for each set then applied.
+    pub fn next_step(&mut self, set: &DeltaSet) -> Result<Step, String> {
+        self.check_apply(set)?;
+        #[allow(unused_mut)]
+        let mut step = self.stager.step(&self.state, set);
+        #[cfg(any(test, feature = "test-hooks"))]
+        if self.bugs.apply_resync_in_place && step == Step::Stage {
+            self.stager.staging = None;
+            step = Step::Apply;
+        }
+        match &step {
+            Step::Stage
+                if self
+                    .stager
+                    .staging
+                    .as_ref()
+                    .is_some_and(|s| s.first == set.set) =>
+            {
+                tracing::info!(volume = %self.name, first_set = set.set,
+                    "resync staged: the volume keeps its consistent state until the resync's \
+                     end point is durable");
+            }
+            Step::Commit { first, .. } => {
+                tracing::info!(volume = %self.name, first_set = first, last_set = set.set,
+                    "staged resync complete: applying it");
+            }
+            _ => {}
+        }
+        Ok(step)
+    }
+
+    /// `set` is the next set the applier may take.
+    fn check_apply(&self, set: &DeltaSet) -> Result<(), String> {
+        let next = self.stager.next_set(&self.state);
+        if set.set != next {
             return Err(format!(
                 "set {} reached the applier after set {}",
-                set.set, self.state.applied_set
+                set.set,
+                next - 1
             ));
         }
         if set.set > self.durable.set {

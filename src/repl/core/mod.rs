@@ -55,4 +55,6 @@ pub struct PlantedBugs {
     pub ack_one_set_early: bool,
     /// The mirror acknowledges sets written to its redo log before they are synced.
     pub ack_before_sync: bool,
+    /// The mirror applies a resync's sets as they come instead of staging them.
+    pub apply_resync_in_place: bool,
 }

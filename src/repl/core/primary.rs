@@ -78,6 +78,13 @@ pub enum SessionEnd {
     Protocol(String),
     #[error("stalled: {0}")]
     Stalled(String),
+    /// The journal folded into the dirty map: what was in flight is in the map now, and the
+    /// next session resyncs it.
+    #[error(
+        "the journal folded into the dirty map (it was full, or could not be written): \
+             the next session resyncs the dirty regions"
+    )]
+    Folded,
     /// A local file or disk failed; the error names which (see [`local`]).
     #[error("local I/O: {0}")]
     Io(#[from] io::Error),
@@ -106,6 +113,7 @@ impl SessionEnd {
                 Some(RefuseCode::VolumeFailed | RefuseCode::RedoFailed) => ReplState::Failed,
                 _ => ReplState::Connecting,
             },
+            SessionEnd::Folded => ReplState::Resyncing,
             _ => ReplState::Connecting,
         }
     }
@@ -147,6 +155,11 @@ struct InFlight {
     set: u64,
     /// The durable sequence number the mirror reports once this set is durable.
     durable_seq: u64,
+    /// Dirty regions this set resyncs: clean once it is durable.
+    resynced: Vec<(u64, u64)>,
+    /// This set ends a resync: once durable, the journal's dirty map is done with (`Whole`:
+    /// a full copy or comparison, which covered every region).
+    ends_resync: Option<Covered>,
 }
 
 #[derive(Debug)]
@@ -155,10 +168,34 @@ enum Phase {
     Running,
 }
 
-/// The full copy or the comparison in progress.
+/// What a finished resync covered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Covered {
+    Dirty,
+    Whole,
+}
+
+/// What a resync sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ResyncKind {
+    /// Every chunk of the volume.
+    Full,
+    /// The chunks whose checksums differ at the mirror.
+    Compare,
+    /// The dirty map's regions (after the journal folded); the mirror stages them.
+    Dirty,
+}
+
+/// The full copy, the comparison or the resync of dirty regions in progress.
 #[derive(Debug)]
 struct Resync {
-    compare: bool,
+    kind: ResyncKind,
+    /// Dirty: the first set was sent (no journal set may go before it: the mirror stages
+    /// from the first resync set on, and a journal set applied before it would leave the
+    /// mirror without the folded writes).
+    started: bool,
+    /// Bytes to send (the volume's size, or the dirty bytes when it began).
+    total: u64,
     /// The journal's end when it began: the copy holds every write up to here.
     start_seq: u64,
     /// Next byte to copy (full) or to sum (compare).
@@ -195,6 +232,8 @@ pub struct Session {
     consistent_after_seq: Option<u64>,
     /// A chunk to read was busy (a change in flight): try again then.
     busy_retry: Option<Instant>,
+    /// The journal's folds when the session began: another fold ends it.
+    folds: u64,
     /// Mistakes planted to prove the simulator catches them.
     #[cfg(any(test, feature = "test-hooks"))]
     pub bugs: super::PlantedBugs,
@@ -241,6 +280,7 @@ impl Session {
                 consistent_at_set: None,
                 consistent_after_seq: None,
                 busy_retry: None,
+                folds: 0,
                 #[cfg(any(test, feature = "test-hooks"))]
                 bugs: super::PlantedBugs::default(),
             },
@@ -248,13 +288,22 @@ impl Session {
         )
     }
 
-    /// Copy or comparison progress: (bytes done, total), while one runs.
+    /// Copy, comparison or dirty-region resync progress: (bytes done, total), while one runs.
     pub fn resync_progress(&self) -> Option<(u64, u64)> {
-        self.resync.as_ref().map(|r| (r.bytes_done, self.size))
+        self.resync.as_ref().map(|r| (r.bytes_done, r.total))
     }
 
     pub fn comparing(&self) -> bool {
-        self.resync.as_ref().is_some_and(|r| r.compare)
+        self.resync
+            .as_ref()
+            .is_some_and(|r| r.kind == ResyncKind::Compare)
+    }
+
+    /// A resync of the dirty map's regions runs (the mirror stays consistent meanwhile).
+    pub fn resyncing_dirty(&self) -> bool {
+        self.resync
+            .as_ref()
+            .is_some_and(|r| r.kind == ResyncKind::Dirty)
     }
 
     pub fn in_flight(&self) -> usize {
@@ -380,6 +429,13 @@ impl Session {
                 .ack(seq)
                 .map_err(|e| SessionEnd::Protocol(format!("decision: {e}")))
         };
+        // The mirror is reachable: writes are journaled again from here (the fold's regions
+        // are read after this, so they hold every write the map took).
+        let fold = journal.fold();
+        if fold.is_some() {
+            journal.resume_journaling();
+        }
+        self.folds = journal.folds();
         match mode {
             Mode::Resume => {
                 // The mirror resumes only where the journal still holds what follows.
@@ -392,6 +448,28 @@ impl Session {
                 }
                 trim(durable_seq)?;
                 self.shipped_seq = durable_seq;
+                if let Some(fold) = fold {
+                    // Folded records are not shipped: their regions are, read afresh. Every
+                    // write up to the fold (the map's tracked ones at `folded_through`) is in
+                    // the mirror once the resync is applied.
+                    self.shipped_seq = durable_seq.max(fold.folded_through);
+                    let total = journal.stats().dirty_bytes;
+                    tracing::info!(
+                        dirty_bytes = total,
+                        from_seq = self.shipped_seq,
+                        "resync of the dirty regions starts"
+                    );
+                    self.resync = Some(Resync {
+                        kind: ResyncKind::Dirty,
+                        started: false,
+                        total,
+                        start_seq: self.shipped_seq,
+                        pos: 0,
+                        awaiting: VecDeque::new(),
+                        differ: VecDeque::new(),
+                        bytes_done: 0,
+                    });
+                }
             }
             Mode::FullCopy | Mode::Compare => {
                 // The copy carries everything journaled so far; later records follow it.
@@ -399,7 +477,13 @@ impl Session {
                 trim(seq)?;
                 self.shipped_seq = seq;
                 self.resync = Some(Resync {
-                    compare: mode == Mode::Compare,
+                    kind: if mode == Mode::Compare {
+                        ResyncKind::Compare
+                    } else {
+                        ResyncKind::Full
+                    },
+                    started: true,
+                    total: self.size,
                     start_seq: seq,
                     pos: 0,
                     awaiting: VecDeque::new(),
@@ -451,7 +535,13 @@ impl Session {
         journal
             .ack(trim_to)
             .map_err(|e| SessionEnd::Protocol(format!("acknowledgement of set {set}: {e}")))?;
-        self.in_flight.pop_front();
+        let done = self.in_flight.pop_front().expect("checked");
+        if !done.resynced.is_empty() {
+            journal.resynced(&done.resynced, self.folds);
+        }
+        if let Some(c) = done.ends_resync {
+            journal.resync_complete(self.folds, c == Covered::Whole);
+        }
         self.floor = last_seq;
         self.progress(now);
         let mut events = vec![Event::Acked { set, applied_set }];
@@ -471,7 +561,7 @@ impl Session {
         let r = self
             .resync
             .as_mut()
-            .filter(|r| r.compare)
+            .filter(|r| r.kind == ResyncKind::Compare)
             .ok_or_else(|| SessionEnd::Protocol("a comparison reply, but none runs".into()))?;
         match r.awaiting.front() {
             Some(&(o, n))
@@ -510,6 +600,17 @@ impl Session {
     ) -> Result<Option<Transmit>, SessionEnd> {
         if !matches!(self.phase, Phase::Running) {
             return Ok(None);
+        }
+        if journal.folds() != self.folds {
+            return Err(SessionEnd::Folded);
+        }
+        if let Some(r) = self.resync.as_ref().filter(|r| !r.started) {
+            debug_assert_eq!(r.kind, ResyncKind::Dirty);
+            // The resync's first set goes before any journal set.
+            if self.in_flight.len() >= self.limits.window_sets {
+                return Ok(None);
+            }
+            return self.resync_unit(now, journal, volume);
         }
         if !resync_dirty(journal, volume)? {
             self.busy_retry = Some(now + BUSY_RETRY);
@@ -598,6 +699,8 @@ impl Session {
         self.in_flight.push_back(InFlight {
             set: set.set,
             durable_seq,
+            resynced: Vec::new(),
+            ends_resync: None,
         });
         self.next_set += 1;
         Transmit::Set { set, known }
@@ -617,7 +720,10 @@ impl Session {
             return Ok(None);
         };
         let mut busy = false;
-        if !r.compare {
+        if r.kind == ResyncKind::Dirty {
+            return self.dirty_unit(now, journal, volume);
+        }
+        if r.kind == ResyncKind::Full {
             // Full copy: the next piece of the volume.
             let mut folder = Folder::new();
             let mut at = r.pos;
@@ -641,7 +747,8 @@ impl Session {
             }
         }
         // Compare: first send what differs, then ask about more, then finish.
-        if r.compare && !r.differ.is_empty() {
+        let compare = r.kind == ResyncKind::Compare;
+        if compare && !r.differ.is_empty() {
             let mut folder = Folder::new();
             while let Some(&at) = r.differ.front() {
                 if folder.data_bytes() >= self.limits.set_max_bytes {
@@ -665,7 +772,7 @@ impl Session {
             let set = self.copy_set(journal, folder.into_extents(), false);
             return Ok(Some(set));
         }
-        if r.compare && r.pos < size && r.awaiting.len() < self.limits.sums_in_flight {
+        if compare && r.pos < size && r.awaiting.len() < self.limits.sums_in_flight {
             let offset = r.pos;
             let mut sums = Vec::with_capacity(self.limits.sums_per_message);
             let mut buf = vec![0u8; chunk as usize];
@@ -698,9 +805,59 @@ impl Session {
                 return Ok(None);
             }
             let set = self.copy_set(journal, Vec::new(), true);
+            // The copy holds every region the dirty map may have.
+            self.in_flight.back_mut().expect("just sent").ends_resync = Some(Covered::Whole);
             return Ok(Some(set));
         }
         Ok(None)
+    }
+
+    /// The next unit of the dirty regions' resync: the regions from where the last one ended,
+    /// read under their range locks, as a Copy set the mirror stages; at the end (and never
+    /// while a range waits to be re-read), the set that closes it. The first set always goes,
+    /// even empty: the mirror's staging starts with it.
+    fn dirty_unit(
+        &mut self,
+        now: Instant,
+        journal: &Journal,
+        volume: &dyn VolumeRead,
+    ) -> Result<Option<Transmit>, SessionEnd> {
+        let chunk = self.limits.copy_chunk;
+        let r = self.resync.as_mut().expect("a dirty resync runs");
+        let runs = journal.dirty_runs(r.pos, self.limits.set_max_bytes, chunk);
+        let mut folder = Folder::new();
+        let mut resynced = Vec::new();
+        let mut busy = false;
+        for &(at, len) in &runs {
+            let Some(e) = read_chunk(volume, at, len)? else {
+                busy = true;
+                break;
+            };
+            folder.add(e);
+            resynced.push((at, len));
+            r.pos = at + len;
+            r.bytes_done += len;
+        }
+        if busy {
+            self.busy_retry = Some(now + BUSY_RETRY);
+        }
+        if !resynced.is_empty() {
+            r.started = true;
+            let t = self.copy_set(journal, folder.into_extents(), false);
+            self.in_flight.back_mut().expect("just sent").resynced = resynced;
+            return Ok(Some(t));
+        }
+        if !runs.is_empty() {
+            // Busy: a moment later.
+            return Ok(None);
+        }
+        if journal.stats().dirty_ranges > 0 {
+            self.busy_retry = Some(now + BUSY_RETRY);
+            return Ok(None);
+        }
+        let t = self.copy_set(journal, Vec::new(), true);
+        self.in_flight.back_mut().expect("just sent").ends_resync = Some(Covered::Dirty);
+        Ok(Some(t))
     }
 
     /// A Copy set of `extents`: `first_seq` is where the copy began (every write up to it is
