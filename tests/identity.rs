@@ -1494,7 +1494,12 @@ fn nbd_conn_threads(pid: u32) -> Vec<String> {
 fn clean_stop_while_writes_wait_on_a_full_64m_journal() {
     let mut p = Pair::new(PairOptions {
         size: 256 * MIB,
-        primary_extra: vec!["--journal-size".into(), "64M".into()],
+        primary_extra: vec![
+            "--journal-size".into(),
+            "64M".into(),
+            "--on-journal-full".into(),
+            "block".into(),
+        ],
         ..Default::default()
     });
     p.mirror.start();
@@ -1541,7 +1546,12 @@ fn clean_stop_while_writes_wait_on_a_full_64m_journal() {
 fn a_dead_client_with_writes_parked_on_a_full_journal_is_released() {
     let mut p = Pair::new(PairOptions {
         size: 256 * MIB,
-        primary_extra: vec!["--journal-size".into(), "64M".into()],
+        primary_extra: vec![
+            "--journal-size".into(),
+            "64M".into(),
+            "--on-journal-full".into(),
+            "block".into(),
+        ],
         ..Default::default()
     });
     p.mirror.start();

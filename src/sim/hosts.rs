@@ -389,14 +389,6 @@ impl PrimaryHost {
         let Ok(Some(intent)) = u.journal.begin(offset, len as u32, !zero) else {
             return;
         };
-        if std::env::var("SIMDBG").is_ok() {
-            let msg = format!(
-                "begin {offset}+{len} intent {intent:?} last {}",
-                u.journal.last_seq()
-            );
-            self.log.push(stamp(&self.clock, self.label, msg));
-        }
-        let Some(u) = self.up.as_mut() else { return };
         let payload = if zero {
             Payload::Zero(len as u32)
         } else {
