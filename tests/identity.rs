@@ -1081,7 +1081,7 @@ fn clean_stop_leaves_a_clean_journal() {
 fn trim_larger_than_the_journal_completes() {
     let mut p = Pair::running(PairOptions {
         size: 256 * MIB,
-        primary_extra: vec!["--journal-size".into(), "128M".into()],
+        primary_extra: blocking_journal("128M"),
         ..Default::default()
     });
     for (i, at) in [16u64, 100, 200, 230].iter().enumerate() {
@@ -1494,12 +1494,7 @@ fn nbd_conn_threads(pid: u32) -> Vec<String> {
 fn clean_stop_while_writes_wait_on_a_full_64m_journal() {
     let mut p = Pair::new(PairOptions {
         size: 256 * MIB,
-        primary_extra: vec![
-            "--journal-size".into(),
-            "64M".into(),
-            "--on-journal-full".into(),
-            "block".into(),
-        ],
+        primary_extra: blocking_journal("64M"),
         ..Default::default()
     });
     p.mirror.start();
@@ -1546,12 +1541,7 @@ fn clean_stop_while_writes_wait_on_a_full_64m_journal() {
 fn a_dead_client_with_writes_parked_on_a_full_journal_is_released() {
     let mut p = Pair::new(PairOptions {
         size: 256 * MIB,
-        primary_extra: vec![
-            "--journal-size".into(),
-            "64M".into(),
-            "--on-journal-full".into(),
-            "block".into(),
-        ],
+        primary_extra: blocking_journal("64M"),
         ..Default::default()
     });
     p.mirror.start();

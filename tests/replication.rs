@@ -1391,12 +1391,7 @@ print("done")
 #[test]
 fn writes_waiting_for_journal_space_resume_when_the_mirror_returns() {
     let mut rig = Pair::running(PairOptions {
-        primary_extra: vec![
-            "--journal-size".into(),
-            "64M".into(),
-            "--on-journal-full".into(),
-            "block".into(),
-        ],
+        primary_extra: blocking_journal("64M"),
         ..Default::default()
     });
     assert!(rig.mirror.stop().is_some_and(|s| s.success()));

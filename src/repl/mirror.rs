@@ -1119,15 +1119,22 @@ impl MirrorVolume {
         )?;
         let state = self.core.lock().unwrap().state().clone();
         let v = self.clone();
-        tokio::task::spawn_blocking(move || v.save_state(&state))
+        let saved = tokio::task::spawn_blocking(move || v.save_state(&state))
             .await
-            .map_err(|e| (RefuseCode::Stopping, e.to_string()))?
-            .map_err(|e| {
-                (
-                    RefuseCode::RedoFailed,
-                    format!("mirror cannot save its volume state: {e}"),
-                )
-            })?;
+            .map_err(|e| (RefuseCode::Stopping, e.to_string()))?;
+        if let Err(e) = saved {
+            // Status names the state directory until a later write there works (the next
+            // session retries it), as a failed checkpoint does.
+            let failure = Failure {
+                code: RefuseCode::RedoFailed,
+                why: format!(
+                    "mirror state directory failed: cannot save {}: {e}",
+                    self.state_path.display()
+                ),
+            };
+            self.core.lock().unwrap().fail(failure.clone());
+            return Err((failure.code, failure.why));
+        }
         write_message(send, &accept.decision).await.map_err(bad)?;
         self.stats.sessions.fetch_add(1, Ordering::Relaxed);
         self.stats.link_up.store(true, Ordering::Relaxed);

@@ -142,6 +142,14 @@ impl Default for PairOptions {
     }
 }
 
+/// The primary's arguments for a journal of `size` that makes writes wait when it is full
+/// (`--on-journal-full block`), for the tests of waiting writers.
+pub(crate) fn blocking_journal(size: &str) -> Vec<String> {
+    ["--journal-size", size, "--on-journal-full", "block"]
+        .map(String::from)
+        .to_vec()
+}
+
 /// Certificates, one mirror, one primary (both described by [`Pair::new`], neither started).
 pub(crate) struct Pair {
     // Fields drop in declaration order: the daemons stop, then the tmpfs mounts go, then the
