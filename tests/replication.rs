@@ -49,13 +49,18 @@ fn rig(opts: PairOptions) -> Pair {
 impl Pair {
     /// Start `tools/workload.py` writing seqs `start..=end` of plan `seed` in the background.
     fn workload(&self, seed: u64, start: u64, end: u64) -> Background {
+        self.workload_over(seed, start, end, BLOCKS)
+    }
+
+    /// [`Pair::workload`] over the first `blocks` blocks.
+    fn workload_over(&self, seed: u64, start: u64, end: u64, blocks: u64) -> Background {
         let mut c = Command::new("/usr/bin/python3");
         c.arg(tool("workload.py"))
             .args(["--uri", &self.uri()])
             .args(["--seed", &seed.to_string()])
             .args(["--writes", &end.to_string()])
             .args(["--start-seq", &start.to_string()])
-            .args(["--blocks", &BLOCKS.to_string()])
+            .args(["--blocks", &blocks.to_string()])
             .args(["--block-size", &BLOCK.to_string()]);
         Background::spawn(
             &format!("workload seed {seed} seqs {start}..={end}"),
@@ -68,9 +73,20 @@ impl Pair {
 /// tools/crashcheck.py on `image` for plan `seed` of `writes` writes; Ok(prefix) if it prints
 /// OK, Err(its output) otherwise.
 fn crashcheck(image: &Path, seed: u64, writes: u64, min_seq: Option<u64>) -> Result<u64, String> {
+    crashcheck_over(image, seed, writes, min_seq, BLOCKS)
+}
+
+/// [`crashcheck`] of a plan over the first `blocks` blocks.
+fn crashcheck_over(
+    image: &Path,
+    seed: u64,
+    writes: u64,
+    min_seq: Option<u64>,
+    blocks: u64,
+) -> Result<u64, String> {
     let seed = seed.to_string();
     let writes = writes.to_string();
-    let blocks = BLOCKS.to_string();
+    let blocks = blocks.to_string();
     let min = min_seq.map(|m| m.to_string());
     let mut args = vec![
         tool("crashcheck.py").to_str().unwrap().to_string(),
@@ -1448,4 +1464,83 @@ fn a_full_journal_folds_into_the_dirty_map_and_writes_go_on() {
     assert_eq!(p["dirty_bytes"], 0, "{p}");
     assert_eq!(p["journal_tracking"], false, "{p}");
     rig.finish_and_compare();
+}
+
+/// The overflow ladder end to end, with crashes in the resync (issue 14's acceptance, at the
+/// scale of a test): the mirror is away while the workload writes three times the journal
+/// (64 MiB) over a 512 MiB volume; the writer finishes without it and the journal folds. The
+/// mirror comes back and the dirty regions are resynced, staged at the mirror: kill -9 of the
+/// mirror, then of the primary, while a resync is staged (`staged_resync` in the mirror's
+/// status) each leave a mirror that `recover` makes a prefix state of the workload
+/// (tools/crashcheck.py) no older than what it held before the outage. At the end the mirror
+/// is byte-identical and holds every write.
+#[test]
+fn kill9_during_a_staged_resync_keeps_a_valid_crash_state() {
+    const VOLUME: u64 = 512 * MIB;
+    let blocks = VOLUME / BLOCK;
+    let seed = 0x5EED_0014;
+    let (before, total) = (2_000, 12_000);
+    let mut rig = Pair::running(PairOptions {
+        size: VOLUME,
+        primary_extra: vec!["--journal-size".into(), "64M".into()],
+        ..Default::default()
+    });
+    rig.workload_over(seed, 1, before, blocks).wait_success();
+    rig.wait_synced();
+    assert!(rig.mirror.stop().is_some_and(|s| s.success()));
+    // The mirror is away: the writer must finish by itself.
+    let outage = Instant::now();
+    rig.workload_over(seed, before + 1, total, blocks)
+        .wait_success();
+    let outage_writes = outage.elapsed();
+    let (_, p) = rig.wait("the journal folded", LONG, |_, p| {
+        p["journal_tracking"] == true
+    });
+    let dirty = u(&p, "dirty_bytes");
+    assert!(dirty > 64 * MIB, "{p}");
+    let check = |rig: &Pair, when: &str| {
+        let report = rig.recover();
+        let prefix = crashcheck_over(&rig.mirror_img, seed, total, Some(before), blocks)
+            .unwrap_or_else(|out| {
+                panic!(
+                    "{when}: the mirror after kill -9 + recover is not a prefix state no older \
+                 than before the outage:\n{out}\nrecover: {report}\nmirror log:\n{}",
+                    tail_lines(&rig.mirror.log(), 30)
+                )
+            });
+        assert_eq!(report["consistent"], true, "{when}: {report}");
+        (prefix, u(&report, "staged_sets"))
+    };
+    let staged = |m: &Value, _: &Value| !m["staged_resync"].is_null();
+    rig.mirror.start();
+    rig.wait("a resync staged at the mirror", LONG, staged);
+    rig.mirror.kill9();
+    let (prefix_1, staged_1) = check(&rig, "mirror killed");
+    rig.mirror.start();
+    // The restarted mirror keeps the staged sets; the primary dies once more have come.
+    let kept = staged_1;
+    rig.wait("the resync going on, staged", LONG, |m, _| {
+        let s = &m["staged_resync"];
+        !s.is_null() && u(s, "last_set") + 1 - u(s, "first_set") > kept
+    });
+    rig.primary.kill9();
+    assert!(rig.mirror.stop().is_some_and(|s| s.success()));
+    let (prefix_2, staged_2) = check(&rig, "primary killed");
+    rig.mirror.start();
+    rig.primary.start();
+    let (_, p) = rig.wait_synced();
+    assert_eq!(u(&p, "dirty_bytes"), 0, "{p}");
+    rig.finish_and_compare();
+    let last = crashcheck_over(&rig.mirror_img, seed, total, Some(total), blocks)
+        .unwrap_or_else(|out| panic!("the final mirror image fails crashcheck:\n{out}"));
+    assert_eq!(last, total);
+    assert_eq!(rig.full_copies(), 1, "a resync became a full copy");
+    eprintln!(
+        "staged resync: {} writes in {:.1} s with the mirror away, {} MiB dirty; mirror \
+         killed: prefix {prefix_1}, {staged_1} staged sets kept; primary killed: prefix \
+         {prefix_2}, {staged_2} staged sets kept",
+        total - before,
+        outage_writes.as_secs_f64(),
+        dirty >> 20
+    );
 }
