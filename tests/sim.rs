@@ -15,38 +15,17 @@ fn schedules() -> u64 {
         .unwrap_or(2000)
 }
 
-/// What the schedules went through, beyond keeping the promises.
-#[derive(Default)]
-struct Reached {
-    /// Sessions the stall watchdog ended.
-    stalls: u64,
-    /// Acknowledged journal tails rotated out for a write (small-journal schedules).
-    tail_rotations: u64,
-    /// Mirror volumes holding data they had no record of, compared (lost mirror state).
-    preseeded_compares: u64,
-    /// Full journals folded into the dirty map, staged resyncs completed, and crashes of
-    /// either host while one was staged.
-    folds: u64,
-    staged_commits: u64,
-    crashes_while_staged: u64,
-}
-
 /// Runs the seeds; returns a report line for each schedule that broke a promise, and what
-/// the schedules reached.
+/// the schedules went through, summed.
 fn run_all(
     seeds: impl Iterator<Item = u64>,
     f: impl Fn(u64) -> SimConfig,
-) -> (Vec<String>, Reached) {
-    let mut reached = Reached::default();
+) -> (Vec<String>, sim::Stats) {
+    let mut reached = sim::Stats::default();
     let failed = seeds
         .filter_map(|seed| {
             let out = sim::run(seed, &f(seed));
-            reached.stalls += out.stats.stalls;
-            reached.tail_rotations += out.stats.tail_rotations;
-            reached.preseeded_compares += out.stats.preseeded_compares;
-            reached.folds += out.stats.folds;
-            reached.staged_commits += out.stats.staged_commits;
-            reached.crashes_while_staged += out.stats.crashes_while_staged;
+            reached.absorb(&out.stats);
             (!out.violations.is_empty()).then(|| {
                 format!(
                     "seed {seed} ({:?}): {}\n  replay: BLKMIRROR_SIM_SEED={seed} make sim",

@@ -676,6 +676,55 @@ pub struct RecoverReport {
     pub staged_sets: u64,
 }
 
+/// The set a redo entry holds, checked against the number the log filed it under.
+pub fn decode_entry(set_no: u64, raw: &[u8]) -> io::Result<DeltaSet> {
+    let set = decode_set(raw)?;
+    if set.set != set_no {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("redo entry {set_no} holds set {}", set.set),
+        ));
+    }
+    Ok(set)
+}
+
+/// Apply the entries of the redo `segments` with set numbers in `(after, through]` (the sets
+/// of a staged resync, read back), in order, calling `applied` after each. Every one of them
+/// must be there: a gap would apply a later set over a missing one.
+pub fn apply_from_redo(
+    fs: &crate::env::Fs,
+    segments: &[(std::path::PathBuf, u64)],
+    after: u64,
+    through: u64,
+    target: &mut dyn ApplyTarget,
+    mut applied: impl FnMut(&DeltaSet),
+) -> io::Result<()> {
+    let mut next = after + 1;
+    super::redo::read_entries(fs, segments, after, through, |n, raw| {
+        let set = decode_entry(n, raw)?;
+        if set.set != next {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the redo log holds set {} where set {next} was due",
+                    set.set
+                ),
+            ));
+        }
+        target.apply(&set)?;
+        applied(&set);
+        next += 1;
+        Ok(())
+    })?;
+    if next <= through {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the redo log ends before staged set {next} (of {through})"),
+        ));
+    }
+    Ok(())
+}
+
 /// What a replay did: sets applied, and the resync it found staged but not complete (its
 /// sets stay in the redo log; the mirror continues it).
 #[derive(Debug, Default)]
@@ -695,22 +744,12 @@ pub fn replay(
     fs: &dyn FileSystem,
     state_path: &Path,
 ) -> io::Result<Replayed> {
-    let check = |set_no: u64, raw: &[u8]| -> io::Result<DeltaSet> {
-        let set = decode_set(raw)?;
-        if set.set != set_no {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("redo entry {set_no} holds set {}", set.set),
-            ));
-        }
-        Ok(set)
-    };
     // Pass 1: the last set after which the volume is consistent (or not staged).
     let mut stager = Stager::default();
     let mut scratch = state.clone();
     let mut apply_through = state.applied_set;
     redo.for_each_after(state.applied_set, u64::MAX, |set_no, raw| {
-        let set = check(set_no, raw)?;
+        let set = decode_entry(set_no, raw)?;
         match stager.step(&scratch, &set) {
             Step::Apply => {
                 scratch.advance(&set);
@@ -727,7 +766,7 @@ pub fn replay(
     // Pass 2: apply up to there.
     let mut n = 0;
     redo.for_each_after(state.applied_set, apply_through, |set_no, raw| {
-        let set = check(set_no, raw)?;
+        let set = decode_entry(set_no, raw)?;
         applier.apply(&set)?;
         state.advance(&set);
         n += 1;

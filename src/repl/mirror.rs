@@ -11,7 +11,7 @@ use super::apply::{self, Applier, ApplyTarget, Step, VolumeState};
 use super::core::mirror::{check_hello, Accepted, Durable, Failure, MirrorCore, Refusal};
 use super::core::primary::{chunk_sum, unix_ms};
 use super::frame::{DeltaSet, Message, RefuseCode, SUM_LEN};
-use super::redo::{self, RedoLog};
+use super::redo::RedoLog;
 use super::stream::{read_message, write_message, StreamError};
 use crate::disk::buf::{BlockBytes, SharedPool};
 use crate::disk::file::{FileStorage, IoMode};
@@ -514,32 +514,9 @@ impl MirrorVolume {
             .segments_between(first - 1, last.set - 1);
         // The retry after a failure starts again from the first set not yet applied.
         let from = self.core.lock().unwrap().state().applied_set.max(first - 1);
-        let mut applied = 0u64;
-        let r = redo::read_entries(&self.fs, &segments, from, last.set - 1, |n, raw| {
-            let set = apply::decode_set(raw)?;
-            if set.set != n {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("redo entry {n} holds set {}", set.set),
-                ));
-            }
-            applier.apply(&set)?;
-            self.core.lock().unwrap().applied(&set, received_ms);
-            applied += 1;
-            Ok(())
-        });
-        r?;
-        let want = last.set - 1 - from;
-        if applied != want {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "the redo log holds {applied} of the {want} staged sets {}..{}",
-                    from + 1,
-                    last.set - 1
-                ),
-            ));
-        }
+        apply::apply_from_redo(&self.fs, &segments, from, last.set - 1, applier, |set| {
+            self.core.lock().unwrap().applied(set, received_ms)
+        })?;
         applier.apply(last)
     }
 

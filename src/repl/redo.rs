@@ -196,6 +196,7 @@ impl RedoLog {
     }
 
     /// Every entry with a set number above `applied`, in order.
+    #[cfg(test)]
     pub fn read_after(&self, applied: u64) -> io::Result<Vec<(u64, Vec<u8>)>> {
         let mut out = Vec::new();
         self.for_each_after(applied, u64::MAX, |set, body| {

@@ -1096,26 +1096,22 @@ impl MirrorHost {
                     Ok(apply::Step::Apply) => {}
                     Ok(apply::Step::Commit { first, .. }) => {
                         // The staged sets, read back from the redo log as the applier does.
-                        let mut staged = Vec::new();
-                        let read = u.redo.for_each_after(first - 1, set.set - 1, |_, raw| {
-                            staged.push(apply::decode_set(raw)?);
-                            Ok(())
-                        });
-                        if let Err(e) = read {
-                            u.core.fail(Failure {
+                        let segments = u.redo.segments_between(first - 1, set.set - 1);
+                        let fs: Fs = Arc::new(self.fs.clone());
+                        let core = &mut u.core;
+                        if let Err(e) = apply::apply_from_redo(
+                            &fs,
+                            &segments,
+                            first - 1,
+                            set.set - 1,
+                            &mut MemApplier(&self.disk),
+                            |s| core.applied(s, received_ms),
+                        ) {
+                            core.fail(Failure {
                                 code: RefuseCode::VolumeFailed,
                                 why: format!("reading staged sets: {e}"),
                             });
                             return false;
-                        }
-                        assert_eq!(
-                            staged.len() as u64,
-                            set.set - first,
-                            "every staged set is in the redo log"
-                        );
-                        for s in &staged {
-                            self.disk.apply(s);
-                            u.core.applied(s, received_ms);
                         }
                         self.commits += 1;
                     }

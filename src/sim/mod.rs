@@ -132,6 +132,29 @@ pub struct Stats {
     pub clone_refused: bool,
 }
 
+impl Stats {
+    /// Add `other`'s counters to these (totals over schedules; `clone_refused` of a total
+    /// says whether any schedule refused the copy).
+    pub fn absorb(&mut self, other: &Stats) {
+        self.steps += other.steps;
+        self.writes += other.writes;
+        self.primary_crashes += other.primary_crashes;
+        self.mirror_crashes += other.mirror_crashes;
+        self.partitions += other.partitions;
+        self.stalls += other.stalls;
+        self.tail_rotations += other.tail_rotations;
+        self.folds += other.folds;
+        self.staged_commits += other.staged_commits;
+        self.crashes_while_staged += other.crashes_while_staged;
+        self.preseeded_compares += other.preseeded_compares;
+        self.decisions.extend_from_slice(&other.decisions);
+        self.virtual_ms += other.virtual_ms;
+        self.frames += other.frames;
+        self.frames_dropped += other.frames_dropped;
+        self.clone_refused |= other.clone_refused;
+    }
+}
+
 /// How one schedule ended.
 #[derive(Clone, Debug)]
 pub struct Outcome {

@@ -28,44 +28,16 @@ fn env_u64(name: &str) -> Result<Option<u64>, String> {
 /// What the schedules covered, summed.
 #[derive(Default)]
 struct Totals {
-    writes: u64,
-    primary_crashes: u64,
-    mirror_crashes: u64,
-    partitions: u64,
-    resumes: u64,
-    copies: u64,
-    compares: u64,
+    stats: sim::Stats,
+    /// Schedules whose copy of the primary was refused.
     split_brains: u64,
-    stalls: u64,
-    tail_rotations: u64,
-    preseeded_compares: u64,
-    folds: u64,
-    staged_commits: u64,
-    crashes_while_staged: u64,
     scenarios: std::collections::BTreeMap<String, u64>,
 }
 
 impl Totals {
     fn add(&mut self, out: &sim::Outcome) {
-        let s = &out.stats;
-        self.writes += s.writes;
-        self.primary_crashes += s.primary_crashes;
-        self.mirror_crashes += s.mirror_crashes;
-        self.partitions += s.partitions;
-        for d in &s.decisions {
-            match d {
-                blkmirror::repl::frame::Mode::Resume => self.resumes += 1,
-                blkmirror::repl::frame::Mode::FullCopy => self.copies += 1,
-                blkmirror::repl::frame::Mode::Compare => self.compares += 1,
-            }
-        }
-        self.split_brains += u64::from(s.clone_refused);
-        self.stalls += s.stalls;
-        self.tail_rotations += s.tail_rotations;
-        self.preseeded_compares += s.preseeded_compares;
-        self.folds += s.folds;
-        self.staged_commits += s.staged_commits;
-        self.crashes_while_staged += s.crashes_while_staged;
+        self.stats.absorb(&out.stats);
+        self.split_brains += u64::from(out.stats.clone_refused);
         *self
             .scenarios
             .entry(format!("{:?}", out.scenario))
@@ -73,6 +45,9 @@ impl Totals {
     }
 
     fn line(&self) -> String {
+        use blkmirror::repl::frame::Mode;
+        let s = &self.stats;
+        let decided = |m: Mode| s.decisions.iter().filter(|&&d| d == m).count();
         let scenarios: Vec<String> = self
             .scenarios
             .iter()
@@ -84,20 +59,20 @@ impl Totals {
              of the primary refused {}; stalls ended {}; journal tails rotated out {}; \
              journal folds {}, staged resyncs completed {}, crashes while staged {}; \
              schedules: {}",
-            self.writes,
-            self.primary_crashes,
-            self.mirror_crashes,
-            self.partitions,
-            self.resumes,
-            self.copies,
-            self.compares,
-            self.preseeded_compares,
+            s.writes,
+            s.primary_crashes,
+            s.mirror_crashes,
+            s.partitions,
+            decided(Mode::Resume),
+            decided(Mode::FullCopy),
+            decided(Mode::Compare),
+            s.preseeded_compares,
             self.split_brains,
-            self.stalls,
-            self.tail_rotations,
-            self.folds,
-            self.staged_commits,
-            self.crashes_while_staged,
+            s.stalls,
+            s.tail_rotations,
+            s.folds,
+            s.staged_commits,
+            s.crashes_while_staged,
             scenarios.join(", ")
         )
     }
