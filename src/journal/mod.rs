@@ -52,6 +52,7 @@ use record::{Header, Kind, HEADER_LEN};
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, IoSlice};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -112,14 +113,6 @@ impl JournalOptions {
             volume_bytes: 0,
             region_bytes: dirty::DEFAULT_REGION_BYTES,
         }
-    }
-
-    /// Track a full journal in a dirty map of a volume of `volume_bytes`.
-    pub fn tracking(mut self, volume_bytes: u64, region_bytes: u64) -> Self {
-        self.on_full = OnFull::Track;
-        self.volume_bytes = volume_bytes;
-        self.region_bytes = region_bytes;
-        self
     }
 }
 
@@ -233,12 +226,8 @@ pub struct JournalStats {
     pub tracking: bool,
     /// Bytes of the volume in dirty regions, to resync.
     pub dirty_bytes: u64,
-    /// A resync is due or running (the map's fold is open).
-    pub resync_open: bool,
     /// Times the journal folded into the dirty map, since it opened.
     pub folds: u64,
-    /// Writes taken by the dirty map alone, since the journal opened.
-    pub tracked_writes: u64,
     /// The dirty map could not be written: why. Its bits are kept in memory; if the daemon
     /// stops before the resync ends, the next start cannot trust the map.
     pub map_failure: Option<String>,
@@ -314,7 +303,6 @@ struct Inner {
     map: Option<DirtyMap>,
     /// Folded: writes mark the map instead of being journaled.
     tracking: bool,
-    folds: u64,
     tracked_writes: u64,
     map_failure: Option<String>,
 }
@@ -331,6 +319,8 @@ pub struct Journal {
     last_stop: LastStop,
     /// Writers parked because the journal was full.
     space: Waiters,
+    /// Times the journal folded since it opened ([`Journal::folds`]).
+    folds: AtomicU64,
     /// The shipper: woken when records or dirty ranges arrive.
     records: Waiters,
     /// Test builds: told of every record appended (the simulator's model of the volume).
@@ -412,7 +402,6 @@ impl Journal {
             stopping: false,
             map: None,
             tracking: false,
-            folds: 0,
             tracked_writes: 0,
             map_failure: None,
         };
@@ -487,6 +476,7 @@ impl Journal {
             inner: Mutex::new(inner),
             last_stop,
             space: Waiters::new(),
+            folds: AtomicU64::new(0),
             records: Waiters::new(),
             #[cfg(any(test, feature = "test-hooks"))]
             observer: Mutex::new(None),
@@ -593,7 +583,7 @@ impl Journal {
             }
         }
         if data > 0 && !g.segments.is_empty() && !g.rotate_next && !fits(&g, g.disk_bytes) {
-            if self.opts.on_full == OnFull::Track && g.map.is_some() {
+            if self.folds_when_stuck(&g) {
                 self.fold_locked(&mut g, "the journal is full");
                 return Ok(Some(self.track_locked(&mut g, offset, len)));
             }
@@ -644,6 +634,11 @@ impl Journal {
         }
         if let Err(e) = appended {
             g.reserved -= need - HEADER_LEN as u64;
+            if self.folds_when_stuck(&g) {
+                // Nothing reached the disk yet: the map takes the write.
+                self.fold_locked(&mut g, &format!("an intent cannot be written ({e})"));
+                return Ok(Some(self.track_locked(&mut g, offset, len)));
+            }
             return Err(e);
         }
         g.open_intents.insert(seq, (offset, len));
@@ -668,7 +663,7 @@ impl Journal {
         let kept = payload.clone();
         match self.record_locked(&mut g, offset, payload, intent.seq) {
             Ok(seq) => Ok(seq),
-            Err(e) if g.map.is_some() => {
+            Err(e) if self.folds_when_stuck(&g) => {
                 // The write is on the disk; its range (an open intent) goes into the map with
                 // everything unshipped, and the client hears success.
                 self.fold_locked(&mut g, &format!("a record cannot be written ({e})"));
@@ -725,16 +720,16 @@ impl Journal {
         std::mem::take(&mut self.inner.lock().unwrap().dirty)
     }
 
-    /// The ranges waiting to be re-read, without taking them.
-    pub fn ranges_to_reread(&self) -> Vec<(u64, u64)> {
-        let g = self.inner.lock().unwrap();
-        g.dirty.iter().map(|d| (d.offset, d.len)).collect()
-    }
-
     /// Dirty ranges the caller could not re-read now.
     pub fn give_back(&self, ranges: impl IntoIterator<Item = Dirty>) {
         self.inner.lock().unwrap().dirty.extend(ranges);
         self.records.notify_subscribers();
+    }
+
+    /// A journal that is full or cannot append folds (track mode) rather than make writes
+    /// wait or fail.
+    fn folds_when_stuck(&self, g: &Inner) -> bool {
+        self.opts.on_full == OnFull::Track && g.map.is_some()
     }
 
     /// A write the dirty map took (or an intent folded into it while in flight).
@@ -843,7 +838,8 @@ impl Journal {
         }
         g.dir_changed = true;
         g.tracking = true;
-        g.folds += 1;
+        // Under the lock, with the fold: a reader that sees the count sees the fold.
+        self.folds.fetch_add(1, Ordering::SeqCst);
         tracing::warn!(dirty_bytes, folded_through = fold.folded_through,
             covers_after = ?fold.covers_after,
             "journal folded into the dirty map ({why}): writes go on at local speed, the \
@@ -860,6 +856,9 @@ impl Journal {
     pub fn resume_journaling(&self) {
         let mut g = self.inner.lock().unwrap();
         if std::mem::take(&mut g.tracking) {
+            // The append that failed (if one made the journal fold) is tried afresh: the next
+            // one that fails says so again.
+            g.append_failure = None;
             tracing::info!(
                 tracked_writes = g.tracked_writes,
                 "journal: writes are journaled again; the dirty regions are being resynced"
@@ -870,7 +869,8 @@ impl Journal {
     /// Times the journal folded since it opened: a session that began before the latest fold
     /// must end (the map holds what it had in flight).
     pub fn folds(&self) -> u64 {
-        self.inner.lock().unwrap().folds
+        // Not behind the journal's lock: the shipper asks before every set.
+        self.folds.load(Ordering::SeqCst)
     }
 
     /// The open resync, if any (`dirty::Fold`).
@@ -910,7 +910,7 @@ impl Journal {
     /// are clean, unless the journal folded since (the fold may have marked them again).
     pub fn resynced(&self, ranges: &[(u64, u64)], folds: u64) {
         let mut g = self.inner.lock().unwrap();
-        if g.folds != folds {
+        if self.folds() != folds {
             return;
         }
         let Some(map) = g.map.as_mut() else { return };
@@ -930,7 +930,7 @@ impl Journal {
     /// closed.
     pub fn resync_complete(&self, folds: u64, whole: bool) -> bool {
         let mut g = self.inner.lock().unwrap();
-        if g.folds != folds || g.tracking {
+        if self.folds() != folds || g.tracking {
             return false;
         }
         let volume_bytes = self.opts.volume_bytes;
@@ -1368,12 +1368,7 @@ impl Journal {
             dirty_bytes: g.map.as_ref().map_or(0, |m| {
                 (m.dirty_regions() * m.region_bytes()).min(self.opts.volume_bytes)
             }),
-            resync_open: g
-                .map
-                .as_ref()
-                .is_some_and(|m| m.fold().covers_after.is_some()),
-            folds: g.folds,
-            tracked_writes: g.tracked_writes,
+            folds: self.folds(),
             map_failure: g.map_failure.clone(),
         }
     }
@@ -1819,6 +1814,41 @@ mod tests {
         }
     }
 
+    /// Track mode, the journal's file system full: a write whose record cannot be written
+    /// still succeeds (it is on the disk), its range and everything unshipped go into the
+    /// dirty map, and status names the failure until journaling resumes.
+    #[test]
+    fn a_record_that_cannot_be_written_folds_and_the_write_succeeds() {
+        use crate::env::mem::{Faults, MemFs};
+        let fs = MemFs::new();
+        let j = open(JournalOptions {
+            on_full: OnFull::Track,
+            volume_bytes: 1 << 20,
+            region_bytes: 4096,
+            ..mem_opts(&fs, "b1")
+        });
+        write(&j, 1);
+        fs.set_faults(Faults {
+            capacity: Some(fs.used_bytes() + 3000),
+            failing_syncs: 0,
+        });
+        let it = begin(&j, 9 * 4096, 4096).unwrap();
+        j.complete(it, 9 * 4096, data(9, 4096))
+            .expect("the client hears success");
+        let st = j.stats();
+        assert!(st.tracking && st.folds == 1, "{st:?}");
+        assert!(st.failure.is_some_and(|f| f.contains("No space")));
+        let runs = j.dirty_runs(0, u64::MAX, u64::MAX);
+        assert!(
+            runs.contains(&(4096, 4096)) && runs.contains(&(9 * 4096, 4096)),
+            "{runs:?}"
+        );
+        fs.set_faults(Faults::default());
+        j.resume_journaling();
+        assert_eq!(j.stats().failure, None);
+        write(&j, 2);
+    }
+
     /// A full journal in track mode folds: the unshipped records' regions go into the dirty
     /// map, writes go on without waiting, and after kill -9 the fold, the tracked regions and
     /// the numbering survive (no record folded is shipped again, no number is reused).
@@ -1828,9 +1858,11 @@ mod tests {
         let fs = MemFs::new();
         let o = JournalOptions {
             max_disk_bytes: 64 << 10,
+            on_full: OnFull::Track,
+            volume_bytes: 1 << 20,
+            region_bytes: 4096,
             ..mem_opts(&fs, "b1")
-        }
-        .tracking(1 << 20, 4096);
+        };
         let j = open(o.clone());
         let first = write(&j, 0);
         j.ack(first).unwrap();
@@ -1840,7 +1872,7 @@ mod tests {
             b += 1;
         }
         let st = j.stats();
-        assert!(st.tracking && st.resync_open, "{st:?}");
+        assert!(st.tracking && st.dirty_bytes > 0, "{st:?}");
         let fold = j.fold().expect("a resync is open");
         assert_eq!(
             fold.covers_after,
