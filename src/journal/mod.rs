@@ -1342,14 +1342,29 @@ impl Journal {
         self.inner.lock().unwrap().next_seq - 1
     }
 
-    /// The oldest sequence number the journal can still ship: records after `acked_seq` are
-    /// all here.
+    /// The highest sequence number the mirror acknowledged in this run (0 after a start).
     pub fn acked_seq(&self) -> u64 {
+        self.inner.lock().unwrap().acked_seq
+    }
+
+    /// What the journal can vouch for (`PrimaryClaim::journal_acked`): every write after this
+    /// sequence number is in the journal or in the dirty map, so a mirror that holds less
+    /// must be compared. Segments are trimmed only once acknowledged, so the first one kept
+    /// says how far the mirror had got even after a restart; an open fold covers what it
+    /// folded; a fold whose map was lost covers nothing, and the records it dropped are
+    /// missing.
+    pub fn holds_after(&self) -> u64 {
         let g = self.inner.lock().unwrap();
-        // After a restart `acked_seq` starts at 0; an open resync still knows how far the
-        // mirror had got.
-        let covers = g.map.as_ref().and_then(|m| m.fold().covers_after);
-        g.acked_seq.max(covers.unwrap_or(0))
+        let trimmed = g.segments.front().map_or(0, |s| s.first_seq - 1);
+        let fold = g.map.as_ref().map(|m| m.fold()).unwrap_or_default();
+        let trimmed = match fold.covers_after {
+            // The first segment after a fold starts right after it: what lies before is in
+            // the map, not trimmed.
+            Some(covers) if trimmed <= fold.folded_through => covers,
+            Some(covers) => covers.max(trimmed),
+            None => trimmed,
+        };
+        g.acked_seq.max(trimmed)
     }
 
     pub fn stats(&self) -> JournalStats {
@@ -1913,7 +1928,7 @@ mod tests {
             vec![(after, 201)],
             "folded records never ship"
         );
-        assert_eq!(j.acked_seq(), first, "the mirror's point is remembered");
+        assert_eq!(j.holds_after(), first, "the mirror's point is remembered");
         assert!(write(&j, 202) > after, "no number is reused");
         // The resync's end: the regions are clean, the fold closed.
         let runs = j.dirty_runs(0, u64::MAX, u64::MAX);

@@ -477,8 +477,9 @@ pub fn decide(p: &PrimaryClaim, m: &MirrorHolds) -> Decision {
     if durable < p.journal_acked {
         return Decision::Compare {
             why: format!(
-                "the mirror holds up to seq {durable} but the primary's journal was \
-                 acknowledged up to {} (the mirror lost durable data?)",
+                "the mirror holds up to seq {durable} but the primary's journal holds only \
+                 the writes after {} (the mirror lost durable data? the primary its dirty \
+                 map?)",
                 p.journal_acked
             ),
         };

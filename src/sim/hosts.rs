@@ -450,7 +450,7 @@ impl PrimaryHost {
             let claim = PrimaryClaim {
                 uuid: u.state.identity.uuid,
                 lineage: u.state.identity.lineage.clone(),
-                journal_acked: u.journal.acked_seq(),
+                journal_acked: u.journal.holds_after(),
                 journal_last: u.journal.last_seq(),
                 fingerprint: self.disk.fingerprint().expect("simulated disk"),
             };

@@ -49,10 +49,13 @@ pub enum Scenario {
     BlankMirrorDisk,
     /// The mirror's state directory is lost while it is down.
     LostMirrorState,
+    /// The primary's dirty map is lost while it is down (a resync may be open: the journal
+    /// no longer reaches back to the mirror's point).
+    LostDirtyMap,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::Random,
         Scenario::LostPrimaryState,
         Scenario::BlankPrimaryDisk,
@@ -60,6 +63,7 @@ impl Scenario {
         Scenario::SplitBrain,
         Scenario::BlankMirrorDisk,
         Scenario::LostMirrorState,
+        Scenario::LostDirtyMap,
     ];
 }
 
@@ -204,8 +208,8 @@ pub fn config_for_seed(seed: u64) -> SimConfig {
         2 => (true, 20, 20, 20, 30),
         _ => (true, 40, 20, 20, 50),
     };
-    let small_journal = rng.chance(1, 4);
-    let on_full = if rng.chance(1, 4) {
+    let small_journal = rng.chance(1, 4) || scenario == Scenario::LostDirtyMap;
+    let on_full = if rng.chance(1, 4) && scenario != Scenario::LostDirtyMap {
         crate::journal::OnFull::Block
     } else {
         crate::journal::OnFull::Track
@@ -636,6 +640,17 @@ impl World {
                 let _ = o.start(&self.clock, &mut self.rng);
                 self.other = Some(o);
             }
+            Scenario::LostDirtyMap => {
+                self.primary.kill();
+                let map = std::path::Path::new("/p/journal")
+                    .join(hosts::VOLUME)
+                    .join(crate::journal::DIRTY_MAP);
+                let open = crate::env::FileSystem::exists(&self.primary.fs, &map).unwrap_or(false);
+                let _ = crate::env::FileSystem::remove_file(&self.primary.fs, &map);
+                self.primary
+                    .note(format!("dirty map lost (it existed: {open})"));
+                self.primary.down_until = self.clock.now();
+            }
             Scenario::BlankMirrorDisk => {
                 self.mirror.kill();
                 self.mirror.disk = std::sync::Arc::new(disk::MemDisk::new(101, VOLUME_BYTES));
@@ -747,7 +762,13 @@ impl World {
             .primary
             .decisions
             .iter()
-            .filter(|(m, why)| *m == Mode::Compare && why.contains("lost durable data"))
+            // (A primary that lost its dirty map is the one that lost data: the comparison is
+            // what must happen then.)
+            .filter(|(m, why)| {
+                *m == Mode::Compare
+                    && why.contains("lost durable data")
+                    && self.cfg.scenario != Scenario::LostDirtyMap
+            })
             .map(|(_, why)| why.clone())
             .collect();
         for why in lying {

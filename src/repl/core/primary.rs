@@ -439,11 +439,11 @@ impl Session {
         match mode {
             Mode::Resume => {
                 // The mirror resumes only where the journal still holds what follows.
-                if durable_seq < journal.acked_seq() {
+                if durable_seq < journal.holds_after() {
                     return Err(SessionEnd::Protocol(format!(
-                        "the mirror resumes after seq {durable_seq}, but the journal was \
-                         acknowledged up to {}",
-                        journal.acked_seq()
+                        "the mirror resumes after seq {durable_seq}, but the journal holds \
+                         only the writes after {}",
+                        journal.holds_after()
                     )));
                 }
                 trim(durable_seq)?;
@@ -1086,7 +1086,7 @@ impl PrimaryVolumeState {
         PrimaryClaim {
             uuid: self.identity.uuid,
             lineage: self.identity.lineage.clone(),
-            journal_acked: journal.acked_seq(),
+            journal_acked: journal.holds_after(),
             journal_last: journal.last_seq(),
             fingerprint: disk.clone(),
         }
