@@ -144,7 +144,17 @@ pub trait VolumeRead: Send + Sync {
     /// Read `out` at `offset`, unless a change to that range is in flight: then `Ok(false)`
     /// and nothing is read (try again later; changes hold their range only while their disk
     /// write and journal record are under way).
-    fn read_settled(&self, offset: u64, out: &mut [u8]) -> io::Result<bool>;
+    fn read_settled(&self, offset: u64, out: &mut [u8]) -> io::Result<bool> {
+        self.read_settled_then(offset, out, &mut |_| Ok(()))
+    }
+    /// [`VolumeRead::read_settled`], then `then` with what was read while the range is still
+    /// locked: whatever `then` journals comes before any later change to the range.
+    fn read_settled_then(
+        &self,
+        offset: u64,
+        out: &mut [u8],
+        then: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    ) -> io::Result<bool>;
     /// Whether `[offset, offset+len)` is a hole (reads as zeroes without being read).
     fn is_hole(&self, offset: u64, len: u64) -> io::Result<bool>;
 }
@@ -164,12 +174,17 @@ impl VolumeRead for LockedReader {
         self.storage.size()
     }
 
-    fn read_settled(&self, offset: u64, out: &mut [u8]) -> io::Result<bool> {
+    fn read_settled_then(
+        &self,
+        offset: u64,
+        out: &mut [u8],
+        then: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    ) -> io::Result<bool> {
         let (start, end) = aligned_span(offset, out.len() as u64, self.storage.alignment());
         let Some(guard) = self.locks.try_lock(start, end, READER_ID) else {
             return Ok(false);
         };
-        let r = self.storage.read_sync(offset, out);
+        let r = self.storage.read_sync(offset, out).and_then(|()| then(out));
         self.locks.unlock(guard);
         r.map(|()| true)
     }
@@ -281,5 +296,21 @@ mod tests {
         locks.unlock(held);
         assert!(r.read_settled(10_000, &mut buf).unwrap());
         assert_eq!(locks.held(), 0, "the reader let go");
+        // What the reader does with the data (journal a re-read) happens while the range is
+        // still locked: no change to it can complete in between.
+        let mut writer_got_in = None;
+        assert!(r
+            .read_settled_then(10_000, &mut buf, &mut |data| {
+                assert!(data.iter().all(|&b| b == 7));
+                writer_got_in = Some(locks.try_lock(8192, 12288, 1).is_some());
+                Ok(())
+            })
+            .unwrap());
+        assert_eq!(
+            writer_got_in,
+            Some(false),
+            "the range is locked during `then`"
+        );
+        assert_eq!(locks.held(), 0);
     }
 }

@@ -135,13 +135,18 @@ impl VolumeRead for SimReader<'_> {
         VOLUME_BYTES
     }
 
-    fn read_settled(&self, offset: u64, out: &mut [u8]) -> std::io::Result<bool> {
+    fn read_settled_then(
+        &self,
+        offset: u64,
+        out: &mut [u8],
+        then: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<bool> {
         let (a, z) = (offset / 4096, (offset + out.len() as u64 - 1) / 4096);
         if self.busy.iter().any(|&(ca, cz)| ca <= z && a <= cz) {
             return Ok(false);
         }
         self.disk.read_at(offset, out);
-        Ok(true)
+        then(out).map(|()| true)
     }
 
     fn is_hole(&self, _offset: u64, _len: u64) -> std::io::Result<bool> {

@@ -941,12 +941,20 @@ pub fn resync_dirty(journal: &Journal, volume: &dyn VolumeRead) -> io::Result<bo
             let mut buf = vec![0u8; n as usize];
             // The last piece closes the range's intent.
             let closes = (at + n >= end).then_some(&d);
-            done = match volume.read_settled(at, &mut buf) {
-                Ok(true) => journal
-                    .resync(at, Bytes::from(buf), closes)
-                    .map(|_| true)
-                    .map_err(local("journal")),
-                other => other.map_err(local("volume")),
+            // Journaled while the range is locked: a client write to it that completes after
+            // the read is journaled after this record, never before it (the mirror would
+            // otherwise apply the older content last).
+            let mut journaled = Ok(());
+            let read = volume.read_settled_then(at, &mut buf, &mut |data| {
+                journaled = journal
+                    .resync(at, Bytes::copy_from_slice(data), closes)
+                    .map(|_| ());
+                Ok(())
+            });
+            done = match (read, journaled) {
+                (Ok(true), Ok(())) => Ok(true),
+                (Ok(true), Err(e)) => Err(local("journal")(e)),
+                (other, _) => other.map_err(local("volume")),
             };
             if !matches!(done, Ok(true)) {
                 break;
