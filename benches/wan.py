@@ -12,7 +12,12 @@ On tools/wan-sim (namespaces bm-pri 10.99.0.1 and bm-mir 10.99.0.2), all in one 
      first write until the primary's lag is 0);
   3. steady: writes at 50 % of the link for 60 s; lag (RPO) p50 / p99 / max;
   4. outage: the link cut for 30 s during the steady load; seconds from the end of the cut until
-     the lag is under 1 s; the mirror is compared with the primary afterwards.
+     the lag is under 1 s;
+  5. outage longer than the journal: the primary restarted with a 64 MiB journal, the same cut
+     under the same load: the journal folds into the dirty map and writes go on; seconds from
+     the end of the cut until the dirty regions are resynced and the lag is under 1 s, the
+     dirty bytes against the resync's bytes and the bytes on the wire meanwhile;
+     the mirror is compared with the primary afterwards.
 Prints a table, writes target/bench/wan.json and target/bench/wan.svg (throughput and lag),
 and appends one line to benches/history/wan.jsonl (commit, machine, figures).
 
@@ -53,6 +58,14 @@ PRI, MIR = "bm-pri", "bm-mir"
 PRI_IP, MIR_IP = "10.99.0.1", "10.99.0.2"
 PORT = 7788
 VOL_SIZE = "4G"
+# The journal of the overflow case (5): far less than the cut's writes at half the link rate.
+SMALL_JOURNAL = "64M"
+
+
+def status_any(control):
+    """The first volume's status, whatever `status` exits with (6: not replicating)."""
+    out = subprocess.run([BIN, "status", "--control", control, "--json"], capture_output=True, text=True)
+    return json.loads(out.stdout)["volumes"][0]
 
 
 def size_bytes(s):
@@ -228,10 +241,15 @@ def main():
                                      *link), stderr=open(f"{tmp}/mirror.log", "w"))
         procs.append(mirror)
         sock = f"{tmp}/p.sock"
-        primary = subprocess.Popen(ns(PRI, BIN, "primary", "--volume", f"v={pimg},size={VOL_SIZE}", "--nbd-unix", sock,
-                                      "--state-dir", f"{tmp}/ps", "--mirror", f"{MIR_IP}:{PORT}", "--journal-size", "6G",
-                                      *tls("primary", "mirror"), *link), stderr=open(f"{tmp}/primary.log", "w"))
-        procs.append(primary)
+        def start_primary(journal):
+            p = subprocess.Popen(ns(PRI, BIN, "primary", "--volume", f"v={pimg},size={VOL_SIZE}", "--nbd-unix", sock,
+                                    "--state-dir", f"{tmp}/ps", "--mirror", f"{MIR_IP}:{PORT}", "--journal-size",
+                                    journal, *tls("primary", "mirror"), *link),
+                                 stderr=open(f"{tmp}/primary.log", "a"))
+            procs.append(p)
+            return p
+
+        primary = start_primary("6G")
         daemons = (mirror, primary)
         pctl, mctl = f"{tmp}/ps/control.sock", f"{tmp}/ms/control.sock"
         wait_for("the mirror to be consistent", lambda: status(mctl)["consistent"], 300, daemons)
@@ -307,6 +325,48 @@ def main():
         sampler.stopped.set()
         sampler.join()
         res["reconnects"] = status(pctl)["reconnects"]
+
+        # 5. The same cut with a journal far smaller than what it writes meanwhile.
+        stop(primary)
+        primary = start_primary(SMALL_JOURNAL)
+        daemons = (mirror, primary)
+        wait_for("the restarted primary replicating", lambda: status(pctl)["state"] == "replicating", 120, daemons)
+        f = fio(CUT_SECS + 70)
+        time.sleep(10)
+        wan("cut", "--secs", str(CUT_SECS))
+        cut_end = time.time() + CUT_SECS
+        dirty, waited, folds = 0, False, 0
+        while time.time() < cut_end:
+            v = status_any(pctl)
+            dirty = max(dirty, v["dirty_bytes"])
+            waited = waited or v["journal_full"]
+            folds = v["journal_folds"]
+            time.sleep(0.2)
+        wire0 = status_any(pctl)["wire_bytes"]
+        resync_total = 0
+
+        def caught_up():
+            nonlocal resync_total
+            v = status_any(pctl)
+            copy = v["initial_copy"] or {}
+            if copy.get("kind") == "dirty":
+                resync_total = max(resync_total, copy["total_bytes"])
+            lag = v["lag_seconds"]
+            return v["state"] == "replicating" and v["dirty_bytes"] == 0 and lag is not None and lag < 1.0
+
+        wait_for("the dirty regions resynced and the lag under 1 s", caught_up, 900, daemons)
+        res["overflow_catchup_s"] = round(time.time() - cut_end, 1)
+        res["overflow_journal"] = SMALL_JOURNAL
+        res["overflow_folds"] = folds
+        res["overflow_writes_waited"] = waited
+        res["overflow_dirty_mb"] = round(dirty / 2**20, 1)
+        res["overflow_resync_mb"] = round(resync_total / 2**20, 1)
+        res["overflow_wire_mb"] = round((status_any(pctl)["wire_bytes"] - wire0) / 2**20, 1)
+        log(f"cut of {CUT_SECS} s with a {SMALL_JOURNAL} journal: {folds} folds, writes waited: {waited}, "
+            f"{res['overflow_dirty_mb']} MiB dirty, resync {res['overflow_resync_mb']} MiB, "
+            f"{res['overflow_wire_mb']} MiB on the wire until caught up in {res['overflow_catchup_s']} s")
+        f.wait()
+        wait_for("lag 0", lambda: status(pctl)["lag_bytes"] == 0, 600, daemons)
         stop(primary)
         stop(mirror)
         run([BIN, "recover", "--volume", f"v={mimg}", "--state-dir", f"{tmp}/ms"], capture_output=True)
@@ -333,6 +393,10 @@ def main():
         ("QUIC packets lost / sent (bulk)", res["packets_lost_ratio"], ""),
         ("RPO at 50 % load p50 / p99 / max", f"{res['rpo_p50_ms']} / {res['rpo_p99_ms']} / {res['rpo_max_ms']}", "ms"),
         (f"catch-up after a {CUT_SECS} s cut", res["catchup_s"], "s"),
+        (f"same cut, {SMALL_JOURNAL} journal: catch-up (resync)", res["overflow_catchup_s"], "s"),
+        ("  dirty / resync / on the wire meanwhile",
+         f"{res['overflow_dirty_mb']} / {res['overflow_resync_mb']} / {res['overflow_wire_mb']}", "MiB"),
+        ("  journal folds / writes waited", f"{res['overflow_folds']} / {res['overflow_writes_waited']}", ""),
         ("mirror byte-identical afterwards", res["mirror_identical"], ""),
     ]
     for name, v, unit in rows:
