@@ -836,6 +836,12 @@ impl Journal {
                 tracing::warn!("cannot remove a folded journal segment: {e}");
             }
         }
+        // The next segment now, empty: its name keeps the numbering after the fold even if the
+        // dirty map is lost (then the journal holds nothing before it, and the mirror is
+        // compared rather than resumed past writes that are nowhere).
+        if let Err(e) = self.start_segment_locked(g, g.next_seq) {
+            tracing::warn!("cannot start a journal segment after the fold: {e}");
+        }
         g.dir_changed = true;
         g.tracking = true;
         // Under the lock, with the fold: a reader that sees the count sees the fold.
@@ -1063,24 +1069,7 @@ impl Journal {
             // A closed segment is not synced here: only a client FLUSH or FUA asks for
             // durability (`sync`). Syncing at rotation stalled every writer behind the lock
             // and wrote records to disk that, once acknowledged, are deleted unread.
-            let path = segment_path(&self.opts.dir, h.seq);
-            let reused = g.spares.reuse_as(&path)?;
-            // The new name is durable with the next `sync`, which syncs the directory first.
-            g.dir_changed = true;
-            let mut how = OpenOptions::write();
-            if !reused {
-                how = how.create().truncate();
-            }
-            let file = self.opts.fs.open(&path, how)?;
-            g.rotate_next = false;
-            g.segments.push_back(Segment {
-                first_seq: h.seq,
-                last_seq: h.seq,
-                path,
-                file,
-                len: 0,
-                synced_len: 0,
-            });
+            self.start_segment_locked(g, h.seq)?;
             // The old tail may have been acknowledged while it was the last segment, which
             // only an acknowledgement trimmed: with the mirror away none comes, and it would
             // hold its bytes against the cap. Trimmable now, it goes; parked writers retry
@@ -1109,6 +1098,29 @@ impl Journal {
         g.disk_bytes += n;
         g.next_seq = h.seq + 1;
         Ok((id, pos))
+    }
+
+    /// A new, empty segment for records from `first_seq` on: a spare renamed, or a new file.
+    fn start_segment_locked(&self, g: &mut Inner, first_seq: u64) -> io::Result<()> {
+        let path = segment_path(&self.opts.dir, first_seq);
+        let reused = g.spares.reuse_as(&path)?;
+        // The new name is durable with the next `sync`, which syncs the directory first.
+        g.dir_changed = true;
+        let mut how = OpenOptions::write();
+        if !reused {
+            how = how.create().truncate();
+        }
+        let file = self.opts.fs.open(&path, how)?;
+        g.rotate_next = false;
+        g.segments.push_back(Segment {
+            first_seq,
+            last_seq: first_seq,
+            path,
+            file,
+            len: 0,
+            synced_len: 0,
+        });
+        Ok(())
     }
 
     /// Make every record appended so far durable (client FLUSH / FUA).

@@ -744,6 +744,7 @@ pub fn replay(
     fs: &dyn FileSystem,
     state_path: &Path,
 ) -> io::Result<Replayed> {
+    redo.continue_from(state.applied_set)?;
     // Pass 1: the last set after which the volume is consistent (or not staged).
     let mut stager = Stager::default();
     let mut scratch = state.clone();

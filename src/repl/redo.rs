@@ -47,6 +47,7 @@ const MAX_SPARES: usize = 3;
 const MAX_IOVECS: usize = 1024;
 
 struct Segment {
+    first_set: u64,
     last_set: u64,
     path: PathBuf,
     len: u64,
@@ -117,6 +118,7 @@ impl RedoLog {
             }
             expect = Some(want);
             log.segments.push_back(Segment {
+                first_set,
                 last_set: want - 1,
                 path,
                 len: pos as u64,
@@ -159,6 +161,7 @@ impl RedoLog {
             let file = self.fs.open(&path, how)?;
             self.fs.sync_dir(&self.dir)?;
             self.segments.push_back(Segment {
+                first_set: first,
                 last_set: first - 1,
                 path,
                 len: 0,
@@ -265,6 +268,31 @@ pub fn read_entries(
 }
 
 impl RedoLog {
+    /// Keep the log only if it continues the volume's state (sets applied up to `applied`).
+    /// After a power cut the segment holding the next sets may have lost them (they were
+    /// never acknowledged: their sync had not finished) while a later segment kept its own:
+    /// those later sets follow a gap and are forgotten, never applied over it.
+    pub fn continue_from(&mut self, applied: u64) -> io::Result<()> {
+        if self
+            .segments
+            .front()
+            .is_none_or(|s| s.first_set <= applied + 1)
+        {
+            return Ok(());
+        }
+        tracing::warn!(
+            applied,
+            first_set = self.segments[0].first_set,
+            "redo log: its sets do not follow the volume's (lost in a crash before they were \
+             acknowledged); forgotten"
+        );
+        self.current = None;
+        while let Some(s) = self.segments.pop_front() {
+            self.spares.retire(&s.path)?;
+        }
+        Ok(())
+    }
+
     /// Forget segments whose sets are all applied (and synced to the volume).
     pub fn trim(&mut self, applied: u64) -> io::Result<()> {
         while self.segments.front().is_some_and(|s| s.last_set <= applied) {
@@ -365,6 +393,29 @@ mod tests {
             .into_iter()
             .map(|(_, p)| p)
             .collect()
+    }
+
+    /// After a power cut the segment holding the sets after the applied one lost them, a
+    /// later one kept its own: those are not a continuation of the volume and are forgotten;
+    /// a log that does continue it is kept.
+    #[test]
+    fn sets_after_a_gap_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut log = RedoLog::open(&os(), dir.path()).unwrap();
+            append(&mut log, &[(5, b"five"), (6, b"six")]);
+        }
+        let mut log = RedoLog::open(&os(), dir.path()).unwrap();
+        log.continue_from(4).unwrap();
+        assert_eq!(log.last_set(), Some(6), "5 follows 4: kept");
+        log.continue_from(2).unwrap();
+        assert_eq!(
+            log.last_set(),
+            None,
+            "sets 3 and 4 are missing: 5 and 6 forgotten"
+        );
+        assert!(log.read_after(0).unwrap().is_empty());
+        assert!(files(dir.path(), ".redo").is_empty());
     }
 
     #[test]

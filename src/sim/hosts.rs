@@ -773,6 +773,7 @@ impl MirrorHost {
         let disk = self.disk.fingerprint().expect("simulated disk");
         let sealed_valid = redo.last_set().is_none_or(|l| l <= state.applied_set);
         let known = state.identity.fingerprint.clone();
+        let loaded_set = state.applied_set;
         let replayed = apply::replay(
             &mut MemApplier(&self.disk),
             &mut redo,
@@ -798,16 +799,20 @@ impl MirrorHost {
             apply::ApplyTarget::holds_data(&MemApplier(&self.disk)).expect("simulated disk"),
             replayed.staged,
         );
+        let replayed_sets = replayed.sets;
         core.bugs = self.bugs;
         core.state()
             .save(&*fs, &state_path())
             .map_err(|e| format!("state save: {e}"))?;
         self.note(format!(
-            "start: applied set {} seq {}, consistent {}, changed {:?}",
+            "start: applied set {} seq {}, consistent {}, changed {:?}, replayed {} sets \
+             (state said set {loaded_set}), staged {:?}",
             core.state().applied_set,
             core.state().applied_seq,
             core.state().consistent(),
-            core.state().volume_changed
+            core.state().volume_changed,
+            replayed_sets,
+            core.staging(),
         ));
         self.up = Some(MirrorUp {
             core,

@@ -645,10 +645,29 @@ impl World {
                 let map = std::path::Path::new("/p/journal")
                     .join(hosts::VOLUME)
                     .join(crate::journal::DIRTY_MAP);
-                let open = crate::env::FileSystem::exists(&self.primary.fs, &map).unwrap_or(false);
-                let _ = crate::env::FileSystem::remove_file(&self.primary.fs, &map);
-                self.primary
-                    .note(format!("dirty map lost (it existed: {open})"));
+                let fs: crate::env::Fs = std::sync::Arc::new(self.primary.fs.clone());
+                // What the map held is what the disk holds there now, writes in flight at the
+                // kill included (as the start records when the map survives): the comparison
+                // that follows its loss ships exactly that.
+                let open = crate::journal::dirty::DirtyMap::open(&fs, &map, VOLUME_BYTES)
+                    .ok()
+                    .filter(|m| m.fold().covers_after.is_some());
+                if let Some(m) = &open {
+                    let content = self.primary.disk.content();
+                    for (o, l) in m.runs() {
+                        let data = content[o as usize..(o + l) as usize].to_vec();
+                        self.primary.model.record(
+                            m.fold().folded_through,
+                            true,
+                            &hosts::extent_at(o, data),
+                        );
+                    }
+                }
+                let _ = fs.remove_file(&map);
+                self.primary.note(format!(
+                    "dirty map lost (a resync was open: {})",
+                    open.is_some()
+                ));
                 self.primary.down_until = self.clock.now();
             }
             Scenario::BlankMirrorDisk => {
