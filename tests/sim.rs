@@ -72,6 +72,11 @@ fn every_schedule_keeps_the_promises() {
         "no mirror volume with unrecorded data was compared"
     );
     assert!(
+        reached.verifies >= n / 2,
+        "only {} online verifies finished in {n} schedules",
+        reached.verifies
+    );
+    assert!(
         reached.folds > 0 && reached.staged_commits > 0 && reached.crashes_while_staged > 0,
         "the overflow ladder was not reached: {} folds, {} staged resyncs completed, {} \
          crashes while one was staged",
@@ -143,6 +148,58 @@ fn a_resync_applied_in_place_instead_of_staged_is_caught() {
         n > 0,
         "the mirror applying a resync in place (not a prefix state meanwhile) went unnoticed \
          in 60 schedules"
+    );
+}
+
+/// Blocks of the mirror's volume overwritten behind its back are found by the online verify
+/// and mended by its repair (the mirror equals the primary at the end), while writes,
+/// crashes and link faults go on; and the verify reports nothing else.
+#[test]
+fn a_corrupted_mirror_is_found_and_repaired_by_verify() {
+    let (failed, reached) = run_all(1..=60, |seed| SimConfig {
+        scenario: Scenario::CorruptMirror,
+        ..sim::config_for_seed(seed)
+    });
+    assert!(
+        failed.is_empty(),
+        "{} schedules failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+    assert!(
+        reached.verify_differing_bytes > 0 && reached.verify_repaired_bytes > 0,
+        "no verify found and repaired a corrupted chunk: {reached:?}"
+    );
+}
+
+/// A verify that compares a chunk with a write still to be sent raises false alarms.
+#[test]
+fn a_verify_of_unsettled_chunks_is_caught() {
+    let n = caught(PlantedBugs {
+        verify_unsettled: true,
+        ..Default::default()
+    });
+    assert!(
+        n > 0,
+        "a verify raising false alarms went unnoticed in 60 schedules"
+    );
+}
+
+/// A verify that finds the corruption but repairs nothing leaves the mirror different.
+#[test]
+fn a_verify_that_repairs_nothing_is_caught() {
+    let n = failures(1..=60, |seed| SimConfig {
+        scenario: Scenario::CorruptMirror,
+        bugs: PlantedBugs {
+            verify_forgets_differences: true,
+            ..Default::default()
+        },
+        ..sim::config_for_seed(seed)
+    })
+    .len();
+    assert!(
+        n > 0,
+        "a verify that repairs nothing went unnoticed in 60 schedules"
     );
 }
 

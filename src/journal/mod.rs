@@ -1350,6 +1350,30 @@ impl Journal {
         Ok((out, covered.max(after_seq)))
     }
 
+    /// Whether `[offset, offset + len)` holds nothing the records up to `after_seq` do not
+    /// say: no record after it, no write announced and not recorded (in flight, failed, or
+    /// from before a crash), no range waiting to be re-read, and no tracking into the dirty
+    /// map. Read under the range's lock, such a range is what the records up to `after_seq`
+    /// made it (the online verify's precondition).
+    pub fn settled_since(&self, after_seq: u64, offset: u64, len: u64) -> bool {
+        let g = self.inner.lock().unwrap();
+        let end = offset + len;
+        let overlaps = |o: u64, l: u64| o < end && offset < o + l;
+        if g.tracking || g.dirty.iter().any(|d| overlaps(d.offset, d.len)) {
+            return false;
+        }
+        if g.open_intents
+            .values()
+            .any(|&(o, l)| overlaps(o, u64::from(l)))
+        {
+            return false;
+        }
+        let start = g.index.partition_point(|e| e.seq <= after_seq);
+        !g.index
+            .range(start..)
+            .any(|e| overlaps(e.offset, u64::from(e.len)))
+    }
+
     pub fn last_seq(&self) -> u64 {
         self.inner.lock().unwrap().next_seq - 1
     }

@@ -154,6 +154,8 @@ impl VolumeState {
                     self.copy = CopyState::Running;
                 }
             }
+            // Blocks as they already should be at this position: nothing moves.
+            SetKind::Repair => {}
         }
     }
 }

@@ -65,7 +65,7 @@
 //! | 8     | `set`       | u64, set number                                             |
 //! | 8     | `first_seq` | u64, first journal seq folded into the set                  |
 //! | 8     | `last_seq`  | u64, last journal seq folded into the set                   |
-//! | 1     | `kind`      | 0 Journal, 1 Copy, 2 Copy (last one, `done = true`)         |
+//! | 1     | `kind`      | 0 Journal, 1 Copy, 2 Copy (last one, `done = true`), 3 Repair (version 4) |
 //! | 4     | `count`     | u32, number of extents that follow                          |
 //! | …     | extents     | `count` times the extent layout below                       |
 //! | 4     | `check`     |                                                             |
@@ -153,9 +153,10 @@ use crate::extent::{Extent, Payload};
 use crate::repl::identity::{GenId, Lineage, PrimaryClaim, Span, VolumeUuid, MAX_SPANS};
 
 /// Version spoken by this code (Hello's `version`).
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Oldest version whose messages still decode (a mirror's redo log may hold sets of versions
-/// 1 and 2). A session needs version 3: volume identities (docs/IDENTITY.md).
+/// 1 to 3). A session needs version 4: volume identities (docs/IDENTITY.md, version 3) and
+/// repair sets (version 4).
 pub const OLDEST_PROTOCOL_VERSION: u16 = 1;
 /// Most checksums in one Sums message.
 pub const MAX_SUMS: usize = 1024;
@@ -195,6 +196,7 @@ const TYPE_LAST: u8 = TYPE_SET3;
 const SET_JOURNAL: u8 = 0;
 const SET_COPY: u8 = 1;
 const SET_COPY_DONE: u8 = 2;
+const SET_REPAIR: u8 = 3;
 
 const EXT_DATA: u8 = 0;
 const EXT_ZERO: u8 = 1;
@@ -231,6 +233,10 @@ pub enum SetKind {
     Journal,
     /// Part of the initial full copy; `done` on the last one.
     Copy { done: bool },
+    /// Chunks an online verify found different at the mirror, as the primary's volume holds
+    /// them at `last_seq` (every write up to it is in the sets before; none after it touches
+    /// them yet): applied in place, they change no position (version 4).
+    Repair,
 }
 
 /// One delta set: applied atomically at the mirror. No volume field: one stream = one volume.
@@ -646,6 +652,7 @@ fn put_set_header(s: &DeltaSet, out: &mut Vec<u8>, check: &mut crc32fast::Hasher
         SetKind::Journal => SET_JOURNAL,
         SetKind::Copy { done: false } => SET_COPY,
         SetKind::Copy { done: true } => SET_COPY_DONE,
+        SetKind::Repair => SET_REPAIR,
     });
     // More than u32::MAX extents cannot fit in MAX_MESSAGE anyway (debug_assert in encode).
     out.extend_from_slice(&(piece_count(s) as u32).to_be_bytes());
@@ -1269,6 +1276,7 @@ fn parse_set(
         SET_JOURNAL => SetKind::Journal,
         SET_COPY => SetKind::Copy { done: false },
         SET_COPY_DONE => SetKind::Copy { done: true },
+        SET_REPAIR => SetKind::Repair,
         _ => return Err(FrameError::Malformed("unknown set kind")),
     };
     for e in &raws {
@@ -2330,7 +2338,7 @@ mod tests {
             any::<u64>(),
             0u64..u64::MAX / 2,
             0u64..1000,
-            0u8..3,
+            0u8..4,
             prop::collection::vec((0u64..10_000, arb_payload()), 0..6),
             prop_oneof![Just(0u64), 1u64..u64::MAX],
         )
@@ -2353,7 +2361,8 @@ mod tests {
                     kind: match kind {
                         0 => SetKind::Journal,
                         1 => SetKind::Copy { done: false },
-                        _ => SetKind::Copy { done: true },
+                        2 => SetKind::Copy { done: true },
+                        _ => SetKind::Repair,
                     },
                     extents,
                 }

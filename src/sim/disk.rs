@@ -62,6 +62,15 @@ impl MemDisk {
         s.changes += 1;
     }
 
+    /// Change bytes in place, durably, the way rot or a stray write through another path
+    /// does: nothing the disk's change time (its fingerprint) shows.
+    pub fn rot(&self, offset: u64, data: &[u8]) {
+        let mut s = self.state.lock().unwrap();
+        let r = offset as usize..offset as usize + data.len();
+        s.current[r.clone()].copy_from_slice(data);
+        s.durable[r].copy_from_slice(data);
+    }
+
     pub fn zero(&self, offset: u64, len: u64) {
         self.write_at(offset, &vec![0; len as usize]);
     }

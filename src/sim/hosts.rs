@@ -16,7 +16,8 @@ use crate::journal::{Intent, Journal, JournalOptions, Observed, OnFull};
 use crate::repl::apply::{self, VolumeState};
 use crate::repl::core::mirror::{Durable, Failure, MirrorCore};
 use crate::repl::core::primary::{
-    chunk_sum, Event, Limits, PrimaryVolumeState, Session, SessionEnd, Transmit,
+    chunk_sum, Event, Limits, PrimaryVolumeState, Session, SessionEnd, Transmit, VerifyProgress,
+    VerifyRefusal,
 };
 use crate::repl::core::{PlantedBugs, ReplState};
 use crate::repl::frame::{self, DeltaSet, Message, Mode, RefuseCode, SUM_LEN};
@@ -198,6 +199,13 @@ pub struct PrimaryHost {
     pub log: Vec<String>,
     next_conn: u64,
     clock: Clock,
+    /// An admin asked for an online verify (with repair or not): started once a session is up,
+    /// started again if the session ends before it is done.
+    pub verify_wanted: Option<bool>,
+    /// The session (connection) running the verify asked for, and whether it repairs.
+    verify_running: Option<(u64, bool)>,
+    /// Verifies that finished, in order.
+    pub verifies: Vec<VerifyProgress>,
 }
 
 impl PrimaryHost {
@@ -229,6 +237,9 @@ impl PrimaryHost {
             log: Vec::new(),
             next_conn: conn_base,
             clock: clock.clone(),
+            verify_wanted: None,
+            verify_running: None,
+            verifies: Vec::new(),
         }
     }
 
@@ -512,7 +523,39 @@ impl PrimaryHost {
             end = sess.on_timeout(clock.instant()).err();
         }
         if let Some(e) = end {
-            self.end_session(e, clock, rng);
+            return self.end_session(e, clock, rng);
+        }
+        // The admin's verify: started once the session is up, again in the next session if
+        // this one ends first.
+        match self.verify_running {
+            Some((c, repair)) if c != conn => {
+                self.verify_running = None;
+                self.verify_wanted = Some(repair);
+            }
+            Some((_, _)) => {
+                if let Some(p) = sess.verify_progress().filter(|p| p.done) {
+                    let line = format!(
+                        "verify done: {} bytes compared, differing {:?}, {} repaired, unverified {:?}",
+                        p.compared_bytes, p.differing, p.repaired_bytes, p.unverified
+                    );
+                    self.verifies.push(p.clone());
+                    self.verify_running = None;
+                    self.note(line);
+                }
+                return;
+            }
+            None => {}
+        }
+        if let Some(repair) = self.verify_wanted.filter(|_| u.up) {
+            match sess.start_verify(repair, clock.instant()) {
+                Ok(()) => {
+                    self.verify_wanted = None;
+                    self.verify_running = Some((conn, repair));
+                    self.note(format!("verify starts (repair {repair})"));
+                }
+                Err(VerifyRefusal::Running) => self.verify_wanted = None,
+                Err(VerifyRefusal::NotConnected | VerifyRefusal::Resyncing) => {}
+            }
         }
     }
 
@@ -664,15 +707,17 @@ impl PrimaryHost {
 
     /// The primary has nothing left to ship and is connected.
     pub fn quiet(&self) -> bool {
-        self.up.as_ref().is_some_and(|u| {
-            u.up && u.changes.is_empty()
-                && u.journal.stats().lag_bytes == 0
-                && u.journal.stats().dirty_ranges == 0
-                && u.journal.acked_seq() == u.journal.last_seq()
-                && u.session
-                    .as_ref()
-                    .is_some_and(|(_, s)| s.in_flight() == 0 && s.resync_progress().is_none())
-        })
+        self.verify_wanted.is_none()
+            && self.verify_running.is_none()
+            && self.up.as_ref().is_some_and(|u| {
+                u.up && u.changes.is_empty()
+                    && u.journal.stats().lag_bytes == 0
+                    && u.journal.stats().dirty_ranges == 0
+                    && u.journal.acked_seq() == u.journal.last_seq()
+                    && u.session
+                        .as_ref()
+                        .is_some_and(|(_, s)| s.in_flight() == 0 && s.resync_progress().is_none())
+            })
     }
 }
 

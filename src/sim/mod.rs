@@ -52,10 +52,13 @@ pub enum Scenario {
     /// The primary's dirty map is lost while it is down (a resync may be open: the journal
     /// no longer reaches back to the mirror's point).
     LostDirtyMap,
+    /// Blocks of the mirror's volume rot (their content changes, nothing else shows it); an
+    /// online verify with repair finds and mends them.
+    CorruptMirror,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::Random,
         Scenario::LostPrimaryState,
         Scenario::BlankPrimaryDisk,
@@ -64,6 +67,7 @@ impl Scenario {
         Scenario::BlankMirrorDisk,
         Scenario::LostMirrorState,
         Scenario::LostDirtyMap,
+        Scenario::CorruptMirror,
     ];
 }
 
@@ -134,6 +138,10 @@ pub struct Stats {
     pub frames_dropped: u64,
     /// The copy of the primary was refused (scenario SplitBrain).
     pub clone_refused: bool,
+    /// Online verifies that finished, bytes they found different, bytes they repaired.
+    pub verifies: u64,
+    pub verify_differing_bytes: u64,
+    pub verify_repaired_bytes: u64,
 }
 
 impl Stats {
@@ -156,6 +164,9 @@ impl Stats {
         self.frames += other.frames;
         self.frames_dropped += other.frames_dropped;
         self.clone_refused |= other.clone_refused;
+        self.verifies += other.verifies;
+        self.verify_differing_bytes += other.verify_differing_bytes;
+        self.verify_repaired_bytes += other.verify_repaired_bytes;
     }
 }
 
@@ -189,6 +200,11 @@ struct World {
     applies: u64,
     /// The admin means to accept the primary's changed volume (as soon as it runs).
     accept_pending: bool,
+    /// Blocks of the mirror's volume overwritten behind its back (scenario CorruptMirror):
+    /// the I1 checks look past them, a verify may report them.
+    corrupted: std::collections::BTreeSet<u64>,
+    /// Verifies of the primary already checked.
+    verifies_checked: usize,
 }
 
 /// The schedule a seed stands for: mostly random ones; one seed in four is an identity
@@ -244,6 +260,8 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
         stats: Stats::default(),
         applies: 0,
         accept_pending: false,
+        corrupted: Default::default(),
+        verifies_checked: 0,
     };
     w.primary.bugs = cfg.bugs;
     w.primary.on_full = cfg.on_full;
@@ -276,6 +294,11 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
     w.stats.tail_rotations = w.primary.tail_rotations();
     w.stats.folds = w.primary.folds();
     w.stats.staged_commits = w.mirror.commits;
+    w.stats.verifies = w.primary.verifies.len() as u64;
+    for v in &w.primary.verifies {
+        w.stats.verify_differing_bytes += v.differing_bytes();
+        w.stats.verify_repaired_bytes += v.repaired_bytes;
+    }
     Outcome {
         seed,
         scenario: cfg.scenario,
@@ -414,7 +437,11 @@ impl World {
             );
             return self.violation(what);
         };
-        let have = self.mirror.disk.content();
+        let mut have = self.mirror.disk.content();
+        for &b in &self.corrupted {
+            let r = b as usize * 4096..(b as usize + 1) * 4096;
+            have[r.clone()].copy_from_slice(&want[r]);
+        }
         if let Some((block, count)) = model::first_difference(&have, want) {
             let primary_now = self.primary.disk.content();
             let b = block * 4096..(block + 1) * 4096;
@@ -458,6 +485,7 @@ impl World {
         for what in too_far {
             self.violation(what);
         }
+        self.check_verifies();
         self.deliver();
         let writing = faults;
         if faults {
@@ -515,6 +543,9 @@ impl World {
                 }
             }
             700..=729 => self.mirror.checkpoint(&self.clock, false),
+            800..=801 if self.primary.verify_wanted.is_none() => {
+                self.primary.verify_wanted = Some(self.rng.chance(1, 2));
+            }
             730..=799 => {
                 if let Some(o) = self.other.as_mut() {
                     if writing {
@@ -549,6 +580,31 @@ impl World {
                         _ => self.primary.receive(f, &self.clock, &mut self.rng),
                     }
                 }
+            }
+        }
+    }
+
+    /// A verify reports only real differences: blocks overwritten behind the mirror's back.
+    /// Anything else is a false alarm (a write in flight taken for a difference) or a mirror
+    /// that says it is consistent and is not.
+    fn check_verifies(&mut self) {
+        while self.verifies_checked < self.primary.verifies.len() {
+            let v = self.primary.verifies[self.verifies_checked].clone();
+            self.verifies_checked += 1;
+            for &(at, len) in &v.differing {
+                let blocks = at / 4096..(at + len).div_ceil(4096);
+                if !self.corrupted.iter().any(|b| blocks.contains(b)) {
+                    self.violation(format!(
+                        "verify reported {len} bytes at {at} different, where nothing was \
+                         corrupted"
+                    ));
+                }
+            }
+            if v.compared_bytes + v.unverified.iter().map(|r| r.1).sum::<u64>() < v.total_bytes {
+                self.violation(format!(
+                    "verify done after comparing {} of {} bytes",
+                    v.compared_bytes, v.total_bytes
+                ));
             }
         }
     }
@@ -677,6 +733,20 @@ impl World {
                 self.mirror.note("volume replaced by a blank disk".into());
                 self.mirror.down_until = self.clock.now();
             }
+            Scenario::CorruptMirror => {
+                // A few blocks rot: nothing but their content shows it.
+                for _ in 0..1 + self.rng.below(3) {
+                    let block = self.rng.below(VOLUME_BYTES / 4096);
+                    let garbage: Vec<u8> = (0..4096).map(|_| self.rng.below(256) as u8).collect();
+                    self.mirror.disk.rot(block * 4096, &garbage);
+                    self.corrupted.insert(block);
+                }
+                self.mirror.note(format!(
+                    "blocks {:?} overwritten behind its back",
+                    self.corrupted
+                ));
+                self.primary.verify_wanted = Some(true);
+            }
             Scenario::LostMirrorState => {
                 self.mirror.kill();
                 self.mirror.fs = crate::env::mem::MemFs::new();
@@ -705,8 +775,14 @@ impl World {
             self.primary.progress_change(&mut self.rng);
         }
         self.primary.flush();
+        // Once quiet, a last verify with repair mends what the corruption left.
+        let mut final_verify = self.cfg.scenario == Scenario::CorruptMirror;
         loop {
             if self.primary.quiet() && self.mirror.quiet() && self.link.in_flight() == 0 {
+                if std::mem::take(&mut final_verify) {
+                    self.primary.verify_wanted = Some(true);
+                    continue;
+                }
                 break;
             }
             if self.clock.now() > deadline {
@@ -730,6 +806,7 @@ impl World {
         if !self.mirror.is_up() && now >= self.mirror.down_until {
             self.start_mirror();
         }
+        self.check_verifies();
         self.deliver();
         self.primary
             .tick(&self.clock, &mut self.link, &mut self.rng);

@@ -6,8 +6,8 @@
 //! Environment: `SEEDS` (schedules to run, default 15000: under a minute on 2 cores),
 //! `BLKMIRROR_SIM_SEED` (replay that one seed, with its trace), `BLKMIRROR_SIM_STEPS`
 //! (steps per schedule, default 3000), `BLKMIRROR_SIM_BUG` (plant a known mistake:
-//! `ack-one-set-early`, `ack-before-sync` or `apply-resync-in-place`, to see the simulator
-//! catch it).
+//! `ack-one-set-early`, `ack-before-sync`, `apply-resync-in-place`, `verify-unsettled` or
+//! `verify-forgets-differences`, to see the simulator catch it).
 
 use blkmirror::repl::core::PlantedBugs;
 use blkmirror::sim;
@@ -58,7 +58,7 @@ impl Totals {
              resume {}, full copy {}, compare {} (of unrecorded mirror data {}); copies \
              of the primary refused {}; stalls ended {}; journal tails rotated out {}; \
              journal folds {}, staged resyncs completed {}, crashes while staged {}; \
-             schedules: {}",
+             verifies {} (differing {} B, repaired {} B); schedules: {}",
             s.writes,
             s.primary_crashes,
             s.mirror_crashes,
@@ -73,6 +73,9 @@ impl Totals {
             s.folds,
             s.staged_commits,
             s.crashes_while_staged,
+            s.verifies,
+            s.verify_differing_bytes,
+            s.verify_repaired_bytes,
             scenarios.join(", ")
         )
     }
@@ -95,6 +98,14 @@ fn main() -> ExitCode {
             },
             Ok("ack-before-sync") => PlantedBugs {
                 ack_before_sync: true,
+                ..Default::default()
+            },
+            Ok("verify-unsettled") => PlantedBugs {
+                verify_unsettled: true,
+                ..Default::default()
+            },
+            Ok("verify-forgets-differences") => PlantedBugs {
+                verify_forgets_differences: true,
                 ..Default::default()
             },
             Ok("apply-resync-in-place") => PlantedBugs {

@@ -92,9 +92,14 @@ pub struct MirrorCore {
 pub fn check_hello(version: u16, volume: &str, size: u64, here: u64) -> Result<(), Refusal> {
     if version != PROTOCOL_VERSION {
         let why = if (OLDEST_PROTOCOL_VERSION..PROTOCOL_VERSION).contains(&version) {
+            let lacks = if version < 3 {
+                "volume identities"
+            } else {
+                "the online verify's repair sets"
+            };
             format!(
-                "protocol version {version} has no volume identities; this mirror needs \
-                 version {PROTOCOL_VERSION}: upgrade the primary"
+                "protocol version {version} has no {lacks}; this mirror needs version \
+                 {PROTOCOL_VERSION}: upgrade the primary"
             )
         } else {
             format!(
@@ -406,6 +411,7 @@ impl MirrorCore {
                     d.seq = d.seq.max(set.first_seq);
                 }
             }
+            SetKind::Repair => {}
         }
         self.written = d;
         #[allow(unused_mut)]

@@ -57,4 +57,8 @@ pub struct PlantedBugs {
     pub ack_before_sync: bool,
     /// The mirror applies a resync's sets as they come instead of staging them.
     pub apply_resync_in_place: bool,
+    /// The online verify compares chunks with writes not yet sent (false alarms).
+    pub verify_unsettled: bool,
+    /// The online verify drops what it found different (nothing is repaired).
+    pub verify_forgets_differences: bool,
 }

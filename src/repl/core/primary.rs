@@ -23,6 +23,10 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+#[path = "verify.rs"]
+mod verify;
+pub use verify::{VerifyProgress, VerifyRefusal, SETTLE_LIMIT};
+
 /// The session's limits, named and explained (the defaults are what production runs).
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -160,6 +164,8 @@ struct InFlight {
     /// This set ends a resync: once durable, the journal's dirty map is done with (`Whole`:
     /// a full copy or comparison, which covered every region).
     ends_resync: Option<Covered>,
+    /// Bytes of an online verify's repair this set carries.
+    repaired: u64,
 }
 
 #[derive(Debug)]
@@ -234,6 +240,8 @@ pub struct Session {
     busy_retry: Option<Instant>,
     /// The journal's folds when the session began: another fold ends it.
     folds: u64,
+    /// The online verify running or done in this session.
+    verify: Option<verify::Verify>,
     /// Mistakes planted to prove the simulator catches them.
     #[cfg(any(test, feature = "test-hooks"))]
     pub bugs: super::PlantedBugs,
@@ -281,6 +289,7 @@ impl Session {
                 consistent_after_seq: None,
                 busy_retry: None,
                 folds: 0,
+                verify: None,
                 #[cfg(any(test, feature = "test-hooks"))]
                 bugs: super::PlantedBugs::default(),
             },
@@ -335,6 +344,7 @@ impl Session {
                     self.limits.stall_timeout.as_secs(),
                     self.in_flight.len(),
                     self.resync.as_ref().map_or(0, |r| r.awaiting.len())
+                        + self.verify.as_ref().map_or(0, |v| v.awaiting.len())
                 ))),
                 Phase::Running => {
                     self.deadline = now + self.limits.stall_timeout;
@@ -346,7 +356,9 @@ impl Session {
     }
 
     fn waiting_for_mirror(&self) -> bool {
-        !self.in_flight.is_empty() || self.resync.as_ref().is_some_and(|r| !r.awaiting.is_empty())
+        !self.in_flight.is_empty()
+            || self.resync.as_ref().is_some_and(|r| !r.awaiting.is_empty())
+            || self.verify.as_ref().is_some_and(|v| !v.awaiting.is_empty())
     }
 
     /// The mirror made progress: the stall watchdog starts again.
@@ -389,7 +401,11 @@ impl Session {
                 },
                 Phase::Running,
             ) => {
-                self.on_sums_reply(offset, chunk, differ)?;
+                if self.comparing() {
+                    self.on_sums_reply(offset, chunk, differ)?;
+                } else {
+                    self.on_verify_reply(offset, chunk, differ, now)?;
+                }
                 self.progress(now);
                 Ok(Vec::new())
             }
@@ -542,6 +558,9 @@ impl Session {
         if let Some(c) = done.ends_resync {
             journal.resync_complete(self.folds, c == Covered::Whole);
         }
+        if done.repaired > 0 {
+            self.verify_repaired(done.repaired);
+        }
         self.floor = last_seq;
         self.progress(now);
         let mut events = vec![Event::Acked { set, applied_set }];
@@ -622,7 +641,8 @@ impl Session {
             }
         }
         if self.in_flight.len() >= self.limits.window_sets {
-            return Ok(None);
+            // Comparisons need no room in the window.
+            return self.verify_unit(now, journal, volume);
         }
         let (records, covered) = journal
             .collect(self.shipped_seq, self.limits.set_max_bytes)
@@ -667,7 +687,7 @@ impl Session {
                 return Ok(Some(t));
             }
         }
-        Ok(None)
+        self.verify_unit(now, journal, volume)
     }
 
     /// Account a set handed out for sending.
@@ -678,7 +698,7 @@ impl Session {
         let durable_seq = match set.kind {
             SetKind::Journal => before.max(set.last_seq),
             SetKind::Copy { done: true } => before.max(set.first_seq),
-            SetKind::Copy { done: false } => before,
+            SetKind::Copy { done: false } | SetKind::Repair => before,
         };
         match set.kind {
             SetKind::Copy { done: true } => {
@@ -694,13 +714,14 @@ impl Session {
                     self.consistent_at_set = Some(set.set);
                 }
             }
-            SetKind::Copy { done: false } => {}
+            SetKind::Copy { done: false } | SetKind::Repair => {}
         }
         self.in_flight.push_back(InFlight {
             set: set.set,
             durable_seq,
             resynced: Vec::new(),
             ends_resync: None,
+            repaired: 0,
         });
         self.next_set += 1;
         Transmit::Set { set, known }
