@@ -27,6 +27,8 @@ pub enum Exit {
     Degraded = 6,
     /// Held by another process: state directory, volume, NBD socket or address.
     Busy = 7,
+    /// `verify`: the two sides held different bytes (repaired with `--repair`).
+    Differences = 8,
 }
 
 impl From<Exit> for std::process::ExitCode {

@@ -15,5 +15,6 @@ pub mod repl;
 #[cfg(any(test, feature = "test-hooks"))]
 pub mod sim;
 pub mod transport;
+pub mod verify_cmd;
 pub mod volume;
 pub mod wake;

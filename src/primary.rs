@@ -213,6 +213,7 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
                     notify
                 },
             });
+            let wake = shipper.records.clone();
             runtime.spawn(shipper.run());
             shipping.push(Shipping {
                 name: spec.name.clone(),
@@ -220,6 +221,7 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
                 stats,
                 record,
                 storage: volume.storage.clone(),
+                wake,
             });
         }
         // Made (again) once every volume's state is saved: a full file system at start may have
@@ -247,7 +249,11 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
             ["accept-volume", name] => accept_volume(&shipping, name),
             ["retry"] => retry(&shipping, None),
             ["retry", name] => retry(&shipping, Some(name)),
-            other => control::unknown(other, "status, accept-volume NAME, retry [NAME]"),
+            ["verify", args @ ..] => verify(&shipping, args),
+            other => control::unknown(
+                other,
+                "status, accept-volume NAME, retry [NAME], verify [--repair] [NAME]",
+            ),
         }),
     )?;
     let exports = opened
@@ -368,6 +374,86 @@ fn retry(shipping: &[Shipping], name: Option<&str>) -> serde_json::Value {
     serde_json::json!({ "ok": true, "result": "retrying", "volumes": woken })
 }
 
+/// `verify [--repair] [NAME]`: start an online verify of each volume named (default: all),
+/// which must be replicating with a complete mirror. Answers the run number of each, which
+/// status shows under `verify` ("already" for one running).
+fn verify(shipping: &[Shipping], args: &[&str]) -> serde_json::Value {
+    use crate::repl::shipper::{VerifyRun, VerifyState};
+    use std::sync::atomic::Ordering::Relaxed;
+    let (mut repair, mut name) = (false, None);
+    for a in args {
+        match *a {
+            "--repair" => repair = true,
+            n if !n.starts_with('-') && name.is_none() => name = Some(n),
+            other => {
+                return serde_json::json!({
+                    "error": format!("verify: unexpected {other:?} (verify [--repair] [NAME])"),
+                    "code": "usage",
+                })
+            }
+        }
+    }
+    let chosen: Vec<&Shipping> = shipping
+        .iter()
+        .filter(|v| name.is_none_or(|n| n == v.name))
+        .collect();
+    if chosen.is_empty() {
+        return serde_json::json!({
+            "error": format!("no replicated volume named {:?}", name.unwrap_or("")),
+            "code": "usage",
+        });
+    }
+    // All or none: a script asking for every volume learns at once which cannot be verified.
+    let not_ready: Vec<String> = chosen
+        .iter()
+        .filter_map(|v| {
+            let why = if !v.stats.link_up.load(Relaxed) {
+                "not connected to the mirror"
+            } else if v.stats.copying.load(Relaxed) || !v.stats.mirror_consistent.load(Relaxed) {
+                "a resync runs (the mirror is not yet a complete copy)"
+            } else {
+                return None;
+            };
+            Some(format!("{}: {why}", v.name))
+        })
+        .collect();
+    if !not_ready.is_empty() {
+        return serde_json::json!({
+            "error": format!("cannot verify now: {}", not_ready.join("; ")),
+            "code": "not-replicating",
+        });
+    }
+    let mut runs = Vec::new();
+    for v in chosen {
+        let mut guard = v.stats.verify.lock().unwrap();
+        let result = match guard.as_ref() {
+            Some(r) if matches!(r.state, VerifyState::Starting | VerifyState::Running) => "already",
+            last => {
+                let run = last.map_or(1, |r| r.run + 1);
+                *guard = Some(VerifyRun {
+                    run,
+                    repair,
+                    state: VerifyState::Starting,
+                    progress: Default::default(),
+                    started: std::time::Instant::now(),
+                    started_ms: crate::repl::core::primary::unix_ms(std::time::SystemTime::now()),
+                    finished_ms: None,
+                });
+                v.wake.notify_one();
+                "started"
+            }
+        };
+        let r = guard.as_ref().expect("set");
+        runs.push(serde_json::json!({
+            "name": v.name,
+            "run": r.run,
+            "repair": r.repair,
+            "result": result,
+        }));
+    }
+    serde_json::json!({ "ok": true, "result": "started", "volumes": runs })
+}
+
 /// A replicated volume, as the daemon keeps it.
 struct Shipping {
     name: String,
@@ -375,6 +461,8 @@ struct Shipping {
     stats: Arc<ShipStats>,
     record: Arc<VolumeRecord>,
     storage: Arc<dyn Storage>,
+    /// Wakes the volume's shipper (an admin's verify is to start).
+    wake: Arc<tokio::sync::Notify>,
 }
 
 /// The volume's state at this start: its disk checked against what the state describes, and
@@ -409,6 +497,13 @@ fn open_record(
         tracing::error!(volume = %name, "{why}: nothing is shipped until an admin accepts the volume");
     }
     Ok(VolumeRecord::new(fs.clone(), path, st, disk).with_reserve(reserve.clone()))
+}
+
+/// Bytes a second the running resync has moved since it began.
+fn resync_rate(s: &ShipStats) -> Option<f64> {
+    let started = (*s.copy_started.lock().unwrap())?;
+    let secs = started.elapsed().as_secs_f64();
+    (secs > 0.0).then(|| s.copy_done.load(std::sync::atomic::Ordering::Relaxed) as f64 / secs)
 }
 
 /// The status document of a primary (keys are a contract: extend, never rename).
@@ -457,9 +552,14 @@ fn primary_status(volumes: &[String], shipping: &[Shipping]) -> serde_json::Valu
                     "reconnects": s.reconnects.load(Relaxed),
                     "quic": *s.quic.lock().unwrap(),
                     "last_error": s.last_error.lock().unwrap().clone(),
+                    "verify": s.verify.lock().unwrap().as_ref().map(|v| v.status()),
                     "initial_copy": if copying { serde_json::json!({
                         "done_bytes": s.copy_done.load(Relaxed),
                         "total_bytes": s.copy_total.load(Relaxed),
+                        "left_bytes": s.copy_total.load(Relaxed).saturating_sub(s.copy_done.load(Relaxed)),
+                        "rate_bytes_per_second": resync_rate(s),
+                        "eta_seconds": resync_rate(s).filter(|&r| r > 0.0).map(|r|
+                            s.copy_total.load(Relaxed).saturating_sub(s.copy_done.load(Relaxed)) as f64 / r),
                         "compare": s.comparing.load(Relaxed),
                         // "dirty": the regions written while the journal was folded; the
                         // mirror stays consistent (at its older point) meanwhile.

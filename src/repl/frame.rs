@@ -2065,7 +2065,7 @@ mod tests {
         assert!(decode(&set_frame(5, 4, SET_COPY, &[raw(0, b"x")]))
             .unwrap()
             .is_some());
-        assert_eq!(malformed(&set_frame(1, 1, 3, &[])), "unknown set kind");
+        assert_eq!(malformed(&set_frame(1, 1, 4, &[])), "unknown set kind");
         assert_eq!(
             malformed(&set_frame(1, 1, j, &[raw(0, b"ab"), raw(1, b"cd")])),
             "extents overlap or are out of order"

@@ -5,7 +5,10 @@
 //! owns the QUIC send stream and a reader task the receive stream, so acknowledgements are
 //! handled while a large set is being sent.
 
-use super::core::primary::{Event, Limits, PrimaryVolumeState, Session, SessionEnd, Transmit};
+use super::core::primary::{
+    unix_ms, Event, Limits, PrimaryVolumeState, Session, SessionEnd, Transmit, VerifyProgress,
+    VerifyRefusal,
+};
 use super::core::ReplState;
 use super::frame::{Message, Mode};
 use super::stream::{read_message, write_message};
@@ -60,7 +63,82 @@ pub struct ShipStats {
     pub corrupt_next: AtomicBool,
     /// QUIC path counters, summed over sessions (see `QuicCounters`).
     pub quic: Mutex<QuicCounters>,
+    /// When the running resync began (its rate and ETA are reckoned from then).
+    pub copy_started: Mutex<Option<std::time::Instant>>,
+    /// The admin's online verify: the running one, or the last one.
+    pub verify: Mutex<Option<VerifyRun>>,
 }
+
+/// An online verify an admin asked for (`blkmirror verify`), as status shows it.
+#[derive(Clone, Debug)]
+pub struct VerifyRun {
+    /// Numbers runs of this volume (1, 2, ...): `blkmirror verify` waits for the one it
+    /// started.
+    pub run: u64,
+    pub repair: bool,
+    pub state: VerifyState,
+    pub progress: VerifyProgress,
+    pub started: std::time::Instant,
+    pub started_ms: u64,
+    pub finished_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VerifyState {
+    /// Asked for; the session starts it at its next turn.
+    Starting,
+    Running,
+    Done,
+    /// The session ended (or could not start it): why.
+    Interrupted(String),
+}
+
+impl VerifyRun {
+    /// Its entry in status (keys are a contract: extend, never rename).
+    pub fn status(&self) -> serde_json::Value {
+        let p = &self.progress;
+        let ranges = |r: &[(u64, u64)]| -> Vec<serde_json::Value> {
+            r.iter()
+                .take(MAX_RANGES_SHOWN)
+                .map(|&(o, l)| serde_json::json!({ "offset": o, "length": l }))
+                .collect()
+        };
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let rate = (elapsed > 0.0).then(|| p.compared_bytes as f64 / elapsed);
+        let left = p.total_bytes.saturating_sub(p.compared_bytes);
+        let (state, why) = match &self.state {
+            VerifyState::Starting => ("starting", None),
+            VerifyState::Running => ("running", None),
+            VerifyState::Done => ("done", None),
+            VerifyState::Interrupted(why) => ("interrupted", Some(why.clone())),
+        };
+        serde_json::json!({
+            "run": self.run,
+            "state": state,
+            "interrupted_by": why,
+            "repair": self.repair,
+            "total_bytes": p.total_bytes,
+            "compared_bytes": p.compared_bytes,
+            "differing_bytes": p.differing_bytes(),
+            "differing_ranges": ranges(&p.differing),
+            "differing_range_count": p.differing.len(),
+            "repaired_bytes": p.repaired_bytes,
+            "unverified_ranges": ranges(&p.unverified),
+            "unverified_range_count": p.unverified.len(),
+            "started_at": super::mirror::fmt_time(self.started_ms),
+            "finished_at": self.finished_ms.and_then(super::mirror::fmt_time),
+            "rate_bytes_per_second": rate,
+            "eta_seconds": match rate {
+                Some(r) if r > 0.0 && self.state == VerifyState::Running => Some(left as f64 / r),
+                _ => None,
+            },
+        })
+    }
+}
+
+/// Ranges listed in status, at most (the counts say how many there are): a volume that
+/// differs everywhere must not make a status document of megabytes.
+const MAX_RANGES_SHOWN: usize = 1000;
 
 /// What the transport reports of the path: packets sent and lost (lost or retransmitted are
 /// what a flooded queue shows), congestion window and round-trip time now.
@@ -240,6 +318,10 @@ impl Shipper {
             first = false;
             let was_up = self.stats.link_up.load(Ordering::Relaxed);
             let result = self.session().await;
+            self.verify_interrupted(&match &result {
+                Ok(()) => "it closed".to_string(),
+                Err(e) => e.to_string(),
+            });
             let was_up = was_up || self.stats.link_up.swap(false, Ordering::Relaxed);
             self.stats.copying.store(false, Ordering::Relaxed);
             if was_up {
@@ -408,6 +490,10 @@ impl Shipper {
                 self.stats.copy_done.store(done, Ordering::Relaxed);
                 self.stats.copy_total.store(total, Ordering::Relaxed);
             }
+            if self.verify_turn(sess) {
+                // Started now: its first units are due.
+                continue;
+            }
             let timeout = Instant::from_std(sess.poll_timeout());
             tokio::select! {
                 m = in_rx.recv() => {
@@ -437,6 +523,68 @@ impl Shipper {
                     };
                 }
             }
+        }
+    }
+
+    /// Start the verify an admin asked for, and show the running one's progress. True when
+    /// one was started now.
+    fn verify_turn(&self, sess: &mut Session) -> bool {
+        let mut guard = self.stats.verify.lock().unwrap();
+        let Some(v) = guard.as_mut() else {
+            return false;
+        };
+        match v.state {
+            VerifyState::Starting => match sess.start_verify(v.repair, Instant::now().into_std()) {
+                Ok(()) => {
+                    tracing::info!(volume = %self.volume, run = v.run, repair = v.repair, "online verify started");
+                    v.state = VerifyState::Running;
+                    v.started = std::time::Instant::now();
+                    return true;
+                }
+                // The decision is still to come.
+                Err(VerifyRefusal::NotConnected) => {}
+                Err(VerifyRefusal::Resyncing) => {
+                    v.state = VerifyState::Interrupted(
+                        "a resync runs (the mirror is not yet a complete copy): verify once it \
+                         is done"
+                            .into(),
+                    );
+                }
+                Err(VerifyRefusal::Running) => {
+                    v.state = VerifyState::Interrupted("another verify runs".into());
+                }
+            },
+            VerifyState::Running => {
+                if let Some(p) = sess.verify_progress() {
+                    v.progress = p.clone();
+                    if p.done {
+                        v.state = VerifyState::Done;
+                        v.finished_ms = Some(unix_ms(std::time::SystemTime::now()));
+                        tracing::info!(volume = %self.volume, run = v.run,
+                            compared_bytes = p.compared_bytes,
+                            differing_bytes = p.differing_bytes(),
+                            differing_ranges = p.differing.len(),
+                            repaired_bytes = p.repaired_bytes,
+                            unverified_ranges = p.unverified.len(),
+                            "online verify finished");
+                    }
+                }
+            }
+            VerifyState::Done | VerifyState::Interrupted(_) => {}
+        }
+        false
+    }
+
+    /// The session ended: a verify it ran (or was to start) is interrupted.
+    fn verify_interrupted(&self, why: &str) {
+        let mut guard = self.stats.verify.lock().unwrap();
+        if let Some(v) = guard
+            .as_mut()
+            .filter(|v| matches!(v.state, VerifyState::Starting | VerifyState::Running))
+        {
+            tracing::warn!(volume = %self.volume, run = v.run, "online verify interrupted: {why}");
+            v.state = VerifyState::Interrupted(format!("the session with the mirror ended: {why}"));
+            v.finished_ms = Some(unix_ms(std::time::SystemTime::now()));
         }
     }
 
@@ -475,6 +623,7 @@ impl Shipper {
                     .comparing
                     .store(mode == Mode::Compare, Ordering::Relaxed);
                 self.stats.copy_done.store(0, Ordering::Relaxed);
+                *self.stats.copy_started.lock().unwrap() = Some(std::time::Instant::now());
                 self.stats.copy_total.store(
                     sess.resync_progress().map_or(self.storage.size(), |p| p.1),
                     Ordering::Relaxed,
