@@ -76,6 +76,12 @@ enum Command {
         /// least 4K; a 1 TiB volume's map is 2 MiB at 64K).
         #[arg(long, default_value = "64K", value_parser = parse_size)]
         dirty_region: u64,
+        /// Hold each write back a little (up to 10 ms, rising with the fill) once the
+        /// journal's unacknowledged writes fill more than PERCENT of it: slows the clients
+        /// while the mirror falls behind, so that the journal may not have to fold. Off by
+        /// default.
+        #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=99))]
+        pace_above: Option<u8>,
         /// Control socket (default STATE_DIR/control.sock).
         #[arg(long)]
         control: Option<PathBuf>,
@@ -387,6 +393,7 @@ fn run(command: Command) -> Result<Exit, Failure> {
             journal_size,
             on_journal_full,
             dirty_region,
+            pace_above,
             control,
             compress,
         } => {
@@ -399,6 +406,7 @@ fn run(command: Command) -> Result<Exit, Failure> {
                     journal_bytes: journal_size,
                     on_journal_full,
                     dirty_region,
+                    pace_above,
                     corrupt_first_set: hooks.corrupt_first_set(),
                     compress: match compress {
                         CompressArg::Auto => None,

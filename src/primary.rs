@@ -45,6 +45,8 @@ pub struct ReplicationOptions {
     /// What a full journal does, and the dirty map's region.
     pub on_journal_full: OnFull,
     pub dirty_region: u64,
+    /// `--pace-above`: pace writes beyond this fill of the journal (percent).
+    pub pace_above: Option<u8>,
     /// Test only: corrupt one byte of the first data set after its CRC is computed.
     pub corrupt_first_set: bool,
     /// lz4 for data that shrinks; None = decide from the link rate.
@@ -171,6 +173,7 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
                 // The map is kept whatever the mode: an open resync must finish.
                 volume_bytes: volume.storage.size(),
                 region_bytes: repl.dirty_region,
+                pace_above: repl.pace_above,
                 ..JournalOptions::new(fs.clone(), dir, repl.journal_bytes)
             })?);
             let record = Arc::new(open_record(
@@ -543,6 +546,7 @@ fn primary_status(volumes: &[String], shipping: &[Shipping]) -> serde_json::Valu
                     "journal_folds": js.folds,
                     "dirty_bytes": js.dirty_bytes,
                     "dirty_map_error": js.map_failure,
+                    "journal_paced_writes": js.paced_writes,
                     "acked_seq": js.acked_seq,
                     "sent_bytes": s.sent_bytes.load(Relaxed),
                     "wire_bytes": s.wire_bytes.load(Relaxed),

@@ -124,6 +124,14 @@ impl Volume {
         result
     }
 
+    /// How long to hold a write back before admitting it (`--pace-above`; zero without a
+    /// journal).
+    pub fn pace_delay(&self) -> std::time::Duration {
+        self.journal
+            .as_ref()
+            .map_or(std::time::Duration::ZERO, |j| j.pace_delay())
+    }
+
     /// A client FLUSH, after the disk's sync: everything journaled so far becomes durable.
     pub fn flush(&self) -> io::Result<()> {
         self.journal.as_ref().map_or(Ok(()), |j| j.sync())

@@ -63,10 +63,96 @@ impl Wake for tokio::sync::Notify {
     }
 }
 
+/// Wake `w` at `at` (or at once if that has passed), from one timer thread shared by the
+/// process: for a waiter that must wait a while (a write being paced) and has no clock of its
+/// own. Held weakly: a waiter gone by then is not woken.
+pub fn wake_at(at: std::time::Instant, w: &Arc<dyn Wake>) {
+    let timer = TIMER.get_or_init(|| {
+        let t = Arc::new(Timer::default());
+        let run = t.clone();
+        std::thread::Builder::new()
+            .name("wake-timer".into())
+            .spawn(move || run.run())
+            .expect("spawn the wake timer thread");
+        t
+    });
+    let mut due = timer.due.lock().unwrap();
+    due.push(Due(at, Arc::downgrade(w)));
+    timer.changed.notify_one();
+}
+
+static TIMER: std::sync::OnceLock<Arc<Timer>> = std::sync::OnceLock::new();
+
+#[derive(Default)]
+struct Timer {
+    due: Mutex<std::collections::BinaryHeap<Due>>,
+    changed: std::sync::Condvar,
+}
+
+/// A wake-up due at a time; the heap's top is the earliest.
+struct Due(std::time::Instant, Weak<dyn Wake>);
+
+impl PartialEq for Due {
+    fn eq(&self, o: &Self) -> bool {
+        self.0 == o.0
+    }
+}
+impl Eq for Due {}
+impl PartialOrd for Due {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Due {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        o.0.cmp(&self.0)
+    }
+}
+
+impl Timer {
+    fn run(&self) {
+        let mut due = self.due.lock().unwrap();
+        loop {
+            let now = std::time::Instant::now();
+            match due.peek().map(|d| d.0) {
+                None => due = self.changed.wait(due).unwrap(),
+                Some(at) if at > now => {
+                    due = self.changed.wait_timeout(due, at - now).unwrap().0;
+                }
+                Some(_) => {
+                    let Due(_, w) = due.pop().expect("peeked");
+                    // Woken without the lock: a waker may register the next wake-up.
+                    drop(due);
+                    if let Some(w) = w.upgrade() {
+                        w.wake();
+                    }
+                    due = self.due.lock().unwrap();
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[test]
+    fn wake_at_wakes_no_earlier_than_due() {
+        let a: Arc<Count> = Arc::new(Count(AtomicU32::new(0)));
+        let dyn_a: Arc<dyn Wake> = a.clone();
+        let t0 = std::time::Instant::now();
+        wake_at(t0 + std::time::Duration::from_millis(30), &dyn_a);
+        wake_at(t0, &dyn_a);
+        let deadline = t0 + std::time::Duration::from_secs(10);
+        while a.0.load(Ordering::Relaxed) < 2 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // The second wake-up came no earlier than it was due.
+        assert!(t0.elapsed() >= std::time::Duration::from_millis(30));
+        assert_eq!(a.0.load(Ordering::Relaxed), 2);
+    }
 
     struct Count(AtomicU32);
     impl Wake for Count {

@@ -1466,6 +1466,49 @@ fn a_full_journal_folds_into_the_dirty_map_and_writes_go_on() {
     rig.finish_and_compare();
 }
 
+/// `--pace-above 50` with the mirror away: writes are held back while the journal fills past
+/// half (status `journal_paced_writes`), never stopped: the journal still folds when it is
+/// full and a 200 MiB writer finishes without the mirror; back, the mirror converges. A
+/// percentage outside 1..=99 is a usage error (exit 2) naming the flag.
+#[test]
+fn pacing_holds_writes_back_but_never_stops_them() {
+    let o = run_output(
+        BIN,
+        &[
+            "primary",
+            "--volume",
+            "v=/nonexistent",
+            "--pace-above",
+            "100",
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--pace-above"),
+        "{o:?}"
+    );
+    let mut rig = Pair::running(PairOptions {
+        primary_extra: ["--journal-size", "64M", "--pace-above", "50"]
+            .map(String::from)
+            .to_vec(),
+        ..Default::default()
+    });
+    assert!(rig.mirror.stop().is_some_and(|s| s.success()));
+    let mut c = Command::new("/usr/bin/python3");
+    c.args(["-c", NBD_FILL_WRAPPING, &rig.uri(), "200"]);
+    let mut writer = Background::spawn("a 200 MiB writer", c, &rig.dir().join("fill.out"));
+    writer.wait_success();
+    let (_, p) = rig.wait("the journal folded", LONG, |_, p| {
+        p["journal_tracking"] == true
+    });
+    assert!(u(&p, "journal_paced_writes") > 0, "writes were paced: {p}");
+    assert!(u(&p, "journal_folds") >= 1, "{p}");
+    rig.mirror.start();
+    rig.wait_synced();
+    rig.finish_and_compare();
+}
+
 /// The overflow ladder end to end, with crashes in the resync (issue 14's acceptance, at the
 /// scale of a test): the mirror is away while the workload writes three times the journal
 /// (64 MiB) over a 512 MiB volume; the writer finishes without it and the journal folds. The
@@ -1599,6 +1642,9 @@ fn verify_finds_and_repairs_a_corrupted_mirror_chunk_while_writes_go_on() {
         "--bs=4k",
         "--iodepth=16",
         "--size=128M",
+        // Busy, but within what a debug build ships: a journal that overflows would fold,
+        // and a fold ends the session and the verify with it.
+        "--rate_iops=2000",
         "--time_based",
         "--runtime=600",
         // One process: killing it ends the writes.

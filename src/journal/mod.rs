@@ -76,6 +76,9 @@ pub struct JournalOptions {
     pub volume_bytes: u64,
     /// The dirty map's region (`--dirty-region`).
     pub region_bytes: u64,
+    /// Pace writes once the journal holds more than this percent of its cap unacknowledged
+    /// (`--pace-above`; None: never). See [`Journal::pace_delay`].
+    pub pace_above: Option<u8>,
 }
 
 /// What a full journal does (`--on-journal-full`).
@@ -112,6 +115,7 @@ impl JournalOptions {
             on_full: OnFull::Block,
             volume_bytes: 0,
             region_bytes: dirty::DEFAULT_REGION_BYTES,
+            pace_above: None,
         }
     }
 }
@@ -231,6 +235,8 @@ pub struct JournalStats {
     /// The dirty map could not be written: why. Its bits are kept in memory; if the daemon
     /// stops before the resync ends, the next start cannot trust the map.
     pub map_failure: Option<String>,
+    /// Writes held back by `--pace-above` since the journal opened.
+    pub paced_writes: u64,
 }
 
 struct Segment {
@@ -312,6 +318,10 @@ pub const MAX_SPARES: usize = 2;
 
 /// "journal full" is logged at most this often.
 const FULL_LOG_EVERY: Duration = Duration::from_secs(10);
+/// The longest a write is held back by `--pace-above` (at a full journal): long enough to
+/// slow a client that writes faster than the link carries, short enough that no write waits
+/// noticeably (a disk's own latency under load is of this order).
+pub const MAX_PACE_DELAY: Duration = Duration::from_millis(10);
 
 pub struct Journal {
     opts: JournalOptions,
@@ -321,6 +331,8 @@ pub struct Journal {
     space: Waiters,
     /// Times the journal folded since it opened ([`Journal::folds`]).
     folds: AtomicU64,
+    /// Writes held back by [`Journal::pace_delay`] since it opened.
+    paced_writes: AtomicU64,
     /// The shipper: woken when records or dirty ranges arrive.
     records: Waiters,
     /// Test builds: told of every record appended (the simulator's model of the volume).
@@ -477,6 +489,7 @@ impl Journal {
             last_stop,
             space: Waiters::new(),
             folds: AtomicU64::new(0),
+            paced_writes: AtomicU64::new(0),
             records: Waiters::new(),
             #[cfg(any(test, feature = "test-hooks"))]
             observer: Mutex::new(None),
@@ -1374,6 +1387,32 @@ impl Journal {
             .any(|e| overlaps(e.offset, u64::from(e.len)))
     }
 
+    /// How long to hold back a write before it is admitted (`--pace-above`): nothing while
+    /// the unacknowledged records fill less than `pace_above` percent of the cap, then rising
+    /// linearly to [`MAX_PACE_DELAY`] at a full journal. It slows the clients of a mirror that
+    /// falls behind for a while, so that the journal may not have to fold; never for longer
+    /// than that bound per write, and not at all once the journal has folded (writes then go
+    /// at local speed).
+    pub fn pace_delay(&self) -> Duration {
+        let Some(above) = self.opts.pace_above else {
+            return Duration::ZERO;
+        };
+        let g = self.inner.lock().unwrap();
+        if g.tracking || g.closed {
+            return Duration::ZERO;
+        }
+        let cap = self.opts.max_disk_bytes as f64;
+        let fill = (g.lag_bytes + g.reserved) as f64 / cap;
+        let from = f64::from(above) / 100.0;
+        if fill <= from {
+            return Duration::ZERO;
+        }
+        let share = ((fill - from) / (1.0 - from)).min(1.0);
+        drop(g);
+        self.paced_writes.fetch_add(1, Ordering::Relaxed);
+        MAX_PACE_DELAY.mul_f64(share)
+    }
+
     pub fn last_seq(&self) -> u64 {
         self.inner.lock().unwrap().next_seq - 1
     }
@@ -1421,6 +1460,7 @@ impl Journal {
             }),
             folds: self.folds(),
             map_failure: g.map_failure.clone(),
+            paced_writes: self.paced_writes.load(Ordering::Relaxed),
         }
     }
 }
@@ -1529,6 +1569,7 @@ mod tests {
             on_full: OnFull::Block,
             volume_bytes: 0,
             region_bytes: dirty::DEFAULT_REGION_BYTES,
+            pace_above: None,
         }
     }
 
@@ -1862,6 +1903,7 @@ mod tests {
             on_full: OnFull::Block,
             volume_bytes: 0,
             region_bytes: dirty::DEFAULT_REGION_BYTES,
+            pace_above: None,
         }
     }
 
@@ -1876,6 +1918,7 @@ mod tests {
             on_full: OnFull::Track,
             volume_bytes: 1 << 20,
             region_bytes: 4096,
+            pace_above: None,
             ..mem_opts(&fs, "b1")
         });
         write(&j, 1);
@@ -1903,6 +1946,49 @@ mod tests {
     /// A full journal in track mode folds: the unshipped records' regions go into the dirty
     /// map, writes go on without waiting, and after kill -9 the fold, the tracked regions and
     /// the numbering survive (no record folded is shipped again, no number is reused).
+    /// `--pace-above 50`: no delay while the unacknowledged writes fill half the journal or
+    /// less, then a delay that grows with the fill and never exceeds MAX_PACE_DELAY; none
+    /// once acknowledged again, none once the journal has folded.
+    #[test]
+    fn pacing_rises_with_the_fill_and_stays_bounded() {
+        use crate::env::mem::MemFs;
+        let fs = MemFs::new();
+        let j = open(JournalOptions {
+            max_disk_bytes: 64 << 10,
+            on_full: OnFull::Track,
+            volume_bytes: 1 << 20,
+            region_bytes: 4096,
+            pace_above: Some(50),
+            ..mem_opts(&fs, "b1")
+        });
+        let mut delays = Vec::new();
+        let mut b = 0u8;
+        while j.stats().folds == 0 {
+            delays.push(j.pace_delay());
+            write(&j, b);
+            b += 1;
+        }
+        assert_eq!(delays[0], Duration::ZERO, "an empty journal paces nothing");
+        let paced: Vec<Duration> = delays.iter().copied().filter(|d| !d.is_zero()).collect();
+        assert!(
+            !paced.is_empty(),
+            "the journal filled past half: {delays:?}"
+        );
+        assert!(paced.windows(2).all(|w| w[0] <= w[1]), "{delays:?}");
+        assert!(paced.iter().all(|&d| d <= MAX_PACE_DELAY), "{delays:?}");
+        assert_eq!(j.stats().paced_writes, paced.len() as u64);
+        assert_eq!(
+            j.pace_delay(),
+            Duration::ZERO,
+            "folded: writes go at local speed"
+        );
+        // Journaling again, everything acknowledged: no pacing.
+        j.resume_journaling();
+        let s = write(&j, 250);
+        j.ack(s).unwrap();
+        assert_eq!(j.pace_delay(), Duration::ZERO);
+    }
+
     #[test]
     fn a_full_journal_folds_and_a_restart_keeps_the_fold() {
         use crate::env::mem::MemFs;
@@ -1912,6 +1998,7 @@ mod tests {
             on_full: OnFull::Track,
             volume_bytes: 1 << 20,
             region_bytes: 4096,
+            pace_above: None,
             ..mem_opts(&fs, "b1")
         };
         let j = open(o.clone());

@@ -77,6 +77,9 @@ struct Op {
     span: (u64, u64),
     /// An unaligned write's span: old edge blocks with the new bytes copied in between.
     bounce: Option<PooledBuf>,
+    /// A write held back by the journal's pacing (`--pace-above`) until then; set once, so a
+    /// write is paced at most once.
+    paced_until: Option<std::time::Instant>,
 }
 
 enum Rx {
@@ -514,6 +517,7 @@ impl Conn {
             trim_noop: false,
             span,
             bounce: None,
+            paced_until: None,
         });
         if let Command::Write { .. } = cmd {
             self.rx_state = Rx::Payload { slot };
@@ -607,6 +611,21 @@ impl Conn {
             let waker: Arc<dyn Wake> = self.waker.clone();
             let holder = (self.id << 16) | slot as u64;
             let data = matches!(op.cmd, Command::Write { .. });
+            if data {
+                // Paced: parked until its time (the timer wakes the ring), then admitted.
+                let now = std::time::Instant::now();
+                let until = *op.paced_until.get_or_insert_with(|| {
+                    let d = self.volume.pace_delay();
+                    if !d.is_zero() {
+                        crate::wake::wake_at(now + d, &waker);
+                    }
+                    now + d
+                });
+                if now < until {
+                    self.parked.push_back(slot);
+                    return;
+                }
+            }
             match self
                 .volume
                 .admit(offset, len, data, op.span, holder, &waker)

@@ -271,6 +271,8 @@ impl PrimaryHost {
             on_full: self.on_full,
             volume_bytes: VOLUME_BYTES,
             region_bytes: self.region_bytes,
+            // Pacing changes when writes arrive, not what the protocol does with them.
+            pace_above: None,
         };
         let journal = Arc::new(Journal::open(opts).map_err(|e| format!("journal: {e}"))?);
         let model = self.model.clone();

@@ -225,6 +225,8 @@ pub struct Session {
     resync: Option<Resync>,
     /// The last unit sent was from the journal: a resync unit goes next.
     resync_turn: bool,
+    /// The same for a running verify: a busy journal must not starve it.
+    verify_turn: bool,
     linger_until: Option<Instant>,
     /// The mirror's durable seq as of the last acknowledgement (or its decision): what a
     /// copy set's acknowledgement reports until a journal set moves it.
@@ -282,6 +284,7 @@ impl Session {
                 in_flight: VecDeque::new(),
                 resync: None,
                 resync_turn: false,
+                verify_turn: false,
                 linger_until: None,
                 floor: 0,
                 deadline,
@@ -640,6 +643,12 @@ impl Session {
                 return Ok(Some(t));
             }
         }
+        if self.verify_turn {
+            self.verify_turn = false;
+            if let Some(t) = self.verify_unit(now, journal, volume)? {
+                return Ok(Some(t));
+            }
+        }
         if self.in_flight.len() >= self.limits.window_sets {
             // Comparisons need no room in the window.
             return self.verify_unit(now, journal, volume);
@@ -679,6 +688,7 @@ impl Session {
             };
             self.shipped_seq = covered;
             self.resync_turn = true;
+            self.verify_turn = self.verify.as_ref().is_some_and(|v| !v.progress.done);
             return Ok(Some(self.sent(set, known)));
         }
         self.linger_until = None;
