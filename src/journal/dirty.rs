@@ -305,6 +305,19 @@ impl DirtyMap {
         Ok(cleared)
     }
 
+    /// Write the whole map afresh (header and bitmap) in a new file that replaces the one at
+    /// its path atomically and durably: after a write failed (the file may lack marks) or the
+    /// file was removed so that a restart could not trust it.
+    pub fn rewrite(&mut self, fs: &Fs) -> io::Result<()> {
+        let mut content = header(self.region_bytes, self.volume_bytes, self.fold);
+        content.resize(PAGE, 0);
+        content.extend_from_slice(&self.bits);
+        write_atomic(&**fs, &self.path, &content)?;
+        self.file = fs.open(&self.path, OpenOptions::write())?;
+        self.unsynced = false;
+        Ok(())
+    }
+
     /// Make every page written so far durable.
     pub fn sync(&mut self) -> io::Result<()> {
         if self.unsynced {

@@ -93,6 +93,22 @@ pub enum OnFull {
     Block,
 }
 
+/// Pieces of the volume with changes the mirror has not been sent ([`Journal::changed_chunks`]).
+#[derive(Debug)]
+pub struct ChangedChunks {
+    /// The journal's last sequence number when it was taken.
+    pub as_of: u64,
+    /// Writes were being tracked in the dirty map (nothing is settled).
+    pub tracking: bool,
+    chunks: std::collections::HashSet<u64>,
+}
+
+impl ChangedChunks {
+    pub fn touched(&self, chunk_number: u64) -> bool {
+        self.tracking || self.chunks.contains(&chunk_number)
+    }
+}
+
 /// A wall clock in Unix milliseconds: the system's in production, a virtual one in the
 /// simulator.
 pub type WallClock = Arc<dyn Fn() -> u64 + Send + Sync>;
@@ -311,6 +327,8 @@ struct Inner {
     tracking: bool,
     tracked_writes: u64,
     map_failure: Option<String>,
+    /// The map's file may lack marks: it was removed, and is written whole once that works.
+    map_untrusted: bool,
 }
 
 /// Acknowledged segments kept for reuse, at most.
@@ -416,6 +434,7 @@ impl Journal {
             tracking: false,
             tracked_writes: 0,
             map_failure: None,
+            map_untrusted: false,
         };
         // The dirty map: kept while a resync is open, whatever the mode now (an admin who
         // switched to `block` still gets the regions resynced). Read first: segments wholly
@@ -781,14 +800,49 @@ impl Journal {
         }
     }
 
+    /// The map's file may lack marks now. Its regions are kept in memory (the resync sends
+    /// them while the process lives); the file is removed, durably, so that a restart cannot
+    /// trust it: a journal whose map is gone makes the mirror be compared in full
+    /// (`holds_after`). The whole map is written afresh once that works again
+    /// ([`Journal::heal_map_locked`]).
     fn map_failed(&self, g: &mut Inner, e: &io::Error) {
-        if g.map_failure.is_none() {
-            tracing::error!(
-                "cannot write the dirty map: {e}; its regions are kept in memory, \
-                a stop before the resync ends means a full comparison"
-            );
+        let mut why = format!(
+            "cannot write the dirty map: {e}; its regions are kept in memory: a stop before \
+             the map is saved again means a full comparison of the mirror"
+        );
+        if !g.map_untrusted {
+            g.map_untrusted = true;
+            let path = g.map.as_ref().expect("a map failed").path().to_path_buf();
+            let removed = match self.opts.fs.remove_file(&path) {
+                Err(r) if r.kind() != io::ErrorKind::NotFound => Err(r),
+                _ => self.opts.fs.sync_dir(&self.opts.dir),
+            };
+            if let Err(r) = removed {
+                why.push_str(&format!(
+                    "; and it cannot be removed ({r}): a restart would trust an incomplete map"
+                ));
+            }
+            tracing::error!("{why}");
         }
-        g.map_failure = Some(format!("cannot write the dirty map: {e}"));
+        g.map_failure = Some(why);
+    }
+
+    /// After a failure of the map's file: write it whole again, if that works now.
+    fn heal_map_locked(&self, g: &mut Inner) {
+        if !g.map_untrusted {
+            return;
+        }
+        let Some(map) = g.map.as_mut() else {
+            return;
+        };
+        match map.rewrite(&self.opts.fs) {
+            Ok(()) => {
+                tracing::info!("dirty map saved again: a restart resyncs only its regions");
+                g.map_untrusted = false;
+                g.map_failure = None;
+            }
+            Err(e) => tracing::debug!("the dirty map still cannot be saved: {e}"),
+        }
     }
 
     /// Fold (module doc): every unshipped record and write in flight into the dirty map, the
@@ -950,6 +1004,11 @@ impl Journal {
     pub fn resync_complete(&self, folds: u64, whole: bool) -> bool {
         let mut g = self.inner.lock().unwrap();
         if self.folds() != folds || g.tracking {
+            return false;
+        }
+        // Closed only in a map that is on disk: a restart must not find an older one.
+        self.heal_map_locked(&mut g);
+        if g.map_untrusted {
             return false;
         }
         let volume_bytes = self.opts.volume_bytes;
@@ -1141,6 +1200,7 @@ impl Journal {
         // Oldest first, outside the lock: writers keep appending meanwhile.
         let (unsynced, dir_changed): (Vec<(Handle, u64)>, bool) = {
             let mut g = self.inner.lock().unwrap();
+            self.heal_map_locked(&mut g);
             // Regions tracked so far survive a power cut with the writes this sync covers.
             if let Some(Err(e)) = g.map.as_mut().map(|m| m.sync()) {
                 self.map_failed(&mut g, &e);
@@ -1361,6 +1421,35 @@ impl Journal {
             i = end;
         }
         Ok((out, covered.max(after_seq)))
+    }
+
+    /// The `chunk`-sized pieces of the volume (numbered from 0) that records after
+    /// `after_seq`, open intents and ranges to re-read touch, as of now: one pass over the
+    /// unshipped records for a whole verify pass, instead of one per chunk. Complete it with
+    /// [`Journal::settled_since`]`(changed.as_of, ..)` for what came after.
+    pub fn changed_chunks(&self, after_seq: u64, chunk: u64) -> ChangedChunks {
+        let g = self.inner.lock().unwrap();
+        let mut chunks = std::collections::HashSet::new();
+        let mut add = |o: u64, l: u64| {
+            if l > 0 {
+                chunks.extend(o / chunk..=(o + l - 1) / chunk);
+            }
+        };
+        let start = g.index.partition_point(|e| e.seq <= after_seq);
+        for e in g.index.range(start..) {
+            add(e.offset, u64::from(e.len));
+        }
+        for &(o, l) in g.open_intents.values() {
+            add(o, u64::from(l));
+        }
+        for d in &g.dirty {
+            add(d.offset, d.len);
+        }
+        ChangedChunks {
+            as_of: g.next_seq - 1,
+            tracking: g.tracking,
+            chunks,
+        }
     }
 
     /// Whether `[offset, offset + len)` holds nothing the records up to `after_seq` do not
@@ -1987,6 +2076,77 @@ mod tests {
         let s = write(&j, 250);
         j.ack(s).unwrap();
         assert_eq!(j.pace_delay(), Duration::ZERO);
+    }
+
+    /// The dirty map's file cannot be saved (a failing sync): status says a full comparison
+    /// is due, and the file is removed, so that a restart cannot trust it (its journal no
+    /// longer vouches for the mirror's point: the mirror is compared). Once it works again
+    /// the map is written whole, every region in it, and the failure clears.
+    #[test]
+    fn a_dirty_map_that_cannot_be_saved_is_removed_then_written_whole() {
+        use crate::env::mem::{Faults, MemFs};
+        let fs = MemFs::new();
+        let o = JournalOptions {
+            max_disk_bytes: 64 << 10,
+            on_full: OnFull::Track,
+            volume_bytes: 1 << 20,
+            region_bytes: 4096,
+            ..mem_opts(&fs, "b1")
+        };
+        let map_path = o.dir.join(DIRTY_MAP);
+        let fsd: Fs = Arc::new(fs.clone());
+        let j = open(o.clone());
+        let first = write(&j, 0);
+        j.ack(first).unwrap();
+        let mut b = 1u8;
+        while j.stats().folds == 0 {
+            write(&j, b);
+            b += 1;
+        }
+        j.sync().unwrap();
+        assert!(dirty::DirtyMap::open(&fsd, &map_path, 1 << 20).is_ok());
+        fs.set_faults(Faults {
+            failing_syncs: 1,
+            ..Default::default()
+        });
+        write(&j, 200);
+        let _ = j.sync();
+        let failure = j.stats().map_failure.expect("the failure is shown");
+        assert!(failure.contains("full comparison"), "{failure}");
+        assert_eq!(
+            dirty::DirtyMap::open(&fsd, &map_path, 1 << 20)
+                .err()
+                .map(|e| e.kind()),
+            Some(io::ErrorKind::NotFound),
+            "the untrusted map is gone"
+        );
+        // A crash now: the journal cannot vouch for the mirror's point any more.
+        let crashed = fs.snapshot();
+        crashed.restart();
+        let j2 = open(JournalOptions {
+            fs: Arc::new(crashed.clone()),
+            ..o.clone()
+        });
+        assert!(
+            j2.holds_after() > first,
+            "a mirror holding only the first write must be compared, not resumed: holds_after {}",
+            j2.holds_after()
+        );
+        drop(j2);
+        // No crash: the map is written whole at the next sync.
+        j.sync().unwrap();
+        assert_eq!(j.stats().map_failure, None);
+        let saved = dirty::DirtyMap::open(&fsd, &map_path, 1 << 20).unwrap();
+        let runs: Vec<(u64, u64)> = saved.runs().collect();
+        let in_memory = j.dirty_runs(0, u64::MAX, u64::MAX);
+        assert_eq!(
+            runs, in_memory,
+            "every region, the one marked during the failure too"
+        );
+        assert!(runs
+            .iter()
+            .any(|&(o, l)| o <= 200 * 4096 && 201 * 4096 <= o + l));
+        assert_eq!(saved.fold(), j.fold().unwrap());
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! mirror's position then, so the mirror stays a valid crash state.
 
 use super::{read_chunk, Session, SessionEnd, Transmit, BUSY_RETRY};
-use crate::journal::Journal;
+use crate::journal::{ChangedChunks, Journal};
 use crate::repl::fold::Folder;
 use crate::repl::frame::{DeltaSet, KnownCrcs, Message, SetKind};
 use crate::volume::VolumeRead;
@@ -24,6 +24,12 @@ use std::time::{Duration, Instant};
 pub const SETTLE_LIMIT: Duration = Duration::from_secs(60);
 /// How soon an unsettled chunk is tried again.
 const SETTLE_RETRY: Duration = Duration::from_millis(20);
+/// How long one survey of the unshipped changes ([`Journal::changed_chunks`]) serves: it costs
+/// a pass over them, and what arrives after it is checked per chunk anyway.
+const SURVEY_FOR: Duration = Duration::from_millis(10);
+/// Chunks looked at in one call, at most (bounds the time the shipper spends on the verify
+/// before it serves the journal again).
+const CHUNKS_PER_CALL: usize = 64;
 
 /// What a verify found so far (status shows it; `done` once every chunk is compared and every
 /// repair acknowledged).
@@ -69,6 +75,8 @@ pub(super) struct Verify {
     to_repair: VecDeque<Waiting>,
     /// Repair bytes sent, not yet acknowledged.
     pub(super) repairs_in_flight: u64,
+    /// The last survey of unshipped changes: the last record sent then, when, and what.
+    survey: Option<(u64, Instant, ChangedChunks)>,
 }
 
 fn push_range(ranges: &mut Vec<(u64, u64)>, at: u64, len: u64) {
@@ -117,6 +125,7 @@ impl Session {
             deferred: VecDeque::new(),
             to_repair: VecDeque::new(),
             repairs_in_flight: 0,
+            survey: None,
         });
         self.busy_retry = Some(now);
         Ok(())
@@ -206,6 +215,21 @@ impl Session {
         let Some(v) = self.verify.as_mut().filter(|v| !v.progress.done) else {
             return Ok(None);
         };
+        let fresh = v.survey.as_ref().is_some_and(|(at_shipped, when, _)| {
+            Some(*at_shipped) == shipped && now.duration_since(*when) < SURVEY_FOR
+        });
+        if !fresh {
+            let s = shipped.unwrap_or(0);
+            v.survey = Some((s, now, journal.changed_chunks(s, chunk)));
+        }
+        let (_, _, survey) = v.survey.as_ref().expect("just made");
+        let settle = Settle {
+            journal,
+            volume,
+            survey: shipped.map(|_| survey),
+            chunk,
+        };
+        let mut looked = 0;
         let mut retry_at: Option<Instant> = None;
         // Repairs first: they shorten the time the mirror holds a bad chunk.
         if window_free && v.to_repair.front().is_some_and(|w| w.next <= now) {
@@ -214,9 +238,10 @@ impl Session {
             let mut tries = v.to_repair.len();
             while tries > 0 && folder.data_bytes() < self.limits.set_max_bytes {
                 tries -= 1;
+                looked += 1;
                 let mut w = v.to_repair.pop_front().expect("counted");
                 let len = chunk.min(size - w.at);
-                match read_settled_chunk(volume, journal, shipped, w.at, len)? {
+                match settle.read(w.at, len)? {
                     Some(e) => {
                         folder.add(e);
                         bytes += len;
@@ -254,9 +279,13 @@ impl Session {
             let mut offset = None;
             let mut sums = Vec::new();
             if v.pos < size {
-                while v.pos < size && sums.len() < self.limits.sums_per_message {
+                while v.pos < size
+                    && sums.len() < self.limits.sums_per_message
+                    && looked < CHUNKS_PER_CALL
+                {
+                    looked += 1;
                     let len = chunk.min(size - v.pos);
-                    match sum_settled_chunk(volume, journal, shipped, v.pos, len)? {
+                    match settle.sum(v.pos, len)? {
                         Some(s) => {
                             offset.get_or_insert(v.pos);
                             sums.push(s);
@@ -273,7 +302,7 @@ impl Session {
             } else if v.deferred.front().is_some_and(|w| w.next <= now) {
                 let mut w = v.deferred.pop_front().expect("checked");
                 let len = chunk.min(size - w.at);
-                match sum_settled_chunk(volume, journal, shipped, w.at, len)? {
+                match settle.sum(w.at, len)? {
                     Some(s) => {
                         offset = Some(w.at);
                         sums.push(s);
@@ -328,39 +357,43 @@ impl Session {
     }
 }
 
-/// The chunk at `at` if it is settled (module doc), as an extent. (`shipped`: the last
-/// record sent; None only for a planted mistake that skips the check.)
-fn read_settled_chunk(
-    volume: &dyn VolumeRead,
-    journal: &Journal,
-    shipped: Option<u64>,
-    at: u64,
-    len: u64,
-) -> Result<Option<crate::extent::Extent>, SessionEnd> {
-    let settled = || shipped.is_none_or(|s| journal.settled_since(s, at, len));
-    if !settled() {
-        return Ok(None);
-    }
-    let Some(e) = read_chunk(volume, at, len)? else {
-        return Ok(None);
-    };
-    // Settled before the read and after it: no change came in between (a change holds the
-    // range's lock from before its journal intent to after its record).
-    Ok(settled().then_some(e))
+/// Reads chunks if they are settled (module doc).
+struct Settle<'a> {
+    journal: &'a Journal,
+    volume: &'a dyn VolumeRead,
+    /// None only for a planted mistake that skips the check.
+    survey: Option<&'a ChangedChunks>,
+    chunk: u64,
 }
 
-/// The checksum of the chunk at `at` if it is settled.
-fn sum_settled_chunk(
-    volume: &dyn VolumeRead,
-    journal: &Journal,
-    shipped: Option<u64>,
-    at: u64,
-    len: u64,
-) -> Result<Option<[u8; crate::repl::frame::SUM_LEN]>, SessionEnd> {
-    Ok(
-        read_settled_chunk(volume, journal, shipped, at, len)?.map(|e| match &e.payload {
+impl Settle<'_> {
+    /// The chunk at `at` as an extent, if it is settled: untouched by what the survey saw,
+    /// and, before the read and after it, by anything since (a change holds the range's lock
+    /// from before its journal intent to after its record, so none came in between).
+    fn read(&self, at: u64, len: u64) -> Result<Option<crate::extent::Extent>, SessionEnd> {
+        let settled = || {
+            self.survey.is_none_or(|s| {
+                !s.touched(at / self.chunk) && self.journal.settled_since(s.as_of, at, len)
+            })
+        };
+        if !settled() {
+            return Ok(None);
+        }
+        let Some(e) = read_chunk(self.volume, at, len)? else {
+            return Ok(None);
+        };
+        Ok(settled().then_some(e))
+    }
+
+    /// The checksum of the chunk at `at`, if it is settled.
+    fn sum(
+        &self,
+        at: u64,
+        len: u64,
+    ) -> Result<Option<[u8; crate::repl::frame::SUM_LEN]>, SessionEnd> {
+        Ok(self.read(at, len)?.map(|e| match &e.payload {
             crate::extent::Payload::Data(d) => super::chunk_sum(d),
             crate::extent::Payload::Zero(n) => super::chunk_sum(&vec![0u8; *n as usize]),
-        }),
-    )
+        }))
+    }
 }
