@@ -155,9 +155,12 @@ use crate::repl::identity::{GenId, Lineage, PrimaryClaim, Span, VolumeUuid, MAX_
 /// Version spoken by this code (Hello's `version`).
 pub const PROTOCOL_VERSION: u16 = 4;
 /// Oldest version whose messages still decode (a mirror's redo log may hold sets of versions
-/// 1 to 3). A session needs version 4: volume identities (docs/IDENTITY.md, version 3) and
-/// repair sets (version 4).
+/// 1 to 3).
 pub const OLDEST_PROTOCOL_VERSION: u16 = 1;
+/// Oldest version a mirror holds a session with: volume identities (docs/IDENTITY.md) came
+/// with 3. A version-3 primary never sends a Repair set (version 4), so it is served as is: a
+/// mirror can be upgraded before its primaries.
+pub const OLDEST_SESSION_VERSION: u16 = 3;
 /// Most checksums in one Sums message.
 pub const MAX_SUMS: usize = 1024;
 /// Bytes of one chunk checksum (SHA-256).

@@ -15,7 +15,8 @@ use super::ReplState;
 use crate::disk::fingerprint::Fingerprint;
 use crate::repl::apply::{CopyState, Stager, Staging, Step, VolumeState};
 use crate::repl::frame::{
-    DeltaSet, Message, Mode, RefuseCode, SetKind, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    DeltaSet, Message, Mode, RefuseCode, SetKind, OLDEST_PROTOCOL_VERSION, OLDEST_SESSION_VERSION,
+    PROTOCOL_VERSION,
 };
 use crate::repl::identity::{
     decide, foreign, Decision, MirrorHolds, PrimaryClaim, RefuseKind, VolumeUuid,
@@ -90,20 +91,16 @@ pub struct MirrorCore {
 /// speaks (an older primary sends no Identify: it cannot say whose data it holds) and the
 /// volume's size here. The driver checks it on arrival; [`MirrorCore::hello`] again.
 pub fn check_hello(version: u16, volume: &str, size: u64, here: u64) -> Result<(), Refusal> {
-    if version != PROTOCOL_VERSION {
-        let why = if (OLDEST_PROTOCOL_VERSION..PROTOCOL_VERSION).contains(&version) {
-            let lacks = if version < 3 {
-                "volume identities"
-            } else {
-                "the online verify's repair sets"
-            };
+    if !(OLDEST_SESSION_VERSION..=PROTOCOL_VERSION).contains(&version) {
+        let why = if (OLDEST_PROTOCOL_VERSION..OLDEST_SESSION_VERSION).contains(&version) {
             format!(
-                "protocol version {version} has no {lacks}; this mirror needs version \
-                 {PROTOCOL_VERSION}: upgrade the primary"
+                "protocol version {version} has no volume identities; this mirror needs \
+                 version {OLDEST_SESSION_VERSION} to {PROTOCOL_VERSION}: upgrade the primary"
             )
         } else {
             format!(
-                "protocol version {version} unsupported (this mirror speaks {PROTOCOL_VERSION})"
+                "protocol version {version} unsupported (this mirror speaks \
+                 {OLDEST_SESSION_VERSION} to {PROTOCOL_VERSION})"
             )
         };
         return Err((RefuseCode::Version, why));
@@ -582,5 +579,26 @@ impl MirrorCore {
         } else {
             ReplState::Resyncing
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A mirror serves primaries of versions 3 (identities, no repair sets) and 4; older ones
+    /// are told to upgrade, newer ones that this mirror does not speak their version.
+    #[test]
+    fn hello_versions_served_and_refused() {
+        assert!(check_hello(3, "v", 10, 10).is_ok());
+        assert!(check_hello(PROTOCOL_VERSION, "v", 10, 10).is_ok());
+        let (code, why) = check_hello(2, "v", 10, 10).unwrap_err();
+        assert_eq!(code, RefuseCode::Version);
+        assert!(why.contains("upgrade the primary"), "{why}");
+        let (code, why) = check_hello(PROTOCOL_VERSION + 1, "v", 10, 10).unwrap_err();
+        assert_eq!(code, RefuseCode::Version);
+        assert!(why.contains("unsupported"), "{why}");
+        let (code, _) = check_hello(3, "v", 10, 20).unwrap_err();
+        assert_eq!(code, RefuseCode::SizeMismatch);
     }
 }
