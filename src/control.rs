@@ -237,16 +237,41 @@ pub fn render(v: &serde_json::Value) -> String {
             out.push_str(&format!("  {name}: journal: {e}\n"));
         }
         if let Some(p) = vol.get("initial_copy").filter(|p| !p.is_null()) {
-            let what = if p["compare"] == true {
-                "comparison"
-            } else {
-                "full copy"
+            let what = match p["kind"].as_str() {
+                Some("dirty") => "resync of dirty regions (the mirror stays consistent)",
+                _ if p["compare"] == true => "comparison",
+                _ => "full copy",
             };
             out.push_str(&format!(
-                "  {name}: {what}: {} of {}\n",
+                "  {name}: {what}: {} of {}{}\n",
                 human_bytes(p["done_bytes"].as_u64().unwrap_or(0)),
-                human_bytes(p["total_bytes"].as_u64().unwrap_or(0))
+                human_bytes(p["total_bytes"].as_u64().unwrap_or(0)),
+                rate_and_eta(p)
             ));
+        }
+        if let Some(v) = vol.get("verify").filter(|v| !v.is_null()) {
+            let differing = v["differing_bytes"].as_u64().unwrap_or(0);
+            let state = v["state"].as_str().unwrap_or("?");
+            let mut line = format!(
+                "  {name}: verify {state}: {} of {} compared, {} differing",
+                human_bytes(v["compared_bytes"].as_u64().unwrap_or(0)),
+                human_bytes(v["total_bytes"].as_u64().unwrap_or(0)),
+                human_bytes(differing)
+            );
+            if v["repair"] == true {
+                line.push_str(&format!(
+                    ", {} repaired",
+                    human_bytes(v["repaired_bytes"].as_u64().unwrap_or(0))
+                ));
+            }
+            if state == "running" {
+                line.push_str(&rate_and_eta(v));
+            }
+            if let Some(why) = v["interrupted_by"].as_str() {
+                line.push_str(&format!(" ({why})"));
+            }
+            out.push_str(&line);
+            out.push('\n');
         }
         if let Some(t) = vol["newest_write_at"].as_str() {
             out.push_str(&format!(
@@ -254,6 +279,18 @@ pub fn render(v: &serde_json::Value) -> String {
                 vol["received_at"].as_str().unwrap_or("-")
             ));
         }
+    }
+    out
+}
+
+/// `, 120 MiB/s, 35 s left` from a progress entry's `rate_bytes_per_second` and `eta_seconds`.
+fn rate_and_eta(p: &serde_json::Value) -> String {
+    let mut out = String::new();
+    if let Some(r) = p["rate_bytes_per_second"].as_f64() {
+        out.push_str(&format!(", {}/s", human_bytes(r as u64)));
+    }
+    if let Some(eta) = p["eta_seconds"].as_f64() {
+        out.push_str(&format!(", {} left", human_seconds(eta)));
     }
     out
 }
@@ -324,6 +361,30 @@ mod tests {
         assert!(text.contains("b: last error: mirror refused: no"), "{text}");
         assert!(
             text.contains("b: journal: cannot sync the journal: Input/output error"),
+            "{text}"
+        );
+    }
+
+    /// A resync and a verify each get a line with what is done, the rate and what is left.
+    #[test]
+    fn resync_and_verify_show_rate_and_time_left() {
+        let doc = json!({ "role": "primary", "volumes": [
+            { "name": "v", "state": "resyncing", "link": "up",
+              "initial_copy": { "kind": "dirty", "done_bytes": 1u64 << 30,
+                "total_bytes": 3u64 << 30, "rate_bytes_per_second": 104_857_600.0,
+                "eta_seconds": 20.5 },
+              "verify": { "state": "running", "compared_bytes": 1u64 << 20,
+                "total_bytes": 1u64 << 30, "differing_bytes": 4096, "repair": true,
+                "repaired_bytes": 0, "rate_bytes_per_second": 1_048_576.0,
+                "eta_seconds": 1023.0, "interrupted_by": null } },
+        ]});
+        let text = render(&doc);
+        assert!(
+            text.contains("v: resync of dirty regions (the mirror stays consistent): 1.0 GiB of 3.0 GiB, 100 MiB/s, 20.5 s left"),
+            "{text}"
+        );
+        assert!(
+            text.contains("v: verify running: 1.0 MiB of 1.0 GiB compared, 4.0 KiB differing, 0 B repaired, 1.0 MiB/s, 17 min 3 s left"),
             "{text}"
         );
     }
