@@ -4,6 +4,7 @@ pub mod apply;
 pub mod core;
 pub mod fold;
 pub mod frame;
+pub mod history;
 pub mod identity;
 pub mod mirror;
 pub mod redo;
