@@ -86,6 +86,25 @@ fn push_range(ranges: &mut Vec<(u64, u64)>, at: u64, len: u64) {
     }
 }
 
+/// A chunk that was not settled: back in `queue` for a moment later, or, once it has been
+/// waiting for [`SETTLE_LIMIT`], reported unverified (`why`).
+fn unsettled(
+    mut w: Waiting,
+    len: u64,
+    now: Instant,
+    queue: &mut VecDeque<Waiting>,
+    unverified: &mut Vec<(u64, u64)>,
+    why: &str,
+) {
+    if now.duration_since(w.since) >= SETTLE_LIMIT {
+        tracing::warn!(offset = w.at, "verify: {why}");
+        push_range(unverified, w.at, len);
+    } else {
+        w.next = now + SETTLE_RETRY;
+        queue.push_back(w);
+    }
+}
+
 /// Why a verify cannot start now.
 #[derive(Debug, PartialEq, Eq)]
 pub enum VerifyRefusal {
@@ -239,24 +258,21 @@ impl Session {
             while tries > 0 && folder.data_bytes() < self.limits.set_max_bytes {
                 tries -= 1;
                 looked += 1;
-                let mut w = v.to_repair.pop_front().expect("counted");
+                let w = v.to_repair.pop_front().expect("counted");
                 let len = chunk.min(size - w.at);
                 match settle.read(w.at, len)? {
                     Some(e) => {
                         folder.add(e);
                         bytes += len;
                     }
-                    None if now.duration_since(w.since) >= SETTLE_LIMIT => {
-                        tracing::warn!(
-                            offset = w.at,
-                            "verify: a differing chunk never settled: not repaired"
-                        );
-                        push_range(&mut v.progress.unverified, w.at, len);
-                    }
-                    None => {
-                        w.next = now + SETTLE_RETRY;
-                        v.to_repair.push_back(w);
-                    }
+                    None => unsettled(
+                        w,
+                        len,
+                        now,
+                        &mut v.to_repair,
+                        &mut v.progress.unverified,
+                        "a differing chunk never settled: not repaired",
+                    ),
                 }
             }
             if bytes > 0 {
@@ -300,24 +316,21 @@ impl Session {
                     v.pos += len;
                 }
             } else if v.deferred.front().is_some_and(|w| w.next <= now) {
-                let mut w = v.deferred.pop_front().expect("checked");
+                let w = v.deferred.pop_front().expect("checked");
                 let len = chunk.min(size - w.at);
                 match settle.sum(w.at, len)? {
                     Some(s) => {
                         offset = Some(w.at);
                         sums.push(s);
                     }
-                    None if now.duration_since(w.since) >= SETTLE_LIMIT => {
-                        tracing::warn!(
-                            offset = w.at,
-                            "verify: a chunk never settled: not compared"
-                        );
-                        push_range(&mut v.progress.unverified, w.at, len);
-                    }
-                    None => {
-                        w.next = now + SETTLE_RETRY;
-                        v.deferred.push_back(w);
-                    }
+                    None => unsettled(
+                        w,
+                        len,
+                        now,
+                        &mut v.deferred,
+                        &mut v.progress.unverified,
+                        "a chunk never settled: not compared",
+                    ),
                 }
             }
             if let Some(offset) = offset {
