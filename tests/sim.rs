@@ -72,6 +72,11 @@ fn every_schedule_keeps_the_promises() {
         "no mirror volume with unrecorded data was compared"
     );
     assert!(
+        reached.history_points_checked >= n,
+        "only {} history points were read back in {n} schedules",
+        reached.history_points_checked
+    );
+    assert!(
         reached.verifies >= n / 2,
         "only {} online verifies finished in {n} schedules",
         reached.verifies
@@ -188,8 +193,9 @@ fn a_verify_of_unsettled_chunks_is_caught() {
 /// A verify that finds the corruption but repairs nothing leaves the mirror different.
 #[test]
 fn a_verify_that_repairs_nothing_is_caught() {
-    // No crashes and no full disks: their comparisons would mend the rot too.
-    let n = failures(1..=60, |seed| SimConfig {
+    // No crashes and no full disks: their comparisons would mend the rot too (and so do the
+    // writes that land on a rotted block: many seeds, so that some rot outlives them).
+    let n = failures(1..=300, |seed| SimConfig {
         scenario: Scenario::CorruptMirror,
         bugs: PlantedBugs {
             verify_forgets_differences: true,
@@ -203,6 +209,20 @@ fn a_verify_that_repairs_nothing_is_caught() {
     assert!(
         n > 0,
         "a verify that repairs nothing went unnoticed in 60 schedules"
+    );
+}
+
+/// The mirror's history saving a set's before-images after writing it (so they hold the new
+/// content) is caught by the check of its points.
+#[test]
+fn a_history_saved_after_the_write_is_caught() {
+    let n = caught(PlantedBugs {
+        history_after_write: true,
+        ..Default::default()
+    });
+    assert!(
+        n > 0,
+        "a history saved after the write went unnoticed in 60 schedules"
     );
 }
 

@@ -16,6 +16,8 @@
 //! set it holds, of [`HEADER_LEN`]-byte records (CRC'd) followed by their data.
 
 use crate::env::{write_all_at, Fs, Handle, OpenOptions};
+use crate::repl::apply::ApplyTarget;
+use crate::repl::frame::DeltaSet;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -346,6 +348,23 @@ impl History {
         self.forget_after(set)
     }
 
+    /// The highest set with a record (0: none).
+    pub fn last_set(&self) -> u64 {
+        let undo = self.undo.iter().map(|u| u.set).max().unwrap_or(0);
+        undo.max(self.points.last().map_or(0, |p| p.set))
+    }
+
+    /// Forget everything (the volume is not the one the history describes: a replaced disk).
+    pub fn clear(&mut self) -> io::Result<()> {
+        for s in self.segments.drain(..) {
+            self.fs.remove_file(&s.path)?;
+        }
+        self.undo.clear();
+        self.points.clear();
+        self.point_segments.clear();
+        self.fs.sync_dir(&self.dir)
+    }
+
     /// The newest point at or before `time_ms` (by this host's clock).
     pub fn point_at(&self, time_ms: u64) -> Option<Point> {
         self.points
@@ -423,6 +442,43 @@ impl History {
         s.len = cut_at;
         self.undo.truncate(cut);
         self.fs.sync_dir(&self.dir)
+    }
+}
+
+/// An applier that saves the blocks each set overwrites in the history first.
+pub struct WithHistory<'a> {
+    pub target: &'a mut dyn ApplyTarget,
+    pub history: &'a mut History,
+}
+
+impl ApplyTarget for WithHistory<'_> {
+    fn apply(&mut self, set: &DeltaSet) -> io::Result<()> {
+        let ranges: Vec<(u64, u64)> = set
+            .extents
+            .iter()
+            .filter(|e| !e.is_empty())
+            .map(|e| (e.offset, e.len()))
+            .collect();
+        let target = &mut *self.target;
+        self.history
+            .before_apply(set.set, &ranges, &mut |o, out| target.read(o, out))?;
+        self.target.apply(set)
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.target.sync()
+    }
+
+    fn read(&mut self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        self.target.read(offset, out)
+    }
+
+    fn fingerprint(&self) -> io::Result<crate::disk::fingerprint::Fingerprint> {
+        self.target.fingerprint()
+    }
+
+    fn holds_data(&self) -> io::Result<bool> {
+        self.target.holds_data()
     }
 }
 

@@ -13,7 +13,7 @@ use crate::env::mem::MemFs;
 use crate::env::{Fs, Handle};
 use crate::extent::{Extent, Payload};
 use crate::journal::{Intent, Journal, JournalOptions, Observed, OnFull};
-use crate::repl::apply::{self, VolumeState};
+use crate::repl::apply::{self, ApplyTarget, VolumeState};
 use crate::repl::core::mirror::{Durable, Failure, MirrorCore};
 use crate::repl::core::primary::{
     chunk_sum, Event, Limits, PrimaryVolumeState, Session, SessionEnd, Transmit, VerifyProgress,
@@ -21,6 +21,7 @@ use crate::repl::core::primary::{
 };
 use crate::repl::core::{PlantedBugs, ReplState};
 use crate::repl::frame::{self, DeltaSet, Message, Mode, RefuseCode, SUM_LEN};
+use crate::repl::history::{History, Point, WithHistory};
 use crate::repl::identity::{GenId, PrimaryClaim};
 use crate::repl::redo::RedoLog;
 use crate::volume::VolumeRead;
@@ -38,6 +39,9 @@ const JOURNAL_SEGMENT: u64 = 16 << 10;
 const JOURNAL_CAP: u64 = 160 << 10;
 const REDO_SEGMENT: u64 = 32 << 10;
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+/// Recoverable points the simulated mirror keeps before retention drops the older half.
+const HISTORY_POINTS: usize = 40;
+
 /// After a permanent refusal the simulated primary retries this rarely (as the real one).
 const SLOW_RETRY: Duration = Duration::from_secs(600);
 
@@ -751,11 +755,15 @@ struct MirrorUp {
     unsynced: Vec<Handle>,
     last_checkpoint: Duration,
     unsaved: bool,
+    history: History,
 }
 
 /// The mirror host (see the module doc).
 pub struct MirrorHost {
     pub fs: MemFs,
+    /// The history's own device (a full or failing state directory is not simulated for it
+    /// yet): crashes keep what was synced, like the state directory's.
+    pub history_fs: MemFs,
     pub disk: Arc<MemDisk>,
     up: Option<MirrorUp>,
     pub down_until: Duration,
@@ -784,6 +792,7 @@ impl MirrorHost {
     pub fn new(disk_id: u64, clock: &Clock) -> MirrorHost {
         MirrorHost {
             fs: MemFs::new(),
+            history_fs: MemFs::new(),
             disk: Arc::new(MemDisk::new(disk_id, VOLUME_BYTES)),
             up: None,
             down_until: Duration::ZERO,
@@ -821,8 +830,13 @@ impl MirrorHost {
         let sealed_valid = redo.last_set().is_none_or(|l| l <= state.applied_set);
         let known = state.identity.fingerprint.clone();
         let loaded_set = state.applied_set;
+        let mut history = History::open(Arc::new(self.history_fs.clone()), Path::new("/h/vol"))
+            .map_err(|e| format!("history: {e}"))?;
         let replayed = apply::replay(
-            &mut MemApplier(&self.disk),
+            &mut WithHistory {
+                target: &mut MemApplier(&self.disk),
+                history: &mut history,
+            },
             &mut redo,
             &mut state,
             &*fs,
@@ -848,6 +862,12 @@ impl MirrorHost {
         );
         let replayed_sets = replayed.sets;
         core.bugs = self.bugs;
+        // Another disk than the history's before-images came from, or a numbering of sets
+        // that went back (the state was lost): the history describes nothing here any more.
+        if core.state().volume_changed.is_some() || history.last_set() > core.state().applied_set {
+            history.clear().map_err(|e| format!("history: {e}"))?;
+        }
+        Self::history_point(&mut history, &core, clock).map_err(|e| format!("history: {e}"))?;
         core.state()
             .save(&*fs, &state_path())
             .map_err(|e| format!("state save: {e}"))?;
@@ -871,19 +891,52 @@ impl MirrorHost {
             unsynced: Vec::new(),
             last_checkpoint: clock.now(),
             unsaved: false,
+            history,
         });
+        Ok(())
+    }
+
+    /// The volume is consistent now: a recoverable point (the oldest ones go beyond
+    /// [`HISTORY_POINTS`], to exercise retention).
+    fn history_point(
+        history: &mut History,
+        core: &MirrorCore,
+        clock: &Clock,
+    ) -> std::io::Result<()> {
+        let st = core.state();
+        let (true, Some(gen)) = (st.consistent(), st.position_gen) else {
+            return Ok(());
+        };
+        history.point(Point {
+            set: st.applied_set,
+            time_ms: clock.wall_ms(),
+            seq: st.applied_seq,
+            gen: gen.0,
+        })?;
+        let points = history.points();
+        if points.len() > HISTORY_POINTS {
+            let keep = points[points.len() - HISTORY_POINTS / 2].set;
+            history.retain_from(keep)?;
+        }
         Ok(())
     }
 
     pub fn kill(&mut self) {
         self.up = None;
         self.fs.restart();
+        self.history_fs.restart();
     }
 
     pub fn power_cut(&mut self, rng: &mut Prng) {
         self.up = None;
         self.fs.crash(rng);
+        self.history_fs.crash(rng);
         self.disk.crash(rng);
+    }
+
+    /// The history's recoverable points (none while down).
+    pub fn history(&self) -> Option<&History> {
+        self.up.as_ref().map(|u| &u.history)
     }
 
     fn send(u: &MirrorUp, conn: u64, m: &Message, clock: &Clock, link: &mut Link, rng: &mut Prng) {
@@ -1161,7 +1214,10 @@ impl MirrorHost {
                             &segments,
                             first - 1,
                             set.set - 1,
-                            &mut MemApplier(&self.disk),
+                            &mut WithHistory {
+                                target: &mut MemApplier(&self.disk),
+                                history: &mut u.history,
+                            },
                             |s| core.applied(s, received_ms),
                         ) {
                             core.fail(Failure {
@@ -1173,8 +1229,31 @@ impl MirrorHost {
                         self.commits += 1;
                     }
                 }
-                self.disk.apply(&set);
+                #[allow(unused_mut)]
+                let mut target = MemApplier(&self.disk);
+                #[cfg(any(test, feature = "test-hooks"))]
+                if self.bugs.history_after_write {
+                    target.apply(&set).expect("simulated disk");
+                }
+                let saved = WithHistory {
+                    target: &mut target,
+                    history: &mut u.history,
+                }
+                .apply(&set);
+                if let Err(e) = saved {
+                    u.core.fail(Failure {
+                        code: RefuseCode::VolumeFailed,
+                        why: format!("history: {e}"),
+                    });
+                    return false;
+                }
                 u.core.applied(&set, received_ms);
+                if let Err(e) = Self::history_point(&mut u.history, &u.core, clock) {
+                    u.core.fail(Failure {
+                        code: RefuseCode::VolumeFailed,
+                        why: format!("history: {e}"),
+                    });
+                }
                 u.unsaved = true;
                 true
             }

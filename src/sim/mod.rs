@@ -142,6 +142,8 @@ pub struct Stats {
     pub verifies: u64,
     pub verify_differing_bytes: u64,
     pub verify_repaired_bytes: u64,
+    /// History points read back and found exact.
+    pub history_points_checked: u64,
 }
 
 impl Stats {
@@ -167,6 +169,7 @@ impl Stats {
         self.verifies += other.verifies;
         self.verify_differing_bytes += other.verify_differing_bytes;
         self.verify_repaired_bytes += other.verify_repaired_bytes;
+        self.history_points_checked += other.history_points_checked;
     }
 }
 
@@ -397,10 +400,60 @@ impl World {
             self.violation(what);
         }
         self.check_i1("after the mirror restarted");
+        self.check_history("after the mirror restarted");
     }
 
     fn mirror_consistent(&self) -> bool {
         self.mirror.core().is_some_and(|c| c.state().consistent())
+    }
+
+    /// The mirror's history: its oldest point, its newest and one at random read exactly as
+    /// the state each names (generation, sequence), whatever the volume holds now.
+    fn check_history(&mut self, when: &str) {
+        let Some(h) = self.mirror.history() else {
+            return;
+        };
+        let points = h.points().to_vec();
+        if points.is_empty() {
+            return;
+        }
+        let live = self.mirror.disk.content();
+        let picks = [
+            points[0],
+            points[points.len() - 1],
+            points[self.rng.below(points.len() as u64) as usize],
+        ];
+        for p in picks {
+            let mut view = vec![0u8; live.len()];
+            let read = h.read_at(p.set, 0, &mut view, &mut |o, out| {
+                out.copy_from_slice(&live[o as usize..o as usize + out.len()]);
+                Ok(())
+            });
+            if let Err(e) = read {
+                return self.violation(format!("{when}: history point {p:?} cannot be read: {e}"));
+            }
+            let gen = crate::repl::identity::GenId(p.gen);
+            let want = std::iter::once(&self.primary.model)
+                .chain(self.other.as_ref().map(|o| &o.model))
+                .find_map(|m| m.state(gen, p.seq));
+            let Some(want) = want else {
+                return self.violation(format!(
+                    "{when}: history point {p:?} names a state no primary made"
+                ));
+            };
+            for &b in &self.corrupted {
+                let r = b as usize * 4096..(b as usize + 1) * 4096;
+                view[r.clone()].copy_from_slice(&want[r]);
+            }
+            if let Some((block, count)) = model::first_difference(&view, &want) {
+                return self.violation(format!(
+                    "{when}: history point at set {} (generation {gen}, seq {}) reads \
+                     {count} block(s) differently from that state, the first block {block}",
+                    p.set, p.seq
+                ));
+            }
+            self.stats.history_points_checked += 1;
+        }
     }
 
     /// I1: a mirror that says it is consistent holds exactly the state it names.
@@ -540,6 +593,7 @@ impl World {
                 }
                 if applied && self.applies.is_multiple_of(8) {
                     self.check_i1("after applying");
+                    self.check_history("after applying");
                 }
             }
             700..=729 => self.mirror.checkpoint(&self.clock, false),
@@ -750,6 +804,8 @@ impl World {
             Scenario::LostMirrorState => {
                 self.mirror.kill();
                 self.mirror.fs = crate::env::mem::MemFs::new();
+                // The history lives in the state directory too.
+                self.mirror.history_fs = crate::env::mem::MemFs::new();
                 self.mirror.max_acked_set = 0;
                 self.mirror.note("state directory lost".into());
                 self.mirror.down_until = self.clock.now();
@@ -920,5 +976,6 @@ impl World {
             self.violation(what);
         }
         self.check_i1("at the end");
+        self.check_history("at the end");
     }
 }

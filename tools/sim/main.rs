@@ -6,8 +6,8 @@
 //! Environment: `SEEDS` (schedules to run, default 15000: under a minute on 2 cores),
 //! `BLKMIRROR_SIM_SEED` (replay that one seed, with its trace), `BLKMIRROR_SIM_STEPS`
 //! (steps per schedule, default 3000), `BLKMIRROR_SIM_BUG` (plant a known mistake:
-//! `ack-one-set-early`, `ack-before-sync`, `apply-resync-in-place`, `verify-unsettled` or
-//! `verify-forgets-differences`, to see the simulator catch it).
+//! `ack-one-set-early`, `ack-before-sync`, `apply-resync-in-place`, `verify-unsettled`,
+//! `verify-forgets-differences` or `history-after-write`, to see the simulator catch it).
 
 use blkmirror::repl::core::PlantedBugs;
 use blkmirror::sim;
@@ -58,7 +58,8 @@ impl Totals {
              resume {}, full copy {}, compare {} (of unrecorded mirror data {}); copies \
              of the primary refused {}; stalls ended {}; journal tails rotated out {}; \
              journal folds {}, staged resyncs completed {}, crashes while staged {}; \
-             verifies {} (differing {} B, repaired {} B); schedules: {}",
+             verifies {} (differing {} B, repaired {} B); history points checked {}; \
+             schedules: {}",
             s.writes,
             s.primary_crashes,
             s.mirror_crashes,
@@ -76,6 +77,7 @@ impl Totals {
             s.verifies,
             s.verify_differing_bytes,
             s.verify_repaired_bytes,
+            s.history_points_checked,
             scenarios.join(", ")
         )
     }
@@ -98,6 +100,10 @@ fn main() -> ExitCode {
             },
             Ok("ack-before-sync") => PlantedBugs {
                 ack_before_sync: true,
+                ..Default::default()
+            },
+            Ok("history-after-write") => PlantedBugs {
+                history_after_write: true,
                 ..Default::default()
             },
             Ok("verify-unsettled") => PlantedBugs {

@@ -61,4 +61,7 @@ pub struct PlantedBugs {
     pub verify_unsettled: bool,
     /// The online verify drops what it found different (nothing is repaired).
     pub verify_forgets_differences: bool,
+    /// The mirror saves a set's before-images in its history after writing the set (they
+    /// hold the new content then).
+    pub history_after_write: bool,
 }
