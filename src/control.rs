@@ -283,6 +283,39 @@ pub fn render(v: &serde_json::Value) -> String {
     out
 }
 
+/// The answer of `history` as a table per volume: SET, TIME, BYTES (before-images kept for
+/// going back to that point), oldest first.
+pub fn render_history(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    for vol in v["volumes"].as_array().into_iter().flatten() {
+        let points = vol["points"].as_array().cloned().unwrap_or_default();
+        out.push_str(&format!(
+            "{}: {} point(s), history {} (keeps {}, at most {})\n",
+            vol["name"].as_str().unwrap_or("?"),
+            points.len(),
+            human_bytes(vol["history_bytes"].as_u64().unwrap_or(0)),
+            human_seconds(vol["keep_seconds"].as_f64().unwrap_or(0.0)),
+            human_bytes(vol["max_bytes"].as_u64().unwrap_or(0)),
+        ));
+        let rows: Vec<[String; 3]> = points
+            .iter()
+            .map(|p| {
+                [
+                    p["set"].to_string(),
+                    p["time"].as_str().unwrap_or("-").to_string(),
+                    human_bytes(p["bytes"].as_u64().unwrap_or(0)),
+                ]
+            })
+            .collect();
+        let w = rows.iter().map(|r| r[0].len()).max().unwrap_or(0).max(3);
+        out.push_str(&format!("  {:<w$}  {:<24}  BYTES\n", "SET", "TIME"));
+        for r in rows {
+            out.push_str(&format!("  {:<w$}  {:<24}  {}\n", r[0], r[1], r[2]));
+        }
+    }
+    out
+}
+
 /// `, 120 MiB/s, 35 s left` from a progress entry's `rate_bytes_per_second` and `eta_seconds`.
 fn rate_and_eta(p: &serde_json::Value) -> String {
     let mut out = String::new();

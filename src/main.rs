@@ -7,7 +7,7 @@ use blkmirror::journal::OnFull;
 use blkmirror::mirror_daemon::{self, MirrorOptions};
 use blkmirror::nbd::server::{Limits, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS};
 use blkmirror::primary::{self, PrimaryOptions, ReplicationOptions};
-use blkmirror::repl::apply::recover;
+use blkmirror::repl::apply::{recover, RecoverTo};
 use blkmirror::transport::{Congestion, TlsFiles, Tuning};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -106,13 +106,65 @@ enum Command {
         /// Control socket (default STATE_DIR/control.sock).
         #[arg(long)]
         control: Option<PathBuf>,
+        /// Keep a history of each volume for this long (e.g. 90m, 24h, 7d): the blocks each
+        /// set overwrites are saved first (STATE_DIR/history/NAME), so recent moments can be
+        /// listed and brought back (`blkmirror history`). Off by default.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        history: Option<Duration>,
+        /// Cap on each volume's history on disk (default: the volume's size); the oldest
+        /// points go first.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "history")]
+        history_size: Option<u64>,
     },
-    /// Offline: replay the mirror's redo log into its volumes so each is a consistent state.
+    /// On the mirror: the recoverable points of each volume's history, oldest first.
+    History {
+        /// The mirror's control socket (STATE_DIR/control.sock).
+        #[arg(long)]
+        control: PathBuf,
+        /// Only this volume (default: all).
+        #[arg(long)]
+        volume: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// On the mirror: serve a point of a volume's history over NBD while replication goes on,
+    /// read-only or with --writable (writes kept in an overlay dropped at the end: the live
+    /// mirror is never written), until SIGTERM or SIGINT.
+    Export {
+        /// The mirror's control socket (STATE_DIR/control.sock).
+        #[arg(long)]
+        control: PathBuf,
+        #[arg(long)]
+        volume: String,
+        /// The history's point at this set (`blkmirror history` lists them).
+        #[arg(long, conflicts_with = "at", required_unless_present = "at")]
+        set: Option<u64>,
+        /// The newest point at or before this UTC time (RFC 3339).
+        #[arg(long, value_parser = parse_rfc3339)]
+        at: Option<u64>,
+        /// The unix socket to serve NBD on (export name: the volume's).
+        #[arg(long)]
+        nbd_unix: PathBuf,
+        #[arg(long)]
+        writable: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Offline: replay the mirror's redo log into its volumes so each is a consistent state;
+    /// with --set or --at, then bring each back to that point of its history (a failover to a
+    /// moment before an attack). The later points and sets are dropped.
     Recover {
         #[arg(long = "volume", required = true)]
         volumes: Vec<VolumeSpec>,
         #[arg(long)]
         state_dir: PathBuf,
+        /// The history's point at this set (`blkmirror history` lists them).
+        #[arg(long, conflicts_with = "at")]
+        set: Option<u64>,
+        /// The history's newest point at or before this UTC time (RFC 3339, e.g.
+        /// 2026-12-05T07:39:14Z; the mirror's clock).
+        #[arg(long, value_parser = parse_rfc3339)]
+        at: Option<u64>,
         /// Print a JSON report.
         #[arg(long)]
         json: bool,
@@ -264,6 +316,29 @@ enum CompressArg {
     Auto,
     On,
     Off,
+}
+
+/// A duration with a unit: `90s`, `30m`, `24h`, `7d`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: a number with a unit is expected (90s, 30m, 24h, 7d)"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
+    };
+    if secs == 0 {
+        return Err(format!("{s:?}: must be more than nothing"));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+fn parse_rfc3339(s: &str) -> Result<u64, String> {
+    blkmirror::repl::mirror::parse_time(s)
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -436,6 +511,8 @@ fn run(command: Command) -> Result<Exit, Failure> {
             tls,
             link,
             control,
+            history,
+            history_size,
         } => mirror_daemon::run(MirrorOptions {
             listen,
             volumes,
@@ -443,13 +520,102 @@ fn run(command: Command) -> Result<Exit, Failure> {
             tls: tls.files()?,
             tuning: link.tuning(),
             control,
+            history: history.map(|keep| blkmirror::repl::history::Retention {
+                keep,
+                max_bytes: history_size,
+            }),
         })?,
+        Command::Export {
+            control,
+            volume,
+            set,
+            at,
+            nbd_unix,
+            writable,
+            json,
+        } => {
+            // Before anything else: the mask is what makes the signal wait below work.
+            let signals = blkmirror::daemon::Signals::block()?;
+            let point = match (set, at) {
+                (Some(n), _) => format!("set={n}"),
+                (None, Some(t)) => format!("at={t}"),
+                (None, None) => unreachable!("clap requires one"),
+            };
+            let socket = std::path::absolute(&nbd_unix).map_err(|e| {
+                Failure::new(Exit::Usage, format!("export: {}: {e}", nbd_unix.display()))
+            })?;
+            let cmd = format!(
+                "export {volume} {point} {} {}{}",
+                socket.display(),
+                std::process::id(),
+                if writable { " writable" } else { "" }
+            );
+            let v = blkmirror::control::request(&control, &cmd)
+                .map_err(|e| Failure::new(e.exit_code(), format!("export: {e}")))?;
+            if json {
+                println!("{v}");
+            }
+            if let Some(err) = v["error"].as_str() {
+                let code = match v["code"].as_str() {
+                    Some("busy") => Exit::Busy,
+                    Some("io") => Exit::Io,
+                    _ => Exit::Usage,
+                };
+                return Err(Failure::new(code, format!("export: {err}")));
+            }
+            if !json {
+                println!(
+                    "{volume}: serving the point at set {} ({}) on {} ({}); stop with SIGTERM",
+                    v["set"],
+                    v["time"].as_str().unwrap_or("-"),
+                    socket.display(),
+                    if writable {
+                        "writable: writes go to an overlay dropped at the end"
+                    } else {
+                        "read-only"
+                    }
+                );
+            }
+            signals.wait_for_termination()?;
+            let _ =
+                blkmirror::control::request(&control, &format!("unexport {}", socket.display()));
+        }
+        Command::History {
+            control,
+            volume,
+            json,
+        } => {
+            let cmd = match &volume {
+                Some(v) => format!("history {v}"),
+                None => "history".into(),
+            };
+            let v = blkmirror::control::request(&control, &cmd)
+                .map_err(|e| Failure::new(e.exit_code(), format!("history: {e}")))?;
+            if let Some(err) = v["error"].as_str() {
+                if json {
+                    println!("{v}");
+                }
+                return Err(Failure::new(Exit::Usage, format!("history: {err}")));
+            }
+            if json {
+                println!("{v}");
+            } else {
+                print!("{}", blkmirror::control::render_history(&v));
+            }
+        }
         Command::Recover {
             volumes,
             state_dir,
+            set,
+            at,
             json,
         } => {
-            let reports = recover(&volumes, &state_dir)
+            let to = match (set, at) {
+                (Some(n), _) => RecoverTo::Set(n),
+                (None, Some(t)) => RecoverTo::At(t),
+                (None, None) => RecoverTo::Latest,
+            };
+            let reports = recover(&volumes, &state_dir, to)
                 .map_err(|e| Failure::new(Exit::from_io(&e), format!("recover: {e}")))?;
             if json {
                 println!(
@@ -475,6 +641,14 @@ fn run(command: Command) -> Result<Exit, Failure> {
                             "{}: {} sets of an incomplete resync kept, not applied (the \
                              volume is the state before it)",
                             r.volume, r.staged_sets
+                        );
+                    }
+                    if let Some(set) = r.restored_to_set {
+                        println!(
+                            "{}: brought back to the point at set {set} ({}); later points \
+                             and sets dropped",
+                            r.volume,
+                            r.restored_to_time.as_deref().unwrap_or("-")
                         );
                     }
                 }

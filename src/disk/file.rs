@@ -256,6 +256,22 @@ impl FileStorage {
     }
 }
 
+impl FileStorage {
+    /// A second, read-only handle on the same open file (its lock stays with this one): for
+    /// reading a volume while another thread owns this handle.
+    pub fn reader(&self) -> std::io::Result<FileStorage> {
+        Ok(FileStorage {
+            file: self.file.try_clone()?,
+            _lock: None,
+            size: self.size,
+            read_only: true,
+            block_device: self.block_device,
+            align: self.align,
+            mem_align: self.mem_align,
+        })
+    }
+}
+
 impl Storage for FileStorage {
     fn size(&self) -> u64 {
         self.size

@@ -676,6 +676,9 @@ pub struct RecoverReport {
     /// Sets of a resync staged but not complete: kept in the redo log, not applied (the
     /// volume stays at its consistent state; a running mirror completes the resync).
     pub staged_sets: u64,
+    /// `--set`/`--at`: the history's point the volume was brought back to.
+    pub restored_to_set: Option<u64>,
+    pub restored_to_time: Option<String>,
 }
 
 /// The set a redo entry holds, checked against the number the log filed it under.
@@ -798,7 +801,23 @@ pub fn replay(
 }
 
 /// `blkmirror recover`: offline, bring each volume to the last durable set.
-pub fn recover(volumes: &[VolumeSpec], state_dir: &Path) -> io::Result<Vec<RecoverReport>> {
+/// What `recover` brings each volume to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecoverTo {
+    /// The last consistent state the redo log holds.
+    Latest,
+    /// The history's point at this set.
+    Set(u64),
+    /// The history's newest point at or before this time (Unix milliseconds, the mirror's
+    /// clock).
+    At(u64),
+}
+
+pub fn recover(
+    volumes: &[VolumeSpec],
+    state_dir: &Path,
+    to: RecoverTo,
+) -> io::Result<Vec<RecoverReport>> {
     let fs: Fs = crate::env::os();
     let mut reports = Vec::new();
     for spec in volumes {
@@ -809,7 +828,72 @@ pub fn recover(volumes: &[VolumeSpec], state_dir: &Path) -> io::Result<Vec<Recov
         let state_path = VolumeState::path(state_dir, &spec.name);
         let mut state = VolumeState::load(&*fs, &state_path)?;
         let mut redo = RedoLog::open(&fs, &redo_dir(state_dir, &spec.name))?;
-        let replayed = replay(&mut applier, &mut redo, &mut state, &*fs, &state_path)?;
+        // A history kept by the mirror gets the before-images of what the replay writes.
+        let history_dir = crate::repl::history::Keeper::dir(state_dir, &spec.name);
+        let mut history = if fs.read_dir(&history_dir).is_ok_and(|d| !d.is_empty()) {
+            Some(crate::repl::history::History::open(
+                fs.clone(),
+                &history_dir,
+            )?)
+        } else {
+            None
+        };
+        let replayed = match history.as_mut() {
+            Some(h) => {
+                let mut target = crate::repl::history::WithHistory {
+                    target: &mut applier,
+                    history: h,
+                };
+                replay(&mut target, &mut redo, &mut state, &*fs, &state_path)?
+            }
+            None => replay(&mut applier, &mut redo, &mut state, &*fs, &state_path)?,
+        };
+        let mut restored_to = None;
+        if to != RecoverTo::Latest {
+            let Some(h) = history.as_mut() else {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "volume {}: no history in {} (the mirror keeps one with --history)",
+                        spec.name,
+                        history_dir.display()
+                    ),
+                ));
+            };
+            let point = match to {
+                RecoverTo::Set(n) => h.points().iter().find(|p| p.set == n).copied(),
+                RecoverTo::At(t) => h.point_at(t),
+                RecoverTo::Latest => unreachable!(),
+            };
+            let Some(point) = point else {
+                let (first, last) = (h.points().first(), h.points().last());
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "volume {}: no such point in its history (it holds sets {} to {}, \
+                         from {} to {}; see `blkmirror history`)",
+                        spec.name,
+                        first.map_or(0, |p| p.set),
+                        last.map_or(0, |p| p.set),
+                        first
+                            .and_then(|p| super::mirror::fmt_time(p.time_ms))
+                            .unwrap_or_default(),
+                        last.and_then(|p| super::mirror::fmt_time(p.time_ms))
+                            .unwrap_or_default(),
+                    ),
+                ));
+            };
+            restore_point(
+                &mut applier,
+                h,
+                &mut redo,
+                &mut state,
+                point,
+                &*fs,
+                &state_path,
+            )?;
+            restored_to = Some(point);
+        }
         reports.push(RecoverReport {
             volume: spec.name.clone(),
             replayed_sets: replayed.sets,
@@ -819,9 +903,60 @@ pub fn recover(volumes: &[VolumeSpec], state_dir: &Path) -> io::Result<Vec<Recov
             staged_sets: replayed
                 .staged
                 .map_or(0, |s| s.shadow.applied_set + 1 - s.first),
+            restored_to_set: restored_to.map(|p| p.set),
+            restored_to_time: restored_to.and_then(|p| super::mirror::fmt_time(p.time_ms)),
         });
     }
     Ok(reports)
+}
+
+/// Bring the volume back to `point` of its history (offline). In an order a crash cannot make
+/// wrong: the old blocks written and synced; the state saved at the point (with the disk's
+/// new change time sealed); the redo log's later sets dropped (until then a restart would
+/// replay them: the volume would be at the later, also consistent, state); the history's
+/// later records dropped.
+fn restore_point(
+    applier: &mut Applier,
+    history: &mut crate::repl::history::History,
+    redo: &mut RedoLog,
+    state: &mut VolumeState,
+    point: crate::repl::history::Point,
+    fs: &dyn FileSystem,
+    state_path: &Path,
+) -> io::Result<()> {
+    let mut extents = Vec::new();
+    history.restore_writes(point.set, &mut |offset, data| {
+        extents.push(crate::extent::Extent {
+            offset,
+            payload: crate::extent::Payload::Data(bytes::Bytes::copy_from_slice(data)),
+        });
+        Ok(())
+    })?;
+    // Newest record first: written one by one in that order, the oldest content wins.
+    for e in extents {
+        applier.apply(&DeltaSet {
+            set: point.set,
+            first_seq: point.seq,
+            last_seq: point.seq,
+            newest_write_ms: 0,
+            kind: SetKind::Repair,
+            extents: vec![e],
+        })?;
+    }
+    applier.sync()?;
+    state.applied_set = point.set;
+    state.applied_seq = point.seq;
+    state.consistent_after_seq = point.seq;
+    state.copy = CopyState::Done;
+    state.position_gen = Some(crate::repl::identity::GenId(point.gen));
+    state.volume_changed = None;
+    // The newest write it holds is not known any more; it arrived no later than the point.
+    state.newest_write_ms = 0;
+    state.newest_received_ms = point.time_ms;
+    state.identity.fingerprint = Some(applier.fingerprint()?);
+    state.save(fs, state_path)?;
+    redo.discard_after(point.set)?;
+    history.forget_after(point.set)
 }
 
 pub fn redo_dir(state_dir: &Path, volume: &str) -> PathBuf {

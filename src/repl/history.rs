@@ -333,6 +333,17 @@ impl History {
         set: u64,
         write: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
     ) -> io::Result<()> {
+        self.restore_writes(set, write)?;
+        self.forget_after(set)
+    }
+
+    /// [`History::restore`]'s writes only (the caller makes them durable and records the
+    /// volume's new position, then calls [`History::forget_after`]).
+    pub fn restore_writes(
+        &self,
+        set: u64,
+        write: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
         if !self.points.iter().any(|p| p.set == set) {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
@@ -345,7 +356,7 @@ impl History {
             self.undo_data(u, &mut buf, 0)?;
             write(u.offset, &buf)?;
         }
-        self.forget_after(set)
+        Ok(())
     }
 
     /// The highest set with a record (0: none).
@@ -425,7 +436,7 @@ impl History {
     }
 
     /// Drop every record from the first one of a set after `set` on (log order).
-    fn forget_after(&mut self, set: u64) -> io::Result<()> {
+    pub fn forget_after(&mut self, set: u64) -> io::Result<()> {
         let cut = self.undo.iter().position(|u| u.set > set);
         let point_cut = self.points.iter().position(|p| p.set > set);
         self.points.truncate(point_cut.unwrap_or(self.points.len()));
@@ -442,6 +453,136 @@ impl History {
         s.len = cut_at;
         self.undo.truncate(cut);
         self.fs.sync_dir(&self.dir)
+    }
+}
+
+/// How long and how much history a mirror keeps (`--history`, `--history-size`; None: the
+/// volume's size).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    pub keep: std::time::Duration,
+    pub max_bytes: Option<u64>,
+}
+
+/// A volume's history as the mirror keeps it: the log, the pace of its points, its retention.
+pub struct Keeper {
+    pub log: History,
+    pub keep: std::time::Duration,
+    pub max_bytes: u64,
+    /// Points being served (`blkmirror export`): retention keeps them and every later one.
+    pins: Vec<u64>,
+}
+
+impl Keeper {
+    pub fn dir(state_dir: &Path, volume: &str) -> PathBuf {
+        state_dir.join("history").join(volume)
+    }
+
+    /// The history of `volume` (of `volume_bytes`) in `state_dir`.
+    pub fn open(
+        fs: Fs,
+        state_dir: &Path,
+        volume: &str,
+        volume_bytes: u64,
+        retention: Retention,
+    ) -> io::Result<Keeper> {
+        let max_bytes = retention.max_bytes.unwrap_or(volume_bytes);
+        // Segments small enough that the cap frees space in steps of an eighth of it.
+        let segment = (max_bytes / 8).clamp(1 << 20, SEGMENT_BYTES);
+        Ok(Keeper {
+            log: History::open_with(fs, &Self::dir(state_dir, volume), segment)?,
+            keep: retention.keep,
+            max_bytes,
+            pins: Vec::new(),
+        })
+    }
+
+    /// The volume was checkpointed at `state` (synced, saved), at `now_ms` by this host's
+    /// clock: a point if it is consistent and moved since the last one, then the retention.
+    /// Checkpoints come at most every 100 ms while sets arrive: a point per set would cost a
+    /// record per set, thousands a second (every set keeps its before-images all the same).
+    /// Time only moves forward here: a clock stepped back does not reorder points.
+    pub fn checkpointed(
+        &mut self,
+        state: &crate::repl::apply::VolumeState,
+        now_ms: u64,
+    ) -> io::Result<()> {
+        let (true, Some(gen)) = (state.consistent(), state.position_gen) else {
+            return Ok(());
+        };
+        let last = self.log.points().last().copied();
+        if last.is_some_and(|l| l.set >= state.applied_set) {
+            return Ok(());
+        }
+        self.log.point(Point {
+            set: state.applied_set,
+            time_ms: now_ms.max(last.map_or(0, |l| l.time_ms)),
+            seq: state.applied_seq,
+            gen: gen.0,
+        })?;
+        self.enforce(now_ms)
+    }
+
+    /// Keep point `set` (and every later one) until [`Keeper::unpin`]: it is being served.
+    pub fn pin(&mut self, set: u64) -> io::Result<Point> {
+        let p = self.log.points().iter().find(|p| p.set == set).copied();
+        let p = p.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no recoverable point at set {set} (see `blkmirror history`)"),
+            )
+        })?;
+        self.pins.push(set);
+        Ok(p)
+    }
+
+    pub fn unpin(&mut self, set: u64) {
+        if let Some(i) = self.pins.iter().position(|&s| s == set) {
+            self.pins.swap_remove(i);
+        }
+    }
+
+    /// Drop points older than the retention, then the oldest while over the cap; the newest
+    /// point always stays, and so does every point from the oldest pinned one on.
+    fn enforce(&mut self, now_ms: u64) -> io::Result<()> {
+        let cutoff = now_ms.saturating_sub(self.keep.as_millis() as u64);
+        let pinned = self.pins.iter().min().copied().unwrap_or(u64::MAX);
+        let points = self.log.points();
+        let first_kept = points
+            .iter()
+            .position(|p| p.time_ms >= cutoff || p.set >= pinned)
+            .unwrap_or(points.len() - 1);
+        if first_kept > 0 {
+            let set = points[first_kept].set;
+            self.log.retain_from(set)?;
+        }
+        while self.log.bytes() > self.max_bytes
+            && self.log.points().len() > 1
+            && self.log.points()[0].set < pinned
+        {
+            let next = self.log.points()[1].set;
+            self.log.retain_from(next)?;
+        }
+        Ok(())
+    }
+
+    /// The points, oldest first, each with the bytes of before-images kept for going back to
+    /// it (what `recover` would write).
+    pub fn listing(&self) -> Vec<(Point, u64)> {
+        let mut sets: Vec<(u64, u64)> = self.log.undo.iter().map(|u| (u.set, u.len)).collect();
+        sets.sort_unstable();
+        let mut out = Vec::with_capacity(self.log.points.len());
+        let mut after = 0u64;
+        let mut i = sets.len();
+        for p in self.log.points.iter().rev() {
+            while i > 0 && sets[i - 1].0 > p.set {
+                i -= 1;
+                after += sets[i].1;
+            }
+            out.push((*p, after));
+        }
+        out.reverse();
+        out
     }
 }
 

@@ -11,6 +11,7 @@ use super::apply::{self, Applier, ApplyTarget, Step, VolumeState};
 use super::core::mirror::{check_hello, Accepted, Durable, Failure, MirrorCore, Refusal};
 use super::core::primary::{chunk_sum, unix_ms};
 use super::frame::{DeltaSet, Message, RefuseCode, SUM_LEN};
+use super::history::{Keeper, Point, Retention, WithHistory};
 use super::redo::RedoLog;
 use super::stream::{read_message, write_message, StreamError};
 use crate::disk::buf::{BlockBytes, SharedPool};
@@ -198,18 +199,37 @@ pub struct MirrorVolume {
     apply_budget: Arc<ApplyBudget>,
     pub stats: MirrorStats,
     session: Mutex<Option<tokio::task::AbortHandle>>,
+    /// The volume's history (`--history`): before-images and recoverable points.
+    history: Option<Mutex<Keeper>>,
+    /// A read-only handle on the volume (the applier owns the other): what exports read.
+    reader: Option<Arc<FileStorage>>,
 }
 
 impl MirrorVolume {
     /// Open the volume, check its disk against its state, replay its redo log, start its
     /// pipeline threads.
-    pub fn open(fs: &Fs, spec: &VolumeSpec, state_dir: &Path) -> io::Result<Arc<MirrorVolume>> {
+    pub fn open(
+        fs: &Fs,
+        spec: &VolumeSpec,
+        state_dir: &Path,
+        history: Option<Retention>,
+    ) -> io::Result<Arc<MirrorVolume>> {
         // Direct I/O: through the page cache, each small write cost more CPU in ext4 than the
         // copy itself (large folios), and fsync then paid for the writeback.
         let storage = FileStorage::open(spec, IoMode::Direct).map_err(io::Error::other)?;
         let size = crate::disk::Storage::size(&storage);
+        let reader = storage.reader()?;
         let mut applier = Applier::new(storage)?;
-        Self::open_with(fs, &spec.name, size, &mut applier, state_dir).map(|(vol, threads)| {
+        Self::open_with(
+            fs,
+            &spec.name,
+            size,
+            &mut applier,
+            state_dir,
+            history,
+            Some(reader),
+        )
+        .map(|(vol, threads)| {
             threads.start(vol.clone(), applier);
             vol
         })
@@ -222,6 +242,8 @@ impl MirrorVolume {
         size: u64,
         applier: &mut dyn ApplyTarget,
         state_dir: &Path,
+        retention: Option<Retention>,
+        reader: Option<FileStorage>,
     ) -> io::Result<(Arc<MirrorVolume>, Threads)> {
         let state_path = VolumeState::path(state_dir, name);
         let mut state = VolumeState::load(&**fs, &state_path)?;
@@ -231,7 +253,37 @@ impl MirrorVolume {
         let disk = applier.fingerprint().ok();
         let sealed_valid = redo.last_set().is_none_or(|l| l <= state.applied_set);
         let known = state.identity.fingerprint.clone();
-        let replayed = apply::replay(applier, &mut redo, &mut state, &**fs, &state_path)?;
+        let mut keeper = match retention {
+            Some(r) => Some(Keeper::open(fs.clone(), state_dir, name, size, r)?),
+            None => {
+                let dir = Keeper::dir(state_dir, name);
+                if fs.read_dir(&dir).is_ok_and(|d| !d.is_empty()) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "volume {name} has a history ({}): start the mirror with --history \
+                             to keep it, or remove that directory to drop it (without \
+                             --history, later writes would leave it describing nothing)",
+                            dir.display()
+                        ),
+                    ));
+                }
+                None
+            }
+        };
+        let replayed = match keeper.as_mut() {
+            Some(k) => apply::replay(
+                &mut WithHistory {
+                    target: applier,
+                    history: &mut k.log,
+                },
+                &mut redo,
+                &mut state,
+                &**fs,
+                &state_path,
+            )?,
+            None => apply::replay(applier, &mut redo, &mut state, &**fs, &state_path)?,
+        };
         if replayed.sets > 0 {
             tracing::info!(volume = %name, sets = replayed.sets, "redo log replayed");
         }
@@ -248,6 +300,23 @@ impl MirrorVolume {
         // disk that cannot say is assumed to hold data (a comparison costs only reads).
         let holds_data =
             state.copy == apply::CopyState::None && applier.holds_data().unwrap_or(true);
+        if let Some(k) = keeper.as_mut() {
+            // Before-images of another disk, or a numbering of sets that went back (a lost
+            // state): the history describes nothing here any more.
+            let why = if state.volume_changed.is_some() {
+                Some("the volume's disk changed")
+            } else if k.log.last_set() > state.applied_set {
+                Some("the mirror's state is older than its history (was it restored?)")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                tracing::warn!(volume = %name, points = k.log.points().len(),
+                    "{why}: its history is dropped");
+                k.log.clear()?;
+            }
+            k.checkpointed(&state, unix_ms(SystemTime::now()))?;
+        }
         let core = MirrorCore::new(
             name,
             size,
@@ -276,6 +345,8 @@ impl MirrorVolume {
             apply_budget: ApplyBudget::new(APPLY_QUEUE_BYTES),
             stats: MirrorStats::default(),
             session: Mutex::new(None),
+            history: keeper.map(Mutex::new),
+            reader: reader.map(Arc::new),
         });
         Ok((
             vol,
@@ -465,7 +536,7 @@ impl MirrorVolume {
                     i += 1;
                     continue;
                 }
-                Ok(Step::Apply) => applier.apply(set),
+                Ok(Step::Apply) => self.apply_set(applier, set),
                 Ok(Step::Commit { first, .. }) => {
                     self.commit_staged(applier, first, set, *received_ms)
                 }
@@ -514,10 +585,117 @@ impl MirrorVolume {
             .segments_between(first - 1, last.set - 1);
         // The retry after a failure starts again from the first set not yet applied.
         let from = self.core.lock().unwrap().state().applied_set.max(first - 1);
-        apply::apply_from_redo(&self.fs, &segments, from, last.set - 1, applier, |set| {
+        let mut history = self.history.as_ref().map(|h| h.lock().unwrap());
+        let mut with_history;
+        let target: &mut dyn ApplyTarget = match history.as_mut() {
+            Some(k) => {
+                with_history = WithHistory {
+                    target: applier,
+                    history: &mut k.log,
+                };
+                &mut with_history
+            }
+            None => applier,
+        };
+        apply::apply_from_redo(&self.fs, &segments, from, last.set - 1, target, |set| {
             self.core.lock().unwrap().applied(set, received_ms)
         })?;
-        applier.apply(last)
+        target.apply(last)
+    }
+
+    /// Write `set` to the volume, its before-images first when a history is kept.
+    fn apply_set(&self, applier: &mut Applier, set: &DeltaSet) -> io::Result<()> {
+        match &self.history {
+            Some(h) => WithHistory {
+                target: applier,
+                history: &mut h.lock().unwrap().log,
+            }
+            .apply(set),
+            None => applier.apply(set),
+        }
+    }
+
+    /// The volume was checkpointed at `state`: a recoverable point. A history that cannot
+    /// record it is logged, not fatal: the before-images, which are, were saved with the set.
+    fn history_point(&self, state: &VolumeState) {
+        let Some(h) = &self.history else { return };
+        if let Err(e) = h
+            .lock()
+            .unwrap()
+            .checkpointed(state, unix_ms(SystemTime::now()))
+        {
+            tracing::warn!(volume = %self.name, "history: cannot record a point: {e}");
+        }
+    }
+
+    /// Keep the history's point at `set` (or the newest at or before `at_ms`) while it is
+    /// served; returns it.
+    pub fn pin_point(&self, set: Option<u64>, at_ms: Option<u64>) -> io::Result<Point> {
+        let h = self.history.as_ref().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                "this mirror keeps no history (start it with --history DURATION)",
+            )
+        })?;
+        let mut k = h.lock().unwrap();
+        let set = match (set, at_ms) {
+            (Some(n), _) => n,
+            (None, Some(t)) => k.log.point_at(t).map(|p| p.set).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "no point at or before {} (see `blkmirror history`)",
+                        fmt_time(t).unwrap_or_default()
+                    ),
+                )
+            })?,
+            (None, None) => return Err(io::Error::other("a set or a time is needed")),
+        };
+        k.pin(set)
+    }
+
+    pub fn unpin_point(&self, set: u64) {
+        if let Some(h) = &self.history {
+            h.lock().unwrap().unpin(set);
+        }
+    }
+
+    /// Read `out` at `offset` as the volume was at point `set` (pinned): the volume now, then
+    /// the before-images saved since, under the history's lock, which the applier holds while
+    /// it writes (so no write lands between the two).
+    pub fn read_point(&self, set: u64, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        let (Some(h), Some(reader)) = (&self.history, &self.reader) else {
+            return Err(io::Error::other("no history or no volume to read"));
+        };
+        let k = h.lock().unwrap();
+        k.log.read_at(set, offset, out, &mut |o, b| {
+            crate::disk::Storage::read_sync(&**reader, o, b)
+        })
+    }
+
+    /// The recoverable points (`blkmirror history`): JSON keys are a contract.
+    pub fn history_listing(&self) -> Option<serde_json::Value> {
+        let h = self.history.as_ref()?.lock().unwrap();
+        let points: Vec<serde_json::Value> = h
+            .listing()
+            .into_iter()
+            .map(|(p, bytes)| {
+                serde_json::json!({
+                    "set": p.set,
+                    "time": fmt_time(p.time_ms),
+                    "bytes": bytes,
+                    "seq": p.seq,
+                    "generation": format!("{:016x}", p.gen),
+                })
+            })
+            .collect();
+        Some(serde_json::json!({
+            "name": self.name,
+            "points": points,
+            "history_bytes": h.log.bytes(),
+            "keep_seconds": h.keep.as_secs(),
+            "max_bytes": h.max_bytes,
+        }))
     }
 
     /// Sync the volume, save the state with its disk's change time sealed, and let the
@@ -539,6 +717,7 @@ impl MirrorVolume {
             ),
         })?;
         self.core.lock().unwrap().checkpoint_done(state.applied_set);
+        self.history_point(&state);
         // Not behind a redo fsync: if the log is busy, the next append trims.
         if let Ok(mut redo) = self.redo.try_lock() {
             if let Err(e) = redo.trim(state.applied_set) {
@@ -590,6 +769,16 @@ impl MirrorVolume {
         let refused = core.refused().cloned();
         let staging = core.staging();
         drop(core);
+        let history = self.history.as_ref().map(|h| {
+            let h = h.lock().unwrap();
+            let points = h.log.points();
+            serde_json::json!({
+                "points": points.len(),
+                "oldest_at": points.first().and_then(|p| fmt_time(p.time_ms)),
+                "newest_at": points.last().and_then(|p| fmt_time(p.time_ms)),
+                "bytes": h.log.bytes(),
+            })
+        });
         let sessions = self.stats.sessions.load(Ordering::Relaxed);
         let consistent = st.consistent() && failure.is_none();
         let now_ms = unix_ms(SystemTime::now());
@@ -636,6 +825,7 @@ impl MirrorVolume {
             "durable_seq": d.seq,
             "applied_set": st.applied_set,
             "applied_seq": st.applied_seq,
+            "history": history,
             "reconnects": sessions.saturating_sub(1),
             "refused": self.stats.refused.load(Ordering::Relaxed),
             "copy": st.copy,
@@ -905,6 +1095,40 @@ pub fn fmt_time(ms: u64) -> Option<String> {
     ))
 }
 
+/// RFC 3339 UTC text (`2026-12-05T07:39:14Z`, fractions of a second allowed; a `+00:00`
+/// offset too) as Unix milliseconds: what [`fmt_time`] writes, read back.
+pub fn parse_time(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?}: expected a UTC time like 2026-12-05T07:39:14Z");
+    let t = s
+        .strip_suffix('Z')
+        .or_else(|| s.strip_suffix("+00:00"))
+        .ok_or_else(bad)?;
+    let (date, time) = t.split_once(['T', ' ']).ok_or_else(bad)?;
+    let num = |x: &str| x.parse::<i64>().map_err(|_| bad());
+    let d: Vec<&str> = date.split('-').collect();
+    let (whole, frac) = time.split_once('.').unwrap_or((time, ""));
+    let c: Vec<&str> = whole.split(':').collect();
+    if d.len() != 3 || c.len() != 3 || !frac.chars().all(|ch| ch.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let (y, m, day) = (num(d[0])?, num(d[1])?, num(d[2])?);
+    let (hh, mm, ss) = (num(c[0])?, num(c[1])?, num(c[2])?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || hh > 23 || mm > 59 || ss > 60 {
+        return Err(bad());
+    }
+    // Days since 1970-01-01 from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let ms: i64 = format!("{frac:0<3}")[..3].parse().map_err(|_| bad())?;
+    let total = ((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000) + ms;
+    u64::try_from(total).map_err(|_| format!("{s:?}: before 1970"))
+}
+
 pub struct Mirror {
     pub volumes: Vec<Arc<MirrorVolume>>,
     /// Memory for received messages, shared by all sessions.
@@ -912,10 +1136,15 @@ pub struct Mirror {
 }
 
 impl Mirror {
-    pub fn open(fs: &Fs, specs: &[VolumeSpec], state_dir: &Path) -> io::Result<Arc<Mirror>> {
+    pub fn open(
+        fs: &Fs,
+        specs: &[VolumeSpec],
+        state_dir: &Path,
+        history: Option<Retention>,
+    ) -> io::Result<Arc<Mirror>> {
         let volumes = specs
             .iter()
-            .map(|s| MirrorVolume::open(fs, s, state_dir))
+            .map(|s| MirrorVolume::open(fs, s, state_dir, history))
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Arc::new(Mirror {
             volumes,
@@ -1316,7 +1545,7 @@ mod tests {
             size: None,
             read_only: false,
         };
-        let vol = MirrorVolume::open(&crate::env::os(), &spec, dir.path()).unwrap();
+        let vol = MirrorVolume::open(&crate::env::os(), &spec, dir.path(), None).unwrap();
         let s1 = start_session(&vol);
 
         // Session 1 queues sets 1-3; session 2 starts; then session 1's set 4 arrives late.
@@ -1368,6 +1597,32 @@ mod tests {
     }
 
     use crate::env::OsFs as OsFsRef;
+
+    #[test]
+    fn times_read_back_as_written() {
+        for ms in [
+            1_000u64,
+            1_764_921_554_123,
+            951_782_400_000,
+            4_102_444_799_999,
+        ] {
+            let text = fmt_time(ms).unwrap();
+            assert_eq!(parse_time(&text), Ok(ms), "{text}");
+        }
+        assert_eq!(
+            parse_time("2026-12-05T07:39:14+00:00"),
+            Ok(1_796_456_354_000)
+        );
+        assert_eq!(parse_time("2026-12-05T07:39:14.5Z"), Ok(1_796_456_354_500));
+        for bad in [
+            "yesterday",
+            "2026-12-05",
+            "2026-13-05T00:00:00Z",
+            "2026-12-05T07:39:14+01:00",
+        ] {
+            assert!(parse_time(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn times_are_shown_in_utc() {

@@ -2,6 +2,7 @@
 //! receiver (`mirror`), redo log (`redo`) and applier (`apply`).
 pub mod apply;
 pub mod core;
+pub mod export;
 pub mod fold;
 pub mod frame;
 pub mod history;

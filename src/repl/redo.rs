@@ -293,6 +293,21 @@ impl RedoLog {
         Ok(())
     }
 
+    /// Forget every set after `applied` and every one before (an offline restore brought the
+    /// volume back to `applied`, which the state file now names): nothing here may be
+    /// replayed any more. Durable before it returns.
+    pub fn discard_after(&mut self, applied: u64) -> io::Result<()> {
+        if self.segments.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(applied, last_set = ?self.last_set(), "redo log: the sets after the restored point are dropped");
+        self.current = None;
+        while let Some(s) = self.segments.pop_front() {
+            self.fs.remove_file(&s.path)?;
+        }
+        self.fs.sync_dir(&self.dir)
+    }
+
     /// Forget segments whose sets are all applied (and synced to the volume).
     pub fn trim(&mut self, applied: u64) -> io::Result<()> {
         while self.segments.front().is_some_and(|s| s.last_set <= applied) {

@@ -745,6 +745,26 @@ pub(crate) struct Daemon {
 }
 
 impl Daemon {
+    /// More arguments, from the next start on.
+    pub(crate) fn push_args(&mut self, extra: &[&str]) {
+        self.args.extend(extra.iter().map(std::ffi::OsString::from));
+    }
+
+    /// Its arguments as text (to run it in the foreground and see how it exits).
+    pub(crate) fn args_for_test(&self) -> Vec<&str> {
+        self.args
+            .iter()
+            .map(|a| a.to_str().expect("UTF-8"))
+            .collect()
+    }
+
+    /// Arguments no longer given, from the next start on (each with the value after it).
+    pub(crate) fn drop_arg_with_value(&mut self, flag: &str) {
+        if let Some(i) = self.args.iter().position(|a| a == flag) {
+            self.args.drain(i..(i + 2).min(self.args.len()));
+        }
+    }
+
     /// Describe a daemon (not started yet). `args` is everything after the binary name.
     pub(crate) fn new(
         label: &str,
@@ -1080,6 +1100,11 @@ impl Background {
             child: Some(child),
             out: out.to_path_buf(),
         }
+    }
+
+    /// Its process, to signal it.
+    pub(crate) fn child_for_test(&mut self) -> &mut Child {
+        self.child.as_mut().expect("running")
     }
 
     /// What it printed so far.
