@@ -1957,3 +1957,102 @@ fn history_lists_points_and_recover_brings_back_an_earlier_one() {
     rig.wait_synced();
     rig.finish_and_compare();
 }
+
+/// The history's file system (the mirror's state directory) fills up: the oldest points are
+/// dropped to make room (logged), replication goes on without a failure that sticks, the
+/// newest points stay, and the mirror ends byte-identical.
+#[test]
+fn a_full_state_directory_makes_the_history_drop_its_oldest_points() {
+    let seed = 0x5EED_0017;
+    let mut rig = Pair::new(PairOptions {
+        mirror_tmpfs: Some("200M"),
+        ..Default::default()
+    });
+    rig.mirror.push_args(&["--history", "1h"]);
+    rig.mirror.start();
+    rig.primary.start();
+    rig.wait_consistent();
+    rig.workload(seed, 1, 2_000).wait_success();
+    rig.wait_synced();
+    newest_point_at_applied(&rig);
+    // Leave 16 MiB free: far less than the before-images still to come.
+    let filler = rig.tmpfs[0].dir.join("filler");
+    let filled = fill_file_system(&filler);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&filler)
+        .unwrap()
+        .set_len(filled.saturating_sub(16 * MIB))
+        .unwrap();
+    rig.workload(seed, 2_001, 12_000).wait_success();
+    rig.wait_synced();
+    assert!(
+        rig.mirror.log().contains("dropped to make room"),
+        "{}",
+        tail_lines(&rig.mirror.log(), 30)
+    );
+    let last = newest_point_at_applied(&rig);
+    let m = vol0(&rig.mirror.status());
+    assert_eq!(m["consistent"], true, "{m}");
+    assert!(u(&m["history"], "points") >= 1, "{m}");
+    assert!(u(&last, "set") > 0);
+    std::fs::remove_file(&filler).unwrap();
+    rig.finish_and_compare();
+}
+
+/// The mirror's process stopped and continued again and again (SIGSTOP / SIGCONT, as a
+/// debugger or a frozen VM does) while TRIMs and WRITE_ZEROES are applied through its
+/// io_uring: an interrupted wait is waited again, never taken for a failed volume (which
+/// left completions unreaped and the applier dead, issue 14's adversarial round). The mirror
+/// keeps applying and ends identical.
+#[test]
+fn a_mirror_stopped_and_continued_keeps_applying_trims() {
+    let mut rig = Pair::running(PairOptions::default());
+    let mut fio = Command::new("fio");
+    fio.args([
+        "--name=trims",
+        "--ioengine=nbd",
+        &format!("--uri={}", rig.uri()),
+        "--rw=randtrim",
+        "--bs=4k-1m",
+        "--iodepth=16",
+        "--size=64M",
+        "--time_based",
+        "--runtime=12",
+        "--thread",
+    ]);
+    let mut trims = Background::spawn("fio trimming", fio, &rig.dir().join("fio.out"));
+    let mut zeroer = Command::new("fio");
+    zeroer.args([
+        "--name=writes",
+        "--ioengine=nbd",
+        &format!("--uri={}", rig.uri()),
+        "--rw=randwrite",
+        "--bs=4k-256k",
+        "--iodepth=8",
+        "--size=64M",
+        "--zero_buffers",
+        "--time_based",
+        "--runtime=12",
+        "--thread",
+    ]);
+    let mut writes = Background::spawn("fio writing", zeroer, &rig.dir().join("fio2.out"));
+    let pid = nix::unistd::Pid::from_raw(rig.mirror.pid().unwrap() as i32);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        let _ = nix::sys::signal::kill(pid, Signal::SIGSTOP);
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = nix::sys::signal::kill(pid, Signal::SIGCONT);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = nix::sys::signal::kill(pid, Signal::SIGCONT);
+    assert!(trims.wait().success(), "{}", trims.output());
+    assert!(writes.wait().success(), "{}", writes.output());
+    rig.wait_synced();
+    assert!(
+        !rig.mirror.log().contains("panicked"),
+        "{}",
+        tail_lines(&rig.mirror.log(), 20)
+    );
+    rig.finish_and_compare();
+}

@@ -374,8 +374,12 @@ impl Applier {
         }
         let mut queue: Vec<usize> = (0..pending.len()).rev().collect();
         let mut inflight = 0usize;
-        while !queue.is_empty() || inflight > 0 {
-            while inflight < RING as usize {
+        // The first error: nothing more is submitted, but every operation in flight is reaped
+        // before this returns (the kernel writes from the set's buffers and the pool's until
+        // then).
+        let mut failed: Option<io::Error> = None;
+        while (failed.is_none() && !queue.is_empty()) || inflight > 0 {
+            while failed.is_none() && inflight < RING as usize {
                 let Some(i) = queue.pop() else { break };
                 match self.storage.prepare(self.op_for(&pending[i])) {
                     Prepared::Submit(e) => {
@@ -388,24 +392,36 @@ impl Applier {
                                 .push(&e.clone().user_data(i as u64))
                                 .is_err()
                             {
-                                self.ring.submit()?;
+                                if let Err(e) = submit_retrying(&self.ring) {
+                                    failed = Some(e);
+                                    break;
+                                }
                             }
+                        }
+                        if failed.is_some() {
+                            break;
                         }
                         inflight += 1;
                     }
-                    Prepared::Done(res) => {
-                        if let Some(again) = progress(&mut pending[i], res)? {
-                            if again {
-                                queue.push(i);
-                            }
-                        }
-                    }
+                    Prepared::Done(res) => match progress(&mut pending[i], res) {
+                        Ok(Some(true)) => queue.push(i),
+                        Ok(_) => {}
+                        Err(e) => failed = Some(e),
+                    },
                 }
             }
             if inflight == 0 {
                 continue;
             }
-            self.ring.submit_and_wait(1)?;
+            if let Err(e) = wait_retrying(&self.ring) {
+                // The ring itself failing: nothing more can be reaped, and the buffers may
+                // still be the kernel's. Never seen; not survivable in this process: the redo
+                // log replays what was not applied at the next start.
+                tracing::error!(
+                    "the applier's io_uring failed with operations in flight: {e}; stopping"
+                );
+                std::process::abort();
+            }
             let done: Vec<(usize, i32)> = self
                 .ring
                 .completion()
@@ -413,10 +429,22 @@ impl Applier {
                 .collect();
             for (i, res) in done {
                 inflight -= 1;
-                if progress(&mut pending[i], res)? == Some(true) {
-                    queue.push(i);
+                match progress(&mut pending[i], res) {
+                    Ok(Some(true)) if failed.is_none() => queue.push(i),
+                    Ok(_) => {}
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
                 }
             }
+        }
+        if let Some(e) = failed {
+            for r in runs {
+                if let RunBuf::Copied(buf) = r.buf {
+                    self.pool.put(buf);
+                }
+            }
+            return Err(e);
         }
         drop(pending);
         for r in runs {
@@ -468,13 +496,36 @@ impl Applier {
                         self.ring.submit()?;
                     }
                 }
-                self.ring.submit_and_wait(1)?;
+                wait_retrying(&self.ring)?;
                 let res = self.ring.completion().next().map_or(0, |c| c.result());
                 if res < 0 {
                     return Err(io::Error::from_raw_os_error(-res));
                 }
                 Ok(())
             }
+        }
+    }
+}
+
+/// Submit, again when a signal interrupts (a stopped and continued process, a profiler).
+fn submit_retrying(ring: &IoUring) -> io::Result<()> {
+    loop {
+        match ring.submit() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other.map(drop),
+        }
+    }
+}
+
+/// Wait for a completion, again when a signal interrupts the wait: an early return with
+/// operations in flight would free buffers the kernel still writes from.
+fn wait_retrying(ring: &IoUring) -> io::Result<()> {
+    loop {
+        match ring.submit_and_wait(1) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // The completion queue is full: what is there is reaped by the caller.
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(()),
+            other => return other.map(drop),
         }
     }
 }

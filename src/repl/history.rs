@@ -536,6 +536,23 @@ impl Keeper {
         Ok(p)
     }
 
+    /// The file system the history shares with the mirror's state is full: drop the oldest
+    /// points (never a pinned one, never the newest) until some space is freed. False when
+    /// nothing could be.
+    pub fn make_room(&mut self) -> io::Result<bool> {
+        let pinned = self.pins.iter().min().copied().unwrap_or(u64::MAX);
+        loop {
+            let points = self.log.points();
+            if points.len() < 2 || points[0].set >= pinned {
+                return Ok(false);
+            }
+            let next = points[1].set;
+            if self.log.retain_from(next)? > 0 {
+                return Ok(true);
+            }
+        }
+    }
+
     pub fn unpin(&mut self, set: u64) {
         if let Some(i) = self.pins.iter().position(|&s| s == set) {
             self.pins.swap_remove(i);
@@ -592,17 +609,34 @@ pub struct WithHistory<'a> {
     pub history: &'a mut History,
 }
 
+/// A failure of the history (its file system full, failing), told apart from the volume's.
+#[derive(Debug, thiserror::Error)]
+#[error("history: {0}")]
+pub struct HistoryError(pub io::Error);
+
+impl HistoryError {
+    /// The history error inside `e`, if it is one.
+    pub fn of(e: &io::Error) -> Option<&HistoryError> {
+        e.get_ref().and_then(|i| i.downcast_ref::<HistoryError>())
+    }
+}
+
 impl ApplyTarget for WithHistory<'_> {
     fn apply(&mut self, set: &DeltaSet) -> io::Result<()> {
-        let ranges: Vec<(u64, u64)> = set
-            .extents
-            .iter()
-            .filter(|e| !e.is_empty())
-            .map(|e| (e.offset, e.len()))
-            .collect();
-        let target = &mut *self.target;
-        self.history
-            .before_apply(set.set, &ranges, &mut |o, out| target.read(o, out))?;
+        // Before the first point there is nothing to go back to (an initial copy): no
+        // before-images to read and keep.
+        if !self.history.points().is_empty() {
+            let ranges: Vec<(u64, u64)> = set
+                .extents
+                .iter()
+                .filter(|e| !e.is_empty())
+                .map(|e| (e.offset, e.len()))
+                .collect();
+            let target = &mut *self.target;
+            self.history
+                .before_apply(set.set, &ranges, &mut |o, out| target.read(o, out))
+                .map_err(|e| io::Error::new(e.kind(), HistoryError(e)))?;
+        }
         self.target.apply(set)
     }
 

@@ -11,7 +11,7 @@ use super::apply::{self, Applier, ApplyTarget, Step, VolumeState};
 use super::core::mirror::{check_hello, Accepted, Durable, Failure, MirrorCore, Refusal};
 use super::core::primary::{chunk_sum, unix_ms};
 use super::frame::{DeltaSet, Message, RefuseCode, SUM_LEN};
-use super::history::{Keeper, Point, Retention, WithHistory};
+use super::history::{HistoryError, Keeper, Point, Retention, WithHistory};
 use super::redo::RedoLog;
 use super::stream::{read_message, write_message, StreamError};
 use crate::disk::buf::{BlockBytes, SharedPool};
@@ -550,6 +550,25 @@ impl MirrorVolume {
                     retry = APPLY_RETRY_FIRST;
                     i += 1;
                 }
+                Err(e) if HistoryError::of(&e).is_some() => {
+                    // The history's file system (the state directory) is full or failing:
+                    // the oldest points make room; nothing is written without its
+                    // before-images.
+                    if self.room_from_history(&e) {
+                        continue;
+                    }
+                    self.core.lock().unwrap().fail(Failure {
+                        code: RefuseCode::RedoFailed,
+                        why: format!(
+                            "mirror state directory failed: applying set {}: {e}; retrying \
+                             every {} s",
+                            set.set,
+                            retry.as_secs_f64()
+                        ),
+                    });
+                    std::thread::sleep(retry);
+                    retry = (retry * 2).min(APPLY_RETRY_MAX);
+                }
                 Err(e) => {
                     self.core.lock().unwrap().fail(Failure {
                         code: RefuseCode::VolumeFailed,
@@ -601,6 +620,20 @@ impl MirrorVolume {
             self.core.lock().unwrap().applied(set, received_ms)
         })?;
         target.apply(last)
+    }
+
+    /// `e` says the state directory is full and the history freed some room by dropping its
+    /// oldest points (logged): try again.
+    fn room_from_history(&self, e: &io::Error) -> bool {
+        let freed = e.kind() == io::ErrorKind::StorageFull
+            && self
+                .history
+                .as_ref()
+                .is_some_and(|h| h.lock().unwrap().make_room().unwrap_or(false));
+        if freed {
+            tracing::warn!(volume = %self.name, "history: the state directory is full: the oldest points were dropped to make room");
+        }
+        freed
     }
 
     /// Write `set` to the volume, its before-images first when a history is kept.
@@ -709,7 +742,12 @@ impl MirrorVolume {
         })?;
         let disk = ApplyTarget::fingerprint(applier).ok();
         let state = self.core.lock().unwrap().checkpoint_state(disk);
-        self.save_state(&state).map_err(|e| Failure {
+        let saved = match self.save_state(&state) {
+            // The history takes its room from the state's file system: it gives way first.
+            Err(e) if self.room_from_history(&e) => self.save_state(&state),
+            other => other,
+        };
+        saved.map_err(|e| Failure {
             code: RefuseCode::RedoFailed,
             why: format!(
                 "mirror state directory failed: cannot save {}: {e}",
@@ -936,6 +974,8 @@ impl MirrorVolume {
                 // rewritten from where this batch began. A full file system under the redo log
                 // is not a failed volume: it clears when the log can be written again.
                 let why = format!("mirror redo log failed: {e}");
+                // The re-sent sets find the room the history gives up, if it keeps one.
+                self.room_from_history(&e);
                 self.core.lock().unwrap().write_failed(
                     from,
                     Failure {
