@@ -80,7 +80,8 @@ enum Command {
         /// journal's unacknowledged writes fill more than PERCENT of it: slows the clients
         /// while the mirror falls behind, so that the journal may not have to fold. Off by
         /// default.
-        #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=99))]
+        #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=99),
+              requires = "mirror")]
         pace_above: Option<u8>,
         /// Control socket (default STATE_DIR/control.sock).
         #[arg(long)]
@@ -122,7 +123,7 @@ enum Command {
         #[arg(long)]
         control: PathBuf,
         /// Only this volume (default: all).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
         volume: Option<String>,
         #[arg(long)]
         json: bool,
@@ -134,7 +135,7 @@ enum Command {
         /// The mirror's control socket (STATE_DIR/control.sock).
         #[arg(long)]
         control: PathBuf,
-        #[arg(long)]
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
         volume: String,
         /// The history's point at this set (`blkmirror history` lists them).
         #[arg(long, conflicts_with = "at", required_unless_present = "at")]
@@ -186,7 +187,7 @@ enum Command {
         #[arg(long)]
         control: PathBuf,
         /// The volume's name.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
         volume: String,
         #[arg(long)]
         json: bool,
@@ -198,7 +199,7 @@ enum Command {
         #[arg(long)]
         control: PathBuf,
         /// Only this volume (default: all).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
         volume: Option<String>,
         #[arg(long)]
         json: bool,
@@ -212,7 +213,7 @@ enum Command {
         #[arg(long)]
         control: PathBuf,
         /// Only this volume (default: all).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
         volume: Option<String>,
         /// Send the differing chunks again (the mirror stays a valid crash state).
         #[arg(long)]

@@ -426,6 +426,30 @@ fn verify(shipping: &[Shipping], args: &[&str]) -> serde_json::Value {
             "code": "not-replicating",
         });
     }
+    // A verify of the other kind running: following it would say nothing of the repair asked
+    // for (or report one not asked for). Refused, to be asked again once it is done.
+    let other_kind: Vec<String> = chosen
+        .iter()
+        .filter_map(|v| {
+            let g = v.stats.verify.lock().unwrap();
+            let r = g.as_ref()?;
+            (matches!(r.state, VerifyState::Starting | VerifyState::Running) && r.repair != repair)
+                .then(|| {
+                    format!(
+                        "{}: a verify {} repair runs (run {})",
+                        v.name,
+                        if r.repair { "with" } else { "without" },
+                        r.run
+                    )
+                })
+        })
+        .collect();
+    if !other_kind.is_empty() {
+        return serde_json::json!({
+            "error": format!("{}: wait for it to end", other_kind.join("; ")),
+            "code": "busy",
+        });
+    }
     let mut runs = Vec::new();
     for v in chosen {
         let mut guard = v.stats.verify.lock().unwrap();

@@ -1,8 +1,10 @@
 //! `blkmirror verify`: start an online verify on a primary (its control socket's `verify`
 //! command), follow it in the status document, and sum it up. Exit codes: 0 both sides hold
-//! the same bytes, 8 differences were found (repaired with `--repair`: the summary says how
-//! much), 6 the verify could not finish (link lost, a resync running, chunks that never
-//! settled), 4 no daemon answers, 2 usage.
+//! the same bytes, 8 differences were found by a verify that finished (repaired with
+//! `--repair`: the summary says how much), 6 the verify could not run or finish (link lost,
+//! a resync running, chunks that never settled: what it found so far is still printed), 7 a
+//! verify of the other kind (with or without repair) runs, 4 no daemon answers, 2 usage.
+//! With `--json`, stdout always holds one JSON document, also when it is refused.
 
 use crate::control::{self, human_bytes, QueryError};
 use crate::exit::Exit;
@@ -35,8 +37,15 @@ pub fn run(
         let code = match started["code"].as_str() {
             Some("usage") => Exit::Usage,
             Some("not-replicating") => Exit::Degraded,
+            Some("busy") => Exit::Busy,
             _ => Exit::Internal,
         };
+        if json_out {
+            println!(
+                "{}",
+                json!({ "error": err, "code": started["code"], "volumes": [] })
+            );
+        }
         return Err((code, format!("verify: {err}")));
     }
     let runs: Vec<(String, u64)> = started["volumes"]
@@ -56,9 +65,17 @@ pub fn run(
     }
     let t0 = Instant::now();
     let mut shown = Instant::now();
+    let mut last_seen: Vec<Value> = vec![Value::Null; runs.len()];
     let finished = loop {
         std::thread::sleep(POLL);
-        let doc = control::query(socket).map_err(query_failed)?;
+        let doc = match control::query(socket) {
+            Ok(d) => d,
+            Err(e) => {
+                // The daemon went away: what was found so far still counts.
+                report(&runs, &last_seen, t0.elapsed().as_secs_f64(), json_out);
+                return Err(query_failed(e));
+            }
+        };
         let entries: Vec<Value> = runs
             .iter()
             .map(|(name, run)| {
@@ -75,6 +92,7 @@ pub fn run(
         let running = entries
             .iter()
             .any(|e| matches!(e["state"].as_str(), Some("starting" | "running")));
+        last_seen.clone_from(&entries);
         if !running {
             break entries;
         }
@@ -85,11 +103,25 @@ pub fn run(
             }
         }
     };
-    let secs = t0.elapsed().as_secs_f64();
+    let (differences, incomplete) = report(&runs, &finished, t0.elapsed().as_secs_f64(), json_out);
+    // A verify that did not finish says only what it saw so far: never "differences found"
+    // (a script would take a repair that stopped midway for a done one).
+    Ok(if incomplete {
+        Exit::Degraded
+    } else if differences {
+        Exit::Differences
+    } else {
+        Exit::Ok
+    })
+}
+
+/// Print each volume's summary (or the JSON document); returns (differences found, some
+/// verify did not finish or left chunks unverified).
+fn report(runs: &[(String, u64)], entries: &[Value], secs: f64, json_out: bool) -> (bool, bool) {
     let mut differences = false;
     let mut incomplete = false;
     let mut report = Vec::new();
-    for ((name, run), e) in runs.iter().zip(&finished) {
+    for ((name, run), e) in runs.iter().zip(entries) {
         let state = e["state"].as_str().unwrap_or("lost");
         let differing = e["differing_bytes"].as_u64().unwrap_or(0);
         differences |= differing > 0;
@@ -120,13 +152,7 @@ pub fn run(
             json!({ "volumes": report, "differences": differences, "complete": !incomplete })
         );
     }
-    Ok(if differences {
-        Exit::Differences
-    } else if incomplete {
-        Exit::Degraded
-    } else {
-        Exit::Ok
-    })
+    (differences, incomplete)
 }
 
 fn progress_line(e: &Value) -> String {

@@ -1720,6 +1720,28 @@ fn verify_finds_and_repairs_a_corrupted_mirror_chunk_while_writes_go_on() {
         String::from_utf8_lossy(&o.stderr).contains("not connected to the mirror"),
         "{o:?}"
     );
+    // A script reading --json gets a document on stdout even then.
+    let (code, r) = verify(&rig, &[]);
+    assert_eq!(code, 6);
+    assert!(
+        r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not connected")),
+        "{r}"
+    );
+    // An empty volume name (an unset $VOL) is refused, not taken for "all".
+    let o = run_output(
+        BIN,
+        &[
+            "verify",
+            "--control",
+            control.to_str().unwrap(),
+            "--volume",
+            "",
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
     rig.mirror.start();
     rig.finish_and_compare();
 }

@@ -827,14 +827,20 @@ impl Journal {
         g.map_failure = Some(why);
     }
 
-    /// After a failure of the map's file: write it whole again, if that works now.
+    /// After a failure of the map's file, or its removal behind the daemon's back (seen at a
+    /// FLUSH): write it whole again, if that works now.
     fn heal_map_locked(&self, g: &mut Inner) {
-        if !g.map_untrusted {
-            return;
-        }
         let Some(map) = g.map.as_mut() else {
             return;
         };
+        if !g.map_untrusted && self.opts.fs.exists(map.path()).is_ok_and(|e| !e) {
+            tracing::error!(path = %map.path().display(),
+                "the dirty map was removed while the daemon runs: written again whole");
+            g.map_untrusted = true;
+        }
+        if !g.map_untrusted {
+            return;
+        }
         match map.rewrite(&self.opts.fs) {
             Ok(()) => {
                 tracing::info!("dirty map saved again: a restart resyncs only its regions");
@@ -2147,6 +2153,41 @@ mod tests {
             .iter()
             .any(|&(o, l)| o <= 200 * 4096 && 201 * 4096 <= o + l));
         assert_eq!(saved.fold(), j.fold().unwrap());
+    }
+
+    /// The dirty map's file removed behind the daemon's back while a fold is open: the next
+    /// FLUSH writes it whole again (a restart would otherwise compare the whole volume, or
+    /// trust nothing).
+    #[test]
+    fn a_dirty_map_removed_by_hand_is_written_again_at_the_next_flush() {
+        use crate::env::mem::MemFs;
+        let fs = MemFs::new();
+        let o = JournalOptions {
+            max_disk_bytes: 64 << 10,
+            on_full: OnFull::Track,
+            volume_bytes: 1 << 20,
+            region_bytes: 4096,
+            ..mem_opts(&fs, "b1")
+        };
+        let map_path = o.dir.join(DIRTY_MAP);
+        let fsd: Fs = Arc::new(fs.clone());
+        let j = open(o);
+        let mut b = 0u8;
+        while j.stats().folds == 0 {
+            write(&j, b);
+            b += 1;
+        }
+        j.sync().unwrap();
+        fsd.remove_file(&map_path).unwrap();
+        write(&j, 200);
+        j.sync().unwrap();
+        let saved = dirty::DirtyMap::open(&fsd, &map_path, 1 << 20).unwrap();
+        assert_eq!(
+            saved.runs().collect::<Vec<_>>(),
+            j.dirty_runs(0, u64::MAX, u64::MAX)
+        );
+        assert_eq!(saved.fold(), j.fold().unwrap());
+        assert_eq!(j.stats().map_failure, None);
     }
 
     #[test]
