@@ -16,7 +16,9 @@ direct writes into each server's own image (this virtual disk's random-write rat
 between files, with how their blocks were first written: docs/TUNING.md). A second pair runs beside the first with the mirror's
 volume and state in RAM (/dev/shm), as when the mirror has its own disks: what replication costs
 the primary, apart from the mirror sharing its disk. The ratio against qemu-nbd (the issue's
-target) is the first pair's.
+target) is the first pair's. A third pair, like the first, runs its mirror with `--history 1h`:
+what keeping a history costs (the mirror reads and saves every block a set overwrites), as a
+ratio against the first pair in the same rounds and as history bytes per client byte.
 
 Every run starts from a quiet disk: the benchmark syncs and pauses BENCH_SETTLE seconds first.
 A sequential run writes up to 15 GiB as fast as this shared virtual disk takes it, and the next
@@ -52,6 +54,12 @@ WORKLOADS = [
     ("seq_write_1m_qd16", "write", "1M", 16, "MiB/s"),
     ("rand_write_4k_qd32", "randwrite", "4k", 32, "IOPS"),
 ]
+
+
+def status_any(control):
+    """The first volume of a daemon's status, replicating or not (status exits 6 when not)."""
+    out = subprocess.run([BIN, "status", "--control", control, "--json"], capture_output=True, text=True)
+    return json.loads(out.stdout)["volumes"][0]
 
 
 def free_port():
@@ -151,7 +159,7 @@ def random_write_iops(image):
 class Pair:
     """A mirror and a replicating primary on this machine, fresh state each time."""
 
-    def __init__(self, tmp, img_p, img_m, mirror_state):
+    def __init__(self, tmp, img_p, img_m, mirror_state, mirror_extra=()):
         self.tmp = tmp
         os.makedirs(tmp, exist_ok=True)
         pki = os.path.join(tmp, "pki")
@@ -171,7 +179,7 @@ class Pair:
         self.mlog = open(os.path.join(tmp, "mirror.log"), "a")
         self.plog = open(os.path.join(tmp, "primary.log"), "a")
         self.mirror = subprocess.Popen([BIN, "mirror", "--listen", f"127.0.0.1:{port}", "--volume", f"v={img_m}",
-                                        "--state-dir", mirror_state, *tls("mirror", "primary")],
+                                        "--state-dir", mirror_state, *tls("mirror", "primary"), *mirror_extra],
                                        stderr=self.mlog)
         self.primary = subprocess.Popen([BIN, "primary", "--volume", f"v={img_p}", "--nbd-unix", self.sock,
                                          "--state-dir", os.path.join(tmp, "pstate"), "--mirror", f"127.0.0.1:{port}",
@@ -197,10 +205,13 @@ def main():
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="bm-repl-", dir="/tmp")
     ram = tempfile.mkdtemp(prefix="bm-repl-", dir="/dev/shm")
-    img_p, img_m, img_q, img_p2 = (os.path.join(DIR, n) for n in
-                                   ("repl-primary.img", "repl-mirror.img", "repl-qemu.img", "repl-primary2.img"))
+    img_p, img_m, img_q, img_p2, img_p3, img_m3 = (
+        os.path.join(DIR, n) for n in ("repl-primary.img", "repl-mirror.img", "repl-qemu.img", "repl-primary2.img",
+                                       "repl-primary3.img", "repl-mirror3.img"))
     img_m2 = os.path.join(ram, "repl-mirror.img")
-    kinds = ["blkmirror", "blkmirror_mirror_in_ram", "qemu_nbd"]
+    kinds = ["blkmirror", "blkmirror_mirror_in_ram", "blkmirror_history", "qemu_nbd"]
+    history_per_client = {w[0]: [] for w in WORKLOADS}
+    history_folds = {w[0]: 0 for w in WORKLOADS}
     samples = {w[0]: {k: [] for k in kinds} for w in WORKLOADS}
     written = {w[0]: {k: [] for k in kinds} for w in WORKLOADS}
     lags = {w[0]: [] for w in WORKLOADS}
@@ -211,7 +222,7 @@ def main():
         # The mirror's image is made like the others, not copied from the primary's (a copy
         # goes through the page cache: see `random_write_iops`); the initial copy, not timed,
         # then makes it the primary's twin.
-        for img in (img_p, img_m, img_q, img_p2):
+        for img in (img_p, img_m, img_q, img_p2, img_p3, img_m3):
             make_backing(img)
         shutil.copyfile(img_p2, img_m2)  # in RAM, how blocks were first written does not matter
         disk_rate = disk_write_rate(DIR)
@@ -222,7 +233,9 @@ def main():
         log("4 KiB random writes into the images themselves (fio, direct, QD32), IOPS: " +
             ", ".join(f"{k} {v:.0f}" for k, v in image_iops.items()))
         pairs = {"blkmirror": Pair(os.path.join(tmp, "disk"), img_p, img_m, os.path.join(tmp, "disk/mstate")),
-                 "blkmirror_mirror_in_ram": Pair(os.path.join(tmp, "ram"), img_p2, img_m2, os.path.join(ram, "mstate"))}
+                 "blkmirror_mirror_in_ram": Pair(os.path.join(tmp, "ram"), img_p2, img_m2, os.path.join(ram, "mstate")),
+                 "blkmirror_history": Pair(os.path.join(tmp, "hist"), img_p3, img_m3, os.path.join(tmp, "hist/mstate"),
+                                           ("--history", "1h"))}
         for r in range(1, ROUNDS + 1):
             order = kinds if r % 2 else kinds[::-1]
             for name, rw, bs, qd, unit in WORKLOADS:
@@ -242,6 +255,8 @@ def main():
                         stop(q)
                     else:
                         pair = pairs[kind]
+                        hist_before = (status_any(pair.mctl).get("history") or {}).get("appended_bytes", 0)
+                        folds_before = status_any(pair.pctl).get("journal_folds", 0)
                         f = fio(f"nbd+unix:///v?socket={pair.sock}", rw, bs, qd, out)
                         while f.poll() is None:
                             try:
@@ -255,11 +270,22 @@ def main():
                             die(f"fio against blkmirror failed: {f.stderr.read().decode()}")
                         wait_for("lag 0", lambda: status(pair.pctl)["lag_bytes"] == 0, timeout=600,
                                  procs=(pair.primary, pair.mirror))
+                        # And applied: the disk's bytes of this run are all written by then (a
+                        # mirror slower to apply would push them into the next run's count).
+                        wait_for("the mirror applied", lambda: status(pair.mctl)["applied_set"]
+                                 == status(pair.mctl)["acked_set"], timeout=600, procs=(pair.primary, pair.mirror))
+                        time.sleep(0.5)
                         if kind == "blkmirror":
                             rss["primary"] = max(rss["primary"], peak_rss_kib(pair.primary.pid))
                             rss["mirror"] = max(rss["mirror"], peak_rss_kib(pair.mirror.pid))
                     client = fio_job(out)["io_bytes"]
                     written[name][kind].append((disk_written(DIR) - before) / max(client, 1))
+                    if kind == "blkmirror_history":
+                        # What this run saved, whatever retention freed meanwhile (blocks that
+                        # held zeroes cost a record, not their length).
+                        hist_after = (status_any(pair.mctl).get("history") or {}).get("appended_bytes", 0)
+                        history_per_client[name].append((hist_after - hist_before) / max(client, 1))
+                        history_folds[name] += status_any(pair.pctl).get("journal_folds", 0) - folds_before
                     v = fio_value(out, unit)
                     samples[name][kind].append(v)
                     log(f"  round {r} {name} {kind}: {v:.1f} {unit}, disk wrote {written[name][kind][-1]:.2f} "
@@ -267,12 +293,13 @@ def main():
         for pair in pairs.values():
             pair.stop()
         log("recover the mirrors and compare them with their primaries")
-        for pair, prim, mirr in ((pairs["blkmirror"], img_p, img_m), (pairs["blkmirror_mirror_in_ram"], img_p2, img_m2)):
+        for pair, prim, mirr in ((pairs["blkmirror"], img_p, img_m), (pairs["blkmirror_mirror_in_ram"], img_p2, img_m2),
+                                 (pairs["blkmirror_history"], img_p3, img_m3)):
             subprocess.run([BIN, "recover", "--volume", f"v={mirr}", "--state-dir", pair.mstate],
                            check=True, capture_output=True)
             identical &= subprocess.run(["cmp", "-s", prim, mirr]).returncode == 0
     finally:
-        for img in (img_p, img_m, img_q, img_p2, img_m2):
+        for img in (img_p, img_m, img_q, img_p2, img_m2, img_p3, img_m3):
             if os.path.exists(img) and os.environ.get("BENCH_KEEP") != "1":
                 os.unlink(img)
         shutil.rmtree(ram, ignore_errors=True)
@@ -298,7 +325,11 @@ def main():
                                   "samples": samples[name],
                                   "blkmirror_mirror_in_ram": round(ram_bm, 1),
                                   "ratio_mirror_in_ram": round(ram_bm / qn, 3),
-                                  "disk_bytes_per_client_byte": {k: round(med(v), 2) for k, v in written[name].items()}}
+                                  "disk_bytes_per_client_byte": {k: round(med(v), 2) for k, v in written[name].items()},
+                                  "blkmirror_history": round(med(samples[name]["blkmirror_history"]), 1),
+                                  "history_vs_without": round(med(samples[name]["blkmirror_history"]) / max(bm, 1e-9), 3),
+                                  "history_bytes_per_client_byte": round(med(history_per_client[name]), 2),
+                                  "history_journal_folds": history_folds[name]}
         print(f"{name:<20} | {unit:<5} | {bm:>14.1f} | {qn:>10.1f} | {bm / qn:>6.2f} | {p(0.5):>10.1f} | "
               f"{p(0.99):>10.1f} | {1000 * lag[-1]:>10.1f}")
     print()
@@ -307,6 +338,14 @@ def main():
         w = doc["workloads"][name]
         print(f"{name:<20} | {unit:<5} | {w['blkmirror_mirror_in_ram']:>14.1f} | {w['qemu_nbd']:>10.1f} | "
               f"{w['ratio_mirror_in_ram']:>6.2f}")
+    print()
+    print("the first pair again with the mirror keeping a history (--history 1h; a journal that folded means the "
+          "mirror could not keep up, and the primary went on at local speed):")
+    for name, _rw, _bs, _qd, unit in WORKLOADS:
+        w = doc["workloads"][name]
+        print(f"{name:<20} | {unit:<5} | {w['blkmirror_history']:>14.1f} | against without: "
+              f"{w['history_vs_without']:>5.2f} | history bytes per client byte: {w['history_bytes_per_client_byte']}"
+              f" | journal folds: {w['history_journal_folds']}")
     print()
     print(f"this disk alone writes {disk_rate:.0f} MiB/s (fio, direct, 1 MiB QD16); bytes it wrote per client byte "
           "(median): " + "; ".join(f"{name}: " + ", ".join(f"{k} {v}" for k, v in

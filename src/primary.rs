@@ -174,6 +174,7 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
                 volume_bytes: volume.storage.size(),
                 region_bytes: repl.dirty_region,
                 pace_above: repl.pace_above,
+                clock: journal_clock(),
                 ..JournalOptions::new(fs.clone(), dir, repl.journal_bytes)
             })?);
             let record = Arc::new(open_record(
@@ -524,6 +525,21 @@ fn open_record(
         tracing::error!(volume = %name, "{why}: nothing is shipped until an admin accepts the volume");
     }
     Ok(VolumeRecord::new(fs.clone(), path, st, disk).with_reserve(reserve.clone()))
+}
+
+/// The clock the journal stamps writes with. Test builds read
+/// `BLKMIRROR_TEST_CLOCK_SKEW_MS` (a primary whose clock lies, by that much ahead).
+fn journal_clock() -> crate::journal::WallClock {
+    #[cfg(feature = "test-hooks")]
+    if let Some(skew) = std::env::var("BLKMIRROR_TEST_CLOCK_SKEW_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        return Arc::new(move || {
+            crate::repl::core::primary::unix_ms(std::time::SystemTime::now()) + skew
+        });
+    }
+    crate::journal::system_clock()
 }
 
 /// Bytes a second the running resync has moved since it began.

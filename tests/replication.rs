@@ -1812,6 +1812,12 @@ fn history_lists_points_and_recover_brings_back_an_earlier_one() {
     let seed = 0x5EED_0016;
     let mut rig = Pair::new(PairOptions::default());
     rig.mirror.push_args(&["--history", "1h"]);
+    // A primary whose clock runs ten years ahead: the history's times are the mirror's.
+    rig.primary.envs.push((
+        "BLKMIRROR_TEST_CLOCK_SKEW_MS".into(),
+        (10 * 365 * 86_400_000u64).to_string(),
+    ));
+    let t0 = std::time::SystemTime::now();
     rig.mirror.start();
     rig.primary.start();
     rig.wait_consistent();
@@ -1844,12 +1850,28 @@ fn history_lists_points_and_recover_brings_back_an_earlier_one() {
         );
     }
     let a_now = points.iter().find(|p| p["set"] == a["set"]).unwrap();
+    let (from, to) = (
+        blkmirror::repl::core::primary::unix_ms(t0),
+        blkmirror::repl::core::primary::unix_ms(std::time::SystemTime::now()),
+    );
+    for p in &points {
+        let t = blkmirror::repl::mirror::parse_time(p["time"].as_str().unwrap()).unwrap();
+        assert!(
+            (from..=to).contains(&t),
+            "a point's time comes from the mirror's clock, not the primary's: {p}"
+        );
+    }
     assert!(
         u(a_now, "bytes") > 0,
         "going back to the first half rewrites its blocks: {a_now}"
     );
     let status = vol0(&rig.mirror.status());
     assert!(u(&status["history"], "points") >= 2, "{status}");
+    let claimed = blkmirror::repl::mirror::parse_time(status["newest_write_at"].as_str().unwrap());
+    assert!(
+        claimed.unwrap() > to + 365 * 86_400_000,
+        "the primary's clock did lie: {status}"
+    );
     let human = run(
         BIN,
         &[

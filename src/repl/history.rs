@@ -71,6 +71,8 @@ pub struct History {
     /// The segment holding each point's record.
     point_segments: Vec<usize>,
     segment_bytes: u64,
+    /// Bytes appended since it was opened (what keeping it costs, whatever retention frees).
+    appended: u64,
 }
 
 fn invalid(what: String) -> io::Error {
@@ -140,6 +142,7 @@ impl History {
             points: Vec::new(),
             point_segments: Vec::new(),
             segment_bytes,
+            appended: 0,
         };
         let count = names.len();
         for (i, (_, path)) in names.into_iter().enumerate() {
@@ -206,6 +209,11 @@ impl History {
         &self.points
     }
 
+    /// Bytes appended since the log was opened.
+    pub fn appended_bytes(&self) -> u64 {
+        self.appended
+    }
+
     /// Bytes the log holds on disk.
     pub fn bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.len).sum()
@@ -233,6 +241,7 @@ impl History {
             at += p.len() as u64;
         }
         let start = s.len;
+        self.appended += at - start;
         s.len = at;
         Ok((seg, start))
     }

@@ -815,6 +815,7 @@ impl MirrorVolume {
                 "oldest_at": points.first().and_then(|p| fmt_time(p.time_ms)),
                 "newest_at": points.last().and_then(|p| fmt_time(p.time_ms)),
                 "bytes": h.log.bytes(),
+                "appended_bytes": h.log.appended_bytes(),
             })
         });
         let sessions = self.stats.sessions.load(Ordering::Relaxed);
