@@ -425,6 +425,23 @@ impl From<DaemonError> for Failure {
 /// An admin command on a daemon's control socket: its answer printed (the message, or the
 /// JSON), its error mapped to an exit code.
 fn admin(control: &std::path::Path, command: &str, json: bool) -> Result<(), Failure> {
+    let v = admin_request(control, command, json)?;
+    if !json {
+        match v["message"].as_str() {
+            Some(m) => println!("{m}"),
+            None => println!("{}", v["result"].as_str().unwrap_or("ok")),
+        }
+    }
+    Ok(())
+}
+
+/// One command on a daemon's control socket: its answer (printed with `--json`), or its error
+/// mapped to an exit code.
+fn admin_request(
+    control: &std::path::Path,
+    command: &str,
+    json: bool,
+) -> Result<serde_json::Value, Failure> {
     let word = command
         .split_whitespace()
         .next()
@@ -437,20 +454,16 @@ fn admin(control: &std::path::Path, command: &str, json: bool) -> Result<(), Fai
     }
     if let Some(err) = v["error"].as_str() {
         let code = match v["code"].as_str() {
-            Some("usage") => Exit::Usage,
+            Some("usage" | "not-found") => Exit::Usage,
             Some("io") => Exit::Io,
             Some("refused") => Exit::Refused,
+            Some("busy") => Exit::Busy,
+            Some("not-replicating") => Exit::Degraded,
             _ => Exit::Internal,
         };
         return Err(Failure::new(code, format!("{word}: {err}")));
     }
-    if !json {
-        match v["message"].as_str() {
-            Some(m) => println!("{m}"),
-            None => println!("{}", v["result"].as_str().unwrap_or("ok")),
-        }
-    }
-    Ok(())
+    Ok(v)
 }
 
 fn run(command: Command) -> Result<Exit, Failure> {
@@ -551,19 +564,7 @@ fn run(command: Command) -> Result<Exit, Failure> {
                 std::process::id(),
                 if writable { " writable" } else { "" }
             );
-            let v = blkmirror::control::request(&control, &cmd)
-                .map_err(|e| Failure::new(e.exit_code(), format!("export: {e}")))?;
-            if json {
-                println!("{v}");
-            }
-            if let Some(err) = v["error"].as_str() {
-                let code = match v["code"].as_str() {
-                    Some("busy") => Exit::Busy,
-                    Some("io") => Exit::Io,
-                    _ => Exit::Usage,
-                };
-                return Err(Failure::new(code, format!("export: {err}")));
-            }
+            let v = admin_request(&control, &cmd, json)?;
             if !json {
                 println!(
                     "{volume}: serving the point at set {} ({}) on {} ({}); stop with SIGTERM",
@@ -590,17 +591,8 @@ fn run(command: Command) -> Result<Exit, Failure> {
                 Some(v) => format!("history {v}"),
                 None => "history".into(),
             };
-            let v = blkmirror::control::request(&control, &cmd)
-                .map_err(|e| Failure::new(e.exit_code(), format!("history: {e}")))?;
-            if let Some(err) = v["error"].as_str() {
-                if json {
-                    println!("{v}");
-                }
-                return Err(Failure::new(Exit::Usage, format!("history: {err}")));
-            }
-            if json {
-                println!("{v}");
-            } else {
+            let v = admin_request(&control, &cmd, json)?;
+            if !json {
                 print!("{}", blkmirror::control::render_history(&v));
             }
         }
