@@ -2002,6 +2002,28 @@ mod tests {
         }
     }
 
+    /// A 64 KiB journal in track mode over a 1 MiB volume of 4 KiB regions: it folds after a
+    /// dozen writes.
+    fn tracking_opts(fs: &crate::env::mem::MemFs) -> JournalOptions {
+        JournalOptions {
+            max_disk_bytes: 64 << 10,
+            on_full: OnFull::Track,
+            volume_bytes: 1 << 20,
+            region_bytes: 4096,
+            ..mem_opts(fs, "b1")
+        }
+    }
+
+    /// Write blocks `first`, `first + 1`, ... until the journal folds; the next block.
+    fn write_until_fold(j: &Journal, first: u8) -> u8 {
+        let mut b = first;
+        while j.stats().folds == 0 {
+            write(j, b);
+            b += 1;
+        }
+        b
+    }
+
     /// Track mode, the journal's file system full: a write whose record cannot be written
     /// still succeeds (it is on the disk), its range and everything unshipped go into the
     /// dirty map, and status names the failure until journaling resumes.
@@ -2049,12 +2071,8 @@ mod tests {
         use crate::env::mem::MemFs;
         let fs = MemFs::new();
         let j = open(JournalOptions {
-            max_disk_bytes: 64 << 10,
-            on_full: OnFull::Track,
-            volume_bytes: 1 << 20,
-            region_bytes: 4096,
             pace_above: Some(50),
-            ..mem_opts(&fs, "b1")
+            ..tracking_opts(&fs)
         });
         let mut delays = Vec::new();
         let mut b = 0u8;
@@ -2092,23 +2110,13 @@ mod tests {
     fn a_dirty_map_that_cannot_be_saved_is_removed_then_written_whole() {
         use crate::env::mem::{Faults, MemFs};
         let fs = MemFs::new();
-        let o = JournalOptions {
-            max_disk_bytes: 64 << 10,
-            on_full: OnFull::Track,
-            volume_bytes: 1 << 20,
-            region_bytes: 4096,
-            ..mem_opts(&fs, "b1")
-        };
+        let o = tracking_opts(&fs);
         let map_path = o.dir.join(DIRTY_MAP);
         let fsd: Fs = Arc::new(fs.clone());
         let j = open(o.clone());
         let first = write(&j, 0);
         j.ack(first).unwrap();
-        let mut b = 1u8;
-        while j.stats().folds == 0 {
-            write(&j, b);
-            b += 1;
-        }
+        write_until_fold(&j, 1);
         j.sync().unwrap();
         assert!(dirty::DirtyMap::open(&fsd, &map_path, 1 << 20).is_ok());
         fs.set_faults(Faults {
@@ -2162,21 +2170,11 @@ mod tests {
     fn a_dirty_map_removed_by_hand_is_written_again_at_the_next_flush() {
         use crate::env::mem::MemFs;
         let fs = MemFs::new();
-        let o = JournalOptions {
-            max_disk_bytes: 64 << 10,
-            on_full: OnFull::Track,
-            volume_bytes: 1 << 20,
-            region_bytes: 4096,
-            ..mem_opts(&fs, "b1")
-        };
+        let o = tracking_opts(&fs);
         let map_path = o.dir.join(DIRTY_MAP);
         let fsd: Fs = Arc::new(fs.clone());
         let j = open(o);
-        let mut b = 0u8;
-        while j.stats().folds == 0 {
-            write(&j, b);
-            b += 1;
-        }
+        write_until_fold(&j, 0);
         j.sync().unwrap();
         fsd.remove_file(&map_path).unwrap();
         write(&j, 200);
@@ -2194,22 +2192,11 @@ mod tests {
     fn a_full_journal_folds_and_a_restart_keeps_the_fold() {
         use crate::env::mem::MemFs;
         let fs = MemFs::new();
-        let o = JournalOptions {
-            max_disk_bytes: 64 << 10,
-            on_full: OnFull::Track,
-            volume_bytes: 1 << 20,
-            region_bytes: 4096,
-            pace_above: None,
-            ..mem_opts(&fs, "b1")
-        };
+        let o = tracking_opts(&fs);
         let j = open(o.clone());
         let first = write(&j, 0);
         j.ack(first).unwrap();
-        let mut b = 1u8;
-        while j.stats().folds == 0 {
-            write(&j, b);
-            b += 1;
-        }
+        write_until_fold(&j, 1);
         let st = j.stats();
         assert!(st.tracking && st.dirty_bytes > 0, "{st:?}");
         let fold = j.fold().expect("a resync is open");
