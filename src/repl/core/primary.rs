@@ -585,21 +585,13 @@ impl Session {
             .as_mut()
             .filter(|r| r.kind == ResyncKind::Compare)
             .ok_or_else(|| SessionEnd::Protocol("a comparison reply, but none runs".into()))?;
-        match r.awaiting.front() {
-            Some(&(o, n))
-                if o == offset
-                    && n == differ.len()
-                    && u64::from(chunk) == self.limits.copy_chunk =>
-            {
-                r.awaiting.pop_front();
-            }
-            _ => {
-                return Err(SessionEnd::Protocol(format!(
-                    "a comparison reply for offset {offset}, expected {:?}",
-                    r.awaiting.front()
-                )))
-            }
-        }
+        take_reply(
+            &mut r.awaiting,
+            offset,
+            chunk,
+            differ.len(),
+            self.limits.copy_chunk,
+        )?;
         for (i, d) in differ.into_iter().enumerate() {
             let at = offset + i as u64 * u64::from(chunk);
             if d {
@@ -932,21 +924,50 @@ const BUSY_RETRY: Duration = Duration::from_millis(1);
 /// One chunk of the volume as an extent: a zero extent where it reads as zeroes (holes cost
 /// nothing on the wire), else its data; None while a change to it is in flight.
 fn read_chunk(volume: &dyn VolumeRead, at: u64, len: u64) -> io::Result<Option<Extent>> {
-    let n = u32::try_from(len).expect("chunks are small");
+    Ok(read_chunk_bytes(volume, at, len)?.map(|buf| extent_of(at, buf)))
+}
+
+/// The bytes of a chunk read under its range lock, or None if a change to it is in flight.
+fn read_chunk_bytes(volume: &dyn VolumeRead, at: u64, len: u64) -> io::Result<Option<Vec<u8>>> {
     let mut buf = vec![0u8; len as usize];
     // A hole is read too (under the lock): a change may be filling it right now.
     if !volume.read_settled(at, &mut buf).map_err(local("volume"))? {
         return Ok(None);
     }
+    Ok(Some(buf))
+}
+
+/// A chunk read at `at` as an extent: zeroes cost nothing on the wire.
+fn extent_of(at: u64, buf: Vec<u8>) -> Extent {
     let payload = if buf.iter().all(|&b| b == 0) {
-        Payload::Zero(n)
+        Payload::Zero(u32::try_from(buf.len()).expect("chunks are small"))
     } else {
         Payload::Data(Bytes::from(buf))
     };
-    Ok(Some(Extent {
+    Extent {
         offset: at,
         payload,
-    }))
+    }
+}
+
+/// The reply to the oldest Sums message awaiting one (`awaiting`: offset, chunks), checked
+/// against it: any other is a protocol error.
+fn take_reply(
+    awaiting: &mut VecDeque<(u64, usize)>,
+    offset: u64,
+    chunk: u32,
+    count: usize,
+    copy_chunk: u64,
+) -> Result<(), SessionEnd> {
+    match awaiting.front() {
+        Some(&(o, n)) if o == offset && n == count && u64::from(chunk) == copy_chunk => {
+            awaiting.pop_front();
+            Ok(())
+        }
+        front => Err(SessionEnd::Protocol(format!(
+            "a comparison reply for offset {offset}, expected {front:?}"
+        ))),
+    }
 }
 
 /// Largest piece re-read at once from a range the journal could not vouch for.

@@ -11,7 +11,7 @@
 //! repair is the same settled read sent as a Repair set: the chunk as it must be at the
 //! mirror's position then, so the mirror stays a valid crash state.
 
-use super::{read_chunk, Session, SessionEnd, Transmit, BUSY_RETRY};
+use super::{extent_of, read_chunk_bytes, take_reply, Session, SessionEnd, Transmit, BUSY_RETRY};
 use crate::journal::{ChangedChunks, Journal};
 use crate::repl::fold::Folder;
 use crate::repl::frame::{DeltaSet, KnownCrcs, Message, SetKind};
@@ -75,8 +75,8 @@ pub(super) struct Verify {
     to_repair: VecDeque<Waiting>,
     /// Repair bytes sent, not yet acknowledged.
     pub(super) repairs_in_flight: u64,
-    /// The last survey of unshipped changes: the last record sent then, when, and what.
-    survey: Option<(u64, Instant, ChangedChunks)>,
+    /// The last survey of unshipped changes: when, and what.
+    survey: Option<(Instant, ChangedChunks)>,
 }
 
 fn push_range(ranges: &mut Vec<(u64, u64)>, at: u64, len: u64) {
@@ -168,21 +168,13 @@ impl Session {
             .verify
             .as_mut()
             .ok_or_else(|| SessionEnd::Protocol("a comparison reply, but none runs".into()))?;
-        match v.awaiting.front() {
-            Some(&(o, n))
-                if o == offset
-                    && n == differ.len()
-                    && u64::from(chunk) == self.limits.copy_chunk =>
-            {
-                v.awaiting.pop_front();
-            }
-            _ => {
-                return Err(SessionEnd::Protocol(format!(
-                    "a verify reply for offset {offset}, expected {:?}",
-                    v.awaiting.front()
-                )))
-            }
-        }
+        take_reply(
+            &mut v.awaiting,
+            offset,
+            chunk,
+            differ.len(),
+            self.limits.copy_chunk,
+        )?;
         #[cfg(any(test, feature = "test-hooks"))]
         let differ = if self.bugs.verify_forgets_differences {
             vec![false; differ.len()]
@@ -234,14 +226,16 @@ impl Session {
         let Some(v) = self.verify.as_mut().filter(|v| !v.progress.done) else {
             return Ok(None);
         };
-        let fresh = v.survey.as_ref().is_some_and(|(at_shipped, when, _)| {
-            Some(*at_shipped) == shipped && now.duration_since(*when) < SURVEY_FOR
-        });
-        if !fresh {
+        // A survey taken when less was sent still serves: the chunks it counts as changed
+        // are a superset of those changed since (they settle at the next survey).
+        if v.survey
+            .as_ref()
+            .is_none_or(|(when, _)| now.duration_since(*when) >= SURVEY_FOR)
+        {
             let s = shipped.unwrap_or(0);
-            v.survey = Some((s, now, journal.changed_chunks(s, chunk)));
+            v.survey = Some((now, journal.changed_chunks(s, chunk)));
         }
-        let (_, _, survey) = v.survey.as_ref().expect("just made");
+        let (_, survey) = v.survey.as_ref().expect("just made");
         let settle = Settle {
             journal,
             volume,
@@ -380,10 +374,10 @@ struct Settle<'a> {
 }
 
 impl Settle<'_> {
-    /// The chunk at `at` as an extent, if it is settled: untouched by what the survey saw,
-    /// and, before the read and after it, by anything since (a change holds the range's lock
-    /// from before its journal intent to after its record, so none came in between).
-    fn read(&self, at: u64, len: u64) -> Result<Option<crate::extent::Extent>, SessionEnd> {
+    /// The chunk at `at`, if it is settled: untouched by what the survey saw, and, before the
+    /// read and after it, by anything since (a change holds the range's lock from before its
+    /// journal intent to after its record, so none came in between).
+    fn read_bytes(&self, at: u64, len: u64) -> Result<Option<Vec<u8>>, SessionEnd> {
         let settled = || {
             self.survey.is_none_or(|s| {
                 !s.touched(at / self.chunk) && self.journal.settled_since(s.as_of, at, len)
@@ -392,21 +386,23 @@ impl Settle<'_> {
         if !settled() {
             return Ok(None);
         }
-        let Some(e) = read_chunk(self.volume, at, len)? else {
+        let Some(buf) = read_chunk_bytes(self.volume, at, len)? else {
             return Ok(None);
         };
-        Ok(settled().then_some(e))
+        Ok(settled().then_some(buf))
     }
 
-    /// The checksum of the chunk at `at`, if it is settled.
+    /// The settled chunk as an extent (a repair).
+    fn read(&self, at: u64, len: u64) -> Result<Option<crate::extent::Extent>, SessionEnd> {
+        Ok(self.read_bytes(at, len)?.map(|buf| extent_of(at, buf)))
+    }
+
+    /// The checksum of the settled chunk.
     fn sum(
         &self,
         at: u64,
         len: u64,
     ) -> Result<Option<[u8; crate::repl::frame::SUM_LEN]>, SessionEnd> {
-        Ok(self.read(at, len)?.map(|e| match &e.payload {
-            crate::extent::Payload::Data(d) => super::chunk_sum(d),
-            crate::extent::Payload::Zero(n) => super::chunk_sum(&vec![0u8; *n as usize]),
-        }))
+        Ok(self.read_bytes(at, len)?.map(|buf| super::chunk_sum(&buf)))
     }
 }
