@@ -12,8 +12,9 @@
 //! after the first ones, so they never win over them. A point record is not synced on its own
 //! (a point lost in a crash is a point less, never a wrong one): the next set's sync carries it.
 //!
-//! Layout: `STATE/history/VOLUME/NNNNNNNNNNNNNNNNNNNN.undo` segments, each named by the first
-//! set it holds, of [`HEADER_LEN`]-byte records (CRC'd) followed by their data.
+//! Layout: `STATE/history/VOLUME/NNNNNNNNNNNNNNNNNNNN.undo` segments numbered in the order they
+//! were started (log order: not set order, since a replay appends records of older sets), of
+//! [`HEADER_LEN`]-byte records (CRC'd) followed by their data.
 
 use crate::env::{write_all_at, Fs, Handle, OpenOptions};
 use crate::repl::apply::ApplyTarget;
@@ -73,6 +74,8 @@ pub struct History {
     segment_bytes: u64,
     /// Bytes appended since it was opened (what keeping it costs, whatever retention frees).
     appended: u64,
+    /// The number the next segment is named with.
+    next_segment: u64,
 }
 
 fn invalid(what: String) -> io::Error {
@@ -143,6 +146,7 @@ impl History {
             point_segments: Vec::new(),
             segment_bytes,
             appended: 0,
+            next_segment: names.last().map_or(1, |(n, _)| n + 1),
         };
         let count = names.len();
         for (i, (_, path)) in names.into_iter().enumerate() {
@@ -219,14 +223,15 @@ impl History {
         self.segments.iter().map(|s| s.len).sum()
     }
 
-    fn append(&mut self, set: u64, parts: &[&[u8]]) -> io::Result<(usize, u64)> {
+    fn append(&mut self, parts: &[&[u8]]) -> io::Result<(usize, u64)> {
         let need: u64 = parts.iter().map(|p| p.len() as u64).sum();
         let start_new = self
             .segments
             .last()
             .is_none_or(|s| s.len > 0 && s.len + need > self.segment_bytes);
         if start_new {
-            let path = self.dir.join(format!("{set:020}{SUFFIX}"));
+            let path = self.dir.join(format!("{:020}{SUFFIX}", self.next_segment));
+            self.next_segment += 1;
             let file = self
                 .fs
                 .open(&path, OpenOptions::write().create().truncate())?;
@@ -268,7 +273,7 @@ impl History {
                 (KIND_DATA, &buf)
             };
             let h = header(kind, set, 0, offset, len, 0, data);
-            let (segment, start) = self.append(set, &[&h, data])?;
+            let (segment, start) = self.append(&[&h, data])?;
             self.undo.push(Undo {
                 set,
                 offset,
@@ -288,7 +293,7 @@ impl History {
             return Ok(());
         }
         let h = header(KIND_POINT, p.set, p.time_ms, p.seq, 0, p.gen, &[]);
-        let (segment, _) = self.append(p.set, &[&h])?;
+        let (segment, _) = self.append(&[&h])?;
         self.points.push(p);
         self.point_segments.push(segment);
         Ok(())
@@ -422,7 +427,7 @@ impl History {
                 .collect();
             for p in &moved {
                 let h = header(KIND_POINT, p.set, p.time_ms, p.seq, 0, p.gen, &[]);
-                let (segment, _) = self.append(p.set, &[&h])?;
+                let (segment, _) = self.append(&[&h])?;
                 let i = self.points.iter().position(|q| q == p).expect("kept");
                 self.point_segments[i] = segment;
             }
@@ -530,6 +535,29 @@ impl Keeper {
             gen: gen.0,
         })?;
         self.enforce(now_ms)
+    }
+
+    /// At start, after the replay, with the volume's state `state` (at `now_ms`): a history
+    /// of another disk (the volume changed) or ahead of the state (the state was lost or
+    /// restored) describes nothing here and is dropped (returns why); then the state is a
+    /// point if it is consistent.
+    pub fn opened(
+        &mut self,
+        state: &crate::repl::apply::VolumeState,
+        now_ms: u64,
+    ) -> io::Result<Option<&'static str>> {
+        let why = if state.volume_changed.is_some() {
+            Some("the volume's disk changed")
+        } else if self.log.last_set() > state.applied_set {
+            Some("the mirror's state is older than its history (was it restored?)")
+        } else {
+            None
+        };
+        if why.is_some() {
+            self.log.clear()?;
+        }
+        self.checkpointed(state, now_ms)?;
+        Ok(why)
     }
 
     /// Keep point `set` (and every later one) until [`Keeper::unpin`]: it is being served.
@@ -780,13 +808,22 @@ mod tests {
     fn a_restart_keeps_the_points_and_a_replay_changes_nothing() {
         let mut r = Rig::new();
         workload(&mut r);
-        // The redo log replays the last sets after a crash: their records again.
+        // The redo log replays the last sets after a crash: their records again, enough of
+        // them to start new segments (which must come after the older ones in log order,
+        // whatever the sets' numbers).
         let vol = r.vol.clone();
-        r.h.before_apply(39, &[(0, 4096)], &mut |o, out| {
-            out.copy_from_slice(&vol[o as usize..o as usize + out.len()]);
-            Ok(())
-        })
-        .unwrap();
+        let segments = r.h.segments.len();
+        for set in 30..=39 {
+            r.h.before_apply(set, &[(0, 4096)], &mut |o, out| {
+                out.copy_from_slice(&vol[o as usize..o as usize + out.len()]);
+                Ok(())
+            })
+            .unwrap();
+        }
+        assert!(
+            r.h.segments.len() > segments,
+            "the replay started a segment"
+        );
         r.fs.restart();
         let h = History::open_with(Arc::new(r.fs.clone()), Path::new("/h/v"), 8 << 10).unwrap();
         assert!(!h.points().is_empty());

@@ -301,21 +301,10 @@ impl MirrorVolume {
         let holds_data =
             state.copy == apply::CopyState::None && applier.holds_data().unwrap_or(true);
         if let Some(k) = keeper.as_mut() {
-            // Before-images of another disk, or a numbering of sets that went back (a lost
-            // state): the history describes nothing here any more.
-            let why = if state.volume_changed.is_some() {
-                Some("the volume's disk changed")
-            } else if k.log.last_set() > state.applied_set {
-                Some("the mirror's state is older than its history (was it restored?)")
-            } else {
-                None
-            };
-            if let Some(why) = why {
-                tracing::warn!(volume = %name, points = k.log.points().len(),
-                    "{why}: its history is dropped");
-                k.log.clear()?;
+            let points = k.log.points().len();
+            if let Some(why) = k.opened(&state, unix_ms(SystemTime::now()))? {
+                tracing::warn!(volume = %name, points, "{why}: its history is dropped");
             }
-            k.checkpointed(&state, unix_ms(SystemTime::now()))?;
         }
         let core = MirrorCore::new(
             name,
