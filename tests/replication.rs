@@ -943,6 +943,7 @@ impl Attacker {
                 // Claims to hold whatever the mirror holds.
                 journal_last: 1 << 40,
                 fingerprint: st.identity.fingerprint.clone().expect("a fingerprint"),
+                resync_from: None,
             })),
         );
         match self.reply(&mut c) {
@@ -1586,6 +1587,49 @@ fn kill9_during_a_staged_resync_keeps_a_valid_crash_state() {
         outage_writes.as_secs_f64(),
         dirty >> 20
     );
+}
+
+/// The primary is killed while the mirror stages the resync from its dirty map, and its map
+/// is lost with it (deleted, as a restore of the state directory from an older backup would).
+/// Restarted, it has no open resync: nobody knows which regions the staged part still lacks.
+/// The mirror must not finish the staged sets as if they were the whole resync (I1): it drops
+/// them, says so in its log, and is compared; at the end it is byte-identical. (Here the
+/// journal alone already shows the gap; the simulator's `a_dirty_map_lost_mid_resync_…`
+/// covers staged sets that reach past it.)
+#[test]
+fn a_dirty_map_lost_during_a_staged_resync_is_compared_not_resumed() {
+    let mut rig = Pair::running(PairOptions {
+        primary_extra: vec!["--journal-size".into(), "64M".into()],
+        ..Default::default()
+    });
+    assert!(rig.mirror.stop().is_some_and(|s| s.success()));
+    let mut c = Command::new("/usr/bin/python3");
+    c.args(["-c", NBD_FILL_WRAPPING, &rig.uri(), "200"]);
+    Background::spawn("a 200 MiB writer", c, &rig.dir().join("fill.out")).wait_success();
+    rig.wait("the journal folded", LONG, |_, p| {
+        p["journal_tracking"] == true
+    });
+    rig.mirror.start();
+    rig.wait("a resync staged at the mirror", LONG, |m, _| {
+        !m["staged_resync"].is_null()
+    });
+    rig.primary.kill9();
+    let map = rig
+        .primary_state
+        .join("journal")
+        .join(VOL)
+        .join("dirty.map");
+    std::fs::remove_file(&map).unwrap_or_else(|e| panic!("{}: {e}", map.display()));
+    rig.primary.start();
+    let (_, p) = rig.wait_synced();
+    assert_eq!(u(&p, "dirty_bytes"), 0, "{p}");
+    let log = rig.mirror.log();
+    assert!(
+        log.contains("a staged resync is abandoned for a Compare"),
+        "the mirror should drop the staged sets and compare:\n{}",
+        tail_lines(&log, 30)
+    );
+    rig.finish_and_compare();
 }
 
 /// `blkmirror verify` against the primary's control socket: its exit code and JSON report.

@@ -270,3 +270,26 @@ fn every_identity_case_keeps_the_promises() {
         .count();
     assert!(refused > 0, "no schedule got as far as refusing the copy");
 }
+
+/// A primary that loses its dirty map while the mirror stages the resync from it cannot say
+/// which regions the staged part still lacks: the mirror drops the staged sets and is
+/// compared, never resumed into committing half a resync (I1, checked after every apply: the
+/// window is a few applies long). Seed 29 once committed it.
+#[test]
+fn a_dirty_map_lost_mid_resync_never_commits_half_of_it() {
+    let (failed, reached) = run_all(1..=150, |seed| SimConfig {
+        scenario: Scenario::LostDirtyMap,
+        check_every_applies: 1,
+        ..sim::config_for_seed(seed)
+    });
+    assert!(
+        failed.is_empty(),
+        "{} schedules failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+    assert!(
+        reached.abandoned_stagings > 0,
+        "no decision dropped a staged resync: {reached:?}"
+    );
+}

@@ -119,6 +119,11 @@
 //! HelloAck: `uuid [16] | mode u8 (0 resume, 1 full copy, 2 compare) | durable_set u64 |
 //! durable_seq u64 | reason (string) | check u32`, or a Refuse.
 //!
+//! Version 5 adds to Identify the primary's open resync (`journal::dirty::Fold`): flags bit 1,
+//! then `resync_from u64` right after `journal_last`. A mirror with a staged resync finishes
+//! it only for a primary that still has one (`identity::staged_resync_continues`); a version-3
+//! or 4 primary never sends it and is compared instead.
+//!
 //! During a comparison the primary sends **Sums** (type 8): `offset u64 | chunk u32 (> 0) |
 //! count u16 (≤ 1024) | count × SHA-256 [32] | check u32`, in stream order with the sets; the
 //! mirror answers **SumsReply** (type 9): `offset u64 | chunk u32 | count u16 | bitmap
@@ -153,13 +158,13 @@ use crate::extent::{Extent, Payload};
 use crate::repl::identity::{GenId, Lineage, PrimaryClaim, Span, VolumeUuid, MAX_SPANS};
 
 /// Version spoken by this code (Hello's `version`).
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Oldest version whose messages still decode (a mirror's redo log may hold sets of versions
 /// 1 to 3).
 pub const OLDEST_PROTOCOL_VERSION: u16 = 1;
 /// Oldest version a mirror holds a session with: volume identities (docs/IDENTITY.md) came
-/// with 3. A version-3 primary never sends a Repair set (version 4), so it is served as is: a
-/// mirror can be upgraded before its primaries.
+/// with 3. A version-3 primary never sends a Repair set (version 4) nor its open resync
+/// (version 5), so it is served as is: a mirror can be upgraded before its primaries.
 pub const OLDEST_SESSION_VERSION: u16 = 3;
 /// Most checksums in one Sums message.
 pub const MAX_SUMS: usize = 1024;
@@ -590,10 +595,11 @@ pub fn encode_with_crcs(
     stats
 }
 
-/// Identify's body: flags (bit 0: a UUID follows), UUID, forgotten_below, span count, spans
-/// (gen, first_seq, continuous), journal_acked, journal_last, the fingerprint as JSON text.
+/// Identify's body: flags (bit 0: a UUID follows; bit 1: an open resync), UUID,
+/// forgotten_below, span count, spans (gen, first_seq, continuous), journal_acked,
+/// journal_last, the open resync's `resync_from` (bit 1), the fingerprint as JSON text.
 fn put_identify(c: &PrimaryClaim, out: &mut Vec<u8>) {
-    out.push(u8::from(c.uuid.is_some()));
+    out.push(u8::from(c.uuid.is_some()) | (u8::from(c.resync_from.is_some()) << 1));
     out.extend_from_slice(&c.uuid.map_or([0; 16], |u| u.0));
     out.extend_from_slice(&c.lineage.forgotten_below.to_be_bytes());
     let spans = &c.lineage.spans[c.lineage.spans.len().saturating_sub(MAX_SPANS)..];
@@ -605,6 +611,9 @@ fn put_identify(c: &PrimaryClaim, out: &mut Vec<u8>) {
     }
     out.extend_from_slice(&c.journal_acked.to_be_bytes());
     out.extend_from_slice(&c.journal_last.to_be_bytes());
+    if let Some(covers) = c.resync_from {
+        out.extend_from_slice(&covers.to_be_bytes());
+    }
     put_str(
         out,
         &serde_json::to_string(&c.fingerprint).expect("a fingerprint serialises"),
@@ -1154,7 +1163,7 @@ fn parse_frame(frame: &[u8], owner: Option<&Bytes>) -> Result<Message, FrameErro
 
 fn parse_identify(r: &mut Reader<'_>) -> Result<PrimaryClaim, FrameError> {
     let flags = r.u8()?;
-    if flags > 1 {
+    if flags > 3 {
         return Err(FrameError::Malformed("identify: unknown flags"));
     }
     let uuid: [u8; 16] = r.array()?;
@@ -1198,6 +1207,7 @@ fn parse_identify(r: &mut Reader<'_>) -> Result<PrimaryClaim, FrameError> {
             "identify: acknowledged past the journal's end",
         ));
     }
+    let resync_from = if flags & 2 != 0 { Some(r.u64()?) } else { None };
     let fingerprint: Fingerprint = serde_json::from_str(&r.string()?)
         .map_err(|_| FrameError::Malformed("identify: unreadable disk fingerprint"))?;
     Ok(PrimaryClaim {
@@ -1209,6 +1219,7 @@ fn parse_identify(r: &mut Reader<'_>) -> Result<PrimaryClaim, FrameError> {
         journal_acked,
         journal_last,
         fingerprint,
+        resync_from,
     })
 }
 
@@ -2415,9 +2426,9 @@ mod tests {
             any::<u64>(),
             0u64..1000,
             0u64..1000,
-            any::<u64>(),
+            (any::<u64>(), prop::option::of(any::<u64>())),
         )
-            .prop_map(|(uuid, raw, forgotten_below, a, b, ino)| {
+            .prop_map(|(uuid, raw, forgotten_below, a, b, (ino, resync_from))| {
                 let mut lineage = Lineage {
                     spans: Vec::new(),
                     forgotten_below,
@@ -2445,6 +2456,7 @@ mod tests {
                         size: 1 << 30,
                         ctime: None,
                     },
+                    resync_from,
                 }
             })
     }

@@ -271,6 +271,10 @@ pub struct PrimaryClaim {
     /// The last sequence number written.
     pub journal_last: u64,
     pub fingerprint: Fingerprint,
+    /// An open resync from the primary's dirty map: every write after this seq is in its
+    /// journal or its map (`journal::dirty::Fold::covers_after`). A mirror's staged resync
+    /// can only be finished by a primary that still has it (see [`staged_resync_continues`]).
+    pub resync_from: Option<u64>,
 }
 
 /// What the mirror holds, as it decides.
@@ -286,6 +290,8 @@ pub struct MirrorHolds {
     pub durable_seq: u64,
     /// The generation of that state, where the mirror recorded it (else the lineage says).
     pub position_gen: Option<GenId>,
+    /// A resync is staged on top of `position` (its sets durable, not applied).
+    pub staged: bool,
     /// It ever received data of a primary (a legacy mirror from before volume UUIDs has data
     /// but no UUID).
     pub has_data: bool,
@@ -341,6 +347,18 @@ pub fn foreign(
                 p.fingerprint.describe()
             )),
         },
+    }
+}
+
+/// Whether the mirror's staged resync (if any) can be finished by this primary: it still has
+/// an open resync whose map covers every write after the mirror's consistent point. A primary
+/// that lost its dirty map (or folded anew after losing it) cannot say which regions the
+/// staged part still lacks: the staged sets are dropped, never committed half-done.
+pub fn staged_resync_continues(p: &PrimaryClaim, m: &MirrorHolds) -> bool {
+    match (m.staged, m.position) {
+        (false, _) => true,
+        (true, Some(at)) => p.resync_from.is_some_and(|covers| covers <= at),
+        (true, None) => false,
     }
 }
 
@@ -473,7 +491,23 @@ pub fn decide(p: &PrimaryClaim, m: &MirrorHolds) -> Decision {
             ),
         };
     }
-    let durable = m.durable_seq.max(at);
+    if !staged_resync_continues(p, m) && at < p.journal_acked {
+        return Decision::Compare {
+            why: format!(
+                "the mirror's staged resync cannot be finished: the primary has no open resync \
+                 from seq {at} (its dirty map was lost?) and its journal holds only the writes \
+                 after {}",
+                p.journal_acked
+            ),
+        };
+    }
+    // A staged resync the primary cannot finish is dropped: the mirror resumes from its
+    // consistent point.
+    let durable = if staged_resync_continues(p, m) {
+        m.durable_seq.max(at)
+    } else {
+        at
+    };
     if durable < p.journal_acked {
         return Decision::Compare {
             why: format!(
@@ -521,6 +555,7 @@ mod tests {
             journal_acked: acked,
             journal_last: last,
             fingerprint: disk(10),
+            resync_from: None,
         }
     }
 
@@ -531,6 +566,7 @@ mod tests {
             position,
             durable_seq: position.unwrap_or(0),
             position_gen: None,
+            staged: false,
             has_data: true,
             unrecorded_data: false,
             peer_fingerprint: Some(disk(10)),
@@ -575,6 +611,35 @@ mod tests {
         assert!(is_compare(&decide(&p, &m)), "the lost history's state");
     }
 
+    /// A mirror with a resync staged on top of seq 68 (its redo log reaches seq 80): a
+    /// primary whose open resync covers the writes after 68 finishes it; one that lost its
+    /// dirty map (no open resync; its journal starts after the fold's number 72) cannot say
+    /// which regions the staged part lacks: compared, never resumed past them.
+    #[test]
+    fn a_staged_resync_is_finished_only_by_a_primary_that_still_has_it() {
+        let mut m = mirror(&[(1, 1, true)], Some(68));
+        m.staged = true;
+        m.durable_seq = 80;
+        let mut p = primary(&[(1, 1, true), (2, 73, true)], 68, 97);
+        p.resync_from = Some(66);
+        assert_eq!(decide(&p, &m), Decision::Resume { from_seq: 80 });
+        // Its acknowledged journal trimmed past the staged point: still its resync.
+        p.journal_acked = 78;
+        assert_eq!(decide(&p, &m), Decision::Resume { from_seq: 80 });
+        // The map lost: the journal vouches only for the writes after the fold.
+        p.resync_from = None;
+        p.journal_acked = 72;
+        assert!(is_compare(&decide(&p, &m)), "{:?}", decide(&p, &m));
+        // ... or a fold after that loss, which covers only what came after it.
+        p.resync_from = Some(72);
+        assert!(is_compare(&decide(&p, &m)), "{:?}", decide(&p, &m));
+        // Nothing lost before the mirror's point: resumed from it, the staging dropped.
+        p.resync_from = None;
+        p.journal_acked = 60;
+        assert!(!staged_resync_continues(&p, &m));
+        assert_eq!(decide(&p, &m), Decision::Resume { from_seq: 68 });
+    }
+
     #[test]
     fn new_and_legacy_mirrors() {
         let p = primary(&[(1, 1, true)], 0, 10);
@@ -584,6 +649,7 @@ mod tests {
             position: None,
             durable_seq: 0,
             position_gen: None,
+            staged: false,
             has_data: false,
             unrecorded_data: false,
             peer_fingerprint: None,

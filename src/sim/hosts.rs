@@ -22,7 +22,7 @@ use crate::repl::core::primary::{
 use crate::repl::core::{PlantedBugs, ReplState};
 use crate::repl::frame::{self, DeltaSet, Message, Mode, RefuseCode, SUM_LEN};
 use crate::repl::history::{History, Point, WithHistory};
-use crate::repl::identity::{GenId, PrimaryClaim};
+use crate::repl::identity::GenId;
 use crate::repl::redo::RedoLog;
 use crate::volume::VolumeRead;
 use bytes::Bytes;
@@ -469,13 +469,8 @@ impl PrimaryHost {
             }
             self.next_conn += 1;
             let conn = self.next_conn;
-            let claim = PrimaryClaim {
-                uuid: u.state.identity.uuid,
-                lineage: u.state.identity.lineage.clone(),
-                journal_acked: u.journal.holds_after(),
-                journal_last: u.journal.last_seq(),
-                fingerprint: self.disk.fingerprint().expect("simulated disk"),
-            };
+            let disk = self.disk.fingerprint().expect("simulated disk");
+            let claim = u.state.claim(&u.journal, &disk);
             let (mut s, opening) =
                 Session::start(sim_limits(), VOLUME, VOLUME_BYTES, claim, clock.instant());
             s.bugs = self.bugs;
@@ -775,6 +770,9 @@ pub struct MirrorHost {
     /// Sets held in a staged resync, and staged resyncs completed (applied at once).
     pub staged_sets: u64,
     pub commits: u64,
+    /// Staged resyncs dropped by a decision (a copy, a comparison, a primary that cannot
+    /// finish them).
+    pub abandoned_stagings: u64,
     /// The mode of the last session the mirror accepted.
     pub last_mode: Option<Mode>,
 }
@@ -802,6 +800,7 @@ impl MirrorHost {
             clock: clock.clone(),
             staged_sets: 0,
             commits: 0,
+            abandoned_stagings: 0,
             last_mode: None,
         }
     }
@@ -1037,6 +1036,16 @@ impl MirrorHost {
                 self.drain(clock, link, rng);
                 self.checkpoint(clock, true);
                 let Some(u) = self.up.as_mut() else { return };
+                let before = format!(
+                    "(claim acked {} last {}; mirror at set {} seq {} consistent {} staged {:?})",
+                    claim.journal_acked,
+                    claim.journal_last,
+                    u.core.state().applied_set,
+                    u.core.state().applied_seq,
+                    u.core.state().consistent(),
+                    u.core.staging(),
+                );
+                let was_staged = u.core.staging().is_some();
                 let session = u.core.new_session();
                 u.core.enter_session(session);
                 let mut bytes = [0u8; 16];
@@ -1060,11 +1069,14 @@ impl MirrorHost {
                         let u = self.up.as_mut().expect("up");
                         u.conn = Some(conn);
                         u.session = session;
+                        if was_staged && u.core.staging().is_none() {
+                            self.abandoned_stagings += 1;
+                        }
                         self.last_mode = Some(accept.mode);
                         self.log.push(stamp(
                             &self.clock,
                             "mirror",
-                            format!("conn {conn}: {:?}: {}", accept.mode, accept.reason),
+                            format!("conn {conn}: {:?}: {} {before}", accept.mode, accept.reason),
                         ));
                         Self::send(u, conn, &accept.decision, clock, link, rng);
                     }

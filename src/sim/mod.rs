@@ -92,6 +92,9 @@ pub struct SimConfig {
     /// What the primary's full journal does (`--on-journal-full`), and its dirty map's region.
     pub on_full: crate::journal::OnFull,
     pub region_bytes: u64,
+    /// The mirror's state is checked against the model after every this many applies (each
+    /// check reads the whole image: 1 catches a short-lived violation, 8 keeps suites quick).
+    pub check_every_applies: u64,
 }
 
 impl Default for SimConfig {
@@ -108,6 +111,7 @@ impl Default for SimConfig {
             small_journal: false,
             on_full: crate::journal::OnFull::Track,
             region_bytes: 4096,
+            check_every_applies: 8,
         }
     }
 }
@@ -130,6 +134,9 @@ pub struct Stats {
     pub staged_commits: u64,
     /// Crashes of either host while the mirror held a staged resync.
     pub crashes_while_staged: u64,
+    /// Staged resyncs a decision dropped unapplied (a copy, a comparison, a primary that lost
+    /// the dirty map it would finish them from).
+    pub abandoned_stagings: u64,
     /// Decisions to compare a mirror volume that held data it had no record of.
     pub preseeded_compares: u64,
     pub decisions: Vec<Mode>,
@@ -160,6 +167,7 @@ impl Stats {
         self.folds += other.folds;
         self.staged_commits += other.staged_commits;
         self.crashes_while_staged += other.crashes_while_staged;
+        self.abandoned_stagings += other.abandoned_stagings;
         self.preseeded_compares += other.preseeded_compares;
         self.decisions.extend_from_slice(&other.decisions);
         self.virtual_ms += other.virtual_ms;
@@ -297,6 +305,7 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
     w.stats.tail_rotations = w.primary.tail_rotations();
     w.stats.folds = w.primary.folds();
     w.stats.staged_commits = w.mirror.commits;
+    w.stats.abandoned_stagings = w.mirror.abandoned_stagings;
     w.stats.verifies = w.primary.verifies.len() as u64;
     for v in &w.primary.verifies {
         w.stats.verify_differing_bytes += v.differing_bytes();
@@ -587,11 +596,16 @@ impl World {
                     && !self.mirror_consistent()
                     && self.mirror.last_mode == Some(Mode::Resume)
                 {
-                    let what = "I1 while resyncing: a consistent mirror stopped being one                                 within a resumed session (a resync must be staged)"
+                    let what = "I1 while resyncing: a consistent mirror stopped being one within a resumed \
+                                session (a resync must be staged)"
                         .to_string();
                     self.violation(what);
                 }
-                if applied && self.applies.is_multiple_of(8) {
+                if applied
+                    && self
+                        .applies
+                        .is_multiple_of(self.cfg.check_every_applies.max(1))
+                {
                     self.check_i1("after applying");
                     self.check_history("after applying");
                 }

@@ -19,7 +19,8 @@ use crate::repl::frame::{
     PROTOCOL_VERSION,
 };
 use crate::repl::identity::{
-    decide, foreign, Decision, MirrorHolds, PrimaryClaim, RefuseKind, VolumeUuid,
+    decide, foreign, staged_resync_continues, Decision, MirrorHolds, PrimaryClaim, RefuseKind,
+    VolumeUuid,
 };
 
 /// A refusal: its code and why.
@@ -300,6 +301,7 @@ impl MirrorCore {
             position: st.consistent().then_some(st.applied_seq),
             durable_seq: self.durable.seq,
             position_gen: st.position_gen,
+            staged: self.stager.staging.is_some(),
             has_data: st.copy != CopyState::None,
             unrecorded_data: st.copy == CopyState::None && self.volume_holds_data,
             peer_fingerprint: st.identity.peer_fingerprint.clone(),
@@ -318,7 +320,9 @@ impl MirrorCore {
                 return Err((code, why));
             }
             Decision::Resume { from_seq } => {
-                debug_assert_eq!(from_seq, self.durable.seq);
+                debug_assert!(
+                    from_seq == self.durable.seq || !staged_resync_continues(claim, &holds)
+                );
                 (Mode::Resume, "same data: resuming".to_string())
             }
             Decision::FullCopy { why } => (Mode::FullCopy, why),
@@ -335,13 +339,18 @@ impl MirrorCore {
         let mut peer = claim.fingerprint.clone();
         peer.ctime = None;
         st.identity.peer_fingerprint = Some(peer);
-        if mode != Mode::Resume {
-            // A staged resync is abandoned: the copy or comparison sends whatever differs.
+        // A staged resync is abandoned (its sets never applied) for a copy or comparison,
+        // which sends whatever differs, or when this primary cannot finish it.
+        if mode != Mode::Resume || !staged_resync_continues(claim, &holds) {
             if let Some(staging) = self.stager.staging.take() {
                 tracing::warn!(volume = %self.name, first_set = staging.first,
-                    "a staged resync is abandoned for a {mode:?}");
+                    "a staged resync is abandoned for a {mode:?}: {reason}");
                 st.applied_set = staging.shadow.applied_set;
+                self.durable.seq = st.applied_seq;
+                self.written = self.durable;
             }
+        }
+        if mode != Mode::Resume {
             // Chunks will be overwritten: not a state of the primary's until the copy ends.
             st.copy = CopyState::Running;
             st.applied_seq = 0;

@@ -1149,6 +1149,7 @@ impl PrimaryVolumeState {
             journal_acked: journal.holds_after(),
             journal_last: journal.last_seq(),
             fingerprint: disk.clone(),
+            resync_from: journal.fold().and_then(|f| f.covers_after),
         }
     }
 }
