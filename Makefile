@@ -27,7 +27,7 @@ test:
 	/usr/bin/python3 tools/test_tools.py
 	$(CARGO) test --features test-hooks
 
-# The deterministic simulator: SEEDS random schedules (default 15000, under a minute), or one
+# The deterministic simulator: SEEDS random schedules (default 15000, about 3 minutes), or one
 # replayed exactly with BLKMIRROR_SIM_SEED=S. Last line: `N schedules, V violations`.
 sim:
 	$(CARGO) run --quiet --release --features test-hooks --bin blkmirror-sim

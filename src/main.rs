@@ -116,6 +116,13 @@ enum Command {
         /// points go first.
         #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "history")]
         history_size: Option<u64>,
+        /// How older points are thinned: AGE:EVERY,... keeps one point per EVERY among those
+        /// older than AGE (`none`: keep every point). The default keeps every point of the last
+        /// hour, one a minute for a day, one an hour beyond.
+        #[arg(long, value_name = "TIERS", requires = "history",
+              default_value = blkmirror::repl::history::DEFAULT_THINNING,
+              value_parser = parse_thinning)]
+        history_thin: Thinning,
     },
     /// On the mirror: the recoverable points of each volume's history, oldest first.
     History {
@@ -319,19 +326,34 @@ enum CompressArg {
     Off,
 }
 
+/// The longest duration accepted: anything longer is a typo.
+const MAX_DURATION_SECS: u64 = 100 * 365 * 86_400;
+
+/// Thinning tiers (`--history-thin`): one value, not a list of them.
+#[derive(Clone, Debug)]
+struct Thinning(Vec<blkmirror::repl::history::Tier>);
+
+fn parse_thinning(s: &str) -> Result<Thinning, String> {
+    blkmirror::repl::history::parse_thinning(s, parse_duration).map(Thinning)
+}
+
 /// A duration with a unit: `90s`, `30m`, `24h`, `7d`.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = n
         .parse()
         .map_err(|_| format!("{s:?}: a number with a unit is expected (90s, 30m, 24h, 7d)"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
+    let unit_secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
         _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
     };
+    let secs = n
+        .checked_mul(unit_secs)
+        .filter(|&s| s <= MAX_DURATION_SECS)
+        .ok_or_else(|| format!("{s:?}: more than 100 years"))?;
     if secs == 0 {
         return Err(format!("{s:?}: must be more than nothing"));
     }
@@ -527,6 +549,7 @@ fn run(command: Command) -> Result<Exit, Failure> {
             control,
             history,
             history_size,
+            history_thin,
         } => mirror_daemon::run(MirrorOptions {
             listen,
             volumes,
@@ -537,6 +560,7 @@ fn run(command: Command) -> Result<Exit, Failure> {
             history: history.map(|keep| blkmirror::repl::history::Retention {
                 keep,
                 max_bytes: history_size,
+                thin: history_thin.0,
             }),
         })?,
         Command::Export {

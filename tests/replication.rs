@@ -1800,6 +1800,73 @@ fn history_of(rig: &Pair) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("history --json printed {out:?}: {e}"))
 }
 
+/// `--history-thin 2s:1s,4s:2s`: while writes come in for 8 s, the mirror keeps every point
+/// of the last 2 s, one per second of those older, one per 2 s of those older than 4 s
+/// (measured from its newest point, when it last thinned); bad tiers are a usage error
+/// naming the flag.
+#[test]
+fn older_history_points_are_thinned_by_tier() {
+    let bad = run_output(
+        BIN,
+        &[
+            "mirror",
+            "--listen",
+            "127.0.0.1:1",
+            "--volume",
+            "v=/nonexistent",
+            "--state-dir",
+            "/nonexistent",
+            "--history",
+            "1h",
+            "--history-thin",
+            "4s:2s,2s:1s",
+        ],
+        None,
+    );
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--history-thin"),
+        "{bad:?}"
+    );
+    let mut rig = Pair::new(PairOptions::default());
+    rig.mirror
+        .push_args(&["--history", "1h", "--history-thin", "2s:1s,4s:2s"]);
+    rig.mirror.start();
+    rig.primary.start();
+    rig.wait_consistent();
+    let start = Instant::now();
+    let mut i = 0u64;
+    while start.elapsed() < Duration::from_secs(8) {
+        rig.nbd_write((i % 256) * 4096, &[(i % 250) as u8 + 1; 4096]);
+        i += 1;
+    }
+    rig.wait_synced();
+    let newest = newest_point_at_applied(&rig);
+    let h = history_of(&rig);
+    let points = h["volumes"][0]["points"].as_array().unwrap();
+    let time =
+        |p: &Value| blkmirror::repl::mirror::parse_time(p["time"].as_str().unwrap()).unwrap();
+    let now = time(&newest);
+    let tier = |lo: u64, hi: u64| -> Vec<u64> {
+        points
+            .iter()
+            .map(time)
+            .filter(|t| (lo..hi).contains(&(now - t)))
+            .collect()
+    };
+    let young = tier(0, 2000);
+    for (every, times) in [(1000, tier(2000, 4000)), (2000, tier(4000, u64::MAX))] {
+        let mut slices: Vec<u64> = times.iter().map(|t| t / every).collect();
+        let n = slices.len();
+        slices.dedup();
+        assert_eq!(slices.len(), n, "one point per {every} ms: {h}");
+    }
+    assert!(
+        young.len() >= 2 && tier(4000, u64::MAX).len() >= 2,
+        "{i} writes in 8 s should leave points in every tier: {h}"
+    );
+}
+
 /// The newest point once it holds everything the mirror applied (points come at most once a
 /// second while sets stream in, and at every checkpoint).
 fn newest_point_at_applied(rig: &Pair) -> Value {

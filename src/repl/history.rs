@@ -21,6 +21,7 @@ use crate::repl::apply::ApplyTarget;
 use crate::repl::frame::DeltaSet;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 const MAGIC: u32 = 0x424d_5531; // "BMU1"
 /// Bytes of a record's header.
@@ -28,6 +29,8 @@ pub const HEADER_LEN: usize = 56;
 const KIND_DATA: u8 = 1;
 const KIND_ZERO: u8 = 2;
 const KIND_POINT: u8 = 3;
+/// A point thinned out (its record stays in its segment until retention drops it).
+const KIND_DROP: u8 = 4;
 const SUFFIX: &str = ".undo";
 /// A new segment is started once the current one holds this much (old ones leave whole when
 /// retention drops them).
@@ -184,6 +187,12 @@ impl History {
                         });
                         h.point_segments.push(seg);
                     }
+                    KIND_DROP => {
+                        if let Some(i) = h.points.iter().position(|p| p.set == set) {
+                            h.points.remove(i);
+                            h.point_segments.remove(i);
+                        }
+                    }
                     _ => break,
                 }
                 pos = body + stored;
@@ -296,6 +305,22 @@ impl History {
         let (segment, _) = self.append(&[&h])?;
         self.points.push(p);
         self.point_segments.push(segment);
+        Ok(())
+    }
+
+    /// Forget the points at `sets` (thinning): the before-images stay, so every point kept
+    /// reads as before. Like a point, a drop is not synced on its own: lost in a crash, the
+    /// point is simply still there.
+    pub fn drop_points(&mut self, sets: &[u64]) -> io::Result<()> {
+        for &set in sets {
+            let Some(i) = self.points.iter().position(|p| p.set == set) else {
+                continue;
+            };
+            let h = header(KIND_DROP, set, 0, 0, 0, 0, &[]);
+            self.append(&[&h])?;
+            self.points.remove(i);
+            self.point_segments.remove(i);
+        }
         Ok(())
     }
 
@@ -471,18 +496,68 @@ impl History {
 }
 
 /// How long and how much history a mirror keeps (`--history`, `--history-size`; None: the
-/// volume's size).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// volume's size), and how its older points are thinned (`--history-thin`).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Retention {
-    pub keep: std::time::Duration,
+    pub keep: Duration,
     pub max_bytes: Option<u64>,
+    pub thin: Vec<Tier>,
+}
+
+/// Points older than `older_than` are kept one per `every` (the oldest of each `every`-long
+/// slice of the mirror's clock).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tier {
+    pub older_than: Duration,
+    pub every: Duration,
+}
+
+/// Every point of the last hour, one a minute for a day, one an hour beyond (as Zerto and
+/// AWS DRS thin their journals): a day of history lists about 1,400 points whatever the rate
+/// of sets.
+pub const DEFAULT_THINNING: &str = "1h:1m,1d:1h";
+
+/// `AGE:EVERY,...` (durations as `parse`s them), ages and intervals both increasing, each
+/// interval a multiple of the one before (so that a point kept in a coarser tier was kept in
+/// the finer one: thinning never needs a point it already dropped); `none` keeps every point.
+pub fn parse_thinning(
+    s: &str,
+    parse: impl Fn(&str) -> Result<Duration, String>,
+) -> Result<Vec<Tier>, String> {
+    if s == "none" {
+        return Ok(Vec::new());
+    }
+    let mut tiers: Vec<Tier> = Vec::new();
+    for part in s.split(',') {
+        let (age, every) = part
+            .split_once(':')
+            .ok_or_else(|| format!("{part:?}: AGE:EVERY expected (e.g. 1h:1m)"))?;
+        let t = Tier {
+            older_than: parse(age)?,
+            every: parse(every)?,
+        };
+        if let Some(prev) = tiers.last() {
+            if t.older_than <= prev.older_than
+                || t.every <= prev.every
+                || !t.every.as_millis().is_multiple_of(prev.every.as_millis())
+            {
+                return Err(format!(
+                    "{part:?}: each tier must be older and sparser than the one before, its \
+                     interval a multiple of the one before ({s:?})"
+                ));
+            }
+        }
+        tiers.push(t);
+    }
+    Ok(tiers)
 }
 
 /// A volume's history as the mirror keeps it: the log, the pace of its points, its retention.
 pub struct Keeper {
     pub log: History,
-    pub keep: std::time::Duration,
+    pub keep: Duration,
     pub max_bytes: u64,
+    pub thin: Vec<Tier>,
     /// Points being served (`blkmirror export`): retention keeps them and every later one.
     pins: Vec<u64>,
 }
@@ -507,6 +582,7 @@ impl Keeper {
             log: History::open_with(fs, &Self::dir(state_dir, volume), segment)?,
             keep: retention.keep,
             max_bytes,
+            thin: retention.thin,
             pins: Vec::new(),
         })
     }
@@ -596,9 +672,37 @@ impl Keeper {
         }
     }
 
-    /// Drop points older than the retention, then the oldest while over the cap; the newest
-    /// point always stays, and so does every point from the oldest pinned one on.
+    /// The points the thinning tiers drop at `now_ms`: in each tier, all but the oldest of
+    /// each `every`-long slice of time; never the newest point nor a pinned one.
+    fn thinned(&self, now_ms: u64) -> Vec<u64> {
+        let points = self.log.points();
+        let Some((newest, older)) = points.split_last() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut kept_slice: Option<(u128, u64)> = None;
+        for p in older {
+            let age = Duration::from_millis(now_ms.saturating_sub(p.time_ms));
+            let Some(tier) = self.thin.iter().rev().find(|t| age >= t.older_than) else {
+                continue;
+            };
+            let every = tier.every.as_millis().max(1);
+            let slice = (every, p.time_ms / every as u64);
+            if kept_slice == Some(slice) && !self.pins.contains(&p.set) && p.set != newest.set {
+                out.push(p.set);
+            } else {
+                kept_slice = Some(slice);
+            }
+        }
+        out
+    }
+
+    /// Thin the older points, drop points older than the retention, then the oldest while
+    /// over the cap; the newest point always stays, and so does every point from the oldest
+    /// pinned one on.
     fn enforce(&mut self, now_ms: u64) -> io::Result<()> {
+        let thinned = self.thinned(now_ms);
+        self.log.drop_points(&thinned)?;
         let cutoff = now_ms.saturating_sub(self.keep.as_millis() as u64);
         let pinned = self.pins.iter().min().copied().unwrap_or(u64::MAX);
         let points = self.log.points();
@@ -893,6 +997,129 @@ mod tests {
         r.point(100);
         for (s, st) in r.states.clone() {
             assert!(r.view(s) == st, "point {s}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod keeper_tests {
+    use super::*;
+    use crate::env::mem::MemFs;
+    use std::sync::Arc;
+
+    const TIERS: &str = "10s:1s,60s:10s";
+
+    fn secs(s: &str) -> Result<Duration, String> {
+        s.trim_end_matches('s')
+            .parse()
+            .map(Duration::from_secs)
+            .map_err(|e| format!("{s}: {e}"))
+    }
+
+    fn keeper(fs: &MemFs) -> Keeper {
+        let log = History::open_with(Arc::new(fs.clone()), Path::new("/h/v"), 4 << 10).unwrap();
+        Keeper {
+            log,
+            keep: Duration::from_secs(3600),
+            max_bytes: u64::MAX,
+            thin: parse_thinning(TIERS, secs).unwrap(),
+            pins: Vec::new(),
+        }
+    }
+
+    /// A point every 100 ms for 200 s, retention enforced after each: every point of the last
+    /// 10 s stays, one a second between 10 s and 60 s old, one per 10 s beyond, and each kept
+    /// point is the first made in its slice (so a coarser tier never needs one a finer tier
+    /// dropped). A pinned point (being exported) stays whatever its age; the newest always
+    /// does. The drops survive a reopen, and every kept point still reads exactly.
+    #[test]
+    fn older_points_are_thinned_by_tier() {
+        let fs = MemFs::new();
+        let mut k = keeper(&fs);
+        let mut vol = vec![0u8; 64 << 10];
+        let mut states = std::collections::BTreeMap::new();
+        let t0 = 1_000_000u64;
+        let mut pinned = None;
+        for set in 1..=2000u64 {
+            let at = ((set * 37) % 120) as usize * 512;
+            let before = vol.clone();
+            k.log
+                .before_apply(set, &[(at as u64, 512)], &mut |o, out| {
+                    out.copy_from_slice(&before[o as usize..o as usize + out.len()]);
+                    Ok(())
+                })
+                .unwrap();
+            vol[at..at + 512].fill((set % 251) as u8 + 1);
+            let now = t0 + (set - 1) * 100;
+            k.log
+                .point(Point {
+                    set,
+                    time_ms: now,
+                    seq: set,
+                    gen: 1,
+                })
+                .unwrap();
+            states.insert(set, vol.clone());
+            if set == 1234 {
+                k.pin(set).unwrap();
+                pinned = Some(set);
+            }
+            k.enforce(now).unwrap();
+        }
+        let now = t0 + 1999 * 100;
+        let check = |points: &[Point]| {
+            assert_eq!(points.last().unwrap().set, 2000, "the newest stays");
+            assert!(points.iter().any(|p| Some(p.set) == pinned), "pinned stays");
+            let age = |p: &Point| now - p.time_ms;
+            let young = points.iter().filter(|p| age(p) < 10_000).count();
+            assert_eq!(young, 100, "every point of the last 10 s");
+            for (every, lo, hi) in [(1000, 10_000, 60_000), (10_000, 60_000, u64::MAX)] {
+                let tier: Vec<&Point> = points
+                    .iter()
+                    .filter(|p| (lo..hi).contains(&age(p)) && Some(p.set) != pinned)
+                    .collect();
+                let mut slices: Vec<u64> = tier.iter().map(|p| p.time_ms / every).collect();
+                let n = slices.len();
+                slices.dedup();
+                assert_eq!(slices.len(), n, "one point per {every} ms slice");
+                for p in &tier {
+                    assert_eq!(p.time_ms % every, 0, "the first of its slice: {p:?}");
+                }
+            }
+            points.len()
+        };
+        let n = check(k.log.points());
+        assert!(n < 200, "{n} points kept of 2000");
+        let reopened = keeper(&fs);
+        assert_eq!(
+            reopened.log.points(),
+            k.log.points(),
+            "drops survive a reopen"
+        );
+        for p in k.log.points() {
+            let mut out = vec![0u8; vol.len()];
+            k.log
+                .read_at(p.set, 0, &mut out, &mut |o, b| {
+                    b.copy_from_slice(&vol[o as usize..o as usize + b.len()]);
+                    Ok(())
+                })
+                .unwrap();
+            assert!(out == states[&p.set], "point {} reads as it was", p.set);
+        }
+    }
+
+    #[test]
+    fn thinning_tiers_must_grow_older_and_sparser() {
+        assert!(parse_thinning("none", secs).unwrap().is_empty());
+        assert_eq!(parse_thinning(TIERS, secs).unwrap().len(), 2);
+        for bad in [
+            "10s",
+            "60s:10s,10s:1s",
+            "10s:10s,60s:10s",
+            "10s:4s,60s:10s",
+            "x:1s",
+        ] {
+            assert!(parse_thinning(bad, secs).is_err(), "{bad} accepted");
         }
     }
 }

@@ -1174,7 +1174,7 @@ impl Mirror {
     ) -> io::Result<Arc<Mirror>> {
         let volumes = specs
             .iter()
-            .map(|s| MirrorVolume::open(fs, s, state_dir, history))
+            .map(|s| MirrorVolume::open(fs, s, state_dir, history.clone()))
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Arc::new(Mirror {
             volumes,

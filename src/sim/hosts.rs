@@ -21,7 +21,7 @@ use crate::repl::core::primary::{
 };
 use crate::repl::core::{PlantedBugs, ReplState};
 use crate::repl::frame::{self, DeltaSet, Message, Mode, RefuseCode, SUM_LEN};
-use crate::repl::history::{History, Point, WithHistory};
+use crate::repl::history::{History, Keeper, Retention, WithHistory};
 use crate::repl::identity::GenId;
 use crate::repl::redo::RedoLog;
 use crate::volume::VolumeRead;
@@ -39,8 +39,23 @@ const JOURNAL_SEGMENT: u64 = 16 << 10;
 const JOURNAL_CAP: u64 = 160 << 10;
 const REDO_SEGMENT: u64 = 32 << 10;
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
-/// Recoverable points the simulated mirror keeps before retention drops the older half.
-const HISTORY_POINTS: usize = 40;
+/// The simulated mirror's history: a minute of virtual time (schedules run a few), thinned
+/// after 5 s to a point a second and after 20 s to one per 5 s (tiers as `--history-thin`),
+/// capped at the volume's size (the default): retention, thinning and the cap all act.
+fn history_retention() -> Retention {
+    let secs = |s: &str| -> Result<Duration, String> {
+        let n: u64 = s
+            .trim_end_matches('s')
+            .parse()
+            .map_err(|e| format!("{e}"))?;
+        Ok(Duration::from_secs(n))
+    };
+    Retention {
+        keep: Duration::from_secs(60),
+        max_bytes: None,
+        thin: crate::repl::history::parse_thinning("5s:1s,20s:5s", secs).expect("valid tiers"),
+    }
+}
 
 /// After a permanent refusal the simulated primary retries this rarely (as the real one).
 const SLOW_RETRY: Duration = Duration::from_secs(600);
@@ -750,7 +765,7 @@ struct MirrorUp {
     unsynced: Vec<Handle>,
     last_checkpoint: Duration,
     unsaved: bool,
-    history: History,
+    history: Keeper,
 }
 
 /// The mirror host (see the module doc).
@@ -829,12 +844,18 @@ impl MirrorHost {
         let sealed_valid = redo.last_set().is_none_or(|l| l <= state.applied_set);
         let known = state.identity.fingerprint.clone();
         let loaded_set = state.applied_set;
-        let mut history = History::open(Arc::new(self.history_fs.clone()), Path::new("/h/vol"))
-            .map_err(|e| format!("history: {e}"))?;
+        let mut history = Keeper::open(
+            Arc::new(self.history_fs.clone()),
+            Path::new("/h"),
+            VOLUME,
+            VOLUME_BYTES,
+            history_retention(),
+        )
+        .map_err(|e| format!("history: {e}"))?;
         let replayed = apply::replay(
             &mut WithHistory {
                 target: &mut MemApplier(&self.disk),
-                history: &mut history,
+                history: &mut history.log,
             },
             &mut redo,
             &mut state,
@@ -861,18 +882,17 @@ impl MirrorHost {
         );
         let replayed_sets = replayed.sets;
         core.bugs = self.bugs;
-        // Another disk than the history's before-images came from, or a numbering of sets
-        // that went back (the state was lost): the history describes nothing here any more.
-        if core.state().volume_changed.is_some() || history.last_set() > core.state().applied_set {
-            history.clear().map_err(|e| format!("history: {e}"))?;
-        }
-        Self::history_point(&mut history, &core, clock).map_err(|e| format!("history: {e}"))?;
+        // The mirror's start rule: a history of another disk, or ahead of the state, is
+        // dropped; a consistent state is a point.
+        let dropped = history
+            .opened(core.state(), clock.wall_ms())
+            .map_err(|e| format!("history: {e}"))?;
         core.state()
             .save(&*fs, &state_path())
             .map_err(|e| format!("state save: {e}"))?;
         self.note(format!(
             "start: applied set {} seq {}, consistent {}, changed {:?}, replayed {} sets \
-             (state said set {loaded_set}), staged {:?}",
+             (state said set {loaded_set}), staged {:?}, history dropped {dropped:?}",
             core.state().applied_set,
             core.state().applied_seq,
             core.state().consistent(),
@@ -895,31 +915,6 @@ impl MirrorHost {
         Ok(())
     }
 
-    /// The volume is consistent now: a recoverable point (the oldest ones go beyond
-    /// [`HISTORY_POINTS`], to exercise retention).
-    fn history_point(
-        history: &mut History,
-        core: &MirrorCore,
-        clock: &Clock,
-    ) -> std::io::Result<()> {
-        let st = core.state();
-        let (true, Some(gen)) = (st.consistent(), st.position_gen) else {
-            return Ok(());
-        };
-        history.point(Point {
-            set: st.applied_set,
-            time_ms: clock.wall_ms(),
-            seq: st.applied_seq,
-            gen: gen.0,
-        })?;
-        let points = history.points();
-        if points.len() > HISTORY_POINTS {
-            let keep = points[points.len() - HISTORY_POINTS / 2].set;
-            history.retain_from(keep)?;
-        }
-        Ok(())
-    }
-
     pub fn kill(&mut self) {
         self.up = None;
         self.fs.restart();
@@ -935,7 +930,7 @@ impl MirrorHost {
 
     /// The history's recoverable points (none while down).
     pub fn history(&self) -> Option<&History> {
-        self.up.as_ref().map(|u| &u.history)
+        self.up.as_ref().map(|u| &u.history.log)
     }
 
     fn send(u: &MirrorUp, conn: u64, m: &Message, clock: &Clock, link: &mut Link, rng: &mut Prng) {
@@ -1228,7 +1223,7 @@ impl MirrorHost {
                             set.set - 1,
                             &mut WithHistory {
                                 target: &mut MemApplier(&self.disk),
-                                history: &mut u.history,
+                                history: &mut u.history.log,
                             },
                             |s| core.applied(s, received_ms),
                         ) {
@@ -1249,7 +1244,7 @@ impl MirrorHost {
                 }
                 let saved = WithHistory {
                     target: &mut target,
-                    history: &mut u.history,
+                    history: &mut u.history.log,
                 }
                 .apply(&set);
                 if let Err(e) = saved {
@@ -1260,12 +1255,6 @@ impl MirrorHost {
                     return false;
                 }
                 u.core.applied(&set, received_ms);
-                if let Err(e) = Self::history_point(&mut u.history, &u.core, clock) {
-                    u.core.fail(Failure {
-                        code: RefuseCode::VolumeFailed,
-                        why: format!("history: {e}"),
-                    });
-                }
                 u.unsaved = true;
                 true
             }
@@ -1318,6 +1307,10 @@ impl MirrorHost {
             return;
         }
         u.core.checkpoint_done(state.applied_set);
+        // A point per checkpoint, as the mirror makes them (its history has no faults here).
+        u.history
+            .checkpointed(&state, clock.wall_ms())
+            .expect("the history's device does not fail");
         let _ = u.redo.trim(state.applied_set);
         u.last_checkpoint = clock.now();
         u.unsaved = false;
