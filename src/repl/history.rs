@@ -19,6 +19,7 @@
 use crate::env::{write_all_at, Fs, Handle, OpenOptions};
 use crate::repl::apply::ApplyTarget;
 use crate::repl::frame::DeltaSet;
+use std::collections::BTreeSet;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -50,6 +51,8 @@ pub struct Point {
 /// One before-image in the log.
 #[derive(Clone, Debug)]
 struct Undo {
+    /// Its place in log order (increasing along `History::undo`).
+    id: u64,
     set: u64,
     offset: u64,
     len: u64,
@@ -71,6 +74,12 @@ pub struct History {
     dir: PathBuf,
     segments: Vec<Segment>,
     undo: Vec<Undo>,
+    /// The before-images by (offset, id): a read of an export visits only those that overlap
+    /// it, not the whole log.
+    by_offset: BTreeSet<(u64, u64)>,
+    /// The longest before-image indexed (how far before a read one may start and overlap).
+    longest: u64,
+    next_id: u64,
     points: Vec<Point>,
     /// The segment holding each point's record.
     point_segments: Vec<usize>,
@@ -145,6 +154,9 @@ impl History {
             dir: dir.to_path_buf(),
             segments: Vec::new(),
             undo: Vec::new(),
+            by_offset: BTreeSet::new(),
+            longest: 0,
+            next_id: 0,
             points: Vec::new(),
             point_segments: Vec::new(),
             segment_bytes,
@@ -170,7 +182,8 @@ impl History {
                     break;
                 }
                 match kind {
-                    KIND_DATA | KIND_ZERO => h.undo.push(Undo {
+                    KIND_DATA | KIND_ZERO => h.push_undo(Undo {
+                        id: 0,
                         set,
                         offset,
                         len,
@@ -220,6 +233,43 @@ impl History {
     /// The recoverable points, oldest first.
     pub fn points(&self) -> &[Point] {
         &self.points
+    }
+
+    /// A before-image, next in log order (its id given here), indexed.
+    fn push_undo(&mut self, mut u: Undo) {
+        u.id = self.next_id;
+        self.next_id += 1;
+        self.by_offset.insert((u.offset, u.id));
+        self.longest = self.longest.max(u.len);
+        self.undo.push(u);
+    }
+
+    /// Drop the before-images `range` of `undo` (a prefix or a suffix), and their index.
+    fn remove_undo(&mut self, range: std::ops::Range<usize>) {
+        for u in self.undo.drain(range) {
+            self.by_offset.remove(&(u.offset, u.id));
+        }
+    }
+
+    /// The before-images overlapping `[offset, end)`, newest first.
+    fn overlapping(&self, offset: u64, end: u64) -> Vec<&Undo> {
+        let from = (offset.saturating_sub(self.longest), 0);
+        let mut ids: Vec<u64> = self
+            .by_offset
+            .range(from..(end, 0))
+            .map(|&(_, id)| id)
+            .collect();
+        ids.sort_unstable_by(|a, b| b.cmp(a));
+        ids.into_iter()
+            .map(|id| {
+                let i = self
+                    .undo
+                    .binary_search_by_key(&id, |u| u.id)
+                    .expect("indexed records are in the log");
+                &self.undo[i]
+            })
+            .filter(|u| u.offset < end && offset < u.offset + u.len)
+            .collect()
     }
 
     /// Bytes appended since the log was opened.
@@ -283,7 +333,8 @@ impl History {
             };
             let h = header(kind, set, 0, offset, len, 0, data);
             let (segment, start) = self.append(&[&h, data])?;
-            self.undo.push(Undo {
+            self.push_undo(Undo {
+                id: 0,
                 set,
                 offset,
                 len,
@@ -353,7 +404,11 @@ impl History {
         live(offset, out)?;
         let end = offset + out.len() as u64;
         // Newest first, so that the oldest record after the point is the one left.
-        for u in self.undo.iter().rev().filter(|u| u.set > set) {
+        for u in self
+            .overlapping(offset, end)
+            .into_iter()
+            .filter(|u| u.set > set)
+        {
             let (a, b) = (u.offset.max(offset), (u.offset + u.len).min(end));
             if a >= b {
                 continue;
@@ -409,7 +464,7 @@ impl History {
         for s in self.segments.drain(..) {
             self.fs.remove_file(&s.path)?;
         }
-        self.undo.clear();
+        self.remove_undo(0..self.undo.len());
         self.points.clear();
         self.point_segments.clear();
         self.fs.sync_dir(&self.dir)
@@ -462,7 +517,9 @@ impl History {
             let s = self.segments.remove(0);
             freed += s.len;
             self.fs.remove_file(&s.path)?;
-            self.undo.retain(|u| u.segment != 0);
+            let gone = self.undo.iter().take_while(|u| u.segment == 0).count();
+            debug_assert!(self.undo[gone..].iter().all(|u| u.segment != 0));
+            self.remove_undo(0..gone);
             for u in &mut self.undo {
                 u.segment -= 1;
             }
@@ -490,7 +547,7 @@ impl History {
         s.file.set_len(cut_at)?;
         s.file.sync_data()?;
         s.len = cut_at;
-        self.undo.truncate(cut);
+        self.remove_undo(cut..self.undo.len());
         self.fs.sync_dir(&self.dir)
     }
 }
@@ -903,6 +960,29 @@ mod tests {
         assert!(r.h.segments.len() > 1, "several segments were used");
         for (set, state) in r.states.clone() {
             assert!(r.view(set) == state, "point {set}");
+        }
+        // Reads of a part (an export's), at every alignment: only the records overlapping it
+        // are visited, and they are the right ones.
+        let mut x = 99u64;
+        for (set, state) in r.states.clone() {
+            for _ in 0..20 {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let offset = (x >> 35) as usize % SIZE;
+                let len = 1 + (x >> 13) as usize % (SIZE - offset).min(5000);
+                let mut out = vec![0; len];
+                let vol = &r.vol;
+                r.h.read_at(set, offset as u64, &mut out, &mut |o, b| {
+                    b.copy_from_slice(&vol[o as usize..o as usize + b.len()]);
+                    Ok(())
+                })
+                .unwrap();
+                assert!(
+                    out == state[offset..offset + len],
+                    "point {set} at {offset}+{len}"
+                );
+            }
         }
     }
 
