@@ -1,7 +1,7 @@
 # blkmirror — the README's two commands are `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: all build release demo test sim bench-nbd bench-repl bench-wan torture many-volumes clean
+.PHONY: all build release demo test sim bench-nbd bench-repl bench-wan torture many-volumes acceptance-overflow clean
 
 all: build
 
@@ -40,6 +40,11 @@ torture:
 # reconnected and every lag drained (tools/many_volumes.py; ~12 GiB of RAM).
 many-volumes: release
 	/usr/bin/python3 tools/many_volumes.py $(MANY_VOLUMES_ARGS)
+
+# Issue 14's acceptance at full scale: 2 GiB written through NBD past a 128 MiB journal with the
+# mirror away, then kill -9 rounds during the resync (tools/overflow_acceptance.py; ~8 GiB of disk).
+acceptance-overflow: release
+	/usr/bin/python3 tools/overflow_acceptance.py $(ACCEPTANCE_OVERFLOW_ARGS)
 
 # fio over NBD: blkmirror against qemu-nbd, alternating; writes target/bench/nbd.json.
 bench-nbd: release
