@@ -471,6 +471,12 @@ impl Shipper {
             let notified = self.records.notified();
             let mut writer_full = false;
             loop {
+                // Every message already received first: acknowledgements trim the journal and
+                // clear resynced regions now, not once the window is full (a resync's window
+                // is 256 MiB: status and the dirty map would lag by as much).
+                while let Ok(m) = in_rx.try_recv() {
+                    self.on_incoming(sess, m).await?;
+                }
                 let Ok(permit) = out_tx.try_reserve() else {
                     writer_full = true;
                     break;
@@ -485,33 +491,21 @@ impl Shipper {
                     Some(t) => permit.send(t),
                     None => break,
                 }
+                self.show_resync_progress(sess);
             }
-            if let Some((done, total)) = sess.resync_progress() {
-                self.stats.copy_done.store(done, Ordering::Relaxed);
-                self.stats.copy_total.store(total, Ordering::Relaxed);
-            }
+            self.show_resync_progress(sess);
             if self.verify_turn(sess) {
                 // Started now: its first units are due.
                 continue;
             }
             let timeout = Instant::from_std(sess.poll_timeout());
             tokio::select! {
-                m = in_rx.recv() => {
-                    let msg = match m {
-                        Some(Ok(Some((msg, _)))) => msg,
-                        Some(Ok(None)) | None => {
-                            return Err(SessionEnd::Protocol("mirror closed the stream".into()).into())
-                        }
-                        Some(Err(e)) => return Err(e.into()),
-                    };
-                    let now = Instant::now().into_std();
-                    // An acknowledgement trims the journal (its lock, segment files): as above.
-                    let events =
-                        tokio::task::block_in_place(|| sess.on_message(msg, now, &self.journal))?;
-                    for ev in events {
-                        self.on_event(ev, sess).await?;
+                m = in_rx.recv() => match m {
+                    Some(m) => self.on_incoming(sess, m).await?,
+                    None => {
+                        return Err(SessionEnd::Protocol("mirror closed the stream".into()).into())
                     }
-                }
+                },
                 _ = tokio::time::sleep_until(timeout) => sess.on_timeout(Instant::now().into_std())?,
                 _ = notified => {}
                 r = out_tx.reserve(), if writer_full => drop(r),
@@ -524,6 +518,34 @@ impl Shipper {
                 }
             }
         }
+    }
+
+    /// A running copy's, comparison's or resync's progress, for status.
+    fn show_resync_progress(&self, sess: &Session) {
+        if let Some((done, total)) = sess.resync_progress() {
+            self.stats.copy_done.store(done, Ordering::Relaxed);
+            self.stats.copy_total.store(total, Ordering::Relaxed);
+        }
+    }
+
+    /// One message from the reader: handed to the session, its events acted on.
+    async fn on_incoming(
+        &self,
+        sess: &mut Session,
+        m: Result<Option<(Message, crate::disk::buf::BlockBytes)>, super::stream::StreamError>,
+    ) -> Result<(), SessionError> {
+        let msg = match m {
+            Ok(Some((msg, _))) => msg,
+            Ok(None) => return Err(SessionEnd::Protocol("mirror closed the stream".into()).into()),
+            Err(e) => return Err(e.into()),
+        };
+        let now = Instant::now().into_std();
+        // An acknowledgement trims the journal (its lock, segment files): blocking, in place.
+        let events = tokio::task::block_in_place(|| sess.on_message(msg, now, &self.journal))?;
+        for ev in events {
+            self.on_event(ev, sess).await?;
+        }
+        Ok(())
     }
 
     /// Start the verify an admin asked for, and show the running one's progress. True when
