@@ -1436,7 +1436,9 @@ fn writes_waiting_for_journal_space_resume_when_the_mirror_returns() {
 /// default `--on-journal-full track`: the journal folds into the dirty map and the writer
 /// finishes without waiting for the mirror (status says the journal is tracking, and how much
 /// is dirty). Once the mirror is back, the dirty regions are resynced (staged at the mirror)
-/// and the mirror ends byte-identical; the map is empty and the journal journals again.
+/// and the mirror ends byte-identical; the map is empty and the journal journals again. The
+/// mirror says it is consistent at every sample meanwhile, while the staged resync is
+/// applied too (status `committing_to_set`).
 #[test]
 fn a_full_journal_folds_into_the_dirty_map_and_writes_go_on() {
     let mut rig = Pair::running(PairOptions {
@@ -1461,9 +1463,21 @@ fn a_full_journal_folds_into_the_dirty_map_and_writes_go_on() {
         "the dirty map covers what was written: {p}"
     );
     rig.mirror.start();
-    let (_, p) = rig.wait_synced();
+    let (mut inconsistent, mut committing) = (Vec::new(), 0);
+    let (_, p) = rig.wait("the dirty regions resynced", LONG, |m, p| {
+        if m["consistent"] == false {
+            inconsistent.push(m.clone());
+        }
+        committing += usize::from(!m["committing_to_set"].is_null());
+        synced(m, p)
+    });
+    assert!(
+        inconsistent.is_empty(),
+        "the mirror said it was not consistent during the resync: {inconsistent:?}"
+    );
     assert_eq!(p["dirty_bytes"], 0, "{p}");
     assert_eq!(p["journal_tracking"], false, "{p}");
+    eprintln!("samples while the staged resync was applied: {committing}");
     rig.finish_and_compare();
 }
 

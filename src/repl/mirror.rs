@@ -790,7 +790,11 @@ impl MirrorVolume {
         let link_up = self.stats.link_up.load(Ordering::Relaxed);
         let core = self.core.lock().unwrap();
         let d = core.durable();
-        let st = core.state().clone();
+        // What the volume holds (after a replay, were the mirror to stop now): consistency,
+        // generation, data age; `applied_*` say what is written in place.
+        let st = core.visible_state().clone();
+        let in_place = core.state().clone();
+        let committing = core.committing();
         let state = core.repl_state(link_up);
         let failure = core.failure().cloned();
         let refused = core.refused().cloned();
@@ -826,6 +830,10 @@ impl MirrorVolume {
             why.clone()
         } else if let Some(why) = &st.volume_changed {
             format!("{why}: NOT consistent")
+        } else if st.consistent() && committing {
+            "consistent (a staged resync is being applied: its end point, which the redo log \
+             holds)"
+                .into()
         } else if st.consistent() {
             "consistent".into()
         } else if st.copy == apply::CopyState::Done {
@@ -851,8 +859,8 @@ impl MirrorVolume {
             "received_bytes": self.stats.received_bytes.load(Ordering::Relaxed),
             "acked_set": d.set,
             "durable_seq": d.seq,
-            "applied_set": st.applied_set,
-            "applied_seq": st.applied_seq,
+            "applied_set": in_place.applied_set,
+            "applied_seq": in_place.applied_seq,
             "history": history,
             "reconnects": sessions.saturating_sub(1),
             "refused": self.stats.refused.load(Ordering::Relaxed),
@@ -864,6 +872,9 @@ impl MirrorVolume {
                 "first_set": first,
                 "last_set": last,
             })),
+            // A staged resync complete and being applied: consistent at its end point, which
+            // the redo log holds, while `applied_set` climbs to it.
+            "committing_to_set": committing.then_some(st.applied_set),
             "last_error": self.stats.last_error.lock().unwrap().clone(),
         })
     }

@@ -384,16 +384,7 @@ impl Pair {
         self.wait(
             "lag 0: link up, everything acknowledged and applied, both replicating",
             LONG,
-            |m, p| {
-                p["link"] == "up"
-                    && p["state"] == "replicating"
-                    && m["state"] == "replicating"
-                    && p["lag_bytes"] == 0
-                    && p["initial_copy"].is_null()
-                    && m["consistent"] == true
-                    && m["acked_set"] == p["acked_set"]
-                    && m["applied_set"] == m["acked_set"]
-            },
+            synced,
         )
     }
 
@@ -464,4 +455,16 @@ impl Pair {
             m["durable_seq"].clone(),
         )
     }
+}
+
+/// Lag 0: link up, everything acknowledged and applied, both replicating.
+pub(crate) fn synced(m: &Value, p: &Value) -> bool {
+    p["link"] == "up"
+        && p["state"] == "replicating"
+        && m["state"] == "replicating"
+        && p["lag_bytes"] == 0
+        && p["initial_copy"].is_null()
+        && m["consistent"] == true
+        && m["acked_set"] == p["acked_set"]
+        && m["applied_set"] == m["acked_set"]
 }

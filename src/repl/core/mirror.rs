@@ -84,6 +84,9 @@ pub struct MirrorCore {
     volume_holds_data: bool,
     /// A resync being staged (`apply::Stager`): its sets are durable, not applied.
     stager: Stager,
+    /// A staged resync being applied: the state at its end, which the volume holds once its
+    /// sets (durable in the redo log) are applied, as a replay after a crash would.
+    committing: Option<VolumeState>,
     #[cfg(any(test, feature = "test-hooks"))]
     pub bugs: super::PlantedBugs,
 }
@@ -183,6 +186,7 @@ impl MirrorCore {
             refused: None,
             volume_holds_data,
             stager: Stager { staging: staged },
+            committing: None,
             #[cfg(any(test, feature = "test-hooks"))]
             bugs: super::PlantedBugs::default(),
         }
@@ -489,9 +493,10 @@ impl MirrorCore {
                     "resync staged: the volume keeps its consistent state until the resync's \
                      end point is durable");
             }
-            Step::Commit { first, .. } => {
+            Step::Commit { first, state } => {
                 tracing::info!(volume = %self.name, first_set = first, last_set = set.set,
                     "staged resync complete: applying it");
+                self.committing = Some((**state).clone());
             }
             _ => {}
         }
@@ -522,6 +527,13 @@ impl MirrorCore {
     pub fn applied(&mut self, set: &DeltaSet, received_ms: u64) {
         self.state.advance(set);
         self.state.newest_received_ms = self.state.newest_received_ms.max(received_ms);
+        if self
+            .committing
+            .as_ref()
+            .is_some_and(|c| set.set >= c.applied_set)
+        {
+            self.committing = None;
+        }
         if self.state.consistent() {
             self.state.identity.synced = self.state.position_gen;
         }
@@ -572,6 +584,19 @@ impl MirrorCore {
         }
     }
 
+    /// What the volume holds for anyone who reads it after a replay of the redo log (status,
+    /// RPO): the state, or while a staged resync is being applied, the state at its end (its
+    /// sets are durable: a crash mid-way replays them; the on-disk mix in between is never
+    /// served).
+    pub fn visible_state(&self) -> &VolumeState {
+        self.committing.as_ref().unwrap_or(&self.state)
+    }
+
+    /// A staged resync's sets are being applied.
+    pub fn committing(&self) -> bool {
+        self.committing.is_some()
+    }
+
     /// What status shows of the volume's replication state.
     pub fn repl_state(&self, link_up: bool) -> ReplState {
         if self.failure.is_some() {
@@ -583,7 +608,7 @@ impl MirrorCore {
         if !link_up {
             return ReplState::Connecting;
         }
-        if self.state.consistent() {
+        if self.visible_state().consistent() {
             ReplState::Replicating
         } else {
             ReplState::Resyncing
