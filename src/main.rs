@@ -112,10 +112,18 @@ enum Command {
         /// listed and brought back (`blkmirror history`). Off by default.
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         history: Option<Duration>,
-        /// Cap on each volume's history on disk (default: the volume's size); the oldest
-        /// points go first.
-        #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "history")]
+        /// Cap on each volume's history on disk (default: the volume's size; at least 64M);
+        /// what reaching it does is --history-full.
+        #[arg(long, value_name = "SIZE", value_parser = parse_history_size, requires = "history")]
         history_size: Option<u64>,
+        /// When the history is full (its cap, or the state directory's file system): `wait`
+        /// (applying waits until points age out of --history: nothing the primary sends, a
+        /// flood of ransomware writes included, pushes out a point younger than --history;
+        /// the mirror falls behind meanwhile and says so) or `drop-oldest` (the oldest points
+        /// go: replication never waits for the history).
+        #[arg(long, value_name = "POLICY", value_enum, default_value_t = HistoryFullArg::Wait,
+              requires = "history")]
+        history_full: HistoryFullArg,
         /// How older points are thinned: AGE:EVERY,... keeps one point per EVERY among those
         /// older than AGE (`none`: keep every point). The default keeps every point of the last
         /// hour, one a minute for a day, one an hour beyond.
@@ -317,6 +325,23 @@ impl LinkArgs {
             congestion: self.congestion,
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum HistoryFullArg {
+    Wait,
+    DropOldest,
+}
+
+/// The smallest `--history-size`: several of the largest sets (8 MiB), so that one always fits.
+const MIN_HISTORY_BYTES: u64 = 64 << 20;
+
+fn parse_history_size(s: &str) -> Result<u64, String> {
+    let n = parse_size(s)?;
+    if n < MIN_HISTORY_BYTES {
+        return Err(format!("{s:?}: at least 64M"));
+    }
+    Ok(n)
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -550,6 +575,7 @@ fn run(command: Command) -> Result<Exit, Failure> {
             history,
             history_size,
             history_thin,
+            history_full,
         } => mirror_daemon::run(MirrorOptions {
             listen,
             volumes,
@@ -561,6 +587,10 @@ fn run(command: Command) -> Result<Exit, Failure> {
                 keep,
                 max_bytes: history_size,
                 thin: history_thin.0,
+                when_full: match history_full {
+                    HistoryFullArg::Wait => blkmirror::repl::history::WhenFull::Wait,
+                    HistoryFullArg::DropOldest => blkmirror::repl::history::WhenFull::DropOldest,
+                },
             }),
         })?,
         Command::Export {

@@ -1936,7 +1936,8 @@ fn recover_with(rig: &Pair, extra: &[&str]) -> (Option<i32>, String, String) {
 fn history_lists_points_and_recover_brings_back_an_earlier_one() {
     let seed = 0x5EED_0016;
     let mut rig = Pair::new(PairOptions::default());
-    rig.mirror.push_args(&["--history", "1h"]);
+    rig.mirror
+        .push_args(&["--history", "1h", "--history-size", "1G"]);
     // A primary whose clock runs ten years ahead: the history's times are the mirror's.
     rig.primary.envs.push((
         "BLKMIRROR_TEST_CLOCK_SKEW_MS".into(),
@@ -2103,14 +2104,16 @@ fn history_lists_points_and_recover_brings_back_an_earlier_one() {
 
     // Without --history the history would be left describing nothing: refused.
     rig.mirror.drop_arg_with_value("--history");
+    rig.mirror.drop_arg_with_value("--history-size");
     let args = rig.mirror.args_for_test();
     let o = run_output(BIN, &args, None);
     assert_eq!(o.status.code(), Some(2), "{o:?}");
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("--history"),
+        String::from_utf8_lossy(&o.stderr).contains("remove that directory to drop it"),
         "{o:?}"
     );
-    rig.mirror.push_args(&["--history", "1h"]);
+    rig.mirror
+        .push_args(&["--history", "1h", "--history-size", "1G"]);
     rig.mirror.start();
     let h = history_of(&rig);
     assert_eq!(
@@ -2127,9 +2130,10 @@ fn history_lists_points_and_recover_brings_back_an_earlier_one() {
     rig.finish_and_compare();
 }
 
-/// The history's file system (the mirror's state directory) fills up: the oldest points are
-/// dropped to make room (logged), replication goes on without a failure that sticks, the
-/// newest points stay, and the mirror ends byte-identical.
+/// With `--history-full drop-oldest`, the history's file system (the mirror's state
+/// directory) fills up: the oldest points are dropped to make room (logged), replication goes
+/// on without a failure that sticks, the newest points stay, and the mirror ends
+/// byte-identical.
 #[test]
 fn a_full_state_directory_makes_the_history_drop_its_oldest_points() {
     let seed = 0x5EED_0017;
@@ -2137,7 +2141,8 @@ fn a_full_state_directory_makes_the_history_drop_its_oldest_points() {
         mirror_tmpfs: Some("200M"),
         ..Default::default()
     });
-    rig.mirror.push_args(&["--history", "1h"]);
+    rig.mirror
+        .push_args(&["--history", "1h", "--history-full", "drop-oldest"]);
     rig.mirror.start();
     rig.primary.start();
     rig.wait_consistent();
@@ -2166,6 +2171,76 @@ fn a_full_state_directory_makes_the_history_drop_its_oldest_points() {
     assert!(u(&m["history"], "points") >= 1, "{m}");
     assert!(u(&last, "set") > 0);
     std::fs::remove_file(&filler).unwrap();
+    rig.finish_and_compare();
+}
+
+/// A history at its cap with the default `--history-full wait` (a primary overwriting its
+/// whole volume, as ransomware encrypting it would): the mirror stops applying rather than
+/// drop a point younger than `--history` (status says why; the primary's writes go on), the
+/// oldest point stays; restarted with a larger `--history-size` it catches up, the oldest
+/// point still there, and ends byte-identical. A cap under 64M is a usage error.
+#[test]
+fn a_history_at_its_cap_waits_rather_than_dropping_a_point() {
+    let small = run_output(
+        BIN,
+        &[
+            "mirror",
+            "--listen",
+            "127.0.0.1:1",
+            "--volume",
+            "v=/nonexistent",
+            "--state-dir",
+            "/nonexistent",
+            "--history",
+            "1h",
+            "--history-size",
+            "1M",
+        ],
+        None,
+    );
+    assert_eq!(small.status.code(), Some(2), "{small:?}");
+    assert!(
+        String::from_utf8_lossy(&small.stderr).contains("64M"),
+        "{small:?}"
+    );
+    let mut rig = Pair::new(PairOptions {
+        size: 128 * MIB,
+        ..Default::default()
+    });
+    rig.mirror
+        .push_args(&["--history", "1h", "--history-size", "64M"]);
+    rig.mirror.start();
+    rig.primary.start();
+    rig.wait_consistent();
+    let fill = |rig: &Pair, mib: &str| {
+        let mut c = Command::new("/usr/bin/python3");
+        c.args(["-c", NBD_FILL_WRAPPING, &rig.uri(), mib]);
+        Background::spawn("a writer", c, &rig.dir().join("fill.out")).wait_success();
+    };
+    // The whole volume once (over zeroes: its before-images cost nothing), then twice over.
+    fill(&rig, "128");
+    rig.wait_synced();
+    // The oldest point's set and time (its `bytes`, what going back to it costs, grows).
+    let oldest = |rig: &Pair| {
+        let p = history_of(rig)["volumes"][0]["points"][0].clone();
+        (p["set"].clone(), p["time"].clone())
+    };
+    let first = oldest(&rig);
+    assert!(!first.0.is_null());
+    fill(&rig, "256");
+    let (m, _) = rig.wait("the mirror waiting on its history", LONG, |m, _| {
+        m["state_detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("history full"))
+    });
+    assert!(u(&m["history"], "bytes") <= 64 * MIB, "{m}");
+    assert_eq!(oldest(&rig), first, "no point was dropped: {m}");
+    assert!(rig.mirror.stop().is_some_and(|s| s.success()));
+    rig.mirror.drop_arg_with_value("--history-size");
+    rig.mirror.push_args(&["--history-size", "1G"]);
+    rig.mirror.start();
+    rig.wait_synced();
+    assert_eq!(oldest(&rig), first, "the oldest point is still there");
     rig.finish_and_compare();
 }
 

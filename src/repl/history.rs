@@ -88,6 +88,9 @@ pub struct History {
     appended: u64,
     /// The number the next segment is named with.
     next_segment: u64,
+    /// Bytes the log may hold (`--history-size`): a set whose before-images would take it
+    /// past this is refused with `StorageFull`, as a full file system refuses it.
+    cap: u64,
 }
 
 fn invalid(what: String) -> io::Error {
@@ -162,6 +165,7 @@ impl History {
             segment_bytes,
             appended: 0,
             next_segment: names.last().map_or(1, |(n, _)| n + 1),
+            cap: u64::MAX,
         };
         let count = names.len();
         for (i, (_, path)) in names.into_iter().enumerate() {
@@ -320,6 +324,20 @@ impl History {
     ) -> io::Result<()> {
         if extents.is_empty() {
             return Ok(());
+        }
+        let need: u64 = extents.iter().map(|&(_, l)| l + HEADER_LEN as u64).sum();
+        // Refused only while an older point could give way (by age, or by policy): with one
+        // point left, every record kept is needed by it, and refusing would wait for good
+        // (a set, or a staged resync, larger than the cap goes past it; the next point lets
+        // retention act again).
+        if self.points.len() >= 2 && self.bytes().saturating_add(need) > self.cap {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!(
+                    "the history is at its cap of {} bytes (--history-size)",
+                    self.cap
+                ),
+            ));
         }
         let mut buf = Vec::new();
         for &(offset, len) in extents {
@@ -559,6 +577,20 @@ pub struct Retention {
     pub keep: Duration,
     pub max_bytes: Option<u64>,
     pub thin: Vec<Tier>,
+    pub when_full: WhenFull,
+}
+
+/// What a full history does (`--history-full`): its cap reached or its file system full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Applying waits until points age out of the retention (or the admin acts): nothing the
+    /// primary sends can push out a point younger than `--history`, a flood of writes (a
+    /// disk encrypted by ransomware) included. The mirror falls behind meanwhile; the primary
+    /// goes on through its journal and dirty map.
+    Wait,
+    /// The oldest points go to make room: replication never waits for the history, which a
+    /// flood of writes can shorten.
+    DropOldest,
 }
 
 /// Points older than `older_than` are kept one per `every` (the oldest of each `every`-long
@@ -615,6 +647,7 @@ pub struct Keeper {
     pub keep: Duration,
     pub max_bytes: u64,
     pub thin: Vec<Tier>,
+    pub when_full: WhenFull,
     /// Points being served (`blkmirror export`): retention keeps them and every later one.
     pins: Vec<u64>,
 }
@@ -635,11 +668,15 @@ impl Keeper {
         let max_bytes = retention.max_bytes.unwrap_or(volume_bytes);
         // Segments small enough that the cap frees space in steps of an eighth of it.
         let segment = (max_bytes / 8).clamp(1 << 20, SEGMENT_BYTES);
+        // The cap holds from `opened` on: the redo log's replay before it brings back sets
+        // already acknowledged, whose before-images must be kept whatever they cost.
+        let log = History::open_with(fs, &Self::dir(state_dir, volume), segment)?;
         Ok(Keeper {
-            log: History::open_with(fs, &Self::dir(state_dir, volume), segment)?,
+            log,
             keep: retention.keep,
             max_bytes,
             thin: retention.thin,
+            when_full: retention.when_full,
             pins: Vec::new(),
         })
     }
@@ -689,6 +726,7 @@ impl Keeper {
         if why.is_some() {
             self.log.clear()?;
         }
+        self.log.cap = self.max_bytes;
         self.checkpointed(state, now_ms)?;
         Ok(why)
     }
@@ -706,15 +744,24 @@ impl Keeper {
         Ok(p)
     }
 
-    /// The file system the history shares with the mirror's state is full: drop the oldest
-    /// points (never a pinned one, never the newest) until some space is freed. False when
-    /// nothing could be.
-    pub fn make_room(&mut self) -> io::Result<bool> {
+    /// The history is full (its cap, or the file system it shares with the mirror's state):
+    /// at `now_ms`, drop what retention lets go (points older than `--history`), and with
+    /// [`WhenFull::DropOldest`] the oldest points too (never a pinned one, never the newest)
+    /// until some space is freed. True when anything was dropped (try the set again: room
+    /// was freed, or one point is left and the cap no longer refuses); false when nothing
+    /// could be: the set waits.
+    pub fn make_room(&mut self, now_ms: u64) -> io::Result<bool> {
+        let (bytes, points) = (self.log.bytes(), self.log.points().len());
+        let changed = |k: &Keeper| k.log.bytes() < bytes || k.log.points().len() < points;
+        self.enforce(now_ms)?;
+        if changed(self) || self.when_full == WhenFull::Wait {
+            return Ok(changed(self));
+        }
         let pinned = self.pins.iter().min().copied().unwrap_or(u64::MAX);
         loop {
             let points = self.log.points();
             if points.len() < 2 || points[0].set >= pinned {
-                return Ok(false);
+                return Ok(changed(self));
             }
             let next = points[1].set;
             if self.log.retain_from(next)? > 0 {
@@ -754,9 +801,9 @@ impl Keeper {
         out
     }
 
-    /// Thin the older points, drop points older than the retention, then the oldest while
-    /// over the cap; the newest point always stays, and so does every point from the oldest
-    /// pinned one on.
+    /// Thin the older points, drop points older than the retention, then (`DropOldest`) the
+    /// oldest while over the cap; the newest point always stays, and so does every point from
+    /// the oldest pinned one on.
     fn enforce(&mut self, now_ms: u64) -> io::Result<()> {
         let thinned = self.thinned(now_ms);
         self.log.drop_points(&thinned)?;
@@ -771,7 +818,8 @@ impl Keeper {
             let set = points[first_kept].set;
             self.log.retain_from(set)?;
         }
-        while self.log.bytes() > self.max_bytes
+        while self.when_full == WhenFull::DropOldest
+            && self.log.bytes() > self.max_bytes
             && self.log.points().len() > 1
             && self.log.points()[0].set < pinned
         {
@@ -1103,6 +1151,7 @@ mod keeper_tests {
             keep: Duration::from_secs(3600),
             max_bytes: u64::MAX,
             thin: parse_thinning(TIERS, secs).unwrap(),
+            when_full: WhenFull::Wait,
             pins: Vec::new(),
         }
     }
@@ -1185,6 +1234,120 @@ mod keeper_tests {
                 })
                 .unwrap();
             assert!(out == states[&p.set], "point {} reads as it was", p.set);
+        }
+    }
+
+    /// A history at its cap: with `wait`, a set that would take it past the cap is refused
+    /// (`StorageFull`, as a full file system refuses it) and no point younger than the
+    /// retention is dropped to make room, whatever arrives: the set waits until the oldest
+    /// age out. With `drop-oldest` the oldest points go at once.
+    #[test]
+    fn a_full_history_waits_or_drops_the_oldest() {
+        for when_full in [WhenFull::Wait, WhenFull::DropOldest] {
+            let fs = MemFs::new();
+            let mut k = keeper(&fs);
+            k.keep = Duration::from_secs(60);
+            k.max_bytes = 64 << 10;
+            k.when_full = when_full;
+            k.log.cap = k.max_bytes;
+            let t0 = 1_000_000u64;
+            let block = vec![7u8; 4096];
+            let mut refused = None;
+            for set in 1..=100u64 {
+                let now = t0 + set * 100;
+                let r =
+                    k.log
+                        .before_apply(set, &[(set * 4096 % (1 << 20), 4096)], &mut |_, out| {
+                            out.copy_from_slice(&block);
+                            Ok(())
+                        });
+                match r {
+                    Ok(()) => {}
+                    Err(e) => {
+                        assert_eq!(e.kind(), io::ErrorKind::StorageFull, "{e}");
+                        refused = Some((set, now));
+                        break;
+                    }
+                }
+                k.log
+                    .point(Point {
+                        set,
+                        time_ms: now,
+                        seq: set,
+                        gen: 1,
+                    })
+                    .unwrap();
+                k.enforce(now).unwrap();
+            }
+            let (set, now) = refused.expect("the cap refuses a set");
+            assert!(k.log.bytes() <= k.max_bytes);
+            let oldest = k.log.points()[0].set;
+            assert_eq!(oldest, 1, "nothing was dropped before the cap was reached");
+            let freed = k.make_room(now).unwrap();
+            match when_full {
+                WhenFull::Wait => {
+                    assert!(!freed, "no point younger than the retention goes");
+                    assert_eq!(k.log.points()[0].set, 1);
+                    // A minute later the oldest have aged out: room again.
+                    assert!(k.make_room(now + 60_000).unwrap());
+                    assert!(k.log.points()[0].set > 1);
+                }
+                WhenFull::DropOldest => {
+                    assert!(freed);
+                    assert!(k.log.points()[0].set > 1, "the oldest went");
+                }
+            }
+            k.log
+                .before_apply(set, &[(0, 4096)], &mut |_, out| {
+                    out.copy_from_slice(&block);
+                    Ok(())
+                })
+                .expect("the set fits once room was made");
+        }
+    }
+
+    /// With one point left every record kept is needed by it: the cap lets a set (or a
+    /// staged resync) larger than itself through rather than wait for good; and a drop that
+    /// leaves one point (no segment freed) still counts as room made.
+    #[test]
+    fn the_cap_never_waits_for_good() {
+        for when_full in [WhenFull::Wait, WhenFull::DropOldest] {
+            let fs = MemFs::new();
+            let mut k = keeper(&fs);
+            k.when_full = when_full;
+            k.max_bytes = 8 << 10;
+            k.log.cap = k.max_bytes;
+            let apply = |k: &mut Keeper, set: u64| {
+                k.log.before_apply(set, &[(0, 16 << 10)], &mut |_, out| {
+                    out.fill(1);
+                    Ok(())
+                })
+            };
+            k.log
+                .point(Point {
+                    set: 1,
+                    time_ms: 1,
+                    seq: 1,
+                    gen: 1,
+                })
+                .unwrap();
+            apply(&mut k, 2).expect("one point: the cap does not refuse");
+            apply(&mut k, 3).expect("still one point");
+            k.log
+                .point(Point {
+                    set: 3,
+                    time_ms: 2,
+                    seq: 3,
+                    gen: 1,
+                })
+                .unwrap();
+            let e = apply(&mut k, 4).expect_err("two points: over the cap");
+            assert_eq!(e.kind(), io::ErrorKind::StorageFull);
+            let made = k.make_room(3).unwrap();
+            assert_eq!(made, when_full == WhenFull::DropOldest, "{when_full:?}");
+            if made {
+                apply(&mut k, 4).expect("room made");
+            }
         }
     }
 

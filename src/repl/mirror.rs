@@ -11,7 +11,7 @@ use super::apply::{self, Applier, ApplyTarget, Step, VolumeState};
 use super::core::mirror::{check_hello, Accepted, Durable, Failure, MirrorCore, Refusal};
 use super::core::primary::{chunk_sum, unix_ms};
 use super::frame::{DeltaSet, Message, RefuseCode, SUM_LEN};
-use super::history::{HistoryError, Keeper, Point, Retention, WithHistory};
+use super::history::{HistoryError, Keeper, Point, Retention, WhenFull, WithHistory};
 use super::redo::RedoLog;
 use super::stream::{read_message, write_message, StreamError};
 use crate::disk::buf::{BlockBytes, SharedPool};
@@ -193,6 +193,9 @@ pub struct MirrorVolume {
     redo: Mutex<RedoLog>,
     /// One writer of the state file at a time (checkpoints and decisions).
     save_lock: Mutex<()>,
+    /// A clean stop began: a set whose apply fails is left to the redo log (replayed at the
+    /// next start) instead of retried, so that the stop does not wait on it.
+    stopping: AtomicBool,
     jobs: Mutex<mpsc::Sender<Job>>,
     apply_tx: Mutex<mpsc::Sender<ToApply>>,
     /// Bounds the sets waiting for the applier (see [`APPLY_QUEUE_BYTES`]).
@@ -329,6 +332,7 @@ impl MirrorVolume {
             core: Mutex::new(core),
             redo: Mutex::new(redo),
             save_lock: Mutex::new(()),
+            stopping: AtomicBool::new(false),
             jobs: Mutex::new(jobs),
             apply_tx: Mutex::new(apply_tx.clone()),
             apply_budget: ApplyBudget::new(APPLY_QUEUE_BYTES),
@@ -393,6 +397,7 @@ impl MirrorVolume {
     /// A clean stop: everything received is written, synced, applied and checkpointed, so
     /// the next start finds the volume sealed and nothing to replay.
     pub fn close(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
         if let Err(e) = self.barrier_blocking() {
             tracing::warn!(volume = %self.name, "cannot drain the pipeline at stop: {}", e.1);
             return;
@@ -546,15 +551,29 @@ impl MirrorVolume {
                     if self.room_from_history(&e) {
                         continue;
                     }
-                    self.core.lock().unwrap().fail(Failure {
-                        code: RefuseCode::RedoFailed,
-                        why: format!(
+                    let why = if e.kind() == io::ErrorKind::StorageFull {
+                        format!(
+                            "history full: applying set {} waits: {e}; every point kept is \
+                             younger than --history (--history-full wait: nothing the primary \
+                             sends pushes one out); free space, raise --history-size or \
+                             shorten --history (retried until then)",
+                            set.set,
+                        )
+                    } else {
+                        format!(
                             "mirror state directory failed: applying set {}: {e}; retrying \
                              every {} s",
                             set.set,
                             retry.as_secs_f64()
-                        ),
+                        )
+                    };
+                    self.core.lock().unwrap().fail(Failure {
+                        code: RefuseCode::RedoFailed,
+                        why,
                     });
+                    if self.stopping.load(Ordering::SeqCst) {
+                        return;
+                    }
                     std::thread::sleep(retry);
                     retry = (retry * 2).min(APPLY_RETRY_MAX);
                 }
@@ -567,6 +586,9 @@ impl MirrorVolume {
                             retry.as_secs_f64()
                         ),
                     });
+                    if self.stopping.load(Ordering::SeqCst) {
+                        return;
+                    }
                     std::thread::sleep(retry);
                     retry = (retry * 2).min(APPLY_RETRY_MAX);
                 }
@@ -611,16 +633,21 @@ impl MirrorVolume {
         target.apply(last)
     }
 
-    /// `e` says the state directory is full and the history freed some room by dropping its
-    /// oldest points (logged): try again.
+    /// `e` says the history is full (its cap, or the state directory's file system) and it
+    /// freed some room by dropping old points (logged): try again. Otherwise the set waits
+    /// (`--history-full wait`): `e`, with why, becomes the volume's failure in status.
     fn room_from_history(&self, e: &io::Error) -> bool {
-        let freed = e.kind() == io::ErrorKind::StorageFull
-            && self
-                .history
-                .as_ref()
-                .is_some_and(|h| h.lock().unwrap().make_room().unwrap_or(false));
+        let Some(h) = self.history.as_ref() else {
+            return false;
+        };
+        if e.kind() != io::ErrorKind::StorageFull {
+            return false;
+        }
+        let mut k = h.lock().unwrap();
+        let freed = k.make_room(unix_ms(SystemTime::now())).unwrap_or(false);
         if freed {
-            tracing::warn!(volume = %self.name, "history: the state directory is full: the oldest points were dropped to make room");
+            tracing::warn!(volume = %self.name, when_full = ?k.when_full,
+                "history: full ({e}): old points were dropped to make room");
         }
         freed
     }
@@ -717,6 +744,10 @@ impl MirrorVolume {
             "history_bytes": h.log.bytes(),
             "keep_seconds": h.keep.as_secs(),
             "max_bytes": h.max_bytes,
+            "when_full": match h.when_full {
+                WhenFull::Wait => "wait",
+                WhenFull::DropOldest => "drop-oldest",
+            },
         }))
     }
 

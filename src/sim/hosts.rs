@@ -41,7 +41,8 @@ const REDO_SEGMENT: u64 = 32 << 10;
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 /// The simulated mirror's history: a minute of virtual time (schedules run a few), thinned
 /// after 5 s to a point a second and after 20 s to one per 5 s (tiers as `--history-thin`),
-/// capped at the volume's size (the default): retention, thinning and the cap all act.
+/// capped at the volume's size (the default) with the oldest points dropped at the cap:
+/// retention, thinning and the cap all act.
 fn history_retention() -> Retention {
     let secs = |s: &str| -> Result<Duration, String> {
         let n: u64 = s
@@ -54,6 +55,9 @@ fn history_retention() -> Retention {
         keep: Duration::from_secs(60),
         max_bytes: None,
         thin: crate::repl::history::parse_thinning("5s:1s,20s:5s", secs).expect("valid tiers"),
+        // The cap (the volume's size, a few schedules' worth) drops the oldest points: the
+        // simulated applier does not wait and retry as the mirror's does.
+        when_full: crate::repl::history::WhenFull::DropOldest,
     }
 }
 
@@ -1216,17 +1220,34 @@ impl MirrorHost {
                         let segments = u.redo.segments_between(first - 1, set.set - 1);
                         let fs: Fs = Arc::new(self.fs.clone());
                         let core = &mut u.core;
-                        if let Err(e) = apply::apply_from_redo(
-                            &fs,
-                            &segments,
-                            first - 1,
-                            set.set - 1,
-                            &mut WithHistory {
-                                target: &mut MemApplier(&self.disk),
-                                history: &mut u.history.log,
-                            },
-                            |s| core.applied(s, received_ms),
-                        ) {
+                        let committed = loop {
+                            // A retry starts from the first set not yet applied, as the
+                            // mirror's does; a full history makes room first.
+                            let from = core.state().applied_set.max(first - 1);
+                            let r = apply::apply_from_redo(
+                                &fs,
+                                &segments,
+                                from,
+                                set.set - 1,
+                                &mut WithHistory {
+                                    target: &mut MemApplier(&self.disk),
+                                    history: &mut u.history.log,
+                                },
+                                |s| core.applied(s, received_ms),
+                            );
+                            match r {
+                                Err(e)
+                                    if e.kind() == std::io::ErrorKind::StorageFull
+                                        && u.history
+                                            .make_room(clock.wall_ms())
+                                            .unwrap_or(false) =>
+                                {
+                                    continue
+                                }
+                                other => break other,
+                            }
+                        };
+                        if let Err(e) = committed {
                             core.fail(Failure {
                                 code: RefuseCode::VolumeFailed,
                                 why: format!("reading staged sets: {e}"),
@@ -1242,11 +1263,22 @@ impl MirrorHost {
                 if self.bugs.history_after_write {
                     target.apply(&set).expect("simulated disk");
                 }
-                let saved = WithHistory {
-                    target: &mut target,
-                    history: &mut u.history.log,
-                }
-                .apply(&set);
+                let saved = loop {
+                    let r = WithHistory {
+                        target: &mut target,
+                        history: &mut u.history.log,
+                    }
+                    .apply(&set);
+                    match r {
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::StorageFull
+                                && u.history.make_room(clock.wall_ms()).unwrap_or(false) =>
+                        {
+                            continue
+                        }
+                        other => break other,
+                    }
+                };
                 if let Err(e) = saved {
                     u.core.fail(Failure {
                         code: RefuseCode::VolumeFailed,
