@@ -166,6 +166,9 @@ pub const OLDEST_PROTOCOL_VERSION: u16 = 1;
 /// with 3. A version-3 primary never sends a Repair set (version 4) nor its open resync
 /// (version 5), so it is served as is: a mirror can be upgraded before its primaries.
 pub const OLDEST_SESSION_VERSION: u16 = 3;
+/// The first version whose Identify says whether the primary has an open resync
+/// (`PrimaryClaim::resync_from`).
+pub const RESYNC_IN_IDENTIFY_VERSION: u16 = 5;
 /// Most checksums in one Sums message.
 pub const MAX_SUMS: usize = 1024;
 /// Bytes of one chunk checksum (SHA-256).

@@ -290,7 +290,10 @@ pub struct MirrorHolds {
     pub durable_seq: u64,
     /// The generation of that state, where the mirror recorded it (else the lineage says).
     pub position_gen: Option<GenId>,
-    /// A resync is staged on top of `position` (its sets durable, not applied).
+    /// A resync is staged on top of `position` (its sets durable, not applied) and its closing
+    /// set has not arrived: regions may still be missing, which only the primary's dirty map
+    /// knows. (A stage whose closing set is durable lacks only journal sets, which the
+    /// primary's journal holds.)
     pub staged: bool,
     /// It ever received data of a primary (a legacy mirror from before volume UUIDs has data
     /// but no UUID).

@@ -512,7 +512,7 @@ impl MirrorVolume {
                     first,
                     state: Box::default(),
                 }),
-                None => self.core.lock().unwrap().next_step(set),
+                None => self.core.lock().unwrap().next_step(set, *received_ms),
             };
             if let Ok(Step::Commit { first, .. }) = &step {
                 committing = Some(*first);

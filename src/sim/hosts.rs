@@ -39,10 +39,15 @@ const JOURNAL_SEGMENT: u64 = 16 << 10;
 const JOURNAL_CAP: u64 = 160 << 10;
 const REDO_SEGMENT: u64 = 32 << 10;
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+/// The simulated history's cap (four volumes of before-images) and its segments (small, so
+/// that retention and the cap free them one by one and many points stay).
+const HISTORY_CAP: u64 = 4 * VOLUME_BYTES;
+const HISTORY_SEGMENT: u64 = 16 << 10;
+
 /// The simulated mirror's history: a minute of virtual time (schedules run a few), thinned
 /// after 5 s to a point a second and after 20 s to one per 5 s (tiers as `--history-thin`),
-/// capped at the volume's size (the default) with the oldest points dropped at the cap:
-/// retention, thinning and the cap all act.
+/// capped at [`HISTORY_CAP`] with the oldest points dropped at the cap: retention, thinning
+/// and the cap all act.
 fn history_retention() -> Retention {
     let secs = |s: &str| -> Result<Duration, String> {
         let n: u64 = s
@@ -53,7 +58,7 @@ fn history_retention() -> Retention {
     };
     Retention {
         keep: Duration::from_secs(60),
-        max_bytes: None,
+        max_bytes: Some(HISTORY_CAP),
         thin: crate::repl::history::parse_thinning("5s:1s,20s:5s", secs).expect("valid tiers"),
         // The cap (the volume's size, a few schedules' worth) drops the oldest points: the
         // simulated applier does not wait and retry as the mirror's does.
@@ -856,6 +861,12 @@ impl MirrorHost {
             history_retention(),
         )
         .map_err(|e| format!("history: {e}"))?;
+        history.log = History::open_with(
+            Arc::new(self.history_fs.clone()),
+            &Keeper::dir(Path::new("/h"), VOLUME),
+            HISTORY_SEGMENT,
+        )
+        .map_err(|e| format!("history: {e}"))?;
         let replayed = apply::replay(
             &mut WithHistory {
                 target: &mut MemApplier(&self.disk),
@@ -1202,7 +1213,7 @@ impl MirrorHost {
                 else {
                     unreachable!()
                 };
-                match u.core.next_step(&set) {
+                match u.core.next_step(&set, received_ms) {
                     Err(why) => {
                         u.core.fail(Failure {
                             code: RefuseCode::VolumeFailed,

@@ -16,7 +16,7 @@ use crate::disk::fingerprint::Fingerprint;
 use crate::repl::apply::{CopyState, Stager, Staging, Step, VolumeState};
 use crate::repl::frame::{
     DeltaSet, Message, Mode, RefuseCode, SetKind, OLDEST_PROTOCOL_VERSION, OLDEST_SESSION_VERSION,
-    PROTOCOL_VERSION,
+    PROTOCOL_VERSION, RESYNC_IN_IDENTIFY_VERSION,
 };
 use crate::repl::identity::{
     decide, foreign, staged_resync_continues, Decision, MirrorHolds, PrimaryClaim, RefuseKind,
@@ -305,12 +305,28 @@ impl MirrorCore {
             position: st.consistent().then_some(st.applied_seq),
             durable_seq: self.durable.seq,
             position_gen: st.position_gen,
-            staged: self.stager.staging.is_some(),
+            staged: self
+                .stager
+                .staging
+                .as_ref()
+                .is_some_and(|s| s.shadow.copy != CopyState::Done),
             has_data: st.copy != CopyState::None,
             unrecorded_data: st.copy == CopyState::None && self.volume_holds_data,
             peer_fingerprint: st.identity.peer_fingerprint.clone(),
         };
-        let decision = decide(claim, &holds);
+        let decision = if version < RESYNC_IN_IDENTIFY_VERSION && holds.staged {
+            // A primary older than version 5 cannot say whether its dirty map still covers
+            // the regions the stage lacks (it may have cleared those the mirror holds staged):
+            // neither finishing nor dropping the stage is safe.
+            Decision::Compare {
+                why: format!(
+                    "a resync is staged and a version-{version} primary cannot say whether it \
+                     can finish it: compared"
+                ),
+            }
+        } else {
+            decide(claim, &holds)
+        };
         tracing::info!(volume = %self.name, primary_uuid = ?claim.uuid,
             mirror_uuid = ?holds.uuid, primary_gen = ?claim.lineage.current().map(|s| s.gen),
             mirror_position = ?holds.position, ?decision, "decision on connect");
@@ -472,7 +488,8 @@ impl MirrorCore {
     /// What the applier does with `set`, the next durable set (sets are applied in order,
     /// each once; a staged resync's sets wait for its end: `apply::Stager`). Call
     /// [`MirrorCore::applied`] for each set then applied.
-    pub fn next_step(&mut self, set: &DeltaSet) -> Result<Step, String> {
+    /// `received_ms`: when `set` arrived (a stage's end point is as recent as its last set).
+    pub fn next_step(&mut self, set: &DeltaSet, received_ms: u64) -> Result<Step, String> {
         self.check_apply(set)?;
         #[allow(unused_mut)]
         let mut step = self.stager.step(&self.state, set);
@@ -496,7 +513,9 @@ impl MirrorCore {
             Step::Commit { first, state } => {
                 tracing::info!(volume = %self.name, first_set = first, last_set = set.set,
                     "staged resync complete: applying it");
-                self.committing = Some((**state).clone());
+                let mut end = (**state).clone();
+                end.newest_received_ms = end.newest_received_ms.max(received_ms);
+                self.committing = Some(end);
             }
             _ => {}
         }
@@ -619,6 +638,62 @@ impl MirrorCore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// While a completed stage is applied, status's consistency and data age are the stage's
+    /// end point's: its newest write, received when its last set arrived (found in review:
+    /// the age counted from before the resync).
+    #[test]
+    fn a_committing_stage_shows_its_end_point() {
+        let st = VolumeState {
+            applied_set: 5,
+            applied_seq: 10,
+            copy: CopyState::Done,
+            newest_write_ms: 1_000,
+            newest_received_ms: 1_000,
+            ..Default::default()
+        };
+        let mut core = MirrorCore::new("v", 1 << 20, st, None, false, None);
+        let s = core.new_session();
+        core.enter_session(s);
+        let set = |n: u64, kind: SetKind, first: u64, last: u64, w: u64| DeltaSet {
+            set: n,
+            first_seq: first,
+            last_seq: last,
+            newest_write_ms: w,
+            kind,
+            extents: Vec::new(),
+        };
+        let sets = [
+            set(6, SetKind::Copy { done: false }, 10, 11, 0),
+            set(7, SetKind::Copy { done: true }, 10, 12, 0),
+            set(8, SetKind::Journal, 11, 12, 600_000),
+        ];
+        for x in &sets {
+            let a = core.accept(s, x).unwrap().unwrap();
+            core.synced(a.after);
+        }
+        let steps: Vec<Step> = sets
+            .iter()
+            .map(|x| core.next_step(x, 600_500).unwrap())
+            .collect();
+        assert_eq!(steps[0], Step::Stage);
+        assert!(
+            matches!(steps[2], Step::Commit { first: 6, .. }),
+            "{steps:?}"
+        );
+        core.applied(&sets[0], 600_500);
+        let v = core.visible_state();
+        assert!(core.committing() && v.consistent());
+        assert_eq!((v.applied_set, v.newest_write_ms), (8, 600_000));
+        assert_eq!(v.newest_received_ms, 600_500);
+        assert!(
+            !core.state().consistent(),
+            "in place, the stage is half applied"
+        );
+        core.applied(&sets[1], 600_500);
+        core.applied(&sets[2], 600_500);
+        assert!(!core.committing() && core.state().consistent());
+    }
 
     /// A mirror serves primaries of versions 3 (identities, no repair sets) and 4; older ones
     /// are told to upgrade, newer ones that this mirror does not speak their version.
