@@ -1432,15 +1432,10 @@ fn writes_waiting_for_journal_space_resume_when_the_mirror_returns() {
     rig.finish_and_compare();
 }
 
-/// The mirror is away and the clients write three times what the journal holds, with the
-/// default `--on-journal-full track`: the journal folds into the dirty map and the writer
-/// finishes without waiting for the mirror (status says the journal is tracking, and how much
-/// is dirty). Once the mirror is back, the dirty regions are resynced (staged at the mirror)
-/// and the mirror ends byte-identical; the map is empty and the journal journals again. The
-/// mirror says it is consistent at every sample meanwhile, while the staged resync is
-/// applied too (status `committing_to_set`).
-#[test]
-fn a_full_journal_folds_into_the_dirty_map_and_writes_go_on() {
+/// A pair with a 64 MiB journal whose mirror is stopped while a client writes 200 MiB: the
+/// writer finishes by itself and the journal folds into the dirty map. Returns the pair (its
+/// mirror stopped) and the primary's status then.
+fn pair_with_a_folded_journal() -> (Pair, Value) {
     let mut rig = Pair::running(PairOptions {
         primary_extra: vec!["--journal-size".into(), "64M".into()],
         ..Default::default()
@@ -1455,6 +1450,19 @@ fn a_full_journal_folds_into_the_dirty_map_and_writes_go_on() {
     let (_, p) = rig.wait("the journal folded", LONG, |_, p| {
         p["journal_tracking"] == true
     });
+    (rig, p)
+}
+
+/// The mirror is away and the clients write three times what the journal holds, with the
+/// default `--on-journal-full track`: the journal folds into the dirty map and the writer
+/// finishes without waiting for the mirror (status says the journal is tracking, and how much
+/// is dirty). Once the mirror is back, the dirty regions are resynced (staged at the mirror)
+/// and the mirror ends byte-identical; the map is empty and the journal journals again. The
+/// mirror says it is consistent at every sample meanwhile, while the staged resync is
+/// applied too (status `committing_to_set`).
+#[test]
+fn a_full_journal_folds_into_the_dirty_map_and_writes_go_on() {
+    let (mut rig, p) = pair_with_a_folded_journal();
     assert_eq!(p["journal_full"], false, "{p}");
     assert!(p["journal_folds"].as_u64().unwrap() >= 1, "{p}");
     let dirty = p["dirty_bytes"].as_u64().unwrap();
@@ -1612,17 +1620,7 @@ fn kill9_during_a_staged_resync_keeps_a_valid_crash_state() {
 /// covers staged sets that reach past it.)
 #[test]
 fn a_dirty_map_lost_during_a_staged_resync_is_compared_not_resumed() {
-    let mut rig = Pair::running(PairOptions {
-        primary_extra: vec!["--journal-size".into(), "64M".into()],
-        ..Default::default()
-    });
-    assert!(rig.mirror.stop().is_some_and(|s| s.success()));
-    let mut c = Command::new("/usr/bin/python3");
-    c.args(["-c", NBD_FILL_WRAPPING, &rig.uri(), "200"]);
-    Background::spawn("a 200 MiB writer", c, &rig.dir().join("fill.out")).wait_success();
-    rig.wait("the journal folded", LONG, |_, p| {
-        p["journal_tracking"] == true
-    });
+    let (mut rig, _) = pair_with_a_folded_journal();
     rig.mirror.start();
     rig.wait("a resync staged at the mirror", LONG, |m, _| {
         !m["staged_resync"].is_null()
@@ -1814,34 +1812,36 @@ fn history_of(rig: &Pair) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("history --json printed {out:?}: {e}"))
 }
 
+/// `blkmirror mirror --history 1h` with `extra` is a usage error (exit 2) whose message says
+/// `says`, before anything is opened.
+fn mirror_usage_error(extra: &[&str], says: &str) {
+    let mut args = vec![
+        "mirror",
+        "--listen",
+        "127.0.0.1:1",
+        "--volume",
+        "v=/nonexistent",
+        "--state-dir",
+        "/nonexistent",
+        "--history",
+        "1h",
+    ];
+    args.extend_from_slice(extra);
+    let o = run_output(BIN, &args, None);
+    assert_eq!(o.status.code(), Some(2), "{extra:?}: {o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains(says),
+        "{extra:?}: {o:?}"
+    );
+}
+
 /// `--history-thin 2s:1s,4s:2s`: while writes come in for 8 s, the mirror keeps every point
 /// of the last 2 s, one per second of those older, one per 2 s of those older than 4 s
 /// (measured from its newest point, when it last thinned); bad tiers are a usage error
 /// naming the flag.
 #[test]
 fn older_history_points_are_thinned_by_tier() {
-    let bad = run_output(
-        BIN,
-        &[
-            "mirror",
-            "--listen",
-            "127.0.0.1:1",
-            "--volume",
-            "v=/nonexistent",
-            "--state-dir",
-            "/nonexistent",
-            "--history",
-            "1h",
-            "--history-thin",
-            "4s:2s,2s:1s",
-        ],
-        None,
-    );
-    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
-    assert!(
-        String::from_utf8_lossy(&bad.stderr).contains("--history-thin"),
-        "{bad:?}"
-    );
+    mirror_usage_error(&["--history-thin", "4s:2s,2s:1s"], "--history-thin");
     let mut rig = Pair::new(PairOptions::default());
     rig.mirror
         .push_args(&["--history", "1h", "--history-thin", "2s:1s,4s:2s"]);
@@ -2181,28 +2181,7 @@ fn a_full_state_directory_makes_the_history_drop_its_oldest_points() {
 /// point still there, and ends byte-identical. A cap under 64M is a usage error.
 #[test]
 fn a_history_at_its_cap_waits_rather_than_dropping_a_point() {
-    let small = run_output(
-        BIN,
-        &[
-            "mirror",
-            "--listen",
-            "127.0.0.1:1",
-            "--volume",
-            "v=/nonexistent",
-            "--state-dir",
-            "/nonexistent",
-            "--history",
-            "1h",
-            "--history-size",
-            "1M",
-        ],
-        None,
-    );
-    assert_eq!(small.status.code(), Some(2), "{small:?}");
-    assert!(
-        String::from_utf8_lossy(&small.stderr).contains("64M"),
-        "{small:?}"
-    );
+    mirror_usage_error(&["--history-size", "1M"], "64M");
     let mut rig = Pair::new(PairOptions {
         size: 128 * MIB,
         ..Default::default()

@@ -42,6 +42,18 @@ fn failures(seeds: impl Iterator<Item = u64>, f: impl Fn(u64) -> SimConfig) -> V
     run_all(seeds, f).0
 }
 
+/// Runs the seeds, each of which must keep every promise; returns what they went through.
+fn all_pass(seeds: impl Iterator<Item = u64>, f: impl Fn(u64) -> SimConfig) -> sim::Stats {
+    let (failed, reached) = run_all(seeds, f);
+    assert!(
+        failed.is_empty(),
+        "{} schedules failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+    reached
+}
+
 /// Every schedule keeps I1/I2, and the schedules reach the paths that only rough ones do:
 /// partitions that swallow sets in flight (the link "up", no acknowledgement ever coming)
 /// are ended by the stall watchdog; a journal of twice the largest write, full with only its
@@ -161,16 +173,10 @@ fn a_resync_applied_in_place_instead_of_staged_is_caught() {
 /// crashes and link faults go on; and the verify reports nothing else.
 #[test]
 fn a_corrupted_mirror_is_found_and_repaired_by_verify() {
-    let (failed, reached) = run_all(1..=60, |seed| SimConfig {
+    let reached = all_pass(1..=60, |seed| SimConfig {
         scenario: Scenario::CorruptMirror,
         ..sim::config_for_seed(seed)
     });
-    assert!(
-        failed.is_empty(),
-        "{} schedules failed:\n{}",
-        failed.len(),
-        failed.join("\n")
-    );
     assert!(
         reached.verify_differing_bytes > 0 && reached.verify_repaired_bytes > 0,
         "no verify found and repaired a corrupted chunk: {reached:?}"
@@ -277,17 +283,11 @@ fn every_identity_case_keeps_the_promises() {
 /// window is a few applies long). Seed 29 once committed it.
 #[test]
 fn a_dirty_map_lost_mid_resync_never_commits_half_of_it() {
-    let (failed, reached) = run_all(1..=150, |seed| SimConfig {
+    let reached = all_pass(1..=150, |seed| SimConfig {
         scenario: Scenario::LostDirtyMap,
         check_every_applies: 1,
         ..sim::config_for_seed(seed)
     });
-    assert!(
-        failed.is_empty(),
-        "{} schedules failed:\n{}",
-        failed.len(),
-        failed.join("\n")
-    );
     assert!(
         reached.abandoned_stagings > 0,
         "no decision dropped a staged resync: {reached:?}"

@@ -962,6 +962,29 @@ impl ApplyTarget for WithHistory<'_> {
     }
 }
 
+/// A point at `set`, `time_ms` (tests).
+#[cfg(test)]
+fn test_point(set: u64, time_ms: u64) -> Point {
+    Point {
+        set,
+        time_ms,
+        seq: set,
+        gen: 1,
+    }
+}
+
+/// The whole of `vol` (the volume now) as it was at point `set` (tests).
+#[cfg(test)]
+fn view_at(h: &History, set: u64, vol: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; vol.len()];
+    h.read_at(set, 0, &mut out, &mut |o, b| {
+        b.copy_from_slice(&vol[o as usize..o as usize + b.len()]);
+        Ok(())
+    })
+    .expect("a point's before-images read");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1020,15 +1043,7 @@ mod tests {
         }
 
         fn view(&self, set: u64) -> Vec<u8> {
-            let mut out = vec![0; SIZE];
-            let vol = &self.vol;
-            self.h
-                .read_at(set, 0, &mut out, &mut |o, b| {
-                    b.copy_from_slice(&vol[o as usize..o as usize + b.len()]);
-                    Ok(())
-                })
-                .unwrap();
-            out
+            view_at(&self.h, set, &self.vol)
         }
     }
 
@@ -1195,12 +1210,7 @@ mod crash_tests {
     use std::sync::Arc;
 
     fn point(set: u64) -> Point {
-        Point {
-            set,
-            time_ms: set * 1000,
-            seq: set,
-            gen: 1,
-        }
+        test_point(set, set * 1000)
     }
 
     /// Retention writes the points it keeps from a segment it frees again, after newer ones;
@@ -1247,12 +1257,7 @@ mod crash_tests {
         let reopened: Vec<u64> = h.points().iter().map(|p| p.set).collect();
         assert_eq!(reopened, order);
         for p in h.points() {
-            let mut out = vec![0u8; 256];
-            h.read_at(p.set, 0, &mut out, &mut |o, b| {
-                b.copy_from_slice(&vol[o as usize..o as usize + b.len()]);
-                Ok(())
-            })
-            .unwrap();
+            let out = view_at(&h, p.set, &vol);
             assert!(out == states[&p.set], "point {} of {order:?}", p.set);
         }
     }
@@ -1334,14 +1339,7 @@ mod keeper_tests {
                 .unwrap();
             vol[at..at + 512].fill((set % 251) as u8 + 1);
             let now = t0 + (set - 1) * 100;
-            k.log
-                .point(Point {
-                    set,
-                    time_ms: now,
-                    seq: set,
-                    gen: 1,
-                })
-                .unwrap();
+            k.log.point(test_point(set, now)).unwrap();
             states.insert(set, vol.clone());
             if set == 1234 {
                 k.pin(set).unwrap();
@@ -1380,13 +1378,7 @@ mod keeper_tests {
             "drops survive a reopen"
         );
         for p in k.log.points() {
-            let mut out = vec![0u8; vol.len()];
-            k.log
-                .read_at(p.set, 0, &mut out, &mut |o, b| {
-                    b.copy_from_slice(&vol[o as usize..o as usize + b.len()]);
-                    Ok(())
-                })
-                .unwrap();
+            let out = view_at(&k.log, p.set, &vol);
             assert!(out == states[&p.set], "point {} reads as it was", p.set);
         }
     }
@@ -1423,14 +1415,7 @@ mod keeper_tests {
                         break;
                     }
                 }
-                k.log
-                    .point(Point {
-                        set,
-                        time_ms: now,
-                        seq: set,
-                        gen: 1,
-                    })
-                    .unwrap();
+                k.log.point(test_point(set, now)).unwrap();
                 k.enforce(now).unwrap();
             }
             let (set, now) = refused.expect("the cap refuses a set");
