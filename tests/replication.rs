@@ -2176,8 +2176,8 @@ fn a_full_state_directory_makes_the_history_drop_its_oldest_points() {
 
 /// A history at its cap with the default `--history-full wait` (a primary overwriting its
 /// whole volume, as ransomware encrypting it would): the mirror stops applying rather than
-/// drop a point younger than `--history` (status says why; the primary's writes go on), the
-/// oldest point stays; restarted with a larger `--history-size` it catches up, the oldest
+/// drop a point younger than `--history` (status: still consistent, at its older point,
+/// `applying_waits` says why; the primary's writes go on), the oldest point stays; restarted with a larger `--history-size` it catches up, the oldest
 /// point still there, and ends byte-identical. A cap under 64M is a usage error.
 #[test]
 fn a_history_at_its_cap_waits_rather_than_dropping_a_point() {
@@ -2207,12 +2207,26 @@ fn a_history_at_its_cap_waits_rather_than_dropping_a_point() {
     let first = oldest(&rig);
     assert!(!first.0.is_null());
     fill(&rig, "256");
-    let (m, _) = rig.wait("the mirror waiting on its history", LONG, |m, _| {
+    let (m, _) = rig.wait(
+        "the mirror waiting on its history, the primary told",
+        LONG,
+        |m, p| {
+            m["applying_waits"]
+                .as_str()
+                .is_some_and(|d| d.contains("history full"))
+                && p["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("history full"))
+        },
+    );
+    assert!(u(&m["history"], "bytes") <= 64 * MIB, "{m}");
+    assert_eq!(m["consistent"], true, "at its older point: {m}");
+    assert!(
         m["state_detail"]
             .as_str()
-            .is_some_and(|d| d.contains("history full"))
-    });
-    assert!(u(&m["history"], "bytes") <= 64 * MIB, "{m}");
+            .is_some_and(|d| d.contains("consistent at an older point")),
+        "{m}"
+    );
     assert_eq!(oldest(&rig), first, "no point was dropped: {m}");
     assert!(rig.mirror.stop().is_some_and(|s| s.success()));
     rig.mirror.drop_arg_with_value("--history-size");

@@ -541,6 +541,7 @@ impl MirrorVolume {
                     let mut core = self.core.lock().unwrap();
                     core.applied(set, *received_ms);
                     core.volume_works();
+                    core.apply_goes_on();
                     retry = APPLY_RETRY_FIRST;
                     i += 1;
                 }
@@ -551,26 +552,26 @@ impl MirrorVolume {
                     if self.room_from_history(&e) {
                         continue;
                     }
-                    let why = if e.kind() == io::ErrorKind::StorageFull {
-                        format!(
+                    if e.kind() == io::ErrorKind::StorageFull {
+                        // Not a failure: the volume is consistent at its older point.
+                        self.core.lock().unwrap().apply_waits(format!(
                             "history full: applying set {} waits: {e}; every point kept is \
                              younger than --history (--history-full wait: nothing the primary \
                              sends pushes one out); free space, raise --history-size or \
                              shorten --history (retried until then)",
                             set.set,
-                        )
+                        ));
                     } else {
-                        format!(
-                            "mirror state directory failed: applying set {}: {e}; retrying \
-                             every {} s",
-                            set.set,
-                            retry.as_secs_f64()
-                        )
-                    };
-                    self.core.lock().unwrap().fail(Failure {
-                        code: RefuseCode::RedoFailed,
-                        why,
-                    });
+                        self.core.lock().unwrap().fail(Failure {
+                            code: RefuseCode::RedoFailed,
+                            why: format!(
+                                "mirror state directory failed: applying set {}: {e}; retrying \
+                                 every {} s",
+                                set.set,
+                                retry.as_secs_f64()
+                            ),
+                        });
+                    }
                     if self.stopping.load(Ordering::SeqCst) {
                         return;
                     }
@@ -826,6 +827,7 @@ impl MirrorVolume {
         let st = core.visible_state().clone();
         let in_place = core.state().clone();
         let committing = core.committing();
+        let waiting = core.waiting().map(str::to_string);
         let state = core.repl_state(link_up);
         let failure = core.failure().cloned();
         let refused = core.refused().cloned();
@@ -861,6 +863,8 @@ impl MirrorVolume {
             why.clone()
         } else if let Some(why) = &st.volume_changed {
             format!("{why}: NOT consistent")
+        } else if let (true, Some(why)) = (st.consistent(), &waiting) {
+            format!("consistent at an older point: {why}")
         } else if st.consistent() && committing {
             "consistent (a staged resync is being applied: its end point, which the redo log \
              holds)"
@@ -907,6 +911,9 @@ impl MirrorVolume {
             // the redo log holds, while `applied_set` climbs to it.
             "committing_to_set": committing.then_some(st.applied_set),
             "last_error": self.stats.last_error.lock().unwrap().clone(),
+            // Why the volume is not being applied to for now (its history is full; no set is
+            // taken meanwhile); null when it is.
+            "applying_waits": waiting,
         })
     }
 

@@ -87,6 +87,9 @@ pub struct MirrorCore {
     /// A staged resync being applied: the state at its end, which the volume holds once its
     /// sets (durable in the redo log) are applied, as a replay after a crash would.
     committing: Option<VolumeState>,
+    /// The applier waits (its history is full, `--history-full wait`): sets are still
+    /// received and made durable in the redo log; the volume stays at its older point.
+    waiting: Option<String>,
     #[cfg(any(test, feature = "test-hooks"))]
     pub bugs: super::PlantedBugs,
 }
@@ -187,6 +190,7 @@ impl MirrorCore {
             volume_holds_data,
             stager: Stager { staging: staged },
             committing: None,
+            waiting: None,
             #[cfg(any(test, feature = "test-hooks"))]
             bugs: super::PlantedBugs::default(),
         }
@@ -288,6 +292,11 @@ impl MirrorCore {
             }
             Some(f) => return Err((f.code, f.why.clone())),
             None => {}
+        }
+        // The applier waits on its history: nothing more is taken until it goes on (the
+        // primary keeps the writes; it is told why and tries again).
+        if let Some(why) = &self.waiting {
+            return Err((RefuseCode::RedoFailed, why.clone()));
         }
         assert_eq!(
             self.written, self.durable,
@@ -403,6 +412,9 @@ impl MirrorCore {
         }
         if let Some(f) = &self.failure {
             return Err((f.code, f.why.clone()));
+        }
+        if let Some(why) = &self.waiting {
+            return Err((RefuseCode::RedoFailed, why.clone()));
         }
         let w = self.written;
         if set.set != w.set + 1 {
@@ -589,6 +601,29 @@ impl MirrorCore {
             tracing::info!(volume = %self.name, "works again after: {}", failure.why);
             self.failure = None;
         }
+    }
+
+    /// The applier cannot apply the next set for now (its history is full and keeps every
+    /// point): not a failure (the volume is consistent at its older point, and says so), but
+    /// no more sets are taken until it goes on: the primary keeps them and is told why.
+    /// Logged once.
+    pub fn apply_waits(&mut self, why: String) {
+        if self.waiting.as_ref() != Some(&why) {
+            tracing::warn!(volume = %self.name, "{why}");
+        }
+        self.waiting = Some(why);
+    }
+
+    /// The applier applied a set: whatever it waited for is over.
+    pub fn apply_goes_on(&mut self) {
+        if self.waiting.take().is_some() {
+            tracing::info!(volume = %self.name, "applying again");
+        }
+    }
+
+    /// Why the applier waits, if it does.
+    pub fn waiting(&self) -> Option<&str> {
+        self.waiting.as_deref()
     }
 
     /// The volume accepted writes again after failing: the failure is over.
