@@ -564,6 +564,7 @@ impl Session {
         if done.repaired > 0 {
             self.verify_repaired(done.repaired);
         }
+        self.verify_acked(set, now);
         self.floor = last_seq;
         self.progress(now);
         let mut events = vec![Event::Acked { set, applied_set }];
@@ -587,6 +588,7 @@ impl Session {
             .ok_or_else(|| SessionEnd::Protocol("a comparison reply, but none runs".into()))?;
         take_reply(
             &mut r.awaiting,
+            |a| a,
             offset,
             chunk,
             differ.len(),
@@ -950,19 +952,20 @@ fn extent_of(at: u64, buf: Vec<u8>) -> Extent {
     }
 }
 
-/// The reply to the oldest Sums message awaiting one (`awaiting`: offset, chunks), checked
-/// against it: any other is a protocol error.
-fn take_reply(
-    awaiting: &mut VecDeque<(u64, usize)>,
+/// The reply to the oldest Sums message awaiting one (`awaiting`: offset, chunks, and what
+/// else its caller keeps), checked against it: any other is a protocol error.
+fn take_reply<T: Copy + std::fmt::Debug>(
+    awaiting: &mut VecDeque<T>,
+    key: impl Fn(T) -> (u64, usize),
     offset: u64,
     chunk: u32,
     count: usize,
     copy_chunk: u64,
-) -> Result<(), SessionEnd> {
-    match awaiting.front() {
-        Some(&(o, n)) if o == offset && n == count && u64::from(chunk) == copy_chunk => {
+) -> Result<T, SessionEnd> {
+    match awaiting.front().copied() {
+        Some(a) if key(a) == (offset, count) && u64::from(chunk) == copy_chunk => {
             awaiting.pop_front();
-            Ok(())
+            Ok(a)
         }
         front => Err(SessionEnd::Protocol(format!(
             "a comparison reply for offset {offset}, expected {front:?}"

@@ -67,8 +67,12 @@ pub(super) struct Verify {
     pub(super) progress: VerifyProgress,
     /// Next chunk of the first pass.
     pos: u64,
-    /// Sums sent, awaiting their reply: (offset, chunks).
-    pub(super) awaiting: VecDeque<(u64, usize)>,
+    /// Sums sent, awaiting their reply: (offset, chunks, the last set sent before them).
+    pub(super) awaiting: VecDeque<(u64, usize, u64)>,
+    /// Chunks the mirror answered as different, credited only once every set sent before
+    /// their checksums is acknowledged (the mirror then surely compared after them):
+    /// (that set, offset, length).
+    unconfirmed: VecDeque<(u64, u64, u64)>,
     /// Chunks to compare once settled.
     deferred: VecDeque<Waiting>,
     /// Chunks found different, to send again once settled (repair only).
@@ -141,6 +145,7 @@ impl Session {
             },
             pos: 0,
             awaiting: VecDeque::new(),
+            unconfirmed: VecDeque::new(),
             deferred: VecDeque::new(),
             to_repair: VecDeque::new(),
             repairs_in_flight: 0,
@@ -168,13 +173,15 @@ impl Session {
             .verify
             .as_mut()
             .ok_or_else(|| SessionEnd::Protocol("a comparison reply, but none runs".into()))?;
-        take_reply(
+        let (_, _, after_set) = take_reply(
             &mut v.awaiting,
+            |(o, n, _)| (o, n),
             offset,
             chunk,
             differ.len(),
             self.limits.copy_chunk,
         )?;
+        let acked = self.in_flight.front().is_none_or(|f| f.set > after_set);
         #[cfg(any(test, feature = "test-hooks"))]
         let differ = if self.bugs.verify_forgets_differences {
             vec![false; differ.len()]
@@ -186,18 +193,35 @@ impl Session {
             let len = u64::from(chunk).min(size - at);
             v.progress.compared_bytes += len;
             if d {
-                tracing::warn!(offset = at, len, "verify: the mirror's chunk differs");
-                push_range(&mut v.progress.differing, at, len);
-                if v.progress.repair {
-                    v.to_repair.push_back(Waiting {
-                        at,
-                        since: now,
-                        next: now,
-                    });
-                }
+                v.unconfirmed.push_back((after_set, at, len));
             }
         }
+        if acked {
+            self.verify_acked(after_set, now);
+        }
         Ok(())
+    }
+
+    /// Every set up to `set` is acknowledged: the differences answered after them are real.
+    pub(super) fn verify_acked(&mut self, set: u64, now: Instant) {
+        let Some(v) = self.verify.as_mut() else {
+            return;
+        };
+        while let Some(&(after, at, len)) = v.unconfirmed.front() {
+            if after > set {
+                break;
+            }
+            v.unconfirmed.pop_front();
+            tracing::warn!(offset = at, len, "verify: the mirror's chunk differs");
+            push_range(&mut v.progress.differing, at, len);
+            if v.progress.repair {
+                v.to_repair.push_back(Waiting {
+                    at,
+                    since: now,
+                    next: now,
+                });
+            }
+        }
     }
 
     /// A repair set is durable at the mirror.
@@ -223,6 +247,8 @@ impl Session {
             shipped = None;
         }
         let window_free = self.in_flight.len() < self.limits.window_sets;
+        // Checksums go after every set sent so far: the mirror compares after applying them.
+        let last_set_sent = self.in_flight.back().map_or(0, |f| f.set);
         let Some(v) = self.verify.as_mut().filter(|v| !v.progress.done) else {
             return Ok(None);
         };
@@ -328,7 +354,7 @@ impl Session {
                 }
             }
             if let Some(offset) = offset {
-                v.awaiting.push_back((offset, sums.len()));
+                v.awaiting.push_back((offset, sums.len(), last_set_sent));
                 return Ok(Some(Transmit::Message(Message::Sums {
                     offset,
                     chunk: u32::try_from(chunk).expect("chunks are small"),
@@ -341,6 +367,7 @@ impl Session {
         }
         if v.pos >= size
             && v.awaiting.is_empty()
+            && v.unconfirmed.is_empty()
             && v.deferred.is_empty()
             && v.to_repair.is_empty()
             && v.repairs_in_flight == 0
