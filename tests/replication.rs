@@ -1647,12 +1647,19 @@ fn a_dirty_map_lost_during_a_staged_resync_is_compared_not_resumed() {
 /// `blkmirror verify` against the primary's control socket: its exit code and JSON report.
 fn verify(rig: &Pair, args: &[&str]) -> (i32, Value) {
     let control = rig.primary_state.join("control.sock");
-    let mut all = vec!["verify", "--control", control.to_str().unwrap(), "--json"];
+    let mut all = vec!["--json"];
     all.extend_from_slice(args);
-    let o = run_output(BIN, &all, None);
+    let o = verify_at(&control, &all);
     let stdout = String::from_utf8_lossy(&o.stdout);
     let report = serde_json::from_str(stdout.trim()).unwrap_or(Value::Null);
     (o.status.code().unwrap_or(-1), report)
+}
+
+/// `blkmirror verify --control CONTROL ARGS...`, as run.
+fn verify_at(control: &Path, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["verify", "--control", control.to_str().unwrap()];
+    all.extend_from_slice(args);
+    run_output(BIN, &all, None)
 }
 
 /// Online verify (issue 14): a chunk of the mirror's volume overwritten behind the mirror's
@@ -1741,36 +1748,14 @@ fn verify_finds_and_repairs_a_corrupted_mirror_chunk_while_writes_go_on() {
 
     // Bad requests: an unknown volume (2), no daemon (4), the mirror away (6).
     let control = rig.primary_state.join("control.sock");
-    let o = run_output(
-        BIN,
-        &[
-            "verify",
-            "--control",
-            control.to_str().unwrap(),
-            "--volume",
-            "nope",
-        ],
-        None,
-    );
+    let o = verify_at(&control, &["--volume", "nope"]);
     assert_eq!(o.status.code(), Some(2), "{o:?}");
-    let o = run_output(
-        BIN,
-        &[
-            "verify",
-            "--control",
-            rig.dir().join("none.sock").to_str().unwrap(),
-        ],
-        None,
-    );
+    let o = verify_at(&rig.dir().join("none.sock"), &[]);
     assert_eq!(o.status.code(), Some(4), "{o:?}");
     rig.wait_synced();
     assert!(rig.mirror.stop().is_some_and(|s| s.success()));
     rig.wait("the link is down", LONG, |_, p| p["link"] == "down");
-    let o = run_output(
-        BIN,
-        &["verify", "--control", control.to_str().unwrap()],
-        None,
-    );
+    let o = verify_at(&control, &[]);
     assert_eq!(o.status.code(), Some(6), "{o:?}");
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("not connected to the mirror"),
@@ -1786,17 +1771,7 @@ fn verify_finds_and_repairs_a_corrupted_mirror_chunk_while_writes_go_on() {
         "{r}"
     );
     // An empty volume name (an unset $VOL) is refused, not taken for "all".
-    let o = run_output(
-        BIN,
-        &[
-            "verify",
-            "--control",
-            control.to_str().unwrap(),
-            "--volume",
-            "",
-        ],
-        None,
-    );
+    let o = verify_at(&control, &["--volume", ""]);
     assert_eq!(o.status.code(), Some(2), "{o:?}");
     rig.mirror.start();
     rig.finish_and_compare();

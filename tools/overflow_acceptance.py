@@ -75,16 +75,8 @@ VOL = "vol1"
 MIB = 1 << 20
 GIB = 1 << 30
 
-
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def default_bin():
-    if os.environ.get("BLKMIRROR"):
-        return os.environ["BLKMIRROR"]
-    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-    return os.path.join(target, "release/blkmirror")
+# The scale scripts' shared pieces: timestamped progress lines, the binary under test.
+from many_volumes import default_bin, free_port, log  # noqa: E402
 
 
 def built_here_bin():
@@ -116,12 +108,6 @@ def size_arg(n):
 
 def mib(n):
     return n / MIB
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def allocated_bytes(path):

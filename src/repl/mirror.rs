@@ -545,16 +545,18 @@ impl MirrorVolume {
                     retry = APPLY_RETRY_FIRST;
                     i += 1;
                 }
-                Err(e) if HistoryError::of(&e).is_some() => {
-                    // The history's file system (the state directory) is full or failing:
-                    // the oldest points make room; nothing is written without its
+                Err(e) => {
+                    // A history failure is the state directory's (full or failing): the
+                    // oldest points make room first; nothing is written without its
                     // before-images.
-                    if self.room_from_history(&e) {
+                    let history = HistoryError::of(&e).is_some();
+                    if history && self.room_from_history(&e) {
                         continue;
                     }
-                    if e.kind() == io::ErrorKind::StorageFull {
+                    let mut core = self.core.lock().unwrap();
+                    if history && e.kind() == io::ErrorKind::StorageFull {
                         // Not a failure: the volume is consistent at its older point.
-                        self.core.lock().unwrap().apply_waits(format!(
+                        core.apply_waits(format!(
                             "history full: applying set {} waits: {e}; every point kept is \
                              younger than --history (--history-full wait: nothing the primary \
                              sends pushes one out); free space, raise --history-size or \
@@ -562,31 +564,21 @@ impl MirrorVolume {
                             set.set,
                         ));
                     } else {
-                        self.core.lock().unwrap().fail(Failure {
-                            code: RefuseCode::RedoFailed,
+                        let (code, what) = if history {
+                            (RefuseCode::RedoFailed, "mirror state directory failed")
+                        } else {
+                            (RefuseCode::VolumeFailed, "mirror volume failed")
+                        };
+                        core.fail(Failure {
+                            code,
                             why: format!(
-                                "mirror state directory failed: applying set {}: {e}; retrying \
-                                 every {} s",
+                                "{what}: applying set {}: {e}; retrying every {} s",
                                 set.set,
                                 retry.as_secs_f64()
                             ),
                         });
                     }
-                    if self.stopping.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    std::thread::sleep(retry);
-                    retry = (retry * 2).min(APPLY_RETRY_MAX);
-                }
-                Err(e) => {
-                    self.core.lock().unwrap().fail(Failure {
-                        code: RefuseCode::VolumeFailed,
-                        why: format!(
-                            "mirror volume failed: applying set {}: {e}; retrying every {} s",
-                            set.set,
-                            retry.as_secs_f64()
-                        ),
-                    });
+                    drop(core);
                     if self.stopping.load(Ordering::SeqCst) {
                         return;
                     }

@@ -44,6 +44,23 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 const HISTORY_CAP: u64 = 4 * VOLUME_BYTES;
 const HISTORY_SEGMENT: u64 = 16 << 10;
 
+/// `apply` through the history, as the mirror's applier does it: a full history makes room
+/// (`Keeper::make_room`) and the apply is tried again while that changed anything.
+fn with_room<T>(
+    keeper: &mut Keeper,
+    clock: &Clock,
+    mut apply: impl FnMut(&mut History) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    loop {
+        match apply(&mut keeper.log) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::StorageFull
+                    && keeper.make_room(clock.wall_ms()).unwrap_or(false) => {}
+            other => return other,
+        }
+    }
+}
+
 /// The simulated mirror's history: a minute of virtual time (schedules run a few), thinned
 /// after 5 s to a point a second and after 20 s to one per 5 s (tiers as `--history-thin`),
 /// capped at [`HISTORY_CAP`] with the oldest points dropped at the cap: retention, thinning
@@ -1231,33 +1248,23 @@ impl MirrorHost {
                         let segments = u.redo.segments_between(first - 1, set.set - 1);
                         let fs: Fs = Arc::new(self.fs.clone());
                         let core = &mut u.core;
-                        let committed = loop {
+                        let disk = &self.disk;
+                        let committed = with_room(&mut u.history, clock, |history| {
                             // A retry starts from the first set not yet applied, as the
-                            // mirror's does; a full history makes room first.
+                            // mirror's does.
                             let from = core.state().applied_set.max(first - 1);
-                            let r = apply::apply_from_redo(
+                            apply::apply_from_redo(
                                 &fs,
                                 &segments,
                                 from,
                                 set.set - 1,
                                 &mut WithHistory {
-                                    target: &mut MemApplier(&self.disk),
-                                    history: &mut u.history.log,
+                                    target: &mut MemApplier(disk),
+                                    history,
                                 },
                                 |s| core.applied(s, received_ms),
-                            );
-                            match r {
-                                Err(e)
-                                    if e.kind() == std::io::ErrorKind::StorageFull
-                                        && u.history
-                                            .make_room(clock.wall_ms())
-                                            .unwrap_or(false) =>
-                                {
-                                    continue
-                                }
-                                other => break other,
-                            }
-                        };
+                            )
+                        });
                         if let Err(e) = committed {
                             core.fail(Failure {
                                 code: RefuseCode::VolumeFailed,
@@ -1274,22 +1281,13 @@ impl MirrorHost {
                 if self.bugs.history_after_write {
                     target.apply(&set).expect("simulated disk");
                 }
-                let saved = loop {
-                    let r = WithHistory {
+                let saved = with_room(&mut u.history, clock, |history| {
+                    WithHistory {
                         target: &mut target,
-                        history: &mut u.history.log,
+                        history,
                     }
-                    .apply(&set);
-                    match r {
-                        Err(e)
-                            if e.kind() == std::io::ErrorKind::StorageFull
-                                && u.history.make_room(clock.wall_ms()).unwrap_or(false) =>
-                        {
-                            continue
-                        }
-                        other => break other,
-                    }
-                };
+                    .apply(&set)
+                });
                 if let Err(e) = saved {
                     u.core.fail(Failure {
                         code: RefuseCode::VolumeFailed,
