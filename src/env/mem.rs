@@ -43,6 +43,10 @@ pub struct Faults {
     pub capacity: Option<u64>,
     /// The next this many `sync_data` calls fail with EIO.
     pub failing_syncs: u32,
+    /// The host dies right after this many more successful syncs (of data or directories):
+    /// from then on every change and sync fails with EIO until [`MemFs::crash`], so a
+    /// multi-step operation can be cut at each of its durable steps.
+    pub halt_after_syncs: Option<u64>,
 }
 
 #[derive(Clone, Default)]
@@ -138,6 +142,8 @@ struct State {
     faults: Faults,
     /// `sync_data` and `sync_dir` calls that succeeded (the simulator reports them).
     syncs: u64,
+    /// The host died ([`Faults::halt_after_syncs`]): nothing changes until a crash.
+    halted: bool,
 }
 
 impl State {
@@ -148,6 +154,25 @@ impl State {
                 io::ErrorKind::InvalidInput,
                 format!("{}: not a file path", path.display()),
             )),
+        }
+    }
+
+    /// Changes and syncs fail once the host died.
+    fn alive(&self) -> io::Result<()> {
+        if self.halted {
+            return Err(io::Error::other("the simulated host died here"));
+        }
+        Ok(())
+    }
+
+    /// A sync succeeded: count it, and die if the fault says so.
+    fn synced(&mut self) {
+        self.syncs += 1;
+        if let Some(n) = self.faults.halt_after_syncs.as_mut() {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.halted = true;
+            }
         }
     }
 
@@ -220,6 +245,8 @@ impl MemFs {
     pub fn crash(&self, rng: &mut Prng) {
         let mut s = self.state.lock().unwrap();
         s.epoch += 1;
+        s.halted = false;
+        s.faults.halt_after_syncs = None;
         for dir in s.dirs.values_mut() {
             let keep = rng.below(dir.pending.len() as u64 + 1) as usize;
             for op in dir.pending.drain(..).take(keep) {
@@ -247,11 +274,23 @@ impl MemFs {
     pub fn restart(&self) {
         let mut s = self.state.lock().unwrap();
         s.epoch += 1;
+        s.halted = false;
+        s.faults.halt_after_syncs = None;
         s.collect_garbage();
     }
 
     pub fn set_faults(&self, faults: Faults) {
         self.state.lock().unwrap().faults = faults;
+    }
+
+    /// Set or clear [`Faults::halt_after_syncs`] alone.
+    pub fn set_halt(&self, after_syncs: Option<u64>) {
+        self.state.lock().unwrap().faults.halt_after_syncs = after_syncs;
+    }
+
+    /// The host died at [`Faults::halt_after_syncs`] and has not crashed since.
+    pub fn halted(&self) -> bool {
+        self.state.lock().unwrap().halted
     }
 
     /// Successful syncs so far.
@@ -268,6 +307,7 @@ impl MemFs {
 impl FileSystem for MemFs {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
         let mut s = self.state.lock().unwrap();
+        s.alive()?;
         for d in dir.ancestors() {
             s.dirs.entry(d.to_path_buf()).or_default();
         }
@@ -283,6 +323,9 @@ impl FileSystem for MemFs {
 
     fn open(&self, path: &Path, opts: OpenOptions) -> io::Result<Handle> {
         let mut s = self.state.lock().unwrap();
+        if opts.create || opts.truncate {
+            s.alive()?;
+        }
         let ino = match s.lookup(path) {
             Ok(ino) => ino,
             Err(e) if e.kind() == io::ErrorKind::NotFound && opts.create => {
@@ -318,6 +361,7 @@ impl FileSystem for MemFs {
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         let mut s = self.state.lock().unwrap();
+        s.alive()?;
         let ino = s.lookup(from)?;
         let (fdir, fname) = State::split(from)?;
         let (tdir, tname) = State::split(to)?;
@@ -331,6 +375,7 @@ impl FileSystem for MemFs {
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         let mut s = self.state.lock().unwrap();
+        s.alive()?;
         s.lookup(path)?;
         let (dir, name) = State::split(path)?;
         s.dir(&dir)?.change(DirOp::Unlink(name));
@@ -339,10 +384,11 @@ impl FileSystem for MemFs {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         let mut s = self.state.lock().unwrap();
+        s.alive()?;
         let d = s.dir(dir)?;
         d.durable = d.live.clone();
         d.pending.clear();
-        s.syncs += 1;
+        s.synced();
         Ok(())
     }
 
@@ -400,6 +446,7 @@ impl FileHandle for MemHandle {
             return Err(io::Error::from_raw_os_error(libc::EBADF));
         }
         self.with(|s| {
+            s.alive()?;
             let want: usize = bufs.iter().map(|b| b.len()).sum();
             let inode_len = s.inodes[&self.ino].current.len() as u64;
             let end = at + want as u64;
@@ -436,6 +483,7 @@ impl FileHandle for MemHandle {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.with(|s| {
+            s.alive()?;
             let inode = s.inodes.get_mut(&self.ino).expect("checked");
             let old = inode.current.len() as u64;
             inode.current.resize(len as usize, 0);
@@ -446,6 +494,7 @@ impl FileHandle for MemHandle {
 
     fn sync_data(&self) -> io::Result<()> {
         self.with(|s| {
+            s.alive()?;
             if s.faults.failing_syncs > 0 {
                 s.faults.failing_syncs -= 1;
                 return Err(io::Error::from_raw_os_error(libc::EIO));
@@ -453,7 +502,7 @@ impl FileHandle for MemHandle {
             let inode = s.inodes.get_mut(&self.ino).expect("checked");
             inode.durable = inode.current.clone();
             inode.dirty.clear();
-            s.syncs += 1;
+            s.synced();
             Ok(())
         })
     }
@@ -583,6 +632,7 @@ mod tests {
         fs.set_faults(Faults {
             capacity: Some(10),
             failing_syncs: 1,
+            ..Default::default()
         });
         assert_eq!(
             f.write_vectored_at(&[IoSlice::new(&[1; 20])], 3).unwrap(),

@@ -184,6 +184,30 @@ pub struct Reserve {
 /// Bytes of the reserve: many times the state files written before space can come back.
 pub const RESERVE_BYTES: usize = 1 << 20;
 
+/// Remove every file directly in `dir` (a role's logs when a volume changes role) and sync the
+/// directory; a missing directory is already empty. Subdirectories are left alone.
+pub fn remove_files_in(fs: &dyn FileSystem, dir: &Path) -> io::Result<usize> {
+    let entries = match fs.read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut removed = 0;
+    for path in entries {
+        match fs.remove_file(&path) {
+            Ok(()) => removed += 1,
+            // A subdirectory (remove_file refuses it), or gone meanwhile.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(_) if fs.read_dir(&path).is_ok() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if removed > 0 {
+        fs.sync_dir(dir)?;
+    }
+    Ok(removed)
+}
+
 fn out_of_space(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::ENOSPC) || e.kind() == io::ErrorKind::StorageFull
 }

@@ -151,6 +151,30 @@ pub fn boot_id() -> String {
 /// over, so a write waits only for acknowledgements, never for good.
 pub const MIN_JOURNAL_BYTES: u64 = 64 << 20;
 
+/// Prepare `dir` as the journal of a volume whose numbering goes on at `next_seq` (a promoted
+/// mirror: its volume holds every write up to `next_seq - 1`, none of which is the journal's to
+/// ship): whatever `dir` held is removed, an empty segment named `next_seq` fixes where
+/// numbering resumes ([`Journal::open`] keeps it), and the stop marker says the last stop was
+/// clean. Everything is synced before it returns.
+pub fn create_at(fs: &Fs, dir: &Path, next_seq: u64, boot_id: &str) -> io::Result<()> {
+    assert!(next_seq >= 1, "sequence numbers start at 1");
+    fs.create_dir_all(dir)?;
+    crate::env::remove_files_in(&**fs, dir)?;
+    let seg = fs.open(
+        &segment_path(dir, next_seq),
+        OpenOptions::write().create().truncate(),
+    )?;
+    seg.sync_data()?;
+    let m = StopMarker {
+        clean: true,
+        boot_id: boot_id.to_string(),
+        next_seq,
+    };
+    let bytes = serde_json::to_vec_pretty(&m).map_err(io::Error::other)?;
+    write_atomic(&**fs, &dir.join(STOP_MARKER), &bytes)?;
+    fs.sync_dir(dir)
+}
+
 /// Segments of a quarter of the journal, from 16 to 64 MiB: large enough that rotations are
 /// rare, small enough that a small journal frees space in steps while the mirror catches up
 /// (a 64 MiB journal of 64 MiB segments would free nothing until its one segment is passed).
@@ -2042,6 +2066,7 @@ mod tests {
         fs.set_faults(Faults {
             capacity: Some(fs.used_bytes() + 3000),
             failing_syncs: 0,
+            ..Default::default()
         });
         let it = begin(&j, 9 * 4096, 4096).unwrap();
         j.complete(it, 9 * 4096, data(9, 4096))
@@ -2320,6 +2345,7 @@ mod tests {
         fs.set_faults(Faults {
             capacity: Some(used + 3000),
             failing_syncs: 0,
+            ..Default::default()
         });
         let it = begin(&j, 9 * 4096, 4096).unwrap();
         let err = j.complete(it, 9 * 4096, data(9, 4096)).unwrap_err();
@@ -2358,6 +2384,7 @@ mod tests {
         fs.set_faults(Faults {
             capacity: None,
             failing_syncs: 1,
+            ..Default::default()
         });
         assert!(j.sync().is_err());
         let failure = j.stats().failure.expect("status says the sync failed");
@@ -2383,6 +2410,7 @@ mod tests {
         fs.set_faults(Faults {
             capacity: Some(fs.used_bytes()),
             failing_syncs: 0,
+            ..Default::default()
         });
         assert!(j.complete(it, 3 * 4096, data(3, 4096)).is_err());
         fs.set_faults(Faults::default());

@@ -60,6 +60,11 @@ pub struct VolumeState {
     /// before any new write, sits at the number where the lost history also had a state).
     #[serde(default)]
     pub position_gen: Option<GenId>,
+    /// The primary told this side it was demoted, with its data at this (generation, seq),
+    /// which this volume holds: a promotion without `--force` continues exactly that state.
+    /// Cleared by any new session (a primary writes again).
+    #[serde(default)]
+    pub peer_demoted: Option<(GenId, u64)>,
 }
 
 fn mirror_role() -> String {
@@ -79,6 +84,7 @@ impl Default for VolumeState {
             newest_received_ms: 0,
             volume_changed: None,
             position_gen: None,
+            peer_demoted: None,
         }
     }
 }

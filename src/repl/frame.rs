@@ -113,7 +113,8 @@
 //! A version-3 session starts with Hello then **Identify** (type 6, primary → mirror): `flags
 //! u8 (bit 0: a UUID follows) | uuid [16] | forgotten_below u64 | count u16 (≤ 64) | count ×
 //! (gen u64 ≠ 0, first_seq u64, flags u8: 1 continuous, 2 a break where an admin accepted
-//! another disk; only a break may start lower than the span before) | journal_acked u64 |
+//! another disk, 5 continuous where a mirror was promoted (version 6); only a break may start
+//! lower than the span before) | journal_acked u64 |
 //! journal_last u64 (≥ journal_acked) | fingerprint (string: the disk fingerprint as JSON) |
 //! check u32` (see `repl::identity`). The mirror answers **Decision** (type 7) instead of
 //! HelloAck: `uuid [16] | mode u8 (0 resume, 1 full copy, 2 compare) | durable_set u64 |
@@ -123,6 +124,9 @@
 //! then `resync_from u64` right after `journal_last`. A mirror with a staged resync finishes
 //! it only for a primary that still has one (`identity::staged_resync_continues`); a version-3
 //! or 4 primary never sends it and is compared instead.
+//!
+//! Version 6 adds roles that change (`repl::role`): a span may carry flags 5, a continuous
+//! generation that starts where a mirror was promoted.
 //!
 //! During a comparison the primary sends **Sums** (type 8): `offset u64 | chunk u32 (> 0) |
 //! count u16 (≤ 1024) | count × SHA-256 [32] | check u32`, in stream order with the sets; the
@@ -158,7 +162,7 @@ use crate::extent::{Extent, Payload};
 use crate::repl::identity::{GenId, Lineage, PrimaryClaim, Span, VolumeUuid, MAX_SPANS};
 
 /// Version spoken by this code (Hello's `version`).
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 /// Oldest version whose messages still decode (a mirror's redo log may hold sets of versions
 /// 1 to 3).
 pub const OLDEST_PROTOCOL_VERSION: u16 = 1;
@@ -169,6 +173,8 @@ pub const OLDEST_SESSION_VERSION: u16 = 3;
 /// The first version whose Identify says whether the primary has an open resync
 /// (`PrimaryClaim::resync_from`).
 pub const RESYNC_IN_IDENTIFY_VERSION: u16 = 5;
+/// The first version whose lineages may hold a promoted mirror's generation (span flags 5).
+pub const ROLES_VERSION: u16 = 6;
 /// Most checksums in one Sums message.
 pub const MAX_SUMS: usize = 1024;
 /// Bytes of one chunk checksum (SHA-256).
@@ -610,7 +616,9 @@ fn put_identify(c: &PrimaryClaim, out: &mut Vec<u8>) {
     for s in spans {
         out.extend_from_slice(&s.gen.0.to_be_bytes());
         out.extend_from_slice(&s.first_seq.to_be_bytes());
-        out.push(u8::from(s.continuous) | (u8::from(s.accepted) << 1));
+        out.push(
+            u8::from(s.continuous) | (u8::from(s.accepted) << 1) | (u8::from(s.promoted) << 2),
+        );
     }
     out.extend_from_slice(&c.journal_acked.to_be_bytes());
     out.extend_from_slice(&c.journal_last.to_be_bytes());
@@ -1182,6 +1190,7 @@ fn parse_identify(r: &mut Reader<'_>) -> Result<PrimaryClaim, FrameError> {
             first_seq: r.u64()?,
             continuous: false,
             accepted: false,
+            promoted: false,
         };
         let span = match r.u8()? {
             0 => span,
@@ -1191,6 +1200,11 @@ fn parse_identify(r: &mut Reader<'_>) -> Result<PrimaryClaim, FrameError> {
             },
             2 => Span {
                 accepted: true,
+                ..span
+            },
+            5 => Span {
+                continuous: true,
+                promoted: true,
                 ..span
             },
             _ => return Err(FrameError::Malformed("identify: unknown span flags")),

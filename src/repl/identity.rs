@@ -147,6 +147,11 @@ pub struct Span {
     /// keeps the disk.
     #[serde(default)]
     pub accepted: bool,
+    /// This generation starts where a mirror was promoted (`role::promoted`): its writer took
+    /// over from the data it held, the previous generation's writes past `first_seq - 1` (an
+    /// old primary's unshipped tail) are not in it. Always continuous.
+    #[serde(default)]
+    pub promoted: bool,
 }
 
 /// The spans of the primary's numbering, oldest first, with where the forgotten ones ended.
@@ -174,7 +179,30 @@ impl Lineage {
             first_seq,
             continuous,
             accepted: false,
+            promoted: false,
         });
+    }
+
+    /// Start the generation of a promoted mirror at `first_seq`, right after the data it
+    /// holds, which belongs to generation `held`: spans the old primary began after `held`
+    /// are dropped (the promoted side never held their data), so the new generation continues
+    /// exactly the state it holds. False (nothing changed) when this lineage has no `held`.
+    pub fn mint_promoted(&mut self, held: GenId, gen: GenId, first_seq: u64) -> bool {
+        let Some(i) = self.spans.iter().rposition(|s| s.gen == held) else {
+            return false;
+        };
+        if self.spans[i].first_seq > first_seq {
+            return false;
+        }
+        self.spans.truncate(i + 1);
+        self.push(Span {
+            gen,
+            first_seq,
+            continuous: true,
+            accepted: false,
+            promoted: true,
+        });
+        true
     }
 
     /// Start a new generation with a break where an admin accepted another disk.
@@ -184,6 +212,7 @@ impl Lineage {
             first_seq,
             continuous: false,
             accepted: true,
+            promoted: false,
         });
     }
 

@@ -9,5 +9,6 @@ pub mod history;
 pub mod identity;
 pub mod mirror;
 pub mod redo;
+pub mod role;
 pub mod shipper;
 pub mod stream;

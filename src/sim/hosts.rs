@@ -24,6 +24,7 @@ use crate::repl::frame::{self, DeltaSet, Message, Mode, RefuseCode, SUM_LEN};
 use crate::repl::history::{History, Keeper, Retention, WithHistory};
 use crate::repl::identity::GenId;
 use crate::repl::redo::RedoLog;
+use crate::repl::role::{self, HistoryDir, Role};
 use crate::volume::VolumeRead;
 use bytes::Bytes;
 use std::collections::VecDeque;
@@ -35,6 +36,11 @@ use std::time::{Duration, Instant};
 /// The simulated volume: 64 blocks of 4 KiB.
 pub const VOLUME_BYTES: u64 = 64 * 4096;
 pub const VOLUME: &str = "vol";
+/// Every host's state directory (on its own `MemFs`): the same for both roles, so a site can
+/// change role on the files it has, as a daemon does.
+pub const ROOT: &str = "/s";
+/// The history's directory, on the site's history device.
+const HISTORY_ROOT: &str = "/h";
 const JOURNAL_SEGMENT: u64 = 16 << 10;
 const JOURNAL_CAP: u64 = 160 << 10;
 const REDO_SEGMENT: u64 = 32 << 10;
@@ -200,6 +206,45 @@ impl VolumeRead for SimReader<'_> {
     }
 }
 
+/// A site's devices: its state directory, its history's device, its volume. A site keeps
+/// them through a change of role.
+#[derive(Clone)]
+pub struct Site {
+    pub fs: MemFs,
+    pub history_fs: MemFs,
+    pub disk: Arc<MemDisk>,
+}
+
+impl Site {
+    pub fn new(disk_id: u64) -> Site {
+        Site {
+            fs: MemFs::new(),
+            history_fs: MemFs::new(),
+            disk: Arc::new(MemDisk::new(disk_id, VOLUME_BYTES)),
+        }
+    }
+
+    /// The role its state directory records.
+    pub fn role(&self) -> Option<Role> {
+        let fs: Fs = Arc::new(self.fs.clone());
+        role::recorded(&fs, Path::new(ROOT), VOLUME).expect("a readable state file")
+    }
+
+    /// The (generation, seq) a demoted site's state names its data by.
+    pub fn demoted_at(&self) -> Option<(GenId, u64)> {
+        let fs: Fs = Arc::new(self.fs.clone());
+        let st = VolumeState::load(&*fs, &state_path()).ok()?;
+        Some((st.position_gen?, st.applied_seq))
+    }
+
+    fn history_dir(&self) -> (Fs, PathBuf) {
+        (
+            Arc::new(self.history_fs.clone()),
+            Keeper::dir(Path::new(HISTORY_ROOT), VOLUME),
+        )
+    }
+}
+
 /// A running primary.
 struct PrimaryUp {
     journal: Arc<Journal>,
@@ -216,7 +261,11 @@ struct PrimaryUp {
 pub struct PrimaryHost {
     pub label: &'static str,
     pub fs: MemFs,
+    /// The site's history device (a mirror's; kept while the site is a primary).
+    pub history_fs: MemFs,
     pub disk: Arc<MemDisk>,
+    /// A demotion is under way: the exports take no new writes.
+    pub writes_paused: bool,
     boot: u64,
     up: Option<PrimaryUp>,
     pub down_until: Duration,
@@ -259,15 +308,42 @@ impl PrimaryHost {
         self.log.push(stamp(&self.clock, self.label, msg));
     }
 
+    /// A line of the trace, unless it repeats the last one (a refusal asked again and again).
+    pub fn note_once(&mut self, msg: String) {
+        if !self.log.last().is_some_and(|l| l.ends_with(&msg)) {
+            self.note(msg);
+        }
+    }
+
     pub fn new(label: &'static str, disk_id: u64, conn_base: u64, clock: &Clock) -> PrimaryHost {
+        Self::on_site(
+            label,
+            Site::new(disk_id),
+            conn_base,
+            clock,
+            Model::default(),
+        )
+    }
+
+    /// A primary on `site`'s devices (a promoted mirror's), writing the history `model` goes on
+    /// with.
+    pub fn on_site(
+        label: &'static str,
+        site: Site,
+        conn_base: u64,
+        clock: &Clock,
+        model: Model,
+    ) -> PrimaryHost {
         PrimaryHost {
             label,
-            fs: MemFs::new(),
-            disk: Arc::new(MemDisk::new(disk_id, VOLUME_BYTES)),
+            fs: site.fs,
+            history_fs: site.history_fs,
+            writes_paused: false,
+            disk: site.disk,
             boot: 1,
             up: None,
             down_until: Duration::ZERO,
-            model: Model::default(),
+            model,
             bugs: PlantedBugs::default(),
             refusals: Vec::new(),
             stalls: 0,
@@ -293,7 +369,7 @@ impl PrimaryHost {
     }
 
     fn state_path() -> PathBuf {
-        PrimaryVolumeState::path(Path::new("/p"), VOLUME)
+        PrimaryVolumeState::path(Path::new(ROOT), VOLUME)
     }
 
     pub fn is_up(&self) -> bool {
@@ -307,7 +383,7 @@ impl PrimaryHost {
         let clock2 = clock.clone();
         let opts = JournalOptions {
             fs: self.fs(),
-            dir: PathBuf::from("/p/journal").join(VOLUME),
+            dir: role::journal_dir(Path::new(ROOT), VOLUME),
             max_disk_bytes: self.journal_cap,
             ram_bytes: 16 << 10,
             segment_bytes: JOURNAL_SEGMENT,
@@ -333,6 +409,18 @@ impl PrimaryHost {
             }
         }));
         let fs = self.fs();
+        let (hfs, hdir) = self.site().history_dir();
+        role::clear_leftovers(
+            &fs,
+            Path::new(ROOT),
+            VOLUME,
+            Role::Primary,
+            Some(HistoryDir {
+                fs: &hfs,
+                dir: hdir,
+            }),
+        )
+        .map_err(|e| format!("leftovers: {e}"))?;
         let loaded = PrimaryVolumeState::load(&*fs, &Self::state_path())
             .map_err(|e| format!("state: {e}"))?;
         let disk = self.disk.fingerprint().expect("a simulated disk");
@@ -388,12 +476,14 @@ impl PrimaryHost {
     pub fn kill(&mut self) {
         self.stop_counting();
         self.fs.restart();
+        self.history_fs.restart();
     }
 
     /// A power cut of the host: unsynced data of the file system and the disk is partly lost.
     pub fn power_cut(&mut self, rng: &mut Prng) {
         self.stop_counting();
         self.fs.crash(rng);
+        self.history_fs.crash(rng);
         self.disk.crash(rng);
         self.boot += 1;
     }
@@ -427,7 +517,7 @@ impl PrimaryHost {
     /// Announce a random write, zeroing or trim (it waits if the journal is full).
     pub fn begin_change(&mut self, rng: &mut Prng) {
         let Some(u) = self.up.as_mut() else { return };
-        if u.changes.len() >= 8 {
+        if u.changes.len() >= 8 || self.writes_paused {
             return;
         }
         let blocks = VOLUME_BYTES / 4096;
@@ -747,6 +837,85 @@ impl PrimaryHost {
         Ok(())
     }
 
+    pub fn site(&self) -> Site {
+        Site {
+            fs: self.fs.clone(),
+            history_fs: self.history_fs.clone(),
+            disk: self.disk.clone(),
+        }
+    }
+
+    /// Why a planned demotion would lose a write now (None: it would not): the session's
+    /// rule (`Session::demote_blocker`), with a session up.
+    pub fn demote_blocker(&self) -> Option<String> {
+        let Some(u) = self.up.as_ref() else {
+            return Some("not running".into());
+        };
+        match &u.session {
+            // Its peer's lineage holds the generation it names its data by only once a
+            // session shows it (a session's loss mints a new one).
+            None => Some("not connected to its peer".into()),
+            Some((_, s)) => s.demote_blocker(&u.journal, u.changes.len()),
+        }
+    }
+
+    /// Demote (`blkmirror demote`, once [`PrimaryHost::demote_blocker`] says nothing): the
+    /// journal closed cleanly, then the role change committed on disk. On an error (a host
+    /// that died mid-way, [`crate::env::mem::Faults::halt_after_syncs`]) the caller crashes
+    /// the site and starts it in the role its state file records.
+    pub fn demote(&mut self) -> Result<(), String> {
+        let u = self.up.as_ref().ok_or("not running")?;
+        let disk = self.disk.fingerprint().expect("simulated disk");
+        let st = role::demoted(&u.state, u.journal.last_seq(), &disk, 0)?;
+        u.journal
+            .close()
+            .map_err(|e| format!("journal close: {e}"))?;
+        self.disk.sync();
+        let site = self.site();
+        let (hfs, hdir) = site.history_dir();
+        role::commit_demotion(
+            &self.fs(),
+            Path::new(ROOT),
+            VOLUME,
+            &st,
+            Some(HistoryDir {
+                fs: &hfs,
+                dir: hdir,
+            }),
+        )
+        .map_err(|e| format!("demotion: {e}"))?;
+        let sess = u
+            .session
+            .as_ref()
+            .map(|(c, s)| (*c, s.resync_progress(), s.in_flight()));
+        self.note(format!(
+            "demoted at seq {} (generation {:?}; session {sess:?}, acked {})",
+            st.applied_seq,
+            st.position_gen,
+            u.journal.acked_seq()
+        ));
+        self.stop_counting();
+        Ok(())
+    }
+
+    /// Take over the counters and traces of the primary this one replaces on the other site.
+    pub fn inherit(&mut self, old: &mut PrimaryHost) {
+        let mut log = std::mem::take(&mut old.log);
+        log.append(&mut self.log);
+        self.log = log;
+        self.decisions = std::mem::take(&mut old.decisions);
+        self.refusals = std::mem::take(&mut old.refusals);
+        self.verifies = std::mem::take(&mut old.verifies);
+        self.stalls += old.stalls;
+        self.folds += old.folds();
+        self.tail_rotations += old.tail_rotations();
+        self.bugs = old.bugs;
+        self.on_full = old.on_full;
+        self.region_bytes = old.region_bytes;
+        self.journal_cap = old.journal_cap;
+        self.max_write_blocks = old.max_write_blocks;
+    }
+
     /// The primary has nothing left to ship and is connected.
     pub fn quiet(&self) -> bool {
         self.verify_wanted.is_none()
@@ -819,7 +988,7 @@ pub struct MirrorHost {
 }
 
 fn state_path() -> PathBuf {
-    VolumeState::path(Path::new("/m"), VOLUME)
+    VolumeState::path(Path::new(ROOT), VOLUME)
 }
 
 impl MirrorHost {
@@ -828,11 +997,23 @@ impl MirrorHost {
         self.log.push(stamp(&self.clock, "mirror", msg));
     }
 
+    /// A line of the trace, unless it repeats the last one (a refusal asked again and again).
+    pub fn note_once(&mut self, msg: String) {
+        if !self.log.last().is_some_and(|l| l.ends_with(&msg)) {
+            self.note(msg);
+        }
+    }
+
     pub fn new(disk_id: u64, clock: &Clock) -> MirrorHost {
+        Self::on_site(Site::new(disk_id), clock)
+    }
+
+    /// A mirror on `site`'s devices (a demoted primary's, or a new site's).
+    pub fn on_site(site: Site, clock: &Clock) -> MirrorHost {
         MirrorHost {
-            fs: MemFs::new(),
-            history_fs: MemFs::new(),
-            disk: Arc::new(MemDisk::new(disk_id, VOLUME_BYTES)),
+            fs: site.fs,
+            history_fs: site.history_fs,
+            disk: site.disk,
             up: None,
             down_until: Duration::ZERO,
             max_acked_set: 0,
@@ -861,8 +1042,10 @@ impl MirrorHost {
     /// Start (or restart): open the redo log, check the disk, replay, persist.
     pub fn start(&mut self, clock: &Clock) -> Result<(), String> {
         let fs = self.fs();
+        role::clear_leftovers(&fs, Path::new(ROOT), VOLUME, Role::Secondary, None)
+            .map_err(|e| format!("leftovers: {e}"))?;
         let mut redo =
-            RedoLog::open_with(&fs, &apply::redo_dir(Path::new("/m"), VOLUME), REDO_SEGMENT)
+            RedoLog::open_with(&fs, &apply::redo_dir(Path::new(ROOT), VOLUME), REDO_SEGMENT)
                 .map_err(|e| format!("redo: {e}"))?;
         let mut state =
             VolumeState::load(&*fs, &state_path()).map_err(|e| format!("state: {e}"))?;
@@ -872,7 +1055,7 @@ impl MirrorHost {
         let loaded_set = state.applied_set;
         let mut history = Keeper::open(
             Arc::new(self.history_fs.clone()),
-            Path::new("/h"),
+            Path::new(HISTORY_ROOT),
             VOLUME,
             VOLUME_BYTES,
             history_retention(),
@@ -880,7 +1063,7 @@ impl MirrorHost {
         .map_err(|e| format!("history: {e}"))?;
         history.log = History::open_with(
             Arc::new(self.history_fs.clone()),
-            &Keeper::dir(Path::new("/h"), VOLUME),
+            &Keeper::dir(Path::new(HISTORY_ROOT), VOLUME),
             HISTORY_SEGMENT,
         )
         .map_err(|e| format!("history: {e}"))?;
@@ -945,6 +1128,86 @@ impl MirrorHost {
             history,
         });
         Ok(())
+    }
+
+    pub fn site(&self) -> Site {
+        Site {
+            fs: self.fs.clone(),
+            history_fs: self.history_fs.clone(),
+            disk: self.disk.clone(),
+        }
+    }
+
+    /// Promote (`blkmirror promote`, `force` for `--force`) once everything durable is applied
+    /// ([`MirrorHost::drain`]): the state checkpointed, then the role change committed on disk.
+    /// Returns the data state the promotion continues: (generation, seq). On an error after
+    /// the checks (a host that died mid-way) the caller crashes the site and starts it in the
+    /// role its state file records.
+    /// The demoted primary told this mirror its data's name (`blkmirror demote`'s notice to
+    /// its peer), recorded durably.
+    pub fn learn_peer_demoted(&mut self, gen: GenId, seq: u64) -> Result<(), String> {
+        let u = self.up.as_mut().ok_or("not running")?;
+        u.core.peer_demoted(gen, seq)?;
+        // Saved as a checkpoint saves (the disk synced, its change time sealed with the
+        // applied set), never a state newer than its seal.
+        u.unsaved = true;
+        self.checkpoint(&self.clock.clone(), true);
+        if self.up.as_ref().is_some_and(|u| u.unsaved) {
+            return Err("the state could not be saved".into());
+        }
+        self.note(format!(
+            "the peer was demoted at generation {gen} seq {seq}"
+        ));
+        Ok(())
+    }
+
+    pub fn promote(&mut self, gen: GenId, force: bool) -> Result<(GenId, u64), String> {
+        let u = self.up.as_mut().ok_or("not running")?;
+        if !u.pipeline.is_empty() || !u.unsynced.is_empty() {
+            return Err("sets received but not yet durable and applied".into());
+        }
+        u.core.prepare_promotion(force)?;
+        u.unsaved = true;
+        self.checkpoint(&self.clock.clone(), true);
+        let u = self.up.as_ref().expect("checked");
+        if u.unsaved {
+            return Err("the state could not be saved".into());
+        }
+        let disk = self.disk.fingerprint().expect("simulated disk");
+        let st = u.core.state().clone();
+        let (pst, next) = role::promoted(&st, gen, &disk, force)?;
+        let spans = &pst.identity.lineage.spans;
+        let held = (spans[spans.len() - 2].gen, st.applied_seq);
+        let (hfs, hdir) = self.site().history_dir();
+        role::commit_promotion(
+            &self.fs(),
+            Path::new(ROOT),
+            VOLUME,
+            &pst,
+            next,
+            "sim",
+            Some(HistoryDir {
+                fs: &hfs,
+                dir: hdir,
+            }),
+        )
+        .map_err(|e| format!("promotion: {e}"))?;
+        self.note(format!(
+            "promoted: generation {gen} from seq {next}, continuing {held:?}"
+        ));
+        self.up = None;
+        Ok(held)
+    }
+
+    /// Take over the counters and traces of the mirror this one replaces on the other site.
+    pub fn inherit(&mut self, old: &mut MirrorHost) {
+        let mut log = std::mem::take(&mut old.log);
+        log.append(&mut self.log);
+        self.log = log;
+        self.staged_sets += old.staged_sets;
+        self.commits += old.commits;
+        self.abandoned_stagings += old.abandoned_stagings;
+        self.bugs = old.bugs;
     }
 
     pub fn kill(&mut self) {

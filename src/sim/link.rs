@@ -103,6 +103,12 @@ impl Link {
         self.queue.iter().map(|(at, ..)| *at).min()
     }
 
+    /// Every connection ends (its hosts changed roles): what is in flight is lost.
+    pub fn cut_all(&mut self) {
+        self.dropped += self.queue.len() as u64;
+        self.queue.clear();
+    }
+
     pub fn in_flight(&self) -> usize {
         self.queue.len()
     }

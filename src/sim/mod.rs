@@ -55,10 +55,17 @@ pub enum Scenario {
     /// Blocks of the mirror's volume rot (their content changes, nothing else shows it); an
     /// online verify with repair finds and mends them.
     CorruptMirror,
+    /// Planned switchovers back and forth under load: the primary is demoted once its peer
+    /// acknowledged every write, the mirror promoted, replication reverses; each role change
+    /// may be cut by a crash at any of its durable steps.
+    Switchover,
+    /// The primary's site is lost for good; the mirror is promoted with `--force` (a staged
+    /// resync dropped), takes writes, and a new blank site becomes its mirror.
+    Disaster,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 9] = [
+    pub const ALL: [Scenario; 11] = [
         Scenario::Random,
         Scenario::LostPrimaryState,
         Scenario::BlankPrimaryDisk,
@@ -68,6 +75,8 @@ impl Scenario {
         Scenario::LostMirrorState,
         Scenario::LostDirtyMap,
         Scenario::CorruptMirror,
+        Scenario::Switchover,
+        Scenario::Disaster,
     ];
 }
 
@@ -151,6 +160,13 @@ pub struct Stats {
     pub verify_repaired_bytes: u64,
     /// History points read back and found exact.
     pub history_points_checked: u64,
+    /// Role changes completed: planned switchovers, forced promotions; role changes cut by a
+    /// crash at one of their durable steps (then finished or retried from what the site
+    /// recorded); writes a forced promotion lost (the old primary's unshipped tail).
+    pub switchovers: u64,
+    pub forced_promotions: u64,
+    pub role_change_crashes: u64,
+    pub writes_lost_to_disaster: u64,
 }
 
 impl Stats {
@@ -178,6 +194,10 @@ impl Stats {
         self.verify_differing_bytes += other.verify_differing_bytes;
         self.verify_repaired_bytes += other.verify_repaired_bytes;
         self.history_points_checked += other.history_points_checked;
+        self.switchovers += other.switchovers;
+        self.forced_promotions += other.forced_promotions;
+        self.role_change_crashes += other.role_change_crashes;
+        self.writes_lost_to_disaster += other.writes_lost_to_disaster;
     }
 }
 
@@ -216,6 +236,30 @@ struct World {
     corrupted: std::collections::BTreeSet<u64>,
     /// Verifies of the primary already checked.
     verifies_checked: usize,
+    /// A change of roles under way.
+    switch: Option<Switch>,
+    /// Role changes so far (new connection numbers and disks for each).
+    epoch: u64,
+    /// After a planned switchover: the decision at this index of the primary's must resume
+    /// (a switchover copies nothing), unless a crash of the primary's host broke its journal
+    /// since.
+    expect_resume_at: Option<usize>,
+}
+
+/// A change of roles under way (scenarios Switchover and Disaster).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Switch {
+    /// `blkmirror demote` on the primary: its writes wait until its peer acknowledged them all.
+    Demoting,
+    /// `blkmirror promote` on the mirror (`--force` when the primary is lost) once it applied
+    /// what it holds; `lost_site`: the old primary's site is gone, a new blank one becomes the
+    /// mirror; `demoted`: the name the demoted primary gives its data, which it tells the
+    /// mirror before the mirror may be promoted without `--force`.
+    Promoting {
+        force: bool,
+        lost_site: bool,
+        demoted: Option<(crate::repl::identity::GenId, u64)>,
+    },
 }
 
 /// The schedule a seed stands for: mostly random ones; one seed in four is an identity
@@ -273,6 +317,9 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
         accept_pending: false,
         corrupted: Default::default(),
         verifies_checked: 0,
+        switch: None,
+        epoch: 0,
+        expect_resume_at: None,
     };
     w.primary.bugs = cfg.bugs;
     w.primary.on_full = cfg.on_full;
@@ -338,10 +385,22 @@ impl World {
             self.stats.steps = step;
             // The event comes once the pair is paired (the mirror knows the primary's volume),
             // a third of the way in at the earliest.
-            if !scenario_done && step >= steps / 3 && self.paired() {
+            // A disaster strikes while the mirror holds a consistent copy (else there is nothing
+            // to promote: the admin would wait for the primary).
+            let ready = self.cfg.scenario != Scenario::Disaster || self.mirror_consistent();
+            if !scenario_done && step >= steps / 3 && self.paired() && ready {
                 self.scenario_event();
                 scenario_done = true;
                 accept_at = step + steps / 4;
+            }
+            // Switchovers go on back and forth, one every eighth of the schedule.
+            if self.cfg.scenario == Scenario::Switchover
+                && scenario_done
+                && self.switch.is_none()
+                && step.is_multiple_of(steps / 8)
+                && self.paired()
+            {
+                self.begin_switchover();
             }
             if self.cfg.scenario == Scenario::BlankPrimaryDisk && scenario_done && step == accept_at
             {
@@ -486,6 +545,7 @@ impl World {
             first_seq: 0,
             continuous: true,
             accepted: false,
+            promoted: false,
         };
         let seq = st.applied_seq;
         let models =
@@ -540,6 +600,8 @@ impl World {
                 let _ = o.start(&self.clock, &mut self.rng);
             }
         }
+        self.advance_switch();
+        self.check_switchover_resumed();
         let too_far: Vec<String> = std::iter::once(&self.primary)
             .chain(self.other.as_ref())
             .filter_map(|p| p.trimmed_too_far().map(|why| format!("{}: {why}", p.label)))
@@ -695,6 +757,8 @@ impl World {
         } else {
             self.primary.note("power cut".into());
             self.primary.power_cut(&mut self.rng);
+            // A host crash breaks the journal's continuity: a comparison is right then.
+            self.expect_resume_at = None;
         }
         self.primary.down_until =
             self.clock.now() + Duration::from_millis(self.rng.range(10, 20_000));
@@ -727,7 +791,7 @@ impl World {
         let used = fs.used_bytes();
         fs.set_faults(crate::env::mem::Faults {
             capacity: Some(used + self.rng.below(64 << 10)),
-            failing_syncs: 0,
+            ..Default::default()
         });
     }
 
@@ -766,9 +830,11 @@ impl World {
             }
             Scenario::LostDirtyMap => {
                 self.primary.kill();
-                let map = std::path::Path::new("/p/journal")
-                    .join(hosts::VOLUME)
-                    .join(crate::journal::DIRTY_MAP);
+                let map = crate::repl::role::journal_dir(
+                    std::path::Path::new(hosts::ROOT),
+                    hosts::VOLUME,
+                )
+                .join(crate::journal::DIRTY_MAP);
                 let fs: crate::env::Fs = std::sync::Arc::new(self.primary.fs.clone());
                 // What the map held is what the disk holds there now, writes in flight at the
                 // kill included (as the start records when the map survives): the comparison
@@ -815,6 +881,20 @@ impl World {
                 ));
                 self.primary.verify_wanted = Some(true);
             }
+            Scenario::Switchover => self.begin_switchover(),
+            Scenario::Disaster => {
+                let last = self.primary.journal().map_or(0, |j| j.last_seq());
+                let held = self.mirror.core().map_or(0, |c| c.state().applied_seq);
+                self.stats.writes_lost_to_disaster += last.saturating_sub(held);
+                self.primary.note("the site is lost".into());
+                self.primary.power_cut(&mut self.rng);
+                self.primary.down_until = Duration::MAX;
+                self.switch = Some(Switch::Promoting {
+                    force: true,
+                    lost_site: true,
+                    demoted: None,
+                });
+            }
             Scenario::LostMirrorState => {
                 self.mirror.kill();
                 self.mirror.fs = crate::env::mem::MemFs::new();
@@ -824,6 +904,217 @@ impl World {
                 self.mirror.note("state directory lost".into());
                 self.mirror.down_until = self.clock.now();
             }
+        }
+    }
+
+    /// `blkmirror demote` on the primary: its clients' new writes wait from now on.
+    fn begin_switchover(&mut self) {
+        self.primary.writes_paused = true;
+        self.primary.note("demote: writes paused".into());
+        self.switch = Some(Switch::Demoting);
+    }
+
+    /// Maybe cut the next role change at one of its durable steps.
+    fn arm_crash(&mut self, fs: &crate::env::mem::MemFs) {
+        let halt = self.rng.chance(1, 3).then(|| self.rng.range(1, 8));
+        fs.set_halt(halt);
+    }
+
+    /// A role change failed at a durable step: the host crashes (kill -9 or power cut) and
+    /// its site comes back in the role its state file records.
+    fn crash_in_role_change(&mut self, primary: bool) -> Option<crate::repl::role::Role> {
+        self.stats.role_change_crashes += 1;
+        let power_cut = self.rng.chance(1, 2);
+        let site = if primary {
+            if power_cut {
+                self.primary.power_cut(&mut self.rng);
+            } else {
+                self.primary.kill();
+            }
+            self.primary.site()
+        } else {
+            if power_cut {
+                self.mirror.power_cut(&mut self.rng);
+            } else {
+                self.mirror.kill();
+            }
+            self.mirror.site()
+        };
+        if power_cut {
+            self.expect_resume_at = None;
+        }
+        site.role()
+    }
+
+    /// Move a change of roles on, as far as it can go now.
+    fn advance_switch(&mut self) {
+        match self.switch {
+            None => {}
+            Some(Switch::Demoting) => {
+                if self.primary.demote_blocker().is_some() {
+                    return;
+                }
+                let site = self.primary.site();
+                self.arm_crash(&site.fs);
+                let result = self.primary.demote();
+                if !site.fs.halted() {
+                    site.fs.set_halt(None);
+                    match result {
+                        Ok(()) => {
+                            self.primary.down_until = Duration::MAX;
+                            self.switch = Some(Switch::Promoting {
+                                force: false,
+                                lost_site: false,
+                                demoted: self.primary.site().demoted_at(),
+                            });
+                        }
+                        Err(e) => self.primary.note_once(format!("demote refused: {e}")),
+                    }
+                    return;
+                }
+                self.primary
+                    .note(format!("the host died during the demotion: {result:?}"));
+                if self.crash_in_role_change(true) == Some(crate::repl::role::Role::Secondary) {
+                    self.primary.note("the demotion had committed".into());
+                    self.primary.down_until = Duration::MAX;
+                    self.switch = Some(Switch::Promoting {
+                        force: false,
+                        lost_site: false,
+                        demoted: self.primary.site().demoted_at(),
+                    });
+                } else {
+                    // Still a primary: it restarts (its writes still paused) and the admin
+                    // demotes again.
+                    self.primary.down_until = self.clock.now() + Duration::from_millis(10);
+                    self.expect_resume_at = None;
+                }
+            }
+            Some(Switch::Promoting {
+                force,
+                lost_site,
+                demoted,
+            }) => {
+                if !self.mirror.is_up() {
+                    return;
+                }
+                self.mirror
+                    .drain(&self.clock, &mut self.link, &mut self.rng);
+                if let Some((gen, seq)) = demoted {
+                    let known = self.mirror.core().and_then(|c| c.state().peer_demoted);
+                    if known != Some((gen, seq)) {
+                        if let Err(e) = self.mirror.learn_peer_demoted(gen, seq) {
+                            self.mirror
+                                .note_once(format!("demotion notice refused: {e}"));
+                            return;
+                        }
+                    }
+                }
+                let site = self.mirror.site();
+                self.arm_crash(&site.fs);
+                let gen = crate::repl::identity::GenId(self.rng.next_u64().max(1));
+                let result = self.mirror.promote(gen, force);
+                if !site.fs.halted() {
+                    site.fs.set_halt(None);
+                    match result {
+                        Ok(_) => self.swap_roles(lost_site),
+                        // Not promotable yet (sets still to apply): the admin tries again.
+                        Err(e) => self.mirror.note_once(format!("promote refused: {e}")),
+                    }
+                    return;
+                }
+                self.mirror
+                    .note(format!("the host died during the promotion: {result:?}"));
+                if self.crash_in_role_change(false) == Some(crate::repl::role::Role::Primary) {
+                    self.mirror.note("the promotion had committed".into());
+                    self.swap_roles(lost_site);
+                } else {
+                    self.mirror.down_until = self.clock.now() + Duration::from_millis(10);
+                }
+            }
+        }
+    }
+
+    /// The promoted site becomes the primary, the demoted one (or a new blank site) the
+    /// mirror. The writes' history goes on from the state the promoted mirror held, which must
+    /// be exactly that state (I1 at the moment of promotion).
+    fn swap_roles(&mut self, lost_site: bool) {
+        let promoted = self.mirror.site();
+        let fs: crate::env::Fs = std::sync::Arc::new(promoted.fs.clone());
+        let st = crate::repl::core::primary::PrimaryVolumeState::load(
+            &*fs,
+            &crate::repl::core::primary::PrimaryVolumeState::path(
+                std::path::Path::new(hosts::ROOT),
+                hosts::VOLUME,
+            ),
+        )
+        .ok()
+        .flatten()
+        .expect("a committed promotion left a primary's state");
+        let spans = &st.identity.lineage.spans;
+        let new = *spans.last().expect("a promoted generation");
+        assert!(
+            new.promoted,
+            "the promotion's generation is the current one"
+        );
+        let held_gen = spans[spans.len() - 2].gen;
+        let held_seq = new.first_seq - 1;
+        let model = self.primary.model.clone();
+        let Some(base) = model.state(held_gen, held_seq) else {
+            return self.violation(format!(
+                "promoted from generation {held_gen} seq {held_seq}, which no primary made"
+            ));
+        };
+        if let Some((block, count)) = model::first_difference(&promoted.disk.content(), &base) {
+            return self.violation(format!(
+                "I1 at promotion: the mirror promoted from generation {held_gen} seq {held_seq} \
+                 differs from that state in {count} block(s), the first block {block}"
+            ));
+        }
+        model.mint(new.gen, new.first_seq, Some(base));
+        self.epoch += 1;
+        let mut primary =
+            PrimaryHost::on_site("primary", promoted, self.epoch * 10_000, &self.clock, model);
+        primary.inherit(&mut self.primary);
+        let old_site = if lost_site {
+            hosts::Site::new(100 + self.epoch)
+        } else {
+            self.primary.site()
+        };
+        let mut mirror = MirrorHost::on_site(old_site, &self.clock);
+        mirror.inherit(&mut self.mirror);
+        self.primary = primary;
+        self.mirror = mirror;
+        self.link.cut_all();
+        let now = self.clock.now();
+        self.primary.down_until = now;
+        self.mirror.down_until = now;
+        self.switch = None;
+        if lost_site {
+            self.stats.forced_promotions += 1;
+            self.expect_resume_at = None;
+        } else {
+            self.stats.switchovers += 1;
+            self.expect_resume_at = Some(self.primary.decisions.len());
+        }
+        self.primary.note(format!(
+            "roles changed: primary from generation {held_gen} seq {held_seq}, new {}",
+            new.gen
+        ));
+    }
+
+    /// A planned switchover copies nothing: the new primary's first decision resumes.
+    fn check_switchover_resumed(&mut self) {
+        let Some(at) = self.expect_resume_at else {
+            return;
+        };
+        let Some((mode, why)) = self.primary.decisions.get(at).cloned() else {
+            return;
+        };
+        self.expect_resume_at = None;
+        if mode != Mode::Resume {
+            self.violation(format!(
+                "a planned switchover was followed by a {mode:?} instead of resuming: {why}"
+            ));
         }
     }
 
@@ -869,6 +1160,8 @@ impl World {
     /// A quiet step: every host does what is due, then time moves to the next thing due.
     fn settle_step(&mut self) {
         self.accept_if_pending();
+        self.advance_switch();
+        self.check_switchover_resumed();
         let now = self.clock.now();
         if !self.primary.is_up() && now >= self.primary.down_until {
             self.start_primary();

@@ -7,7 +7,8 @@
 //! `BLKMIRROR_SIM_SEED` (replay that one seed, with its trace), `BLKMIRROR_SIM_STEPS`
 //! (steps per schedule, default 3000), `BLKMIRROR_SIM_BUG` (plant a known mistake:
 //! `ack-one-set-early`, `ack-before-sync`, `apply-resync-in-place`, `verify-unsettled`,
-//! `verify-forgets-differences` or `history-after-write`, to see the simulator catch it).
+//! `verify-forgets-differences`, `history-after-write` or `demote-unacknowledged`, to see the simulator catch it),
+//! `BLKMIRROR_SIM_SCENARIO` (only the seeds of that scenario, by name: `Switchover`, ...).
 
 use blkmirror::repl::core::PlantedBugs;
 use blkmirror::sim;
@@ -59,7 +60,8 @@ impl Totals {
              of the primary refused {}; stalls ended {}; journal tails rotated out {}; \
              journal folds {}, staged resyncs completed {}, crashes while staged {}; \
              verifies {} (differing {} B, repaired {} B); history points checked {}; \
-             schedules: {}",
+             switchovers {}, forced promotions {} (writes lost {}), role changes cut by a \
+             crash {}; schedules: {}",
             s.writes,
             s.primary_crashes,
             s.mirror_crashes,
@@ -78,6 +80,10 @@ impl Totals {
             s.verify_differing_bytes,
             s.verify_repaired_bytes,
             s.history_points_checked,
+            s.switchovers,
+            s.forced_promotions,
+            s.writes_lost_to_disaster,
+            s.role_change_crashes,
             scenarios.join(", ")
         )
     }
@@ -100,6 +106,10 @@ fn main() -> ExitCode {
             },
             Ok("ack-before-sync") => PlantedBugs {
                 ack_before_sync: true,
+                ..Default::default()
+            },
+            Ok("demote-unacknowledged") => PlantedBugs {
+                demote_unacknowledged: true,
                 ..Default::default()
             },
             Ok("history-after-write") => PlantedBugs {
@@ -146,10 +156,26 @@ fn main() -> ExitCode {
                 .collect()
         }
     };
+    let only = std::env::var("BLKMIRROR_SIM_SCENARIO").ok();
+    if let Some(name) = &only {
+        if !sim::Scenario::ALL.iter().any(|s| format!("{s:?}") == *name) {
+            eprintln!("blkmirror-sim: BLKMIRROR_SIM_SCENARIO={name:?}: unknown");
+            return ExitCode::from(2);
+        }
+    }
     let mut violations = 0;
     let mut totals = Totals::default();
+    let mut ran = 0u64;
     for &seed in &seeds {
         let mut cfg = sim::config_for_seed(seed);
+        if one.is_none() {
+            if let Some(name) = &only {
+                if format!("{:?}", cfg.scenario) != *name {
+                    continue;
+                }
+            }
+        }
+        ran += 1;
         cfg.steps = steps;
         cfg.bugs = bugs;
         let out = match std::panic::catch_unwind(|| sim::run(seed, &cfg)) {
@@ -187,8 +213,7 @@ fn main() -> ExitCode {
     }
     println!("{}", totals.line());
     println!(
-        "{} schedules, {violations} violations ({:.1} s)",
-        seeds.len(),
+        "{ran} schedules, {violations} violations ({:.1} s)",
         started.elapsed().as_secs_f64()
     );
     if violations == 0 {

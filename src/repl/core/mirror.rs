@@ -19,8 +19,8 @@ use crate::repl::frame::{
     PROTOCOL_VERSION, RESYNC_IN_IDENTIFY_VERSION,
 };
 use crate::repl::identity::{
-    decide, foreign, staged_resync_continues, Decision, MirrorHolds, PrimaryClaim, RefuseKind,
-    VolumeUuid,
+    decide, foreign, staged_resync_continues, Decision, GenId, MirrorHolds, PrimaryClaim,
+    RefuseKind, VolumeUuid,
 };
 
 /// A refusal: its code and why.
@@ -365,6 +365,8 @@ impl MirrorCore {
         let st = &mut self.state;
         st.identity.uuid = Some(uuid);
         st.identity.lineage = claim.lineage.clone();
+        // A primary writes again: whatever it said of a demotion is over.
+        st.peer_demoted = None;
         let mut peer = claim.fingerprint.clone();
         peer.ctime = None;
         st.identity.peer_fingerprint = Some(peer);
@@ -568,6 +570,84 @@ impl MirrorCore {
         if self.state.consistent() {
             self.state.identity.synced = self.state.position_gen;
         }
+    }
+
+    /// The primary says it was demoted with its data at (`gen`, `seq`). Recorded (save
+    /// [`MirrorCore::state`] before answering) when this volume holds exactly that state:
+    /// everything durable applied up to `seq`, consistent, `gen` in its lineage. A promotion
+    /// without `--force` then continues it (`role::promoted`).
+    pub fn peer_demoted(&mut self, gen: GenId, seq: u64) -> Result<(), String> {
+        let st = &self.state;
+        if self.stager.staging.is_some() || self.committing.is_some() {
+            return Err("a staged resync is not finished".into());
+        }
+        #[cfg(any(test, feature = "test-hooks"))]
+        let seq_matters = !self.bugs.demote_unacknowledged;
+        #[cfg(not(any(test, feature = "test-hooks")))]
+        let seq_matters = true;
+        if !st.consistent()
+            || (seq_matters && st.applied_seq != seq)
+            || self.durable.set != st.applied_set
+        {
+            return Err(format!(
+                "the peer was demoted at seq {seq}; this side holds {} (consistent {}, durable \
+                 set {}, applied set {})",
+                st.applied_seq,
+                st.consistent(),
+                self.durable.set,
+                st.applied_set
+            ));
+        }
+        if !st.identity.lineage.spans.iter().any(|s| s.gen == gen) {
+            return Err(format!(
+                "the peer's generation {gen} is not in this side's lineage"
+            ));
+        }
+        // (With the planted mistake, the notice is taken for whatever this side holds.)
+        self.state.peer_demoted = Some((gen, if seq_matters { seq } else { st.applied_seq }));
+        Ok(())
+    }
+
+    /// Whether the volume may be promoted now, as `blkmirror promote` says it: every durable
+    /// set applied (the driver drains first), and the volume a consistent copy. A resync
+    /// staged on top of it cannot be finished without its primary: without `force` that is a
+    /// reason to wait; with it the staged sets are dropped and the volume keeps the consistent
+    /// state it holds. Save [`MirrorCore::state`] before the promotion is committed.
+    pub fn prepare_promotion(&mut self, force: bool) -> Result<(), String> {
+        if self.committing.is_some() {
+            return Err("a staged resync is being applied".into());
+        }
+        if let Some(staging) = &self.stager.staging {
+            if !force {
+                return Err(format!(
+                    "a resync from the primary is staged from set {} and not finished: the \
+                     volume holds the older consistent state (promote --force keeps it)",
+                    staging.first
+                ));
+            }
+        }
+        if self.stager.next_set(&self.state) <= self.durable.set {
+            return Err(format!(
+                "sets up to {} are durable but applied only up to {}",
+                self.durable.set,
+                self.stager.next_set(&self.state) - 1
+            ));
+        }
+        if !self.state.consistent() {
+            return Err(
+                "the volume is not a consistent copy (a full copy or comparison has not \
+                 finished)"
+                    .into(),
+            );
+        }
+        if let Some(staging) = self.stager.staging.take() {
+            tracing::warn!(volume = %self.name, first_set = staging.first,
+                "promotion: the staged resync is dropped, the volume keeps its consistent state");
+            self.state.applied_set = staging.shadow.applied_set;
+            self.durable.seq = self.state.applied_seq;
+            self.written = self.durable;
+        }
+        Ok(())
     }
 
     /// The state a checkpoint saves, once the volume is synced; `disk` is the volume's disk

@@ -64,4 +64,7 @@ pub struct PlantedBugs {
     /// The mirror saves a set's before-images in its history after writing the set (they
     /// hold the new content then).
     pub history_after_write: bool,
+    /// A primary is demoted before the mirror acknowledged all its writes, and the mirror
+    /// takes the demotion's notice whatever it holds.
+    pub demote_unacknowledged: bool,
 }

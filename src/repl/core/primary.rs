@@ -168,7 +168,7 @@ struct InFlight {
     repaired: u64,
 }
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 enum Phase {
     AwaitDecision,
     Running,
@@ -320,6 +320,40 @@ impl Session {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
+    }
+
+    /// Why a planned demotion would lose a write now, with the clients' writes stopped
+    /// (None: it would not). Everything the journal holds must be durable at the mirror, in
+    /// this session, with nothing in flight and no copy or resync running: the mirror then
+    /// holds exactly the volume's data, and its lineage (this session's) names it. Writes
+    /// still being made (`writes_in_flight`) may yet be journaled.
+    pub fn demote_blocker(&self, journal: &Journal, writes_in_flight: usize) -> Option<String> {
+        #[cfg(any(test, feature = "test-hooks"))]
+        let acked_matters = !self.bugs.demote_unacknowledged;
+        #[cfg(not(any(test, feature = "test-hooks")))]
+        let acked_matters = true;
+        if self.phase != Phase::Running {
+            Some("the mirror has not answered yet".into())
+        } else if writes_in_flight > 0 {
+            Some(format!("{writes_in_flight} writes in flight"))
+        } else if let Some((done, total)) = self.resync_progress() {
+            Some(format!("a copy or resync runs ({done} of {total} bytes)"))
+        } else if journal.fold().is_some() || journal.stats().dirty_ranges > 0 {
+            Some("a resync of changed regions is due".into())
+        } else if acked_matters && !self.in_flight.is_empty() {
+            Some(format!(
+                "{} sets not yet acknowledged",
+                self.in_flight.len()
+            ))
+        } else if acked_matters && journal.acked_seq() < journal.last_seq() {
+            Some(format!(
+                "the mirror acknowledged up to seq {} of {}",
+                journal.acked_seq(),
+                journal.last_seq()
+            ))
+        } else {
+            None
+        }
     }
 
     /// The next moment [`Session::on_timeout`] must run.
