@@ -34,11 +34,28 @@ pub fn default_path(state_dir: &Path) -> PathBuf {
 }
 
 /// Answer on `listener` on a thread of its own.
-pub fn serve(listener: UnixListener, handler: Handler) -> io::Result<()> {
+/// Answer commands on `listener` until `stop` is set (each client on its own thread).
+pub fn serve(
+    listener: UnixListener,
+    handler: Handler,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> io::Result<()> {
+    listener.set_nonblocking(true)?;
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
-            for stream in listener.incoming().flatten() {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let stream = match listener.accept() {
+                    Ok((s, _)) => s,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
+                    Err(_) => continue,
+                };
+                if stream.set_nonblocking(false).is_err() {
+                    continue;
+                }
                 let handler = handler.clone();
                 let _ = std::thread::Builder::new()
                     .name("control-conn".into())
@@ -83,6 +100,15 @@ pub fn query(path: &Path) -> Result<serde_json::Value, QueryError> {
 
 /// Send one command to a daemon; its JSON answer.
 pub fn request(path: &Path, command: &str) -> Result<serde_json::Value, QueryError> {
+    request_waiting(path, command, Duration::from_secs(10))
+}
+
+/// [`request`] for a command that may take up to `wait` to answer (`demote`, `promote`).
+pub fn request_waiting(
+    path: &Path,
+    command: &str,
+    wait: Duration,
+) -> Result<serde_json::Value, QueryError> {
     let failed = |source: io::Error| {
         use io::ErrorKind::*;
         let path = path.to_path_buf();
@@ -94,8 +120,7 @@ pub fn request(path: &Path, command: &str) -> Result<serde_json::Value, QueryErr
         }
     };
     let s = UnixStream::connect(path).map_err(failed)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(failed)?;
+    s.set_read_timeout(Some(wait)).map_err(failed)?;
     let mut w = s.try_clone().map_err(failed)?;
     w.write_all(format!("{command}\n").as_bytes())
         .map_err(failed)?;

@@ -11,6 +11,7 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -47,6 +48,9 @@ pub enum DaemonError {
     },
     #[error("cannot set up signal handling: {0}")]
     Signals(nix::errno::Errno),
+    /// The state directory holds volumes of the other role (or a role change cannot go on).
+    #[error("{0}")]
+    WrongRole(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -152,13 +156,20 @@ pub fn lock_state_dir(dir: &Path) -> Result<File, DaemonError> {
 
 /// SIGINT, SIGTERM and SIGHUP, blocked in every thread so that [`Signals::wait_for_termination`]
 /// receives them (a blocked signal stays pending until then: none is lost during startup).
+/// SIGUSR1 too: the daemon sends it to itself when the control socket asks for a role
+/// change ([`RoleDesk`]), which the main thread carries out.
 pub struct Signals(SigSet);
 
 impl Signals {
     /// Call before spawning any thread: threads inherit the mask of the one that spawns them.
     pub fn block() -> Result<Signals, DaemonError> {
         let mut set = SigSet::empty();
-        for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        for s in [
+            Signal::SIGINT,
+            Signal::SIGTERM,
+            Signal::SIGHUP,
+            Signal::SIGUSR1,
+        ] {
             set.add(s);
         }
         set.thread_block().map_err(DaemonError::Signals)?;
@@ -170,13 +181,89 @@ impl Signals {
     /// would stop serving and replicating.
     pub fn wait_for_termination(&self) -> Result<Signal, DaemonError> {
         loop {
+            match self.wait_for_event()? {
+                Event::Stop(sig) => return Ok(sig),
+                Event::RoleChange => {}
+            }
+        }
+    }
+
+    /// Wait for SIGINT or SIGTERM, or for a role change asked through the control socket.
+    pub fn wait_for_event(&self) -> Result<Event, DaemonError> {
+        loop {
             match self.0.wait().map_err(DaemonError::Signals)? {
                 Signal::SIGHUP => tracing::info!(
                     "SIGHUP received: ignored (blkmirror has no configuration to reload)"
                 ),
-                sig => return Ok(sig),
+                Signal::SIGUSR1 => return Ok(Event::RoleChange),
+                sig => return Ok(Event::Stop(sig)),
             }
         }
+    }
+}
+
+/// What woke the main thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    Stop(Signal),
+    /// A role change waits at the [`RoleDesk`] (or a stray SIGUSR1: nothing waits).
+    RoleChange,
+}
+
+/// A role change asked through the control socket (`promote`, `demote`), carried out by the
+/// main thread, which stops one role's machinery and starts the other's; the asker waits for
+/// `reply`.
+pub struct RoleRequest {
+    pub to: crate::repl::role::Role,
+    pub force: bool,
+    /// `promote --set N` / `--at UNIX_MS`: the history point to go back to first.
+    pub point: Option<(Option<u64>, Option<u64>)>,
+    /// How long a demotion waits for the peer to acknowledge every write.
+    pub timeout: std::time::Duration,
+    pub reply: std::sync::mpsc::Sender<serde_json::Value>,
+}
+
+/// Where the control socket leaves a role change for the main thread: one at a time.
+#[derive(Default)]
+pub struct RoleDesk {
+    pending: std::sync::Mutex<Option<RoleRequest>>,
+}
+
+impl RoleDesk {
+    /// Hand `req` to the main thread and wake it; false when another change is under way.
+    pub fn ask(&self, req: RoleRequest) -> bool {
+        let mut p = self.pending.lock().unwrap();
+        if p.is_some() {
+            return false;
+        }
+        *p = Some(req);
+        drop(p);
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), Signal::SIGUSR1);
+        true
+    }
+
+    pub fn take(&self) -> Option<RoleRequest> {
+        self.pending.lock().unwrap().take()
+    }
+
+    /// The control socket's side of `promote`/`demote`: ask, then wait for the answer (the
+    /// main thread answers every request it takes).
+    pub fn ask_and_wait(&self, mut req: RoleRequest) -> serde_json::Value {
+        let (tx, rx) = std::sync::mpsc::channel();
+        req.reply = tx;
+        let wait = req.timeout + std::time::Duration::from_secs(120);
+        if !self.ask(req) {
+            return serde_json::json!({
+                "error": "another role change is under way",
+                "code": "busy",
+            });
+        }
+        rx.recv_timeout(wait).unwrap_or_else(|_| {
+            serde_json::json!({
+                "error": "the daemon did not answer the role change in time",
+                "code": "io",
+            })
+        })
     }
 }
 
@@ -218,13 +305,85 @@ pub fn bind_unix(path: &Path) -> Result<(UnixListener, SocketFile), DaemonError>
 }
 
 /// Serve the control socket at `path` (see [`control`]) until the returned guard drops.
-pub fn serve_control(path: &Path, handler: Handler) -> Result<SocketFile, DaemonError> {
+pub fn serve_control(path: &Path, handler: Handler) -> Result<ControlSocket, DaemonError> {
     let (listener, file) = bind_unix(path)?;
-    control::serve(listener, handler).map_err(|source| DaemonError::Listen {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    control::serve(listener, handler, stop.clone()).map_err(|source| DaemonError::Listen {
         what: path.display().to_string(),
         source,
     })?;
-    Ok(file)
+    Ok(ControlSocket { _file: file, stop })
+}
+
+/// The control socket of a daemon whose role changes: bound once, its commands answered by
+/// the handler the running role installed ([`ControlSwitch::install`]); between two roles, by
+/// one that says what is going on.
+pub struct ControlSwitch {
+    handler: std::sync::RwLock<Handler>,
+}
+
+impl ControlSwitch {
+    /// Bind `path` and answer with whatever handler is installed (at first: "starting").
+    pub fn serve(path: &Path) -> Result<(ControlSocket, Arc<ControlSwitch>), DaemonError> {
+        let switch = Arc::new(ControlSwitch {
+            handler: std::sync::RwLock::new(Arc::new(|_: &[&str]| {
+                serde_json::json!({
+                    "error": "the daemon is starting: ask again in a moment",
+                    "code": "busy",
+                })
+            })),
+        });
+        let s = switch.clone();
+        let socket = serve_control(
+            path,
+            Arc::new(move |words: &[&str]| {
+                let h = s.handler.read().unwrap().clone();
+                h(words)
+            }),
+        )?;
+        Ok((socket, switch))
+    }
+
+    pub fn install(&self, handler: Handler) {
+        *self.handler.write().unwrap() = handler;
+    }
+
+    /// Between roles: `status` says which role comes and that it is on its way, `promote` and
+    /// `demote` answer "already" for the role that comes, anything else to ask again.
+    pub fn install_transition(&self, to: crate::repl::role::Role) {
+        use crate::repl::role::Role;
+        self.install(Arc::new(move |words: &[&str]| match (words.first().copied(), to) {
+            (Some("status"), _) => serde_json::json!({
+                "role": if to == Role::Primary { "primary" } else { "mirror" },
+                "changing_role": true,
+                "volumes": [],
+            }),
+            (Some("demote"), Role::Secondary) | (Some("promote"), Role::Primary) => {
+                serde_json::json!({
+                    "ok": true,
+                    "result": "already",
+                    "role": if to == Role::Primary { "primary" } else { "secondary" },
+                    "message": format!("already {}", if to == Role::Primary { "the primary" } else { "a secondary" }),
+                })
+            }
+            _ => serde_json::json!({
+                "error": "the daemon is changing role: ask again in a moment",
+                "code": "busy",
+            }),
+        }));
+    }
+}
+
+/// A control socket being served: dropped, it stops answering new clients and its file goes.
+pub struct ControlSocket {
+    _file: SocketFile,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 #[cfg(test)]

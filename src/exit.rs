@@ -29,6 +29,12 @@ pub enum Exit {
     Busy = 7,
     /// `verify`: the two sides held different bytes (repaired with `--repair`).
     Differences = 8,
+    /// `promote`, `demote`, a daemon's start: not possible in the state things are in (the
+    /// message says why: the peer not known to be demoted, a copy not consistent, a state
+    /// directory of the other role).
+    WrongState = 9,
+    /// `demote --timeout`: the peer did not acknowledge every write in time; nothing changed.
+    TimedOut = 10,
 }
 
 impl From<Exit> for std::process::ExitCode {
@@ -66,6 +72,7 @@ impl DaemonError {
             DaemonError::Listen { source, .. } => Exit::from_io(source),
             DaemonError::Transport(e) => e.exit_code(),
             DaemonError::Signals(_) => Exit::Internal,
+            DaemonError::WrongRole(_) => Exit::WrongState,
             DaemonError::Io(e) => Exit::from_io(e),
         }
     }

@@ -10,6 +10,7 @@ pub mod extent;
 pub mod journal;
 pub mod mirror_daemon;
 pub mod nbd;
+pub mod node;
 pub mod primary;
 pub mod repl;
 #[cfg(any(test, feature = "test-hooks"))]

@@ -4,10 +4,12 @@ use blkmirror::daemon::DaemonError;
 use blkmirror::disk::spec::VolumeSpec;
 use blkmirror::exit::Exit;
 use blkmirror::journal::OnFull;
-use blkmirror::mirror_daemon::{self, MirrorOptions};
+use blkmirror::mirror_daemon::MirrorOptions;
 use blkmirror::nbd::server::{Limits, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS};
-use blkmirror::primary::{self, PrimaryOptions, ReplicationOptions};
+use blkmirror::node::{self, Link};
+use blkmirror::primary::{PrimaryOptions, ReplicationOptions};
 use blkmirror::repl::apply::{recover, RecoverTo};
+use blkmirror::repl::role::Role;
 use blkmirror::transport::{Congestion, TlsFiles, Tuning};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -93,8 +95,22 @@ enum Command {
     /// Receive replication on the mirror host and keep its volumes consistent.
     Mirror {
         /// UDP ADDR:PORT to listen on for primaries.
+        #[arg(long, required_unless_present = "connect", conflicts_with = "connect")]
+        listen: Option<String>,
+        /// Dial the peer at HOST:PORT instead (a new mirror for a promoted primary, which
+        /// listens): it asks the peer for the volumes.
+        #[arg(long, value_name = "HOST:PORT")]
+        connect: Option<String>,
+        /// Where to serve the volumes over NBD once promoted (`blkmirror promote`): without
+        /// it, this daemon cannot be promoted.
         #[arg(long)]
-        listen: String,
+        nbd_unix: Option<PathBuf>,
+        /// Also serve NBD on this TCP ADDR:PORT once promoted.
+        #[arg(long)]
+        nbd_tcp: Option<String>,
+        /// Once promoted: the cap on each volume's journal (as `blkmirror primary`'s).
+        #[arg(long, default_value = "1G", value_parser = parse_size)]
+        journal_size: u64,
         /// NAME=PATH[,size=SIZE]: NAME must match the primary's volume, sizes must be equal.
         #[arg(long = "volume", required = true)]
         volumes: Vec<VolumeSpec>,
@@ -233,6 +249,44 @@ enum Command {
         /// Send the differing chunks again (the mirror stays a valid crash state).
         #[arg(long)]
         repair: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make this daemon the primary (a mirror: it finishes applying what it holds, then serves
+    /// its volumes over its --nbd-unix and ships to its peer). Without --force only when the
+    /// peer is known to be demoted (it holds the same data); --force when the primary is
+    /// gone, giving up its writes this side never received (the answer says how many seconds
+    /// of writes, by the primary's clock). Exit 0 (promoted, or "already" the primary), 9 when
+    /// the state does not allow it (the message says why).
+    Promote {
+        /// The daemon's control socket (STATE_DIR/control.sock).
+        #[arg(long)]
+        control: PathBuf,
+        /// The primary is gone: promote what this side holds.
+        #[arg(long)]
+        force: bool,
+        /// First go back to this point of the history (`blkmirror history`): every write after
+        /// it is given up, at both sites (failover to a moment before an attack).
+        #[arg(long, conflicts_with = "at")]
+        set: Option<u64>,
+        /// First go back to the newest point at or before this time (RFC 3339, or Unix ms).
+        #[arg(long, value_parser = parse_rfc3339)]
+        at: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make this daemon a secondary (a primary): its NBD exports close, and it returns once
+    /// its peer holds every write made before (exit 0; "already" for a secondary), then asks
+    /// the peer for the volumes once the peer is promoted. Exit 10 when the peer did not hold
+    /// every write within --timeout (nothing changed: it serves again), 9 when the state does
+    /// not allow it.
+    Demote {
+        /// The daemon's control socket (STATE_DIR/control.sock).
+        #[arg(long)]
+        control: PathBuf,
+        /// Seconds to wait for the peer to hold every write.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
         #[arg(long)]
         json: bool,
     },
@@ -471,6 +525,37 @@ impl From<DaemonError> for Failure {
 
 /// An admin command on a daemon's control socket: its answer printed (the message, or the
 /// JSON), its error mapped to an exit code.
+/// What `promote`/`demote` say on success.
+fn print_role_change(v: &serde_json::Value) {
+    match v["result"].as_str() {
+        Some("already") => println!("{}", v["message"].as_str().unwrap_or("already")),
+        Some(result) => {
+            println!(
+                "{result}: this daemon is now {}",
+                v["role"].as_str().unwrap_or("?")
+            );
+            for vol in v["volumes"].as_array().into_iter().flatten() {
+                let mut line = format!(
+                    "  {}: generation {}",
+                    vol["name"].as_str().unwrap_or("?"),
+                    vol["generation"].as_str().unwrap_or("?")
+                );
+                if let Some(seq) = vol["seq"].as_u64().or(vol["from_seq"].as_u64()) {
+                    line.push_str(&format!(", data up to seq {seq}"));
+                }
+                if let Some(rpo) = vol["rpo_seconds"].as_f64().filter(|r| *r > 0.0) {
+                    line.push_str(&format!(
+                        "; the primary's writes of the last {} may be lost",
+                        blkmirror::control::human_seconds(rpo)
+                    ));
+                }
+                println!("{line}");
+            }
+        }
+        None => println!("ok"),
+    }
+}
+
 fn admin(control: &std::path::Path, command: &str, json: bool) -> Result<(), Failure> {
     let v = admin_request(control, command, json)?;
     if !json {
@@ -489,12 +574,22 @@ fn admin_request(
     command: &str,
     json: bool,
 ) -> Result<serde_json::Value, Failure> {
+    admin_request_waiting(control, command, json, Duration::from_secs(10))
+}
+
+/// [`admin_request`] for a command that may take `wait` to answer.
+fn admin_request_waiting(
+    control: &std::path::Path,
+    command: &str,
+    json: bool,
+    wait: Duration,
+) -> Result<serde_json::Value, Failure> {
     let word = command
         .split_whitespace()
         .next()
         .unwrap_or(command)
         .to_string();
-    let v = blkmirror::control::request(control, command)
+    let v = blkmirror::control::request_waiting(control, command, wait)
         .map_err(|e| Failure::new(e.exit_code(), format!("{word}: {e}")))?;
     if json {
         println!("{v}");
@@ -506,6 +601,8 @@ fn admin_request(
             Some("refused") => Exit::Refused,
             Some("busy") => Exit::Busy,
             Some("not-replicating") => Exit::Degraded,
+            Some("wrong-state") => Exit::WrongState,
+            Some("timed-out") => Exit::TimedOut,
             _ => Exit::Internal,
         };
         return Err(Failure::new(code, format!("{word}: {err}")));
@@ -533,27 +630,45 @@ fn run(command: Command) -> Result<Exit, Failure> {
             control,
             compress,
         } => {
-            let replication = match mirror {
+            let tls = match &mirror {
+                Some(_) => Some(tls.files()?),
                 None => None,
-                Some(mirror) => Some(ReplicationOptions {
-                    mirror,
-                    tls: tls.files()?,
-                    tuning: link.tuning(),
-                    journal_bytes: journal_size,
-                    on_journal_full,
-                    dirty_region,
-                    pace_above,
-                    corrupt_first_set: hooks.corrupt_first_set(),
-                    compress: match compress {
-                        CompressArg::Auto => None,
-                        CompressArg::On => Some(true),
-                        CompressArg::Off => Some(false),
-                    },
-                }),
             };
-            primary::run(PrimaryOptions {
+            // Without --mirror there is no peer: this daemon is never demoted (nor its files
+            // read as a secondary's).
+            let secondary = MirrorOptions {
+                peer: Link::Dial(mirror.clone().unwrap_or_default()),
+                can_serve: true,
+                volumes: volumes.clone(),
+                state_dir: state_dir.clone(),
+                tls: tls.clone().unwrap_or(blkmirror::transport::TlsFiles {
+                    ca: PathBuf::new(),
+                    cert: PathBuf::new(),
+                    key: PathBuf::new(),
+                    peer_name: String::new(),
+                }),
+                tuning: link.tuning(),
+                control: control.clone(),
+                history: None,
+            };
+            let replication = mirror.map(|mirror| ReplicationOptions {
+                peer: Link::Dial(mirror),
+                tls: tls.expect("given with --mirror"),
+                tuning: link.tuning(),
+                journal_bytes: journal_size,
+                on_journal_full,
+                dirty_region,
+                pace_above,
+                corrupt_first_set: hooks.corrupt_first_set(),
+                compress: match compress {
+                    CompressArg::Auto => None,
+                    CompressArg::On => Some(true),
+                    CompressArg::Off => Some(false),
+                },
+            });
+            let primary = PrimaryOptions {
                 volumes,
-                nbd_unix,
+                nbd_unix: Some(nbd_unix),
                 nbd_tcp,
                 nbd_limits: Limits {
                     max_connections: nbd_max_connections as usize,
@@ -563,10 +678,15 @@ fn run(command: Command) -> Result<Exit, Failure> {
                 replication,
                 control,
                 faults: hooks.faults(),
-            })?;
+            };
+            node::run(Role::Primary, primary, secondary)?;
         }
         Command::Mirror {
             listen,
+            connect,
+            nbd_unix,
+            nbd_tcp,
+            journal_size,
             volumes,
             state_dir,
             tls,
@@ -576,23 +696,58 @@ fn run(command: Command) -> Result<Exit, Failure> {
             history_size,
             history_thin,
             history_full,
-        } => mirror_daemon::run(MirrorOptions {
-            listen,
-            volumes,
-            state_dir,
-            tls: tls.files()?,
-            tuning: link.tuning(),
-            control,
-            history: history.map(|keep| blkmirror::repl::history::Retention {
-                keep,
-                max_bytes: history_size,
-                thin: history_thin.0,
-                when_full: match history_full {
-                    HistoryFullArg::Wait => blkmirror::repl::history::WhenFull::Wait,
-                    HistoryFullArg::DropOldest => blkmirror::repl::history::WhenFull::DropOldest,
+        } => {
+            let tls = tls.files()?;
+            let peer = match (listen, connect) {
+                (Some(l), _) => Link::Listen(l),
+                (None, Some(c)) => Link::Dial(c),
+                (None, None) => unreachable!("clap requires one"),
+            };
+            let primary = PrimaryOptions {
+                volumes: volumes.clone(),
+                nbd_unix: nbd_unix.clone(),
+                nbd_tcp,
+                nbd_limits: Limits {
+                    max_connections: DEFAULT_MAX_CONNECTIONS,
+                    handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
                 },
-            }),
-        })?,
+                state_dir: state_dir.clone(),
+                replication: Some(ReplicationOptions {
+                    peer: peer.clone(),
+                    tls: tls.clone(),
+                    tuning: link.tuning(),
+                    journal_bytes: journal_size,
+                    on_journal_full: blkmirror::journal::OnFull::Track,
+                    dirty_region: blkmirror::journal::dirty::DEFAULT_REGION_BYTES,
+                    pace_above: None,
+                    corrupt_first_set: false,
+                    compress: None,
+                }),
+                control: control.clone(),
+                faults: Vec::new(),
+            };
+            let secondary = MirrorOptions {
+                peer,
+                can_serve: nbd_unix.is_some(),
+                volumes,
+                state_dir,
+                tls,
+                tuning: link.tuning(),
+                control,
+                history: history.map(|keep| blkmirror::repl::history::Retention {
+                    keep,
+                    max_bytes: history_size,
+                    thin: history_thin.0,
+                    when_full: match history_full {
+                        HistoryFullArg::Wait => blkmirror::repl::history::WhenFull::Wait,
+                        HistoryFullArg::DropOldest => {
+                            blkmirror::repl::history::WhenFull::DropOldest
+                        }
+                    },
+                }),
+            };
+            node::run(Role::Secondary, primary, secondary)?;
+        }
         Command::Export {
             control,
             volume,
@@ -743,6 +898,43 @@ fn run(command: Command) -> Result<Exit, Failure> {
         } => {
             return blkmirror::verify_cmd::run(&control, volume.as_deref(), repair, json)
                 .map_err(|(code, why)| Failure::new(code, why));
+        }
+        Command::Promote {
+            control,
+            force,
+            set,
+            at,
+            json,
+        } => {
+            let mut cmd = String::from("promote");
+            if force {
+                cmd.push_str(" force");
+            }
+            match (set, at) {
+                (Some(n), _) => cmd.push_str(&format!(" set={n}")),
+                (None, Some(t)) => cmd.push_str(&format!(" at={t}")),
+                (None, None) => {}
+            }
+            // Applying what it holds and going back to a point may take a while.
+            let v = admin_request_waiting(&control, &cmd, json, Duration::from_secs(600))?;
+            if !json {
+                print_role_change(&v);
+            }
+        }
+        Command::Demote {
+            control,
+            timeout,
+            json,
+        } => {
+            let v = admin_request_waiting(
+                &control,
+                &format!("demote {timeout}"),
+                json,
+                Duration::from_secs(timeout + 60),
+            )?;
+            if !json {
+                print_role_change(&v);
+            }
         }
         Command::Certs(cmd) => {
             blkmirror::certs::run(cmd).map_err(|e| Failure::new(e.exit_code(), e))?

@@ -2,17 +2,23 @@
 //! serves its control socket, runs until SIGINT or SIGTERM.
 
 use crate::control;
-use crate::daemon::{self, DaemonError, Signals};
+use crate::daemon::{self, DaemonError, Event, RoleRequest};
 use crate::disk::spec::VolumeSpec;
+use crate::node::{Ctx, Link, Outcome};
 use crate::repl::export::PointInTime;
 use crate::repl::mirror::{fmt_time, Mirror, MirrorVolume};
+use crate::repl::role::Role;
 use crate::transport::{Identity, TlsFiles, Tuning};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 pub struct MirrorOptions {
-    pub listen: String,
+    /// Who dials: `--listen` (a mirror's command line: its primary dials), or `--mirror` (a
+    /// demoted primary's: it dials its peer and asks for the volumes, `Message::Pull`).
+    pub peer: crate::node::Link,
+    /// The daemon can serve its volumes over NBD once promoted (`--nbd-unix` given).
+    pub can_serve: bool,
     pub volumes: Vec<VolumeSpec>,
     pub state_dir: PathBuf,
     pub tls: TlsFiles,
@@ -23,7 +29,7 @@ pub struct MirrorOptions {
 }
 
 /// The QUIC stateless-reset key, created once per state directory (mode 0600).
-fn reset_key(state_dir: &std::path::Path) -> std::io::Result<Vec<u8>> {
+pub fn reset_key(state_dir: &std::path::Path) -> std::io::Result<Vec<u8>> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let path = state_dir.join("quic-reset.key");
@@ -259,19 +265,19 @@ fn history(m: &Mirror, name: Option<&str>) -> serde_json::Value {
     serde_json::json!({ "volumes": vols })
 }
 
-pub fn run(opts: MirrorOptions) -> Result<(), DaemonError> {
-    let signals = Signals::block()?;
-    if opts.volumes.is_empty() {
-        return Err(DaemonError::NoVolumes);
-    }
-    let _lock = daemon::lock_state_dir(&opts.state_dir)?;
-    let listen = daemon::resolve("--listen", &opts.listen)?;
-    let identity = Identity::load(&opts.tls)?;
+/// Run as a secondary until stopped or promoted (`node::run` calls it with the lock held).
+pub fn run_role(opts: &MirrorOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonError> {
+    // The address first: a typo is a usage error whatever the certificates.
+    match &opts.peer {
+        Link::Listen(a) => daemon::resolve("--listen", a)?,
+        Link::Dial(a) => daemon::resolve("--mirror", a)?,
+    };
+    let identity = Arc::new(Identity::load(&opts.tls)?);
     let mirror = Mirror::open(
         &crate::env::os(),
         &opts.volumes,
         &opts.state_dir,
-        opts.history,
+        opts.history.clone(),
     )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -284,22 +290,46 @@ pub fn run(opts: MirrorOptions) -> Result<(), DaemonError> {
         })
         .thread_name("repl")
         .build()?;
-    let endpoint = {
-        let _rt = runtime.enter();
-        let key = reset_key(&opts.state_dir)?;
-        crate::transport::server_endpoint_with_reset_key(listen, &identity, &opts.tuning, &key)?
+    let endpoint = match &opts.peer {
+        Link::Listen(addr) => {
+            let listen = daemon::resolve("--listen", addr)?;
+            let _rt = runtime.enter();
+            let key = reset_key(&opts.state_dir)?;
+            let ep = crate::transport::server_endpoint_with_reset_key(
+                listen,
+                &identity,
+                &opts.tuning,
+                &key,
+            )?;
+            runtime.spawn(mirror.clone().serve(ep.clone()));
+            tracing::info!(%listen, peer = %opts.tls.peer_name, volumes = opts.volumes.len(), "mirror listening");
+            ep
+        }
+        Link::Dial(addr) => {
+            let peer = daemon::resolve("--mirror", addr)?;
+            let ep = {
+                let _rt = runtime.enter();
+                crate::transport::client_endpoint(&identity, &opts.tuning)?
+            };
+            for vol in &mirror.volumes {
+                runtime.spawn(pull_loop(
+                    mirror.clone(),
+                    vol.clone(),
+                    ep.clone(),
+                    peer,
+                    identity.clone(),
+                ));
+            }
+            tracing::info!(%peer, peer_name = %opts.tls.peer_name, volumes = opts.volumes.len(),
+                "secondary: asking the peer for the volumes");
+            ep
+        }
     };
-    runtime.spawn(mirror.clone().serve(endpoint.clone()));
-    let control = opts
-        .control
-        .clone()
-        .unwrap_or_else(|| control::default_path(&opts.state_dir));
     let m = mirror.clone();
     let exports = Exports::start(opts.state_dir.join("exports"));
     let ex = exports.clone();
-    let control_socket = daemon::serve_control(
-        &control,
-        std::sync::Arc::new(move |words: &[&str]| {
+    let desk = ctx.desk.clone();
+    ctx.control.install(std::sync::Arc::new(move |words: &[&str]| {
             match words {
             ["status"] => {
                 let vols: Vec<_> = m.volumes.iter().map(|v| v.status()).collect();
@@ -310,21 +340,256 @@ pub fn run(opts: MirrorOptions) -> Result<(), DaemonError> {
                 ex.export(&m, name, point, path, pid, rest.first() == Some(&"writable"))
             }
             ["unexport", path] => ex.unexport(path),
+            ["promote", args @ ..] => match parse_promote(args) {
+                Ok((force, point)) => desk.ask_and_wait(RoleRequest {
+                    to: Role::Primary,
+                    force,
+                    point,
+                    timeout: std::time::Duration::ZERO,
+                    reply: std::sync::mpsc::channel().0,
+                }),
+                Err(why) => serde_json::json!({ "error": why, "code": "usage" }),
+            },
+            ["demote", ..] => serde_json::json!({
+                "ok": true,
+                "result": "already",
+                "role": "secondary",
+                "message": "already a secondary",
+            }),
             other => control::unknown(
                 other,
-                "status, history [NAME], export NAME set=N|at=MS PATH PID [writable], unexport PATH",
+                "status, history [NAME], export NAME set=N|at=MS PATH PID [writable], unexport PATH, promote [force] [set=N|at=MS], demote",
             ),
         }
-        }),
-    )?;
-    tracing::info!(%listen, peer = %opts.tls.peer_name, volumes = opts.volumes.len(), "mirror listening");
-    let sig = signals.wait_for_termination()?;
-    tracing::info!(signal = %sig, "shutting down");
-    drop(control_socket);
+    }));
+    let promotion = loop {
+        match ctx.signals.wait_for_event()? {
+            Event::Stop(sig) => {
+                tracing::info!(signal = %sig, "shutting down");
+                break None;
+            }
+            Event::RoleChange => {
+                let Some(req) = ctx.desk.take() else { continue };
+                if req.to == Role::Secondary {
+                    let _ = req.reply.send(serde_json::json!({
+                        "ok": true, "result": "already", "role": "secondary",
+                        "message": "already a secondary",
+                    }));
+                    continue;
+                }
+                // Right after `demote` returns on the peer, its notice (the Pull it sends
+                // as a secondary) may still be on its way: a bounded wait for it.
+                let deadline = std::time::Instant::now() + PEER_NOTICE_WAIT;
+                while !req.force
+                    && std::time::Instant::now() < deadline
+                    && mirror.volumes.iter().any(|v| v.awaits_peer_notice())
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                match check_promotion(opts, &mirror, req.force) {
+                    Ok(()) => break Some(req),
+                    Err(why) => {
+                        let _ = req
+                            .reply
+                            .send(serde_json::json!({ "error": why, "code": "wrong-state" }));
+                    }
+                }
+            }
+        }
+    };
+    ctx.control.install_transition(Role::Secondary);
     exports.stop_all();
     endpoint.close(0u32.into(), b"mirror shutting down");
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     // What was received is made durable, applied and checkpointed: a clean stop.
     mirror.close();
+    let Some(req) = promotion else {
+        return Ok(Outcome::Stopped);
+    };
+    // The volumes' files are released before the primary's machinery opens them.
+    for v in &mirror.volumes {
+        v.stop();
+    }
+    drop(mirror);
+    match commit_promotions(opts, &req) {
+        Ok(volumes) => {
+            ctx.control.install_transition(Role::Primary);
+            tracing::warn!(volumes = ?volumes, force = req.force, "promoted: this daemon is now the primary");
+            let _ = req.reply.send(serde_json::json!({
+                "ok": true,
+                "result": "promoted",
+                "role": "primary",
+                "force": req.force,
+                "volumes": volumes,
+            }));
+            Ok(Outcome::Switched(Role::Primary))
+        }
+        Err(why) => {
+            tracing::error!("promotion failed: {why}");
+            let _ = req
+                .reply
+                .send(serde_json::json!({ "error": why, "code": "wrong-state" }));
+            Ok(Outcome::Again)
+        }
+    }
+}
+
+/// How long `promote` waits for a peer just demoted to say what it holds.
+const PEER_NOTICE_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// `promote [force] [set=N|at=UNIX_MS]`.
+#[allow(clippy::type_complexity)]
+fn parse_promote(args: &[&str]) -> Result<(bool, Option<(Option<u64>, Option<u64>)>), String> {
+    let mut force = false;
+    let mut point = None;
+    for a in args {
+        match a.split_once('=') {
+            None if *a == "force" => force = true,
+            Some(("set", n)) => {
+                point = Some((Some(n.parse().map_err(|_| format!("bad set {n:?}"))?), None))
+            }
+            Some(("at", t)) => {
+                point = Some((
+                    None,
+                    Some(t.parse().map_err(|_| format!("bad time {t:?}"))?),
+                ))
+            }
+            _ => {
+                return Err(format!(
+                    "promote: unexpected {a:?} (promote [force] [set=N|at=UNIX_MS])"
+                ))
+            }
+        }
+    }
+    Ok((force, point))
+}
+
+/// Whether the volumes may be promoted now, before anything stops: the daemon can serve
+/// them, no primary is connected, and each holds a consistent copy its peer is known to hold
+/// too (or `force`).
+fn check_promotion(opts: &MirrorOptions, mirror: &Mirror, force: bool) -> Result<(), String> {
+    if !opts.can_serve {
+        return Err(
+            "this daemon has no --nbd-unix: as a primary it could not serve its volumes \
+             (restart it with --nbd-unix PATH, then promote)"
+                .into(),
+        );
+    }
+    for v in &mirror.volumes {
+        if v.stats.link_up.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(format!(
+                "volume {}: its primary is connected and replicating: demote it first \
+                 (blkmirror demote on the primary); --force is for a primary that is gone",
+                v.name
+            ));
+        }
+        v.promotable(force)?;
+    }
     Ok(())
+}
+
+/// Each volume's role changes on disk (under the intent, `node::Intent`), after an optional
+/// return to a point of its history.
+fn commit_promotions(
+    opts: &MirrorOptions,
+    req: &RoleRequest,
+) -> Result<Vec<serde_json::Value>, String> {
+    let fs = crate::env::os();
+    // Going back to a point of the history gives up every write after it at both sites: the
+    // promotion then continues the point, as a forced one does.
+    let force = req.force || req.point.is_some();
+    if let Some((set, at)) = req.point {
+        let to = match (set, at) {
+            (Some(n), _) => crate::repl::apply::RecoverTo::Set(n),
+            (None, Some(t)) => crate::repl::apply::RecoverTo::At(t),
+            (None, None) => crate::repl::apply::RecoverTo::Latest,
+        };
+        crate::repl::apply::recover(&opts.volumes, &opts.state_dir, to)
+            .map_err(|e| e.to_string())?;
+    }
+    let mut planned = Vec::new();
+    for spec in &opts.volumes {
+        let storage =
+            crate::disk::file::FileStorage::open(spec, crate::disk::file::IoMode::Buffered)
+                .map_err(|e| e.to_string())?;
+        let disk = crate::disk::Storage::fingerprint(&storage).map_err(|e| e.to_string())?;
+        let st = crate::repl::apply::VolumeState::load(
+            &*fs,
+            &crate::repl::apply::VolumeState::path(&opts.state_dir, &spec.name),
+        )
+        .map_err(|e| e.to_string())?;
+        let gen = crate::repl::identity::GenId::random();
+        let (p, next) = crate::repl::role::promoted(&st, gen, &disk, force)
+            .map_err(|why| format!("volume {}: {why}", spec.name))?;
+        let now = crate::repl::core::primary::unix_ms(std::time::SystemTime::now());
+        let rpo = (st.newest_write_ms > 0)
+            .then(|| now.saturating_sub(st.newest_write_ms) as f64 / 1000.0);
+        planned.push((spec.name.clone(), p, next, gen, st, rpo));
+    }
+    crate::node::write_intent(
+        &fs,
+        &opts.state_dir,
+        &crate::node::Intent {
+            to: Role::Primary,
+            force,
+            held: Default::default(),
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for (name, p, next, gen, st, rpo) in planned {
+        crate::repl::role::commit_promotion(
+            &fs,
+            &opts.state_dir,
+            &name,
+            &p,
+            next,
+            &crate::journal::boot_id(),
+            Some(crate::repl::role::HistoryDir {
+                fs: &fs,
+                dir: crate::repl::history::Keeper::dir(&opts.state_dir, &name),
+            }),
+        )
+        .map_err(|e| format!("volume {name}: {e}"))?;
+        out.push(serde_json::json!({
+            "name": name,
+            "generation": gen,
+            "from_seq": next - 1,
+            "newest_write": fmt_time(st.newest_write_ms),
+            // The writes of the last this many seconds (by the primary's clock) may not be
+            // here: what a forced promotion gives up, at most as far as this side knows.
+            "rpo_seconds": if force { serde_json::json!(rpo) } else { serde_json::json!(0.0) },
+        }));
+    }
+    crate::node::clear_intent(&fs, &opts.state_dir).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// A secondary that dials (a demoted primary): per volume, ask the peer to ship it; again
+/// every 2 s while the peer is not a primary (a switchover between its two steps).
+async fn pull_loop(
+    mirror: Arc<Mirror>,
+    vol: Arc<MirrorVolume>,
+    endpoint: quinn::Endpoint,
+    peer: std::net::SocketAddr,
+    identity: Arc<Identity>,
+) {
+    let mut last = String::new();
+    loop {
+        let result = match crate::transport::connect(&endpoint, peer, &identity).await {
+            Ok(conn) => {
+                let r = mirror.clone().pull(conn.clone(), vol.clone()).await;
+                conn.close(0u32.into(), b"session over");
+                r
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(why) = result {
+            if why != last {
+                tracing::info!(volume = %vol.name, %peer, "no session with the peer: {why}");
+                last = why;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
 }

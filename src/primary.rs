@@ -2,7 +2,7 @@
 //! SIGTERM.
 
 use crate::control;
-use crate::daemon::{self, DaemonError, Signals};
+use crate::daemon::{self, DaemonError, Event, RoleRequest};
 use crate::disk::faults::{FaultRule, Faulty};
 use crate::disk::file::{FileStorage, IoMode};
 use crate::disk::spec::VolumeSpec;
@@ -10,19 +10,25 @@ use crate::disk::Storage;
 use crate::journal::{Journal, JournalOptions, OnFull, MIN_JOURNAL_BYTES};
 use crate::nbd::handshake::ExportInfo;
 use crate::nbd::server::{Export, Limits, Server};
+use crate::node::{Ctx, Link, Outcome};
 use crate::repl::core::primary::{Limits as SessionLimits, PrimaryVolumeState};
 use crate::repl::core::ReplState;
 use crate::repl::identity::GenId;
+use crate::repl::role::Role;
+use crate::repl::shipper::{Pulled, ShipLink};
 use crate::repl::shipper::{ShipStats, Shipper, VolumeRecord};
 use crate::transport::{Identity, TlsFiles, Tuning};
 use crate::volume::Volume;
+use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 pub struct PrimaryOptions {
     pub volumes: Vec<VolumeSpec>,
-    pub nbd_unix: PathBuf,
+    /// Where the volumes are served (None: a mirror's command line without `--nbd-unix`,
+    /// which cannot be promoted).
+    pub nbd_unix: Option<PathBuf>,
     pub nbd_tcp: Option<String>,
     /// Connection count and handshake time allowed to NBD clients.
     pub nbd_limits: Limits,
@@ -36,8 +42,9 @@ pub struct PrimaryOptions {
 }
 
 pub struct ReplicationOptions {
-    /// HOST:PORT of the mirror.
-    pub mirror: String,
+    /// Who dials: `--mirror HOST:PORT` (a primary's command line), or `--listen` (a promoted
+    /// mirror's: its peer dials and asks for the volumes).
+    pub peer: crate::node::Link,
     pub tls: TlsFiles,
     pub tuning: Tuning,
     /// Cap on each volume's on-disk journal; writes wait beyond it.
@@ -82,12 +89,14 @@ fn session_limits() -> SessionLimits {
 /// lz4 compresses at roughly 4 Gbit/s per core here: on a faster link it would slow shipping.
 pub const COMPRESS_BELOW_BPS: u64 = 4_000_000_000;
 
-pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
-    let signals = Signals::block()?;
-    if opts.volumes.is_empty() {
-        return Err(DaemonError::NoVolumes);
-    }
-    let _lock = daemon::lock_state_dir(&opts.state_dir)?;
+/// Run as the primary until stopped or demoted (`node::run` calls it with the lock held).
+pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonError> {
+    let signals = ctx.signals;
+    let Some(nbd_unix) = opts.nbd_unix.clone() else {
+        return Err(DaemonError::Config(
+            "this daemon has no --nbd-unix: it cannot serve its volumes as a primary".into(),
+        ));
+    };
     // Each volume's disk, then (replicated) its journal and state, then its write path.
     let mut opened: Vec<(ExportInfo, Arc<dyn Storage>)> = Vec::new();
     for spec in &opts.volumes {
@@ -129,10 +138,6 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
             })
         })
         .collect();
-    let control = opts
-        .control
-        .clone()
-        .unwrap_or_else(|| control::default_path(&opts.state_dir));
     let mut shipping: Vec<Shipping> = Vec::new();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -149,18 +154,39 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
         .thread_name("repl")
         .build()?;
     let mut quic_endpoint = None;
+    let mut pull_routes: HashMap<String, tokio::sync::mpsc::Sender<Pulled>> = HashMap::new();
+    let mut shippers: Vec<Arc<Shipper>> = Vec::new();
     if let Some(repl) = &opts.replication {
-        let mirror = daemon::resolve("--mirror", &repl.mirror)?;
         if repl.journal_bytes < MIN_JOURNAL_BYTES {
             return Err(DaemonError::Config(format!(
                 "--journal-size must be at least {} MiB",
                 MIN_JOURNAL_BYTES >> 20
             )));
         }
+        // The address first: a typo is a usage error whatever the certificates.
+        let addr = match &repl.peer {
+            Link::Dial(a) => daemon::resolve("--mirror", a)?,
+            Link::Listen(a) => daemon::resolve("--listen", a)?,
+        };
         let identity = Arc::new(Identity::load(&repl.tls)?);
-        let endpoint = {
-            let _rt = runtime.enter();
-            crate::transport::client_endpoint(&identity, &repl.tuning)?
+        let (endpoint, dial) = match &repl.peer {
+            Link::Dial(_) => {
+                let _rt = runtime.enter();
+                let ep = crate::transport::client_endpoint(&identity, &repl.tuning)?;
+                (ep, Some(addr))
+            }
+            Link::Listen(_) => {
+                let listen = addr;
+                let _rt = runtime.enter();
+                let key = crate::mirror_daemon::reset_key(&opts.state_dir)?;
+                let ep = crate::transport::server_endpoint_with_reset_key(
+                    listen,
+                    &identity,
+                    &repl.tuning,
+                    &key,
+                )?;
+                (ep, None)
+            }
         };
         quic_endpoint = Some(endpoint.clone());
         let fs = crate::env::os();
@@ -193,13 +219,23 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
             stats
                 .corrupt_next
                 .store(repl.corrupt_first_set, std::sync::atomic::Ordering::Relaxed);
+            let link = match dial {
+                Some(peer) => ShipLink::Dial {
+                    endpoint: endpoint.clone(),
+                    peer,
+                },
+                None => {
+                    let (tx, rx) = tokio::sync::mpsc::channel(crate::repl::shipper::PULLS_QUEUED);
+                    pull_routes.insert(spec.name.clone(), tx);
+                    ShipLink::Answer(tokio::sync::Mutex::new(rx))
+                }
+            };
             let shipper = Arc::new(Shipper {
                 volume: spec.name.clone(),
                 journal: journal.clone(),
                 storage: volume.storage.clone(),
                 reader: Arc::new(volume.reader()),
-                endpoint: endpoint.clone(),
-                mirror,
+                link,
                 identity: identity.clone(),
                 stats: stats.clone(),
                 record: record.clone(),
@@ -218,6 +254,7 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
                 },
             });
             let wake = shipper.records.clone();
+            shippers.push(shipper.clone());
             runtime.spawn(shipper.run());
             shipping.push(Shipping {
                 name: spec.name.clone(),
@@ -234,7 +271,14 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
             tracing::warn!(state_dir = %opts.state_dir.display(),
                 "cannot keep a reserve in the state directory ({e}): a journal that fills its file system may keep replication from resuming");
         }
-        tracing::info!(mirror = %mirror, peer = %repl.tls.peer_name, volumes = shipping.len(), "replicating");
+        if dial.is_none() {
+            let sizes: HashMap<String, u64> = shipping
+                .iter()
+                .map(|s| (s.name.clone(), s.storage.size()))
+                .collect();
+            runtime.spawn(answer_pulls(endpoint.clone(), pull_routes, sizes));
+        }
+        tracing::info!(peer = ?repl.peer, peer_name = %repl.tls.peer_name, volumes = shipping.len(), "replicating");
     } else {
         for spec in &opts.volumes {
             let dir = opts.state_dir.join("journal").join(&spec.name);
@@ -246,27 +290,43 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
     let volumes_for_status: Vec<String> = opts.volumes.iter().map(|v| v.name.clone()).collect();
     let shipping = Arc::new(shipping);
     let shipping_for_close = shipping.clone();
-    let control_socket = daemon::serve_control(
-        &control,
-        Arc::new(move |words: &[&str]| match words {
+    let desk = ctx.desk.clone();
+    ctx.control.install(Arc::new(move |words: &[&str]| {
+            match words {
             ["status"] => primary_status(&volumes_for_status, &shipping),
             ["accept-volume", name] => accept_volume(&shipping, name),
             ["retry"] => retry(&shipping, None),
             ["retry", name] => retry(&shipping, Some(name)),
             ["verify", args @ ..] => verify(&shipping, args),
+            ["demote", secs] => match secs.parse::<u64>() {
+                Ok(secs) => desk.ask_and_wait(RoleRequest {
+                    to: Role::Secondary,
+                    force: false,
+                    point: None,
+                    timeout: std::time::Duration::from_secs(secs),
+                    reply: std::sync::mpsc::channel().0,
+                }),
+                Err(_) => serde_json::json!({ "error": format!("demote: bad timeout {secs:?}"), "code": "usage" }),
+            },
+            ["promote", ..] => serde_json::json!({
+                "ok": true,
+                "result": "already",
+                "role": "primary",
+                "message": "already the primary",
+            }),
             other => control::unknown(
                 other,
-                "status, accept-volume NAME, retry [NAME], verify [--repair] [NAME]",
+                "status, accept-volume NAME, retry [NAME], verify [--repair] [NAME], demote SECS, promote",
             ),
-        }),
-    )?;
+        }
+    }));
     let exports = opened
         .into_iter()
         .zip(volumes)
         .map(|((info, _), volume)| Export { info, volume })
         .collect();
     let server = Server::new(exports, opts.nbd_limits);
-    let (unix, nbd_socket) = daemon::bind_unix(&opts.nbd_unix)?;
+    let (unix, nbd_socket) = daemon::bind_unix(&nbd_unix)?;
     server.spawn_unix(unix)?;
     if let Some(addr) = &opts.nbd_tcp {
         let tcp = TcpListener::bind(daemon::resolve("--nbd-tcp", addr)?).map_err(|source| {
@@ -277,16 +337,120 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
         })?;
         server.spawn_tcp(tcp)?;
     }
-    tracing::info!(socket = %opts.nbd_unix.display(), tcp = opts.nbd_tcp.as_deref().unwrap_or("-"),
+    tracing::info!(socket = %nbd_unix.display(), tcp = opts.nbd_tcp.as_deref().unwrap_or("-"),
         "serving NBD");
-    let sig = signals.wait_for_termination()?;
-    tracing::info!(signal = %sig, "shutting down");
+    let mut nbd_socket = Some(nbd_socket);
+    // Waits for a stop, or carries out a demotion asked through the control socket.
+    let demoted = loop {
+        match signals.wait_for_event()? {
+            Event::Stop(sig) => {
+                tracing::info!(signal = %sig, "shutting down");
+                break None;
+            }
+            Event::RoleChange => {
+                let Some(req) = ctx.desk.take() else { continue };
+                if req.to == Role::Primary {
+                    let _ = req.reply.send(serde_json::json!({
+                        "ok": true, "result": "already", "role": "primary",
+                        "message": "already the primary",
+                    }));
+                    continue;
+                }
+                match prepare_demotion(
+                    opts,
+                    &shipping_for_close,
+                    &shippers,
+                    &server,
+                    &mut nbd_socket,
+                    req.timeout,
+                ) {
+                    Ok(names) => break Some((req, names)),
+                    Err((answer, stopped_serving)) => {
+                        let _ = req.reply.send(answer);
+                        if stopped_serving {
+                            // Its clients were disconnected: the primary starts again (a
+                            // new generation), serving as before.
+                            shutdown(
+                                &shipping_for_close,
+                                &server,
+                                quic_endpoint,
+                                runtime,
+                                nbd_socket,
+                                &ctx.control,
+                                Role::Primary,
+                            );
+                            return Ok(Outcome::Again);
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let Some((req, names)) = demoted else {
+        shutdown(
+            &shipping_for_close,
+            &server,
+            quic_endpoint,
+            runtime,
+            nbd_socket,
+            &ctx.control,
+            Role::Primary,
+        );
+        return Ok(Outcome::Stopped);
+    };
+    // Every volume's peer holds every write; nothing is written any more. The shippers stop
+    // (a session's end mints a generation with no write: the names taken above stay right),
+    // the journals close cleanly, then each volume's role changes on disk.
+    shutdown(
+        &shipping_for_close,
+        &server,
+        quic_endpoint,
+        runtime,
+        nbd_socket,
+        &ctx.control,
+        Role::Primary,
+    );
+    match commit_demotions(opts, &shipping_for_close, &names) {
+        Ok(volumes) => {
+            ctx.control.install_transition(Role::Secondary);
+            tracing::warn!(volumes = ?volumes, "demoted: this daemon is now a secondary");
+            let _ = req.reply.send(serde_json::json!({
+                "ok": true,
+                "result": "demoted",
+                "role": "secondary",
+                "volumes": volumes,
+                "message": "every write is durable at the peer; this side is a secondary now \
+                            (its NBD exports are closed)",
+            }));
+            Ok(Outcome::Switched(Role::Secondary))
+        }
+        Err(why) => {
+            tracing::error!("demotion failed: {why}");
+            let _ = req
+                .reply
+                .send(serde_json::json!({ "error": why, "code": "io" }));
+            Ok(Outcome::Again)
+        }
+    }
+}
+
+/// A clean stop of the primary's machinery: NBD drained, the link closed, journals closed
+/// and volumes sealed.
+fn shutdown(
+    shipping: &[Shipping],
+    server: &Arc<Server>,
+    quic_endpoint: Option<quinn::Endpoint>,
+    runtime: tokio::runtime::Runtime,
+    nbd_socket: Option<daemon::SocketFile>,
+    control: &daemon::ControlSwitch,
+    next: Role,
+) {
     drop(nbd_socket);
-    drop(control_socket);
+    control.install_transition(next);
     // Writes not yet admitted (parked on a full journal: only the mirror could make room) are
     // refused, so that every write admitted ends before the journal closes and the volume
     // is sealed.
-    for s in shipping_for_close.iter() {
+    for s in shipping {
         s.journal.refuse_new_writes();
     }
     let drained = server.shutdown(std::time::Duration::from_secs(10));
@@ -301,7 +465,7 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
     // A clean stop leaves a clean journal (the next start knows nothing was lost) and a
     // sealed volume (the next start notices a change made while stopped).
     if drained {
-        for v in shipping_for_close.iter() {
+        for v in shipping {
             let sealed = v.journal.close().and_then(|()| {
                 let disk = v.storage.fingerprint()?;
                 v.record.seal(disk)
@@ -311,7 +475,220 @@ pub fn run(opts: PrimaryOptions) -> Result<(), DaemonError> {
             }
         }
     }
-    Ok(())
+}
+
+/// Stop the clients' writes (the NBD exports close) and wait until every volume's peer
+/// acknowledged every write in a live session. The name of each volume's data then,
+/// (generation, last seq); or the answer to give and whether serving stopped.
+#[allow(clippy::type_complexity)]
+fn prepare_demotion(
+    opts: &PrimaryOptions,
+    shipping: &[Shipping],
+    shippers: &[Arc<Shipper>],
+    server: &Arc<Server>,
+    nbd_socket: &mut Option<daemon::SocketFile>,
+    timeout: std::time::Duration,
+) -> Result<Vec<(String, GenId, u64)>, (serde_json::Value, bool)> {
+    let refuse = |why: String| {
+        (
+            serde_json::json!({ "error": why, "code": "wrong-state" }),
+            false,
+        )
+    };
+    if opts.replication.is_none() || shipping.is_empty() {
+        return Err(refuse(
+            "this primary replicates to no peer (no --mirror): there is nobody to take over".into(),
+        ));
+    }
+    for v in shipping {
+        let st = v.record.snapshot();
+        if st.identity.uuid.is_none() {
+            return Err(refuse(format!(
+                "volume {}: its peer never received it (no initial copy yet)",
+                v.name
+            )));
+        }
+        if let Some(why) = st.volume_changed {
+            return Err(refuse(format!("volume {}: {why}", v.name)));
+        }
+    }
+    tracing::warn!("demote: closing the NBD exports; waiting for the peer to hold every write");
+    *nbd_socket = None;
+    server.shutdown(std::time::Duration::from_secs(10));
+    for (v, s) in shipping.iter().zip(shippers) {
+        // A fresh answer, with no write in flight any more.
+        *v.stats.demotable.lock().unwrap() = None;
+        s.records.notify_one();
+    }
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let answers: Vec<(String, Option<Result<(GenId, u64), String>>)> = shipping
+            .iter()
+            .map(|v| (v.name.clone(), v.stats.demotable.lock().unwrap().clone()))
+            .collect();
+        if answers.iter().all(|(_, a)| matches!(a, Some(Ok(_)))) {
+            return Ok(answers
+                .into_iter()
+                .map(|(n, a)| {
+                    let (g, seq) = a.expect("checked").expect("checked");
+                    (n, g, seq)
+                })
+                .collect());
+        }
+        if std::time::Instant::now() >= deadline {
+            let why: Vec<String> = answers
+                .iter()
+                .filter_map(|(n, a)| match a {
+                    Some(Ok(_)) => None,
+                    Some(Err(why)) => Some(format!("{n}: {why}")),
+                    None => Some(format!("{n}: not connected to the peer")),
+                })
+                .collect();
+            return Err((
+                serde_json::json!({
+                    "error": format!(
+                        "not demoted: after {} s the peer does not hold every write ({}); this \
+                         side stays the primary and serves again",
+                        timeout.as_secs(),
+                        why.join("; ")
+                    ),
+                    "code": "timed-out",
+                }),
+                true,
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        for s in shippers {
+            s.records.notify_one();
+        }
+    }
+}
+
+/// Each volume's role changes on disk, under the intent (`node::Intent`).
+fn commit_demotions(
+    opts: &PrimaryOptions,
+    shipping: &[Shipping],
+    names: &[(String, GenId, u64)],
+) -> Result<Vec<serde_json::Value>, String> {
+    let fs = crate::env::os();
+    let intent = crate::node::Intent {
+        to: Role::Secondary,
+        force: false,
+        held: names
+            .iter()
+            .map(|(n, g, seq)| (n.clone(), (*g, *seq)))
+            .collect(),
+    };
+    crate::node::write_intent(&fs, &opts.state_dir, &intent).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for (name, gen, seq) in names {
+        let v = shipping
+            .iter()
+            .find(|v| &v.name == name)
+            .expect("named from shipping");
+        let last = v.journal.last_seq();
+        if last != *seq {
+            return Err(format!(
+                "volume {name}: its journal ends at seq {last}, not {seq} as acknowledged"
+            ));
+        }
+        let disk = v.storage.fingerprint().map_err(|e| e.to_string())?;
+        // Every write up to now is held at both sites (the writes stopped before the check).
+        let newest = crate::repl::core::primary::unix_ms(std::time::SystemTime::now());
+        let st = crate::repl::role::demoted(&v.record.snapshot(), last, *gen, &disk, newest)?;
+        crate::repl::role::commit_demotion(&fs, &opts.state_dir, name, &st, None)
+            .map_err(|e| format!("volume {name}: {e}"))?;
+        out.push(serde_json::json!({ "name": name, "generation": gen, "seq": seq }));
+    }
+    crate::node::clear_intent(&fs, &opts.state_dir).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// A promoted mirror's listener: its secondary peer dials and asks for each volume
+/// (`Message::Pull`); the stream goes to that volume's shipper. A primary that dials is
+/// refused (both sides would be primaries).
+async fn answer_pulls(
+    endpoint: quinn::Endpoint,
+    routes: HashMap<String, tokio::sync::mpsc::Sender<Pulled>>,
+    sizes: HashMap<String, u64>,
+) {
+    use crate::repl::frame::{Message, RefuseCode};
+    let routes = Arc::new(routes);
+    let sizes = Arc::new(sizes);
+    let pool = crate::disk::buf::SharedPool::new(1 << 20);
+    let mut acceptor = crate::transport::Acceptor::new(endpoint);
+    while let Some(incoming) = acceptor.accept().await {
+        let Ok(conn) = incoming else { continue };
+        let (routes, sizes, pool) = (routes.clone(), sizes.clone(), pool.clone());
+        tokio::spawn(async move {
+            let peer = conn.remote_address();
+            let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+                return;
+            };
+            let first = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                crate::repl::stream::read_message(&mut recv, &pool),
+            )
+            .await;
+            let refuse = |code: RefuseCode, why: String| (code, why);
+            let refusal = match first {
+                Ok(Ok(Some((
+                    Message::Pull {
+                        version,
+                        volume,
+                        size,
+                        ..
+                    },
+                    _,
+                )))) => match (routes.get(&volume), sizes.get(&volume)) {
+                    (Some(route), Some(&here)) => {
+                        match crate::repl::core::mirror::check_hello(version, &volume, size, here) {
+                            Err(r) => r,
+                            Ok(()) => match route.try_send(Pulled {
+                                conn: conn.clone(),
+                                send,
+                                recv,
+                            }) {
+                                Ok(()) => return,
+                                Err(e) => {
+                                    let p = e.into_inner();
+                                    send = p.send;
+                                    refuse(
+                                        RefuseCode::Stopping,
+                                        format!("volume {volume} is busy: ask again"),
+                                    )
+                                }
+                            },
+                        }
+                    }
+                    _ => refuse(
+                        RefuseCode::UnknownVolume,
+                        format!("no volume named {volume:?} here"),
+                    ),
+                },
+                Ok(Ok(Some((Message::Hello { volume, .. }, _)))) => refuse(
+                    RefuseCode::BothPrimary,
+                    format!(
+                        "volume {volume}: this side is a primary too (it was promoted): one \
+                         of the two must be demoted, or its data given up with resolve"
+                    ),
+                ),
+                _ => refuse(RefuseCode::BadMessage, "expected Pull".into()),
+            };
+            tracing::warn!(%peer, code = ?refusal.0, "refused the peer: {}", refusal.1);
+            let _ = crate::repl::stream::write_message(
+                &mut send,
+                &Message::Refuse {
+                    code: refusal.0 as u16,
+                    reason: refusal.1,
+                },
+            )
+            .await;
+            let _ = send.finish();
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            conn.close(0u32.into(), b"refused");
+        });
+    }
 }
 
 /// `accept-volume NAME`: the admin says the volume's disk as it is now is the volume (after a
@@ -555,7 +932,9 @@ fn primary_status(volumes: &[String], shipping: &[Shipping]) -> serde_json::Valu
     let vols: Vec<serde_json::Value> = volumes
         .iter()
         .map(|name| match shipping.iter().find(|v| &v.name == name) {
-            None => serde_json::json!({ "name": name, "link": "none", "replicated": false, "state": "standalone" }),
+            None => serde_json::json!({ "name": name, "link": "none", "replicated": false,
+                "state": "standalone", "role": "primary", "disk_state": "UpToDate",
+                "peer_role": "none" }),
             Some(v) => {
                 let (j, s) = (&v.journal, &v.stats);
                 let js = j.stats();
@@ -566,8 +945,10 @@ fn primary_status(volumes: &[String], shipping: &[Shipping]) -> serde_json::Valu
                 // copy, or when the mirror refuses, there is no usable copy to be behind.
                 let rpo_known = s.mirror_consistent.load(Relaxed)
                     && !matches!(state, ReplState::Resyncing | ReplState::Refused
-                        | ReplState::SplitBrain | ReplState::Unrelated | ReplState::VolumeChanged);
-                serde_json::json!({
+                        | ReplState::SplitBrain | ReplState::Unrelated | ReplState::VolumeChanged
+                        | ReplState::BothPrimary);
+                let link_up = s.link_up.load(Relaxed);
+                let mut doc = serde_json::json!({
                     "name": name,
                     "replicated": true,
                     "state": state,
@@ -610,7 +991,21 @@ fn primary_status(volumes: &[String], shipping: &[Shipping]) -> serde_json::Valu
                         "kind": if s.dirty_resync.load(Relaxed) { "dirty" }
                             else if s.comparing.load(Relaxed) { "compare" } else { "copy" },
                     }) } else { serde_json::Value::Null },
-                })
+                });
+                doc["role"] = "primary".into();
+                doc["peer_role"] = if link_up {
+                    "secondary"
+                } else if state == ReplState::BothPrimary {
+                    "primary"
+                } else {
+                    "unknown"
+                }
+                .into();
+                // The primary's own disk holds the newest data by definition.
+                doc["disk_state"] = "UpToDate".into();
+                doc["promotion"] =
+                    serde_json::json!({ "allowed": false, "why": "already the primary" });
+                doc
             }
         })
         .collect();

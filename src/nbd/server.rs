@@ -37,6 +37,9 @@ pub struct Export {
     pub volume: Arc<crate::volume::Volume>,
 }
 
+/// How often an accept thread looks for a client and for the server's stop.
+const ACCEPT_POLL: Duration = Duration::from_millis(20);
+
 pub struct Server {
     exports: Vec<Export>,
     infos: Vec<ExportInfo>,
@@ -138,13 +141,14 @@ impl Server {
         listener: UnixListener,
     ) -> io::Result<std::thread::JoinHandle<()>> {
         let server = self.clone();
+        listener.set_nonblocking(true)?;
         std::thread::Builder::new()
             .name("nbd-unix-accept".into())
             .spawn(move || {
-                for stream in listener.incoming() {
-                    match stream {
-                        Ok(s) => server.spawn_conn(s, "unix".into()),
-                        Err(e) => tracing::warn!("accept on unix socket: {e}"),
+                while let Some(accepted) = server.next_accept(|| listener.accept()) {
+                    let (s, _) = accepted;
+                    if s.set_nonblocking(false).is_ok() {
+                        server.spawn_conn(s, "unix".into());
                     }
                 }
             })
@@ -155,22 +159,39 @@ impl Server {
         listener: TcpListener,
     ) -> io::Result<std::thread::JoinHandle<()>> {
         let server = self.clone();
+        listener.set_nonblocking(true)?;
         std::thread::Builder::new()
             .name("nbd-tcp-accept".into())
             .spawn(move || {
-                for stream in listener.incoming() {
-                    match stream {
-                        Ok(s) => {
-                            let peer = s
-                                .peer_addr()
-                                .map_or_else(|_| "tcp".into(), |a| a.to_string());
-                            let _ = s.set_nodelay(true);
-                            server.spawn_conn(s, peer)
-                        }
-                        Err(e) => tracing::warn!("accept on tcp socket: {e}"),
+                while let Some(accepted) = server.next_accept(|| listener.accept()) {
+                    let (s, peer) = accepted;
+                    let _ = s.set_nodelay(true);
+                    if s.set_nonblocking(false).is_ok() {
+                        server.spawn_conn(s, peer.to_string());
                     }
                 }
             })
+    }
+
+    /// The next client from a non-blocking listener, or None once the server stops: the
+    /// accept thread then ends, closing its listener and its hold on the volumes (a demoted
+    /// primary's role change opens them again).
+    fn next_accept<T>(&self, mut accept: impl FnMut() -> io::Result<T>) -> Option<T> {
+        loop {
+            if self.stopping.load(Ordering::SeqCst) {
+                return None;
+            }
+            match accept() {
+                Ok(t) => return Some(t),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(ACCEPT_POLL);
+                }
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    std::thread::sleep(ACCEPT_POLL);
+                }
+            }
+        }
     }
 
     fn spawn_conn<S: Stream>(self: &Arc<Self>, stream: S, peer: String) {

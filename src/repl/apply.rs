@@ -65,6 +65,10 @@ pub struct VolumeState {
     /// Cleared by any new session (a primary writes again).
     #[serde(default)]
     pub peer_demoted: Option<(GenId, u64)>,
+    /// How this side last changed role (`promote`, `promote --force`, `demote`): a daemon
+    /// started as the other role follows it instead of refusing the state directory.
+    #[serde(default)]
+    pub changed_role: Option<String>,
 }
 
 fn mirror_role() -> String {
@@ -85,6 +89,7 @@ impl Default for VolumeState {
             volume_changed: None,
             position_gen: None,
             peer_demoted: None,
+            changed_role: None,
         }
     }
 }

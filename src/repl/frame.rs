@@ -126,7 +126,12 @@
 //! or 4 primary never sends it and is compared instead.
 //!
 //! Version 6 adds roles that change (`repl::role`): a span may carry flags 5, a continuous
-//! generation that starts where a mirror was promoted.
+//! generation that starts where a mirror was promoted; **Pull** (type 11, secondary → peer,
+//! first on a stream the secondary opened, when the secondary is the side that dials):
+//! `version u16 | size u64 | has u8 (0/1) | gen u64 | seq u64 | volume (string) | check u32`
+//! (gen, seq: the consistent state the secondary holds, when `has`); a primary answers with
+//! Hello on the same stream and becomes the session's sending side, a secondary with Refuse
+//! (13, no primary). A Hello that reaches a primary is refused (14, both primaries).
 //!
 //! During a comparison the primary sends **Sums** (type 8): `offset u64 | chunk u32 (> 0) |
 //! count u16 (≤ 1024) | count × SHA-256 [32] | check u32`, in stream order with the sets; the
@@ -207,8 +212,9 @@ const TYPE_DECISION: u8 = 7;
 const TYPE_SUMS: u8 = 8;
 const TYPE_SUMS_REPLY: u8 = 9;
 const TYPE_SET3: u8 = 10;
+const TYPE_PULL: u8 = 11;
 /// The highest type byte in use.
-const TYPE_LAST: u8 = TYPE_SET3;
+const TYPE_LAST: u8 = TYPE_PULL;
 
 const SET_JOURNAL: u8 = 0;
 const SET_COPY: u8 = 1;
@@ -370,6 +376,17 @@ pub enum Message {
         chunk: u32,
         differ: Vec<bool>,
     },
+    /// secondary → its peer, first on a stream the secondary opened (version 6): "ship volume
+    /// `volume` to me on this stream" (the secondary is the side that dials). `holds`: the
+    /// data it holds as a consistent state (generation, seq), if it is one: a secondary peer
+    /// holding the same may be promoted without `--force`. A primary answers with Hello and
+    /// the session goes on as usual; a secondary with Refuse (NoPrimary).
+    Pull {
+        version: u16,
+        volume: String,
+        size: u64,
+        holds: Option<(GenId, u64)>,
+    },
 }
 
 /// How a session proceeds after the decision on connect (`repl::identity::decide`).
@@ -407,6 +424,11 @@ pub enum RefuseCode {
     SplitBrain = 11,
     /// The mirror is stopping: retry.
     Stopping = 12,
+    /// Neither side is a primary (a switchover between its demotion and its promotion):
+    /// retried until one is promoted.
+    NoPrimary = 13,
+    /// Both sides are primaries (permanent: no data flows until an admin demotes one).
+    BothPrimary = 14,
 }
 
 impl RefuseCode {
@@ -423,6 +445,8 @@ impl RefuseCode {
             10 => Unrelated,
             11 => SplitBrain,
             12 => Stopping,
+            13 => NoPrimary,
+            14 => BothPrimary,
             _ => return None,
         })
     }
@@ -436,6 +460,7 @@ impl RefuseCode {
                 | RefuseCode::SizeMismatch
                 | RefuseCode::Unrelated
                 | RefuseCode::SplitBrain
+                | RefuseCode::BothPrimary
         )
     }
 }
@@ -500,6 +525,7 @@ pub fn encode_with_crcs(
         Message::Decision { .. } => TYPE_DECISION,
         Message::Sums { .. } => TYPE_SUMS,
         Message::SumsReply { .. } => TYPE_SUMS_REPLY,
+        Message::Pull { .. } => TYPE_PULL,
     };
     let mut check = crc32fast::Hasher::new();
     check.update(&[ty]);
@@ -588,6 +614,20 @@ pub fn encode_with_crcs(
                 }
             }
             out.extend_from_slice(&bits);
+        }
+        Message::Pull {
+            version,
+            volume,
+            size,
+            holds,
+        } => {
+            out.extend_from_slice(&version.to_be_bytes());
+            out.extend_from_slice(&size.to_be_bytes());
+            out.push(u8::from(holds.is_some()));
+            let (gen, seq) = holds.unwrap_or((GenId(0), 0));
+            out.extend_from_slice(&gen.0.to_be_bytes());
+            out.extend_from_slice(&seq.to_be_bytes());
+            put_str(out, volume);
         }
     }
     if !matches!(msg, Message::Set(_)) {
@@ -1166,6 +1206,24 @@ fn parse_frame(frame: &[u8], owner: Option<&Bytes>) -> Result<Message, FrameErro
                 differ,
             }
         }
+        TYPE_PULL => {
+            let version = r.u16()?;
+            let size = r.u64()?;
+            let has = r.u8()?;
+            let (gen, seq) = (r.u64()?, r.u64()?);
+            let holds = match has {
+                0 => None,
+                1 if gen != 0 => Some((GenId(gen), seq)),
+                _ => return Err(FrameError::Malformed("pull: bad position")),
+            };
+            let volume = r.string()?;
+            Message::Pull {
+                version,
+                volume,
+                size,
+                holds,
+            }
+        }
         other => return Err(FrameError::UnknownType(other)),
     };
     r.finish()?;
@@ -1695,6 +1753,18 @@ mod tests {
                 code: 2,
                 reason: "unknown volume".into(),
             },
+            Message::Pull {
+                version: 6,
+                volume: "v".into(),
+                size: 1 << 30,
+                holds: Some((GenId(7), 99)),
+            },
+            Message::Pull {
+                version: 6,
+                volume: "w".into(),
+                size: 4096,
+                holds: None,
+            },
         ];
         let mut stream = Vec::new();
         for msg in &msgs {
@@ -2019,7 +2089,7 @@ mod tests {
 
     #[test]
     fn unknown_type_is_refused() {
-        for ty in [0u8, 11, 255] {
+        for ty in [0u8, TYPE_LAST + 1, 255] {
             assert_eq!(decode(&[0, 0, 0, 4, ty]), Err(FrameError::UnknownType(ty)));
         }
     }
@@ -2433,6 +2503,13 @@ mod tests {
                 .prop_map(|(offset, chunk, sums)| Message::Sums { offset, chunk, sums }),
             1 => (any::<u64>(), 1u32.., prop::collection::vec(any::<bool>(), 0..40))
                 .prop_map(|(offset, chunk, differ)| Message::SumsReply { offset, chunk, differ }),
+            1 => (any::<u16>(), "\\PC{0,32}", any::<u64>(), prop::option::of((1u64.., any::<u64>())))
+                .prop_map(|(version, volume, size, holds)| Message::Pull {
+                    version,
+                    volume,
+                    size,
+                    holds: holds.map(|(g, s)| (GenId(g), s)),
+                }),
         ]
     }
 

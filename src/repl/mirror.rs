@@ -206,6 +206,8 @@ pub struct MirrorVolume {
     history: Option<Mutex<Keeper>>,
     /// A read-only handle on the volume (the applier owns the other): what exports read.
     reader: Option<Arc<FileStorage>>,
+    /// The pipeline's threads, joined by [`MirrorVolume::stop`].
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl MirrorVolume {
@@ -340,6 +342,7 @@ impl MirrorVolume {
             session: Mutex::new(None),
             history: keeper.map(Mutex::new),
             reader: reader.map(Arc::new),
+            threads: Mutex::new(Vec::new()),
         });
         Ok((
             vol,
@@ -412,6 +415,99 @@ impl MirrorVolume {
         {
             let _ = rx.blocking_recv();
         }
+    }
+
+    /// End the pipeline after a clean stop ([`MirrorVolume::close`]): its threads exit and are
+    /// joined, so the volume's files are closed (its flock released) once the last handle on
+    /// this volume goes: another role can open it then.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        // Senders whose receivers are gone: the threads' channels disconnect, in order.
+        *self.jobs.lock().unwrap() = mpsc::channel().0;
+        *self.apply_tx.lock().unwrap() = mpsc::channel().0;
+        let threads: Vec<_> = self.threads.lock().unwrap().drain(..).collect();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    /// A promotion without --force would wait for the peer's demotion notice: a consistent
+    /// copy, no primary connected, the peer's data not known yet.
+    pub fn awaits_peer_notice(&self) -> bool {
+        let core = self.core.lock().unwrap();
+        !self.stats.link_up.load(Ordering::Relaxed)
+            && core.state().consistent()
+            && core.state().peer_demoted.is_none()
+    }
+
+    /// This secondary's `Pull`: the volume, and the consistent state it holds (if it is one).
+    fn pull_message(&self) -> Message {
+        let holds = {
+            let core = self.core.lock().unwrap();
+            let st = core.state();
+            (st.consistent() && core.staging().is_none())
+                .then_some(st.position_gen.map(|g| (g, st.applied_seq)))
+                .flatten()
+        };
+        Message::Pull {
+            version: crate::repl::frame::PROTOCOL_VERSION,
+            volume: self.name.clone(),
+            size: self.size,
+            holds,
+        }
+    }
+
+    /// Whether `promote` (`force`: `--force`) may go on now, from what the volume holds (the
+    /// same rules `role::promoted` applies to the state saved once everything is applied).
+    pub fn promotable(&self, force: bool) -> Result<(), String> {
+        let core = self.core.lock().unwrap();
+        if core.staging().is_some() && !force {
+            return Err(format!(
+                "volume {}: a resync from the primary is staged and not finished: the volume \
+                 holds the older consistent state (promote --force keeps it)",
+                self.name
+            ));
+        }
+        let st = core.state();
+        let disk =
+            st.identity
+                .fingerprint
+                .clone()
+                .unwrap_or(crate::disk::fingerprint::Fingerprint {
+                    kind: crate::disk::fingerprint::DiskKind::File,
+                    dev: 0,
+                    ino: 0,
+                    born: None,
+                    serial: None,
+                    size: self.size,
+                    ctime: None,
+                });
+        crate::repl::role::promoted(st, crate::repl::identity::GenId(1), &disk, force)
+            .map(|_| ())
+            .map_err(|why| format!("volume {}: {why}", self.name))
+    }
+
+    /// The primary told this side it was demoted (`Message::Pull` of a secondary peer) with
+    /// its data at (`gen`, `seq`): recorded durably when this volume holds exactly that
+    /// (`MirrorCore::peer_demoted`), after everything received is applied and checkpointed.
+    pub fn learn_peer_demoted(
+        &self,
+        gen: crate::repl::identity::GenId,
+        seq: u64,
+    ) -> Result<(), String> {
+        self.barrier_blocking().map_err(|(_, why)| why)?;
+        let state = {
+            let mut core = self.core.lock().unwrap();
+            if core.state().peer_demoted == Some((gen, seq)) {
+                return Ok(());
+            }
+            core.peer_demoted(gen, seq)?;
+            core.state().clone()
+        };
+        self.save_state(&state).map_err(|e| e.to_string())?;
+        tracing::info!(volume = %self.name, %gen, seq,
+            "the peer is a secondary holding the same data: this side may be promoted");
+        Ok(())
     }
 
     /// Apply sets in order. The volume is synced and the state saved (a checkpoint) at most
@@ -824,7 +920,19 @@ impl MirrorVolume {
         let failure = core.failure().cloned();
         let refused = core.refused().cloned();
         let staging = core.staging();
+        let peer_demoted = core.state().peer_demoted;
         drop(core);
+        let promotion = match self.promotable(false) {
+            Ok(()) if !link_up => serde_json::json!({ "allowed": true, "force_needed": false }),
+            Ok(()) => serde_json::json!({ "allowed": false, "force_needed": false,
+                "why": "its primary is connected: demote it first" }),
+            Err(why) => serde_json::json!({
+                "allowed": false,
+                // --force would do (the primary is gone): a consistent copy it holds.
+                "force_needed": !link_up && self.promotable(true).is_ok(),
+                "why": why,
+            }),
+        };
         let history = self.history.as_ref().map(|h| {
             let h = h.lock().unwrap();
             let points = h.log.points();
@@ -868,8 +976,22 @@ impl MirrorVolume {
         } else {
             "resync (copy or comparison) not complete: NOT consistent".into()
         };
+        // DRBD's words: UpToDate while its primary ships to it (or a demoted peer holds the
+        // same), Consistent when it holds a consistent copy on its own, Inconsistent during a
+        // copy or comparison.
+        let disk_state = if !consistent {
+            "Inconsistent"
+        } else if link_up || peer_demoted.is_some() {
+            "UpToDate"
+        } else {
+            "Consistent"
+        };
         serde_json::json!({
             "name": self.name,
+            "role": "secondary",
+            "peer_role": if link_up { "primary" } else if peer_demoted.is_some() { "secondary" } else { "unknown" },
+            "disk_state": disk_state,
+            "promotion": promotion,
             "link": if link_up { "up" } else { "down" },
             "state": state,
             "state_detail": detail,
@@ -1107,10 +1229,11 @@ impl Threads {
     fn start(self, vol: Arc<MirrorVolume>, applier: Applier) {
         drop(self.apply_tx);
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new()
+            let t = std::thread::Builder::new()
                 .name(name)
                 .spawn(f)
-                .expect("a pipeline thread starts")
+                .expect("a pipeline thread starts");
+            vol.threads.lock().unwrap().push(t);
         };
         let v = vol.clone();
         let (jobs_rx, sync_tx) = (self.jobs_rx, self.sync_tx);
@@ -1258,7 +1381,7 @@ impl Mirror {
         let first =
             tokio::time::timeout(Duration::from_secs(10), read_message(&mut recv, &self.pool))
                 .await;
-        let (version, volume, size) = match first {
+        match first {
             Ok(Ok(Some((
                 Message::Hello {
                     version,
@@ -1266,10 +1389,45 @@ impl Mirror {
                     size,
                 },
                 _,
-            )))) => (version, volume, size),
+            )))) => {
+                self.hello(conn, send, recv, version, volume, size).await;
+            }
+            Ok(Ok(Some((Message::Pull { volume, holds, .. }, _)))) => {
+                // A secondary dialed, asking this side to ship: it is a secondary too.
+                let why = match self.volumes.iter().find(|v| v.name == volume).cloned() {
+                    None => format!("no volume named {volume:?} here"),
+                    Some(vol) => {
+                        let learned = match holds {
+                            Some((gen, seq)) => tokio::task::spawn_blocking(move || {
+                                vol.learn_peer_demoted(gen, seq)
+                            })
+                            .await
+                            .unwrap_or_else(|e| Err(e.to_string())),
+                            None => Err("it holds no consistent copy".into()),
+                        };
+                        match learned {
+                            Ok(()) => format!(
+                                "volume {volume}: this side is a secondary too; it holds what \
+                                 the peer holds, and may be promoted (blkmirror promote)"
+                            ),
+                            Err(why) => format!(
+                                "volume {volume}: this side is a secondary too (promote one \
+                                 of the two; the peer's data is not this side's: {why})"
+                            ),
+                        }
+                    }
+                };
+                tracing::info!(%peer, "a secondary asked for a volume: {why}");
+                // What this side holds, so that the peer may learn it too (either of two
+                // secondaries holding the same data may be promoted without --force).
+                if let Some(vol) = self.volumes.iter().find(|v| v.name == volume) {
+                    let _ = write_message(&mut send, &vol.pull_message()).await;
+                }
+                refuse_and_close(&conn, &mut send, RefuseCode::NoPrimary, why).await;
+            }
             Ok(Ok(other)) => {
                 let what = describe(other.map(|(m, _)| m));
-                return refuse_and_close(
+                refuse_and_close(
                     &conn,
                     &mut send,
                     RefuseCode::BadMessage,
@@ -1278,11 +1436,10 @@ impl Mirror {
                 .await;
             }
             Ok(Err(e)) => {
-                return refuse_and_close(&conn, &mut send, RefuseCode::BadMessage, e.to_string())
-                    .await
+                refuse_and_close(&conn, &mut send, RefuseCode::BadMessage, e.to_string()).await
             }
             Err(_) => {
-                return refuse_and_close(
+                refuse_and_close(
                     &conn,
                     &mut send,
                     RefuseCode::BadMessage,
@@ -1290,40 +1447,110 @@ impl Mirror {
                 )
                 .await
             }
-        };
+        }
+    }
+
+    /// This side dials (a demoted primary, `--mirror`): ask the peer to ship `vol` on a new
+    /// stream (`Message::Pull`), then serve the session it starts until it ends. Err: the
+    /// peer's refusal (not a primary yet, ...) or the link's failure.
+    pub async fn pull(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        vol: Arc<MirrorVolume>,
+    ) -> Result<(), String> {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        write_message(&mut send, &vol.pull_message())
+            .await
+            .map_err(|e| e.to_string())?;
+        let first = read_message(&mut recv, &self.pool)
+            .await
+            .map_err(|e| e.to_string())?;
+        match first {
+            Some((
+                Message::Hello {
+                    version,
+                    volume,
+                    size,
+                },
+                _,
+            )) => {
+                let task = self.hello(conn, send, recv, version, volume, size).await;
+                if let Some(t) = task {
+                    let _ = t.await;
+                }
+                Err("the session ended".into())
+            }
+            Some((Message::Pull { holds, .. }, _)) => {
+                // A secondary too: learn what it holds (see `connection`).
+                let learned = match holds {
+                    Some((gen, seq)) => {
+                        let v = vol.clone();
+                        tokio::task::spawn_blocking(move || v.learn_peer_demoted(gen, seq))
+                            .await
+                            .unwrap_or_else(|e| Err(e.to_string()))
+                    }
+                    None => Err("it holds no consistent copy".into()),
+                };
+                Err(match learned {
+                    Ok(()) => "the peer is a secondary too, holding the same data: either may \
+                               be promoted"
+                        .into(),
+                    Err(why) => format!("the peer is a secondary too ({why})"),
+                })
+            }
+            Some((Message::Refuse { code, reason }, _)) => {
+                Err(format!("{reason} ({:?})", RefuseCode::from_u16(code)))
+            }
+            other => Err(format!(
+                "expected Hello, got {}",
+                describe(other.map(|(m, _)| m))
+            )),
+        }
+    }
+
+    /// A primary's Hello on `send`/`recv`: checks, its Identify, then its session (the task,
+    /// when one starts).
+    async fn hello(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        version: u16,
+        volume: String,
+        size: u64,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let peer = conn.remote_address();
         let Some(vol) = self.volumes.iter().find(|v| v.name == volume).cloned() else {
-            return refuse_and_close(
+            refuse_and_close(
                 &conn,
                 &mut send,
                 RefuseCode::UnknownVolume,
                 format!("no volume named {volume:?} here"),
             )
             .await;
+            return None;
         };
         if let Err((code, why)) = check_hello(version, &volume, size, vol.size) {
-            return refuse_and_close(&conn, &mut send, code, why).await;
+            refuse_and_close(&conn, &mut send, code, why).await;
+            return None;
         }
         let claim = {
             match read_message(&mut recv, &self.pool).await {
                 Ok(Some((Message::Identify(c), _))) => c,
                 Ok(other) => {
                     let what = describe(other.map(|(m, _)| m));
-                    return refuse_and_close(
+                    refuse_and_close(
                         &conn,
                         &mut send,
                         RefuseCode::BadMessage,
                         format!("expected Identify, got {what}"),
                     )
                     .await;
+                    return None;
                 }
                 Err(e) => {
-                    return refuse_and_close(
-                        &conn,
-                        &mut send,
-                        RefuseCode::BadMessage,
-                        e.to_string(),
-                    )
-                    .await
+                    refuse_and_close(&conn, &mut send, RefuseCode::BadMessage, e.to_string()).await;
+                    return None;
                 }
             }
         };
@@ -1337,7 +1564,7 @@ impl Mirror {
             *vol.stats.last_error.lock().unwrap() = why.clone();
             vol.stats.refused.fetch_add(1, Ordering::Relaxed);
             send_refusal(&conn, &mut send, code, why).await;
-            return;
+            return None;
         }
         // A reconnecting primary replaces its stale session.
         let task = {
@@ -1362,6 +1589,7 @@ impl Mirror {
         if let Some(old) = stale {
             old.abort();
         }
+        Some(task)
     }
 }
 

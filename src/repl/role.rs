@@ -171,16 +171,21 @@ pub fn promoted(
         role: Role::Primary.in_state_file().into(),
         identity,
         volume_changed: None,
+        changed_role: Some(if force { "promote --force" } else { "promote" }.into()),
     };
     Ok((state, next_seq))
 }
 
 /// The state a primary with `st`, whose journal's last write is `last_seq`, has as a mirror
-/// once demoted: consistent at that write. `disk` is the volume's disk now, sealed (the
-/// primary role stopped cleanly); `newest_write_ms` when that write completed.
+/// once demoted: consistent at that write, named by generation `held` — the one current
+/// while its peer acknowledged every write, in a live session (so the peer's lineage has it;
+/// a generation minted since, when that session ended, holds no write: the writes stopped
+/// first). `disk` is the volume's disk now, sealed (the primary role stopped cleanly);
+/// `newest_write_ms` when that write completed.
 pub fn demoted(
     st: &PrimaryVolumeState,
     last_seq: u64,
+    held: GenId,
     disk: &Fingerprint,
     newest_write_ms: u64,
 ) -> Result<VolumeState, String> {
@@ -192,15 +197,9 @@ pub fn demoted(
     let uuid = st.identity.uuid.ok_or_else(|| {
         "the volume was never replicated: there is no peer to take over from it".to_string()
     })?;
-    // The current generation names the data: every write since it began, tracked ones (a
-    // dirty map's, which take no sequence number) included. A planned demotion happens with
-    // its session live, so the peer's lineage has it.
-    let held = st
-        .identity
-        .lineage
-        .current()
-        .map(|s| s.gen)
-        .ok_or_else(|| "the volume's lineage is empty".to_string())?;
+    if !st.identity.lineage.spans.iter().any(|s| s.gen == held) {
+        return Err(format!("generation {held} is not in the volume's lineage"));
+    }
     let mut identity = st.identity.clone();
     identity.uuid = Some(uuid);
     identity.fingerprint = Some(disk.clone());
@@ -216,6 +215,7 @@ pub fn demoted(
         volume_changed: None,
         position_gen: Some(held),
         peer_demoted: None,
+        changed_role: Some("demote".into()),
     })
 }
 
@@ -316,6 +316,7 @@ mod tests {
                 ..Default::default()
             },
             volume_changed: None,
+            changed_role: None,
         }
     }
 
@@ -372,7 +373,7 @@ mod tests {
             Decision::Resume { from_seq: 100 }
         );
         // Switchover: the primary is demoted at 100, the mirror promoted.
-        let old = demoted(&p, 100, &disk(1), 5).unwrap();
+        let old = demoted(&p, 100, GenId(2), &disk(1), 5).unwrap();
         assert!(old.consistent());
         assert_eq!(old.position_gen, Some(GenId(2)));
         // Not without knowing the primary was demoted (or --force).
@@ -398,7 +399,14 @@ mod tests {
         old_as_mirror.identity.lineage = new.identity.lineage.clone();
         old_as_mirror.applied_seq = 120;
         old_as_mirror.position_gen = Some(GenId(3));
-        let new_demoted = demoted(&new, 120, &disk(2), 6).unwrap();
+        let new_demoted = demoted(
+            &new,
+            120,
+            new.identity.lineage.current().unwrap().gen,
+            &disk(2),
+            6,
+        )
+        .unwrap();
         old_as_mirror.peer_demoted = Some((GenId(3), 120));
         let (back, next) = promoted(&old_as_mirror, GenId(4), &disk(1), false).unwrap();
         assert_eq!(next, 121);
@@ -420,7 +428,7 @@ mod tests {
         assert_eq!(gens, vec![1, 2, 3]);
         // The old primary coming back with its tail is never resumed as the same data: its
         // writes past 80 are not the new primary's.
-        let old = demoted(&p, 100, &disk(1), 0).unwrap();
+        let old = demoted(&p, 100, GenId(9), &disk(1), 0).unwrap();
         assert!(matches!(
             decide(&claim(&new, 80, 90, 2), &holds(&old)),
             Decision::Refuse {
@@ -447,7 +455,7 @@ mod tests {
         assert!(promoted(&changed, GenId(5), &disk(2), true).is_err());
         let mut unpaired = primary_state(&[(1, 1)]);
         unpaired.identity.uuid = None;
-        assert!(demoted(&unpaired, 3, &disk(1), 0).is_err());
+        assert!(demoted(&unpaired, 3, GenId(1), &disk(1), 0).is_err());
     }
 
     fn journal_opts(fs: &Fs, dir: &Path) -> JournalOptions {
@@ -493,7 +501,7 @@ mod tests {
         commit_promotion(&fs, root, "v", &st, next, "b", None).unwrap();
         assert_eq!(recorded(&fs, root, "v").unwrap(), Some(Role::Primary));
         assert!(fs.read_dir(&redo).unwrap().is_empty());
-        let back = demoted(&st, 10, &disk(2), 0).unwrap();
+        let back = demoted(&st, 10, GenId(9), &disk(2), 0).unwrap();
         commit_demotion(&fs, root, "v", &back, None).unwrap();
         assert_eq!(recorded(&fs, root, "v").unwrap(), Some(Role::Secondary));
         assert!(fs.read_dir(&journal_dir(root, "v")).unwrap().is_empty());

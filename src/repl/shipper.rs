@@ -67,6 +67,10 @@ pub struct ShipStats {
     pub copy_started: Mutex<Option<std::time::Instant>>,
     /// The admin's online verify: the running one, or the last one.
     pub verify: Mutex<Option<VerifyRun>>,
+    /// A planned demotion: the session's answer to "would it lose a write now?" as of the
+    /// last time it looked (`Session::demote_blocker`; `Ok`: no, with the data's name then,
+    /// (generation, last seq)). None while no session runs.
+    pub demotable: Mutex<Option<Result<(GenId, u64), String>>>,
 }
 
 /// An online verify an admin asked for (`blkmirror verify`), as status shows it.
@@ -255,8 +259,7 @@ pub struct Shipper {
     pub storage: Arc<dyn Storage>,
     /// The volume as replication reads it: never a range with a change in flight.
     pub reader: Arc<dyn crate::volume::VolumeRead>,
-    pub endpoint: quinn::Endpoint,
-    pub mirror: SocketAddr,
+    pub link: ShipLink,
     pub identity: Arc<Identity>,
     pub stats: Arc<ShipStats>,
     pub record: Arc<VolumeRecord>,
@@ -268,6 +271,28 @@ pub struct Shipper {
     /// Woken by the journal when records or dirty ranges arrive.
     pub records: Arc<tokio::sync::Notify>,
 }
+
+/// How a shipper reaches its peer: who dials is configuration, whatever the roles.
+pub enum ShipLink {
+    /// This side dials the peer (`--mirror HOST:PORT`).
+    Dial {
+        endpoint: quinn::Endpoint,
+        peer: SocketAddr,
+    },
+    /// The peer dials (this side was a mirror, `--listen`, and was promoted): its `Pull`
+    /// streams are handed over by the listener, one session each.
+    Answer(tokio::sync::Mutex<mpsc::Receiver<Pulled>>),
+}
+
+/// A stream a secondary opened and asked this primary to ship on (`Message::Pull`).
+pub struct Pulled {
+    pub conn: quinn::Connection,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+}
+
+/// Pull streams waiting for their shipper: a secondary asks again when one is not taken.
+pub const PULLS_QUEUED: usize = 4;
 
 /// Free encode buffers kept for reuse: a few sets' worth.
 pub const ENCODE_POOL_BYTES: usize = 32 << 20;
@@ -323,6 +348,7 @@ impl Shipper {
                 Err(e) => e.to_string(),
             });
             let was_up = was_up || self.stats.link_up.swap(false, Ordering::Relaxed);
+            *self.stats.demotable.lock().unwrap() = None;
             self.stats.copying.store(false, Ordering::Relaxed);
             if was_up {
                 self.peer_lost().await;
@@ -391,8 +417,22 @@ impl Shipper {
     }
 
     async fn session(self: &Arc<Self>) -> Result<(), SessionError> {
-        let conn = transport::connect(&self.endpoint, self.mirror, &self.identity).await?;
-        let (mut send, recv) = conn.open_bi().await?;
+        let (conn, mut send, recv) = match &self.link {
+            ShipLink::Dial { endpoint, peer } => {
+                let conn = transport::connect(endpoint, *peer, &self.identity).await?;
+                let (send, recv) = conn.open_bi().await?;
+                (conn, send, recv)
+            }
+            ShipLink::Answer(pulls) => {
+                let p =
+                    pulls.lock().await.recv().await.ok_or_else(|| {
+                        SessionEnd::Protocol("this side no longer listens".into())
+                    })?;
+                tracing::info!(volume = %self.volume, peer = %p.conn.remote_address(),
+                    "the secondary asks for the volume: shipping to it");
+                (p.conn, p.send, p.recv)
+            }
+        };
         let claim = self
             .record
             .snapshot()
@@ -494,6 +534,7 @@ impl Shipper {
                 self.show_resync_progress(sess);
             }
             self.show_resync_progress(sess);
+            self.show_demotable(sess);
             if self.verify_turn(sess) {
                 // Started now: its first units are due.
                 continue;
@@ -518,6 +559,19 @@ impl Shipper {
                 }
             }
         }
+    }
+
+    /// Whether a demotion would lose a write now, for `demote` (the writes have stopped when it
+    /// asks).
+    fn show_demotable(&self, sess: &Session) {
+        let answer = match sess.demote_blocker(&self.journal, 0) {
+            Some(why) => Err(why),
+            None => match self.record.snapshot().identity.lineage.current() {
+                Some(span) => Ok((span.gen, self.journal.last_seq())),
+                None => Err("the volume has no generation yet".into()),
+            },
+        };
+        *self.stats.demotable.lock().unwrap() = Some(answer);
     }
 
     /// A running copy's, comparison's or resync's progress, for status.

@@ -866,7 +866,8 @@ impl PrimaryHost {
     pub fn demote(&mut self) -> Result<(), String> {
         let u = self.up.as_ref().ok_or("not running")?;
         let disk = self.disk.fingerprint().expect("simulated disk");
-        let st = role::demoted(&u.state, u.journal.last_seq(), &disk, 0)?;
+        let held = u.state.identity.lineage.current().ok_or("no lineage")?.gen;
+        let st = role::demoted(&u.state, u.journal.last_seq(), held, &disk, 0)?;
         u.journal
             .close()
             .map_err(|e| format!("journal close: {e}"))?;

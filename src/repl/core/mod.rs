@@ -38,6 +38,9 @@ pub enum ReplState {
     VolumeChanged,
     /// The mirror's disk or redo log failed.
     Failed,
+    /// The peer is a primary too (promoted while this side was away, or a second primary):
+    /// nothing is shipped until one of the two is demoted.
+    BothPrimary,
 }
 
 impl fmt::Display for ReplState {

@@ -113,6 +113,7 @@ impl SessionEnd {
             SessionEnd::Refused { code, .. } => match RefuseCode::from_u16(*code) {
                 Some(RefuseCode::SplitBrain) => ReplState::SplitBrain,
                 Some(RefuseCode::Unrelated) => ReplState::Unrelated,
+                Some(RefuseCode::BothPrimary) => ReplState::BothPrimary,
                 Some(c) if c.permanent() => ReplState::Refused,
                 Some(RefuseCode::VolumeFailed | RefuseCode::RedoFailed) => ReplState::Failed,
                 _ => ReplState::Connecting,
@@ -1072,6 +1073,10 @@ pub struct PrimaryVolumeState {
     /// restarts until accepted.
     #[serde(default)]
     pub volume_changed: Option<String>,
+    /// How this side last changed role (`promote`, `promote --force`, `demote`): a daemon
+    /// started as the other role follows it instead of refusing the state directory.
+    #[serde(default)]
+    pub changed_role: Option<String>,
 }
 
 impl PrimaryVolumeState {

@@ -1,0 +1,253 @@
+//! Roles that change without a restart (docs/FAILOVER.md), with real processes: a planned
+//! switchover under a running write workload and back, the commands' "already" and wrong-state
+//! answers and exit codes, and a daemon started on a state directory of the other role.
+//!
+//! No timed assertions: every wait is for a condition, with a generous timeout.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const SIZE: u64 = 64 * MIB;
+/// workload.py's block size, and the blocks of a 64 MiB volume.
+const BLOCK: u64 = 4096;
+const BLOCKS: u64 = SIZE / BLOCK;
+
+fn tool(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tools")
+        .join(name)
+}
+
+/// A running pair whose mirror can be promoted (it has an NBD socket to serve on).
+fn switchable_pair() -> (Pair, PathBuf) {
+    let mut p = Pair::new(PairOptions::default());
+    let sock = p.dir().join("mirror-nbd.sock");
+    p.mirror.push_args(&["--nbd-unix", sock.to_str().unwrap()]);
+    p.mirror.start();
+    p.primary.start();
+    p.wait_consistent();
+    (p, sock)
+}
+
+/// `blkmirror ARGS --json`: (exit code, the JSON printed, stderr).
+fn json_cmd(args: &[&str]) -> (i32, Value, String) {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let (code, out, err) = cli(&all);
+    let v = serde_json::from_str(out.trim()).unwrap_or(Value::Null);
+    (code.expect("exited"), v, err)
+}
+
+fn demote(control: &Path) -> (i32, Value, String) {
+    json_cmd(&[
+        "demote",
+        "--control",
+        control.to_str().unwrap(),
+        "--timeout",
+        "60",
+    ])
+}
+
+fn promote(control: &Path, extra: &[&str]) -> (i32, Value, String) {
+    let mut a = vec!["promote", "--control", control.to_str().unwrap()];
+    a.extend_from_slice(extra);
+    json_cmd(&a)
+}
+
+/// tools/workload.py writing seqs `start..=end` of plan `seed` through `sock`, a FLUSH after
+/// every write, its acknowledged point logged to `log`.
+fn workload(p: &Pair, sock: &Path, seed: u64, start: u64, end: u64, log: &Path) -> Background {
+    let mut c = Command::new("/usr/bin/python3");
+    c.arg(tool("workload.py"))
+        .args(["--uri", &uri_of(sock)])
+        .args(["--seed", &seed.to_string()])
+        .args(["--writes", &end.to_string()])
+        .args(["--start-seq", &start.to_string()])
+        .args(["--blocks", &BLOCKS.to_string()])
+        .args(["--block-size", &BLOCK.to_string()])
+        .args(["--flush-every", "1"])
+        .args(["--log", log.to_str().unwrap()]);
+    Background::spawn(
+        &format!("workload seqs {start}..={end}"),
+        c,
+        &p.dir().join(format!("workload-{start}.out")),
+    )
+}
+
+/// The last write the workload's log says was acknowledged (0: none).
+fn acknowledged(log: &Path) -> u64 {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v["flushed_upto"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
+/// tools/crashcheck.py: the image is the state after writes 1..=P of plan `seed` for some P
+/// of at least `min_seq`; returns P.
+fn prefix_of(image: &Path, seed: u64, writes: u64, min_seq: u64) -> u64 {
+    let o = run_output(
+        "/usr/bin/python3",
+        &[
+            tool("crashcheck.py").to_str().unwrap(),
+            "--image",
+            image.to_str().unwrap(),
+            "--seed",
+            &seed.to_string(),
+            "--writes",
+            &writes.to_string(),
+            "--blocks",
+            &BLOCKS.to_string(),
+            "--min-seq",
+            &min_seq.to_string(),
+        ],
+        None,
+    );
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success() && out.starts_with("OK"),
+        "{} is not a prefix state of at least seq {min_seq}: {out}{}",
+        image.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out.split_whitespace()
+        .find_map(|w| w.strip_prefix("prefix="))
+        .and_then(|p| p.parse().ok())
+        .expect("crashcheck prints prefix=")
+}
+
+/// Wait until daemon `d`'s volume is `role` (`primary`, `secondary`) and replicating; its
+/// status then.
+fn wait_role(d: &Daemon, role: &str) -> Value {
+    let v = wait_for(
+        &format!("{} running as {role}, replicating", d.label),
+        LONG,
+        &[d],
+        |v| v[0]["role"] == role && v[0]["state"] == "replicating",
+    );
+    v[0].clone()
+}
+
+/// A planned switchover under a running workload loses nothing and copies nothing: `demote`
+/// returns once the mirror holds every write (the workload's acknowledged writes are all in
+/// the new primary's image, which is exactly a prefix state), the mirror is promoted, the
+/// replication reverses and resumes without a copy or comparison; writes go on at the new
+/// primary, and a second switchover brings the roles back. Both images are identical at the
+/// end. Each command asked twice answers "already" with exit 0.
+#[test]
+fn a_planned_switchover_under_load_loses_and_copies_nothing_and_switches_back() {
+    let (mut p, mirror_sock) = switchable_pair();
+    let (pc, mc) = (p.primary.control.clone(), p.mirror.control.clone());
+    let seed = 15;
+    let log1 = p.dir().join("load1.log");
+    let mut load = workload(&p, &p.nbd_sock.clone(), seed, 1, 1_000_000, &log1);
+    wait_for("the workload to have written 300 writes", LONG, &[], |_| {
+        acknowledged(&log1) >= 300
+    });
+    let (code, v, err) = demote(&pc);
+    assert_eq!(code, 0, "demote: {v} {err}");
+    assert_eq!(v["result"], "demoted", "{v}");
+    assert_eq!(v["role"], "secondary", "{v}");
+    // Its exports are closed: the workload's connection ends with an error.
+    let _ = load.wait();
+    let acked = acknowledged(&log1);
+    assert!(acked >= 300, "{acked}");
+    // Asked again: already.
+    let (code, v, _) = demote(&pc);
+    assert_eq!((code, v["result"].as_str()), (0, Some("already")), "{v}");
+    let (code, v, err) = promote(&mc, &[]);
+    assert_eq!(code, 0, "promote: {v} {err}");
+    assert_eq!(v["result"], "promoted", "{v}");
+    let (code, v, _) = promote(&mc, &[]);
+    assert_eq!((code, v["result"].as_str()), (0, Some("already")), "{v}");
+    // The new primary holds every acknowledged write, as an exact prefix state; the reverse
+    // direction resumes (no copy, no comparison).
+    let first = prefix_of(&p.mirror_img, seed, 1_000_000, acked);
+    let np = wait_role(&p.mirror, "primary");
+    let op = wait_role(&p.primary, "secondary");
+    assert_eq!(np["last_decision"], "same data: resuming", "{np}");
+    assert!(np["initial_copy"].is_null(), "{np}");
+    assert_eq!(np["peer_role"], "secondary", "{np}");
+    assert_eq!(op["consistent"], true, "{op}");
+    assert_eq!(op["disk_state"], "UpToDate", "{op}");
+    // Writes go on at the new primary and reach the old one.
+    let log2 = p.dir().join("load2.log");
+    let mut load = workload(&p, &mirror_sock, seed, first + 1, first + 400, &log2);
+    load.wait_success();
+    let end = first + 400;
+    wait_for(
+        "the old primary to hold the new writes",
+        LONG,
+        &[&p.primary, &p.mirror],
+        |v| synced(&v[0], &v[1]),
+    );
+    // And back.
+    let (code, v, err) = demote(&mc);
+    assert_eq!(code, 0, "demote back: {v} {err}");
+    let (code, v, err) = promote(&pc, &[]);
+    assert_eq!(code, 0, "promote back: {v} {err}");
+    assert_eq!(prefix_of(&p.primary_img, seed, end, end), end);
+    wait_role(&p.primary, "primary");
+    wait_role(&p.mirror, "secondary");
+    p.stop_both();
+    let (a, b) = (
+        std::fs::read(&p.primary_img).unwrap(),
+        std::fs::read(&p.mirror_img).unwrap(),
+    );
+    assert!(a == b, "the two images differ after switching back");
+}
+
+/// Wrong states get a distinct exit code (9) and a sentence saying why: promoting a mirror
+/// whose primary is connected; demoting a primary that replicates to nobody. A daemon started
+/// on a state directory of the other role refuses, naming promote and demote.
+#[test]
+fn wrong_states_are_refused_with_exit_9_and_the_reason() {
+    let (mut p, _sock) = switchable_pair();
+    let (code, v, err) = promote(&p.mirror.control.clone(), &[]);
+    assert_eq!(code, 9, "{v} {err}");
+    assert!(err.contains("demote it first"), "{err}");
+    let (code, v, err) = promote(&p.mirror.control.clone(), &["--force"]);
+    assert_eq!(code, 9, "--force is for a primary that is gone: {v} {err}");
+    p.stop_both();
+    // A primary started on the mirror's state directory.
+    let (code, _, err) = cli(&[
+        "primary",
+        "--volume",
+        &format!("{VOL}={}", p.mirror_img.display()),
+        "--nbd-unix",
+        p.dir().join("x.sock").to_str().unwrap(),
+        "--state-dir",
+        p.mirror_state.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(9), "{err}");
+    assert!(err.contains("blkmirror promote"), "{err}");
+    // A standalone primary has nobody to hand over to.
+    let state = p.dir().join("alone");
+    let sock = p.dir().join("alone.sock");
+    let mut alone = Daemon::new(
+        "standalone primary",
+        vec![
+            "primary".into(),
+            "--volume".into(),
+            format!("v={},size=16M", p.dir().join("alone.img").display()).into(),
+            "--nbd-unix".into(),
+            sock.clone().into(),
+            "--state-dir".into(),
+            state.clone().into(),
+        ],
+        p.dir().join("alone.log"),
+        state.join("control.sock"),
+        Some(sock),
+    );
+    alone.start();
+    let (code, v, err) = demote(&alone.control.clone());
+    assert_eq!(code, 9, "{v} {err}");
+    assert!(err.contains("nobody to take over"), "{err}");
+    stop_ok(&mut alone);
+}
