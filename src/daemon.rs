@@ -319,58 +319,72 @@ pub fn serve_control(path: &Path, handler: Handler) -> Result<ControlSocket, Dae
 /// the handler the running role installed ([`ControlSwitch::install`]); between two roles, by
 /// one that says what is going on.
 pub struct ControlSwitch {
-    handler: std::sync::RwLock<Handler>,
+    path: PathBuf,
+    handler: Arc<std::sync::RwLock<Handler>>,
+    /// Bound when the first role installs its handler (so that the socket answers only once
+    /// a role is ready), unbound when this is dropped.
+    socket: std::sync::Mutex<Option<ControlSocket>>,
 }
 
 impl ControlSwitch {
-    /// Bind `path` and answer with whatever handler is installed (at first: "starting").
-    pub fn serve(path: &Path) -> Result<(ControlSocket, Arc<ControlSwitch>), DaemonError> {
-        let switch = Arc::new(ControlSwitch {
-            handler: std::sync::RwLock::new(Arc::new(|_: &[&str]| {
-                serde_json::json!({
-                    "error": "the daemon is starting: ask again in a moment",
-                    "code": "busy",
-                })
-            })),
-        });
-        let s = switch.clone();
-        let socket = serve_control(
-            path,
-            Arc::new(move |words: &[&str]| {
-                let h = s.handler.read().unwrap().clone();
-                h(words)
-            }),
-        )?;
-        Ok((socket, switch))
+    /// The control socket at `path`, bound by the first [`ControlSwitch::install`].
+    pub fn new(path: &Path) -> Arc<ControlSwitch> {
+        Arc::new(ControlSwitch {
+            path: path.to_path_buf(),
+            handler: Arc::new(std::sync::RwLock::new(Arc::new(
+                |_: &[&str]| serde_json::json!({ "error": "not ready", "code": "busy" }),
+            ))),
+            socket: std::sync::Mutex::new(None),
+        })
     }
 
-    pub fn install(&self, handler: Handler) {
+    /// Answer with `handler` from now on (binding the socket the first time).
+    pub fn install(&self, handler: Handler) -> Result<(), DaemonError> {
         *self.handler.write().unwrap() = handler;
+        let mut socket = self.socket.lock().unwrap();
+        if socket.is_none() {
+            let h = self.handler.clone();
+            *socket = Some(serve_control(
+                &self.path,
+                Arc::new(move |words: &[&str]| {
+                    let current = h.read().unwrap().clone();
+                    current(words)
+                }),
+            )?);
+        }
+        Ok(())
+    }
+
+    /// Stop answering (the daemon stops).
+    pub fn close(&self) {
+        self.socket.lock().unwrap().take();
     }
 
     /// Between roles: `status` says which role comes and that it is on its way, `promote` and
     /// `demote` answer "already" for the role that comes, anything else to ask again.
     pub fn install_transition(&self, to: crate::repl::role::Role) {
         use crate::repl::role::Role;
-        self.install(Arc::new(move |words: &[&str]| match (words.first().copied(), to) {
-            (Some("status"), _) => serde_json::json!({
-                "role": if to == Role::Primary { "primary" } else { "mirror" },
-                "changing_role": true,
-                "volumes": [],
-            }),
-            (Some("demote"), Role::Secondary) | (Some("promote"), Role::Primary) => {
-                serde_json::json!({
-                    "ok": true,
-                    "result": "already",
-                    "role": if to == Role::Primary { "primary" } else { "secondary" },
-                    "message": format!("already {}", if to == Role::Primary { "the primary" } else { "a secondary" }),
-                })
+        *self.handler.write().unwrap() = Arc::new(move |words: &[&str]| {
+            match (words.first().copied(), to) {
+                (Some("status"), _) => serde_json::json!({
+                    "role": if to == Role::Primary { "primary" } else { "mirror" },
+                    "changing_role": true,
+                    "volumes": [],
+                }),
+                (Some("demote"), Role::Secondary) | (Some("promote"), Role::Primary) => {
+                    serde_json::json!({
+                        "ok": true,
+                        "result": "already",
+                        "role": if to == Role::Primary { "primary" } else { "secondary" },
+                        "message": format!("already {}", if to == Role::Primary { "the primary" } else { "a secondary" }),
+                    })
+                }
+                _ => serde_json::json!({
+                    "error": "the daemon is changing role: ask again in a moment",
+                    "code": "busy",
+                }),
             }
-            _ => serde_json::json!({
-                "error": "the daemon is changing role: ask again in a moment",
-                "code": "busy",
-            }),
-        }));
+        });
     }
 }
 

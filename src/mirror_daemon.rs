@@ -361,7 +361,7 @@ pub fn run_role(opts: &MirrorOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonEr
                 "status, history [NAME], export NAME set=N|at=MS PATH PID [writable], unexport PATH, promote [force] [set=N|at=MS], demote",
             ),
         }
-    }));
+    }))?;
     let promotion = loop {
         match ctx.signals.wait_for_event()? {
             Event::Stop(sig) => {

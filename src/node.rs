@@ -161,7 +161,7 @@ pub fn run(
         .control
         .clone()
         .unwrap_or_else(|| crate::control::default_path(&state_dir));
-    let (_control_socket, control) = daemon::ControlSwitch::serve(&control_path)?;
+    let control = daemon::ControlSwitch::new(&control_path);
     loop {
         let ctx = Ctx {
             signals: &signals,
@@ -174,7 +174,10 @@ pub fn run(
             Role::Secondary => crate::mirror_daemon::run_role(&mirror, &ctx)?,
         };
         match outcome {
-            Outcome::Stopped => return Ok(()),
+            Outcome::Stopped => {
+                control.close();
+                return Ok(());
+            }
             Outcome::Switched(to) => role = to,
             Outcome::Again => {}
         }

@@ -319,7 +319,7 @@ pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonE
                 "status, accept-volume NAME, retry [NAME], verify [--repair] [NAME], demote SECS, promote",
             ),
         }
-    }));
+    }))?;
     let exports = opened
         .into_iter()
         .zip(volumes)
