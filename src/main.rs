@@ -88,6 +88,12 @@ enum Command {
         /// Control socket (default STATE_DIR/control.sock).
         #[arg(long)]
         control: Option<PathBuf>,
+        /// At start, a primary that replicated before serves its clients only once its peer
+        /// answered as a secondary (it may have been promoted meanwhile: then this side does
+        /// not serve). When the peer does not answer within 5 s: `serve` serves anyway
+        /// (production first), `wait` waits for it (or for `blkmirror promote --force`).
+        #[arg(long, value_enum, default_value_t = PeerUnreachableArg::Serve)]
+        peer_unreachable: PeerUnreachableArg,
         /// lz4 for replicated data: auto (on when --link-rate is below 4G), on, off.
         #[arg(long, value_enum, default_value_t = CompressArg::Auto)]
         compress: CompressArg,
@@ -382,6 +388,12 @@ impl LinkArgs {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum PeerUnreachableArg {
+    Serve,
+    Wait,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum HistoryFullArg {
     Wait,
     DropOldest,
@@ -629,6 +641,7 @@ fn run(command: Command) -> Result<Exit, Failure> {
             pace_above,
             control,
             compress,
+            peer_unreachable,
         } => {
             let tls = match &mirror {
                 Some(_) => Some(tls.files()?),
@@ -667,6 +680,10 @@ fn run(command: Command) -> Result<Exit, Failure> {
                 },
             });
             let primary = PrimaryOptions {
+                peer_unreachable: match peer_unreachable {
+                    PeerUnreachableArg::Serve => blkmirror::primary::PeerUnreachable::Serve,
+                    PeerUnreachableArg::Wait => blkmirror::primary::PeerUnreachable::Wait,
+                },
                 volumes,
                 nbd_unix: Some(nbd_unix),
                 nbd_tcp,
@@ -704,6 +721,7 @@ fn run(command: Command) -> Result<Exit, Failure> {
                 (None, None) => unreachable!("clap requires one"),
             };
             let primary = PrimaryOptions {
+                peer_unreachable: blkmirror::primary::PeerUnreachable::Serve,
                 volumes: volumes.clone(),
                 nbd_unix: nbd_unix.clone(),
                 nbd_tcp,

@@ -48,6 +48,9 @@ pub struct Ctx<'a> {
     pub desk: Arc<RoleDesk>,
     /// The daemon's control socket: each role installs its handler.
     pub control: Arc<daemon::ControlSwitch>,
+    /// The process starts with this role (not a role change of a running daemon, whose
+    /// admin decided it): a primary then asks its peer before it serves.
+    pub process_start: bool,
 }
 
 /// A role change under way, for a daemon that stops in the middle of it.
@@ -162,12 +165,15 @@ pub fn run(
         .clone()
         .unwrap_or_else(|| crate::control::default_path(&state_dir));
     let control = daemon::ControlSwitch::new(&control_path);
+    let mut process_start = true;
     loop {
         let ctx = Ctx {
             signals: &signals,
             desk: desk.clone(),
             control: control.clone(),
+            process_start,
         };
+        process_start = false;
         tracing::info!(role = role.as_str(), "running as {}", role.as_str());
         let outcome = match role {
             Role::Primary => crate::primary::run_role(&primary, &ctx)?,

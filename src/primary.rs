@@ -22,9 +22,11 @@ use crate::volume::Volume;
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 pub struct PrimaryOptions {
+    /// What a primary that replicated before does at start when its peer does not answer.
+    pub peer_unreachable: PeerUnreachable,
     pub volumes: Vec<VolumeSpec>,
     /// Where the volumes are served (None: a mirror's command line without `--nbd-unix`,
     /// which cannot be promoted).
@@ -272,9 +274,14 @@ pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonE
                 "cannot keep a reserve in the state directory ({e}): a journal that fills its file system may keep replication from resuming");
         }
         if dial.is_none() {
-            let sizes: HashMap<String, u64> = shipping
+            let sizes: HashMap<String, (u64, Arc<ShipStats>, Arc<VolumeRecord>)> = shipping
                 .iter()
-                .map(|s| (s.name.clone(), s.storage.size()))
+                .map(|s| {
+                    (
+                        s.name.clone(),
+                        (s.storage.size(), s.stats.clone(), s.record.clone()),
+                    )
+                })
                 .collect();
             runtime.spawn(answer_pulls(endpoint.clone(), pull_routes, sizes));
         }
@@ -291,9 +298,46 @@ pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonE
     let shipping = Arc::new(shipping);
     let shipping_for_close = shipping.clone();
     let desk = ctx.desk.clone();
+    // No two writers: a primary that replicated before serves its clients only once its peer
+    // answered as a secondary (it may have been promoted while this side was down).
+    let gate = Arc::new(StartGate::default());
+    let must_ask = ctx.process_start
+        && opts.replication.is_some()
+        && shipping
+            .iter()
+            .any(|v| v.record.snapshot().identity.uuid.is_some());
+    if must_ask {
+        *gate.holding.lock().unwrap() =
+            Some("asking the peer whether it is still a secondary".into());
+    }
+    let gate_for_control = gate.clone();
     ctx.control.install(Arc::new(move |words: &[&str]| {
             match words {
-            ["status"] => primary_status(&volumes_for_status, &shipping),
+            ["status"] => {
+                let mut doc = primary_status(&volumes_for_status, &shipping);
+                let holding = gate_for_control.holding.lock().unwrap().clone();
+                doc["serving"] = holding.is_none().into();
+                doc["not_serving_why"] = holding.into();
+                doc
+            }
+            ["promote", "force", ..] if gate_for_control.holding.lock().unwrap().is_some() => {
+                gate_for_control.admin_says_serve.store(true, std::sync::atomic::Ordering::SeqCst);
+                tracing::warn!("promote --force: serving without the peer's word (the admin's choice)");
+                serde_json::json!({
+                    "ok": true,
+                    "result": "serving",
+                    "role": "primary",
+                    "message": "serving its clients without the peer's word, as the admin asked",
+                })
+            }
+            ["promote", ..] if gate_for_control.holding.lock().unwrap().is_some() => serde_json::json!({
+                "error": format!(
+                    "this primary does not serve yet: {}; promote --force serves without the \
+                     peer's word (two writers if the peer was promoted)",
+                    gate_for_control.holding.lock().unwrap().clone().unwrap_or_default()
+                ),
+                "code": "wrong-state",
+            }),
             ["accept-volume", name] => accept_volume(&shipping, name),
             ["retry"] => retry(&shipping, None),
             ["retry", name] => retry(&shipping, Some(name)),
@@ -326,6 +370,13 @@ pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonE
         .map(|((info, _), volume)| Export { info, volume })
         .collect();
     let server = Server::new(exports, opts.nbd_limits);
+    if must_ask {
+        server.hold_doors();
+        let stats: Vec<Arc<ShipStats>> =
+            shipping_for_close.iter().map(|v| v.stats.clone()).collect();
+        gate.clone()
+            .spawn(server.clone(), stats, opts.peer_unreachable);
+    }
     let (unix, nbd_socket) = daemon::bind_unix(&nbd_unix)?;
     server.spawn_unix(unix)?;
     if let Some(addr) = &opts.nbd_tcp {
@@ -431,6 +482,104 @@ pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonE
                 .send(serde_json::json!({ "error": why, "code": "io" }));
             Ok(Outcome::Again)
         }
+    }
+}
+
+/// What a primary that replicated before does at start when its peer does not answer within
+/// [`PEER_CHECK`] (`--peer-unreachable`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerUnreachable {
+    /// Serve anyway: production first (two writers if the peer was promoted meanwhile; a
+    /// split brain then refused, never merged).
+    Serve,
+    /// Serve only once the peer answered as a secondary (or the admin runs `promote --force`).
+    Wait,
+}
+
+/// How long a starting primary waits for its peer's answer before `--peer-unreachable serve`
+/// serves anyway: a QUIC handshake and a decision take a few round trips, even across Europe.
+pub const PEER_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A starting primary's clients wait behind this until its peer answered (module doc of
+/// `node`: no two writers).
+#[derive(Default)]
+struct StartGate {
+    /// Why the clients are not served yet (None: served).
+    holding: Mutex<Option<String>>,
+    /// `promote --force` on this primary: serve without the peer's word.
+    admin_says_serve: std::sync::atomic::AtomicBool,
+}
+
+impl StartGate {
+    fn spawn(
+        self: Arc<Self>,
+        server: Arc<Server>,
+        stats: Vec<Arc<ShipStats>>,
+        policy: PeerUnreachable,
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let started = std::time::Instant::now();
+        let _ = std::thread::Builder::new()
+            .name("start-gate".into())
+            .spawn(move || {
+                let mut told = String::new();
+                loop {
+                    if server.is_stopping() {
+                        return;
+                    }
+                    let primary_peer = stats.iter().any(|s| {
+                        s.peer_is_primary.load(Relaxed) && !s.peer_superseded.load(Relaxed)
+                    });
+                    let answered = stats.iter().all(|s| {
+                        s.peer_is_secondary.load(Relaxed)
+                            || (s.peer_is_primary.load(Relaxed) && s.peer_superseded.load(Relaxed))
+                    });
+                    let why = if self.admin_says_serve.load(Relaxed) {
+                        None
+                    } else if primary_peer {
+                        Some(
+                            "the peer is a primary too (promoted while this side was away?): \
+                              not serving; see docs/FAILOVER.md"
+                                .to_string(),
+                        )
+                    } else if answered {
+                        None
+                    } else if started.elapsed() >= PEER_CHECK && policy == PeerUnreachable::Serve {
+                        tracing::warn!(
+                            "the peer did not answer within {} s: serving anyway \
+                            (--peer-unreachable serve)",
+                            PEER_CHECK.as_secs()
+                        );
+                        None
+                    } else {
+                        Some("waiting for the peer to answer (--peer-unreachable wait)".to_string())
+                            .filter(|_| started.elapsed() >= PEER_CHECK)
+                            .or_else(|| {
+                                Some("asking the peer whether it is still a secondary".into())
+                            })
+                    };
+                    match why {
+                        None => {
+                            server.open_doors();
+                            *self.holding.lock().unwrap() = None;
+                            tracing::info!("serving the clients");
+                            return;
+                        }
+                        Some(why) => {
+                            if why != told {
+                                if primary_peer {
+                                    tracing::error!("{why}");
+                                } else {
+                                    tracing::info!("{why}");
+                                }
+                                told = why.clone();
+                            }
+                            *self.holding.lock().unwrap() = Some(why);
+                        }
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+            });
     }
 }
 
@@ -610,7 +759,7 @@ fn commit_demotions(
 async fn answer_pulls(
     endpoint: quinn::Endpoint,
     routes: HashMap<String, tokio::sync::mpsc::Sender<Pulled>>,
-    sizes: HashMap<String, u64>,
+    sizes: HashMap<String, (u64, Arc<ShipStats>, Arc<VolumeRecord>)>,
 ) {
     use crate::repl::frame::{Message, RefuseCode};
     let routes = Arc::new(routes);
@@ -641,7 +790,7 @@ async fn answer_pulls(
                     },
                     _,
                 )))) => match (routes.get(&volume), sizes.get(&volume)) {
-                    (Some(route), Some(&here)) => {
+                    (Some(route), Some(&(here, _, _))) => {
                         match crate::repl::core::mirror::check_hello(version, &volume, size, here) {
                             Err(r) => r,
                             Ok(()) => match route.try_send(Pulled {
@@ -666,13 +815,48 @@ async fn answer_pulls(
                         format!("no volume named {volume:?} here"),
                     ),
                 },
-                Ok(Ok(Some((Message::Hello { volume, .. }, _)))) => refuse(
-                    RefuseCode::BothPrimary,
-                    format!(
-                        "volume {volume}: this side is a primary too (it was promoted): one \
-                         of the two must be demoted, or its data given up with resolve"
-                    ),
-                ),
+                Ok(Ok(Some((Message::Hello { volume, .. }, _)))) => {
+                    // A primary dials: both sides are primaries. Its Identify says whether
+                    // this side's promotion continued its data (it is the old primary, back:
+                    // this side goes on serving) or not (neither may serve on a guess).
+                    let claim = match tokio::time::timeout(
+                        std::time::Duration::from_secs(10),
+                        crate::repl::stream::read_message(&mut recv, &pool),
+                    )
+                    .await
+                    {
+                        Ok(Ok(Some((Message::Identify(c), _)))) => Some(c),
+                        _ => None,
+                    };
+                    let why = match (sizes.get(&volume), claim) {
+                        (Some((_, stats, record)), Some(claim)) => {
+                            let ours = record.snapshot().identity.lineage;
+                            let superseded =
+                                crate::repl::identity::supersedes(&ours, &claim.lineage);
+                            stats
+                                .peer_is_primary
+                                .store(true, std::sync::atomic::Ordering::Relaxed);
+                            stats
+                                .peer_superseded
+                                .store(superseded, std::sync::atomic::Ordering::Relaxed);
+                            if superseded {
+                                format!(
+                                    "volume {volume}: this side was promoted from your data while \
+                                     you were away: it is the primary; you must not serve \
+                                     (make this side's peer a secondary)"
+                                )
+                            } else {
+                                format!(
+                                    "volume {volume}: this side is a primary too, and neither \
+                                     continues the other's data: split brain (demote one of \
+                                     the two)"
+                                )
+                            }
+                        }
+                        _ => format!("volume {volume}: this side is a primary too"),
+                    };
+                    refuse(RefuseCode::BothPrimary, why)
+                }
                 _ => refuse(RefuseCode::BadMessage, "expected Pull".into()),
             };
             tracing::warn!(%peer, code = ?refusal.0, "refused the peer: {}", refusal.1);

@@ -251,3 +251,125 @@ fn wrong_states_are_refused_with_exit_9_and_the_reason() {
     assert!(err.contains("nobody to take over"), "{err}");
     stop_ok(&mut alone);
 }
+
+/// `qemu-io` writes `len` bytes of `pattern` at `offset` through `sock`; whether it succeeded.
+fn qemu_write(sock: &Path, pattern: u8, offset: u64, len: u64) -> bool {
+    Command::new("qemu-io")
+        .args(["-f", "raw", "-c"])
+        .arg(format!("write -P {pattern} {offset} {len}"))
+        .arg(uri_of(sock))
+        .output()
+        .expect("qemu-io runs")
+        .status
+        .success()
+}
+
+/// Disaster: the primary is killed, the mirror promoted with --force (its answer says how many
+/// seconds of writes may be lost), and it takes writes at once. The old primary, started again
+/// with its own command line, asks its peer first: the peer says it was promoted from this
+/// side's data, so the old primary does not serve its clients (no two writers) and says why in
+/// status; both sides' data stay as they were.
+#[test]
+fn after_a_forced_promotion_the_old_primary_does_not_serve() {
+    let (mut p, mirror_sock) = switchable_pair();
+    assert!(qemu_write(&p.nbd_sock.clone(), 0x11, 0, 4 * MIB));
+    p.wait_synced();
+    p.primary.kill9();
+    wait_for(
+        "the mirror to see its primary gone",
+        LONG,
+        &[&p.mirror],
+        |v| v[0]["link"] == "down",
+    );
+    let (code, v, err) = promote(&p.mirror.control.clone(), &["--force"]);
+    assert_eq!(code, 0, "{v} {err}");
+    assert_eq!(v["force"], true, "{v}");
+    assert!(v["volumes"][0]["rpo_seconds"].is_number(), "{v}");
+    assert!(
+        qemu_write(&mirror_sock, 0x22, 4 * MIB, MIB),
+        "the promoted side serves at once"
+    );
+    // The old primary comes back: it must not take writes.
+    p.primary.nbd_socket = None; // it will not serve: do not wait for its socket
+    p.primary.start();
+    let st = wait_for(
+        "the old primary to learn its peer was promoted",
+        LONG,
+        &[&p.primary],
+        |v| v[0]["state"] == "both_primary",
+    );
+    assert_eq!(st[0]["peer_role"], "primary", "{}", st[0]);
+    let doc = p.primary.status().expect("status");
+    assert_eq!(doc["serving"], false, "{doc}");
+    assert!(
+        doc["not_serving_why"]
+            .as_str()
+            .unwrap_or("")
+            .contains("primary too"),
+        "{doc}"
+    );
+    assert!(
+        !qemu_write(&p.nbd_sock.clone(), 0x33, 0, MIB),
+        "the old primary took a write while its peer was promoted"
+    );
+    // The new primary goes on; nothing of either side was overwritten.
+    assert!(qemu_write(&mirror_sock, 0x44, 5 * MIB, MIB));
+    p.stop_both();
+    let old = std::fs::read(&p.primary_img).unwrap();
+    let new = std::fs::read(&p.mirror_img).unwrap();
+    assert!(old[..(4 * MIB) as usize].iter().all(|&b| b == 0x11));
+    assert!(old[(4 * MIB) as usize..(6 * MIB) as usize]
+        .iter()
+        .all(|&b| b == 0));
+    assert!(new[..(4 * MIB) as usize].iter().all(|&b| b == 0x11));
+    assert!(new[(4 * MIB) as usize..(6 * MIB) as usize]
+        .iter()
+        .all(|&b| b == 0x22 || b == 0x44));
+}
+
+/// `--peer-unreachable wait`: a primary that replicated before, started while its peer is
+/// away, serves nobody until the peer answers or the admin says so (`promote --force`, which
+/// then answers "serving"); plain `promote` says why not (exit 9).
+#[test]
+fn a_primary_told_to_wait_for_its_peer_serves_only_when_the_admin_says() {
+    let (mut p, _sock) = switchable_pair();
+    assert!(qemu_write(&p.nbd_sock.clone(), 0x11, 0, MIB));
+    p.wait_synced();
+    stop_ok(&mut p.primary);
+    stop_ok(&mut p.mirror);
+    p.primary.push_args(&["--peer-unreachable", "wait"]);
+    let sock = p.nbd_sock.clone();
+    p.primary.nbd_socket = None;
+    p.primary.start();
+    let control = p.primary.control.clone();
+    // Past the 5 s any answer would take: still waiting.
+    wait_for(
+        "the primary to say it waits for its peer",
+        LONG,
+        &[],
+        |_| {
+            query_status(&control).is_some_and(|d| {
+                d["not_serving_why"]
+                    .as_str()
+                    .is_some_and(|w| w.contains("--peer-unreachable wait"))
+            })
+        },
+    );
+    assert!(
+        !qemu_write(&sock, 0x22, 0, MIB),
+        "served before its peer answered"
+    );
+    let (code, v, err) = promote(&control, &[]);
+    assert_eq!(code, 9, "{v} {err}");
+    let (code, v, err) = promote(&control, &["--force"]);
+    assert_eq!(
+        (code, v["result"].as_str()),
+        (0, Some("serving")),
+        "{v} {err}"
+    );
+    wait_for("the primary to serve", LONG, &[], |_| {
+        query_status(&control).is_some_and(|d| d["serving"] == true)
+    });
+    assert!(qemu_write(&sock, 0x22, 0, MIB));
+    stop_ok(&mut p.primary);
+}

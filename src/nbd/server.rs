@@ -52,6 +52,8 @@ pub struct Server {
     live: Mutex<std::collections::HashMap<u64, OwnedFd>>,
     /// Shutting down: new connections are closed at once.
     stopping: std::sync::atomic::AtomicBool,
+    /// Connections are closed at once while set ([`Server::hold_doors`]).
+    closed_until_open: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -81,7 +83,26 @@ impl Server {
             refused: Mutex::new(Refusals::default()),
             live: Mutex::new(std::collections::HashMap::new()),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            closed_until_open: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Close every connection at once until [`Server::open_doors`]: a primary that has not yet
+    /// heard from its peer takes no client (it may have been replaced by a promotion).
+    pub fn hold_doors(&self) {
+        self.closed_until_open.store(true, Ordering::SeqCst);
+    }
+
+    pub fn open_doors(&self) {
+        self.closed_until_open.store(false, Ordering::SeqCst);
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    pub fn doors_open(&self) -> bool {
+        !self.closed_until_open.load(Ordering::SeqCst)
     }
 
     /// Stop serving: new connections are closed, open ones are ended (their sockets shut
@@ -197,6 +218,10 @@ impl Server {
     fn spawn_conn<S: Stream>(self: &Arc<Self>, stream: S, peer: String) {
         let accepted = Instant::now();
         if self.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        if self.closed_until_open.load(Ordering::SeqCst) {
+            tracing::debug!(%peer, "connection closed: not serving until the peer is heard from");
             return;
         }
         let Some(slot) = self.take_slot() else {

@@ -356,6 +356,23 @@ pub enum RefuseKind {
     SplitBrain,
 }
 
+/// Whether lineage `ours` continues, through its latest promotion, data that lineage
+/// `theirs` wrote: the generation before `ours`' latest promoted one is in `theirs`, and the
+/// promoted one is not (`theirs` never continued it). The writer of `theirs` is then the old
+/// primary this side was promoted from, come back as a primary: it must not serve, this side
+/// goes on. (Earlier promotions, of switchovers both sides went through, are in both.)
+pub fn supersedes(ours: &Lineage, theirs: &Lineage) -> bool {
+    let has = |l: &Lineage, s: &Span| {
+        l.spans
+            .iter()
+            .any(|t| t.gen == s.gen && t.first_seq == s.first_seq)
+    };
+    let Some(i) = ours.spans.iter().rposition(|s| s.promoted) else {
+        return false;
+    };
+    i > 0 && has(theirs, &ours.spans[i - 1]) && !has(theirs, &ours.spans[i])
+}
+
 /// Why a primary's claim is another volume pair's, from the identities alone (whatever the
 /// mirror's position): another volume UUID, or no record of one from a disk other than the
 /// one the mirror last saw. `None` when the claim may be this pair's. The mirror checks it
@@ -864,5 +881,30 @@ mod tests {
             g
         );
         assert!("xyz".parse::<VolumeUuid>().is_err());
+    }
+
+    #[test]
+    fn a_promotion_supersedes_the_primary_it_continued_and_only_that_one() {
+        let mut a = Lineage::default();
+        a.mint(GenId(1), 1, false);
+        // A switchover earlier: b promoted, then a promoted back; both lineages have them.
+        let mut b = a.clone();
+        b.mint_promoted(GenId(1), GenId(2), 11);
+        let mut a2 = b.clone();
+        a2.mint_promoted(GenId(2), GenId(3), 21);
+        a2.mint(GenId(4), 30, true);
+        let mut b2 = a2.clone();
+        b2.spans.truncate(3);
+        // b is force-promoted from a2's generation 3 while a2 went on (generation 4).
+        b2.mint_promoted(GenId(3), GenId(5), 25);
+        assert!(
+            supersedes(&b2, &a2),
+            "b2's promotion continued a2's generation 3"
+        );
+        assert!(!supersedes(&a2, &b2), "a2's own promotion is in b2 too");
+        // Unrelated lineages, or one without a promotion: nobody supersedes.
+        let mut c = Lineage::default();
+        c.mint(GenId(9), 1, false);
+        assert!(!supersedes(&c, &a2) && !supersedes(&a2, &c) && !supersedes(&a, &b2));
     }
 }

@@ -10,7 +10,7 @@ use super::core::primary::{
     VerifyRefusal,
 };
 use super::core::ReplState;
-use super::frame::{Message, Mode};
+use super::frame::{Message, Mode, RefuseCode};
 use super::stream::{read_message, write_message};
 use crate::disk::buf::{SharedPool, VecPool};
 use crate::disk::fingerprint::Fingerprint;
@@ -71,6 +71,14 @@ pub struct ShipStats {
     /// last time it looked (`Session::demote_blocker`; `Ok`: no, with the data's name then,
     /// (generation, last seq)). None while no session runs.
     pub demotable: Mutex<Option<Result<(GenId, u64), String>>>,
+    /// The peer answered as a secondary since this start (a decision, or a refusal only a
+    /// mirror gives): this side may serve its clients.
+    pub peer_is_secondary: AtomicBool,
+    /// The peer answered that it is a primary too (promoted while this side was away).
+    pub peer_is_primary: AtomicBool,
+    /// That primary peer is an old one this side's promotion replaced (its lineage is the
+    /// one this side's promoted generation continued): this side goes on serving.
+    pub peer_superseded: AtomicBool,
 }
 
 /// An online verify an admin asked for (`blkmirror verify`), as status shows it.
@@ -362,6 +370,13 @@ impl Shipper {
                 Err(e) => {
                     let end = e.core();
                     let state = end.map_or(ReplState::Connecting, SessionEnd::state);
+                    if let Some(SessionEnd::Refused { code, .. }) = end {
+                        let primary = *code == RefuseCode::BothPrimary as u16;
+                        self.stats.peer_is_primary.store(primary, Ordering::Relaxed);
+                        self.stats
+                            .peer_is_secondary
+                            .fetch_or(!primary, Ordering::Relaxed);
+                    }
                     self.set_state(state);
                     if matches!(end, Some(SessionEnd::Stalled(_))) {
                         self.stats.stalls.fetch_add(1, Ordering::Relaxed);
@@ -684,6 +699,8 @@ impl Shipper {
                 tracing::info!(volume = %self.volume, ?mode, durable_set, durable_seq, %reason,
                     "replication link up");
                 self.stats.link_up.store(true, Ordering::Relaxed);
+                self.stats.peer_is_secondary.store(true, Ordering::Relaxed);
+                self.stats.peer_is_primary.store(false, Ordering::Relaxed);
                 self.stats.acked_set.store(durable_set, Ordering::Relaxed);
                 self.stats.last_error.lock().unwrap().clear();
                 *self.stats.last_decision.lock().unwrap() = reason;
