@@ -210,8 +210,13 @@ pub fn human_seconds(s: f64) -> String {
 /// and ages readable, then a line per volume that has something to say.
 pub fn render(v: &serde_json::Value) -> String {
     let mut out = format!("role: {}\n", v["role"].as_str().unwrap_or("?"));
-    let cols: [(&str, &str); 9] = [
+    if let Some(why) = v["not_serving_why"].as_str() {
+        out.push_str(&format!("NOT serving its clients: {why}\n"));
+    }
+    let cols: [(&str, &str); 11] = [
         ("name", "VOLUME"),
+        ("role", "ROLE"),
+        ("disk_state", "DISK"),
         ("state", "STATE"),
         ("link", "LINK"),
         ("lag_seconds", "LAG"),

@@ -5,6 +5,7 @@ pub mod control;
 pub mod daemon;
 pub mod disk;
 pub mod env;
+pub mod events_cmd;
 pub mod exit;
 pub mod extent;
 pub mod journal;

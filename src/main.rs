@@ -296,6 +296,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Follow a daemon: one JSON line per change of its role, serving, and each volume's role,
+    /// peer's role, disk state, replication state, link, consistency, resync progress (by
+    /// tenths), whether a promotion is allowed, last error. First a line per item as it is
+    /// (`exists`); `--now` stops there. Otherwise it runs until the daemon stops (a last `gone`
+    /// line, exit 4).
+    Events {
+        /// The daemon's control socket (STATE_DIR/control.sock).
+        #[arg(long)]
+        control: PathBuf,
+        /// Print the current state and exit.
+        #[arg(long)]
+        now: bool,
+    },
     /// Manage the replication CA and peer certificates (init, issue).
     #[command(subcommand)]
     Certs(blkmirror::certs::CertsCommand),
@@ -953,6 +966,14 @@ fn run(command: Command) -> Result<Exit, Failure> {
             if !json {
                 print_role_change(&v);
             }
+        }
+        Command::Events { control, now } => {
+            return match blkmirror::events_cmd::run(&control, now) {
+                Ok(code) => Ok(code),
+                // The daemon stopped while followed, or the reader went away: said already.
+                Err((code, why)) if why.is_empty() => Ok(code),
+                Err((code, why)) => Err(Failure::new(code, why)),
+            };
         }
         Command::Certs(cmd) => {
             blkmirror::certs::run(cmd).map_err(|e| Failure::new(e.exit_code(), e))?

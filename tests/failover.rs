@@ -373,3 +373,56 @@ fn a_primary_told_to_wait_for_its_peer_serves_only_when_the_admin_says() {
     assert!(qemu_write(&sock, 0x22, 0, MIB));
     stop_ok(&mut p.primary);
 }
+
+/// `blkmirror events`: a script waits on a line instead of polling. `--now` prints a line per
+/// item as it is and exits 0; followed through a switchover, the new primary's events say its
+/// role changed to primary and its peer became a secondary; when the daemon stops, a last
+/// `gone` line and exit 4.
+#[test]
+fn events_follow_a_switchover_line_by_line() {
+    let (mut p, _sock) = switchable_pair();
+    let mc = p.mirror.control.clone();
+    let (code, out, err) = cli(&["events", "--control", mc.to_str().unwrap(), "--now"]);
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert!(lines.iter().all(|l| l["type"] == "exists"), "{out}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["key"] == "role" && l["volume"] == VOL && l["value"] == "secondary"),
+        "{out}"
+    );
+    let mut c = Command::new(BIN);
+    c.args(["events", "--control", mc.to_str().unwrap()]);
+    let mut follow = Background::spawn("events", c, &p.dir().join("events.out"));
+    let (code, v, err) = demote(&p.primary.control.clone());
+    assert_eq!(code, 0, "{v} {err}");
+    let (code, v, err) = promote(&mc, &[]);
+    assert_eq!(code, 0, "{v} {err}");
+    let has = |out: &str, key: &str, value: &str| {
+        out.lines().any(|l| {
+            serde_json::from_str::<Value>(l).is_ok_and(|l| {
+                l["type"] == "change"
+                    && l["volume"] == VOL
+                    && l["key"] == key
+                    && l["value"] == value
+            })
+        })
+    };
+    wait_for("events of the promotion", LONG, &[], |_| {
+        let out = follow.output();
+        has(&out, "role", "primary") && has(&out, "peer_role", "secondary")
+    });
+    stop_ok(&mut p.mirror);
+    let status = follow.wait();
+    assert_eq!(status.code(), Some(4), "{}", follow.output());
+    assert!(follow
+        .output()
+        .lines()
+        .last()
+        .unwrap_or("")
+        .contains("\"gone\""));
+}

@@ -29,6 +29,8 @@ NEED=(
   "iproute2       ip"
   "iperf3         iperf3"
   "iputils-ping   ping"
+  "resource-agents ocf-tester"
+  "libxml2-utils  xmllint"
 )
 
 # A user's PATH often lacks the sbin directories, where losetup and ip live.
