@@ -26,6 +26,8 @@ test:
 	$(CARGO) clippy --all-targets --features test-hooks -- -D warnings
 	/usr/bin/python3 tools/test_tools.py
 	$(CARGO) test --features test-hooks
+	$(CARGO) build --features test-hooks
+	bash tools/ocf_test.sh "$${CARGO_TARGET_DIR:-target}/debug/blkmirror"
 
 # The deterministic simulator: SEEDS random schedules (default 15000, about 3 minutes), or one
 # replayed exactly with BLKMIRROR_SIM_SEED=S. Last line: `N schedules, V violations`.

@@ -550,6 +550,32 @@ impl From<DaemonError> for Failure {
 
 /// An admin command on a daemon's control socket: its answer printed (the message, or the
 /// JSON), its error mapped to an exit code.
+/// `promote`/`demote`: asked again while the daemon is between two roles (it says "ask again
+/// in a moment" for [`ROLE_SETTLE`] at most), so that a script's `demote` then `promote` of the
+/// same daemon needs no sleep in between.
+fn role_request(
+    control: &std::path::Path,
+    command: &str,
+    json: bool,
+    wait: Duration,
+) -> Result<serde_json::Value, Failure> {
+    let word = command.split_whitespace().next().unwrap_or(command);
+    let deadline = std::time::Instant::now() + ROLE_SETTLE;
+    loop {
+        let v = blkmirror::control::request_waiting(control, command, wait)
+            .map_err(|e| Failure::new(e.exit_code(), format!("{word}: {e}")))?;
+        let settling =
+            v["code"] == "busy" && v["error"].as_str().is_some_and(|e| e.contains("ask again"));
+        if !settling || std::time::Instant::now() >= deadline {
+            return answer_of(word, v, json);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// How long `promote`/`demote` ask again while the daemon changes role.
+const ROLE_SETTLE: Duration = Duration::from_secs(30);
+
 /// What `promote`/`demote` say on success.
 fn print_role_change(v: &serde_json::Value) {
     match v["result"].as_str() {
@@ -616,6 +642,11 @@ fn admin_request_waiting(
         .to_string();
     let v = blkmirror::control::request_waiting(control, command, wait)
         .map_err(|e| Failure::new(e.exit_code(), format!("{word}: {e}")))?;
+    answer_of(&word, v, json)
+}
+
+/// A daemon's answer: printed with `--json`, its error mapped to an exit code.
+fn answer_of(word: &str, v: serde_json::Value, json: bool) -> Result<serde_json::Value, Failure> {
     if json {
         println!("{v}");
     }
@@ -947,7 +978,7 @@ fn run(command: Command) -> Result<Exit, Failure> {
                 (None, None) => {}
             }
             // Applying what it holds and going back to a point may take a while.
-            let v = admin_request_waiting(&control, &cmd, json, Duration::from_secs(600))?;
+            let v = role_request(&control, &cmd, json, Duration::from_secs(600))?;
             if !json {
                 print_role_change(&v);
             }
@@ -957,7 +988,7 @@ fn run(command: Command) -> Result<Exit, Failure> {
             timeout,
             json,
         } => {
-            let v = admin_request_waiting(
+            let v = role_request(
                 &control,
                 &format!("demote {timeout}"),
                 json,
