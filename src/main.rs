@@ -275,7 +275,7 @@ enum Command {
         /// it is given up, at both sites (failover to a moment before an attack).
         #[arg(long, conflicts_with = "at")]
         set: Option<u64>,
-        /// First go back to the newest point at or before this time (RFC 3339, or Unix ms).
+        /// First go back to the newest point at or before this UTC time (RFC 3339).
         #[arg(long, value_parser = parse_rfc3339)]
         at: Option<u64>,
         #[arg(long)]

@@ -392,11 +392,18 @@ pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonE
         "serving NBD");
     let mut nbd_socket = Some(nbd_socket);
     // Waits for a stop, or carries out a demotion asked through the control socket.
-    let demoted = loop {
+    // How this role's run ends: stopped, serving again after a demotion that failed once its
+    // clients were disconnected, or demoted.
+    enum End {
+        Stop,
+        Again,
+        Demote(RoleRequest, Vec<(String, GenId, u64)>),
+    }
+    let end = loop {
         match signals.wait_for_event()? {
             Event::Stop(sig) => {
                 tracing::info!(signal = %sig, "shutting down");
-                break None;
+                break End::Stop;
             }
             Event::RoleChange => {
                 let Some(req) = ctx.desk.take() else { continue };
@@ -415,43 +422,23 @@ pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonE
                     &mut nbd_socket,
                     req.timeout,
                 ) {
-                    Ok(names) => break Some((req, names)),
+                    Ok(names) => break End::Demote(req, names),
                     Err((answer, stopped_serving)) => {
                         let _ = req.reply.send(answer);
+                        // Its clients were disconnected: the primary starts again (a new
+                        // generation), serving as before.
                         if stopped_serving {
-                            // Its clients were disconnected: the primary starts again (a
-                            // new generation), serving as before.
-                            shutdown(
-                                &shipping_for_close,
-                                &server,
-                                quic_endpoint,
-                                runtime,
-                                nbd_socket,
-                                &ctx.control,
-                                Role::Primary,
-                            );
-                            return Ok(Outcome::Again);
+                            break End::Again;
                         }
                     }
                 }
             }
         }
     };
-    let Some((req, names)) = demoted else {
-        shutdown(
-            &shipping_for_close,
-            &server,
-            quic_endpoint,
-            runtime,
-            nbd_socket,
-            &ctx.control,
-            Role::Primary,
-        );
-        return Ok(Outcome::Stopped);
-    };
-    // Every volume's peer holds every write; nothing is written any more. The shippers stop
-    // (a session's end mints a generation with no write: the names taken above stay right),
-    // the journals close cleanly, then each volume's role changes on disk.
+    // One clean stop of this role's machinery, whatever comes next. After a demotion's checks
+    // every volume's peer holds every write and nothing is written any more: the shippers stop
+    // (a session's end mints a generation with no write: the names taken stay right), the
+    // journals close cleanly, then each volume's role changes on disk.
     shutdown(
         &shipping_for_close,
         &server,
@@ -461,6 +448,11 @@ pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonE
         &ctx.control,
         Role::Primary,
     );
+    let (req, names) = match end {
+        End::Stop => return Ok(Outcome::Stopped),
+        End::Again => return Ok(Outcome::Again),
+        End::Demote(req, names) => (req, names),
+    };
     match commit_demotions(opts, &shipping_for_close, &names) {
         Ok(volumes) => {
             ctx.control.install_transition(Role::Secondary);

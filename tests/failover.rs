@@ -11,17 +11,6 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const SIZE: u64 = 64 * MIB;
-/// workload.py's block size, and the blocks of a 64 MiB volume.
-const BLOCK: u64 = 4096;
-const BLOCKS: u64 = SIZE / BLOCK;
-
-fn tool(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tools")
-        .join(name)
-}
-
 /// A running pair whose mirror can be promoted (it has an NBD socket to serve on).
 fn switchable_pair() -> (Pair, PathBuf) {
     let mut p = Pair::new(PairOptions::default());

@@ -24,15 +24,6 @@ use std::time::{Duration, Instant};
 
 /// Every volume of these tests: 64 MiB, sparse (the default size of a [`Pair`]).
 const SIZE: u64 = 64 * MIB;
-/// workload.py block size and the number of blocks of a 64 MiB volume.
-const BLOCK: u64 = 4096;
-const BLOCKS: u64 = SIZE / BLOCK;
-
-fn tool(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tools")
-        .join(name)
-}
 
 // ------------------------------------------------------------------------------------------
 // The rig: a pair (tests/common/pair.rs) whose mirror runs from the start.

@@ -19,6 +19,17 @@ pub(crate) const VOL: &str = "vol1";
 
 /// Generous bound for conditions that normally take a few seconds (debug build, 2 cores, other
 /// tests running at the same time).
+/// tools/workload.py's block size, and the blocks of the default 64 MiB volume.
+pub(crate) const BLOCK: u64 = 4096;
+pub(crate) const BLOCKS: u64 = 64 * MIB / BLOCK;
+
+/// A script of tools/.
+pub(crate) fn tool(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tools")
+        .join(name)
+}
+
 pub(crate) const LONG: Duration = Duration::from_secs(180);
 
 pub(crate) fn os(s: impl Into<OsString>) -> OsString {
