@@ -251,7 +251,7 @@ impl RoleDesk {
     pub fn ask_and_wait(&self, mut req: RoleRequest) -> serde_json::Value {
         let (tx, rx) = std::sync::mpsc::channel();
         req.reply = tx;
-        let wait = req.timeout + std::time::Duration::from_secs(120);
+        let wait = req.timeout + std::time::Duration::from_secs(600);
         if !self.ask(req) {
             return serde_json::json!({
                 "error": "another role change is under way",
@@ -320,6 +320,9 @@ pub fn serve_control(path: &Path, handler: Handler) -> Result<ControlSocket, Dae
 /// one that says what is going on.
 pub struct ControlSwitch {
     path: PathBuf,
+    /// `promote` and `demote` go to the main thread through here, whatever the role: the
+    /// client's thread waits holding nothing of the role that ends.
+    desk: Arc<RoleDesk>,
     handler: Arc<std::sync::RwLock<Handler>>,
     /// Bound when the first role installs its handler (so that the socket answers only once
     /// a role is ready), unbound when this is dropped.
@@ -328,9 +331,10 @@ pub struct ControlSwitch {
 
 impl ControlSwitch {
     /// The control socket at `path`, bound by the first [`ControlSwitch::install`].
-    pub fn new(path: &Path) -> Arc<ControlSwitch> {
+    pub fn new(path: &Path, desk: Arc<RoleDesk>) -> Arc<ControlSwitch> {
         Arc::new(ControlSwitch {
             path: path.to_path_buf(),
+            desk,
             handler: Arc::new(std::sync::RwLock::new(Arc::new(
                 |_: &[&str]| serde_json::json!({ "error": "not ready", "code": "busy" }),
             ))),
@@ -344,11 +348,15 @@ impl ControlSwitch {
         let mut socket = self.socket.lock().unwrap();
         if socket.is_none() {
             let h = self.handler.clone();
+            let desk = self.desk.clone();
             *socket = Some(serve_control(
                 &self.path,
-                Arc::new(move |words: &[&str]| {
-                    let current = h.read().unwrap().clone();
-                    current(words)
+                Arc::new(move |words: &[&str]| match words.first().copied() {
+                    Some("promote" | "demote") => role_command(&desk, words),
+                    _ => {
+                        let current = h.read().unwrap().clone();
+                        current(words)
+                    }
                 }),
             )?);
         }
@@ -386,6 +394,45 @@ impl ControlSwitch {
             }
         });
     }
+}
+
+/// `demote SECS` and `promote [force] [set=N|at=UNIX_MS]`: handed to the main thread, which
+/// answers ("already" when this is the role it runs).
+fn role_command(desk: &RoleDesk, words: &[&str]) -> serde_json::Value {
+    use crate::repl::role::Role;
+    let usage = |why: String| serde_json::json!({ "error": why, "code": "usage" });
+    let mut req = RoleRequest {
+        to: Role::Secondary,
+        force: false,
+        point: None,
+        timeout: std::time::Duration::ZERO,
+        reply: std::sync::mpsc::channel().0,
+    };
+    match words {
+        ["demote", secs] => match secs.parse::<u64>() {
+            Ok(s) => req.timeout = std::time::Duration::from_secs(s),
+            Err(_) => return usage(format!("demote: bad timeout {secs:?}")),
+        },
+        ["promote", args @ ..] => {
+            req.to = Role::Primary;
+            for a in args {
+                match a.split_once('=') {
+                    None if *a == "force" => req.force = true,
+                    Some(("set", n)) => match n.parse() {
+                        Ok(n) => req.point = Some((Some(n), None)),
+                        Err(_) => return usage(format!("promote: bad set {n:?}")),
+                    },
+                    Some(("at", t)) => match t.parse() {
+                        Ok(t) => req.point = Some((None, Some(t))),
+                        Err(_) => return usage(format!("promote: bad time {t:?}")),
+                    },
+                    _ => return usage(format!("promote: unexpected {a:?}")),
+                }
+            }
+        }
+        other => return usage(format!("unexpected {other:?}")),
+    }
+    desk.ask_and_wait(req)
 }
 
 /// A control socket being served: dropped, it stops answering new clients and its file goes.

@@ -328,7 +328,6 @@ pub fn run_role(opts: &MirrorOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonEr
     let m = mirror.clone();
     let exports = Exports::start(opts.state_dir.join("exports"));
     let ex = exports.clone();
-    let desk = ctx.desk.clone();
     ctx.control.install(std::sync::Arc::new(move |words: &[&str]| {
             match words {
             ["status"] => {
@@ -340,28 +339,14 @@ pub fn run_role(opts: &MirrorOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonEr
                 ex.export(&m, name, point, path, pid, rest.first() == Some(&"writable"))
             }
             ["unexport", path] => ex.unexport(path),
-            ["promote", args @ ..] => match parse_promote(args) {
-                Ok((force, point)) => desk.ask_and_wait(RoleRequest {
-                    to: Role::Primary,
-                    force,
-                    point,
-                    timeout: std::time::Duration::ZERO,
-                    reply: std::sync::mpsc::channel().0,
-                }),
-                Err(why) => serde_json::json!({ "error": why, "code": "usage" }),
-            },
-            ["demote", ..] => serde_json::json!({
-                "ok": true,
-                "result": "already",
-                "role": "secondary",
-                "message": "already a secondary",
-            }),
             other => control::unknown(
                 other,
                 "status, history [NAME], export NAME set=N|at=MS PATH PID [writable], unexport PATH, promote [force] [set=N|at=MS], demote",
             ),
         }
     }))?;
+    // A demotion's answer: this side is a secondary, receiving or asking for the volumes.
+    ctx.ready();
     let promotion = loop {
         match ctx.signals.wait_for_event()? {
             Event::Stop(sig) => {
@@ -415,14 +400,19 @@ pub fn run_role(opts: &MirrorOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonEr
         Ok(volumes) => {
             ctx.control.install_transition(Role::Primary);
             tracing::warn!(volumes = ?volumes, force = req.force, "promoted: this daemon is now the primary");
-            let _ = req.reply.send(serde_json::json!({
-                "ok": true,
-                "result": "promoted",
-                "role": "primary",
-                "force": req.force,
-                "volumes": volumes,
-            }));
-            Ok(Outcome::Switched(Role::Primary))
+            Ok(Outcome::Switched(
+                Role::Primary,
+                crate::node::Answer {
+                    to: req.reply,
+                    answer: serde_json::json!({
+                        "ok": true,
+                        "result": "promoted",
+                        "role": "primary",
+                        "force": req.force,
+                        "volumes": volumes,
+                    }),
+                },
+            ))
         }
         Err(why) => {
             tracing::error!("promotion failed: {why}");
@@ -436,33 +426,6 @@ pub fn run_role(opts: &MirrorOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonEr
 
 /// How long `promote` waits for a peer just demoted to say what it holds.
 const PEER_NOTICE_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
-
-/// `promote [force] [set=N|at=UNIX_MS]`.
-#[allow(clippy::type_complexity)]
-fn parse_promote(args: &[&str]) -> Result<(bool, Option<(Option<u64>, Option<u64>)>), String> {
-    let mut force = false;
-    let mut point = None;
-    for a in args {
-        match a.split_once('=') {
-            None if *a == "force" => force = true,
-            Some(("set", n)) => {
-                point = Some((Some(n.parse().map_err(|_| format!("bad set {n:?}"))?), None))
-            }
-            Some(("at", t)) => {
-                point = Some((
-                    None,
-                    Some(t.parse().map_err(|_| format!("bad time {t:?}"))?),
-                ))
-            }
-            _ => {
-                return Err(format!(
-                    "promote: unexpected {a:?} (promote [force] [set=N|at=UNIX_MS])"
-                ))
-            }
-        }
-    }
-    Ok((force, point))
-}
 
 /// Whether the volumes may be promoted now, before anything stops: the daemon can serve
 /// them, no primary is connected, and each holds a consistent copy its peer is known to hold

@@ -36,10 +36,18 @@ pub enum Link {
 pub enum Outcome {
     /// SIGINT or SIGTERM: the daemon exits.
     Stopped,
-    /// The volumes changed role (committed): run the other role now.
-    Switched(Role),
+    /// The volumes changed role (committed): run the other role now, and give the answer to
+    /// the command that asked once that role is ready (serving, for a primary).
+    Switched(Role, Answer),
     /// A role change failed after the machinery had stopped: run the same role again.
     Again,
+}
+
+/// An answer to a role change, given by the role it made once that role is ready.
+#[derive(Debug)]
+pub struct Answer {
+    pub to: std::sync::mpsc::Sender<serde_json::Value>,
+    pub answer: serde_json::Value,
 }
 
 /// What a role's run is given besides its options.
@@ -51,6 +59,17 @@ pub struct Ctx<'a> {
     /// The process starts with this role (not a role change of a running daemon, whose
     /// admin decided it): a primary then asks its peer before it serves.
     pub process_start: bool,
+    /// The answer to the role change that made this role, to give once it is ready.
+    pub answer: std::sync::Mutex<Option<Answer>>,
+}
+
+impl Ctx<'_> {
+    /// This role is ready: answer the command that made it.
+    pub fn ready(&self) {
+        if let Some(a) = self.answer.lock().unwrap().take() {
+            let _ = a.to.send(a.answer);
+        }
+    }
 }
 
 /// A role change under way, for a daemon that stops in the middle of it.
@@ -164,14 +183,16 @@ pub fn run(
         .control
         .clone()
         .unwrap_or_else(|| crate::control::default_path(&state_dir));
-    let control = daemon::ControlSwitch::new(&control_path);
+    let control = daemon::ControlSwitch::new(&control_path, desk.clone());
     let mut process_start = true;
+    let mut answer = None;
     loop {
         let ctx = Ctx {
             signals: &signals,
             desk: desk.clone(),
             control: control.clone(),
             process_start,
+            answer: std::sync::Mutex::new(answer.take()),
         };
         process_start = false;
         tracing::info!(role = role.as_str(), "running as {}", role.as_str());
@@ -184,7 +205,10 @@ pub fn run(
                 control.close();
                 return Ok(());
             }
-            Outcome::Switched(to) => role = to,
+            Outcome::Switched(to, a) => {
+                role = to;
+                answer = Some(a);
+            }
             Outcome::Again => {}
         }
         wait_until_released(&primary.volumes);

@@ -297,7 +297,6 @@ pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonE
     let volumes_for_status: Vec<String> = opts.volumes.iter().map(|v| v.name.clone()).collect();
     let shipping = Arc::new(shipping);
     let shipping_for_close = shipping.clone();
-    let desk = ctx.desk.clone();
     // No two writers: a primary that replicated before serves its clients only once its peer
     // answered as a secondary (it may have been promoted while this side was down).
     let gate = Arc::new(StartGate::default());
@@ -320,44 +319,10 @@ pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonE
                 doc["not_serving_why"] = holding.into();
                 doc
             }
-            ["promote", "force", ..] if gate_for_control.holding.lock().unwrap().is_some() => {
-                gate_for_control.admin_says_serve.store(true, std::sync::atomic::Ordering::SeqCst);
-                tracing::warn!("promote --force: serving without the peer's word (the admin's choice)");
-                serde_json::json!({
-                    "ok": true,
-                    "result": "serving",
-                    "role": "primary",
-                    "message": "serving its clients without the peer's word, as the admin asked",
-                })
-            }
-            ["promote", ..] if gate_for_control.holding.lock().unwrap().is_some() => serde_json::json!({
-                "error": format!(
-                    "this primary does not serve yet: {}; promote --force serves without the \
-                     peer's word (two writers if the peer was promoted)",
-                    gate_for_control.holding.lock().unwrap().clone().unwrap_or_default()
-                ),
-                "code": "wrong-state",
-            }),
             ["accept-volume", name] => accept_volume(&shipping, name),
             ["retry"] => retry(&shipping, None),
             ["retry", name] => retry(&shipping, Some(name)),
             ["verify", args @ ..] => verify(&shipping, args),
-            ["demote", secs] => match secs.parse::<u64>() {
-                Ok(secs) => desk.ask_and_wait(RoleRequest {
-                    to: Role::Secondary,
-                    force: false,
-                    point: None,
-                    timeout: std::time::Duration::from_secs(secs),
-                    reply: std::sync::mpsc::channel().0,
-                }),
-                Err(_) => serde_json::json!({ "error": format!("demote: bad timeout {secs:?}"), "code": "usage" }),
-            },
-            ["promote", ..] => serde_json::json!({
-                "ok": true,
-                "result": "already",
-                "role": "primary",
-                "message": "already the primary",
-            }),
             other => control::unknown(
                 other,
                 "status, accept-volume NAME, retry [NAME], verify [--repair] [NAME], demote SECS, promote",
@@ -390,6 +355,8 @@ pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonE
     }
     tracing::info!(socket = %nbd_unix.display(), tcp = opts.nbd_tcp.as_deref().unwrap_or("-"),
         "serving NBD");
+    // A promotion's answer: its volumes are served now.
+    ctx.ready();
     let mut nbd_socket = Some(nbd_socket);
     // Waits for a stop, or carries out a demotion asked through the control socket.
     // How this role's run ends: stopped, serving again after a demotion that failed once its
@@ -408,10 +375,7 @@ pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonE
             Event::RoleChange => {
                 let Some(req) = ctx.desk.take() else { continue };
                 if req.to == Role::Primary {
-                    let _ = req.reply.send(serde_json::json!({
-                        "ok": true, "result": "already", "role": "primary",
-                        "message": "already the primary",
-                    }));
+                    let _ = req.reply.send(gate.promote(req.force));
                     continue;
                 }
                 match prepare_demotion(
@@ -457,15 +421,20 @@ pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonE
         Ok(volumes) => {
             ctx.control.install_transition(Role::Secondary);
             tracing::warn!(volumes = ?volumes, "demoted: this daemon is now a secondary");
-            let _ = req.reply.send(serde_json::json!({
-                "ok": true,
-                "result": "demoted",
-                "role": "secondary",
-                "volumes": volumes,
-                "message": "every write is durable at the peer; this side is a secondary now \
-                            (its NBD exports are closed)",
-            }));
-            Ok(Outcome::Switched(Role::Secondary))
+            Ok(Outcome::Switched(
+                Role::Secondary,
+                crate::node::Answer {
+                    to: req.reply,
+                    answer: serde_json::json!({
+                        "ok": true,
+                        "result": "demoted",
+                        "role": "secondary",
+                        "volumes": volumes,
+                        "message": "every write is durable at the peer; this side is a \
+                                    secondary now (its NBD exports are closed)",
+                    }),
+                },
+            ))
         }
         Err(why) => {
             tracing::error!("demotion failed: {why}");
@@ -503,6 +472,38 @@ struct StartGate {
 }
 
 impl StartGate {
+    /// `promote` on this primary: "already", unless it does not serve yet (its peer has not
+    /// answered): then `--force` serves without the peer's word, and without it, why not.
+    fn promote(&self, force: bool) -> serde_json::Value {
+        let holding = self.holding.lock().unwrap().clone();
+        match holding {
+            None => serde_json::json!({
+                "ok": true, "result": "already", "role": "primary",
+                "message": "already the primary",
+            }),
+            Some(_) if force => {
+                self.admin_says_serve
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                tracing::warn!(
+                    "promote --force: serving without the peer's word (the admin's choice)"
+                );
+                serde_json::json!({
+                    "ok": true,
+                    "result": "serving",
+                    "role": "primary",
+                    "message": "serving its clients without the peer's word, as the admin asked",
+                })
+            }
+            Some(why) => serde_json::json!({
+                "error": format!(
+                    "this primary does not serve yet: {why}; promote --force serves without the \
+                     peer's word (two writers if the peer was promoted)"
+                ),
+                "code": "wrong-state",
+            }),
+        }
+    }
+
     fn spawn(
         self: Arc<Self>,
         server: Arc<Server>,
