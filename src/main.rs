@@ -696,6 +696,7 @@ fn run(command: Command) -> Result<Exit, Failure> {
             let secondary = MirrorOptions {
                 peer: Link::Dial(mirror.clone().unwrap_or_default()),
                 can_serve: true,
+                nbd_unix: Some(nbd_unix.clone()),
                 volumes: volumes.clone(),
                 state_dir: state_dir.clone(),
                 tls: tls.clone().unwrap_or(blkmirror::transport::TlsFiles {
@@ -791,6 +792,7 @@ fn run(command: Command) -> Result<Exit, Failure> {
             let secondary = MirrorOptions {
                 peer,
                 can_serve: nbd_unix.is_some(),
+                nbd_unix: nbd_unix.clone(),
                 volumes,
                 state_dir,
                 tls,

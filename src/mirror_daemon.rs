@@ -19,6 +19,8 @@ pub struct MirrorOptions {
     pub peer: crate::node::Link,
     /// The daemon can serve its volumes over NBD once promoted (`--nbd-unix` given).
     pub can_serve: bool,
+    /// Where it serves them then (checked free before a promotion commits).
+    pub nbd_unix: Option<std::path::PathBuf>,
     pub volumes: Vec<VolumeSpec>,
     pub state_dir: PathBuf,
     pub tls: TlsFiles,
@@ -371,8 +373,16 @@ pub fn run_role(opts: &MirrorOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonEr
                 {
                     std::thread::sleep(std::time::Duration::from_millis(50));
                 }
-                match check_promotion(opts, &mirror, req.force) {
-                    Ok(()) => break Some(req),
+                match check_promotion(opts, &mirror, req.force || req.point.is_some()) {
+                    Ok(()) => {
+                        // What each peer said it holds, taken now: the pipeline stops next.
+                        let notices = mirror
+                            .volumes
+                            .iter()
+                            .filter_map(|v| v.peer_notice().map(|n| (v.name.clone(), n)))
+                            .collect::<std::collections::BTreeMap<_, _>>();
+                        break Some((req, notices));
+                    }
                     Err(why) => {
                         let _ = req
                             .reply
@@ -388,7 +398,7 @@ pub fn run_role(opts: &MirrorOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonEr
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     // What was received is made durable, applied and checkpointed: a clean stop.
     mirror.close();
-    let Some(req) = promotion else {
+    let Some((req, notices)) = promotion else {
         return Ok(Outcome::Stopped);
     };
     // The volumes' files are released before the primary's machinery opens them.
@@ -396,7 +406,7 @@ pub fn run_role(opts: &MirrorOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonEr
         v.stop();
     }
     drop(mirror);
-    match commit_promotions(opts, &req) {
+    match commit_promotions(opts, &req, &notices) {
         Ok(volumes) => {
             ctx.control.install_transition(Role::Primary);
             tracing::warn!(volumes = ?volumes, force = req.force, "promoted: this daemon is now the primary");
@@ -438,6 +448,11 @@ fn check_promotion(opts: &MirrorOptions, mirror: &Mirror, force: bool) -> Result
                 .into(),
         );
     }
+    if let Some(path) = &opts.nbd_unix {
+        // Where it will serve must be free: a promotion that cannot serve is not done.
+        let (l, f) = daemon::bind_unix(path).map_err(|e| format!("cannot serve there: {e}"))?;
+        drop((l, f));
+    }
     for v in &mirror.volumes {
         if v.stats.link_up.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(format!(
@@ -456,12 +471,38 @@ fn check_promotion(opts: &MirrorOptions, mirror: &Mirror, force: bool) -> Result
 fn commit_promotions(
     opts: &MirrorOptions,
     req: &RoleRequest,
+    notices: &std::collections::BTreeMap<String, (crate::repl::identity::GenId, u64)>,
 ) -> Result<Vec<serde_json::Value>, String> {
     let fs = crate::env::os();
     // Going back to a point of the history gives up every write after it at both sites: the
     // promotion then continues the point, as a forced one does.
     let force = req.force || req.point.is_some();
     if let Some((set, at)) = req.point {
+        // Every volume must hold the point before any goes back to it.
+        if set.is_some() && opts.volumes.len() > 1 {
+            return Err(
+                "--set names one volume's point (each volume numbers its own sets): use --at \
+                 with several volumes"
+                    .into(),
+            );
+        }
+        for spec in &opts.volumes {
+            let dir = crate::repl::history::Keeper::dir(&opts.state_dir, &spec.name);
+            let h = crate::repl::history::History::open(fs.clone(), &dir)
+                .map_err(|e| format!("volume {}: no history: {e}", spec.name))?;
+            let found = match (set, at) {
+                (Some(n), _) => h.points().iter().any(|p| p.set == n),
+                (None, Some(t)) => h.point_at(t).is_some(),
+                (None, None) => true,
+            };
+            if !found {
+                return Err(format!(
+                    "volume {}: its history has no such point (see blkmirror history); \
+                     nothing changed",
+                    spec.name
+                ));
+            }
+        }
         let to = match (set, at) {
             (Some(n), _) => crate::repl::apply::RecoverTo::Set(n),
             (None, Some(t)) => crate::repl::apply::RecoverTo::At(t),
@@ -476,11 +517,12 @@ fn commit_promotions(
             crate::disk::file::FileStorage::open(spec, crate::disk::file::IoMode::Buffered)
                 .map_err(|e| e.to_string())?;
         let disk = crate::disk::Storage::fingerprint(&storage).map_err(|e| e.to_string())?;
-        let st = crate::repl::apply::VolumeState::load(
+        let mut st = crate::repl::apply::VolumeState::load(
             &*fs,
             &crate::repl::apply::VolumeState::path(&opts.state_dir, &spec.name),
         )
         .map_err(|e| e.to_string())?;
+        st.peer_demoted = notices.get(&spec.name).copied();
         let gen = crate::repl::identity::GenId::random();
         let (p, next) = crate::repl::role::promoted(&st, gen, &disk, force)
             .map_err(|why| format!("volume {}: {why}", spec.name))?;
@@ -495,7 +537,7 @@ fn commit_promotions(
         &crate::node::Intent {
             to: Role::Primary,
             force,
-            held: Default::default(),
+            held: notices.clone(),
         },
     )
     .map_err(|e| e.to_string())?;

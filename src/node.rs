@@ -77,7 +77,8 @@ impl Ctx<'_> {
 pub struct Intent {
     pub to: Role,
     pub force: bool,
-    /// A demotion: each volume's data as its peer acknowledged it (generation, last seq).
+    /// A demotion: each volume's data as its peer acknowledged it (generation, last seq); a
+    /// promotion: what each volume's peer said it holds (the promotion continues it).
     #[serde(default)]
     pub held: std::collections::BTreeMap<String, (crate::repl::identity::GenId, u64)>,
 }
@@ -153,7 +154,7 @@ pub fn run(
     if let Some(intent) = read_intent(&fs, &state_dir)? {
         finish_intent(&fs, &state_dir, &primary.volumes, &intent)?;
     }
-    let mut role = match recorded_role(&fs, &state_dir, &primary.volumes)? {
+    let role = match recorded_role(&fs, &state_dir, &primary.volumes)? {
         None => command,
         Some((recorded, _)) if recorded == command => recorded,
         Some((recorded, Some(how))) => {
@@ -178,6 +179,20 @@ pub fn run(
             }))
         }
     };
+    // What only the other role uses, left by a role change that stopped after its commit.
+    for v in &primary.volumes {
+        crate::repl::role::clear_leftovers(
+            &fs,
+            &state_dir,
+            &v.name,
+            role,
+            Some(crate::repl::role::HistoryDir {
+                fs: &fs,
+                dir: crate::repl::history::Keeper::dir(&state_dir, &v.name),
+            }),
+        )?;
+    }
+    let mut role = role;
     let desk = Arc::new(RoleDesk::default());
     let control_path = primary
         .control
@@ -280,7 +295,8 @@ fn finish_intent(
                 crate::repl::role::commit_demotion(fs, state_dir, &v.name, &m, None)?;
             }
             Role::Primary => {
-                let st = VolumeState::load(&**fs, &path)?;
+                let mut st = VolumeState::load(&**fs, &path)?;
+                st.peer_demoted = intent.held.get(&v.name).copied();
                 let (p, next) = crate::repl::role::promoted(
                     &st,
                     crate::repl::identity::GenId::random(),

@@ -1172,7 +1172,7 @@ fn primary_status(volumes: &[String], shipping: &[Shipping]) -> serde_json::Valu
                 doc["role"] = "primary".into();
                 doc["peer_role"] = if link_up {
                     "secondary"
-                } else if state == ReplState::BothPrimary {
+                } else if state == ReplState::BothPrimary || s.peer_is_primary.load(Relaxed) {
                     "primary"
                 } else {
                     "unknown"

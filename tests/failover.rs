@@ -415,3 +415,31 @@ fn events_follow_a_switchover_line_by_line() {
         .unwrap_or("")
         .contains("\"gone\""));
 }
+
+/// What a peer said of itself is not trusted once it has gone quiet (found in review: a
+/// secondary restarted after its peer was promoted, took writes and was lost, promoted itself
+/// without --force from a notice of the peer's older days, and the acknowledged writes were
+/// gone). Here: a switchover, the old primary stopped; the new primary takes a write and is
+/// killed; the old primary, started again, may not be promoted without --force (exit 9), and
+/// with --force says it may lose writes.
+#[test]
+fn a_peer_gone_quiet_is_not_taken_for_a_demoted_one() {
+    let (mut p, mirror_sock) = switchable_pair();
+    assert!(qemu_write(&p.nbd_sock.clone(), 0x11, 0, MIB));
+    let (code, v, err) = demote(&p.primary.control.clone());
+    assert_eq!(code, 0, "{v} {err}");
+    let (code, v, err) = promote(&p.mirror.control.clone(), &[]);
+    assert_eq!(code, 0, "{v} {err}");
+    stop_ok(&mut p.primary);
+    assert!(qemu_write(&mirror_sock, 0x22, MIB, MIB));
+    p.mirror.kill9();
+    p.primary.nbd_socket = None;
+    p.primary.start();
+    let (code, v, err) = promote(&p.primary.control.clone(), &[]);
+    assert_eq!(code, 9, "promoted from a stale notice: {v} {err}");
+    assert!(err.contains("not known to be demoted"), "{err}");
+    let (code, v, err) = promote(&p.primary.control.clone(), &["--force"]);
+    assert_eq!(code, 0, "{v} {err}");
+    assert_eq!(v["force"], true, "{v}");
+    stop_ok(&mut p.primary);
+}

@@ -60,10 +60,11 @@ pub struct VolumeState {
     /// before any new write, sits at the number where the lost history also had a state).
     #[serde(default)]
     pub position_gen: Option<GenId>,
-    /// The primary told this side it was demoted, with its data at this (generation, seq),
-    /// which this volume holds: a promotion without `--force` continues exactly that state.
-    /// Cleared by any new session (a primary writes again).
-    #[serde(default)]
+    /// The peer says it is a secondary holding this (generation, seq), which this volume
+    /// holds too: a promotion without `--force` continues exactly that state. Known only while
+    /// the peer keeps saying so (never saved: a peer heard from before a restart, or before it
+    /// went away, may have been promoted since); cleared by any new session.
+    #[serde(skip)]
     pub peer_demoted: Option<(GenId, u64)>,
     /// How this side last changed role (`promote`, `promote --force`, `demote`): a daemon
     /// started as the other role follows it instead of refusing the state directory.

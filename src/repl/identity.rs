@@ -370,7 +370,14 @@ pub fn supersedes(ours: &Lineage, theirs: &Lineage) -> bool {
     let Some(i) = ours.spans.iter().rposition(|s| s.promoted) else {
         return false;
     };
-    i > 0 && has(theirs, &ours.spans[i - 1]) && !has(theirs, &ours.spans[i])
+    let before = &ours.spans[i.saturating_sub(1)];
+    // Both promoted from the same data (two secondaries promoted at once): neither goes on
+    // on a guess.
+    let they_too = theirs
+        .spans
+        .windows(2)
+        .any(|w| w[1].promoted && w[0].gen == before.gen && w[0].first_seq == before.first_seq);
+    i > 0 && has(theirs, before) && !has(theirs, &ours.spans[i]) && !they_too
 }
 
 /// Why a primary's claim is another volume pair's, from the identities alone (whatever the
@@ -906,5 +913,10 @@ mod tests {
         let mut c = Lineage::default();
         c.mint(GenId(9), 1, false);
         assert!(!supersedes(&c, &a2) && !supersedes(&a2, &c) && !supersedes(&a, &b2));
+        // Two secondaries promoted from the same data: neither supersedes the other.
+        let mut twin = a2.clone();
+        twin.spans.truncate(3);
+        twin.mint_promoted(GenId(3), GenId(6), 25);
+        assert!(!supersedes(&b2, &twin) && !supersedes(&twin, &b2));
     }
 }

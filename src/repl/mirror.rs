@@ -208,7 +208,13 @@ pub struct MirrorVolume {
     reader: Option<Arc<FileStorage>>,
     /// The pipeline's threads, joined by [`MirrorVolume::stop`].
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// When the peer last said it is a secondary holding this volume's data.
+    peer_heard: Mutex<Option<Instant>>,
 }
+
+/// How long what a secondary peer says it holds stays true here: a few of its Pulls (every
+/// 2 s), so that a peer gone quiet (stopped, cut off, perhaps promoted) is not trusted.
+pub const PEER_NOTICE_FRESH: Duration = Duration::from_secs(10);
 
 impl MirrorVolume {
     /// Open the volume, check its disk against its state, replay its redo log, start its
@@ -343,6 +349,7 @@ impl MirrorVolume {
             history: keeper.map(Mutex::new),
             reader: reader.map(Arc::new),
             threads: Mutex::new(Vec::new()),
+            peer_heard: Mutex::new(None),
         });
         Ok((
             vol,
@@ -434,10 +441,9 @@ impl MirrorVolume {
     /// A promotion without --force would wait for the peer's demotion notice: a consistent
     /// copy, no primary connected, the peer's data not known yet.
     pub fn awaits_peer_notice(&self) -> bool {
-        let core = self.core.lock().unwrap();
         !self.stats.link_up.load(Ordering::Relaxed)
-            && core.state().consistent()
-            && core.state().peer_demoted.is_none()
+            && self.core.lock().unwrap().state().consistent()
+            && self.peer_notice().is_none()
     }
 
     /// This secondary's `Pull`: the volume, and the consistent state it holds (if it is one).
@@ -468,7 +474,10 @@ impl MirrorVolume {
                 self.name
             ));
         }
-        let st = core.state();
+        let mut st = core.state().clone();
+        drop(core);
+        st.peer_demoted = self.peer_notice();
+        let st = &st;
         let disk =
             st.identity
                 .fingerprint
@@ -487,27 +496,40 @@ impl MirrorVolume {
             .map_err(|why| format!("volume {}: {why}", self.name))
     }
 
-    /// The primary told this side it was demoted (`Message::Pull` of a secondary peer) with
-    /// its data at (`gen`, `seq`): recorded durably when this volume holds exactly that
-    /// (`MirrorCore::peer_demoted`), after everything received is applied and checkpointed.
+    /// The peer says it is a secondary holding (`gen`, `seq`) (its `Message::Pull`, or its
+    /// answer to this side's): remembered, in memory and for [`PEER_NOTICE_FRESH`], when this
+    /// volume holds exactly that (`MirrorCore::peer_demoted`) once everything received is
+    /// applied. A promotion without `--force` needs it fresh: a peer not heard from lately may
+    /// have been promoted meanwhile.
     pub fn learn_peer_demoted(
         &self,
         gen: crate::repl::identity::GenId,
         seq: u64,
     ) -> Result<(), String> {
         self.barrier_blocking().map_err(|(_, why)| why)?;
-        let state = {
+        let known = {
             let mut core = self.core.lock().unwrap();
-            if core.state().peer_demoted == Some((gen, seq)) {
-                return Ok(());
-            }
+            let known = core.state().peer_demoted == Some((gen, seq));
             core.peer_demoted(gen, seq)?;
-            core.state().clone()
+            known
         };
-        self.save_state(&state).map_err(|e| e.to_string())?;
-        tracing::info!(volume = %self.name, %gen, seq,
-            "the peer is a secondary holding the same data: this side may be promoted");
+        *self.peer_heard.lock().unwrap() = Some(Instant::now());
+        if !known {
+            tracing::info!(volume = %self.name, %gen, seq,
+                "the peer is a secondary holding the same data: this side may be promoted");
+        }
         Ok(())
+    }
+
+    /// What the peer said it holds, while fresh ([`PEER_NOTICE_FRESH`]).
+    pub fn peer_notice(&self) -> Option<(crate::repl::identity::GenId, u64)> {
+        let fresh = self
+            .peer_heard
+            .lock()
+            .unwrap()
+            .is_some_and(|t| t.elapsed() < PEER_NOTICE_FRESH);
+        let core = self.core.lock().unwrap();
+        core.state().peer_demoted.filter(|_| fresh)
     }
 
     /// Apply sets in order. The volume is synced and the state saved (a checkpoint) at most
@@ -920,8 +942,8 @@ impl MirrorVolume {
         let failure = core.failure().cloned();
         let refused = core.refused().cloned();
         let staging = core.staging();
-        let peer_demoted = core.state().peer_demoted;
         drop(core);
+        let peer_demoted = self.peer_notice();
         let promotion = match self.promotable(false) {
             Ok(()) if !link_up => serde_json::json!({ "allowed": true, "force_needed": false }),
             Ok(()) => serde_json::json!({ "allowed": false, "force_needed": false,
