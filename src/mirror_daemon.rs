@@ -418,7 +418,7 @@ pub fn run_role(opts: &MirrorOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonEr
                         "ok": true,
                         "result": "promoted",
                         "role": "primary",
-                        "force": req.force,
+                        "force": req.force || req.point.is_some(),
                         "volumes": volumes,
                     }),
                 },
