@@ -368,31 +368,22 @@ impl ControlSwitch {
         self.socket.lock().unwrap().take();
     }
 
-    /// Between roles: `status` says which role comes and that it is on its way, `promote` and
-    /// `demote` answer "already" for the role that comes, anything else to ask again.
+    /// Between roles: `status` says which role comes and that it is on its way; anything else
+    /// (but `promote` and `demote`, which wait for the role that comes) to ask again.
     pub fn install_transition(&self, to: crate::repl::role::Role) {
         use crate::repl::role::Role;
-        *self.handler.write().unwrap() = Arc::new(move |words: &[&str]| {
-            match (words.first().copied(), to) {
-                (Some("status"), _) => serde_json::json!({
+        *self.handler.write().unwrap() =
+            Arc::new(move |words: &[&str]| match words.first().copied() {
+                Some("status") => serde_json::json!({
                     "role": if to == Role::Primary { "primary" } else { "mirror" },
                     "changing_role": true,
                     "volumes": [],
                 }),
-                (Some("demote"), Role::Secondary) | (Some("promote"), Role::Primary) => {
-                    serde_json::json!({
-                        "ok": true,
-                        "result": "already",
-                        "role": if to == Role::Primary { "primary" } else { "secondary" },
-                        "message": format!("already {}", if to == Role::Primary { "the primary" } else { "a secondary" }),
-                    })
-                }
                 _ => serde_json::json!({
                     "error": "the daemon is changing role: ask again in a moment",
                     "code": "busy",
                 }),
-            }
-        });
+            });
     }
 }
 
