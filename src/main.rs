@@ -695,7 +695,6 @@ fn run(command: Command) -> Result<Exit, Failure> {
             // read as a secondary's).
             let secondary = MirrorOptions {
                 peer: Link::Dial(mirror.clone().unwrap_or_default()),
-                can_serve: true,
                 nbd_unix: Some(nbd_unix.clone()),
                 volumes: volumes.clone(),
                 state_dir: state_dir.clone(),
@@ -791,7 +790,6 @@ fn run(command: Command) -> Result<Exit, Failure> {
             };
             let secondary = MirrorOptions {
                 peer,
-                can_serve: nbd_unix.is_some(),
                 nbd_unix: nbd_unix.clone(),
                 volumes,
                 state_dir,

@@ -17,9 +17,8 @@ pub struct MirrorOptions {
     /// Who dials: `--listen` (a mirror's command line: its primary dials), or `--mirror` (a
     /// demoted primary's: it dials its peer and asks for the volumes, `Message::Pull`).
     pub peer: crate::node::Link,
-    /// The daemon can serve its volumes over NBD once promoted (`--nbd-unix` given).
-    pub can_serve: bool,
-    /// Where it serves them then (checked free before a promotion commits).
+    /// Where it serves its volumes once promoted (checked free before a promotion commits;
+    /// None: `--nbd-unix` not given, it cannot be promoted).
     pub nbd_unix: Option<std::path::PathBuf>,
     pub volumes: Vec<VolumeSpec>,
     pub state_dir: PathBuf,
@@ -441,7 +440,7 @@ const PEER_NOTICE_WAIT: std::time::Duration = std::time::Duration::from_secs(20)
 /// them, no primary is connected, and each holds a consistent copy its peer is known to hold
 /// too (or `force`).
 fn check_promotion(opts: &MirrorOptions, mirror: &Mirror, force: bool) -> Result<(), String> {
-    if !opts.can_serve {
+    if opts.nbd_unix.is_none() {
         return Err(
             "this daemon has no --nbd-unix: as a primary it could not serve its volumes \
              (restart it with --nbd-unix PATH, then promote)"

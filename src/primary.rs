@@ -660,6 +660,9 @@ fn prepare_demotion(
     for (v, s) in shipping.iter().zip(shippers) {
         // A fresh answer, with no write in flight any more.
         *v.stats.demotable.lock().unwrap() = None;
+        v.stats
+            .demotion_asked
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         s.records.notify_one();
     }
     let deadline = std::time::Instant::now() + timeout;

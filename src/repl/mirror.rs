@@ -477,21 +477,7 @@ impl MirrorVolume {
         let mut st = core.state().clone();
         drop(core);
         st.peer_demoted = self.peer_notice();
-        let st = &st;
-        let disk =
-            st.identity
-                .fingerprint
-                .clone()
-                .unwrap_or(crate::disk::fingerprint::Fingerprint {
-                    kind: crate::disk::fingerprint::DiskKind::File,
-                    dev: 0,
-                    ino: 0,
-                    born: None,
-                    serial: None,
-                    size: self.size,
-                    ctime: None,
-                });
-        crate::repl::role::promoted(st, crate::repl::identity::GenId(1), &disk, force)
+        crate::repl::role::continued_generation(&st, force)
             .map(|_| ())
             .map_err(|why| format!("volume {}: {why}", self.name))
     }

@@ -114,6 +114,28 @@ pub fn promoted(
     disk: &Fingerprint,
     force: bool,
 ) -> Result<(PrimaryVolumeState, u64), String> {
+    let held = continued_generation(st, force)?;
+    let next_seq = st.applied_seq + 1;
+    let mut identity = st.identity.clone();
+    if !identity.lineage.mint_promoted(held, gen, next_seq) {
+        return Err(format!(
+            "the volume's generation {held} does not place seq {} in its lineage",
+            st.applied_seq
+        ));
+    }
+    identity.fingerprint = Some(disk.clone());
+    let state = PrimaryVolumeState {
+        role: Role::Primary.in_state_file().into(),
+        identity,
+        volume_changed: None,
+        changed_role: Some(if force { "promote --force" } else { "promote" }.into()),
+    };
+    Ok((state, next_seq))
+}
+
+/// Whether a mirror holding `st` may be promoted (`force`: `--force`), and the generation
+/// its promotion continues ([`promoted`] says why it is refused).
+pub fn continued_generation(st: &VolumeState, force: bool) -> Result<GenId, String> {
     if let Some(why) = &st.volume_changed {
         return Err(format!("the volume is not the mirror's copy: {why}"));
     }
@@ -158,22 +180,7 @@ pub fn promoted(
             )
         }
     };
-    let next_seq = st.applied_seq + 1;
-    let mut identity = st.identity.clone();
-    if !identity.lineage.mint_promoted(held, gen, next_seq) {
-        return Err(format!(
-            "the volume's generation {held} does not place seq {} in its lineage",
-            st.applied_seq
-        ));
-    }
-    identity.fingerprint = Some(disk.clone());
-    let state = PrimaryVolumeState {
-        role: Role::Primary.in_state_file().into(),
-        identity,
-        volume_changed: None,
-        changed_role: Some(if force { "promote --force" } else { "promote" }.into()),
-    };
-    Ok((state, next_seq))
+    Ok(held)
 }
 
 /// The state a primary with `st`, whose journal's last write is `last_seq`, has as a mirror
@@ -250,10 +257,8 @@ pub fn commit_demotion(
     st: &VolumeState,
     history: Option<HistoryDir<'_>>,
 ) -> io::Result<()> {
-    remove_files_in(&**fs, &apply::redo_dir(state_dir, volume))?;
-    if let Some(h) = history {
-        remove_files_in(&**h.fs, &h.dir)?;
-    }
+    // Still a primary until the commit: what no primary keeps goes first.
+    clear_leftovers(fs, state_dir, volume, Role::Primary, history)?;
     st.save(&**fs, &VolumeState::path(state_dir, volume))?;
     clear_leftovers(fs, state_dir, volume, Role::Secondary, None)
 }

@@ -71,6 +71,9 @@ pub struct ShipStats {
     /// last time it looked (`Session::demote_blocker`; `Ok`: no, with the data's name then,
     /// (generation, last seq)). None while no session runs.
     pub demotable: Mutex<Option<Result<(GenId, u64), String>>>,
+    /// A demotion waits for [`ShipStats::demotable`]: only then does the session answer it
+    /// (it takes the journal's lock and the state's copy: not for every set shipped).
+    pub demotion_asked: AtomicBool,
     /// The peer answered as a secondary since this start (a decision, or a refusal only a
     /// mirror gives): this side may serve its clients.
     pub peer_is_secondary: AtomicBool,
@@ -579,6 +582,9 @@ impl Shipper {
     /// Whether a demotion would lose a write now, for `demote` (the writes have stopped when it
     /// asks).
     fn show_demotable(&self, sess: &Session) {
+        if !self.stats.demotion_asked.load(Ordering::Relaxed) {
+            return;
+        }
         let answer = match sess.demote_blocker(&self.journal, 0) {
             Some(why) => Err(why),
             None => match self.record.snapshot().identity.lineage.current() {

@@ -1141,7 +1141,7 @@ impl MirrorHost {
 
     /// Promote (`blkmirror promote`, `force` for `--force`) once everything durable is applied
     /// ([`MirrorHost::drain`]): the state checkpointed, then the role change committed on disk.
-    /// Returns the data state the promotion continues: (generation, seq). On an error after
+    /// On an error after
     /// the checks (a host that died mid-way) the caller crashes the site and starts it in the
     /// role its state file records.
     /// The demoted primary told this mirror its data's name (`blkmirror demote`'s notice to
@@ -1162,7 +1162,7 @@ impl MirrorHost {
         Ok(())
     }
 
-    pub fn promote(&mut self, gen: GenId, force: bool) -> Result<(GenId, u64), String> {
+    pub fn promote(&mut self, gen: GenId, force: bool) -> Result<(), String> {
         let u = self.up.as_mut().ok_or("not running")?;
         if !u.pipeline.is_empty() || !u.unsynced.is_empty() {
             return Err("sets received but not yet durable and applied".into());
@@ -1177,8 +1177,6 @@ impl MirrorHost {
         let disk = self.disk.fingerprint().expect("simulated disk");
         let st = u.core.state().clone();
         let (pst, next) = role::promoted(&st, gen, &disk, force)?;
-        let spans = &pst.identity.lineage.spans;
-        let held = (spans[spans.len() - 2].gen, st.applied_seq);
         let (hfs, hdir) = self.site().history_dir();
         role::commit_promotion(
             &self.fs(),
@@ -1193,11 +1191,9 @@ impl MirrorHost {
             }),
         )
         .map_err(|e| format!("promotion: {e}"))?;
-        self.note(format!(
-            "promoted: generation {gen} from seq {next}, continuing {held:?}"
-        ));
+        self.note(format!("promoted: generation {gen} from seq {next}"));
         self.up = None;
-        Ok(held)
+        Ok(())
     }
 
     /// Take over the counters and traces of the mirror this one replaces on the other site.

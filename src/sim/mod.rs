@@ -960,14 +960,7 @@ impl World {
                 if !site.fs.halted() {
                     site.fs.set_halt(None);
                     match result {
-                        Ok(()) => {
-                            self.primary.down_until = Duration::MAX;
-                            self.switch = Some(Switch::Promoting {
-                                force: false,
-                                lost_site: false,
-                                demoted: self.primary.site().demoted_at(),
-                            });
-                        }
+                        Ok(()) => self.demotion_committed(),
                         Err(e) => self.primary.note_once(format!("demote refused: {e}")),
                     }
                     return;
@@ -976,12 +969,7 @@ impl World {
                     .note(format!("the host died during the demotion: {result:?}"));
                 if self.crash_in_role_change(true) == Some(crate::repl::role::Role::Secondary) {
                     self.primary.note("the demotion had committed".into());
-                    self.primary.down_until = Duration::MAX;
-                    self.switch = Some(Switch::Promoting {
-                        force: false,
-                        lost_site: false,
-                        demoted: self.primary.site().demoted_at(),
-                    });
+                    self.demotion_committed();
                 } else {
                     // Still a primary: it restarts (its writes still paused) and the admin
                     // demotes again.
@@ -1016,7 +1004,7 @@ impl World {
                 if !site.fs.halted() {
                     site.fs.set_halt(None);
                     match result {
-                        Ok(_) => self.swap_roles(lost_site),
+                        Ok(()) => self.swap_roles(lost_site),
                         // Not promotable yet (sets still to apply): the admin tries again.
                         Err(e) => self.mirror.note_once(format!("promote refused: {e}")),
                     }
@@ -1032,6 +1020,17 @@ impl World {
                 }
             }
         }
+    }
+
+    /// The primary's site is a secondary now (stopped until the mirror is promoted): the mirror
+    /// is told the name of the data it gave up.
+    fn demotion_committed(&mut self) {
+        self.primary.down_until = Duration::MAX;
+        self.switch = Some(Switch::Promoting {
+            force: false,
+            lost_site: false,
+            demoted: self.primary.site().demoted_at(),
+        });
     }
 
     /// The promoted site becomes the primary, the demoted one (or a new blank site) the
