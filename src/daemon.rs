@@ -220,6 +220,9 @@ pub struct RoleRequest {
     pub point: Option<(Option<u64>, Option<u64>)>,
     /// How long a demotion waits for the peer to acknowledge every write.
     pub timeout: std::time::Duration,
+    /// Become a secondary of a peer primary, giving up (after saving) this side's writes
+    /// since the two parted: a failback, or `resolve --discard-local` after a split brain.
+    pub discard_local: bool,
     pub reply: std::sync::mpsc::Sender<serde_json::Value>,
 }
 
@@ -352,7 +355,7 @@ impl ControlSwitch {
             *socket = Some(serve_control(
                 &self.path,
                 Arc::new(move |words: &[&str]| match words.first().copied() {
-                    Some("promote" | "demote") => role_command(&desk, words),
+                    Some("promote" | "demote" | "resolve") => role_command(&desk, words),
                     _ => {
                         let current = h.read().unwrap().clone();
                         current(words)
@@ -387,7 +390,7 @@ impl ControlSwitch {
     }
 }
 
-/// `demote SECS` and `promote [force] [set=N|at=UNIX_MS]`: handed to the main thread, which
+/// `demote SECS`, `promote [force] [set=N|at=UNIX_MS]` and `resolve discard-local`: handed to the main thread, which
 /// answers ("already" when this is the role it runs).
 fn role_command(desk: &RoleDesk, words: &[&str]) -> serde_json::Value {
     use crate::repl::role::Role;
@@ -397,9 +400,11 @@ fn role_command(desk: &RoleDesk, words: &[&str]) -> serde_json::Value {
         force: false,
         point: None,
         timeout: std::time::Duration::ZERO,
+        discard_local: false,
         reply: std::sync::mpsc::channel().0,
     };
     match words {
+        ["resolve", "discard-local"] => req.discard_local = true,
         ["demote", secs] => match secs.parse::<u64>() {
             Ok(s) => req.timeout = std::time::Duration::from_secs(s),
             Err(_) => return usage(format!("demote: bad timeout {secs:?}")),

@@ -309,6 +309,37 @@ enum Command {
         #[arg(long)]
         now: bool,
     },
+    /// After a split brain (both sides primaries; status shows both_primary): make this side
+    /// a secondary of its peer, giving up its own writes since the two parted. They are saved
+    /// first (`blkmirror divergent`); the peer resyncs only what differs, and this side's
+    /// volume stays its old state until that resync's end.
+    Resolve {
+        /// The daemon's control socket (STATE_DIR/control.sock).
+        #[arg(long)]
+        control: PathBuf,
+        /// This side's writes since the two parted are the ones given up (required: the
+        /// admin names the side).
+        #[arg(long, required = true)]
+        discard_local: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The writes a failback or `resolve --discard-local` gave up, saved in STATE/divergent:
+    /// list them, or serve one read-only over NBD (`--export ID --nbd-unix PATH`) until
+    /// SIGTERM.
+    Divergent {
+        /// The daemon's state directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Serve this saved set (its id from the list): a sparse image of the volume's size
+        /// holding the saved ranges at their offsets.
+        #[arg(long, requires = "nbd_unix")]
+        export: Option<String>,
+        #[arg(long, requires = "export")]
+        nbd_unix: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage the replication CA and peer certificates (init, issue).
     #[command(subcommand)]
     Certs(blkmirror::certs::CertsCommand),
@@ -996,6 +1027,58 @@ fn run(command: Command) -> Result<Exit, Failure> {
             )?;
             if !json {
                 print_role_change(&v);
+            }
+        }
+        Command::Resolve {
+            control,
+            discard_local,
+            json,
+        } => {
+            debug_assert!(discard_local, "clap requires it");
+            // Saving the divergent writes reads them from the volume: minutes for a long tail.
+            let v = role_request(
+                &control,
+                "resolve discard-local",
+                json,
+                Duration::from_secs(3600),
+            )?;
+            if !json {
+                print_role_change(&v);
+            }
+        }
+        Command::Divergent {
+            state_dir,
+            export,
+            nbd_unix,
+            json,
+        } => {
+            if let (Some(id), Some(socket)) = (export, nbd_unix) {
+                blkmirror::repl::divergent::serve(&state_dir, &id, &socket)
+                    .map_err(|e| Failure::new(Exit::Io, format!("divergent: {e}")))?;
+                return Ok(Exit::Ok);
+            }
+            let saved = blkmirror::repl::divergent::list(&*blkmirror::env::os(), &state_dir)
+                .map_err(|e| Failure::new(Exit::Io, format!("divergent: {e}")))?;
+            if json {
+                println!("{}", serde_json::json!({ "saved": saved }));
+            } else if saved.is_empty() {
+                println!("no divergent writes saved in {}", state_dir.display());
+            } else {
+                println!(
+                    "{:<40} {:<8} {:<25} {:>10} {:>7}  WHY",
+                    "ID", "VOLUME", "SAVED", "BYTES", "RANGES"
+                );
+                for s in &saved {
+                    println!(
+                        "{:<40} {:<8} {:<25} {:>10} {:>7}  {}",
+                        s.id,
+                        s.volume,
+                        blkmirror::repl::mirror::fmt_time(s.time_ms).unwrap_or_default(),
+                        s.bytes,
+                        s.ranges.len(),
+                        s.why
+                    );
+                }
             }
         }
         Command::Events { control, now } => {

@@ -537,6 +537,7 @@ fn commit_promotions(
             to: Role::Primary,
             force,
             held: notices.clone(),
+            discarded: Default::default(),
         },
     )
     .map_err(|e| e.to_string())?;

@@ -81,6 +81,10 @@ pub struct Intent {
     /// promotion: what each volume's peer said it holds (the promotion continues it).
     #[serde(default)]
     pub held: std::collections::BTreeMap<String, (crate::repl::identity::GenId, u64)>,
+    /// A failback or `resolve --discard-local`: each volume's state as a secondary (its
+    /// own writes since the two sides parted saved already).
+    #[serde(default)]
+    pub discarded: std::collections::BTreeMap<String, VolumeState>,
 }
 
 pub fn intent_path(state_dir: &Path) -> PathBuf {
@@ -280,6 +284,15 @@ fn finish_intent(
         let disk = crate::disk::Storage::fingerprint(&storage)?;
         let path = VolumeState::path(state_dir, &v.name);
         match intent.to {
+            Role::Secondary if intent.discarded.contains_key(&v.name) => {
+                crate::repl::role::commit_demotion(
+                    fs,
+                    state_dir,
+                    &v.name,
+                    &intent.discarded[&v.name],
+                    None,
+                )?;
+            }
             Role::Secondary => {
                 let st = PrimaryVolumeState::load(&**fs, &path)?.ok_or_else(|| {
                     DaemonError::Config(format!("{}: no state to demote", v.name))

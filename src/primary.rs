@@ -337,10 +337,16 @@ pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonE
     let server = Server::new(exports, opts.nbd_limits);
     if must_ask {
         server.hold_doors();
-        let stats: Vec<Arc<ShipStats>> =
-            shipping_for_close.iter().map(|v| v.stats.clone()).collect();
-        gate.clone()
-            .spawn(server.clone(), stats, opts.peer_unreachable);
+        let volumes = shipping_for_close
+            .iter()
+            .map(|v| (v.stats.clone(), v.record.clone()))
+            .collect();
+        gate.clone().spawn(
+            server.clone(),
+            volumes,
+            opts.peer_unreachable,
+            ctx.desk.clone(),
+        );
     }
     let (unix, nbd_socket) = daemon::bind_unix(&nbd_unix)?;
     server.spawn_unix(unix)?;
@@ -365,6 +371,7 @@ pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonE
         Stop,
         Again,
         Demote(RoleRequest, Vec<(String, GenId, u64)>),
+        DiscardLocal(RoleRequest),
     }
     let end = loop {
         match signals.wait_for_event()? {
@@ -377,6 +384,17 @@ pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonE
                 if req.to == Role::Primary {
                     let _ = req.reply.send(gate.promote(req.force));
                     continue;
+                }
+                if req.discard_local {
+                    match discard_check(&shipping_for_close) {
+                        Ok(()) => break End::DiscardLocal(req),
+                        Err(why) => {
+                            let _ = req
+                                .reply
+                                .send(serde_json::json!({ "error": why, "code": "wrong-state" }));
+                            continue;
+                        }
+                    }
                 }
                 match prepare_demotion(
                     opts,
@@ -416,6 +434,44 @@ pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonE
         End::Stop => return Ok(Outcome::Stopped),
         End::Again => return Ok(Outcome::Again),
         End::Demote(req, names) => (req, names),
+        End::DiscardLocal(req) => {
+            let how = if gate.holding.lock().unwrap().is_some() {
+                "failback"
+            } else {
+                "resolve --discard-local"
+            };
+            return match commit_discards(opts, &shipping_for_close, how) {
+                Ok(volumes) => {
+                    ctx.control.install_transition(Role::Secondary);
+                    tracing::warn!(volumes = ?volumes,
+                        "{how}: this daemon is now a secondary of its peer; the writes it gave up are saved");
+                    Ok(Outcome::Switched(
+                        Role::Secondary,
+                        crate::node::Answer {
+                            to: req.reply,
+                            answer: serde_json::json!({
+                                "ok": true,
+                                "result": "resolved",
+                                "how": how,
+                                "role": "secondary",
+                                "volumes": volumes,
+                                "message": "this side is a secondary of its peer now; the writes \
+                                            it gave up are saved (blkmirror divergent)",
+                            }),
+                        },
+                    ))
+                }
+                Err(why) => {
+                    // Its clients are gone and its own writes may be saved already: it stops
+                    // rather than serve next to a peer that is a primary.
+                    tracing::error!("{how} failed: {why}");
+                    let _ = req
+                        .reply
+                        .send(serde_json::json!({ "error": why.clone(), "code": "io" }));
+                    Err(DaemonError::Config(format!("{how} failed: {why}")))
+                }
+            };
+        }
     };
     match commit_demotions(opts, &shipping_for_close, &names) {
         Ok(volumes) => {
@@ -507,18 +563,41 @@ impl StartGate {
     fn spawn(
         self: Arc<Self>,
         server: Arc<Server>,
-        stats: Vec<Arc<ShipStats>>,
+        volumes: Vec<(Arc<ShipStats>, Arc<VolumeRecord>)>,
         policy: PeerUnreachable,
+        desk: Arc<daemon::RoleDesk>,
     ) {
         use std::sync::atomic::Ordering::Relaxed;
         let started = std::time::Instant::now();
+        let stats: Vec<Arc<ShipStats>> = volumes.iter().map(|(s, _)| s.clone()).collect();
         let _ = std::thread::Builder::new()
             .name("start-gate".into())
             .spawn(move || {
                 let mut told = String::new();
+                let mut failback_asked = false;
                 loop {
                     if server.is_stopping() {
                         return;
+                    }
+                    // The peer was promoted from this side's data while it was away, and this
+                    // side has not served since: it becomes that primary's secondary, its own
+                    // writes the peer never got saved first (no two writers, nothing lost).
+                    if !failback_asked && superseded_by_peer(&volumes) {
+                        failback_asked = desk.ask(RoleRequest {
+                            to: Role::Secondary,
+                            force: false,
+                            point: None,
+                            timeout: std::time::Duration::ZERO,
+                            discard_local: true,
+                            reply: std::sync::mpsc::channel().0,
+                        });
+                        if failback_asked {
+                            tracing::warn!(
+                                "the peer was promoted from this side's data while it was away: \
+                                 this side becomes its secondary (failback); its writes the \
+                                 peer never got are saved first"
+                            );
+                        }
                     }
                     let primary_peer = stats.iter().any(|s| {
                         s.peer_is_primary.load(Relaxed) && !s.peer_superseded.load(Relaxed)
@@ -574,6 +653,17 @@ impl StartGate {
                 }
             });
     }
+}
+
+/// Every volume's peer is a primary whose promotion continued this side's data
+/// (`identity::supersedes`): this side is the old primary, back.
+fn superseded_by_peer(volumes: &[(Arc<ShipStats>, Arc<VolumeRecord>)]) -> bool {
+    !volumes.is_empty()
+        && volumes.iter().all(|(stats, record)| {
+            stats.peer_claim.lock().unwrap().as_ref().is_some_and(|c| {
+                crate::repl::identity::supersedes(&c.lineage, &record.snapshot().identity.lineage)
+            })
+        })
 }
 
 /// A clean stop of the primary's machinery: NBD drained, the link closed, journals closed
@@ -723,6 +813,7 @@ fn commit_demotions(
             .iter()
             .map(|(n, g, seq)| (n.clone(), (*g, *seq)))
             .collect(),
+        discarded: Default::default(),
     };
     crate::node::write_intent(&fs, &opts.state_dir, &intent).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
@@ -744,6 +835,114 @@ fn commit_demotions(
         crate::repl::role::commit_demotion(&fs, &opts.state_dir, name, &st, None)
             .map_err(|e| format!("volume {name}: {e}"))?;
         out.push(serde_json::json!({ "name": name, "generation": gen, "seq": seq }));
+    }
+    crate::node::clear_intent(&fs, &opts.state_dir).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// Whether every volume can give its own writes up for its peer's: the peer is a primary
+/// that said what it holds, the two parted at a known state, and the journal names every
+/// write since.
+fn discard_check(shipping: &[Shipping]) -> Result<(), String> {
+    for v in shipping {
+        let Some(claim) = v.stats.peer_claim.lock().unwrap().clone() else {
+            return Err(format!(
+                "volume {}: the peer is not known to be a primary (resolve is for two \
+                 primaries: status shows both_primary)",
+                v.name
+            ));
+        };
+        let (_, seq) = crate::repl::role::parting_point(&v.record.snapshot(), &claim.lineage)
+            .map_err(|e| format!("volume {}: {e}", v.name))?;
+        let holds_after = v.journal.holds_after();
+        if holds_after > seq {
+            return Err(format!(
+                "volume {}: the journal knows only the writes after seq {holds_after}, not \
+                 every one since seq {seq} where the two sides parted: its own writes cannot \
+                 all be named",
+                v.name
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Give every volume's own writes since it parted from its peer up: save them
+/// (`repl::divergent`), then make the volume a secondary holding the state both held, under
+/// an intent naming each volume's new state (a stop in the middle completes it).
+fn commit_discards(
+    opts: &PrimaryOptions,
+    shipping: &[Shipping],
+    how: &str,
+) -> Result<Vec<serde_json::Value>, String> {
+    let fs = crate::env::os();
+    let now = crate::repl::core::primary::unix_ms(std::time::SystemTime::now());
+    let mut states = std::collections::BTreeMap::new();
+    let mut out = Vec::new();
+    for v in shipping {
+        let claim = v
+            .stats
+            .peer_claim
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or_else(|| format!("volume {}: the peer's claim is gone", v.name))?;
+        let st = v.record.snapshot();
+        let parted = crate::repl::role::parting_point(&st, &claim.lineage)?;
+        let regions = v.journal.regions_after(crate::repl::role::own_writes_after(
+            &st.identity.lineage,
+            parted.0,
+            parted.1,
+        ));
+        let storage = v.storage.clone();
+        let saved = crate::repl::divergent::save(
+            &*fs,
+            &opts.state_dir,
+            &crate::repl::divergent::Tail {
+                volume: &v.name,
+                size: storage.size(),
+                why: how,
+                parted,
+                ranges: &regions,
+                time_ms: now,
+            },
+            &mut |at, buf| storage.read_sync(at, buf),
+        )
+        .map_err(|e| format!("volume {}: cannot save its divergent writes: {e}", v.name))?;
+        tracing::warn!(volume = %v.name, saved = %saved.id, bytes = saved.bytes,
+            ranges = saved.ranges.len(), parted_gen = %parted.0, parted_seq = parted.1,
+            "the writes this side gives up are saved");
+        let disk = storage.fingerprint().map_err(|e| e.to_string())?;
+        let m = crate::repl::role::discarded(
+            &st,
+            &claim,
+            regions,
+            v.journal.holds_after(),
+            &disk,
+            how,
+            saved.id.clone(),
+        )
+        .map_err(|e| format!("volume {}: {e}", v.name))?;
+        out.push(serde_json::json!({
+            "name": v.name,
+            "parted_generation": parted.0,
+            "parted_seq": parted.1,
+            "saved": saved.id,
+            "saved_bytes": saved.bytes,
+            "saved_ranges": saved.ranges.len(),
+        }));
+        states.insert(v.name.clone(), m);
+    }
+    let intent = crate::node::Intent {
+        to: Role::Secondary,
+        force: false,
+        held: Default::default(),
+        discarded: states.clone(),
+    };
+    crate::node::write_intent(&fs, &opts.state_dir, &intent).map_err(|e| e.to_string())?;
+    for (name, m) in &states {
+        crate::repl::role::commit_demotion(&fs, &opts.state_dir, name, m, None)
+            .map_err(|e| format!("volume {name}: {e}"))?;
     }
     crate::node::clear_intent(&fs, &opts.state_dir).map_err(|e| e.to_string())?;
     Ok(out)
@@ -824,11 +1023,26 @@ async fn answer_pulls(
                         Ok(Ok(Some((Message::Identify(c), _)))) => Some(c),
                         _ => None,
                     };
+                    let mut own_claim = None;
                     let why = match (sizes.get(&volume), claim) {
                         (Some((_, stats, record)), Some(claim)) => {
-                            let ours = record.snapshot().identity.lineage;
+                            let st = record.snapshot();
+                            // What this side holds goes to the peer before the refusal: the
+                            // point where the two parted (a failback, `resolve`).
+                            own_claim = st.identity.fingerprint.clone().map(|fingerprint| {
+                                crate::repl::identity::PrimaryClaim {
+                                    uuid: st.identity.uuid,
+                                    lineage: st.identity.lineage.clone(),
+                                    journal_acked: 0,
+                                    journal_last: 0,
+                                    fingerprint,
+                                    resync_from: None,
+                                }
+                            });
+                            let ours = st.identity.lineage;
                             let superseded =
                                 crate::repl::identity::supersedes(&ours, &claim.lineage);
+                            *stats.peer_claim.lock().unwrap() = Some((*claim).clone());
                             stats
                                 .peer_is_primary
                                 .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -851,6 +1065,13 @@ async fn answer_pulls(
                         }
                         _ => format!("volume {volume}: this side is a primary too"),
                     };
+                    if let Some(c) = own_claim {
+                        let _ = crate::repl::stream::write_message(
+                            &mut send,
+                            &Message::Identify(Box::new(c)),
+                        )
+                        .await;
+                    }
                     refuse(RefuseCode::BothPrimary, why)
                 }
                 _ => refuse(RefuseCode::BadMessage, "expected Pull".into()),
@@ -1151,6 +1372,8 @@ fn primary_status(volumes: &[String], shipping: &[Shipping]) -> serde_json::Valu
                     "acked_seq": js.acked_seq,
                     "sent_bytes": s.sent_bytes.load(Relaxed),
                     "wire_bytes": s.wire_bytes.load(Relaxed),
+                    // Regions a peer gave up (its divergent tail), resynced from here.
+                    "taken_over_bytes": s.taken_over_bytes.load(Relaxed),
                     "sent_set": s.sent_set.load(Relaxed),
                     "acked_set": s.acked_set.load(Relaxed),
                     "applied_set": s.applied_set.load(Relaxed),

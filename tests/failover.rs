@@ -253,24 +253,28 @@ fn qemu_write(sock: &Path, pattern: u8, offset: u64, len: u64) -> bool {
         .success()
 }
 
-/// Disaster: the primary is killed, the mirror promoted with --force (its answer says how many
-/// seconds of writes may be lost), and it takes writes at once. The old primary, started again
-/// with its own command line, asks its peer first: the peer says it was promoted from this
-/// side's data, so the old primary does not serve its clients (no two writers) and says why in
-/// status; both sides' data stay as they were.
+/// Disaster and failback: the safe goes away and the primary writes on (a tail the safe never
+/// gets), then the primary is killed. The safe is promoted with --force (its answer says how
+/// many seconds of writes may be lost) and takes writes at once. The old primary, started
+/// again with its own command line, asks its peer first: the peer was promoted from its data,
+/// so it never serves; it saves its tail (listed, and served over NBD by `blkmirror
+/// divergent`), becomes the new primary's secondary, and the resync sends only the regions
+/// changed on either side (far below the volume's size). A planned switchover then brings the
+/// roles back; both images are identical, the old tail replaced by the new primary's data.
 #[test]
-fn after_a_forced_promotion_the_old_primary_does_not_serve() {
+fn after_a_disaster_the_old_primary_fails_back_saving_its_tail_and_resyncing_only_the_difference() {
     let (mut p, mirror_sock) = switchable_pair();
+    let (pc, mc) = (p.primary.control.clone(), p.mirror.control.clone());
     assert!(qemu_write(&p.nbd_sock.clone(), 0x11, 0, 4 * MIB));
     p.wait_synced();
-    p.primary.kill9();
-    wait_for(
-        "the mirror to see its primary gone",
-        LONG,
-        &[&p.mirror],
-        |v| v[0]["link"] == "down",
+    stop_ok(&mut p.mirror);
+    assert!(
+        qemu_write(&p.nbd_sock.clone(), 0x55, 8 * MIB, MIB),
+        "the primary writes on while the safe is away"
     );
-    let (code, v, err) = promote(&p.mirror.control.clone(), &["--force"]);
+    p.primary.kill9();
+    p.mirror.start();
+    let (code, v, err) = promote(&mc, &["--force"]);
     assert_eq!(code, 0, "{v} {err}");
     assert_eq!(v["force"], true, "{v}");
     assert!(v["volumes"][0]["rpo_seconds"].is_number(), "{v}");
@@ -278,42 +282,234 @@ fn after_a_forced_promotion_the_old_primary_does_not_serve() {
         qemu_write(&mirror_sock, 0x22, 4 * MIB, MIB),
         "the promoted side serves at once"
     );
-    // The old primary comes back: it must not take writes.
+    // The old primary comes back: it never serves, and becomes the secondary.
     p.primary.nbd_socket = None; // it will not serve: do not wait for its socket
     p.primary.start();
-    let st = wait_for(
-        "the old primary to learn its peer was promoted",
-        LONG,
-        &[&p.primary],
-        |v| v[0]["state"] == "both_primary",
-    );
-    assert_eq!(st[0]["peer_role"], "primary", "{}", st[0]);
-    let doc = p.primary.status().expect("status");
-    assert_eq!(doc["serving"], false, "{doc}");
-    assert!(
-        doc["not_serving_why"]
-            .as_str()
-            .unwrap_or("")
-            .contains("primary too"),
-        "{doc}"
-    );
     assert!(
         !qemu_write(&p.nbd_sock.clone(), 0x33, 0, MIB),
         "the old primary took a write while its peer was promoted"
     );
-    // The new primary goes on; nothing of either side was overwritten.
+    let op = wait_role(&p.primary, "secondary");
+    assert_eq!(op["consistent"], true, "{op}");
+    let np = wait_role(&p.mirror, "primary");
+    assert_eq!(np["peer_role"], "secondary", "{np}");
+    assert!(
+        np["taken_over_bytes"].as_u64().unwrap() >= MIB,
+        "the old primary's tail is resynced: {np}"
+    );
+    let wire = np["wire_bytes"].as_u64().unwrap();
+    assert!(
+        wire < 8 * MIB,
+        "only the difference crosses the link ({wire} bytes for a 64 MiB volume): {np}"
+    );
+    // The tail is saved, listed, and served read-only.
+    let (code, out, err) = cli(&[
+        "divergent",
+        "--state-dir",
+        p.primary_state.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{out} {err}");
+    let saved: Value = serde_json::from_str(out.trim()).unwrap();
+    let saved = &saved["saved"];
+    assert_eq!(saved.as_array().unwrap().len(), 1, "{saved}");
+    assert_eq!(saved[0]["why"], "failback", "{saved}");
+    assert!(saved[0]["bytes"].as_u64().unwrap() >= MIB, "{saved}");
+    let id = saved[0]["id"].as_str().unwrap().to_string();
+    let export_sock = p.dir().join("divergent.sock");
+    let mut c = Command::new(BIN);
+    c.args(["divergent", "--state-dir"])
+        .arg(&p.primary_state)
+        .args(["--export", &id, "--nbd-unix"])
+        .arg(&export_sock);
+    let mut export = Background::spawn("divergent export", c, &p.dir().join("divergent.out"));
+    wait_for("the divergent export to serve", LONG, &[], |_| {
+        probe(&export_sock).is_ok()
+    });
+    let read = Command::new("qemu-io")
+        .args([
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            &format!("read -P 0x55 {} {MIB}", 8 * MIB),
+        ])
+        .arg(uri_of(&export_sock))
+        .output()
+        .unwrap();
+    assert!(
+        read.status.success() && !String::from_utf8_lossy(&read.stdout).contains("mismatch"),
+        "the saved tail holds the old primary's writes: {}",
+        String::from_utf8_lossy(&read.stdout)
+    );
+    let pid = nix::unistd::Pid::from_raw(export.child_for_test().id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(export.wait().success(), "{}", export.output());
+    // The new primary goes on; then a planned switchover brings the roles back.
     assert!(qemu_write(&mirror_sock, 0x44, 5 * MIB, MIB));
+    wait_for(
+        "the old primary to hold the new writes",
+        LONG,
+        &[&p.primary, &p.mirror],
+        |v| synced(&v[0], &v[1]),
+    );
+    let (code, v, err) = demote(&mc);
+    assert_eq!(code, 0, "demote: {v} {err}");
+    p.primary.nbd_socket = Some(p.nbd_sock.clone());
+    let (code, v, err) = promote(&pc, &[]);
+    assert_eq!(code, 0, "promote back: {v} {err}");
+    assert!(qemu_write(&p.nbd_sock.clone(), 0x66, 12 * MIB, MIB));
+    wait_role(&p.primary, "primary");
+    wait_role(&p.mirror, "secondary");
+    wait_for(
+        "the mirror to hold the last write",
+        LONG,
+        &[&p.mirror, &p.primary],
+        |v| synced(&v[0], &v[1]),
+    );
     p.stop_both();
-    let old = std::fs::read(&p.primary_img).unwrap();
-    let new = std::fs::read(&p.mirror_img).unwrap();
-    assert!(old[..(4 * MIB) as usize].iter().all(|&b| b == 0x11));
-    assert!(old[(4 * MIB) as usize..(6 * MIB) as usize]
-        .iter()
-        .all(|&b| b == 0));
-    assert!(new[..(4 * MIB) as usize].iter().all(|&b| b == 0x11));
-    assert!(new[(4 * MIB) as usize..(6 * MIB) as usize]
-        .iter()
-        .all(|&b| b == 0x22 || b == 0x44));
+    let (a, b) = (
+        std::fs::read(&p.primary_img).unwrap(),
+        std::fs::read(&p.mirror_img).unwrap(),
+    );
+    assert!(a == b, "the two images differ after failing back");
+    let at = |mib: u64| &a[(mib * MIB) as usize..((mib + 1) * MIB) as usize];
+    assert!(at(0).iter().all(|&b| b == 0x11));
+    assert!(at(4).iter().all(|&b| b == 0x22));
+    assert!(at(5).iter().all(|&b| b == 0x44));
+    assert!(
+        at(8).iter().all(|&b| b == 0),
+        "the given-up tail is the new primary's data"
+    );
+    assert!(at(12).iter().all(|&b| b == 0x66));
+    if std::env::var("SHOW_LOGS").is_ok() {
+        eprintln!("{}", std::fs::read_to_string(&p.primary.log_path).unwrap());
+        eprintln!(
+            "=====\n{}",
+            std::fs::read_to_string(&p.mirror.log_path).unwrap()
+        );
+    }
+}
+
+/// Split brain on purpose: the safe is promoted while the old primary is down, then the old
+/// primary starts while the safe is away and serves (`--peer-unreachable serve`, the
+/// default): both take writes. Once they meet, each refuses the other (`both_primary`) and
+/// both keep serving. `resolve --discard-local` on the side the admin names (here the
+/// promoted one) saves its writes, makes it the other's secondary, and the pair converges on
+/// the kept side's data; asked again it says "already"; asked on a primary whose peer is a
+/// secondary it is refused (exit 9).
+#[test]
+fn a_split_brain_is_refused_and_resolve_keeps_the_named_sides_data_saving_the_other() {
+    let (mut p, mirror_sock) = switchable_pair();
+    let (pc, mc) = (p.primary.control.clone(), p.mirror.control.clone());
+    let resolve = |control: &Path| {
+        json_cmd(&[
+            "resolve",
+            "--control",
+            control.to_str().unwrap(),
+            "--discard-local",
+        ])
+    };
+    assert!(qemu_write(&p.nbd_sock.clone(), 0x11, 0, 4 * MIB));
+    p.wait_synced();
+    stop_ok(&mut p.mirror);
+    assert!(qemu_write(&p.nbd_sock.clone(), 0x55, 8 * MIB, MIB));
+    stop_ok(&mut p.primary);
+    p.mirror.start();
+    let (code, v, err) = promote(&mc, &["--force"]);
+    assert_eq!(code, 0, "{v} {err}");
+    assert!(qemu_write(&mirror_sock, 0x22, 4 * MIB, MIB));
+    stop_ok(&mut p.mirror);
+    // The old primary starts with its peer away: it serves after its check.
+    p.primary.nbd_socket = None;
+    p.primary.start();
+    wait_for("the old primary to serve, its peer away", LONG, &[], |_| {
+        p.primary.status().is_some_and(|d| d["serving"] == true)
+    });
+    assert!(qemu_write(&p.nbd_sock.clone(), 0x77, 10 * MIB, MIB));
+    // They meet: refused both ways, both go on serving.
+    p.mirror.nbd_socket = Some(mirror_sock.clone());
+    p.mirror.start();
+    wait_for(
+        "both sides to see the other as a primary",
+        LONG,
+        &[&p.primary, &p.mirror],
+        |v| v[0]["state"] == "both_primary" && v[1]["peer_role"] == "primary",
+    );
+    assert!(qemu_write(&mirror_sock, 0x23, 6 * MIB, MIB));
+    assert!(qemu_write(&p.nbd_sock.clone(), 0x78, 11 * MIB, MIB));
+    // The admin keeps the old primary's data: the promoted side gives its writes up.
+    let (code, v, err) = resolve(&mc);
+    assert_eq!(code, 0, "resolve: {v} {err}");
+    assert_eq!(v["result"], "resolved", "{v}");
+    assert_eq!(v["role"], "secondary", "{v}");
+    assert!(
+        v["volumes"][0]["saved_bytes"].as_u64().unwrap() >= 2 * MIB,
+        "{v}"
+    );
+    let (code, v, _) = resolve(&mc);
+    assert_eq!((code, v["result"].as_str()), (0, Some("already")), "{v}");
+    let kept = wait_role(&p.primary, "primary");
+    assert!(
+        kept["taken_over_bytes"].as_u64().unwrap() >= 2 * MIB,
+        "{kept}"
+    );
+    assert!(kept["wire_bytes"].as_u64().unwrap() < 16 * MIB, "{kept}");
+    let (code, v, _) = resolve(&pc);
+    assert_eq!(
+        code, 9,
+        "resolve on a primary whose peer is a secondary: {v}"
+    );
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not known to be a primary"),
+        "{v}"
+    );
+    wait_for(
+        "the pair to converge",
+        LONG,
+        &[&p.mirror, &p.primary],
+        |v| synced(&v[0], &v[1]),
+    );
+    let (code, out, err) = cli(&[
+        "divergent",
+        "--state-dir",
+        p.mirror_state.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{out} {err}");
+    let saved: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        saved["saved"][0]["why"], "resolve --discard-local",
+        "{saved}"
+    );
+    let image = std::fs::read(
+        p.mirror_state
+            .join("divergent")
+            .join(saved["saved"][0]["id"].as_str().unwrap())
+            .join("vol1.img"),
+    )
+    .unwrap();
+    let mib = |img: &[u8], at: u64, b: u8| {
+        img[(at * MIB) as usize..((at + 1) * MIB) as usize]
+            .iter()
+            .all(|&x| x == b)
+    };
+    assert!(
+        mib(&image, 4, 0x22) && mib(&image, 6, 0x23),
+        "the given-up writes are saved"
+    );
+    p.stop_both();
+    let (a, b) = (
+        std::fs::read(&p.primary_img).unwrap(),
+        std::fs::read(&p.mirror_img).unwrap(),
+    );
+    assert!(a == b, "the two images differ after resolving");
+    for (at, byte) in [(0, 0x11), (4, 0), (6, 0), (8, 0x55), (10, 0x77), (11, 0x78)] {
+        assert!(mib(&a, at, byte), "MiB {at} should hold {byte:#x}");
+    }
 }
 
 /// `--peer-unreachable wait`: a primary that replicated before, started while its peer is

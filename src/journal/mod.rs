@@ -954,6 +954,60 @@ impl Journal {
         self.records.notify_subscribers();
     }
 
+    /// Every byte range this journal knows a write in after seq `after_seq` (0: every record
+    /// it holds), with writes announced and not recorded, ranges to re-read, and the dirty
+    /// map's regions (those may be older: they are included whole); coalesced, in offset
+    /// order. With [`Journal::holds_after`] at or below `after_seq`, these cover every write
+    /// after it (a divergent tail's regions).
+    pub fn regions_after(&self, after_seq: u64) -> Vec<(u64, u64)> {
+        let g = self.inner.lock().unwrap();
+        let start = g.index.partition_point(|e| e.seq <= after_seq);
+        let mut ranges: Vec<(u64, u64)> = g
+            .index
+            .range(start..)
+            .map(|e| (e.offset, u64::from(e.len)))
+            .collect();
+        ranges.extend(g.open_intents.values().map(|&(o, l)| (o, u64::from(l))));
+        ranges.extend(g.dirty.iter().map(|d| (d.offset, d.len)));
+        if let Some(map) = &g.map {
+            ranges.extend(map.runs());
+        }
+        coalesce(ranges)
+    }
+
+    /// A peer that gave up data of its own (a divergent tail, saved there) needs `regions`
+    /// resynced from this side along with everything this journal holds: mark them in the
+    /// dirty map (created if this journal has none) and fold, so that the session's resync
+    /// reads them all from the volume and the peer stages them (it stays the state it was
+    /// until the resync's end). Call it before the session's decision takes effect.
+    pub fn take_over(&self, regions: &[(u64, u64)]) -> io::Result<()> {
+        let mut g = self.inner.lock().unwrap();
+        if g.map.is_none() {
+            let path = self.opts.dir.join(DIRTY_MAP);
+            g.map = Some(DirtyMap::create(
+                &self.opts.fs,
+                &path,
+                self.opts.volume_bytes,
+                self.opts.region_bytes,
+            )?);
+            self.opts.fs.sync_dir(&self.opts.dir)?;
+        }
+        let volume_bytes = self.opts.volume_bytes;
+        let map = g.map.as_mut().expect("created above");
+        for &(offset, len) in regions {
+            let end = offset.saturating_add(len).min(volume_bytes);
+            if offset < end {
+                map.mark(offset, end - offset)?;
+            }
+        }
+        map.sync()?;
+        self.fold_locked(
+            &mut g,
+            "the peer gave up writes of its own: resynced from here",
+        );
+        Ok(())
+    }
+
     /// A session with the mirror started: journal writes again (the resync reads what the map
     /// tracked meanwhile).
     pub fn resume_journaling(&self) {
@@ -1669,6 +1723,20 @@ fn recover_segment(
         synced_len: pos as u64,
     });
     Ok(())
+}
+
+/// `ranges` sorted by offset, overlapping and touching ones merged.
+pub fn coalesce(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.retain(|&(_, l)| l > 0);
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (o, l) in ranges {
+        match out.last_mut() {
+            Some((po, pl)) if o <= *po + *pl => *pl = (*pl).max(o + l - *po),
+            _ => out.push((o, l)),
+        }
+    }
+    out
 }
 
 #[cfg(test)]

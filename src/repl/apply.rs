@@ -70,6 +70,23 @@ pub struct VolumeState {
     /// started as the other role follows it instead of refusing the state directory.
     #[serde(default)]
     pub changed_role: Option<String>,
+    /// Writes of this side's own it gave up (a failback or `resolve --discard-local`), while
+    /// the volume still holds them: the peer resyncs their regions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub takeover: Option<Takeover>,
+}
+
+/// A divergent tail this side gave up and saved (`repl::divergent`), not yet replaced by the
+/// peer's data: the volume is the state both sides held at (`gen`, `seq`) plus writes of its
+/// own in `regions`, which the peer must resync (with its own changes since) before the
+/// volume is its copy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Takeover {
+    pub gen: GenId,
+    pub seq: u64,
+    pub regions: Vec<(u64, u64)>,
+    /// The saved tail (`blkmirror divergent`).
+    pub saved: String,
 }
 
 fn mirror_role() -> String {
@@ -91,6 +108,7 @@ impl Default for VolumeState {
             position_gen: None,
             peer_demoted: None,
             changed_role: None,
+            takeover: None,
         }
     }
 }

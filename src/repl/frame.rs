@@ -167,7 +167,7 @@ use crate::extent::{Extent, Payload};
 use crate::repl::identity::{GenId, Lineage, PrimaryClaim, Span, VolumeUuid, MAX_SPANS};
 
 /// Version spoken by this code (Hello's `version`).
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 /// Oldest version whose messages still decode (a mirror's redo log may hold sets of versions
 /// 1 to 3).
 pub const OLDEST_PROTOCOL_VERSION: u16 = 1;
@@ -180,6 +180,11 @@ pub const OLDEST_SESSION_VERSION: u16 = 3;
 pub const RESYNC_IN_IDENTIFY_VERSION: u16 = 5;
 /// The first version whose lineages may hold a promoted mirror's generation (span flags 5).
 pub const ROLES_VERSION: u16 = 6;
+/// The first version with Takeover (a secondary that gave up data of its own names its
+/// regions) and an Identify before a BothPrimary refusal.
+pub const TAKEOVER_VERSION: u16 = 7;
+/// Most ranges in one Takeover message (16 bytes each: 1 MiB).
+pub const MAX_TAKEOVER_RANGES: usize = 65536;
 /// Most checksums in one Sums message.
 pub const MAX_SUMS: usize = 1024;
 /// Bytes of one chunk checksum (SHA-256).
@@ -213,8 +218,9 @@ const TYPE_SUMS: u8 = 8;
 const TYPE_SUMS_REPLY: u8 = 9;
 const TYPE_SET3: u8 = 10;
 const TYPE_PULL: u8 = 11;
+const TYPE_TAKEOVER: u8 = 12;
 /// The highest type byte in use.
-const TYPE_LAST: u8 = TYPE_PULL;
+const TYPE_LAST: u8 = TYPE_TAKEOVER;
 
 const SET_JOURNAL: u8 = 0;
 const SET_COPY: u8 = 1;
@@ -387,6 +393,11 @@ pub enum Message {
         size: u64,
         holds: Option<(GenId, u64)>,
     },
+    /// mirror → primary, before its Decision (version 7): byte ranges `(offset, len)` where
+    /// this side's volume holds writes of its own that the primary never had (a divergent
+    /// tail it gave up, saved first: docs/FAILOVER.md). The primary resyncs them with its
+    /// own changes since the common point, staged. Several messages when there are many.
+    Takeover { regions: Vec<(u64, u64)> },
 }
 
 /// How a session proceeds after the decision on connect (`repl::identity::decide`).
@@ -526,6 +537,7 @@ pub fn encode_with_crcs(
         Message::Sums { .. } => TYPE_SUMS,
         Message::SumsReply { .. } => TYPE_SUMS_REPLY,
         Message::Pull { .. } => TYPE_PULL,
+        Message::Takeover { .. } => TYPE_TAKEOVER,
     };
     let mut check = crc32fast::Hasher::new();
     check.update(&[ty]);
@@ -628,6 +640,14 @@ pub fn encode_with_crcs(
             out.extend_from_slice(&gen.0.to_be_bytes());
             out.extend_from_slice(&seq.to_be_bytes());
             put_str(out, volume);
+        }
+        Message::Takeover { regions } => {
+            debug_assert!(regions.len() <= MAX_TAKEOVER_RANGES);
+            out.extend_from_slice(&(regions.len() as u32).to_be_bytes());
+            for &(offset, len) in regions {
+                out.extend_from_slice(&offset.to_be_bytes());
+                out.extend_from_slice(&len.to_be_bytes());
+            }
         }
     }
     if !matches!(msg, Message::Set(_)) {
@@ -1223,6 +1243,21 @@ fn parse_frame(frame: &[u8], owner: Option<&Bytes>) -> Result<Message, FrameErro
                 size,
                 holds,
             }
+        }
+        TYPE_TAKEOVER => {
+            let n = r.u32()? as usize;
+            if n > MAX_TAKEOVER_RANGES {
+                return Err(FrameError::Malformed("takeover: too many ranges"));
+            }
+            let mut regions = Vec::with_capacity(n);
+            for _ in 0..n {
+                let (offset, len) = (r.u64()?, r.u64()?);
+                if len == 0 || offset.checked_add(len).is_none() {
+                    return Err(FrameError::Malformed("takeover: bad range"));
+                }
+                regions.push((offset, len));
+            }
+            Message::Takeover { regions }
         }
         other => return Err(FrameError::UnknownType(other)),
     };
@@ -2510,6 +2545,8 @@ mod tests {
                     size,
                     holds: holds.map(|(g, s)| (GenId(g), s)),
                 }),
+            1 => prop::collection::vec((0u64..1 << 50, 1u64..1 << 30), 0..20)
+                .prop_map(|regions| Message::Takeover { regions }),
         ]
     }
 

@@ -380,6 +380,23 @@ pub fn supersedes(ours: &Lineage, theirs: &Lineage) -> bool {
     i > 0 && has(theirs, before) && !has(theirs, &ours.spans[i]) && !they_too
 }
 
+/// Where two primaries' data parted: the last state both held, (generation, seq). One of
+/// the two lineages [`supersedes`] the other: its latest promotion continued the other's
+/// generation right after that seq; everything either side wrote since is its own. None
+/// when neither continues the other (no common state is known).
+pub fn parting_point(ours: &Lineage, theirs: &Lineage) -> Option<(GenId, u64)> {
+    let promoted = if supersedes(theirs, ours) {
+        theirs
+    } else if supersedes(ours, theirs) {
+        ours
+    } else {
+        return None;
+    };
+    let i = promoted.spans.iter().rposition(|s| s.promoted)?;
+    let before = promoted.spans.get(i.checked_sub(1)?)?;
+    Some((before.gen, promoted.spans[i].first_seq - 1))
+}
+
 /// Why a primary's claim is another volume pair's, from the identities alone (whatever the
 /// mirror's position): another volume UUID, or no record of one from a disk other than the
 /// one the mirror last saw. `None` when the claim may be this pair's. The mirror checks it
@@ -918,5 +935,10 @@ mod tests {
         twin.spans.truncate(3);
         twin.mint_promoted(GenId(3), GenId(6), 25);
         assert!(!supersedes(&b2, &twin) && !supersedes(&twin, &b2));
+        // Where they parted: after seq 24 of generation 3, whichever side asks.
+        assert_eq!(parting_point(&a2, &b2), Some((GenId(3), 24)));
+        assert_eq!(parting_point(&b2, &a2), Some((GenId(3), 24)));
+        assert_eq!(parting_point(&b2, &twin), None);
+        assert_eq!(parting_point(&c, &a2), None);
     }
 }

@@ -1032,6 +1032,14 @@ impl MirrorVolume {
             // A staged resync complete and being applied: consistent at its end point, which
             // the redo log holds, while `applied_set` climbs to it.
             "committing_to_set": committing.then_some(st.applied_set),
+            // Writes of this side's own it gave up (failback, resolve): saved as `saved`,
+            // still on the volume until the peer's resync of `bytes` replaces them.
+            "gave_up": st.takeover.as_ref().map(|t| serde_json::json!({
+                "saved": t.saved,
+                "parted_generation": t.gen,
+                "parted_seq": t.seq,
+                "bytes": t.regions.iter().map(|r| r.1).sum::<u64>(),
+            })),
             "last_error": self.stats.last_error.lock().unwrap().clone(),
             // Why the volume is not being applied to for now (its history is full; no set is
             // taken meanwhile); null when it is.
@@ -1647,6 +1655,9 @@ impl MirrorVolume {
             };
             self.core.lock().unwrap().fail(failure.clone());
             return Err((failure.code, failure.why));
+        }
+        for m in &accept.before {
+            write_message(send, m).await.map_err(bad)?;
         }
         write_message(send, &accept.decision).await.map_err(bad)?;
         self.stats.sessions.fetch_add(1, Ordering::Relaxed);

@@ -2,6 +2,7 @@
 //! receiver (`mirror`), redo log (`redo`) and applier (`apply`).
 pub mod apply;
 pub mod core;
+pub mod divergent;
 pub mod export;
 pub mod fold;
 pub mod frame;

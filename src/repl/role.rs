@@ -223,6 +223,100 @@ pub fn demoted(
         position_gen: Some(held),
         peer_demoted: None,
         changed_role: Some("demote".into()),
+        takeover: None,
+    })
+}
+
+/// The state a primary with `st` has as a secondary of a peer primary that says `peer` of
+/// its data (its lineage and disk), giving up the writes it made since the two parted
+/// (`identity::parting_point`): the state both held, with this side's own writes in
+/// `regions` (every write its journal, with its dirty map, knows since that point:
+/// `holds_after`, where the journal's knowledge starts, must not be past it) and saved as
+/// `saved`. `how` names the change (`failback`, `resolve --discard-local`). The peer
+/// resyncs `regions` with its own changes since the point, staged, so that the volume stays
+/// this side's old state until the resync's end.
+pub fn discarded(
+    st: &PrimaryVolumeState,
+    peer: &crate::repl::identity::PrimaryClaim,
+    regions: Vec<(u64, u64)>,
+    holds_after: u64,
+    disk: &Fingerprint,
+    how: &str,
+    saved: String,
+) -> Result<VolumeState, String> {
+    let (gen, seq) = parting_point(st, &peer.lineage)?;
+    if holds_after > seq {
+        return Err(format!(
+            "the journal knows only the writes after seq {holds_after}, not every one since \
+             seq {seq}, where the two sides parted: this side's own writes cannot all be \
+             named (start it afresh as a mirror: a full comparison)"
+        ));
+    }
+    let uuid = st.identity.uuid.ok_or("the volume was never replicated")?;
+    let mut identity = st.identity.clone();
+    identity.uuid = Some(uuid);
+    let keep = identity
+        .lineage
+        .spans
+        .iter()
+        .rposition(|s| s.gen == gen)
+        .expect("parting_point names a generation of both lineages");
+    identity.lineage.spans.truncate(keep + 1);
+    identity.fingerprint = Some(disk.clone());
+    let mut peer_disk = peer.fingerprint.clone();
+    peer_disk.ctime = None;
+    identity.peer_fingerprint = Some(peer_disk);
+    identity.synced = Some(gen);
+    Ok(VolumeState {
+        role: Role::Secondary.in_state_file().into(),
+        applied_seq: seq,
+        copy: CopyState::Done,
+        identity,
+        position_gen: Some(gen),
+        changed_role: Some(how.into()),
+        takeover: Some(apply::Takeover {
+            gen,
+            seq,
+            regions,
+            saved,
+        }),
+        ..VolumeState::default()
+    })
+}
+
+/// The sequence number after which a journal's records are this side's own writes since
+/// it parted from its peer at (`gen`, `seq`): `seq` when every generation it began since
+/// continues without a break past it; 0 (every record it holds) when a break may have given
+/// numbers at or below `seq` again.
+pub fn own_writes_after(lineage: &crate::repl::identity::Lineage, gen: GenId, seq: u64) -> u64 {
+    let Some(i) = lineage.spans.iter().rposition(|s| s.gen == gen) else {
+        return 0;
+    };
+    if lineage.spans[i + 1..]
+        .iter()
+        .all(|s| s.continuous && s.first_seq > seq)
+    {
+        seq
+    } else {
+        0
+    }
+}
+
+/// Where this side's data and its peer primary's parted (their lineages `st`'s and
+/// `peer`), or why a side cannot give its own writes up for the peer's.
+pub fn parting_point(
+    st: &PrimaryVolumeState,
+    peer: &crate::repl::identity::Lineage,
+) -> Result<(GenId, u64), String> {
+    if let Some(why) = &st.volume_changed {
+        return Err(format!(
+            "the volume is not the one this state describes ({why}): accept it first"
+        ));
+    }
+    crate::repl::identity::parting_point(&st.identity.lineage, peer).ok_or_else(|| {
+        "neither side's data continues the other's (no promotion of one from the other's \
+         data is known): no common state to resync from"
+            .to_string()
     })
 }
 
@@ -441,6 +535,77 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn an_old_primary_giving_its_tail_up_resumes_from_where_the_two_parted() {
+        // As above: the mirror holds 1..=80 of generation 2 and is promoted with --force; the
+        // old primary wrote on to 100 (generation 9 from 95).
+        let p = primary_state(&[(1, 1), (2, 61), (9, 95)]);
+        let (new, _) = promoted(&mirror_of(&p, 80), GenId(3), &disk(2), true).unwrap();
+        let peer = claim(&new, 80, 90, 2);
+        assert_eq!(parting_point(&p, &new.identity.lineage), Ok((GenId(2), 80)));
+        // Its journal's records after 80 are its own writes (no break since).
+        assert_eq!(own_writes_after(&p.identity.lineage, GenId(2), 80), 80);
+        let tail = vec![(4096, 8192)];
+        let gave_up = discarded(
+            &p,
+            &peer,
+            tail.clone(),
+            75,
+            &disk(1),
+            "failback",
+            "t".into(),
+        )
+        .unwrap();
+        assert_eq!(gave_up.role, "mirror");
+        assert!(gave_up.consistent());
+        assert_eq!(
+            (gave_up.position_gen, gave_up.applied_seq),
+            (Some(GenId(2)), 80)
+        );
+        let gens: Vec<u64> = gave_up
+            .identity
+            .lineage
+            .spans
+            .iter()
+            .map(|s| s.gen.0)
+            .collect();
+        assert_eq!(gens, vec![1, 2], "its own generations since are given up");
+        assert_eq!(gave_up.takeover.as_ref().unwrap().regions, tail);
+        // The new primary's journal holds every write after 80: it resumes from there (the
+        // tail's regions go with its own changes, as a staged resync).
+        assert_eq!(
+            decide(&peer, &holds(&gave_up)),
+            Decision::Resume { from_seq: 80 }
+        );
+        // A journal whose knowledge starts after the parting point cannot name the tail.
+        assert!(discarded(
+            &p,
+            &peer,
+            tail.clone(),
+            81,
+            &disk(1),
+            "failback",
+            "t".into()
+        )
+        .unwrap_err()
+        .contains("cannot all be named"));
+        // The promoted side giving its writes up instead parts at the same point.
+        let mut as_primary = new.clone();
+        as_primary.volume_changed = None;
+        assert_eq!(
+            parting_point(&as_primary, &p.identity.lineage),
+            Ok((GenId(2), 80))
+        );
+        // After a break (a host crash gave numbers again), every record counts as its own.
+        let crashed = primary_state(&[(1, 1), (2, 61)]);
+        let mut crashed = crashed;
+        crashed.identity.lineage.mint(GenId(10), 70, false);
+        assert_eq!(own_writes_after(&crashed.identity.lineage, GenId(2), 80), 0);
+        // Unrelated lineages have no common point.
+        let stranger = primary_state(&[(40, 1)]);
+        assert!(parting_point(&stranger, &new.identity.lineage).is_err());
     }
 
     #[test]

@@ -31,6 +31,9 @@ use tokio::time::Instant;
 /// not take), the shipper tries again only this rarely, or when an admin asks: the mirror's
 /// admin may have fixed it, and a quiet probe every few minutes costs nothing.
 pub const SLOW_RETRY: Duration = Duration::from_secs(600);
+/// How often a peer that is a primary too is asked again: an admin's `demote`, `resolve` or
+/// failback on either side changes that within seconds, and each ask costs one handshake.
+pub const BOTH_PRIMARY_RETRY: Duration = Duration::from_secs(5);
 /// The longest wait between retries after an ordinary failure.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -82,6 +85,11 @@ pub struct ShipStats {
     /// That primary peer is an old one this side's promotion replaced (its lineage is the
     /// one this side's promoted generation continued): this side goes on serving.
     pub peer_superseded: AtomicBool,
+    /// The peer's account of its data when it is a primary too (sent before its refusal):
+    /// where the two parted, for a failback or `resolve --discard-local` on this side.
+    pub peer_claim: Mutex<Option<crate::repl::identity::PrimaryClaim>>,
+    /// Bytes of the regions a peer gave up (its divergent tail) resynced from here since start.
+    pub taken_over_bytes: AtomicU64,
 }
 
 /// An online verify an admin asked for (`blkmirror verify`), as status shows it.
@@ -334,6 +342,8 @@ impl SessionError {
 impl Shipper {
     pub async fn run(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(100);
+        // The peer being a primary too is logged once, not at every ask.
+        let mut told_both_primary = false;
         let mut first = true;
         loop {
             if let Some(why) = self.record.snapshot().volume_changed {
@@ -385,7 +395,19 @@ impl Shipper {
                         self.stats.stalls.fetch_add(1, Ordering::Relaxed);
                     }
                     *self.stats.last_error.lock().unwrap() = e.to_string();
-                    if end.is_some_and(SessionEnd::permanent) {
+                    let both_primary = matches!(end, Some(SessionEnd::Refused { code, .. })
+                        if *code == RefuseCode::BothPrimary as u16);
+                    if !both_primary {
+                        told_both_primary = false;
+                    }
+                    if both_primary {
+                        if !std::mem::replace(&mut told_both_primary, true) {
+                            tracing::error!(volume = %self.volume, "the peer is a primary too: \
+                                {e}; nothing is shipped (asking again every {} s)",
+                                BOTH_PRIMARY_RETRY.as_secs());
+                        }
+                        BOTH_PRIMARY_RETRY
+                    } else if end.is_some_and(SessionEnd::permanent) {
                         tracing::error!(volume = %self.volume, "replication refused for good: {e}; \
                             nothing is shipped (retrying every {} s or on `blkmirror retry`)",
                             SLOW_RETRY.as_secs());
@@ -707,6 +729,7 @@ impl Shipper {
                 self.stats.link_up.store(true, Ordering::Relaxed);
                 self.stats.peer_is_secondary.store(true, Ordering::Relaxed);
                 self.stats.peer_is_primary.store(false, Ordering::Relaxed);
+                self.stats.peer_claim.lock().unwrap().take();
                 self.stats.acked_set.store(durable_set, Ordering::Relaxed);
                 self.stats.last_error.lock().unwrap().clear();
                 *self.stats.last_decision.lock().unwrap() = reason;
@@ -750,6 +773,14 @@ impl Shipper {
                 tracing::info!(volume = %self.volume, "the mirror holds a consistent copy again");
                 self.stats.mirror_consistent.store(true, Ordering::Relaxed);
                 self.set_state(ReplState::Replicating);
+            }
+            Event::PeerPrimary(claim) => {
+                *self.stats.peer_claim.lock().unwrap() = Some(*claim);
+            }
+            Event::TakenOver { bytes, .. } => {
+                self.stats
+                    .taken_over_bytes
+                    .fetch_add(bytes, Ordering::Relaxed);
             }
         }
         Ok(())

@@ -755,7 +755,10 @@ impl PrimaryHost {
                             u.backoff = Duration::from_millis(100);
                             self.decisions.push((mode, reason));
                         }
-                        Event::Acked { .. } | Event::MirrorConsistent => {}
+                        Event::Acked { .. }
+                        | Event::MirrorConsistent
+                        | Event::PeerPrimary(_)
+                        | Event::TakenOver { .. } => {}
                     }
                 }
             }
@@ -1365,6 +1368,9 @@ impl MirrorHost {
                             "mirror",
                             format!("conn {conn}: {:?}: {} {before}", accept.mode, accept.reason),
                         ));
+                        for m in &accept.before {
+                            Self::send(u, conn, m, clock, link, rng);
+                        }
                         Self::send(u, conn, &accept.decision, clock, link, rng);
                     }
                     Err((code, why)) => self.refuse(conn, code, why, clock, link, rng),

@@ -326,7 +326,7 @@ impl Drop for Server {
 }
 
 /// Connect, check the greeting, and leave politely with NBD_OPT_ABORT.
-fn probe(socket: &Path) -> std::io::Result<()> {
+pub(crate) fn probe(socket: &Path) -> std::io::Result<()> {
     let mut s = UnixStream::connect(socket)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut greeting = [0u8; 18];

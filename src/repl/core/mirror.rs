@@ -38,6 +38,8 @@ pub struct Durable {
 /// A session accepted: the Decision to send once the state is saved.
 #[derive(Debug)]
 pub struct Accept {
+    /// To send before the decision (Takeover messages: a divergent tail this side gave up).
+    pub before: Vec<Message>,
     pub decision: Message,
     pub mode: Mode,
     pub reason: String,
@@ -358,6 +360,24 @@ impl MirrorCore {
             Decision::Compare { why } => (Mode::Compare, why),
         };
         self.refused = None;
+        // A tail this side gave up is the peer's to resync only while the volume still is that
+        // state with the tail on it: a resync that moved the volume on (its stage committed,
+        // a comparison) replaced it.
+        let parted = self.state.takeover.as_ref().map(|t| (t.gen, t.seq));
+        if parted.is_some() && parted != self.state.position_gen.zip(holds.position) {
+            tracing::info!(volume = %self.name, "the divergent tail given up is replaced by the peer's data");
+            self.state.takeover = None;
+        }
+        let before = match (&self.state.takeover, mode) {
+            (Some(t), Mode::Resume) => t
+                .regions
+                .chunks(crate::repl::frame::MAX_TAKEOVER_RANGES)
+                .map(|c| Message::Takeover {
+                    regions: c.to_vec(),
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
         let uuid = claim
             .uuid
             .or(self.state.identity.uuid)
@@ -394,6 +414,7 @@ impl MirrorCore {
             st.identity.synced = claim.lineage.current().map(|s| s.gen);
         }
         Ok(Accept {
+            before,
             decision: Message::Decision {
                 uuid,
                 mode,

@@ -153,6 +153,11 @@ pub enum Event {
     /// The mirror durably holds a consistent copy from now on (its copy or comparison is
     /// done and the journal up to that point is durable there).
     MirrorConsistent,
+    /// The peer is a primary too: what it knows of its data (its refusal follows).
+    PeerPrimary(Box<PrimaryClaim>),
+    /// The peer gave up writes of its own in these ranges: they are in the dirty map now,
+    /// and this session resyncs them (`bytes` in all).
+    TakenOver { ranges: usize, bytes: u64 },
 }
 
 #[derive(Debug)]
@@ -413,6 +418,20 @@ impl Session {
     ) -> Result<Vec<Event>, SessionEnd> {
         match (msg, &self.phase) {
             (Message::Refuse { code, reason }, _) => Err(SessionEnd::Refused { code, reason }),
+            (Message::Identify(claim), Phase::AwaitDecision) => Ok(vec![Event::PeerPrimary(claim)]),
+            (Message::Takeover { regions }, Phase::AwaitDecision) => {
+                journal.take_over(&regions).map_err(local("journal"))?;
+                let bytes = regions.iter().map(|&(_, l)| l).sum();
+                tracing::warn!(
+                    ranges = regions.len(),
+                    bytes,
+                    "the peer gave up writes of its own: their regions are resynced from here"
+                );
+                Ok(vec![Event::TakenOver {
+                    ranges: regions.len(),
+                    bytes,
+                }])
+            }
             (
                 Message::Decision {
                     uuid,
