@@ -698,10 +698,15 @@ fn shutdown(
     // sealed volume (the next start notices a change made while stopped).
     if drained {
         for v in shipping {
-            let sealed = v.journal.close().and_then(|()| {
-                let disk = v.storage.fingerprint()?;
-                v.record.seal(disk)
-            });
+            // The volume's writes are durable before the journal says nothing was lost.
+            let sealed = v
+                .storage
+                .sync_durable()
+                .and_then(|()| v.journal.close())
+                .and_then(|()| {
+                    let disk = v.storage.fingerprint()?;
+                    v.record.seal(disk)
+                });
             if let Err(e) = sealed {
                 tracing::warn!(volume = %v.name, "cannot close the journal cleanly: {e}");
             }
@@ -852,16 +857,18 @@ fn discard_check(shipping: &[Shipping]) -> Result<(), String> {
                 v.name
             ));
         };
-        let (_, seq) = crate::repl::role::parting_point(&v.record.snapshot(), &claim.lineage)
+        let parted = crate::repl::role::parting_point(&v.record.snapshot(), &claim.lineage)
             .map_err(|e| format!("volume {}: {e}", v.name))?;
-        let holds_after = v.journal.holds_after();
-        if holds_after > seq {
-            return Err(format!(
-                "volume {}: the journal knows only the writes after seq {holds_after}, not \
-                 every one since seq {seq} where the two sides parted: its own writes cannot \
-                 all be named",
-                v.name
-            ));
+        let (_, whole) = crate::repl::role::given_up_regions(
+            &v.journal,
+            &v.record.snapshot().identity.lineage,
+            parted,
+            v.storage.size(),
+        );
+        if whole {
+            tracing::warn!(volume = %v.name, "its own writes since the parting point cannot be \
+                told apart (a host crash, or a journal trimmed past that point): the whole \
+                volume is saved and resynced");
         }
     }
     Ok(())
@@ -889,11 +896,12 @@ fn commit_discards(
             .ok_or_else(|| format!("volume {}: the peer's claim is gone", v.name))?;
         let st = v.record.snapshot();
         let parted = crate::repl::role::parting_point(&st, &claim.lineage)?;
-        let regions = v.journal.regions_after(crate::repl::role::own_writes_after(
+        let (regions, _) = crate::repl::role::given_up_regions(
+            &v.journal,
             &st.identity.lineage,
-            parted.0,
-            parted.1,
-        ));
+            parted,
+            v.storage.size(),
+        );
         let storage = v.storage.clone();
         let saved = crate::repl::divergent::save(
             &*fs,
@@ -913,16 +921,8 @@ fn commit_discards(
             ranges = saved.ranges.len(), parted_gen = %parted.0, parted_seq = parted.1,
             "the writes this side gives up are saved");
         let disk = storage.fingerprint().map_err(|e| e.to_string())?;
-        let m = crate::repl::role::discarded(
-            &st,
-            &claim,
-            regions,
-            v.journal.holds_after(),
-            &disk,
-            how,
-            saved.id.clone(),
-        )
-        .map_err(|e| format!("volume {}: {e}", v.name))?;
+        let m = crate::repl::role::discarded(&st, &claim, regions, &disk, how, saved.id.clone())
+            .map_err(|e| format!("volume {}: {e}", v.name))?;
         out.push(serde_json::json!({
             "name": v.name,
             "parted_generation": parted.0,

@@ -319,6 +319,40 @@ fn switchovers_and_forced_promotions_keep_the_promises() {
     assert!(disaster.writes_lost_to_disaster > 0, "{disaster:?}");
 }
 
+/// Failback (scenario Failback): the link is cut while the primary writes on, its host dies,
+/// the mirror is promoted with --force and takes writes; the old primary comes back, saves
+/// every write of its own since the two parted (checked byte by byte against the state they
+/// both held), becomes the new primary's secondary, and keeps its old state until the staged
+/// resync of both sides' changes ends (checked after every apply); then the pair converges.
+/// Crashes cut the failback at each of its durable steps.
+#[test]
+fn an_old_primary_fails_back_saving_its_own_writes() {
+    let reached = all_pass(1..=200, |seed| SimConfig {
+        scenario: Scenario::Failback,
+        check_every_applies: 1,
+        ..sim::config_for_seed(seed)
+    });
+    assert!(reached.failbacks >= 25, "{reached:?}");
+    assert!(reached.failback_saved_bytes > 0, "{reached:?}");
+    assert!(reached.role_change_crashes > 5, "{reached:?}");
+}
+
+/// A failed-back secondary that does not name the regions it gave up keeps its old writes
+/// there after the resync: the pair never converges, and the simulator says so.
+#[test]
+fn a_failback_that_forgets_its_own_writes_is_caught() {
+    let bugs = PlantedBugs {
+        forget_takeover: true,
+        ..Default::default()
+    };
+    let failed = failures(1..=200, |seed| SimConfig {
+        scenario: Scenario::Failback,
+        bugs,
+        ..sim::config_for_seed(seed)
+    });
+    assert!(!failed.is_empty(), "the forgotten takeover went unnoticed");
+}
+
 /// A primary demoted before its mirror acknowledged every write, with a mirror that takes
 /// the notice whatever it holds, is caught: the old primary's unacknowledged writes are not
 /// the new primary's, and the pair never converges (refused as a split brain, not merged).

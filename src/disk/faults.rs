@@ -153,6 +153,10 @@ impl<S: Storage> Storage for Faulty<S> {
         self.inner.alignment()
     }
 
+    fn sync_durable(&self) -> std::io::Result<()> {
+        self.inner.sync_durable()
+    }
+
     fn read_sync(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
         self.inner.read_sync(offset, out)
     }
@@ -189,6 +193,9 @@ mod tests {
         }
         fn alignment(&self) -> u64 {
             1
+        }
+        fn sync_durable(&self) -> std::io::Result<()> {
+            Ok(())
         }
         fn read_sync(&self, _: u64, out: &mut [u8]) -> std::io::Result<()> {
             out.fill(0);

@@ -351,6 +351,10 @@ impl Storage for FileStorage {
         self.align
     }
 
+    fn sync_durable(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
     fn read_sync(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
         if self.align == 1 {

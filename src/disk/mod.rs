@@ -98,6 +98,9 @@ pub trait Storage: Send + Sync {
     /// Read any range synchronously, bouncing through aligned buffers if needed (for the
     /// shipper's full copy and resyncs, which must not disturb the I/O mode).
     fn read_sync(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()>;
+    /// Make every completed write durable, synchronously (a clean stop, before the journal
+    /// says nothing was lost).
+    fn sync_durable(&self) -> std::io::Result<()>;
     /// base:allocation extents covering `[offset, offset+len)`: (length, is_hole) pairs.
     fn allocation(&self, offset: u64, len: u64) -> std::io::Result<Vec<(u64, bool)>>;
     /// The identity of the disk behind the volume (`disk::fingerprint`).

@@ -446,7 +446,10 @@ impl Journal {
             full_logged_at: None,
             full_logged: false,
             spares: Spares::load(&fs, &opts.dir, MAX_SPARES)?,
-            dir_changed: false,
+            // After a stop that was not clean the segments' names may be in the page cache
+            // only, as their records may (see `recover_segment`): the next sync makes them
+            // durable.
+            dir_changed: last_stop != LastStop::Clean,
             closed: false,
             append_failure: None,
             sync_failure: None,
@@ -1720,7 +1723,14 @@ fn recover_segment(
         path: path.to_path_buf(),
         file,
         len: pos as u64,
-        synced_len: pos as u64,
+        // After a stop that was not clean the records read may sit in the page cache only (a
+        // killed process's writes): the next sync makes them durable before anything (a clean
+        // stop's marker, a new generation) vouches for them.
+        synced_len: if last_stop == LastStop::Clean {
+            pos as u64
+        } else {
+            0
+        },
     });
     Ok(())
 }

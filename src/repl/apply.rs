@@ -89,6 +89,16 @@ pub struct Takeover {
     pub saved: String,
 }
 
+impl VolumeState {
+    /// The volume holds writes of its own it gave up (`takeover`) on top of the state it
+    /// names: it is that side's old data, not the named state, until the peer's resync ends.
+    pub fn holds_given_up_writes(&self) -> bool {
+        self.takeover
+            .as_ref()
+            .is_some_and(|t| self.position_gen == Some(t.gen) && self.applied_seq == t.seq)
+    }
+}
+
 fn mirror_role() -> String {
     "mirror".into()
 }

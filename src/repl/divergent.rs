@@ -82,6 +82,22 @@ pub fn save(
     }
     let here = root.join(&id);
     fs.create_dir_all(&here)?;
+    let result = save_into(fs, &root, &here, id, tail, read);
+    if result.is_err() {
+        // A save cut short (a full file system) leaves no half image behind to fill it more.
+        let _ = crate::env::remove_files_in(fs, &here);
+    }
+    result
+}
+
+fn save_into(
+    fs: &dyn FileSystem,
+    root: &Path,
+    here: &Path,
+    id: String,
+    tail: &Tail<'_>,
+    read: &mut dyn FnMut(u64, &mut [u8]) -> io::Result<()>,
+) -> io::Result<Saved> {
     let image = format!("{}.img", tail.volume);
     let file = fs.open(&here.join(&image), OpenOptions::write().create().truncate())?;
     file.set_len(tail.size)?;
@@ -101,7 +117,7 @@ pub fn save(
     }
     file.sync_data()?;
     let saved = Saved {
-        id: id.clone(),
+        id,
         volume: tail.volume.to_string(),
         time_ms: tail.time_ms,
         why: tail.why.to_string(),
@@ -114,7 +130,7 @@ pub fn save(
     };
     let json = serde_json::to_vec_pretty(&saved).map_err(io::Error::other)?;
     write_atomic(fs, &here.join(META), &json)?;
-    fs.sync_dir(&root)?;
+    fs.sync_dir(root)?;
     Ok(saved)
 }
 

@@ -157,6 +157,11 @@ impl Storage for PointInTime {
         BLOCK
     }
 
+    fn sync_durable(&self) -> io::Result<()> {
+        // The point never changes; a writable export's overlay is dropped at its end.
+        Ok(())
+    }
+
     fn read_sync(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
         self.read(offset, out)
     }

@@ -746,6 +746,10 @@ impl Keeper {
         let (true, Some(gen)) = (state.consistent(), state.position_gen) else {
             return Ok(());
         };
+        if state.holds_given_up_writes() {
+            // Not the state it names: no point until the resync replaced those writes.
+            return Ok(());
+        }
         let last = self.log.points().last().copied();
         if last.is_some_and(|l| l.set >= state.applied_set) {
             return Ok(());

@@ -1034,7 +1034,7 @@ impl MirrorVolume {
             "committing_to_set": committing.then_some(st.applied_set),
             // Writes of this side's own it gave up (failback, resolve): saved as `saved`,
             // still on the volume until the peer's resync of `bytes` replaces them.
-            "gave_up": st.takeover.as_ref().map(|t| serde_json::json!({
+            "gave_up": st.takeover.as_ref().filter(|_| st.holds_given_up_writes()).map(|t| serde_json::json!({
                 "saved": t.saved,
                 "parted_generation": t.gen,
                 "parted_seq": t.seq,

@@ -230,28 +230,18 @@ pub fn demoted(
 /// The state a primary with `st` has as a secondary of a peer primary that says `peer` of
 /// its data (its lineage and disk), giving up the writes it made since the two parted
 /// (`identity::parting_point`): the state both held, with this side's own writes in
-/// `regions` (every write its journal, with its dirty map, knows since that point:
-/// `holds_after`, where the journal's knowledge starts, must not be past it) and saved as
-/// `saved`. `how` names the change (`failback`, `resolve --discard-local`). The peer
+/// `regions` ([`given_up_regions`]) and saved as `saved`. `how` names the change (`failback`, `resolve --discard-local`). The peer
 /// resyncs `regions` with its own changes since the point, staged, so that the volume stays
 /// this side's old state until the resync's end.
 pub fn discarded(
     st: &PrimaryVolumeState,
     peer: &crate::repl::identity::PrimaryClaim,
     regions: Vec<(u64, u64)>,
-    holds_after: u64,
     disk: &Fingerprint,
     how: &str,
     saved: String,
 ) -> Result<VolumeState, String> {
     let (gen, seq) = parting_point(st, &peer.lineage)?;
-    if holds_after > seq {
-        return Err(format!(
-            "the journal knows only the writes after seq {holds_after}, not every one since \
-             seq {seq}, where the two sides parted: this side's own writes cannot all be \
-             named (start it afresh as a mirror: a full comparison)"
-        ));
-    }
     let uuid = st.identity.uuid.ok_or("the volume was never replicated")?;
     let mut identity = st.identity.clone();
     identity.uuid = Some(uuid);
@@ -284,21 +274,43 @@ pub fn discarded(
     })
 }
 
-/// The sequence number after which a journal's records are this side's own writes since
-/// it parted from its peer at (`gen`, `seq`): `seq` when every generation it began since
-/// continues without a break past it; 0 (every record it holds) when a break may have given
-/// numbers at or below `seq` again.
-pub fn own_writes_after(lineage: &crate::repl::identity::Lineage, gen: GenId, seq: u64) -> u64 {
-    let Some(i) = lineage.spans.iter().rposition(|s| s.gen == gen) else {
-        return 0;
-    };
-    if lineage.spans[i + 1..]
+/// What a side giving its writes up since it parted from its peer at (`gen`, `seq`) must
+/// name (its volume differs from that state in those places, the peer resyncs them): the
+/// regions of its journal's records after `Some(after_seq)` (with the dirty map's), or
+/// `None`: the whole volume. The records after `seq` name them when every generation it
+/// began since continues without a break past `seq`, and the journal still holds every
+/// record after `seq` (`holds_after`, where its knowledge starts). Otherwise they cannot be
+/// told: a host crash may have lost writes of its disk anywhere (a break), or records were
+/// trimmed that the peer no longer holds (it was promoted from an older state than it had
+/// acknowledged: a staged resync it dropped).
+pub fn given_up_after(
+    lineage: &crate::repl::identity::Lineage,
+    gen: GenId,
+    seq: u64,
+    holds_after: u64,
+) -> Option<u64> {
+    let i = lineage.spans.iter().rposition(|s| s.gen == gen)?;
+    let unbroken = lineage.spans[i + 1..]
         .iter()
-        .all(|s| s.continuous && s.first_seq > seq)
-    {
-        seq
-    } else {
-        0
+        .all(|s| s.continuous && s.first_seq > seq);
+    (unbroken && holds_after <= seq).then_some(seq)
+}
+
+/// The regions a side gives up since it parted at `parted` ([`given_up_after`]), from its
+/// journal and dirty map, and whether that is the whole volume (of `volume_bytes`).
+pub fn given_up_regions(
+    journal: &crate::journal::Journal,
+    lineage: &crate::repl::identity::Lineage,
+    parted: (GenId, u64),
+    volume_bytes: u64,
+) -> (Vec<(u64, u64)>, bool) {
+    // An open resync clears the map's regions as its sets are acknowledged, staged at the
+    // peer: a peer promoted from a state before the fold's end dropped that stage, and the
+    // regions cleared are known nowhere.
+    let cleared_unknown = journal.fold().is_some_and(|f| parted.1 < f.folded_through);
+    match given_up_after(lineage, parted.0, parted.1, journal.holds_after()) {
+        Some(after) if !cleared_unknown => (journal.regions_after(after), false),
+        _ => (vec![(0, volume_bytes)], true),
     }
 }
 
@@ -546,18 +558,15 @@ mod tests {
         let peer = claim(&new, 80, 90, 2);
         assert_eq!(parting_point(&p, &new.identity.lineage), Ok((GenId(2), 80)));
         // Its journal's records after 80 are its own writes (no break since).
-        assert_eq!(own_writes_after(&p.identity.lineage, GenId(2), 80), 80);
+        assert_eq!(
+            given_up_after(&p.identity.lineage, GenId(2), 80, 75),
+            Some(80)
+        );
+        // A journal trimmed past the parting point (the peer acknowledged a resync it dropped
+        // when promoted) cannot name them: the whole volume.
+        assert_eq!(given_up_after(&p.identity.lineage, GenId(2), 80, 81), None);
         let tail = vec![(4096, 8192)];
-        let gave_up = discarded(
-            &p,
-            &peer,
-            tail.clone(),
-            75,
-            &disk(1),
-            "failback",
-            "t".into(),
-        )
-        .unwrap();
+        let gave_up = discarded(&p, &peer, tail.clone(), &disk(1), "failback", "t".into()).unwrap();
         assert_eq!(gave_up.role, "mirror");
         assert!(gave_up.consistent());
         assert_eq!(
@@ -579,18 +588,6 @@ mod tests {
             decide(&peer, &holds(&gave_up)),
             Decision::Resume { from_seq: 80 }
         );
-        // A journal whose knowledge starts after the parting point cannot name the tail.
-        assert!(discarded(
-            &p,
-            &peer,
-            tail.clone(),
-            81,
-            &disk(1),
-            "failback",
-            "t".into()
-        )
-        .unwrap_err()
-        .contains("cannot all be named"));
         // The promoted side giving its writes up instead parts at the same point.
         let mut as_primary = new.clone();
         as_primary.volume_changed = None;
@@ -598,11 +595,15 @@ mod tests {
             parting_point(&as_primary, &p.identity.lineage),
             Ok((GenId(2), 80))
         );
-        // After a break (a host crash gave numbers again), every record counts as its own.
+        // After a break (a host crash may have lost writes of its disk anywhere): the whole
+        // volume.
         let crashed = primary_state(&[(1, 1), (2, 61)]);
         let mut crashed = crashed;
         crashed.identity.lineage.mint(GenId(10), 70, false);
-        assert_eq!(own_writes_after(&crashed.identity.lineage, GenId(2), 80), 0);
+        assert_eq!(
+            given_up_after(&crashed.identity.lineage, GenId(2), 80, 0),
+            None
+        );
         // Unrelated lineages have no common point.
         let stranger = primary_state(&[(40, 1)]);
         assert!(parting_point(&stranger, &new.identity.lineage).is_err());

@@ -194,6 +194,11 @@ impl Storage for MemDisk {
         1
     }
 
+    fn sync_durable(&self) -> io::Result<()> {
+        self.sync();
+        Ok(())
+    }
+
     fn read_sync(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
         self.read_at(offset, out);
         Ok(())

@@ -20,9 +20,10 @@ use crate::repl::core::primary::{
     VerifyRefusal,
 };
 use crate::repl::core::{PlantedBugs, ReplState};
+use crate::repl::divergent;
 use crate::repl::frame::{self, DeltaSet, Message, Mode, RefuseCode, SUM_LEN};
 use crate::repl::history::{History, Keeper, Retention, WithHistory};
-use crate::repl::identity::GenId;
+use crate::repl::identity::{GenId, PrimaryClaim};
 use crate::repl::redo::RedoLog;
 use crate::repl::role::{self, HistoryDir, Role};
 use crate::volume::VolumeRead;
@@ -871,10 +872,11 @@ impl PrimaryHost {
         let disk = self.disk.fingerprint().expect("simulated disk");
         let held = u.state.identity.lineage.current().ok_or("no lineage")?.gen;
         let st = role::demoted(&u.state, u.journal.last_seq(), held, &disk, 0)?;
+        // The volume durable before the journal says nothing was lost (a clean stop).
+        self.disk.sync();
         u.journal
             .close()
             .map_err(|e| format!("journal close: {e}"))?;
-        self.disk.sync();
         let site = self.site();
         let (hfs, hdir) = site.history_dir();
         role::commit_demotion(
@@ -897,6 +899,63 @@ impl PrimaryHost {
             st.applied_seq,
             st.position_gen,
             u.journal.acked_seq()
+        ));
+        self.stop_counting();
+        Ok(())
+    }
+
+    /// Fail back (what `primary::commit_discards` does, after the daemon learnt that `peer`'s
+    /// promotion continued this side's data): its own writes since the two parted saved,
+    /// then the volume committed as a secondary's (`role::discarded`). On an error (a host
+    /// that died mid-way) the caller crashes the site and starts again.
+    pub fn give_up(&mut self, peer: &PrimaryClaim, now_ms: u64) -> Result<(), String> {
+        let u = self.up.as_ref().ok_or("not running")?;
+        let parted = role::parting_point(&u.state, &peer.lineage)?;
+        // The volume durable before the journal says nothing was lost (a clean stop).
+        self.disk.sync();
+        u.journal
+            .close()
+            .map_err(|e| format!("journal close: {e}"))?;
+        let (regions, whole) =
+            role::given_up_regions(&u.journal, &u.state.identity.lineage, parted, VOLUME_BYTES);
+        let disk = self.disk.clone();
+        let saved = divergent::save(
+            &self.fs,
+            Path::new(ROOT),
+            &divergent::Tail {
+                volume: VOLUME,
+                size: VOLUME_BYTES,
+                why: "failback",
+                parted,
+                ranges: &regions,
+                time_ms: now_ms,
+            },
+            &mut |at, b| {
+                disk.read_at(at, b);
+                Ok(())
+            },
+        )
+        .map_err(|e| format!("saving the tail: {e}"))?;
+        let fp = self.disk.fingerprint().expect("simulated disk");
+        let st = role::discarded(&u.state, peer, regions, &fp, "failback", saved.id.clone())?;
+        self.disk.sync();
+        let site = self.site();
+        let (hfs, hdir) = site.history_dir();
+        role::commit_demotion(
+            &self.fs(),
+            Path::new(ROOT),
+            VOLUME,
+            &st,
+            Some(HistoryDir {
+                fs: &hfs,
+                dir: hdir,
+            }),
+        )
+        .map_err(|e| format!("failback: {e}"))?;
+        self.note(format!(
+            "failed back: parted at generation {} seq {}, {} bytes of its own saved as {} \
+             (whole volume: {whole})",
+            parted.0, parted.1, saved.bytes, saved.id
         ));
         self.stop_counting();
         Ok(())

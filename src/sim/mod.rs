@@ -62,10 +62,16 @@ pub enum Scenario {
     /// The primary's site is lost for good; the mirror is promoted with `--force` (a staged
     /// resync dropped), takes writes, and a new blank site becomes its mirror.
     Disaster,
+    /// The link is cut while the primary writes on (a tail the mirror never gets), then its
+    /// host dies; the mirror is promoted with `--force` and takes writes. The old site comes
+    /// back and fails back: its own writes saved, it becomes the new primary's secondary, and
+    /// the staged resync of both sides' changes since they parted makes it a copy again.
+    /// Every step may be cut by a crash.
+    Failback,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 11] = [
+    pub const ALL: [Scenario; 12] = [
         Scenario::Random,
         Scenario::LostPrimaryState,
         Scenario::BlankPrimaryDisk,
@@ -77,6 +83,7 @@ impl Scenario {
         Scenario::CorruptMirror,
         Scenario::Switchover,
         Scenario::Disaster,
+        Scenario::Failback,
     ];
 }
 
@@ -167,6 +174,9 @@ pub struct Stats {
     pub forced_promotions: u64,
     pub role_change_crashes: u64,
     pub writes_lost_to_disaster: u64,
+    /// Old primaries that failed back, and bytes of their own writes they saved.
+    pub failbacks: u64,
+    pub failback_saved_bytes: u64,
 }
 
 impl Stats {
@@ -198,6 +208,8 @@ impl Stats {
         self.forced_promotions += other.forced_promotions;
         self.role_change_crashes += other.role_change_crashes;
         self.writes_lost_to_disaster += other.writes_lost_to_disaster;
+        self.failbacks += other.failbacks;
+        self.failback_saved_bytes += other.failback_saved_bytes;
     }
 }
 
@@ -244,6 +256,15 @@ struct World {
     /// (a switchover copies nothing), unless a crash of the primary's host broke its journal
     /// since.
     expect_resume_at: Option<usize>,
+    /// Scenario Failback: when the primary's host dies (the link was cut before, so that it
+    /// has a tail of its own).
+    failback_loss_at: Option<Duration>,
+    /// The old primary after the promotion, until it has failed back (its site's mirror
+    /// waits meanwhile).
+    old_primary: Option<PrimaryHost>,
+    /// The old primary's volume as it failed back: what the secondary must hold while the
+    /// tail it gave up is still on it (until the staged resync's end).
+    takeover_snapshot: Option<Vec<u8>>,
 }
 
 /// A change of roles under way (scenarios Switchover and Disaster).
@@ -320,6 +341,9 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
         switch: None,
         epoch: 0,
         expect_resume_at: None,
+        failback_loss_at: None,
+        old_primary: None,
+        takeover_snapshot: None,
     };
     w.primary.bugs = cfg.bugs;
     w.primary.on_full = cfg.on_full;
@@ -341,7 +365,7 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
     w.run();
     let mut trace: Vec<String> = w.primary.log.clone();
     trace.extend(w.mirror.log.iter().cloned());
-    if let Some(o) = &w.other {
+    for o in w.other.iter().chain(w.old_primary.iter()) {
         trace.extend(o.log.iter().cloned());
     }
     trace.sort();
@@ -387,11 +411,19 @@ impl World {
             // a third of the way in at the earliest.
             // A disaster strikes while the mirror holds a consistent copy (else there is nothing
             // to promote: the admin would wait for the primary).
-            let ready = self.cfg.scenario != Scenario::Disaster || self.mirror_consistent();
+            let ready = !matches!(self.cfg.scenario, Scenario::Disaster | Scenario::Failback)
+                || self.mirror_consistent();
             if !scenario_done && step >= steps / 3 && self.paired() && ready {
                 self.scenario_event();
                 scenario_done = true;
                 accept_at = step + steps / 4;
+            }
+            if self
+                .failback_loss_at
+                .is_some_and(|at| self.clock.now() >= at)
+            {
+                self.failback_loss_at = None;
+                self.lose_primary_host();
             }
             // Switchovers go on back and forth, one every eighth of the schedule.
             if self.cfg.scenario == Scenario::Switchover
@@ -533,6 +565,25 @@ impl World {
         if !st.consistent() {
             return;
         }
+        {
+            if st.holds_given_up_writes() && !core.committing() {
+                // A failed-back volume keeps its old state (the tail it gave up on it) until
+                // the staged resync's end.
+                let Some(want) = &self.takeover_snapshot else {
+                    return;
+                };
+                if let Some((block, count)) =
+                    model::first_difference(&self.mirror.disk.content(), want)
+                {
+                    let what = format!(
+                        "{when}: the failed-back volume changed before the resync's end: \
+                         {count} block(s) differ from its old state, the first block {block}"
+                    );
+                    self.violation(what);
+                }
+                return;
+            }
+        }
         let Some(gen) = st.position_gen else {
             let what = format!(
                 "{when}: consistent, but no generation for seq {}",
@@ -601,6 +652,7 @@ impl World {
             }
         }
         self.advance_switch();
+        self.advance_failback();
         self.check_switchover_resumed();
         let too_far: Vec<String> = std::iter::once(&self.primary)
             .chain(self.other.as_ref())
@@ -895,6 +947,13 @@ impl World {
                     demoted: None,
                 });
             }
+            Scenario::Failback => {
+                let cut = Duration::from_millis(self.rng.range(300, 3000));
+                self.link.partitioned_until = self.clock.now() + cut;
+                self.primary
+                    .note(format!("the link is cut for {} ms", cut.as_millis()));
+                self.failback_loss_at = Some(self.clock.now() + cut / 2);
+            }
             Scenario::LostMirrorState => {
                 self.mirror.kill();
                 self.mirror.fs = crate::env::mem::MemFs::new();
@@ -903,6 +962,154 @@ impl World {
                 self.mirror.max_acked_set = 0;
                 self.mirror.note("state directory lost".into());
                 self.mirror.down_until = self.clock.now();
+            }
+        }
+    }
+
+    /// Scenario Failback: the primary's host dies (it comes back once the mirror is
+    /// promoted); the mirror is promoted with `--force`.
+    fn lose_primary_host(&mut self) {
+        let last = self.primary.journal().map_or(0, |j| j.last_seq());
+        let held = self.mirror.core().map_or(0, |c| c.state().applied_seq);
+        self.stats.writes_lost_to_disaster += last.saturating_sub(held);
+        self.primary
+            .note("the host dies; its site will come back".into());
+        if self.rng.chance(1, 2) {
+            self.primary.power_cut(&mut self.rng);
+        } else {
+            self.primary.kill();
+        }
+        self.primary.down_until = Duration::MAX;
+        self.switch = Some(Switch::Promoting {
+            force: true,
+            lost_site: false,
+            demoted: None,
+        });
+    }
+
+    /// Scenario Failback, after the promotion: the old primary starts, learns its peer was
+    /// promoted from its data (the daemon's start gate) and fails back. Checked: every block
+    /// where its volume differs from the state both held is saved, exactly; the site then
+    /// runs as the new primary's secondary.
+    fn advance_failback(&mut self) {
+        let Some(mut old) = self.old_primary.take() else {
+            return;
+        };
+        let peer = match (self.primary.state(), self.primary.journal()) {
+            (Some(st), Some(j)) => st.claim(
+                j,
+                &crate::disk::Storage::fingerprint(&*self.primary.disk).expect("disk"),
+            ),
+            // The peer's answer comes once it runs.
+            _ => {
+                self.old_primary = Some(old);
+                return;
+            }
+        };
+        if old.site().role() != Some(crate::repl::role::Role::Secondary) {
+            if !old.is_up() {
+                if self.clock.now() < old.down_until {
+                    self.old_primary = Some(old);
+                    return;
+                }
+                if let Err(e) = old.start(&self.clock, &mut self.rng) {
+                    old.note(format!("start failed: {e}"));
+                    self.old_primary = Some(old);
+                    return;
+                }
+            }
+            if let Err(e) =
+                crate::repl::role::parting_point(old.state().expect("started"), &peer.lineage)
+            {
+                return self.violation(format!("the old primary cannot fail back: {e}"));
+            }
+            let site = old.site();
+            self.arm_crash(&site.fs);
+            let result = old.give_up(&peer, self.clock.wall_ms());
+            if !site.fs.halted() {
+                site.fs.set_halt(None);
+                if let Err(e) = result {
+                    // A full file system: the daemon stops, and fails back at its next start.
+                    old.note(format!("failback failed: {e}"));
+                    old.kill();
+                    old.down_until = self.clock.now() + Duration::from_secs(1);
+                    self.old_primary = Some(old);
+                    return;
+                }
+            } else {
+                old.note(format!("the host died during the failback: {result:?}"));
+                self.stats.role_change_crashes += 1;
+                if self.rng.chance(1, 2) {
+                    old.power_cut(&mut self.rng);
+                } else {
+                    old.kill();
+                }
+                if old.site().role() != Some(crate::repl::role::Role::Secondary) {
+                    // Still a primary: it starts again and fails back again.
+                    self.old_primary = Some(old);
+                    return;
+                }
+            }
+        }
+        self.check_tail_saved(&old);
+        self.takeover_snapshot = Some(old.disk.content());
+        self.stats.failbacks += 1;
+        let mut log = std::mem::take(&mut old.log);
+        self.mirror.log.append(&mut log);
+        self.mirror.down_until = self.clock.now();
+    }
+
+    /// Every block where the failed-back volume differs from the state both sides held is in
+    /// the saved tail, with the volume's content.
+    fn check_tail_saved(&mut self, old: &PrimaryHost) {
+        let site = old.site();
+        let fs: crate::env::Fs = std::sync::Arc::new(site.fs.clone());
+        let root = std::path::Path::new(hosts::ROOT);
+        let st = crate::repl::apply::VolumeState::load(
+            &*fs,
+            &crate::repl::apply::VolumeState::path(root, hosts::VOLUME),
+        )
+        .expect("a committed failback's state");
+        let Some(t) = st.takeover.clone() else {
+            return self.violation("a failed-back volume names no tail it gave up".into());
+        };
+        let Some(saved) = crate::repl::divergent::list(&*fs, root)
+            .expect("saved tails listed")
+            .into_iter()
+            .find(|s| s.id == t.saved)
+        else {
+            return self.violation(format!("the saved tail {} is missing", t.saved));
+        };
+        self.stats.failback_saved_bytes += saved.bytes;
+        let Some(base) = self.primary.model.state(t.gen, t.seq) else {
+            return self.violation(format!(
+                "parted at generation {} seq {}, which no primary made",
+                t.gen, t.seq
+            ));
+        };
+        let image = fs.read(&saved.image_path(root)).expect("the saved image");
+        let now = old.disk.content();
+        for block in 0..(hosts::VOLUME_BYTES / 4096) as usize {
+            let r = block * 4096..(block + 1) * 4096;
+            if now[r.clone()] == base[r.clone()] {
+                continue;
+            }
+            // Byte by byte: writes may be smaller than a block.
+            let lost = r.clone().find(|&i| {
+                now[i] != base[i]
+                    && !(saved
+                        .ranges
+                        .iter()
+                        .any(|&(o, l)| o as usize <= i && i < (o + l) as usize)
+                        && image[i] == now[i])
+            });
+            if let Some(i) = lost {
+                return self.violation(format!(
+                    "the old primary's own write at byte {i} (block {block}) is not saved (its \
+                     writes there: {:?}; saved {:?})",
+                    old.model.writes_to((i / 4096 * 4096) as u64, 4096),
+                    saved.ranges
+                ));
             }
         }
     }
@@ -1079,14 +1286,30 @@ impl World {
         } else {
             self.primary.site()
         };
+        let failback = self.cfg.scenario == Scenario::Failback && !lost_site;
         let mut mirror = MirrorHost::on_site(old_site, &self.clock);
         mirror.inherit(&mut self.mirror);
-        self.primary = primary;
+        let mut old = std::mem::replace(&mut self.primary, primary);
         self.mirror = mirror;
         self.link.cut_all();
         let now = self.clock.now();
         self.primary.down_until = now;
         self.mirror.down_until = now;
+        if failback {
+            // Its own history goes on apart from the promoted side's.
+            old.model = old.model.fork();
+            old.down_until = now;
+            self.old_primary = Some(old);
+            self.mirror.down_until = Duration::MAX;
+            self.stats.forced_promotions += 1;
+            self.switch = None;
+            self.primary.note(format!(
+                "roles changed: primary from generation {held_gen} seq {held_seq}, new {}; \
+                 the old primary will fail back",
+                new.gen
+            ));
+            return;
+        }
         self.switch = None;
         if lost_site {
             self.stats.forced_promotions += 1;
@@ -1160,6 +1383,7 @@ impl World {
     fn settle_step(&mut self) {
         self.accept_if_pending();
         self.advance_switch();
+        self.advance_failback();
         self.check_switchover_resumed();
         let now = self.clock.now();
         if !self.primary.is_up() && now >= self.primary.down_until {

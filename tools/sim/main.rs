@@ -7,7 +7,7 @@
 //! `BLKMIRROR_SIM_SEED` (replay that one seed, with its trace), `BLKMIRROR_SIM_STEPS`
 //! (steps per schedule, default 3000), `BLKMIRROR_SIM_BUG` (plant a known mistake:
 //! `ack-one-set-early`, `ack-before-sync`, `apply-resync-in-place`, `verify-unsettled`,
-//! `verify-forgets-differences`, `history-after-write` or `demote-unacknowledged`, to see the simulator catch it),
+//! `verify-forgets-differences`, `history-after-write`, `demote-unacknowledged` or `forget-takeover`, to see the simulator catch it),
 //! `BLKMIRROR_SIM_SCENARIO` (only the seeds of that scenario, by name: `Switchover`, ...).
 
 use blkmirror::repl::core::PlantedBugs;
@@ -60,8 +60,8 @@ impl Totals {
              of the primary refused {}; stalls ended {}; journal tails rotated out {}; \
              journal folds {}, staged resyncs completed {}, crashes while staged {}; \
              verifies {} (differing {} B, repaired {} B); history points checked {}; \
-             switchovers {}, forced promotions {} (writes lost {}), role changes cut by a \
-             crash {}; schedules: {}",
+             switchovers {}, forced promotions {} (writes lost {}), failbacks {} (saved {} B), \
+             role changes cut by a crash {}; schedules: {}",
             s.writes,
             s.primary_crashes,
             s.mirror_crashes,
@@ -83,6 +83,8 @@ impl Totals {
             s.switchovers,
             s.forced_promotions,
             s.writes_lost_to_disaster,
+            s.failbacks,
+            s.failback_saved_bytes,
             s.role_change_crashes,
             scenarios.join(", ")
         )
@@ -110,6 +112,10 @@ fn main() -> ExitCode {
             },
             Ok("demote-unacknowledged") => PlantedBugs {
                 demote_unacknowledged: true,
+                ..Default::default()
+            },
+            Ok("forget-takeover") => PlantedBugs {
+                forget_takeover: true,
                 ..Default::default()
             },
             Ok("history-after-write") => PlantedBugs {

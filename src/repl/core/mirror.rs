@@ -363,12 +363,12 @@ impl MirrorCore {
         // A tail this side gave up is the peer's to resync only while the volume still is that
         // state with the tail on it: a resync that moved the volume on (its stage committed,
         // a comparison) replaced it.
-        let parted = self.state.takeover.as_ref().map(|t| (t.gen, t.seq));
-        if parted.is_some() && parted != self.state.position_gen.zip(holds.position) {
+        if self.state.takeover.is_some() && !self.state.holds_given_up_writes() {
             tracing::info!(volume = %self.name, "the divergent tail given up is replaced by the peer's data");
             self.state.takeover = None;
         }
-        let before = match (&self.state.takeover, mode) {
+        #[allow(unused_mut)]
+        let mut before = match (&self.state.takeover, mode) {
             (Some(t), Mode::Resume) => t
                 .regions
                 .chunks(crate::repl::frame::MAX_TAKEOVER_RANGES)
@@ -378,6 +378,10 @@ impl MirrorCore {
                 .collect(),
             _ => Vec::new(),
         };
+        #[cfg(any(test, feature = "test-hooks"))]
+        if self.bugs.forget_takeover {
+            before.clear();
+        }
         let uuid = claim
             .uuid
             .or(self.state.identity.uuid)

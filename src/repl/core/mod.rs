@@ -70,4 +70,7 @@ pub struct PlantedBugs {
     /// A primary is demoted before the mirror acknowledged all its writes, and the mirror
     /// takes the demotion's notice whatever it holds.
     pub demote_unacknowledged: bool,
+    /// A failed-back secondary does not name the regions it gave up (Takeover): the
+    /// primary resyncs only its own changes.
+    pub forget_takeover: bool,
 }
