@@ -1052,6 +1052,15 @@ fn run(command: Command) -> Result<Exit, Failure> {
             nbd_unix,
             json,
         } => {
+            if !state_dir.is_dir() {
+                return Err(Failure::new(
+                    Exit::Io,
+                    format!(
+                        "divergent: {}: no such state directory",
+                        state_dir.display()
+                    ),
+                ));
+            }
             if let (Some(id), Some(socket)) = (export, nbd_unix) {
                 blkmirror::repl::divergent::serve(&state_dir, &id, &socket)
                     .map_err(|e| Failure::new(Exit::Io, format!("divergent: {e}")))?;

@@ -408,7 +408,7 @@ pub fn run_role(opts: &MirrorOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonEr
     match commit_promotions(opts, &req, &notices) {
         Ok(volumes) => {
             ctx.control.install_transition(Role::Primary);
-            tracing::warn!(volumes = ?volumes, force = req.force, "promoted: this daemon is now the primary");
+            tracing::warn!(volumes = ?volumes, force = req.force || req.point.is_some(), "promoted: this daemon is now the primary");
             Ok(Outcome::Switched(
                 Role::Primary,
                 crate::node::Answer {
@@ -428,7 +428,7 @@ pub fn run_role(opts: &MirrorOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonEr
             let _ = req
                 .reply
                 .send(serde_json::json!({ "error": why, "code": "wrong-state" }));
-            Ok(Outcome::Again)
+            Ok(Outcome::Again { held: false })
         }
     }
 }

@@ -40,7 +40,9 @@ pub enum Outcome {
     /// the command that asked once that role is ready (serving, for a primary).
     Switched(Role, Answer),
     /// A role change failed after the machinery had stopped: run the same role again.
-    Again,
+    /// `held`: the primary was not serving its clients yet (its peer had not answered, or
+    /// is a primary too): it asks the peer again before it serves, as at a process start.
+    Again { held: bool },
 }
 
 /// An answer to a role change, given by the role it made once that role is ready.
@@ -228,7 +230,7 @@ pub fn run(
                 role = to;
                 answer = Some(a);
             }
-            Outcome::Again => {}
+            Outcome::Again { held } => process_start = held,
         }
         wait_until_released(&primary.volumes);
     }

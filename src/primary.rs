@@ -335,6 +335,13 @@ pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonE
         .map(|((info, _), volume)| Export { info, volume })
         .collect();
     let server = Server::new(exports, opts.nbd_limits);
+    if !must_ask {
+        for v in shipping_for_close.iter() {
+            v.stats
+                .serving
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
     if must_ask {
         server.hold_doors();
         let volumes = shipping_for_close
@@ -386,9 +393,12 @@ pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonE
                     continue;
                 }
                 if req.discard_local {
-                    match discard_check(&shipping_for_close) {
+                    match discard_check(opts, &shipping_for_close) {
                         Ok(()) => break End::DiscardLocal(req),
                         Err(why) => {
+                            // A failback the start gate asked for has nobody waiting for the
+                            // answer: the log says why it did not happen.
+                            tracing::error!("not giving this side's writes up: {why}");
                             let _ = req
                                 .reply
                                 .send(serde_json::json!({ "error": why, "code": "wrong-state" }));
@@ -432,7 +442,11 @@ pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonE
     );
     let (req, names) = match end {
         End::Stop => return Ok(Outcome::Stopped),
-        End::Again => return Ok(Outcome::Again),
+        End::Again => {
+            return Ok(Outcome::Again {
+                held: gate.holding.lock().unwrap().is_some(),
+            })
+        }
         End::Demote(req, names) => (req, names),
         End::DiscardLocal(req) => {
             let how = if gate.holding.lock().unwrap().is_some() {
@@ -497,7 +511,9 @@ pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonE
             let _ = req
                 .reply
                 .send(serde_json::json!({ "error": why, "code": "io" }));
-            Ok(Outcome::Again)
+            Ok(Outcome::Again {
+                held: gate.holding.lock().unwrap().is_some(),
+            })
         }
     }
 }
@@ -606,8 +622,19 @@ impl StartGate {
                         s.peer_is_secondary.load(Relaxed)
                             || (s.peer_is_primary.load(Relaxed) && s.peer_superseded.load(Relaxed))
                     });
+                    let split_brain = volumes
+                        .iter()
+                        .any(|(_, r)| r.snapshot().split_brain.is_some());
                     let why = if self.admin_says_serve.load(Relaxed) {
                         None
+                    } else if primary_peer && split_brain {
+                        Some(
+                            "split brain: this side served its clients while its peer was \
+                             promoted from its data; not serving: blkmirror resolve \
+                             --discard-local on the side whose writes are given up (or \
+                             promote --force here to serve); see docs/FAILOVER.md"
+                                .to_string(),
+                        )
                     } else if primary_peer {
                         Some(
                             "the peer is a primary too (promoted while this side was away?): \
@@ -632,6 +659,9 @@ impl StartGate {
                     };
                     match why {
                         None => {
+                            for s in &stats {
+                                s.serving.store(true, Relaxed);
+                            }
                             server.open_doors();
                             *self.holding.lock().unwrap() = None;
                             tracing::info!("serving the clients");
@@ -660,8 +690,13 @@ impl StartGate {
 fn superseded_by_peer(volumes: &[(Arc<ShipStats>, Arc<VolumeRecord>)]) -> bool {
     !volumes.is_empty()
         && volumes.iter().all(|(stats, record)| {
-            stats.peer_claim.lock().unwrap().as_ref().is_some_and(|c| {
-                crate::repl::identity::supersedes(&c.lineage, &record.snapshot().identity.lineage)
+            let ours = record.snapshot();
+            stats.fresh_peer_claim().is_some_and(|c| {
+                // A split brain with this peer seen before a restart is the admin's to
+                // resolve.
+                let promoted = c.lineage.spans.iter().rev().find(|s| s.promoted);
+                crate::repl::identity::supersedes(&c.lineage, &ours.identity.lineage)
+                    && ours.split_brain != promoted.map(|s| s.gen)
             })
         })
 }
@@ -788,7 +823,8 @@ fn prepare_demotion(
                 serde_json::json!({
                     "error": format!(
                         "not demoted: after {} s the peer does not hold every write ({}); this \
-                         side stays the primary and serves again",
+                         side stays the primary, serving again if it served (a primary that \
+                         held its clients back asks its peer again first)",
                         timeout.as_secs(),
                         why.join("; ")
                     ),
@@ -848,13 +884,22 @@ fn commit_demotions(
 /// Whether every volume can give its own writes up for its peer's: the peer is a primary
 /// that said what it holds, the two parted at a known state, and the journal names every
 /// write since.
-fn discard_check(shipping: &[Shipping]) -> Result<(), String> {
+fn discard_check(opts: &PrimaryOptions, shipping: &[Shipping]) -> Result<(), String> {
+    if opts.replication.is_none() || shipping.is_empty() {
+        return Err(
+            "this primary replicates to no peer (no --mirror): there is no peer to give \
+             its writes up for"
+                .into(),
+        );
+    }
     for v in shipping {
-        let Some(claim) = v.stats.peer_claim.lock().unwrap().clone() else {
+        let Some(claim) = v.stats.fresh_peer_claim() else {
             return Err(format!(
-                "volume {}: the peer is not known to be a primary (resolve is for two \
-                 primaries: status shows both_primary)",
-                v.name
+                "volume {}: the peer is not known to be a primary now (resolve is for two \
+                 primaries that reach each other: status shows both_primary, link attempts \
+                 answered within {} s)",
+                v.name,
+                crate::repl::shipper::PEER_CLAIM_FRESH.as_secs()
             ));
         };
         let parted = crate::repl::role::parting_point(&v.record.snapshot(), &claim.lineage)
@@ -893,6 +938,7 @@ fn commit_discards(
             .lock()
             .unwrap()
             .clone()
+            .map(|(c, _)| c)
             .ok_or_else(|| format!("volume {}: the peer's claim is gone", v.name))?;
         let st = v.record.snapshot();
         let parted = crate::repl::role::parting_point(&st, &claim.lineage)?;
@@ -1042,7 +1088,8 @@ async fn answer_pulls(
                             let ours = st.identity.lineage;
                             let superseded =
                                 crate::repl::identity::supersedes(&ours, &claim.lineage);
-                            *stats.peer_claim.lock().unwrap() = Some((*claim).clone());
+                            *stats.peer_claim.lock().unwrap() =
+                                Some(((*claim).clone(), std::time::Instant::now()));
                             stats
                                 .peer_is_primary
                                 .store(true, std::sync::atomic::Ordering::Relaxed);

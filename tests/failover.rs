@@ -238,6 +238,24 @@ fn wrong_states_are_refused_with_exit_9_and_the_reason() {
     let (code, v, err) = demote(&alone.control.clone());
     assert_eq!(code, 9, "{v} {err}");
     assert!(err.contains("nobody to take over"), "{err}");
+    // Nor anybody to give its writes up for: refused, and it goes on serving.
+    let (code, v, err) = json_cmd(&[
+        "resolve",
+        "--control",
+        alone.control.to_str().unwrap(),
+        "--discard-local",
+    ]);
+    assert_eq!(code, 9, "{v} {err}");
+    assert!(err.contains("no peer"), "{err}");
+    let wrote = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x11 0 1M"])
+        .arg(format!(
+            "nbd+unix:///v?socket={}",
+            p.dir().join("alone.sock").display()
+        ))
+        .output()
+        .unwrap();
+    assert!(wrote.status.success(), "{wrote:?}");
     stop_ok(&mut alone);
 }
 
@@ -391,6 +409,152 @@ fn after_a_disaster_the_old_primary_fails_back_saving_its_tail_and_resyncing_onl
     }
 }
 
+/// The disaster of issue 15 with a real file system: ext4 made and filled through nbdfuse +
+/// loop on the primary's volume, a writer creating and fsyncing files on it when the primary
+/// is killed (kill -9); the safe promoted with --force, its file system mounted (its journal
+/// replays: a crash state) and written; the old primary started again: it never serves, saves
+/// its tail, becomes the secondary with far less than the volume on the wire; a planned
+/// switchover back, and the old primary's volume holds the safe's file system: fsck clean,
+/// the files written before the disaster and the one written at the safe.
+#[test]
+fn a_disaster_under_a_file_system_fails_back_to_the_safes_file_system() {
+    let (mut p, mirror_sock) = switchable_pair();
+    let (pc, mc) = (p.primary.control.clone(), p.mirror.control.clone());
+    let mnt = p.dir().join("mnt");
+    let fuse_dir = p.dir().join("fuse");
+    let base: Vec<Vec<u8>> = (0..6)
+        .map(|i| pseudo_random(MIB as usize, 300 + i))
+        .collect();
+    {
+        let fuse = FuseFile::start(&fuse_dir, &p.uri());
+        let lo = LoopDev::attach(&fuse.file());
+        run("mkfs.ext4", &["-q", "-F", &lo.dev]);
+        let m = Mount::at(&lo.dev, &mnt);
+        for (i, data) in base.iter().enumerate() {
+            std::fs::write(mnt.join(format!("base{i}")), data).unwrap();
+        }
+        run("sync", &[]);
+        m.umount();
+    }
+    p.wait_synced();
+    // A writer on the primary's file system when the primary is killed.
+    {
+        let fuse = FuseFile::start(&fuse_dir, &p.uri());
+        let lo = LoopDev::attach(&fuse.file());
+        let m = Mount::at(&lo.dev, &mnt);
+        let mut sh = Command::new("sh");
+        sh.arg("-c").arg(format!(
+            "i=0; while [ $i -lt 100000 ]; do dd if=/dev/urandom of={}/w$((i % 16)) bs=64k \
+             count=2 conv=fsync status=none || exit 0; echo $i; i=$((i+1)); done",
+            mnt.display()
+        ));
+        let out = p.dir().join("writer.out");
+        let mut writer = Background::spawn("file writer", sh, &out);
+        let written = || {
+            std::fs::read_to_string(&out)
+                .unwrap_or_default()
+                .lines()
+                .count()
+        };
+        wait_for("the writer to have written files", LONG, &[], |_| {
+            written() >= 10
+        });
+        // The safe goes away first (its link, its site): the primary writes on, a tail the
+        // safe never gets; then the primary's host is lost.
+        stop_ok(&mut p.mirror);
+        let before = written();
+        wait_for("the writer to write on", LONG, &[], |_| {
+            written() >= before + 10
+        });
+        p.primary.kill9();
+        let _ = writer.child_for_test().kill();
+        writer.wait();
+        // The primary's mount is on a dead server: torn down (lazily).
+        drop(m);
+        drop(lo);
+        drop(fuse);
+    }
+    // The safe's site is back, without its primary.
+    p.mirror.start();
+    let (code, v, err) = promote(&mc, &["--force"]);
+    assert_eq!(code, 0, "{v} {err}");
+    let from_safe = pseudo_random(3 * MIB as usize / 2, 399);
+    {
+        let fuse = FuseFile::start(&p.dir().join("fuse-safe"), &uri_of(&mirror_sock));
+        let lo = LoopDev::attach(&fuse.file());
+        let m = Mount::at(&lo.dev, &p.dir().join("mnt-safe"));
+        for (i, data) in base.iter().enumerate() {
+            assert!(
+                std::fs::read(m.dir.join(format!("base{i}"))).unwrap() == *data,
+                "base{i} at the safe"
+            );
+        }
+        std::fs::write(m.dir.join("from-safe"), &from_safe).unwrap();
+        run("sync", &[]);
+        m.umount();
+    }
+    // The old primary comes back: it fails back.
+    p.primary.nbd_socket = None;
+    p.primary.start();
+    wait_role(&p.primary, "secondary");
+    let np = wait_for(
+        "the old primary to hold the safe's data",
+        LONG,
+        &[&p.primary, &p.mirror],
+        |v| synced(&v[0], &v[1]),
+    );
+    let np = &np[1];
+    assert!(np["taken_over_bytes"].as_u64().unwrap() > 0, "{np}");
+    let wire = np["wire_bytes"].as_u64().unwrap();
+    assert!(
+        wire < 32 * MIB,
+        "{wire} bytes on the wire for a 64 MiB volume: {np}"
+    );
+    let (code, out, _) = cli(&[
+        "divergent",
+        "--state-dir",
+        p.primary_state.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(code, Some(0));
+    let saved: Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(saved["saved"][0]["bytes"].as_u64().unwrap() > 0, "{saved}");
+    eprintln!(
+        "failback under ext4: {wire} bytes on the wire, {} taken over, {} saved",
+        np["taken_over_bytes"], saved["saved"][0]["bytes"]
+    );
+    // And back: the old primary serves the safe's file system.
+    let (code, v, err) = demote(&mc);
+    assert_eq!(code, 0, "demote: {v} {err}");
+    p.primary.nbd_socket = Some(p.nbd_sock.clone());
+    let (code, v, err) = promote(&pc, &[]);
+    assert_eq!(code, 0, "promote back: {v} {err}");
+    {
+        // A fresh FUSE mount point: the one over the killed primary was torn down lazily.
+        let fuse = FuseFile::start(&p.dir().join("fuse-back"), &p.uri());
+        let lo = LoopDev::attach(&fuse.file());
+        let fsck = run_output("e2fsck", &["-fn", &lo.dev], None);
+        assert!(
+            fsck.status.success(),
+            "e2fsck -fn on the old primary's volume ({}):\n{}",
+            fsck.status,
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        let m = Mount::at(&lo.dev, &p.dir().join("mnt-back"));
+        assert!(std::fs::read(m.dir.join("from-safe")).unwrap() == from_safe);
+        for (i, data) in base.iter().enumerate() {
+            assert!(std::fs::read(m.dir.join(format!("base{i}"))).unwrap() == *data);
+        }
+        m.umount();
+    }
+    wait_role(&p.mirror, "secondary");
+    p.stop_both();
+    assert!(
+        std::fs::read(&p.primary_img).unwrap() == std::fs::read(&p.mirror_img).unwrap(),
+        "the two images differ after failing back"
+    );
+}
+
 /// Split brain on purpose: the safe is promoted while the old primary is down, then the old
 /// primary starts while the safe is away and serves (`--peer-unreachable serve`, the
 /// default): both take writes. Once they meet, each refuses the other (`both_primary`) and
@@ -438,6 +602,31 @@ fn a_split_brain_is_refused_and_resolve_keeps_the_named_sides_data_saving_the_ot
     );
     assert!(qemu_write(&mirror_sock, 0x23, 6 * MIB, MIB));
     assert!(qemu_write(&p.nbd_sock.clone(), 0x78, 11 * MIB, MIB));
+    // A restart of the old primary does not settle it on its own (its writes since are its
+    // clients', not a tail): it stays a primary, holding its clients back, and says why.
+    stop_ok(&mut p.primary);
+    p.primary.start();
+    wait_for("the old primary to say split brain", LONG, &[], |_| {
+        query_status(&pc).is_some_and(|d| {
+            d["not_serving_why"]
+                .as_str()
+                .is_some_and(|w| w.contains("split brain"))
+        })
+    });
+    assert_eq!(query_status(&pc).unwrap()["volumes"][0]["role"], "primary");
+    // The peer gone quiet: nothing is given up on what it said a while ago.
+    stop_ok(&mut p.mirror);
+    std::thread::sleep(std::time::Duration::from_secs(16));
+    let (code, v, err) = resolve(&pc);
+    assert_eq!(code, 9, "resolve with the peer gone: {v} {err}");
+    assert!(err.contains("not known to be a primary now"), "{err}");
+    p.mirror.start();
+    wait_for(
+        "both sides to see the other as a primary again",
+        LONG,
+        &[&p.primary, &p.mirror],
+        |v| v[0]["state"] == "both_primary" && v[1]["peer_role"] == "primary",
+    );
     // The admin keeps the old primary's data: the promoted side gives its writes up.
     let (code, v, err) = resolve(&mc);
     assert_eq!(code, 0, "resolve: {v} {err}");
@@ -543,6 +732,31 @@ fn a_primary_told_to_wait_for_its_peer_serves_only_when_the_admin_says() {
     assert!(
         !qemu_write(&sock, 0x22, 0, MIB),
         "served before its peer answered"
+    );
+    // A demotion that cannot happen (no peer to hold the writes) leaves it as it was: still
+    // waiting, not serving.
+    let (code, v, err) = json_cmd(&[
+        "demote",
+        "--control",
+        control.to_str().unwrap(),
+        "--timeout",
+        "2",
+    ]);
+    assert_eq!(code, 10, "{v} {err}");
+    // Past its 5 s check again: it says it waits, as before.
+    wait_for("the primary to wait for its peer again", LONG, &[], |_| {
+        query_status(&control).is_some_and(|d| {
+            d["role"] == "primary"
+                && d["not_serving_why"]
+                    .as_str()
+                    .is_some_and(|w| w.contains("--peer-unreachable wait"))
+        })
+    });
+    let d = query_status(&control).expect("status");
+    assert_eq!(d["serving"], false, "a failed demotion made it serve: {d}");
+    assert!(
+        !qemu_write(&sock, 0x22, 0, MIB),
+        "served after a failed demotion while its peer never answered"
     );
     let (code, v, err) = promote(&control, &[]);
     assert_eq!(code, 9, "{v} {err}");

@@ -84,6 +84,9 @@ pub struct VolumeState {
 pub struct Takeover {
     pub gen: GenId,
     pub seq: u64,
+    /// Kept in the saved tail's `saved.json` (a long list), read back by
+    /// [`VolumeState::load`]; empty when that is gone: the whole volume is resynced.
+    #[serde(skip)]
     pub regions: Vec<(u64, u64)>,
     /// The saved tail (`blkmirror divergent`).
     pub saved: String,
@@ -148,6 +151,23 @@ impl VolumeState {
                     st.role
                 ),
             ));
+        }
+        let mut st = st;
+        if let Some(t) = st.takeover.as_mut() {
+            // STATE/volumes/NAME.json: the saved tails are in STATE/divergent.
+            let state_dir = path
+                .parent()
+                .and_then(Path::parent)
+                .unwrap_or(Path::new("."));
+            match crate::repl::divergent::list(fs, state_dir)?
+                .into_iter()
+                .find(|s| s.id == t.saved)
+            {
+                Some(saved) => t.regions = saved.ranges,
+                None => tracing::error!(saved = %t.saved,
+                    "the writes this side gave up are no longer saved where its state says: \
+                     the whole volume is resynced from the peer"),
+            }
         }
         Ok(st)
     }

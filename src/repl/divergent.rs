@@ -73,12 +73,21 @@ pub fn save(
 ) -> io::Result<Saved> {
     let root = dir(state_dir);
     fs.create_dir_all(&root)?;
-    let mut id = format!("{}-{}-{}", tail.volume, tail.time_ms, tail.parted.0);
+    // Saves a crash cut short (no JSON: their role change never happened) go first: a crash
+    // loop must not fill the file system with half images.
+    for d in fs.read_dir(&root)? {
+        if !fs.exists(&d.join(META))? {
+            tracing::warn!(dir = %d.display(), "removing a save of divergent writes a stop cut short");
+            crate::env::remove_files_in(fs, &d)?;
+        }
+    }
+    let base = format!("{}-{}-{}", tail.volume, tail.time_ms, tail.parted.0);
+    let mut id = base.clone();
     // Two saves in one millisecond (a retried failback) keep both.
     let mut n = 1;
-    while fs.exists(&root.join(&id))? {
+    while fs.exists(&root.join(&id).join(META))? {
         n += 1;
-        id = format!("{id}.{n}");
+        id = format!("{base}.{n}");
     }
     let here = root.join(&id);
     fs.create_dir_all(&here)?;

@@ -985,10 +985,14 @@ impl MirrorVolume {
             "resync (copy or comparison) not complete: NOT consistent".into()
         };
         // DRBD's words: UpToDate while its primary ships to it (or a demoted peer holds the
-        // same), Consistent when it holds a consistent copy on its own, Inconsistent during a
-        // copy or comparison.
+        // same), Consistent when it holds a consistent copy on its own, Outdated while it
+        // holds writes it gave up, Inconsistent during a copy or comparison.
         let disk_state = if !consistent {
             "Inconsistent"
+        } else if st.holds_given_up_writes() {
+            // Its own old data, given up for its peer's (a failback, `resolve`): a valid
+            // state, but not its peer's until the resync's end.
+            "Outdated"
         } else if link_up || peer_demoted.is_some() {
             "UpToDate"
         } else {

@@ -129,6 +129,7 @@ pub fn promoted(
         identity,
         volume_changed: None,
         changed_role: Some(if force { "promote --force" } else { "promote" }.into()),
+        split_brain: None,
     };
     Ok((state, next_seq))
 }
@@ -152,6 +153,16 @@ pub fn continued_generation(st: &VolumeState, force: bool) -> Result<GenId, Stri
                 "catch-up after a copy"
             }
         ));
+    }
+    if let (Some(t), false) = (&st.takeover, force) {
+        if st.holds_given_up_writes() {
+            return Err(format!(
+                "this side gave up its own writes for its peer's (saved as {}) and the peer's \
+                 resync has not finished: the volume holds this side's old data; promote \
+                 --force serves that",
+                t.saved
+            ));
+        }
     }
     let lineage = &st.identity.lineage;
     let own = st
@@ -428,6 +439,7 @@ mod tests {
             },
             volume_changed: None,
             changed_role: None,
+            split_brain: None,
         }
     }
 

@@ -85,11 +85,32 @@ pub struct ShipStats {
     /// That primary peer is an old one this side's promotion replaced (its lineage is the
     /// one this side's promoted generation continued): this side goes on serving.
     pub peer_superseded: AtomicBool,
-    /// The peer's account of its data when it is a primary too (sent before its refusal):
-    /// where the two parted, for a failback or `resolve --discard-local` on this side.
-    pub peer_claim: Mutex<Option<crate::repl::identity::PrimaryClaim>>,
+    /// The peer's account of its data when it is a primary too (sent before its refusal),
+    /// and when it came: where the two parted, for a failback or `resolve --discard-local`
+    /// on this side ([`ShipStats::fresh_peer_claim`]).
+    pub peer_claim: Mutex<Option<(crate::repl::identity::PrimaryClaim, std::time::Instant)>>,
     /// Bytes of the regions a peer gave up (its divergent tail) resynced from here since start.
     pub taken_over_bytes: AtomicU64,
+    /// The clients are being served (the start gate opened): a primary peer met now that was
+    /// promoted from this side's data is a split brain, recorded as such.
+    pub serving: AtomicBool,
+}
+
+/// How long what a primary peer said of its data is trusted: two primaries ask each other
+/// every [`BOTH_PRIMARY_RETRY`], so a claim older than this is a peer that went quiet
+/// (stopped, cut off, perhaps demoted since): nothing is given up on its word.
+pub const PEER_CLAIM_FRESH: Duration = Duration::from_secs(15);
+
+impl ShipStats {
+    /// The peer's claim as a primary, if it said it within [`PEER_CLAIM_FRESH`].
+    pub fn fresh_peer_claim(&self) -> Option<crate::repl::identity::PrimaryClaim> {
+        self.peer_claim
+            .lock()
+            .unwrap()
+            .as_ref()
+            .filter(|(_, at)| at.elapsed() < PEER_CLAIM_FRESH)
+            .map(|(c, _)| c.clone())
+    }
 }
 
 /// An online verify an admin asked for (`blkmirror verify`), as status shows it.
@@ -730,6 +751,13 @@ impl Shipper {
                 self.stats.peer_is_secondary.store(true, Ordering::Relaxed);
                 self.stats.peer_is_primary.store(false, Ordering::Relaxed);
                 self.stats.peer_claim.lock().unwrap().take();
+                if self.record.snapshot().split_brain.is_some() {
+                    // The peer is a secondary now: the split brain is resolved.
+                    let record = self.record.clone();
+                    tokio::task::spawn_blocking(move || record.update(|st| st.split_brain = None))
+                        .await
+                        .map_err(|e| SessionEnd::Protocol(e.to_string()))??;
+                }
                 self.stats.acked_set.store(durable_set, Ordering::Relaxed);
                 self.stats.last_error.lock().unwrap().clear();
                 *self.stats.last_decision.lock().unwrap() = reason;
@@ -775,7 +803,30 @@ impl Shipper {
                 self.set_state(ReplState::Replicating);
             }
             Event::PeerPrimary(claim) => {
-                *self.stats.peer_claim.lock().unwrap() = Some(*claim);
+                let promoted = claim
+                    .lineage
+                    .spans
+                    .iter()
+                    .rev()
+                    .find(|s| s.promoted)
+                    .map(|s| s.gen);
+                let ours = self.record.snapshot();
+                let seen = self.stats.serving.load(Ordering::Relaxed)
+                    && crate::repl::identity::supersedes(&claim.lineage, &ours.identity.lineage)
+                    && ours.split_brain != promoted;
+                *self.stats.peer_claim.lock().unwrap() = Some((*claim, std::time::Instant::now()));
+                if seen {
+                    tracing::error!(volume = %self.volume, "split brain: this side serves its \
+                        clients, and its peer was promoted from its data; nothing is resolved \
+                        automatically (blkmirror resolve --discard-local on the side whose \
+                        writes are given up)");
+                    let record = self.record.clone();
+                    tokio::task::spawn_blocking(move || {
+                        record.update(|st| st.split_brain = promoted)
+                    })
+                    .await
+                    .map_err(|e| SessionEnd::Protocol(e.to_string()))??;
+                }
             }
             Event::TakenOver { bytes, .. } => {
                 self.stats

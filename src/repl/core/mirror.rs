@@ -367,15 +367,19 @@ impl MirrorCore {
             tracing::info!(volume = %self.name, "the divergent tail given up is replaced by the peer's data");
             self.state.takeover = None;
         }
+        let whole = [(0, self.size)];
         #[allow(unused_mut)]
         let mut before = match (&self.state.takeover, mode) {
-            (Some(t), Mode::Resume) => t
-                .regions
-                .chunks(crate::repl::frame::MAX_TAKEOVER_RANGES)
-                .map(|c| Message::Takeover {
-                    regions: c.to_vec(),
-                })
-                .collect(),
+            (Some(t), Mode::Resume) => if t.regions.is_empty() {
+                &whole[..]
+            } else {
+                &t.regions[..]
+            }
+            .chunks(crate::repl::frame::MAX_TAKEOVER_RANGES)
+            .map(|c| Message::Takeover {
+                regions: c.to_vec(),
+            })
+            .collect(),
             _ => Vec::new(),
         };
         #[cfg(any(test, feature = "test-hooks"))]
@@ -554,6 +558,9 @@ impl MirrorCore {
                     "staged resync complete: applying it");
                 let mut end = (**state).clone();
                 end.newest_received_ms = end.newest_received_ms.max(received_ms);
+                // The peer's data replaces the writes this side gave up (saved): at its end
+                // the volume is the peer's copy.
+                end.takeover = None;
                 self.committing = Some(end);
             }
             _ => {}

@@ -1096,6 +1096,11 @@ pub struct PrimaryVolumeState {
     /// started as the other role follows it instead of refusing the state directory.
     #[serde(default)]
     pub changed_role: Option<String>,
+    /// A split brain seen: this side served its clients while its peer was a primary
+    /// promoted from its data (the peer's promoted generation). A restart then does not fail
+    /// back on its own (its writes since are its clients', not a tail): an admin resolves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split_brain: Option<GenId>,
 }
 
 impl PrimaryVolumeState {
