@@ -456,23 +456,20 @@ pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonE
             };
             return match commit_discards(opts, &shipping_for_close, how) {
                 Ok(volumes) => {
-                    ctx.control.install_transition(Role::Secondary);
                     tracing::warn!(volumes = ?volumes,
                         "{how}: this daemon is now a secondary of its peer; the writes it gave up are saved");
-                    Ok(Outcome::Switched(
-                        Role::Secondary,
-                        crate::node::Answer {
-                            to: req.reply,
-                            answer: serde_json::json!({
-                                "ok": true,
-                                "result": "resolved",
-                                "how": how,
-                                "role": "secondary",
-                                "volumes": volumes,
-                                "message": "this side is a secondary of its peer now; the writes \
-                                            it gave up are saved (blkmirror divergent)",
-                            }),
-                        },
+                    Ok(now_secondary(
+                        ctx,
+                        req.reply,
+                        serde_json::json!({
+                            "ok": true,
+                            "result": "resolved",
+                            "how": how,
+                            "role": "secondary",
+                            "volumes": volumes,
+                            "message": "this side is a secondary of its peer now; the writes it \
+                                        gave up are saved (blkmirror divergent)",
+                        }),
                     ))
                 }
                 Err(why) => {
@@ -489,21 +486,18 @@ pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonE
     };
     match commit_demotions(opts, &shipping_for_close, &names) {
         Ok(volumes) => {
-            ctx.control.install_transition(Role::Secondary);
             tracing::warn!(volumes = ?volumes, "demoted: this daemon is now a secondary");
-            Ok(Outcome::Switched(
-                Role::Secondary,
-                crate::node::Answer {
-                    to: req.reply,
-                    answer: serde_json::json!({
-                        "ok": true,
-                        "result": "demoted",
-                        "role": "secondary",
-                        "volumes": volumes,
-                        "message": "every write is durable at the peer; this side is a \
-                                    secondary now (its NBD exports are closed)",
-                    }),
-                },
+            Ok(now_secondary(
+                ctx,
+                req.reply,
+                serde_json::json!({
+                    "ok": true,
+                    "result": "demoted",
+                    "role": "secondary",
+                    "volumes": volumes,
+                    "message": "every write is durable at the peer; this side is a secondary \
+                                now (its NBD exports are closed)",
+                }),
             ))
         }
         Err(why) => {
@@ -516,6 +510,17 @@ pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonE
             })
         }
     }
+}
+
+/// The volumes are a secondary's now (committed): the control socket says so meanwhile, and
+/// `answer` goes to `reply` once the secondary role runs.
+fn now_secondary(
+    ctx: &Ctx<'_>,
+    reply: std::sync::mpsc::Sender<serde_json::Value>,
+    answer: serde_json::Value,
+) -> Outcome {
+    ctx.control.install_transition(Role::Secondary);
+    Outcome::Switched(Role::Secondary, crate::node::Answer { to: reply, answer })
 }
 
 /// What a primary that replicated before does at start when its peer does not answer within

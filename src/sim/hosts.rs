@@ -877,19 +877,8 @@ impl PrimaryHost {
         u.journal
             .close()
             .map_err(|e| format!("journal close: {e}"))?;
-        let site = self.site();
-        let (hfs, hdir) = site.history_dir();
-        role::commit_demotion(
-            &self.fs(),
-            Path::new(ROOT),
-            VOLUME,
-            &st,
-            Some(HistoryDir {
-                fs: &hfs,
-                dir: hdir,
-            }),
-        )
-        .map_err(|e| format!("demotion: {e}"))?;
+        self.commit_as_secondary(&st)
+            .map_err(|e| format!("demotion: {e}"))?;
         let sess = u
             .session
             .as_ref()
@@ -902,6 +891,21 @@ impl PrimaryHost {
         ));
         self.stop_counting();
         Ok(())
+    }
+
+    /// The role change to a secondary holding `st`, on disk (`role::commit_demotion`).
+    fn commit_as_secondary(&self, st: &VolumeState) -> std::io::Result<()> {
+        let (hfs, hdir) = self.site().history_dir();
+        role::commit_demotion(
+            &self.fs(),
+            Path::new(ROOT),
+            VOLUME,
+            st,
+            Some(HistoryDir {
+                fs: &hfs,
+                dir: hdir,
+            }),
+        )
     }
 
     /// Fail back (what `primary::commit_discards` does, after the daemon learnt that `peer`'s
@@ -938,20 +942,8 @@ impl PrimaryHost {
         .map_err(|e| format!("saving the tail: {e}"))?;
         let fp = self.disk.fingerprint().expect("simulated disk");
         let st = role::discarded(&u.state, peer, regions, &fp, "failback", saved.id.clone())?;
-        self.disk.sync();
-        let site = self.site();
-        let (hfs, hdir) = site.history_dir();
-        role::commit_demotion(
-            &self.fs(),
-            Path::new(ROOT),
-            VOLUME,
-            &st,
-            Some(HistoryDir {
-                fs: &hfs,
-                dir: hdir,
-            }),
-        )
-        .map_err(|e| format!("failback: {e}"))?;
+        self.commit_as_secondary(&st)
+            .map_err(|e| format!("failback: {e}"))?;
         self.note(format!(
             "failed back: parted at generation {} seq {}, {} bytes of its own saved as {} \
              (whole volume: {whole})",
