@@ -221,8 +221,9 @@ pub struct RoleRequest {
     /// How long a demotion waits for the peer to acknowledge every write.
     pub timeout: std::time::Duration,
     /// Become a secondary of a peer primary, giving up (after saving) this side's writes
-    /// since the two parted: a failback, or `resolve --discard-local` after a split brain.
-    pub discard_local: bool,
+    /// since the two parted, and what asked: `failback` (the start gate) or `resolve
+    /// --discard-local` (an admin, after a split brain).
+    pub discard_local: Option<&'static str>,
     pub reply: std::sync::mpsc::Sender<serde_json::Value>,
 }
 
@@ -400,11 +401,11 @@ fn role_command(desk: &RoleDesk, words: &[&str]) -> serde_json::Value {
         force: false,
         point: None,
         timeout: std::time::Duration::ZERO,
-        discard_local: false,
+        discard_local: None,
         reply: std::sync::mpsc::channel().0,
     };
     match words {
-        ["resolve", "discard-local"] => req.discard_local = true,
+        ["resolve", "discard-local"] => req.discard_local = Some("resolve --discard-local"),
         ["demote", secs] => match secs.parse::<u64>() {
             Ok(s) => req.timeout = std::time::Duration::from_secs(s),
             Err(_) => return usage(format!("demote: bad timeout {secs:?}")),

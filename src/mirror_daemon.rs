@@ -528,7 +528,8 @@ fn commit_promotions(
         let now = crate::repl::core::primary::unix_ms(std::time::SystemTime::now());
         let rpo = (st.newest_write_ms > 0)
             .then(|| now.saturating_sub(st.newest_write_ms) as f64 / 1000.0);
-        planned.push((spec.name.clone(), p, next, gen, st, rpo));
+        let size = crate::disk::Storage::size(&storage);
+        planned.push((spec.name.clone(), p, next, gen, st, rpo, size));
     }
     crate::node::write_intent(
         &fs,
@@ -542,13 +543,13 @@ fn commit_promotions(
     )
     .map_err(|e| e.to_string())?;
     let mut out = Vec::new();
-    for (name, p, next, gen, st, rpo) in planned {
+    for (name, p, next, gen, st, rpo, size) in planned {
         crate::repl::role::commit_promotion(
             &fs,
             &opts.state_dir,
             &name,
             &p,
-            next,
+            &crate::repl::role::journal_start(&st, next, size),
             &crate::journal::boot_id(),
             Some(crate::repl::role::HistoryDir {
                 fs: &fs,

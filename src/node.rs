@@ -325,7 +325,11 @@ fn finish_intent(
                     state_dir,
                     &v.name,
                     &p,
-                    next,
+                    &crate::repl::role::journal_start(
+                        &st,
+                        next,
+                        crate::disk::Storage::size(&storage),
+                    ),
                     &crate::journal::boot_id(),
                     Some(crate::repl::role::HistoryDir {
                         fs: &history,

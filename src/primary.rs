@@ -392,7 +392,7 @@ pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonE
                     let _ = req.reply.send(gate.promote(req.force));
                     continue;
                 }
-                if req.discard_local {
+                if req.discard_local.is_some() {
                     match discard_check(opts, &shipping_for_close) {
                         Ok(()) => break End::DiscardLocal(req),
                         Err(why) => {
@@ -449,11 +449,7 @@ pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonE
         }
         End::Demote(req, names) => (req, names),
         End::DiscardLocal(req) => {
-            let how = if gate.holding.lock().unwrap().is_some() {
-                "failback"
-            } else {
-                "resolve --discard-local"
-            };
+            let how = req.discard_local.expect("a discard was asked");
             return match commit_discards(opts, &shipping_for_close, how) {
                 Ok(volumes) => {
                     tracing::warn!(volumes = ?volumes,
@@ -609,7 +605,7 @@ impl StartGate {
                             force: false,
                             point: None,
                             timeout: std::time::Duration::ZERO,
-                            discard_local: true,
+                            discard_local: Some("failback"),
                             reply: std::sync::mpsc::channel().0,
                         });
                         if failback_asked {
@@ -627,17 +623,19 @@ impl StartGate {
                         s.peer_is_secondary.load(Relaxed)
                             || (s.peer_is_primary.load(Relaxed) && s.peer_superseded.load(Relaxed))
                     });
-                    let split_brain = volumes
-                        .iter()
-                        .any(|(_, r)| r.snapshot().split_brain.is_some());
+                    let split_brain = volumes.iter().any(|(_, r)| {
+                        let st = r.snapshot();
+                        st.split_brain.is_some() || st.served_unconfirmed
+                    });
                     let why = if self.admin_says_serve.load(Relaxed) {
                         None
                     } else if primary_peer && split_brain {
                         Some(
-                            "split brain: this side served its clients while its peer was \
-                             promoted from its data; not serving: blkmirror resolve \
-                             --discard-local on the side whose writes are given up (or \
-                             promote --force here to serve); see docs/FAILOVER.md"
+                            "split brain: this side served its clients without its peer's \
+                             word, and its peer was promoted from its data; not serving: \
+                             blkmirror resolve --discard-local on the side whose writes are \
+                             given up (or promote --force here to serve, beside the peer that \
+                             serves too: two writers); see docs/FAILOVER.md"
                                 .to_string(),
                         )
                     } else if primary_peer {
@@ -664,6 +662,21 @@ impl StartGate {
                     };
                     match why {
                         None => {
+                            if !answered {
+                                // Serving without the peer's word: said durably first, so
+                                // that no restart takes these writes for a tail.
+                                let said = volumes.iter().try_for_each(|(_, r)| {
+                                    r.update(|st| st.served_unconfirmed = true)
+                                });
+                                if let Err(e) = said {
+                                    tracing::error!(
+                                        "cannot record serving without the \
+                                        peer's word: {e}; not serving yet"
+                                    );
+                                    std::thread::sleep(std::time::Duration::from_secs(1));
+                                    continue;
+                                }
+                            }
                             for s in &stats {
                                 s.serving.store(true, Relaxed);
                             }
@@ -702,6 +715,7 @@ fn superseded_by_peer(volumes: &[(Arc<ShipStats>, Arc<VolumeRecord>)]) -> bool {
                 let promoted = c.lineage.spans.iter().rev().find(|s| s.promoted);
                 crate::repl::identity::supersedes(&c.lineage, &ours.identity.lineage)
                     && ours.split_brain != promoted.map(|s| s.gen)
+                    && !ours.served_unconfirmed
             })
         })
 }
@@ -933,6 +947,30 @@ fn commit_discards(
     how: &str,
 ) -> Result<Vec<serde_json::Value>, String> {
     let fs = crate::env::os();
+    // An attempt a stop cut short before its intent: its saves go (this one saves again).
+    crate::repl::divergent::remove_pending(&*fs, &opts.state_dir).map_err(|e| e.to_string())?;
+    let mut saved_now = Vec::new();
+    let result = save_and_commit_discards(opts, shipping, how, &mut saved_now);
+    if result.is_err()
+        && !fs
+            .exists(&crate::node::intent_path(&opts.state_dir))
+            .unwrap_or(true)
+    {
+        // No volume changed role: the next attempt saves every tail again, so these go.
+        if let Err(e) = crate::repl::divergent::remove_pending(&*fs, &opts.state_dir) {
+            tracing::warn!("cannot remove the saves of a role change that failed: {e}");
+        }
+    }
+    result
+}
+
+fn save_and_commit_discards(
+    opts: &PrimaryOptions,
+    shipping: &[Shipping],
+    how: &str,
+    saved_now: &mut Vec<String>,
+) -> Result<Vec<serde_json::Value>, String> {
+    let fs = crate::env::os();
     let now = crate::repl::core::primary::unix_ms(std::time::SystemTime::now());
     let mut states = std::collections::BTreeMap::new();
     let mut out = Vec::new();
@@ -968,6 +1006,9 @@ fn commit_discards(
             &mut |at, buf| storage.read_sync(at, buf),
         )
         .map_err(|e| format!("volume {}: cannot save its divergent writes: {e}", v.name))?;
+        saved_now.push(saved.id.clone());
+        crate::repl::divergent::note_pending(&*fs, &opts.state_dir, Some(saved_now))
+            .map_err(|e| e.to_string())?;
         tracing::warn!(volume = %v.name, saved = %saved.id, bytes = saved.bytes,
             ranges = saved.ranges.len(), parted_gen = %parted.0, parted_seq = parted.1,
             "the writes this side gives up are saved");
@@ -984,6 +1025,9 @@ fn commit_discards(
         }));
         states.insert(v.name.clone(), m);
     }
+    // The intent owns the saves from here (a stop after it completes the change); a stop
+    // between these two steps leaves saves nobody removes, never removes committed ones.
+    crate::repl::divergent::note_pending(&*fs, &opts.state_dir, None).map_err(|e| e.to_string())?;
     let intent = crate::node::Intent {
         to: Role::Secondary,
         force: false,

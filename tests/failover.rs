@@ -555,25 +555,24 @@ fn a_disaster_under_a_file_system_fails_back_to_the_safes_file_system() {
     );
 }
 
-/// Split brain on purpose: the safe is promoted while the old primary is down, then the old
-/// primary starts while the safe is away and serves (`--peer-unreachable serve`, the
-/// default): both take writes. Once they meet, each refuses the other (`both_primary`) and
-/// both keep serving. `resolve --discard-local` on the side the admin names (here the
-/// promoted one) saves its writes, makes it the other's secondary, and the pair converges on
-/// the kept side's data; asked again it says "already"; asked on a primary whose peer is a
-/// secondary it is refused (exit 9).
-#[test]
-fn a_split_brain_is_refused_and_resolve_keeps_the_named_sides_data_saving_the_other() {
+/// `blkmirror resolve --control CONTROL --discard-local --json`.
+fn resolve(control: &Path) -> (i32, Value, String) {
+    json_cmd(&[
+        "resolve",
+        "--control",
+        control.to_str().unwrap(),
+        "--discard-local",
+    ])
+}
+
+/// A split brain made on purpose: both sides took writes as primaries and met. The pair
+/// synced 0x11 at MiB 0..4; then the old primary wrote 0x55 at MiB 8 while the safe was
+/// away, the safe was promoted (--force) and wrote 0x22 at MiB 4, and the old primary,
+/// started while the safe was away, served and wrote 0x77 at MiB 10. Both now see the other
+/// as a primary and serve.
+fn split_brain_pair() -> (Pair, PathBuf) {
     let (mut p, mirror_sock) = switchable_pair();
-    let (pc, mc) = (p.primary.control.clone(), p.mirror.control.clone());
-    let resolve = |control: &Path| {
-        json_cmd(&[
-            "resolve",
-            "--control",
-            control.to_str().unwrap(),
-            "--discard-local",
-        ])
-    };
+    let mc = p.mirror.control.clone();
     assert!(qemu_write(&p.nbd_sock.clone(), 0x11, 0, 4 * MIB));
     p.wait_synced();
     stop_ok(&mut p.mirror);
@@ -600,6 +599,144 @@ fn a_split_brain_is_refused_and_resolve_keeps_the_named_sides_data_saving_the_ot
         &[&p.primary, &p.mirror],
         |v| v[0]["state"] == "both_primary" && v[1]["peer_role"] == "primary",
     );
+    (p, mirror_sock)
+}
+
+/// An old primary that served its clients without its peer's word (started while the safe
+/// was away, `--peer-unreachable serve`) and stopped before ever meeting the promoted safe
+/// does not fail back when it meets it later: its writes were its clients', made knowingly
+/// as a primary, not a tail. It holds its clients back and says split brain; its data stays.
+#[test]
+fn an_old_primary_that_served_without_its_peers_word_does_not_fail_back_on_its_own() {
+    let (mut p, mirror_sock) = switchable_pair();
+    let (pc, mc) = (p.primary.control.clone(), p.mirror.control.clone());
+    assert!(qemu_write(&p.nbd_sock.clone(), 0x11, 0, 4 * MIB));
+    p.wait_synced();
+    stop_ok(&mut p.mirror);
+    stop_ok(&mut p.primary);
+    p.mirror.start();
+    let (code, v, err) = promote(&mc, &["--force"]);
+    assert_eq!(code, 0, "{v} {err}");
+    assert!(qemu_write(&mirror_sock, 0x22, 4 * MIB, MIB));
+    stop_ok(&mut p.mirror);
+    p.primary.nbd_socket = None;
+    p.primary.start();
+    wait_for("the old primary to serve, its peer away", LONG, &[], |_| {
+        query_status(&pc).is_some_and(|d| d["serving"] == true)
+    });
+    assert!(qemu_write(&p.nbd_sock.clone(), 0x77, 10 * MIB, MIB));
+    stop_ok(&mut p.primary);
+    p.mirror.nbd_socket = Some(mirror_sock.clone());
+    p.mirror.start();
+    p.primary.start();
+    wait_for("the old primary to say split brain", LONG, &[], |_| {
+        query_status(&pc).is_some_and(|d| {
+            d["not_serving_why"]
+                .as_str()
+                .is_some_and(|w| w.contains("split brain"))
+        })
+    });
+    let d = query_status(&pc).unwrap();
+    assert_eq!(d["volumes"][0]["role"], "primary", "{d}");
+    assert!(!qemu_write(&p.nbd_sock.clone(), 0x78, 0, MIB));
+    p.stop_both();
+    let old = std::fs::read(&p.primary_img).unwrap();
+    assert!(
+        old[(10 * MIB) as usize..(11 * MIB) as usize]
+            .iter()
+            .all(|&b| b == 0x77),
+        "its clients' write is still on its volume"
+    );
+}
+
+/// A side that gave its writes up (resolve) is promoted with --force before its peer's data
+/// reached it (the peer went away: what two resolves at once also leave): it serves the data
+/// it holds, its given-up writes included, and resyncs those to the peer with its own
+/// changes, so the pair converges on its data byte for byte (never an UpToDate peer that
+/// lacks them); the peer, a primary that served in the split brain, is resolved in turn and
+/// its writes saved.
+#[test]
+fn a_side_promoted_before_taking_its_peers_data_resyncs_the_writes_it_had_given_up() {
+    let (mut p, mirror_sock) = split_brain_pair();
+    let (pc, mc) = (p.primary.control.clone(), p.mirror.control.clone());
+    stop_ok(&mut p.primary);
+    let (code, v, err) = resolve(&mc);
+    assert_eq!(
+        code, 0,
+        "resolve with the peer's word from seconds ago: {v} {err}"
+    );
+    wait_for(
+        "the resolved side to hold its old data",
+        LONG,
+        &[&p.mirror],
+        |v| v[0]["role"] == "secondary" && v[0]["disk_state"] == "Outdated",
+    );
+    let (code, v, err) = promote(&mc, &[]);
+    assert_eq!(
+        code, 9,
+        "holding writes it gave up, only --force: {v} {err}"
+    );
+    let (code, v, err) = promote(&mc, &["--force"]);
+    assert_eq!(code, 0, "{v} {err}");
+    assert!(qemu_write(&mirror_sock, 0x33, 12 * MIB, MIB));
+    // The old primary is back: a split brain it saw while serving, resolved by the admin.
+    p.primary.start();
+    wait_for("the old primary to say split brain", LONG, &[], |_| {
+        query_status(&pc).is_some_and(|d| {
+            d["not_serving_why"]
+                .as_str()
+                .is_some_and(|w| w.contains("split brain"))
+        })
+    });
+    let (code, v, err) = resolve(&pc);
+    assert_eq!(code, 0, "{v} {err}");
+    wait_for(
+        "the pair to converge on the promoted side's data",
+        LONG,
+        &[&p.primary, &p.mirror],
+        |v| synced(&v[0], &v[1]),
+    );
+    p.stop_both();
+    let (x, y) = (
+        std::fs::read(&p.primary_img).unwrap(),
+        std::fs::read(&p.mirror_img).unwrap(),
+    );
+    assert!(x == y, "the two images differ");
+    let at = |mib: usize, b: u8| x[mib << 20..(mib + 1) << 20].iter().all(|&c| c == b);
+    assert!(at(0, 0x11), "the data both held");
+    assert!(
+        at(4, 0x22),
+        "the write the promoted side had given up, then kept"
+    );
+    assert!(at(12, 0x33), "its write since");
+    assert!(
+        at(8, 0) && at(10, 0),
+        "the other side's writes, given up (saved)"
+    );
+    let (_, out, _) = cli(&[
+        "divergent",
+        "--state-dir",
+        p.primary_state.to_str().unwrap(),
+        "--json",
+    ]);
+    let saved: Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(
+        saved["saved"][0]["bytes"].as_u64().unwrap() >= 2 * MIB,
+        "{saved}"
+    );
+}
+
+/// Split brain on purpose: the safe is promoted while the old primary is down, then the old
+/// primary starts while the safe is away and serves (`--peer-unreachable serve`, the
+/// default): both take writes. Once they meet, each refuses the other (`both_primary`) and
+/// both keep serving. `resolve --discard-local` on the side the admin names (here the
+/// promoted one) saves its writes, makes it the other's secondary, and the pair converges on
+/// the kept side's data; asked again it says "already"; asked on a primary whose peer is a
+/// secondary it is refused (exit 9).
+#[test]
+fn a_split_brain_is_refused_and_resolve_keeps_the_named_sides_data_saving_the_other() {
+    let (mut p, mirror_sock) = split_brain_pair();
+    let (pc, mc) = (p.primary.control.clone(), p.mirror.control.clone());
     assert!(qemu_write(&mirror_sock, 0x23, 6 * MIB, MIB));
     assert!(qemu_write(&p.nbd_sock.clone(), 0x78, 11 * MIB, MIB));
     // A restart of the old primary does not settle it on its own (its writes since are its

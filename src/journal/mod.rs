@@ -156,10 +156,32 @@ pub const MIN_JOURNAL_BYTES: u64 = 64 << 20;
 /// ship): whatever `dir` held is removed, an empty segment named `next_seq` fixes where
 /// numbering resumes ([`Journal::open`] keeps it), and the stop marker says the last stop was
 /// clean. Everything is synced before it returns.
-pub fn create_at(fs: &Fs, dir: &Path, next_seq: u64, boot_id: &str) -> io::Result<()> {
+pub fn create_at(fs: &Fs, dir: &Path, start: &JournalStart, boot_id: &str) -> io::Result<()> {
+    let next_seq = start.next_seq;
     assert!(next_seq >= 1, "sequence numbers start at 1");
     fs.create_dir_all(dir)?;
     crate::env::remove_files_in(&**fs, dir)?;
+    if !start.resync.is_empty() {
+        // An open resync of these regions from the start: every write after `next_seq - 1`
+        // is in the journal or the map.
+        let mut map = DirtyMap::create(
+            fs,
+            &dir.join(DIRTY_MAP),
+            start.volume_bytes,
+            dirty::DEFAULT_REGION_BYTES,
+        )?;
+        for &(offset, len) in &start.resync {
+            let end = offset.saturating_add(len).min(start.volume_bytes);
+            if offset < end {
+                map.mark(offset, end - offset)?;
+            }
+        }
+        map.set_fold(Fold {
+            covers_after: Some(next_seq - 1),
+            folded_through: next_seq - 1,
+        })?;
+        map.sync()?;
+    }
     let seg = fs.open(
         &segment_path(dir, next_seq),
         OpenOptions::write().create().truncate(),
@@ -173,6 +195,16 @@ pub fn create_at(fs: &Fs, dir: &Path, next_seq: u64, boot_id: &str) -> io::Resul
     let bytes = serde_json::to_vec_pretty(&m).map_err(io::Error::other)?;
     write_atomic(&**fs, &dir.join(STOP_MARKER), &bytes)?;
     fs.sync_dir(dir)
+}
+
+/// Where a journal made by [`create_at`] starts: the sequence number it numbers on at, and
+/// regions of the volume (of `volume_bytes`) to resync before anything else (a promoted
+/// volume that still holds writes it had given up: its peer, at the point both held, lacks
+/// them).
+pub struct JournalStart {
+    pub next_seq: u64,
+    pub resync: Vec<(u64, u64)>,
+    pub volume_bytes: u64,
 }
 
 /// Segments of a quarter of the journal, from 16 to 64 MiB: large enough that rotations are

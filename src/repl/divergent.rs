@@ -19,6 +19,9 @@ use std::path::{Path, PathBuf};
 /// Bytes copied per read of the volume.
 const COPY_PIECE: u64 = 1 << 20;
 const META: &str = "saved.json";
+/// The saves of a failback or `resolve` under way, before its role change is under an
+/// intent: a stop in between leaves them to be removed by the next attempt.
+const PENDING: &str = "pending.json";
 
 /// One saved divergent tail (`saved.json`; its keys are a contract of `blkmirror divergent
 /// --json`).
@@ -76,9 +79,11 @@ pub fn save(
     // Saves a crash cut short (no JSON: their role change never happened) go first: a crash
     // loop must not fill the file system with half images.
     for d in fs.read_dir(&root)? {
-        if !fs.exists(&d.join(META))? {
-            tracing::warn!(dir = %d.display(), "removing a save of divergent writes a stop cut short");
-            crate::env::remove_files_in(fs, &d)?;
+        if d.ends_with(PENDING) {
+            continue;
+        }
+        if !fs.exists(&d.join(META))? && crate::env::remove_files_in(fs, &d)? > 0 {
+            tracing::warn!(dir = %d.display(), "removed a save of divergent writes a stop cut short");
         }
     }
     let base = format!("{}-{}-{}", tail.volume, tail.time_ms, tail.parted.0);
@@ -143,6 +148,53 @@ fn save_into(
     Ok(saved)
 }
 
+/// Note `ids` as the saves of a failback or `resolve` whose role change is not under an
+/// intent yet (None: it is now, or it ended).
+pub fn note_pending(
+    fs: &dyn FileSystem,
+    state_dir: &Path,
+    ids: Option<&[String]>,
+) -> io::Result<()> {
+    let path = dir(state_dir).join(PENDING);
+    match ids {
+        Some(ids) => {
+            let json = serde_json::to_vec(ids).map_err(io::Error::other)?;
+            write_atomic(fs, &path, &json)
+        }
+        None => match fs.remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => fs.sync_dir(&dir(state_dir)),
+        },
+    }
+}
+
+/// Remove the saves a failback or `resolve` cut short left (see [`note_pending`]).
+pub fn remove_pending(fs: &dyn FileSystem, state_dir: &Path) -> io::Result<()> {
+    let ids: Vec<String> = match fs.read(&dir(state_dir).join(PENDING)) {
+        Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for id in &ids {
+        tracing::warn!(saved = %id, "removing a save whose role change never happened");
+        remove(fs, state_dir, id)?;
+    }
+    note_pending(fs, state_dir, None)
+}
+
+/// Remove saved tail `id` (one whose role change did not happen: a failback of several
+/// volumes that failed part-way saves them all again at its next attempt).
+pub fn remove(fs: &dyn FileSystem, state_dir: &Path, id: &str) -> io::Result<()> {
+    let here = dir(state_dir).join(id);
+    // The JSON first: a stop in the middle leaves an incomplete save, removed at the next.
+    match fs.remove_file(&here.join(META)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    crate::env::remove_files_in(fs, &here)?;
+    fs.sync_dir(&dir(state_dir))
+}
+
 /// Every saved tail in `state_dir`, oldest first. A directory without its JSON (a save cut
 /// short by a crash) is not listed: its role change never happened.
 pub fn list(fs: &dyn FileSystem, state_dir: &Path) -> io::Result<Vec<Saved>> {
@@ -154,6 +206,9 @@ pub fn list(fs: &dyn FileSystem, state_dir: &Path) -> io::Result<Vec<Saved>> {
     };
     let mut out = Vec::new();
     for d in entries {
+        if d.ends_with(PENDING) {
+            continue;
+        }
         let bytes = match fs.read(&d.join(META)) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,

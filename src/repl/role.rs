@@ -130,6 +130,7 @@ pub fn promoted(
         volume_changed: None,
         changed_role: Some(if force { "promote --force" } else { "promote" }.into()),
         split_brain: None,
+        served_unconfirmed: false,
     };
     Ok((state, next_seq))
 }
@@ -349,18 +350,40 @@ pub struct HistoryDir<'a> {
     pub dir: PathBuf,
 }
 
-/// Commit a promotion on disk: the journal prepared to number on at `next_seq`, then the
+/// Where the journal of a mirror holding `mirror` starts once promoted ([`promoted`]'s
+/// `next_seq`): a volume that still holds writes it gave up (`--force` before the peer's
+/// resync ended) resyncs them first, for a peer at the point both held lacks them.
+pub fn journal_start(
+    mirror: &VolumeState,
+    next_seq: u64,
+    volume_bytes: u64,
+) -> crate::journal::JournalStart {
+    let resync = match &mirror.takeover {
+        Some(t) if mirror.holds_given_up_writes() && t.regions.is_empty() => {
+            vec![(0, volume_bytes)]
+        }
+        Some(t) if mirror.holds_given_up_writes() => t.regions.clone(),
+        _ => Vec::new(),
+    };
+    crate::journal::JournalStart {
+        next_seq,
+        resync,
+        volume_bytes,
+    }
+}
+
+/// Commit a promotion on disk: the journal prepared to number on at `start`, then the
 /// state file (the commit), then the mirror's redo log and history removed.
 pub fn commit_promotion(
     fs: &Fs,
     state_dir: &Path,
     volume: &str,
     st: &PrimaryVolumeState,
-    next_seq: u64,
+    start: &crate::journal::JournalStart,
     boot_id: &str,
     history: Option<HistoryDir<'_>>,
 ) -> io::Result<()> {
-    crate::journal::create_at(fs, &journal_dir(state_dir, volume), next_seq, boot_id)?;
+    crate::journal::create_at(fs, &journal_dir(state_dir, volume), start, boot_id)?;
     st.save(&**fs, &PrimaryVolumeState::path(state_dir, volume))?;
     clear_leftovers(fs, state_dir, volume, Role::Primary, history)
 }
@@ -440,6 +463,7 @@ mod tests {
             volume_changed: None,
             changed_role: None,
             split_brain: None,
+            served_unconfirmed: false,
         }
     }
 
@@ -658,7 +682,12 @@ mod tests {
             crate::env::OpenOptions::write().create(),
         )
         .unwrap();
-        crate::journal::create_at(&fs, dir, 501, "boot").unwrap();
+        let start = crate::journal::JournalStart {
+            next_seq: 501,
+            resync: Vec::new(),
+            volume_bytes: 1 << 20,
+        };
+        crate::journal::create_at(&fs, dir, &start, "boot").unwrap();
         let j = Journal::open(journal_opts(&fs, dir)).unwrap();
         assert_eq!(j.last_stop(), LastStop::Clean);
         assert_eq!(j.last_seq(), 500);
@@ -681,7 +710,12 @@ mod tests {
         .unwrap();
         assert_eq!(recorded(&fs, root, "v").unwrap(), Some(Role::Secondary));
         let (st, next) = promoted(&m, GenId(9), &disk(2), true).unwrap();
-        commit_promotion(&fs, root, "v", &st, next, "b", None).unwrap();
+        let start = crate::journal::JournalStart {
+            next_seq: next,
+            resync: Vec::new(),
+            volume_bytes: 1 << 20,
+        };
+        commit_promotion(&fs, root, "v", &st, &start, "b", None).unwrap();
         assert_eq!(recorded(&fs, root, "v").unwrap(), Some(Role::Primary));
         assert!(fs.read_dir(&redo).unwrap().is_empty());
         let back = demoted(&st, 10, GenId(9), &disk(2), 0).unwrap();

@@ -751,12 +751,18 @@ impl Shipper {
                 self.stats.peer_is_secondary.store(true, Ordering::Relaxed);
                 self.stats.peer_is_primary.store(false, Ordering::Relaxed);
                 self.stats.peer_claim.lock().unwrap().take();
-                if self.record.snapshot().split_brain.is_some() {
-                    // The peer is a secondary now: the split brain is resolved.
+                let st = self.record.snapshot();
+                if st.split_brain.is_some() || st.served_unconfirmed {
+                    // The peer answers as a secondary: no split brain (any more).
                     let record = self.record.clone();
-                    tokio::task::spawn_blocking(move || record.update(|st| st.split_brain = None))
-                        .await
-                        .map_err(|e| SessionEnd::Protocol(e.to_string()))??;
+                    tokio::task::spawn_blocking(move || {
+                        record.update(|st| {
+                            st.split_brain = None;
+                            st.served_unconfirmed = false;
+                        })
+                    })
+                    .await
+                    .map_err(|e| SessionEnd::Protocol(e.to_string()))??;
                 }
                 self.stats.acked_set.store(durable_set, Ordering::Relaxed);
                 self.stats.last_error.lock().unwrap().clear();

@@ -1237,7 +1237,7 @@ impl MirrorHost {
             Path::new(ROOT),
             VOLUME,
             &pst,
-            next,
+            &role::journal_start(&st, next, VOLUME_BYTES),
             "sim",
             Some(HistoryDir {
                 fs: &hfs,

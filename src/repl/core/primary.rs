@@ -1101,6 +1101,12 @@ pub struct PrimaryVolumeState {
     /// back on its own (its writes since are its clients', not a tail): an admin resolves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub split_brain: Option<GenId>,
+    /// It served its clients without its peer's word (the peer did not answer at start, or
+    /// an admin said to serve): writes the peer may never see, made knowingly. Should the
+    /// peer turn out to be promoted, that is a split brain, not a tail to fail back from.
+    /// Cleared once the peer answers as a secondary.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub served_unconfirmed: bool,
 }
 
 impl PrimaryVolumeState {
