@@ -307,7 +307,10 @@ mod tests {
         assert_eq!(saved.bytes, 12288);
         let again = save(&fs, state, &tail, &mut read).unwrap();
         assert_ne!(saved.id, again.id, "a second save keeps the first");
-        assert_eq!(list(&fs, state).unwrap(), vec![saved.clone(), again]);
+        assert_eq!(
+            list(&fs, state).unwrap(),
+            vec![saved.clone(), again.clone()]
+        );
         let image = fs.read(&saved.image_path(state)).unwrap();
         assert_eq!(image.len(), volume.len());
         for &(o, l) in &ranges {
@@ -318,5 +321,12 @@ mod tests {
             image[..4096].iter().all(|&b| b == 0),
             "outside the ranges: holes"
         );
+        // A failback of several volumes cut short before its intent: its saves are pending,
+        // and the next attempt removes them (and only them) before saving again.
+        note_pending(&fs, state, Some(std::slice::from_ref(&again.id))).unwrap();
+        remove_pending(&fs, state).unwrap();
+        assert_eq!(list(&fs, state).unwrap(), vec![saved.clone()]);
+        remove_pending(&fs, state).unwrap();
+        assert_eq!(list(&fs, state).unwrap(), vec![saved]);
     }
 }
