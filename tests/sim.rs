@@ -324,7 +324,9 @@ fn switchovers_and_forced_promotions_keep_the_promises() {
 /// every write of its own since the two parted (checked byte by byte against the state they
 /// both held), becomes the new primary's secondary, and keeps its old state until the staged
 /// resync of both sides' changes ends (checked after every apply); then the pair converges.
-/// Crashes cut the failback at each of its durable steps.
+/// Crashes cut the failback at each of its durable steps. In one schedule in two the admin
+/// keeps the old primary's data instead: the promoted side gives its writes up (`resolve
+/// --discard-local`), checked the same way.
 #[test]
 fn an_old_primary_fails_back_saving_its_own_writes() {
     let reached = all_pass(1..=200, |seed| SimConfig {
@@ -333,6 +335,10 @@ fn an_old_primary_fails_back_saving_its_own_writes() {
         ..sim::config_for_seed(seed)
     });
     assert!(reached.failbacks >= 25, "{reached:?}");
+    assert!(
+        reached.promoted_gave_up >= 8,
+        "the other way round too: {reached:?}"
+    );
     assert!(reached.failback_saved_bytes > 0, "{reached:?}");
     assert!(reached.role_change_crashes > 5, "{reached:?}");
 }

@@ -177,6 +177,9 @@ pub struct Stats {
     /// Old primaries that failed back, and bytes of their own writes they saved.
     pub failbacks: u64,
     pub failback_saved_bytes: u64,
+    /// Of the failbacks, how many gave the promoted side's writes up instead (the admin kept
+    /// the old primary's data).
+    pub promoted_gave_up: u64,
 }
 
 impl Stats {
@@ -210,6 +213,7 @@ impl Stats {
         self.writes_lost_to_disaster += other.writes_lost_to_disaster;
         self.failbacks += other.failbacks;
         self.failback_saved_bytes += other.failback_saved_bytes;
+        self.promoted_gave_up += other.promoted_gave_up;
     }
 }
 
@@ -265,6 +269,14 @@ struct World {
     /// The old primary's volume as it failed back: what the secondary must hold while the
     /// tail it gave up is still on it (until the staged resync's end).
     takeover_snapshot: Option<Vec<u8>>,
+    /// Scenario Failback, one schedule in two: the admin keeps the old primary's data
+    /// instead (`resolve --discard-local` on the promoted side, which gives up its writes
+    /// since the promotion and becomes the old primary's secondary).
+    keep_old_primary: bool,
+    /// The primary's decisions from this index on may compare without anybody having lost
+    /// data: a promoted side that gave its writes up had dropped, when promoted with
+    /// --force, a staged resync the old primary had seen acknowledged.
+    compares_expected_from: Option<usize>,
 }
 
 /// A change of roles under way (scenarios Switchover and Disaster).
@@ -344,6 +356,8 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
         failback_loss_at: None,
         old_primary: None,
         takeover_snapshot: None,
+        keep_old_primary: false,
+        compares_expected_from: None,
     };
     w.primary.bugs = cfg.bugs;
     w.primary.on_full = cfg.on_full;
@@ -992,6 +1006,9 @@ impl World {
     /// where its volume differs from the state both held is saved, exactly; the site then
     /// runs as the new primary's secondary.
     fn advance_failback(&mut self) {
+        if self.keep_old_primary {
+            return self.advance_resolve_on_promoted();
+        }
         let Some(mut old) = self.old_primary.take() else {
             return;
         };
@@ -1059,10 +1076,90 @@ impl World {
         self.mirror.down_until = self.clock.now();
     }
 
+    /// Scenario Failback, keeping the old primary's data: the old primary starts (and holds
+    /// its clients back), the promoted side gives its writes since the promotion up (saved,
+    /// checked as a failback's are) and becomes the old primary's secondary, which resyncs
+    /// both sides' changes since they parted, staged. Each durable step may be cut by a crash.
+    fn advance_resolve_on_promoted(&mut self) {
+        let Some(mut old) = self.old_primary.take() else {
+            return;
+        };
+        if !old.is_up() {
+            if let Err(e) = old.start(&self.clock, &mut self.rng) {
+                old.note(format!("start failed: {e}"));
+                self.old_primary = Some(old);
+                return;
+            }
+        }
+        let keeper = old.state().expect("started").claim(
+            old.journal().expect("started"),
+            &crate::disk::Storage::fingerprint(&*old.disk).expect("disk"),
+        );
+        let site = self.primary.site();
+        if site.role() != Some(crate::repl::role::Role::Secondary) {
+            let Some(st) = self.primary.state() else {
+                // The promoted side restarts after a crash; the admin asks again then.
+                self.old_primary = Some(old);
+                return;
+            };
+            if let Err(e) = crate::repl::role::parting_point(st, &keeper.lineage) {
+                return self.violation(format!("the promoted side cannot give way: {e}"));
+            }
+            self.arm_crash(&site.fs);
+            let result = self.primary.give_up(&keeper, self.clock.wall_ms());
+            let halted = site.fs.halted();
+            site.fs.set_halt(None);
+            if let Err(e) = result {
+                self.primary.note(format!("resolve failed: {e}"));
+                if halted {
+                    self.stats.role_change_crashes += 1;
+                }
+                if self.rng.chance(1, 2) {
+                    self.primary.power_cut(&mut self.rng);
+                } else {
+                    self.primary.kill();
+                }
+                // The admin asks again a moment later (a full file system: once space is freed).
+                self.primary.down_until = self.clock.now() + Duration::from_secs(1);
+                if site.role() != Some(crate::repl::role::Role::Secondary) {
+                    self.old_primary = Some(old);
+                    return;
+                }
+            }
+        }
+        // The promoted side is a secondary now: the old primary's history is the one that
+        // goes on, and the promoted side's given-up writes are checked against it.
+        let mut given_up = std::mem::replace(&mut self.primary, old);
+        self.primary.inherit(&mut given_up);
+        self.compares_expected_from = Some(self.primary.decisions.len());
+        given_up.kill();
+        self.check_given_up_saved(&given_up.site(), &self.primary.model.clone());
+        self.takeover_snapshot = Some(given_up.disk.content());
+        self.stats.failbacks += 1;
+        self.stats.promoted_gave_up += 1;
+        let mut mirror = MirrorHost::on_site(given_up.site(), &self.clock);
+        mirror.inherit(&mut self.mirror);
+        let mut log = std::mem::take(&mut given_up.log);
+        mirror.log.append(&mut log);
+        self.mirror = mirror;
+        self.link.cut_all();
+        let now = self.clock.now();
+        self.mirror.down_until = now;
+        self.primary.down_until = now;
+        self.primary
+            .note("the promoted side gave its writes up: this side is the primary again".into());
+    }
+
     /// Every block where the failed-back volume differs from the state both sides held is in
     /// the saved tail, with the volume's content.
     fn check_tail_saved(&mut self, old: &PrimaryHost) {
-        let site = old.site();
+        let model = self.primary.model.clone();
+        self.check_given_up_saved(&old.site(), &model);
+    }
+
+    /// Every byte where `site`'s volume, given up, differs from the state both sides held (by
+    /// `model`) is in its saved tail, with the volume's content.
+    fn check_given_up_saved(&mut self, site: &hosts::Site, model: &model::Model) {
         let fs: crate::env::Fs = std::sync::Arc::new(site.fs.clone());
         let root = std::path::Path::new(hosts::ROOT);
         let st = crate::repl::apply::VolumeState::load(
@@ -1081,14 +1178,14 @@ impl World {
             return self.violation(format!("the saved tail {} is missing", t.saved));
         };
         self.stats.failback_saved_bytes += saved.bytes;
-        let Some(base) = self.primary.model.state(t.gen, t.seq) else {
+        let Some(base) = model.state(t.gen, t.seq) else {
             return self.violation(format!(
                 "parted at generation {} seq {}, which no primary made",
                 t.gen, t.seq
             ));
         };
         let image = fs.read(&saved.image_path(root)).expect("the saved image");
-        let now = old.disk.content();
+        let now = site.disk.content();
         for block in 0..(hosts::VOLUME_BYTES / 4096) as usize {
             let r = block * 4096..(block + 1) * 4096;
             if now[r.clone()] == base[r.clone()] {
@@ -1107,7 +1204,7 @@ impl World {
                 return self.violation(format!(
                     "the old primary's own write at byte {i} (block {block}) is not saved (its \
                      writes there: {:?}; saved {:?})",
-                    old.model.writes_to((i / 4096 * 4096) as u64, 4096),
+                    model.writes_to((i / 4096 * 4096) as u64, 4096),
                     saved.ranges
                 ));
             }
@@ -1265,6 +1362,10 @@ impl World {
         let held_gen = spans[spans.len() - 2].gen;
         let held_seq = new.first_seq - 1;
         let model = self.primary.model.clone();
+        // An old primary that will come back goes on with its own history, without the
+        // promoted generation's writes.
+        let old_history =
+            (self.cfg.scenario == Scenario::Failback && !lost_site).then(|| model.fork());
         let Some(base) = model.state(held_gen, held_seq) else {
             return self.violation(format!(
                 "promoted from generation {held_gen} seq {held_seq}, which no primary made"
@@ -1297,7 +1398,8 @@ impl World {
         self.mirror.down_until = now;
         if failback {
             // Its own history goes on apart from the promoted side's.
-            old.model = old.model.fork();
+            old.model = old_history.expect("forked above");
+            self.keep_old_primary = self.rng.chance(1, 2);
             old.down_until = now;
             self.old_primary = Some(old);
             self.mirror.down_until = Duration::MAX;
@@ -1440,10 +1542,14 @@ impl World {
             .iter()
             .filter(|(m, why)| *m == Mode::Compare && why.contains("pre-seeded"))
             .count() as u64;
+        let expected_from = self.compares_expected_from.unwrap_or(usize::MAX);
         let lying: Vec<String> = self
             .primary
             .decisions
             .iter()
+            .enumerate()
+            .filter(|(i, _)| *i < expected_from)
+            .map(|(_, d)| d)
             // (A primary that lost its dirty map is the one that lost data: the comparison is
             // what must happen then.)
             .filter(|(m, why)| {

@@ -60,7 +60,7 @@ impl Totals {
              of the primary refused {}; stalls ended {}; journal tails rotated out {}; \
              journal folds {}, staged resyncs completed {}, crashes while staged {}; \
              verifies {} (differing {} B, repaired {} B); history points checked {}; \
-             switchovers {}, forced promotions {} (writes lost {}), failbacks {} (saved {} B), \
+             switchovers {}, forced promotions {} (writes lost {}), failbacks {} (saved {} B; {} kept the old primary's data), \
              role changes cut by a crash {}; schedules: {}",
             s.writes,
             s.primary_crashes,
@@ -85,6 +85,7 @@ impl Totals {
             s.writes_lost_to_disaster,
             s.failbacks,
             s.failback_saved_bytes,
+            s.promoted_gave_up,
             s.role_change_crashes,
             scenarios.join(", ")
         )
