@@ -123,6 +123,65 @@ fn wait_role(d: &Daemon, role: &str) -> Value {
     v[0].clone()
 }
 
+/// Stop both daemons (exit 0 each), and return the one image both volumes hold, asserting
+/// they are byte-identical (`when` names the moment for the message).
+fn identical_images(p: &mut Pair, when: &str) -> Vec<u8> {
+    p.stop_both();
+    let (a, b) = (
+        std::fs::read(&p.primary_img).unwrap(),
+        std::fs::read(&p.mirror_img).unwrap(),
+    );
+    assert!(a == b, "the two images differ {when}");
+    a
+}
+
+/// Every byte of MiB `mib` of `image` is `byte`.
+fn mib_is(image: &[u8], mib: u64, byte: u8) -> bool {
+    image[(mib * MIB) as usize..((mib + 1) * MIB) as usize]
+        .iter()
+        .all(|&b| b == byte)
+}
+
+/// After a failover, the old primary a secondary of the promoted safe: once it holds every
+/// write, a planned switchover brings the roles back (`demote` on the safe, `promote` on
+/// the old primary, which serves on its NBD socket again).
+fn switch_back(p: &mut Pair) {
+    wait_for(
+        "the old primary to hold every write",
+        LONG,
+        &[&p.primary, &p.mirror],
+        |v| synced(&v[0], &v[1]),
+    );
+    let (code, v, err) = demote(&p.mirror.control.clone());
+    assert_eq!(code, 0, "demote: {v} {err}");
+    p.primary.nbd_socket = Some(p.nbd_sock.clone());
+    let (code, v, err) = promote(&p.primary.control.clone(), &[]);
+    assert_eq!(code, 0, "promote back: {v} {err}");
+}
+
+/// `blkmirror divergent --state-dir STATE --json` (exit 0): what it lists.
+fn divergent_json(state: &Path) -> Value {
+    let (code, out, err) = cli(&[
+        "divergent",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{out} {err}");
+    serde_json::from_str(out.trim()).unwrap()
+}
+
+/// Wait until the primary behind `control` holds its clients back for a split brain.
+fn wait_split_brain_held(control: &Path) {
+    wait_for("the old primary to say split brain", LONG, &[], |_| {
+        query_status(control).is_some_and(|d| {
+            d["not_serving_why"]
+                .as_str()
+                .is_some_and(|w| w.contains("split brain"))
+        })
+    });
+}
+
 /// A planned switchover under a running workload loses nothing and copies nothing: `demote`
 /// returns once the mirror holds every write (the workload's acknowledged writes are all in
 /// the new primary's image, which is exactly a prefix state), the mirror is promoted, the
@@ -184,12 +243,7 @@ fn a_planned_switchover_under_load_loses_and_copies_nothing_and_switches_back() 
     assert_eq!(prefix_of(&p.primary_img, seed, end, end), end);
     wait_role(&p.primary, "primary");
     wait_role(&p.mirror, "secondary");
-    p.stop_both();
-    let (a, b) = (
-        std::fs::read(&p.primary_img).unwrap(),
-        std::fs::read(&p.mirror_img).unwrap(),
-    );
-    assert!(a == b, "the two images differ after switching back");
+    identical_images(&mut p, "after switching back");
 }
 
 /// Wrong states get a distinct exit code (9) and a sentence saying why: promoting a mirror
@@ -282,7 +336,7 @@ fn qemu_write(sock: &Path, pattern: u8, offset: u64, len: u64) -> bool {
 #[test]
 fn after_a_disaster_the_old_primary_fails_back_saving_its_tail_and_resyncing_only_the_difference() {
     let (mut p, mirror_sock) = switchable_pair();
-    let (pc, mc) = (p.primary.control.clone(), p.mirror.control.clone());
+    let mc = p.mirror.control.clone();
     assert!(qemu_write(&p.nbd_sock.clone(), 0x11, 0, 4 * MIB));
     p.wait_synced();
     stop_ok(&mut p.mirror);
@@ -321,14 +375,7 @@ fn after_a_disaster_the_old_primary_fails_back_saving_its_tail_and_resyncing_onl
         "only the difference crosses the link ({wire} bytes for a 64 MiB volume): {np}"
     );
     // The tail is saved, listed, and served read-only.
-    let (code, out, err) = cli(&[
-        "divergent",
-        "--state-dir",
-        p.primary_state.to_str().unwrap(),
-        "--json",
-    ]);
-    assert_eq!(code, Some(0), "{out} {err}");
-    let saved: Value = serde_json::from_str(out.trim()).unwrap();
+    let saved = divergent_json(&p.primary_state);
     let saved = &saved["saved"];
     assert_eq!(saved.as_array().unwrap().len(), 1, "{saved}");
     assert_eq!(saved[0]["why"], "failback", "{saved}");
@@ -365,17 +412,7 @@ fn after_a_disaster_the_old_primary_fails_back_saving_its_tail_and_resyncing_onl
     assert!(export.wait().success(), "{}", export.output());
     // The new primary goes on; then a planned switchover brings the roles back.
     assert!(qemu_write(&mirror_sock, 0x44, 5 * MIB, MIB));
-    wait_for(
-        "the old primary to hold the new writes",
-        LONG,
-        &[&p.primary, &p.mirror],
-        |v| synced(&v[0], &v[1]),
-    );
-    let (code, v, err) = demote(&mc);
-    assert_eq!(code, 0, "demote: {v} {err}");
-    p.primary.nbd_socket = Some(p.nbd_sock.clone());
-    let (code, v, err) = promote(&pc, &[]);
-    assert_eq!(code, 0, "promote back: {v} {err}");
+    switch_back(&mut p);
     assert!(qemu_write(&p.nbd_sock.clone(), 0x66, 12 * MIB, MIB));
     wait_role(&p.primary, "primary");
     wait_role(&p.mirror, "secondary");
@@ -385,21 +422,15 @@ fn after_a_disaster_the_old_primary_fails_back_saving_its_tail_and_resyncing_onl
         &[&p.mirror, &p.primary],
         |v| synced(&v[0], &v[1]),
     );
-    p.stop_both();
-    let (a, b) = (
-        std::fs::read(&p.primary_img).unwrap(),
-        std::fs::read(&p.mirror_img).unwrap(),
-    );
-    assert!(a == b, "the two images differ after failing back");
-    let at = |mib: u64| &a[(mib * MIB) as usize..((mib + 1) * MIB) as usize];
-    assert!(at(0).iter().all(|&b| b == 0x11));
-    assert!(at(4).iter().all(|&b| b == 0x22));
-    assert!(at(5).iter().all(|&b| b == 0x44));
+    let a = identical_images(&mut p, "after failing back");
+    assert!(mib_is(&a, 0, 0x11));
+    assert!(mib_is(&a, 4, 0x22));
+    assert!(mib_is(&a, 5, 0x44));
     assert!(
-        at(8).iter().all(|&b| b == 0),
+        mib_is(&a, 8, 0),
         "the given-up tail is the new primary's data"
     );
-    assert!(at(12).iter().all(|&b| b == 0x66));
+    assert!(mib_is(&a, 12, 0x66));
     if std::env::var("SHOW_LOGS").is_ok() {
         eprintln!("{}", std::fs::read_to_string(&p.primary.log_path).unwrap());
         eprintln!(
@@ -419,7 +450,7 @@ fn after_a_disaster_the_old_primary_fails_back_saving_its_tail_and_resyncing_onl
 #[test]
 fn a_disaster_under_a_file_system_fails_back_to_the_safes_file_system() {
     let (mut p, mirror_sock) = switchable_pair();
-    let (pc, mc) = (p.primary.control.clone(), p.mirror.control.clone());
+    let mc = p.mirror.control.clone();
     let mnt = p.dir().join("mnt");
     let fuse_dir = p.dir().join("fuse");
     let base: Vec<Vec<u8>> = (0..6)
@@ -510,25 +541,14 @@ fn a_disaster_under_a_file_system_fails_back_to_the_safes_file_system() {
         wire < 32 * MIB,
         "{wire} bytes on the wire for a 64 MiB volume: {np}"
     );
-    let (code, out, _) = cli(&[
-        "divergent",
-        "--state-dir",
-        p.primary_state.to_str().unwrap(),
-        "--json",
-    ]);
-    assert_eq!(code, Some(0));
-    let saved: Value = serde_json::from_str(out.trim()).unwrap();
+    let saved = divergent_json(&p.primary_state);
     assert!(saved["saved"][0]["bytes"].as_u64().unwrap() > 0, "{saved}");
     eprintln!(
         "failback under ext4: {wire} bytes on the wire, {} taken over, {} saved",
         np["taken_over_bytes"], saved["saved"][0]["bytes"]
     );
     // And back: the old primary serves the safe's file system.
-    let (code, v, err) = demote(&mc);
-    assert_eq!(code, 0, "demote: {v} {err}");
-    p.primary.nbd_socket = Some(p.nbd_sock.clone());
-    let (code, v, err) = promote(&pc, &[]);
-    assert_eq!(code, 0, "promote back: {v} {err}");
+    switch_back(&mut p);
     {
         // A fresh FUSE mount point: the one over the killed primary was torn down lazily.
         let fuse = FuseFile::start(&p.dir().join("fuse-back"), &p.uri());
@@ -571,6 +591,22 @@ fn resolve(control: &Path) -> (i32, Value, String) {
 /// started while the safe was away, served and wrote 0x77 at MiB 10. Both now see the other
 /// as a primary and serve.
 fn split_brain_pair() -> (Pair, PathBuf) {
+    let (mut p, mirror_sock) = served_beside_a_promoted_safe();
+    // They meet: refused both ways, both go on serving.
+    p.mirror.nbd_socket = Some(mirror_sock.clone());
+    p.mirror.start();
+    wait_for(
+        "both sides to see the other as a primary",
+        LONG,
+        &[&p.primary, &p.mirror],
+        |v| v[0]["state"] == "both_primary" && v[1]["peer_role"] == "primary",
+    );
+    (p, mirror_sock)
+}
+
+/// The first part of [`split_brain_pair`]: up to the old primary serving (and writing 0x77
+/// at MiB 10) while the promoted safe is stopped; they have not met.
+fn served_beside_a_promoted_safe() -> (Pair, PathBuf) {
     let (mut p, mirror_sock) = switchable_pair();
     let mc = p.mirror.control.clone();
     assert!(qemu_write(&p.nbd_sock.clone(), 0x11, 0, 4 * MIB));
@@ -590,15 +626,6 @@ fn split_brain_pair() -> (Pair, PathBuf) {
         p.primary.status().is_some_and(|d| d["serving"] == true)
     });
     assert!(qemu_write(&p.nbd_sock.clone(), 0x77, 10 * MIB, MIB));
-    // They meet: refused both ways, both go on serving.
-    p.mirror.nbd_socket = Some(mirror_sock.clone());
-    p.mirror.start();
-    wait_for(
-        "both sides to see the other as a primary",
-        LONG,
-        &[&p.primary, &p.mirror],
-        |v| v[0]["state"] == "both_primary" && v[1]["peer_role"] == "primary",
-    );
     (p, mirror_sock)
 }
 
@@ -608,34 +635,13 @@ fn split_brain_pair() -> (Pair, PathBuf) {
 /// as a primary, not a tail. It holds its clients back and says split brain; its data stays.
 #[test]
 fn an_old_primary_that_served_without_its_peers_word_does_not_fail_back_on_its_own() {
-    let (mut p, mirror_sock) = switchable_pair();
-    let (pc, mc) = (p.primary.control.clone(), p.mirror.control.clone());
-    assert!(qemu_write(&p.nbd_sock.clone(), 0x11, 0, 4 * MIB));
-    p.wait_synced();
-    stop_ok(&mut p.mirror);
-    stop_ok(&mut p.primary);
-    p.mirror.start();
-    let (code, v, err) = promote(&mc, &["--force"]);
-    assert_eq!(code, 0, "{v} {err}");
-    assert!(qemu_write(&mirror_sock, 0x22, 4 * MIB, MIB));
-    stop_ok(&mut p.mirror);
-    p.primary.nbd_socket = None;
-    p.primary.start();
-    wait_for("the old primary to serve, its peer away", LONG, &[], |_| {
-        query_status(&pc).is_some_and(|d| d["serving"] == true)
-    });
-    assert!(qemu_write(&p.nbd_sock.clone(), 0x77, 10 * MIB, MIB));
+    let (mut p, mirror_sock) = served_beside_a_promoted_safe();
+    let pc = p.primary.control.clone();
     stop_ok(&mut p.primary);
     p.mirror.nbd_socket = Some(mirror_sock.clone());
     p.mirror.start();
     p.primary.start();
-    wait_for("the old primary to say split brain", LONG, &[], |_| {
-        query_status(&pc).is_some_and(|d| {
-            d["not_serving_why"]
-                .as_str()
-                .is_some_and(|w| w.contains("split brain"))
-        })
-    });
+    wait_split_brain_held(&pc);
     let d = query_status(&pc).unwrap();
     assert_eq!(d["volumes"][0]["role"], "primary", "{d}");
     assert!(!qemu_write(&p.nbd_sock.clone(), 0x78, 0, MIB));
@@ -681,13 +687,7 @@ fn a_side_promoted_before_taking_its_peers_data_resyncs_the_writes_it_had_given_
     assert!(qemu_write(&mirror_sock, 0x33, 12 * MIB, MIB));
     // The old primary is back: a split brain it saw while serving, resolved by the admin.
     p.primary.start();
-    wait_for("the old primary to say split brain", LONG, &[], |_| {
-        query_status(&pc).is_some_and(|d| {
-            d["not_serving_why"]
-                .as_str()
-                .is_some_and(|w| w.contains("split brain"))
-        })
-    });
+    wait_split_brain_held(&pc);
     let (code, v, err) = resolve(&pc);
     assert_eq!(code, 0, "{v} {err}");
     wait_for(
@@ -696,30 +696,18 @@ fn a_side_promoted_before_taking_its_peers_data_resyncs_the_writes_it_had_given_
         &[&p.primary, &p.mirror],
         |v| synced(&v[0], &v[1]),
     );
-    p.stop_both();
-    let (x, y) = (
-        std::fs::read(&p.primary_img).unwrap(),
-        std::fs::read(&p.mirror_img).unwrap(),
-    );
-    assert!(x == y, "the two images differ");
-    let at = |mib: usize, b: u8| x[mib << 20..(mib + 1) << 20].iter().all(|&c| c == b);
-    assert!(at(0, 0x11), "the data both held");
+    let x = identical_images(&mut p, "at the end");
+    assert!(mib_is(&x, 0, 0x11), "the data both held");
     assert!(
-        at(4, 0x22),
+        mib_is(&x, 4, 0x22),
         "the write the promoted side had given up, then kept"
     );
-    assert!(at(12, 0x33), "its write since");
+    assert!(mib_is(&x, 12, 0x33), "its write since");
     assert!(
-        at(8, 0) && at(10, 0),
+        mib_is(&x, 8, 0) && mib_is(&x, 10, 0),
         "the other side's writes, given up (saved)"
     );
-    let (_, out, _) = cli(&[
-        "divergent",
-        "--state-dir",
-        p.primary_state.to_str().unwrap(),
-        "--json",
-    ]);
-    let saved: Value = serde_json::from_str(out.trim()).unwrap();
+    let saved = divergent_json(&p.primary_state);
     assert!(
         saved["saved"][0]["bytes"].as_u64().unwrap() >= 2 * MIB,
         "{saved}"
@@ -743,13 +731,7 @@ fn a_split_brain_is_refused_and_resolve_keeps_the_named_sides_data_saving_the_ot
     // clients', not a tail): it stays a primary, holding its clients back, and says why.
     stop_ok(&mut p.primary);
     p.primary.start();
-    wait_for("the old primary to say split brain", LONG, &[], |_| {
-        query_status(&pc).is_some_and(|d| {
-            d["not_serving_why"]
-                .as_str()
-                .is_some_and(|w| w.contains("split brain"))
-        })
-    });
+    wait_split_brain_held(&pc);
     assert_eq!(query_status(&pc).unwrap()["volumes"][0]["role"], "primary");
     // The peer gone quiet: nothing is given up on what it said a while ago.
     stop_ok(&mut p.mirror);
@@ -799,14 +781,7 @@ fn a_split_brain_is_refused_and_resolve_keeps_the_named_sides_data_saving_the_ot
         &[&p.mirror, &p.primary],
         |v| synced(&v[0], &v[1]),
     );
-    let (code, out, err) = cli(&[
-        "divergent",
-        "--state-dir",
-        p.mirror_state.to_str().unwrap(),
-        "--json",
-    ]);
-    assert_eq!(code, Some(0), "{out} {err}");
-    let saved: Value = serde_json::from_str(out.trim()).unwrap();
+    let saved = divergent_json(&p.mirror_state);
     assert_eq!(
         saved["saved"][0]["why"], "resolve --discard-local",
         "{saved}"
@@ -818,23 +793,13 @@ fn a_split_brain_is_refused_and_resolve_keeps_the_named_sides_data_saving_the_ot
             .join("vol1.img"),
     )
     .unwrap();
-    let mib = |img: &[u8], at: u64, b: u8| {
-        img[(at * MIB) as usize..((at + 1) * MIB) as usize]
-            .iter()
-            .all(|&x| x == b)
-    };
     assert!(
-        mib(&image, 4, 0x22) && mib(&image, 6, 0x23),
+        mib_is(&image, 4, 0x22) && mib_is(&image, 6, 0x23),
         "the given-up writes are saved"
     );
-    p.stop_both();
-    let (a, b) = (
-        std::fs::read(&p.primary_img).unwrap(),
-        std::fs::read(&p.mirror_img).unwrap(),
-    );
-    assert!(a == b, "the two images differ after resolving");
+    let a = identical_images(&mut p, "after resolving");
     for (at, byte) in [(0, 0x11), (4, 0), (6, 0), (8, 0x55), (10, 0x77), (11, 0x78)] {
-        assert!(mib(&a, at, byte), "MiB {at} should hold {byte:#x}");
+        assert!(mib_is(&a, at, byte), "MiB {at} should hold {byte:#x}");
     }
 }
 
