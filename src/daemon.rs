@@ -227,6 +227,14 @@ pub struct RoleRequest {
     pub reply: std::sync::mpsc::Sender<serde_json::Value>,
 }
 
+impl RoleRequest {
+    /// A promotion that may lose writes: `--force`, or back to a history point (which gives
+    /// up every write after it).
+    pub fn forced(&self) -> bool {
+        self.force || self.point.is_some()
+    }
+}
+
 /// Where the control socket leaves a role change for the main thread: one at a time.
 #[derive(Default)]
 pub struct RoleDesk {

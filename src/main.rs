@@ -590,18 +590,33 @@ fn role_request(
     json: bool,
     wait: Duration,
 ) -> Result<serde_json::Value, Failure> {
-    let word = command.split_whitespace().next().unwrap_or(command);
     let deadline = std::time::Instant::now() + ROLE_SETTLE;
     loop {
-        let v = blkmirror::control::request_waiting(control, command, wait)
-            .map_err(|e| Failure::new(e.exit_code(), format!("{word}: {e}")))?;
+        let (word, v) = ask_daemon(control, command, wait)?;
         let settling =
             v["code"] == "busy" && v["error"].as_str().is_some_and(|e| e.contains("ask again"));
         if !settling || std::time::Instant::now() >= deadline {
-            return answer_of(word, v, json);
+            return answer_of(&word, v, json);
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// `command` sent to the daemon behind `control`, its answer waited for up to `wait`; with
+/// the command's first word, which error messages begin with.
+fn ask_daemon(
+    control: &std::path::Path,
+    command: &str,
+    wait: Duration,
+) -> Result<(String, serde_json::Value), Failure> {
+    let word = command
+        .split_whitespace()
+        .next()
+        .unwrap_or(command)
+        .to_string();
+    let v = blkmirror::control::request_waiting(control, command, wait)
+        .map_err(|e| Failure::new(e.exit_code(), format!("{word}: {e}")))?;
+    Ok((word, v))
 }
 
 /// How long `promote`/`demote` ask again while the daemon changes role.
@@ -666,13 +681,7 @@ fn admin_request_waiting(
     json: bool,
     wait: Duration,
 ) -> Result<serde_json::Value, Failure> {
-    let word = command
-        .split_whitespace()
-        .next()
-        .unwrap_or(command)
-        .to_string();
-    let v = blkmirror::control::request_waiting(control, command, wait)
-        .map_err(|e| Failure::new(e.exit_code(), format!("{word}: {e}")))?;
+    let (word, v) = ask_daemon(control, command, wait)?;
     answer_of(&word, v, json)
 }
 

@@ -372,7 +372,7 @@ pub fn run_role(opts: &MirrorOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonEr
                 {
                     std::thread::sleep(std::time::Duration::from_millis(50));
                 }
-                match check_promotion(opts, &mirror, req.force || req.point.is_some()) {
+                match check_promotion(opts, &mirror, req.forced()) {
                     Ok(()) => {
                         // What each peer said it holds, taken now: the pipeline stops next.
                         let notices = mirror
@@ -408,7 +408,8 @@ pub fn run_role(opts: &MirrorOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonEr
     match commit_promotions(opts, &req, &notices) {
         Ok(volumes) => {
             ctx.control.install_transition(Role::Primary);
-            tracing::warn!(volumes = ?volumes, force = req.force || req.point.is_some(), "promoted: this daemon is now the primary");
+            let force = req.forced();
+            tracing::warn!(volumes = ?volumes, force, "promoted: this daemon is now the primary");
             Ok(Outcome::Switched(
                 Role::Primary,
                 crate::node::Answer {
@@ -417,7 +418,7 @@ pub fn run_role(opts: &MirrorOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonEr
                         "ok": true,
                         "result": "promoted",
                         "role": "primary",
-                        "force": req.force || req.point.is_some(),
+                        "force": force,
                         "volumes": volumes,
                     }),
                 },
@@ -475,7 +476,7 @@ fn commit_promotions(
     let fs = crate::env::os();
     // Going back to a point of the history gives up every write after it at both sites: the
     // promotion then continues the point, as a forced one does.
-    let force = req.force || req.point.is_some();
+    let force = req.forced();
     if let Some((set, at)) = req.point {
         // Every volume must hold the point before any goes back to it.
         if set.is_some() && opts.volumes.len() > 1 {
@@ -528,8 +529,9 @@ fn commit_promotions(
         let now = crate::repl::core::primary::unix_ms(std::time::SystemTime::now());
         let rpo = (st.newest_write_ms > 0)
             .then(|| now.saturating_sub(st.newest_write_ms) as f64 / 1000.0);
-        let size = crate::disk::Storage::size(&storage);
-        planned.push((spec.name.clone(), p, next, gen, st, rpo, size));
+        let start =
+            crate::repl::role::journal_start(&st, next, crate::disk::Storage::size(&storage));
+        planned.push((spec.name.clone(), p, start, gen, st.newest_write_ms, rpo));
     }
     crate::node::write_intent(
         &fs,
@@ -543,13 +545,13 @@ fn commit_promotions(
     )
     .map_err(|e| e.to_string())?;
     let mut out = Vec::new();
-    for (name, p, next, gen, st, rpo, size) in planned {
+    for (name, p, start, gen, newest_write_ms, rpo) in planned {
         crate::repl::role::commit_promotion(
             &fs,
             &opts.state_dir,
             &name,
             &p,
-            &crate::repl::role::journal_start(&st, next, size),
+            &start,
             &crate::journal::boot_id(),
             Some(crate::repl::role::HistoryDir {
                 fs: &fs,
@@ -560,8 +562,8 @@ fn commit_promotions(
         out.push(serde_json::json!({
             "name": name,
             "generation": gen,
-            "from_seq": next - 1,
-            "newest_write": fmt_time(st.newest_write_ms),
+            "from_seq": start.next_seq - 1,
+            "newest_write": fmt_time(newest_write_ms),
             // The writes of the last this many seconds (by the primary's clock) may not be
             // here: what a forced promotion gives up, at most as far as this side knows.
             "rpo_seconds": if force { serde_json::json!(rpo) } else { serde_json::json!(0.0) },

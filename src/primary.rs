@@ -274,12 +274,17 @@ pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonE
                 "cannot keep a reserve in the state directory ({e}): a journal that fills its file system may keep replication from resuming");
         }
         if dial.is_none() {
-            let sizes: HashMap<String, (u64, Arc<ShipStats>, Arc<VolumeRecord>)> = shipping
+            let sizes: HashMap<String, PullTarget> = shipping
                 .iter()
                 .map(|s| {
                     (
                         s.name.clone(),
-                        (s.storage.size(), s.stats.clone(), s.record.clone()),
+                        PullTarget {
+                            size: s.storage.size(),
+                            stats: s.stats.clone(),
+                            record: s.record.clone(),
+                            journal: s.journal.clone(),
+                        },
                     )
                 })
                 .collect();
@@ -341,8 +346,7 @@ pub fn run_role(opts: &PrimaryOptions, ctx: &Ctx<'_>) -> Result<Outcome, DaemonE
                 .serving
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
-    }
-    if must_ask {
+    } else {
         server.hold_doors();
         let volumes = shipping_for_close
             .iter()
@@ -712,9 +716,9 @@ fn superseded_by_peer(volumes: &[(Arc<ShipStats>, Arc<VolumeRecord>)]) -> bool {
             stats.fresh_peer_claim().is_some_and(|c| {
                 // A split brain with this peer seen before a restart is the admin's to
                 // resolve.
-                let promoted = c.lineage.spans.iter().rev().find(|s| s.promoted);
+                let promoted = c.lineage.latest_promoted().map(|i| c.lineage.spans[i].gen);
                 crate::repl::identity::supersedes(&c.lineage, &ours.identity.lineage)
-                    && ours.split_brain != promoted.map(|s| s.gen)
+                    && ours.split_brain != promoted
                     && !ours.served_unconfirmed
             })
         })
@@ -901,8 +905,7 @@ fn commit_demotions(
 }
 
 /// Whether every volume can give its own writes up for its peer's: the peer is a primary
-/// that said what it holds, the two parted at a known state, and the journal names every
-/// write since.
+/// that said lately what it holds, and the two parted at a known state.
 fn discard_check(opts: &PrimaryOptions, shipping: &[Shipping]) -> Result<(), String> {
     if opts.replication.is_none() || shipping.is_empty() {
         return Err(
@@ -921,19 +924,8 @@ fn discard_check(opts: &PrimaryOptions, shipping: &[Shipping]) -> Result<(), Str
                 crate::repl::shipper::PEER_CLAIM_FRESH.as_secs()
             ));
         };
-        let parted = crate::repl::role::parting_point(&v.record.snapshot(), &claim.lineage)
+        crate::repl::role::parting_point(&v.record.snapshot(), &claim.lineage)
             .map_err(|e| format!("volume {}: {e}", v.name))?;
-        let (_, whole) = crate::repl::role::given_up_regions(
-            &v.journal,
-            &v.record.snapshot().identity.lineage,
-            parted,
-            v.storage.size(),
-        );
-        if whole {
-            tracing::warn!(volume = %v.name, "its own writes since the parting point cannot be \
-                told apart (a host crash, or a journal trimmed past that point): the whole \
-                volume is saved and resynced");
-        }
     }
     Ok(())
 }
@@ -985,12 +977,17 @@ fn save_and_commit_discards(
             .ok_or_else(|| format!("volume {}: the peer's claim is gone", v.name))?;
         let st = v.record.snapshot();
         let parted = crate::repl::role::parting_point(&st, &claim.lineage)?;
-        let (regions, _) = crate::repl::role::given_up_regions(
+        let (regions, whole) = crate::repl::role::given_up_regions(
             &v.journal,
             &st.identity.lineage,
             parted,
             v.storage.size(),
         );
+        if whole {
+            tracing::warn!(volume = %v.name, "its own writes since the parting point cannot be \
+                told apart (a host crash, or a journal trimmed past that point): the whole \
+                volume is saved and resynced");
+        }
         let storage = v.storage.clone();
         let saved = crate::repl::divergent::save(
             &*fs,
@@ -1043,13 +1040,21 @@ fn save_and_commit_discards(
     Ok(out)
 }
 
+/// What the listener needs of a volume to answer a peer that dials for it.
+struct PullTarget {
+    size: u64,
+    stats: Arc<ShipStats>,
+    record: Arc<VolumeRecord>,
+    journal: Arc<Journal>,
+}
+
 /// A promoted mirror's listener: its secondary peer dials and asks for each volume
 /// (`Message::Pull`); the stream goes to that volume's shipper. A primary that dials is
 /// refused (both sides would be primaries).
 async fn answer_pulls(
     endpoint: quinn::Endpoint,
     routes: HashMap<String, tokio::sync::mpsc::Sender<Pulled>>,
-    sizes: HashMap<String, (u64, Arc<ShipStats>, Arc<VolumeRecord>)>,
+    sizes: HashMap<String, PullTarget>,
 ) {
     use crate::repl::frame::{Message, RefuseCode};
     let routes = Arc::new(routes);
@@ -1080,7 +1085,7 @@ async fn answer_pulls(
                     },
                     _,
                 )))) => match (routes.get(&volume), sizes.get(&volume)) {
-                    (Some(route), Some(&(here, _, _))) => {
+                    (Some(route), Some(&PullTarget { size: here, .. })) => {
                         match crate::repl::core::mirror::check_hello(version, &volume, size, here) {
                             Err(r) => r,
                             Ok(()) => match route.try_send(Pulled {
@@ -1120,20 +1125,19 @@ async fn answer_pulls(
                     };
                     let mut own_claim = None;
                     let why = match (sizes.get(&volume), claim) {
-                        (Some((_, stats, record)), Some(claim)) => {
+                        (
+                            Some(PullTarget {
+                                stats,
+                                record,
+                                journal,
+                                ..
+                            }),
+                            Some(claim),
+                        ) => {
                             let st = record.snapshot();
                             // What this side holds goes to the peer before the refusal: the
                             // point where the two parted (a failback, `resolve`).
-                            own_claim = st.identity.fingerprint.clone().map(|fingerprint| {
-                                crate::repl::identity::PrimaryClaim {
-                                    uuid: st.identity.uuid,
-                                    lineage: st.identity.lineage.clone(),
-                                    journal_acked: 0,
-                                    journal_last: 0,
-                                    fingerprint,
-                                    resync_from: None,
-                                }
-                            });
+                            own_claim = Some(st.claim(journal, &record.disk));
                             let ours = st.identity.lineage;
                             let superseded =
                                 crate::repl::identity::supersedes(&ours, &claim.lineage);

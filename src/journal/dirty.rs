@@ -277,6 +277,18 @@ impl DirtyMap {
         Ok(newly)
     }
 
+    /// [`DirtyMap::mark`] each of `ranges` (`(offset, len)`), clipped to the volume: ranges
+    /// a peer names (a Takeover) or a promotion carries over, not this side's own writes.
+    pub fn mark_ranges(&mut self, ranges: &[(u64, u64)]) -> io::Result<()> {
+        for &(offset, len) in ranges {
+            let end = offset.saturating_add(len).min(self.volume_bytes);
+            if offset < end {
+                self.mark(offset, end - offset)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Clear the regions lying wholly inside `offset..offset + len` (the mirror holds them
     /// again). A region only partly inside stays dirty.
     pub fn clear(&mut self, offset: u64, len: u64) -> io::Result<u64> {

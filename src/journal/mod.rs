@@ -170,12 +170,7 @@ pub fn create_at(fs: &Fs, dir: &Path, start: &JournalStart, boot_id: &str) -> io
             start.volume_bytes,
             dirty::DEFAULT_REGION_BYTES,
         )?;
-        for &(offset, len) in &start.resync {
-            let end = offset.saturating_add(len).min(start.volume_bytes);
-            if offset < end {
-                map.mark(offset, end - offset)?;
-            }
-        }
+        map.mark_ranges(&start.resync)?;
         map.set_fold(Fold {
             covers_after: Some(next_seq - 1),
             folded_through: next_seq - 1,
@@ -1027,14 +1022,8 @@ impl Journal {
             )?);
             self.opts.fs.sync_dir(&self.opts.dir)?;
         }
-        let volume_bytes = self.opts.volume_bytes;
         let map = g.map.as_mut().expect("created above");
-        for &(offset, len) in regions {
-            let end = offset.saturating_add(len).min(volume_bytes);
-            if offset < end {
-                map.mark(offset, end - offset)?;
-            }
-        }
+        map.mark_ranges(regions)?;
         map.sync()?;
         self.fold_locked(
             &mut g,

@@ -100,6 +100,21 @@ impl VolumeState {
             .as_ref()
             .is_some_and(|t| self.position_gen == Some(t.gen) && self.applied_seq == t.seq)
     }
+
+    /// While it [holds given-up writes](VolumeState::holds_given_up_writes): the regions its
+    /// peer must resync, the whole volume (of `volume_bytes`) when the saved tail naming them
+    /// is gone.
+    pub fn given_up_regions(&self, volume_bytes: u64) -> Option<Vec<(u64, u64)>> {
+        let t = self
+            .takeover
+            .as_ref()
+            .filter(|_| self.holds_given_up_writes())?;
+        Some(if t.regions.is_empty() {
+            vec![(0, volume_bytes)]
+        } else {
+            t.regions.clone()
+        })
+    }
 }
 
 fn mirror_role() -> String {
@@ -159,10 +174,7 @@ impl VolumeState {
                 .parent()
                 .and_then(Path::parent)
                 .unwrap_or(Path::new("."));
-            match crate::repl::divergent::list(fs, state_dir)?
-                .into_iter()
-                .find(|s| s.id == t.saved)
-            {
+            match crate::repl::divergent::find(fs, state_dir, &t.saved)? {
                 Some(saved) => t.regions = saved.ranges,
                 None => tracing::error!(saved = %t.saved,
                     "the writes this side gave up are no longer saved where its state says: \

@@ -209,31 +209,41 @@ pub fn list(fs: &dyn FileSystem, state_dir: &Path) -> io::Result<Vec<Saved>> {
         if d.ends_with(PENDING) {
             continue;
         }
-        let bytes = match fs.read(&d.join(META)) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
-        };
-        let saved: Saved = serde_json::from_slice(&bytes).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{}: {e}", d.join(META).display()),
-            )
-        })?;
-        out.push(saved);
+        if let Some(saved) = read_meta(fs, &d)? {
+            out.push(saved);
+        }
     }
     out.sort_by(|a, b| (a.time_ms, &a.id).cmp(&(b.time_ms, &b.id)));
     Ok(out)
+}
+
+/// Saved tail `id` of `state_dir`, if it is there whole.
+pub fn find(fs: &dyn FileSystem, state_dir: &Path, id: &str) -> io::Result<Option<Saved>> {
+    read_meta(fs, &dir(state_dir).join(id))
+}
+
+/// The `saved.json` of the saved tail in `here` (None: not there, or a save cut short).
+fn read_meta(fs: &dyn FileSystem, here: &Path) -> io::Result<Option<Saved>> {
+    let path = here.join(META);
+    let bytes = match fs.read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {e}", path.display()),
+        )
+    })
 }
 
 /// Serve saved tail `id` of `state_dir` read-only over NBD at `socket` (export name: the
 /// volume's) until SIGINT or SIGTERM.
 pub fn serve(state_dir: &Path, id: &str, socket: &Path) -> Result<(), String> {
     let fs = crate::env::os();
-    let saved = list(&*fs, state_dir)
+    let saved = find(&*fs, state_dir, id)
         .map_err(|e| e.to_string())?
-        .into_iter()
-        .find(|s| s.id == id)
         .ok_or_else(|| {
             format!(
                 "no saved divergent writes named {id:?} in {}",

@@ -205,6 +205,12 @@ impl Lineage {
         true
     }
 
+    /// The latest generation a promotion began (its index): the point a split brain or a
+    /// failback is told by.
+    pub fn latest_promoted(&self) -> Option<usize> {
+        self.spans.iter().rposition(|s| s.promoted)
+    }
+
     /// Start a new generation with a break where an admin accepted another disk.
     pub fn mint_accepted(&mut self, gen: GenId, first_seq: u64) {
         self.push(Span {
@@ -367,7 +373,7 @@ pub fn supersedes(ours: &Lineage, theirs: &Lineage) -> bool {
             .iter()
             .any(|t| t.gen == s.gen && t.first_seq == s.first_seq)
     };
-    let Some(i) = ours.spans.iter().rposition(|s| s.promoted) else {
+    let Some(i) = ours.latest_promoted() else {
         return false;
     };
     let before = &ours.spans[i.saturating_sub(1)];
@@ -392,7 +398,7 @@ pub fn parting_point(ours: &Lineage, theirs: &Lineage) -> Option<(GenId, u64)> {
     } else {
         return None;
     };
-    let i = promoted.spans.iter().rposition(|s| s.promoted)?;
+    let i = promoted.latest_promoted()?;
     let before = promoted.spans.get(i.checked_sub(1)?)?;
     Some((before.gen, promoted.spans[i].first_seq - 1))
 }

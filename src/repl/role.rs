@@ -242,9 +242,10 @@ pub fn demoted(
 /// The state a primary with `st` has as a secondary of a peer primary that says `peer` of
 /// its data (its lineage and disk), giving up the writes it made since the two parted
 /// (`identity::parting_point`): the state both held, with this side's own writes in
-/// `regions` ([`given_up_regions`]) and saved as `saved`. `how` names the change (`failback`, `resolve --discard-local`). The peer
-/// resyncs `regions` with its own changes since the point, staged, so that the volume stays
-/// this side's old state until the resync's end.
+/// `regions` ([`given_up_regions`]) and saved as `saved`. `how` names the change
+/// (`failback`, `resolve --discard-local`). The peer resyncs `regions` with its own changes
+/// since the point, staged, so that the volume stays this side's old state until the
+/// resync's end.
 pub fn discarded(
     st: &PrimaryVolumeState,
     peer: &crate::repl::identity::PrimaryClaim,
@@ -254,9 +255,10 @@ pub fn discarded(
     saved: String,
 ) -> Result<VolumeState, String> {
     let (gen, seq) = parting_point(st, &peer.lineage)?;
-    let uuid = st.identity.uuid.ok_or("the volume was never replicated")?;
+    if st.identity.uuid.is_none() {
+        return Err("the volume was never replicated".into());
+    }
     let mut identity = st.identity.clone();
-    identity.uuid = Some(uuid);
     let keep = identity
         .lineage
         .spans
@@ -358,16 +360,9 @@ pub fn journal_start(
     next_seq: u64,
     volume_bytes: u64,
 ) -> crate::journal::JournalStart {
-    let resync = match &mirror.takeover {
-        Some(t) if mirror.holds_given_up_writes() && t.regions.is_empty() => {
-            vec![(0, volume_bytes)]
-        }
-        Some(t) if mirror.holds_given_up_writes() => t.regions.clone(),
-        _ => Vec::new(),
-    };
     crate::journal::JournalStart {
         next_seq,
-        resync,
+        resync: mirror.given_up_regions(volume_bytes).unwrap_or_default(),
         volume_bytes,
     }
 }

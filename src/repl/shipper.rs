@@ -811,11 +811,8 @@ impl Shipper {
             Event::PeerPrimary(claim) => {
                 let promoted = claim
                     .lineage
-                    .spans
-                    .iter()
-                    .rev()
-                    .find(|s| s.promoted)
-                    .map(|s| s.gen);
+                    .latest_promoted()
+                    .map(|i| claim.lineage.spans[i].gen);
                 let ours = self.record.snapshot();
                 let seen = self.stats.serving.load(Ordering::Relaxed)
                     && crate::repl::identity::supersedes(&claim.lineage, &ours.identity.lineage)

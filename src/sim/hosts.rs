@@ -246,6 +246,42 @@ impl Site {
     }
 }
 
+/// A simulated host that can die.
+pub trait Crash {
+    /// kill -9: the process is gone, the page cache and the disk keep what was written.
+    fn kill(&mut self);
+    /// A power cut: unsynced data of the file system and the disk is partly lost.
+    fn power_cut(&mut self, rng: &mut Prng);
+    /// The host dies: a kill -9 or a power cut, one in two; true for a power cut.
+    fn crash(&mut self, rng: &mut Prng) -> bool {
+        let power_cut = rng.chance(1, 2);
+        if power_cut {
+            self.power_cut(rng);
+        } else {
+            self.kill();
+        }
+        power_cut
+    }
+}
+
+impl Crash for PrimaryHost {
+    fn kill(&mut self) {
+        PrimaryHost::kill(self)
+    }
+    fn power_cut(&mut self, rng: &mut Prng) {
+        PrimaryHost::power_cut(self, rng)
+    }
+}
+
+impl Crash for MirrorHost {
+    fn kill(&mut self) {
+        MirrorHost::kill(self)
+    }
+    fn power_cut(&mut self, rng: &mut Prng) {
+        MirrorHost::power_cut(self, rng)
+    }
+}
+
 /// A running primary.
 struct PrimaryUp {
     journal: Arc<Journal>,

@@ -25,7 +25,7 @@ pub mod rng;
 
 use crate::repl::core::PlantedBugs;
 use crate::repl::frame::Mode;
-use hosts::{Clock, MirrorHost, PrimaryHost, VOLUME_BYTES};
+use hosts::{Clock, Crash, MirrorHost, PrimaryHost, VOLUME_BYTES};
 use link::{Dir, Link};
 use rng::Prng;
 use std::time::Duration;
@@ -988,11 +988,7 @@ impl World {
         self.stats.writes_lost_to_disaster += last.saturating_sub(held);
         self.primary
             .note("the host dies; its site will come back".into());
-        if self.rng.chance(1, 2) {
-            self.primary.power_cut(&mut self.rng);
-        } else {
-            self.primary.kill();
-        }
+        self.primary.crash(&mut self.rng);
         self.primary.down_until = Duration::MAX;
         self.switch = Some(Switch::Promoting {
             force: true,
@@ -1056,11 +1052,7 @@ impl World {
             } else {
                 old.note(format!("the host died during the failback: {result:?}"));
                 self.stats.role_change_crashes += 1;
-                if self.rng.chance(1, 2) {
-                    old.power_cut(&mut self.rng);
-                } else {
-                    old.kill();
-                }
+                old.crash(&mut self.rng);
                 if old.site().role() != Some(crate::repl::role::Role::Secondary) {
                     // Still a primary: it starts again and fails back again.
                     self.old_primary = Some(old);
@@ -1114,11 +1106,7 @@ impl World {
                 if halted {
                     self.stats.role_change_crashes += 1;
                 }
-                if self.rng.chance(1, 2) {
-                    self.primary.power_cut(&mut self.rng);
-                } else {
-                    self.primary.kill();
-                }
+                self.primary.crash(&mut self.rng);
                 // The admin asks again a moment later (a full file system: once space is freed).
                 self.primary.down_until = self.clock.now() + Duration::from_secs(1);
                 if site.role() != Some(crate::repl::role::Role::Secondary) {
@@ -1170,10 +1158,8 @@ impl World {
         let Some(t) = st.takeover.clone() else {
             return self.violation("a failed-back volume names no tail it gave up".into());
         };
-        let Some(saved) = crate::repl::divergent::list(&*fs, root)
-            .expect("saved tails listed")
-            .into_iter()
-            .find(|s| s.id == t.saved)
+        let Some(saved) =
+            crate::repl::divergent::find(&*fs, root, &t.saved).expect("saved tail read")
         else {
             return self.violation(format!("the saved tail {} is missing", t.saved));
         };
@@ -1228,21 +1214,10 @@ impl World {
     /// its site comes back in the role its state file records.
     fn crash_in_role_change(&mut self, primary: bool) -> Option<crate::repl::role::Role> {
         self.stats.role_change_crashes += 1;
-        let power_cut = self.rng.chance(1, 2);
-        let site = if primary {
-            if power_cut {
-                self.primary.power_cut(&mut self.rng);
-            } else {
-                self.primary.kill();
-            }
-            self.primary.site()
+        let (power_cut, site) = if primary {
+            (self.primary.crash(&mut self.rng), self.primary.site())
         } else {
-            if power_cut {
-                self.mirror.power_cut(&mut self.rng);
-            } else {
-                self.mirror.kill();
-            }
-            self.mirror.site()
+            (self.mirror.crash(&mut self.rng), self.mirror.site())
         };
         if power_cut {
             self.expect_resume_at = None;

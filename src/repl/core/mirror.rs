@@ -367,19 +367,14 @@ impl MirrorCore {
             tracing::info!(volume = %self.name, "the divergent tail given up is replaced by the peer's data");
             self.state.takeover = None;
         }
-        let whole = [(0, self.size)];
         #[allow(unused_mut)]
-        let mut before = match (&self.state.takeover, mode) {
-            (Some(t), Mode::Resume) => if t.regions.is_empty() {
-                &whole[..]
-            } else {
-                &t.regions[..]
-            }
-            .chunks(crate::repl::frame::MAX_TAKEOVER_RANGES)
-            .map(|c| Message::Takeover {
-                regions: c.to_vec(),
-            })
-            .collect(),
+        let mut before: Vec<Message> = match (self.state.given_up_regions(self.size), mode) {
+            (Some(regions), Mode::Resume) => regions
+                .chunks(crate::repl::frame::MAX_TAKEOVER_RANGES)
+                .map(|c| Message::Takeover {
+                    regions: c.to_vec(),
+                })
+                .collect(),
             _ => Vec::new(),
         };
         #[cfg(any(test, feature = "test-hooks"))]
