@@ -343,6 +343,19 @@ fn an_old_primary_fails_back_saving_its_own_writes() {
     assert!(reached.role_change_crashes > 5, "{reached:?}");
 }
 
+/// A Takeover overtaken by its decision (the simulated link reorders frames; QUIC would
+/// not): the primary resumed without resyncing the given-up regions and its first journal
+/// set would have landed on them. The secondary refuses any set but the resync's first, the
+/// session starts again and the pair converges. Seed 1796497080838570547 once broke I1.
+#[test]
+fn a_journal_set_never_lands_on_writes_given_up() {
+    let seed = 1796497080838570547;
+    let out = sim::run(seed, &sim::config_for_seed(seed));
+    assert!(out.violations.is_empty(), "{:?}", out.violations);
+    assert_eq!(out.scenario, Scenario::Failback);
+    assert_eq!(out.stats.failbacks, 1, "{:?}", out.stats);
+}
+
 /// A failed-back secondary that does not name the regions it gave up keeps its old writes
 /// there after the resync: the pair never converges, and the simulator says so.
 #[test]

@@ -82,6 +82,10 @@ pub struct MirrorCore {
     failure: Option<Failure>,
     /// A permanent refusal of the last session (split brain, unrelated), for status.
     refused: Option<(ReplState, String)>,
+    /// This session's decision named writes this side gave up (Takeover): the first set must
+    /// be the primary's resync of them (a Copy set, which the volume stages). A journal set
+    /// first, applied, would land on those writes and make a state nobody wrote.
+    resync_first: bool,
     /// The volume held data when the daemon started (see [`MirrorCore::new`]).
     volume_holds_data: bool,
     /// A resync being staged (`apply::Stager`): its sets are durable, not applied.
@@ -189,6 +193,7 @@ impl MirrorCore {
             session: 0,
             failure: None,
             refused: None,
+            resync_first: false,
             volume_holds_data,
             stager: Stager { staging: staged },
             committing: None,
@@ -381,6 +386,7 @@ impl MirrorCore {
         if self.bugs.forget_takeover {
             before.clear();
         }
+        self.resync_first = !before.is_empty();
         let uuid = claim
             .uuid
             .or(self.state.identity.uuid)
@@ -464,6 +470,19 @@ impl MirrorCore {
                     self.size
                 ),
             ));
+        }
+        if self.resync_first {
+            if !matches!(set.kind, SetKind::Copy { .. }) {
+                return Err((
+                    RefuseCode::BadSet,
+                    format!(
+                        "set {} is no resync set, but this side gave up writes of its own \
+                         (Takeover): the primary's resync of them must come first",
+                        set.set
+                    ),
+                ));
+            }
+            self.resync_first = false;
         }
         let mut d = w;
         d.set = set.set;
