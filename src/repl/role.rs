@@ -640,6 +640,58 @@ mod tests {
         assert!(parting_point(&stranger, &new.identity.lineage).is_err());
     }
 
+    /// An admin who deletes a saved tail (`STATE/divergent/ID`) before the peer's resync
+    /// replaced it: the volume still holds those writes somewhere, so the whole volume is
+    /// resynced (named to the peer, and carried over by a forced promotion), never nothing.
+    #[test]
+    fn a_saved_tail_deleted_before_the_resync_gives_up_the_whole_volume() {
+        let fs: Fs = Arc::new(MemFs::new());
+        let root = Path::new("/s");
+        let p = primary_state(&[(1, 1), (2, 61)]);
+        let (new, _) = promoted(&mirror_of(&p, 80), GenId(3), &disk(2), true).unwrap();
+        let tail = vec![(4096, 8192)];
+        let volume = vec![7u8; 1 << 20];
+        let saved = crate::repl::divergent::save(
+            &*fs,
+            root,
+            &crate::repl::divergent::Tail {
+                volume: "v",
+                size: 1 << 20,
+                why: "failback",
+                parted: (GenId(2), 80),
+                ranges: &tail,
+                time_ms: 1,
+            },
+            &mut |at, b| {
+                b.copy_from_slice(&volume[at as usize..at as usize + b.len()]);
+                Ok(())
+            },
+        )
+        .unwrap();
+        let st = discarded(
+            &p,
+            &claim(&new, 80, 90, 2),
+            tail.clone(),
+            &disk(1),
+            "failback",
+            saved.id,
+        )
+        .unwrap();
+        let path = VolumeState::path(root, "v");
+        st.save(&*fs, &path).unwrap();
+        let loaded = VolumeState::load(&*fs, &path).unwrap();
+        assert_eq!(loaded.given_up_regions(1 << 20), Some(tail.clone()));
+        assert_eq!(journal_start(&loaded, 81, 1 << 20).resync, tail);
+        remove_files_in(
+            &*fs,
+            &crate::repl::divergent::dir(root).join(&loaded.takeover.unwrap().saved),
+        )
+        .unwrap();
+        let lost = VolumeState::load(&*fs, &path).unwrap();
+        assert_eq!(lost.given_up_regions(1 << 20), Some(vec![(0, 1 << 20)]));
+        assert_eq!(journal_start(&lost, 81, 1 << 20).resync, vec![(0, 1 << 20)]);
+    }
+
     #[test]
     fn only_a_consistent_copy_of_a_known_pair_is_promoted() {
         let p = primary_state(&[(1, 1)]);
