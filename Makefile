@@ -29,7 +29,7 @@ test:
 	$(CARGO) build --features test-hooks
 	bash tools/ocf_test.sh "$${CARGO_TARGET_DIR:-target}/debug/blkmirror"
 
-# The deterministic simulator: SEEDS random schedules (default 15000, about 3 minutes), or one
+# The deterministic simulator: SEEDS random schedules (default 15000, about 5 minutes on 2 cores), or one
 # replayed exactly with BLKMIRROR_SIM_SEED=S. Last line: `N schedules, V violations`.
 sim:
 	$(CARGO) run --quiet --release --features test-hooks --bin blkmirror-sim

@@ -64,8 +64,8 @@ enum Command {
         tls: TlsArgs,
         #[command(flatten)]
         link: LinkArgs,
-        /// Cap on each volume's on-disk journal (e.g. 1G, at least 64M); writes wait when it is
-        /// full. (Up to two acknowledged segments, a quarter of it each, 16-64 MiB, are also
+        /// Cap on each volume's on-disk journal (e.g. 1G, at least 64M); when it is full, see
+        /// `--on-journal-full`. (Up to two acknowledged segments, a quarter of it each, 16-64 MiB, are also
         /// kept for reuse.)
         #[arg(long, default_value = "1G", value_parser = parse_size)]
         journal_size: u64,

@@ -1325,18 +1325,14 @@ impl Journal {
         // A new segment's name must survive a power loss with its records.
         if dir_changed {
             if let Err(e) = self.opts.fs.sync_dir(&self.opts.dir) {
-                let mut g = self.inner.lock().unwrap();
-                g.dir_changed = true;
-                g.sync_failure = Some(format!("cannot sync the journal's directory: {e}"));
-                return Err(e);
+                self.inner.lock().unwrap().dir_changed = true;
+                return self.sync_failed(e, "cannot sync the journal's directory");
             }
         }
         let synced_any = !unsynced.is_empty();
         for (file, len) in unsynced {
             if let Err(e) = file.sync_data() {
-                self.inner.lock().unwrap().sync_failure =
-                    Some(format!("cannot sync the journal: {e}"));
-                return Err(e);
+                return self.sync_failed(e, "cannot sync the journal");
             }
             let mut g = self.inner.lock().unwrap();
             // The segment may have been acknowledged and removed meanwhile.
@@ -1346,6 +1342,25 @@ impl Journal {
         }
         if dir_changed || synced_any {
             self.inner.lock().unwrap().sync_failure = None;
+        }
+        Ok(())
+    }
+
+    /// A sync of the journal failed: its records may not survive a power cut. In track mode
+    /// they fold into the dirty map, synced by the fold (or, if that fails too, kept in
+    /// memory with status saying a full comparison is due), and the FLUSH that asked
+    /// succeeds: the volume holds the writes and the map names their regions. Otherwise the
+    /// caller hears the error. Status names the failure until a sync works again.
+    fn sync_failed(&self, e: io::Error, what: &str) -> io::Result<()> {
+        let mut g = self.inner.lock().unwrap();
+        let why = format!("{what}: {e}");
+        g.sync_failure = Some(why.clone());
+        if !self.folds_when_stuck(&g) {
+            return Err(e);
+        }
+        // Already tracking: no record was written since the fold, nothing is at risk.
+        if !g.tracking {
+            self.fold_locked(&mut g, &why);
         }
         Ok(())
     }
@@ -2495,6 +2510,76 @@ mod tests {
         );
         j.sync().unwrap();
         assert_eq!(j.stats().failure, None);
+    }
+
+    /// Track mode, the journal's disk fails a sync (EIO): the FLUSH succeeds, every unshipped
+    /// record's region is in the dirty map (synced by the fold), and after a power cut the map
+    /// still names them: nothing the mirror lacks is forgotten. Status names the failure
+    /// until a sync works again.
+    #[test]
+    fn a_journal_sync_that_fails_folds_and_the_flush_succeeds() {
+        use crate::env::mem::{Faults, MemFs};
+        let fs = MemFs::new();
+        let o = tracking_opts(&fs);
+        let j = open(o.clone());
+        let shipped = write(&j, 0);
+        j.ack(shipped).unwrap();
+        j.sync().unwrap();
+        write(&j, 3);
+        write(&j, 5);
+        fs.set_faults(Faults {
+            failing_syncs: 1,
+            ..Default::default()
+        });
+        j.sync()
+            .expect("the FLUSH succeeds: the writes are on the volume");
+        let st = j.stats();
+        assert!(st.tracking && st.folds == 1, "{st:?}");
+        assert!(
+            st.failure
+                .as_deref()
+                .is_some_and(|f| f.contains("cannot sync the journal")),
+            "{st:?}"
+        );
+        assert_eq!(st.map_failure, None, "the fold's own sync worked");
+        write(&j, 7);
+        j.sync().unwrap();
+        for seed in 0..20 {
+            let cut = fs.snapshot();
+            cut.crash(&mut crate::sim::rng::Prng::new(seed));
+            let j = open(JournalOptions {
+                fs: Arc::new(cut),
+                ..o.clone()
+            });
+            let runs = j.dirty_runs(0, u64::MAX, u64::MAX);
+            for b in [3u64, 5, 7] {
+                assert!(
+                    runs.iter()
+                        .any(|&(at, len)| at <= b * 4096 && b * 4096 < at + len),
+                    "seed {seed}: block {b} is in the map after a power cut: {runs:?}"
+                );
+            }
+            assert!(
+                !runs.iter().any(|&(at, _)| at == 0),
+                "seed {seed}: the acknowledged block is not: {runs:?}"
+            );
+        }
+    }
+
+    /// Block mode, the same failing sync: the FLUSH hears the error (nothing can take the
+    /// records' place) and no fold happens.
+    #[test]
+    fn a_journal_sync_that_fails_in_block_mode_fails_the_flush() {
+        use crate::env::mem::{Faults, MemFs};
+        let fs = MemFs::new();
+        let j = open(mem_opts(&fs, "b1"));
+        write(&j, 1);
+        fs.set_faults(Faults {
+            failing_syncs: 1,
+            ..Default::default()
+        });
+        assert!(j.sync().is_err());
+        assert_eq!(j.stats().folds, 0);
     }
 
     /// A range whose record could not be written is kept through acknowledgements and a

@@ -111,6 +111,9 @@ pub struct SimConfig {
     /// The mirror's state is checked against the model after every this many applies (each
     /// check reads the whole image: 1 catches a short-lived violation, 8 keeps suites quick).
     pub check_every_applies: u64,
+    /// A file system that fills up may instead fail its next few syncs (EIO). Off by default:
+    /// it still finds I1 violations under investigation (docs/TESTING.md).
+    pub failing_syncs: bool,
 }
 
 impl Default for SimConfig {
@@ -128,6 +131,7 @@ impl Default for SimConfig {
             on_full: crate::journal::OnFull::Track,
             region_bytes: 4096,
             check_every_applies: 8,
+            failing_syncs: false,
         }
     }
 }
@@ -854,11 +858,20 @@ impl World {
         } else {
             &self.mirror.fs
         };
-        let used = fs.used_bytes();
-        fs.set_faults(crate::env::mem::Faults {
-            capacity: Some(used + self.rng.below(64 << 10)),
-            ..Default::default()
-        });
+        // Or its disk fails the next few syncs (EIO; opt-in, docs/TESTING.md): a FLUSH in
+        // track mode still succeeds, its records folded into the dirty map.
+        let faults = if self.cfg.failing_syncs && self.rng.chance(1, 3) {
+            crate::env::mem::Faults {
+                failing_syncs: self.rng.range(1, 4) as u32,
+                ..Default::default()
+            }
+        } else {
+            crate::env::mem::Faults {
+                capacity: Some(fs.used_bytes() + self.rng.below(64 << 10)),
+                ..Default::default()
+            }
+        };
+        fs.set_faults(faults);
     }
 
     /// The scenario's event, a third of the way in.

@@ -3,12 +3,13 @@
 //! it) and, last, `N schedules, V violations`. Exit status 0 when no schedule failed, 1 when
 //! one did, 2 for a bad argument.
 //!
-//! Environment: `SEEDS` (schedules to run, default 15000: under a minute on 2 cores),
+//! Environment: `SEEDS` (schedules to run, default 15000: about 5 minutes on 2 cores),
 //! `BLKMIRROR_SIM_SEED` (replay that one seed, with its trace), `BLKMIRROR_SIM_STEPS`
 //! (steps per schedule, default 3000), `BLKMIRROR_SIM_BUG` (plant a known mistake:
 //! `ack-one-set-early`, `ack-before-sync`, `apply-resync-in-place`, `verify-unsettled`,
 //! `verify-forgets-differences`, `history-after-write`, `demote-unacknowledged` or `forget-takeover`, to see the simulator catch it),
-//! `BLKMIRROR_SIM_SCENARIO` (only the seeds of that scenario, by name: `Switchover`, ...).
+//! `BLKMIRROR_SIM_SCENARIO` (only the seeds of that scenario, by name: `Switchover`, ...),
+//! `BLKMIRROR_SIM_FAILING_SYNCS=1` (file systems may also fail syncs: docs/TESTING.md).
 
 use blkmirror::repl::core::PlantedBugs;
 use blkmirror::sim;
@@ -170,11 +171,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    let failing_syncs = std::env::var("BLKMIRROR_SIM_FAILING_SYNCS").is_ok_and(|v| v == "1");
     let mut violations = 0;
     let mut totals = Totals::default();
     let mut ran = 0u64;
     for &seed in &seeds {
         let mut cfg = sim::config_for_seed(seed);
+        cfg.failing_syncs = failing_syncs;
         if one.is_none() {
             if let Some(name) = &only {
                 if format!("{:?}", cfg.scenario) != *name {
