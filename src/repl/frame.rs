@@ -13,7 +13,7 @@
 //! | bytes      | field      | meaning                                                         |
 //! |------------|------------|-----------------------------------------------------------------|
 //! | 4          | `body_len` | u32, length of `body` (its trailing `check` included); `> MAX_MESSAGE` → [`FrameError::TooLarge`] |
-//! | 1          | `type`     | 1 Hello, 2 HelloAck, 3 Set, 4 Ack, 5 Refuse; anything else → [`FrameError::UnknownType`] |
+//! | 1          | `type`     | 1 Hello, 2 HelloAck, 3 Set, 4 Ack, 5 Refuse, 6 to 13 (versions 3 to 8, below); anything else → [`FrameError::UnknownType`] |
 //! | `body_len` | `body`     | per-type layout below, always ending with `check`               |
 //!
 //! `check` (u32, the last 4 body bytes) is the CRC32 of the `type` byte followed by every body
@@ -143,6 +143,19 @@
 //! `newest_write_ms u64` (≠ 0, Unix milliseconds by the primary's clock) after `last_seq`. A
 //! set without one goes as type 3, so sets of every version decode (the redo log keeps them).
 //!
+//! Version 7 adds **Takeover** (type 12, secondary → primary, before a Decision that
+//! resumes): `count u32 (≤ 65536) | count × (offset u64, len u64 > 0; offset + len fits a
+//! u64) | check u32`, the byte ranges where the secondary's volume holds writes of its own
+//! that it gave up.
+//!
+//! Version 8 ([`SUMS_AFTER_SET_VERSION`]) makes checksums name their place in the stream: a
+//! primary sends Sums as **type 13**, the type-8 layout with `after_set u64` in front: the
+//! last set it sent in this session before them (the Decision's `durable_set` while it sent
+//! none). The mirror compares it with the last set it took and refuses checksums that
+//! overtook a set, or that a later set overtook (`BadMessage`: the session starts again),
+//! instead of answering them against another state than the primary's. Type 8 still decodes
+//! (`after_set` None), from older primaries.
+//!
 //! # Encoding choices
 //!
 //! - Data extents longer than [`MAX_CHUNK`] (1 MiB) are sent as consecutive ≤ 1 MiB extents,
@@ -167,7 +180,7 @@ use crate::extent::{Extent, Payload};
 use crate::repl::identity::{GenId, Lineage, PrimaryClaim, Span, VolumeUuid, MAX_SPANS};
 
 /// Version spoken by this code (Hello's `version`).
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 /// Oldest version whose messages still decode (a mirror's redo log may hold sets of versions
 /// 1 to 3).
 pub const OLDEST_PROTOCOL_VERSION: u16 = 1;
@@ -183,6 +196,9 @@ pub const ROLES_VERSION: u16 = 6;
 /// The first version with Takeover (a secondary that gave up data of its own names its
 /// regions) and an Identify before a BothPrimary refusal.
 pub const TAKEOVER_VERSION: u16 = 7;
+/// The first version whose Sums name the last set sent before them (type 13), so a mirror
+/// notices checksums out of stream order.
+pub const SUMS_AFTER_SET_VERSION: u16 = 8;
 /// Most ranges in one Takeover message (16 bytes each: 1 MiB).
 pub const MAX_TAKEOVER_RANGES: usize = 65536;
 /// Most checksums in one Sums message.
@@ -219,8 +235,10 @@ const TYPE_SUMS_REPLY: u8 = 9;
 const TYPE_SET3: u8 = 10;
 const TYPE_PULL: u8 = 11;
 const TYPE_TAKEOVER: u8 = 12;
+/// Sums with the set they follow (version 8).
+const TYPE_SUMS_AFTER: u8 = 13;
 /// The highest type byte in use.
-const TYPE_LAST: u8 = TYPE_TAKEOVER;
+const TYPE_LAST: u8 = TYPE_SUMS_AFTER;
 
 const SET_JOURNAL: u8 = 0;
 const SET_COPY: u8 = 1;
@@ -370,9 +388,12 @@ pub enum Message {
     },
     /// primary → mirror during a comparison: SHA-256 of `sums.len()` chunks of `chunk` bytes
     /// from `offset` (the last may be short: the volume's end), as the primary read them.
+    /// `after_set`: the last set the primary sent in this session before them (version 8;
+    /// None from older primaries), which the mirror must have taken, and no later one.
     Sums {
         offset: u64,
         chunk: u32,
+        after_set: Option<u64>,
         sums: Vec<[u8; SUM_LEN]>,
     },
     /// mirror → primary: which of those chunks differ at the mirror, after every set sent
@@ -423,7 +444,8 @@ pub enum RefuseCode {
     SizeMismatch = 3,
     /// A set out of order or outside the volume: resend from the durable set.
     BadSet = 4,
-    /// A message that could not be read: resend from the durable set.
+    /// A message that could not be read, or not the one expected there (checksums out of
+    /// stream order): resend from the durable set.
     BadMessage = 5,
     /// The mirror's volume failed (I/O error): retried until it works again.
     VolumeFailed = 6,
@@ -534,7 +556,12 @@ pub fn encode_with_crcs(
         Message::Refuse { .. } => TYPE_REFUSE,
         Message::Identify(_) => TYPE_IDENTIFY,
         Message::Decision { .. } => TYPE_DECISION,
-        Message::Sums { .. } => TYPE_SUMS,
+        Message::Sums {
+            after_set: None, ..
+        } => TYPE_SUMS,
+        Message::Sums {
+            after_set: Some(_), ..
+        } => TYPE_SUMS_AFTER,
         Message::SumsReply { .. } => TYPE_SUMS_REPLY,
         Message::Pull { .. } => TYPE_PULL,
         Message::Takeover { .. } => TYPE_TAKEOVER,
@@ -600,9 +627,13 @@ pub fn encode_with_crcs(
         Message::Sums {
             offset,
             chunk,
+            after_set,
             sums,
         } => {
             debug_assert!(sums.len() <= MAX_SUMS);
+            if let Some(a) = after_set {
+                out.extend_from_slice(&a.to_be_bytes());
+            }
             out.extend_from_slice(&offset.to_be_bytes());
             out.extend_from_slice(&chunk.to_be_bytes());
             out.extend_from_slice(&(sums.len() as u16).to_be_bytes());
@@ -1189,7 +1220,12 @@ fn parse_frame(frame: &[u8], owner: Option<&Bytes>) -> Result<Message, FrameErro
             durable_seq: r.u64()?,
             reason: r.string()?,
         },
-        TYPE_SUMS => {
+        TYPE_SUMS | TYPE_SUMS_AFTER => {
+            let after_set = if ty == TYPE_SUMS_AFTER {
+                Some(r.u64()?)
+            } else {
+                None
+            };
             let offset = r.u64()?;
             let chunk = r.u32()?;
             let n = usize::from(r.u16()?);
@@ -1203,6 +1239,7 @@ fn parse_frame(frame: &[u8], owner: Option<&Bytes>) -> Result<Message, FrameErro
             Message::Sums {
                 offset,
                 chunk,
+                after_set,
                 sums,
             }
         }
@@ -2122,6 +2159,29 @@ mod tests {
         assert_eq!(decode(&at_limit), Ok(None));
     }
 
+    /// A version-8 primary's Sums carry the set they follow (type 13); an older primary's
+    /// (type 8) still decode, without one.
+    #[test]
+    fn sums_name_the_set_they_follow() {
+        let sums = |after_set| Message::Sums {
+            offset: 1 << 20,
+            chunk: 4096,
+            after_set,
+            sums: vec![[7; SUM_LEN]],
+        };
+        let new = enc(&sums(Some(54)));
+        assert_eq!(new[4], TYPE_SUMS_AFTER);
+        assert_eq!(new[PREFIX_LEN..PREFIX_LEN + 8], 54u64.to_be_bytes());
+        assert_eq!(decode(&new), Ok(Some((sums(Some(54)), new.len()))));
+        let mut body = (1u64 << 20).to_be_bytes().to_vec();
+        body.extend_from_slice(&4096u32.to_be_bytes());
+        body.extend_from_slice(&1u16.to_be_bytes());
+        body.extend_from_slice(&[7; SUM_LEN]);
+        let old = small_frame(TYPE_SUMS, &body);
+        assert_eq!(decode(&old), Ok(Some((sums(None), old.len()))));
+        assert_eq!(enc(&sums(None)), old);
+    }
+
     #[test]
     fn unknown_type_is_refused() {
         for ty in [0u8, TYPE_LAST + 1, 255] {
@@ -2534,8 +2594,8 @@ mod tests {
                     reason,
                 }
             ),
-            1 => (any::<u64>(), 1u32.., prop::collection::vec(any::<[u8; 32]>(), 0..20))
-                .prop_map(|(offset, chunk, sums)| Message::Sums { offset, chunk, sums }),
+            1 => (any::<u64>(), 1u32.., prop::option::of(any::<u64>()), prop::collection::vec(any::<[u8; 32]>(), 0..20))
+                .prop_map(|(offset, chunk, after_set, sums)| Message::Sums { offset, chunk, after_set, sums }),
             1 => (any::<u64>(), 1u32.., prop::collection::vec(any::<bool>(), 0..40))
                 .prop_map(|(offset, chunk, differ)| Message::SumsReply { offset, chunk, differ }),
             1 => (any::<u16>(), "\\PC{0,32}", any::<u64>(), prop::option::of((1u64.., any::<u64>())))
@@ -2684,7 +2744,7 @@ mod tests {
         #[test]
         fn random_bytes_never_panic(
             bytes in prop::collection::vec(any::<u8>(), 0..600),
-            ty in 0u8..7,
+            ty in 0u8..=TYPE_LAST + 1,
         ) {
             let _ = decode(&bytes);
             let mut d = Decoder::new();

@@ -110,8 +110,11 @@ type ReplySender = tokio::sync::mpsc::UnboundedSender<Reply>;
 
 /// A comparison request travelling the pipeline (it must see every set sent before it).
 struct SumsJob {
+    session: u64,
     offset: u64,
     chunk: u32,
+    /// The last set its primary sent before it (`MirrorCore::sums_in_order`).
+    after_set: Option<u64>,
     sums: Vec<[u8; SUM_LEN]>,
     reply: ReplySender,
 }
@@ -1100,8 +1103,24 @@ impl MirrorVolume {
                         }
                     }
                     Job::Sums(job) => {
+                        // Checked here, where sets are taken in stream order: the redo
+                        // writer's position is the last set before the checksums.
+                        let in_order = self
+                            .core
+                            .lock()
+                            .unwrap()
+                            .sums_in_order(job.session, job.after_set);
                         self.write_batch(&mut batch, from, &to_sync);
-                        let _ = to_sync.send(ToSync::Sums(job));
+                        match in_order {
+                            Ok(true) => {
+                                let _ = to_sync.send(ToSync::Sums(job));
+                            }
+                            // A replaced session's: dropped, as its sets are.
+                            Ok(false) => {}
+                            Err(e) => {
+                                let _ = to_sync.send(ToSync::Refused(job.reply, e));
+                            }
+                        }
                     }
                     Job::Barrier { session, reply } => {
                         self.write_batch(&mut batch, from, &to_sync);
@@ -1711,10 +1730,13 @@ impl MirrorVolume {
                         Message::Sums {
                             offset,
                             chunk,
+                            after_set,
                             sums,
                         } => self.send_job(Job::Sums(SumsJob {
+                            session,
                             offset,
                             chunk,
+                            after_set,
                             sums,
                             reply: reply_tx.clone(),
                         }))?,

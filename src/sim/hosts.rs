@@ -1511,16 +1511,24 @@ impl MirrorHost {
             Message::Sums {
                 offset,
                 chunk,
+                after_set,
                 sums,
             } => {
                 let u = self.up.as_mut().expect("up");
-                if u.conn == Some(f.conn) {
-                    u.pipeline.push_back(Item::Sums {
+                if u.conn != Some(f.conn) {
+                    return;
+                }
+                // Sets are taken on arrival here: the redo writer's position is the last set
+                // before the checksums, as in the driver's redo writer.
+                match u.core.sums_in_order(u.session, after_set) {
+                    Ok(true) => u.pipeline.push_back(Item::Sums {
                         offset,
                         chunk,
                         sums,
                         conn: f.conn,
-                    });
+                    }),
+                    Ok(false) => {}
+                    Err((code, why)) => self.refuse(f.conn, code, why, clock, link, rng),
                 }
             }
             other => {

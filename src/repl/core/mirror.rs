@@ -4,6 +4,8 @@
 //! per volume) and the simulator both call these, so both keep the same rules:
 //!
 //! - a set is accepted only if it is the next one and lies inside the volume;
+//! - checksums are answered only right after the set they name as the last one sent before
+//!   them ([`MirrorCore::sums_in_order`]);
 //! - a set is acknowledged only once the redo log holding it is synced ([`MirrorCore::synced`]);
 //! - sets are applied in order, and leave the redo log only once a checkpoint synced the
 //!   volume after them;
@@ -506,6 +508,29 @@ impl MirrorCore {
         Ok(Some(Accepted { after: d, ack_now }))
     }
 
+    /// Checksums (a comparison's or a verify's) arrived for session `session`, sent after set
+    /// `after_set` (None: a primary older than version 8, which does not say). `Ok(false)`:
+    /// they belong to a replaced session and are dropped, as its sets are. They must come
+    /// right after that set, in stream order: answered before it, or after a later one, they
+    /// would compare the primary's chunks with another state than theirs and report a
+    /// difference that is none (or miss one). A transport that reorders is refused; the
+    /// session starts again from the durable set.
+    pub fn sums_in_order(&self, session: u64, after_set: Option<u64>) -> Result<bool, Refusal> {
+        if session < self.session {
+            return Ok(false);
+        }
+        match after_set {
+            Some(a) if a != self.written.set => Err((
+                RefuseCode::BadMessage,
+                format!(
+                    "checksums that follow set {a} arrived after set {}: out of stream order",
+                    self.written.set
+                ),
+            )),
+            _ => Ok(true),
+        }
+    }
+
     /// Writing sets to the redo log failed: they are forgotten (the primary re-sends them) and
     /// the log's tail is rewritten from `back_to`, the position before them.
     pub fn write_failed(&mut self, back_to: Durable, failure: Failure) {
@@ -854,6 +879,54 @@ mod tests {
         core.applied(&sets[1], 600_500);
         core.applied(&sets[2], 600_500);
         assert!(!core.committing() && core.state().consistent());
+    }
+
+    /// Checksums are answered only right after the set the primary sent last before them: a
+    /// set that overtook them, or that they overtook (the simulator's link reorders frames),
+    /// refuses the session, which starts again. Seed 1796504585016706238 had the mirror answer
+    /// a verify's checksums before the set with a write to that chunk, a difference that was
+    /// none.
+    #[test]
+    fn checksums_are_answered_only_in_stream_order() {
+        let st = VolumeState {
+            applied_set: 53,
+            copy: CopyState::Done,
+            ..Default::default()
+        };
+        let mut core = MirrorCore::new("v", 1 << 20, st, None, false, None);
+        let s = core.new_session();
+        core.enter_session(s);
+        // Before any set of the session: right after the durable set.
+        assert_eq!(core.sums_in_order(s, Some(53)), Ok(true));
+        let (code, why) = core.sums_in_order(s, Some(54)).unwrap_err();
+        assert_eq!(code, RefuseCode::BadMessage);
+        assert!(!code.permanent(), "the session starts again");
+        assert_eq!(
+            why,
+            "checksums that follow set 54 arrived after set 53: out of stream order"
+        );
+        let set = DeltaSet {
+            set: 54,
+            first_seq: 1,
+            last_seq: 1,
+            newest_write_ms: 0,
+            kind: SetKind::Journal,
+            extents: Vec::new(),
+        };
+        core.accept(s, &set).unwrap().unwrap();
+        assert_eq!(core.sums_in_order(s, Some(54)), Ok(true));
+        let (_, why) = core.sums_in_order(s, Some(53)).unwrap_err();
+        assert_eq!(
+            why,
+            "checksums that follow set 53 arrived after set 54: out of stream order"
+        );
+        // A primary older than version 8 does not say: answered as before.
+        assert_eq!(core.sums_in_order(s, None), Ok(true));
+        // A replaced session's checksums are dropped, whatever they say.
+        let next = core.new_session();
+        core.enter_session(next);
+        assert_eq!(core.sums_in_order(s, Some(7)), Ok(false));
+        assert_eq!(core.sums_in_order(next, Some(54)), Ok(true));
     }
 
     /// A mirror serves primaries of versions 3 (identities, no repair sets) and 4; older ones

@@ -795,6 +795,8 @@ impl Session {
     ) -> Result<Option<Transmit>, SessionEnd> {
         let size = self.size;
         let chunk = self.limits.copy_chunk;
+        // The mirror checks that checksums come right after this set (frame: version 8).
+        let last_set_sent = self.next_set - 1;
         let Some(r) = self.resync.as_mut() else {
             return Ok(None);
         };
@@ -872,6 +874,7 @@ impl Session {
             return Ok(Some(Transmit::Message(Message::Sums {
                 offset,
                 chunk: u32::try_from(chunk).expect("chunks are small"),
+                after_set: Some(last_set_sent),
                 sums,
             })));
         }

@@ -247,8 +247,10 @@ impl Session {
             shipped = None;
         }
         let window_free = self.in_flight.len() < self.limits.window_sets;
-        // Checksums go after every set sent so far: the mirror compares after applying them.
-        let last_set_sent = self.in_flight.back().map_or(0, |f| f.set);
+        // Checksums go after every set sent so far: the mirror compares after applying them,
+        // and refuses them if it took another last set (frame: version 8). Before any set of
+        // this session, the last is the durable set the decision named.
+        let last_set_sent = self.next_set - 1;
         let Some(v) = self.verify.as_mut().filter(|v| !v.progress.done) else {
             return Ok(None);
         };
@@ -358,6 +360,7 @@ impl Session {
                 return Ok(Some(Transmit::Message(Message::Sums {
                     offset,
                     chunk: u32::try_from(chunk).expect("chunks are small"),
+                    after_set: Some(last_set_sent),
                     sums,
                 })));
             }
