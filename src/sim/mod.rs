@@ -853,16 +853,24 @@ impl World {
 
     /// One host's file system fills up for a while.
     fn fill_a_disk(&mut self) {
-        let fs = if self.rng.chance(1, 2) {
-            &self.primary.fs
+        let primary = self.rng.chance(1, 2);
+        let fs = if primary {
+            self.primary.fs.clone()
         } else {
-            &self.mirror.fs
+            self.mirror.fs.clone()
         };
         // Or its disk fails the next few syncs (EIO; opt-in, docs/TESTING.md): a FLUSH in
         // track mode still succeeds, its records folded into the dirty map.
         let faults = if self.cfg.failing_syncs && self.rng.chance(1, 3) {
+            let n = self.rng.range(1, 4) as u32;
+            let note = format!("the state directory's disk fails the next {n} syncs");
+            if primary {
+                self.primary.note(note);
+            } else {
+                self.mirror.note(note);
+            }
             crate::env::mem::Faults {
-                failing_syncs: self.rng.range(1, 4) as u32,
+                failing_syncs: n,
                 ..Default::default()
             }
         } else {
