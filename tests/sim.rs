@@ -409,3 +409,23 @@ fn a_demotion_before_every_write_is_acknowledged_is_caught() {
         "the planted early demotion went unnoticed"
     );
 }
+
+/// Disks that fail syncs (EIO) for a while, on either host: every promise still holds. The
+/// primary's journal folds at a failed sync (the FLUSH succeeds), a dirty map that cannot be
+/// saved is dropped and the mirror compared instead, a mirror whose redo log failed a sync is
+/// restarted by the admin once its disk works; schedules must reach both folds and failing
+/// syncs, or they prove nothing.
+#[test]
+fn disks_that_fail_syncs_keep_the_promises() {
+    let n = (schedules() / 2).max(1);
+    let reached = all_pass(1..=n, |seed| SimConfig {
+        failing_syncs: true,
+        ..sim::config_for_seed(seed)
+    });
+    assert!(
+        reached.sync_faults >= n / 20,
+        "only {} disks failed syncs in {n} schedules",
+        reached.sync_faults
+    );
+    assert!(reached.folds > 0, "no journal folded");
+}

@@ -264,6 +264,16 @@ pub struct Intent {
     reserved: u64,
 }
 
+impl Intent {
+    /// Whether the dirty map holds the write rather than the journal: it was announced while
+    /// tracking, or folded into the map while in flight. A crash leaves such a write to the
+    /// map's regions, not to a re-read of its intent.
+    pub fn in_map(&self, journal: &Journal) -> bool {
+        let g = journal.inner.lock().unwrap();
+        journal.tracked(&g, *self)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
     /// The mirror acknowledged a sequence number the journal never wrote: a protocol error

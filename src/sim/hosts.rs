@@ -337,6 +337,12 @@ pub struct PrimaryHost {
     verify_running: Option<(u64, bool)>,
     /// Verifies that finished, in order.
     pub verifies: Vec<VerifyProgress>,
+    /// Ranges of the writes the dirty map took that had reached the disk (or, after a power
+    /// cut, may have) when the process last ended before completing them.
+    tracked_in_flight_at_stop: Vec<(u64, u64)>,
+    /// The first decision after a stop that lost the dirty map (it could not be saved): from
+    /// there a comparison is what must happen.
+    pub map_lost_from: Option<usize>,
 }
 
 impl PrimaryHost {
@@ -390,6 +396,8 @@ impl PrimaryHost {
             on_full: OnFull::Block,
             region_bytes: 4096,
             tail_rotations: 0,
+            tracked_in_flight_at_stop: Vec::new(),
+            map_lost_from: None,
             folds: 0,
             decisions: Vec::new(),
             log: Vec::new(),
@@ -475,6 +483,18 @@ impl PrimaryHost {
             next_seq,
             (!span.continuous).then(|| self.disk.content()),
         );
+        // A write the map took, in flight at the stop, is on the disk or not: the state
+        // after it is what the disk holds now. The map's regions below say so; if the map was
+        // lost with the process (it could not be saved), only a comparison of the mirror
+        // ships it, and the model places it where the lost fold's writes were.
+        let tracked_in_flight = std::mem::take(&mut self.tracked_in_flight_at_stop);
+        if journal.fold().is_none() {
+            let content = self.disk.content();
+            for (o, l) in tracked_in_flight {
+                let data = content[o as usize..(o + l) as usize].to_vec();
+                self.model.record(next_seq - 1, true, &extent_at(o, data));
+            }
+        }
         // The dirty regions hold whatever the disk holds now: a write the map took that was
         // in flight at the crash is on the disk, or not, and the resync ships what is there
         // (as a re-read record does for the journal's own writes in flight).
@@ -528,6 +548,15 @@ impl PrimaryHost {
     /// The process ends: what its journal counted is kept for the schedule's stats.
     fn stop_counting(&mut self) {
         if let Some(u) = self.up.take() {
+            if u.journal.stats().map_failure.is_some() {
+                self.map_lost_from.get_or_insert(self.decisions.len());
+            }
+            self.tracked_in_flight_at_stop.extend(
+                u.changes
+                    .iter()
+                    .filter(|c| c.on_disk && c.intent.in_map(&u.journal))
+                    .map(|c| (c.offset, c.payload.len())),
+            );
             self.tail_rotations += u.journal.stats().tail_rotations;
             self.folds += u.journal.stats().folds;
         }
@@ -1260,10 +1289,15 @@ impl MirrorHost {
         u.core.prepare_promotion(force)?;
         u.unsaved = true;
         self.checkpoint(&self.clock.clone(), true);
-        let u = self.up.as_ref().expect("checked");
-        if u.unsaved {
+        if self.up.as_ref().expect("checked").unsaved {
+            // The core dropped its staged resync for the promotion, the disk still holds it:
+            // the daemon runs as a secondary again from its state directory.
+            self.note("promotion failed (the state could not be saved): a secondary again".into());
+            self.kill();
+            self.down_until = self.clock.now();
             return Err("the state could not be saved".into());
         }
+        let u = self.up.as_ref().expect("checked");
         let disk = self.disk.fingerprint().expect("simulated disk");
         let st = u.core.state().clone();
         let (pst, next) = role::promoted(&st, gen, &disk, force)?;
@@ -1548,7 +1582,10 @@ impl MirrorHost {
             if let Err(e) = h.sync_data() {
                 u.core.fail(Failure {
                     code: RefuseCode::VolumeFailed,
-                    why: format!("redo sync: {e}"),
+                    why: format!(
+                        "mirror redo log failed: sync: {e} (restart the mirror once its disk \
+                         is fixed)"
+                    ),
                 });
                 return;
             }

@@ -111,8 +111,9 @@ pub struct SimConfig {
     /// The mirror's state is checked against the model after every this many applies (each
     /// check reads the whole image: 1 catches a short-lived violation, 8 keeps suites quick).
     pub check_every_applies: u64,
-    /// A file system that fills up may instead fail its next few syncs (EIO). Off by default:
-    /// it still finds I1 violations under investigation (docs/TESTING.md).
+    /// A file system that fills up may instead fail its next few syncs (EIO). Off in
+    /// [`config_for_seed`], whose schedules the regression tests replay; `make sim` turns it on
+    /// for every odd seed.
     pub failing_syncs: bool,
 }
 
@@ -144,6 +145,8 @@ pub struct Stats {
     pub primary_crashes: u64,
     pub mirror_crashes: u64,
     pub partitions: u64,
+    /// Times a host's file system was made to fail its next syncs.
+    pub sync_faults: u64,
     /// Sessions of the primary that the stall watchdog ended.
     pub stalls: u64,
     /// Acknowledged journal tails rotated out because they alone kept a write from fitting.
@@ -195,6 +198,7 @@ impl Stats {
         self.primary_crashes += other.primary_crashes;
         self.mirror_crashes += other.mirror_crashes;
         self.partitions += other.partitions;
+        self.sync_faults += other.sync_faults;
         self.stalls += other.stalls;
         self.tail_rotations += other.tail_rotations;
         self.folds += other.folds;
@@ -859,10 +863,11 @@ impl World {
         } else {
             self.mirror.fs.clone()
         };
-        // Or its disk fails the next few syncs (EIO; opt-in, docs/TESTING.md): a FLUSH in
-        // track mode still succeeds, its records folded into the dirty map.
+        // Or its disk fails the next few syncs (EIO): a FLUSH in track mode still succeeds,
+        // its records folded into the dirty map.
         let faults = if self.cfg.failing_syncs && self.rng.chance(1, 3) {
             let n = self.rng.range(1, 4) as u32;
+            self.stats.sync_faults += 1;
             let note = format!("the state directory's disk fails the next {n} syncs");
             if primary {
                 self.primary.note(note);
@@ -1444,6 +1449,19 @@ impl World {
         self.mirror.fs.set_faults(Default::default());
         self.link.faults = link::Faults::default();
         self.link.partitioned_until = self.clock.now();
+        // A mirror whose redo log failed a sync trusts it again only after a restart: the
+        // runbook's step once the disk is fixed.
+        if self
+            .mirror
+            .core()
+            .and_then(|c| c.failure())
+            .is_some_and(|f| f.why.contains("restart the mirror"))
+        {
+            self.mirror
+                .note("the admin restarts the mirror: its disk works again".into());
+            self.mirror.kill();
+            self.mirror.down_until = self.clock.now();
+        }
         // The second primary of a scenario goes away (an admin stopped it); its history stays
         // known to the checks.
         if let Some(o) = self.other.as_mut() {
@@ -1538,7 +1556,10 @@ impl World {
             .iter()
             .filter(|(m, why)| *m == Mode::Compare && why.contains("pre-seeded"))
             .count() as u64;
-        let expected_from = self.compares_expected_from.unwrap_or(usize::MAX);
+        let expected_from = self
+            .compares_expected_from
+            .unwrap_or(usize::MAX)
+            .min(self.primary.map_lost_from.unwrap_or(usize::MAX));
         let lying: Vec<String> = self
             .primary
             .decisions
