@@ -58,7 +58,8 @@ bench-repl: release
 	/usr/bin/python3 benches/repl.py
 
 # blkmirror over tools/wan-sim (RTT 20 ms, loss 0.1 %) beside iperf3 TCP and nbdcopy; bulk,
-# steady-load RPO and a 30 s outage; writes target/bench/wan.json and wan.svg. Needs root.
+# steady-load RPO, a 30 s outage, and the same outage overflowing a 64 MiB journal (dirty-map
+# resync); writes target/bench/wan.json and wan.svg. Needs root.
 bench-wan: release
 	/usr/bin/python3 benches/wan.py
 

@@ -1543,7 +1543,13 @@ fn kill9_during_a_staged_resync_keeps_a_valid_crash_state() {
         ..Default::default()
     });
     rig.workload_over(seed, 1, before, blocks).wait_success();
-    rig.wait_synced();
+    let (m, _) = rig.wait_synced();
+    // The point the mirror is a copy of, named in its status.
+    let point = m["consistent_at"].clone();
+    assert!(
+        u(&point, "seq") > 0 && !point["generation"].is_null(),
+        "{m}"
+    );
     assert!(rig.mirror.stop().is_some_and(|s| s.success()));
     // The mirror is away: the writer must finish by itself.
     let outage = Instant::now();
@@ -1570,7 +1576,26 @@ fn kill9_during_a_staged_resync_keeps_a_valid_crash_state() {
     };
     let staged = |m: &Value, _: &Value| !m["staged_resync"].is_null();
     rig.mirror.start();
-    rig.wait("a resync staged at the mirror", LONG, staged);
+    // While the resync is staged the mirror stays consistent at the point it held before the
+    // outage and says so; the primary shows the resync of the dirty regions with its
+    // progress.
+    let (m, p) = rig.wait(
+        "a dirty resync running, staged at the mirror",
+        LONG,
+        |m, p| staged(m, p) && p["state"] == "resyncing",
+    );
+    assert_eq!(m["consistent"], true, "{m}");
+    assert_eq!(m["consistent_at"], point, "the mirror's point moved: {m}");
+    let progress = &p["initial_copy"];
+    assert_eq!(progress["kind"], "dirty", "{p}");
+    let (left, resync_bytes) = (u(progress, "left_bytes"), u(progress, "total_bytes"));
+    assert!(
+        left > 0 && left <= resync_bytes && resync_bytes >= dirty,
+        "{p}"
+    );
+    for key in ["rate_bytes_per_second", "eta_seconds"] {
+        assert!(progress.get(key).is_some(), "{key} missing: {p}");
+    }
     rig.mirror.kill9();
     let (prefix_1, staged_1) = check(&rig, "mirror killed");
     rig.mirror.start();
