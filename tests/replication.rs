@@ -2001,12 +2001,40 @@ fn history_lists_points_and_recover_brings_back_an_earlier_one() {
         human.contains("SET") && human.contains(&a["set"].to_string()),
         "{human}"
     );
+    // One volume by name: the same listing; an unknown name is a usage error (exit 2).
+    let control_arg = rig.mirror_state.join("control.sock");
+    let control_arg = control_arg.to_str().unwrap();
+    let one: Value = serde_json::from_str(&run(
+        BIN,
+        &[
+            "history",
+            "--control",
+            control_arg,
+            "--volume",
+            VOL,
+            "--json",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(one["volumes"].as_array().map(Vec::len), Some(1), "{one}");
+    assert_eq!(one["volumes"][0]["name"], VOL, "{one}");
+    let o = run_output(
+        BIN,
+        &["history", "--control", control_arg, "--volume", "nosuch"],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no volume named"),
+        "{o:?}"
+    );
 
     // Exports while replication goes on (a third part of the workload meanwhile): point A
     // read-only is exactly the first half; point B writable takes writes that read back and
     // never reach the mirror.
     let control = rig.mirror_state.join("control.sock");
-    let export = |set: &Value, sock: &Path, writable: bool| {
+    // A point by set number, or (`--at`) by the time of a point.
+    let export = |point: [&str; 2], sock: &Path, writable: bool| {
         let mut c = Command::new(BIN);
         c.args([
             "export",
@@ -2015,12 +2043,8 @@ fn history_lists_points_and_recover_brings_back_an_earlier_one() {
             "--volume",
             VOL,
         ])
-        .args([
-            "--set",
-            &set.to_string(),
-            "--nbd-unix",
-            sock.to_str().unwrap(),
-        ]);
+        .args(point)
+        .args(["--nbd-unix", sock.to_str().unwrap()]);
         if writable {
             c.arg("--writable");
         }
@@ -2033,8 +2057,10 @@ fn history_lists_points_and_recover_brings_back_an_earlier_one() {
         bg
     };
     let (sock_a, sock_b) = (rig.dir().join("a.sock"), rig.dir().join("b.sock"));
-    let mut ex_a = export(&a["set"], &sock_a, false);
-    let mut ex_b = export(&b["set"], &sock_b, true);
+    let sock_at = rig.dir().join("at.sock");
+    let mut ex_a = export(["--set", &a["set"].to_string()], &sock_a, false);
+    let mut ex_b = export(["--set", &b["set"].to_string()], &sock_b, true);
+    let mut ex_at = export(["--at", b["time"].as_str().unwrap()], &sock_at, false);
     let mut more = rig.workload(seed, 3_001, 4_000);
     let img_a = rig.dir().join("a.img");
     run("nbdcopy", &[&uri_of(&sock_a), img_a.to_str().unwrap()]);
@@ -2043,6 +2069,15 @@ fn history_lists_points_and_recover_brings_back_an_earlier_one() {
         Ok(1_500),
         "the export of point A is the state after the first half"
     );
+    let img_at = rig.dir().join("at.img");
+    run("nbdcopy", &[&uri_of(&sock_at), img_at.to_str().unwrap()]);
+    assert_eq!(
+        crashcheck(&img_at, seed, 4_000, None),
+        Ok(3_000),
+        "the export at point B's time is the longer prefix, the state after both parts"
+    );
+    signal(ex_at.child_for_test(), Signal::SIGTERM);
+    assert!(ex_at.wait().success(), "{}", ex_at.output());
     let garbage = pseudo_random(1 << 20, 7);
     nbd_write_to(&uri_of(&sock_b), rig.dir(), 0, &garbage);
     let img_b = rig.dir().join("b.img");
