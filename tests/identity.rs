@@ -303,6 +303,31 @@ fn lost_primary_state_is_compared() {
         "the primary's log should say a comparison and why:\n{log}"
     );
     assert!(!log.contains("mode=Resume"), "resumed on a guess:\n{log}");
+    // Both sides log the decision with both identities: the mirror names the primary's
+    // (no UUID any more, a new generation) and its own; the primary its own and the mirror's
+    // answer.
+    let mlog = p.mirror.log();
+    let decided = mlog
+        .lines()
+        .rfind(|l| l.contains("decision on connect"))
+        .expect("the mirror logs its decision");
+    for part in [
+        "primary_uuid=None",
+        "primary_gen=Some(",
+        "mirror_uuid=Some(",
+        "mirror_gen=Some(",
+        "mirror_position=Some(",
+        "Compare",
+    ] {
+        assert!(decided.contains(part), "{part} missing: {decided}");
+    }
+    let up = log
+        .lines()
+        .find(|l| l.contains("replication link up"))
+        .expect("the primary logs the link up");
+    for part in ["generation=Some(", "mirror_durable_seq=", "mode=Compare"] {
+        assert!(up.contains(part), "{part} missing: {up}");
+    }
     assert_eq!(pv["uuid"], uuid, "the primary adopts the pair's UUID: {pv}");
     assert!(
         log.contains("volume identity adopted from the mirror"),

@@ -745,7 +745,12 @@ impl Shipper {
                 durable_seq,
                 reason,
             } => {
-                tracing::info!(volume = %self.volume, ?mode, durable_set, durable_seq, %reason,
+                // Both sides' identities with the decision: this side's generation and
+                // lineage, the mirror's answer (the pair's UUID, the durable point it holds).
+                let ours = self.record.snapshot().identity;
+                tracing::info!(volume = %self.volume, ?mode, uuid = ?ours.uuid,
+                    generation = ?ours.lineage.current().map(|s| s.gen),
+                    mirror_durable_set = durable_set, mirror_durable_seq = durable_seq, %reason,
                     "replication link up");
                 self.stats.link_up.store(true, Ordering::Relaxed);
                 self.stats.peer_is_secondary.store(true, Ordering::Relaxed);

@@ -347,7 +347,8 @@ impl MirrorCore {
         };
         tracing::info!(volume = %self.name, primary_uuid = ?claim.uuid,
             mirror_uuid = ?holds.uuid, primary_gen = ?claim.lineage.current().map(|s| s.gen),
-            mirror_position = ?holds.position, ?decision, "decision on connect");
+            mirror_gen = ?self.state.position_gen, mirror_position = ?holds.position,
+            ?decision, "decision on connect");
         let (mode, reason) = match decision {
             Decision::Refuse { kind, why } => {
                 let (code, state) = match kind {
