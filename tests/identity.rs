@@ -1627,3 +1627,81 @@ fn a_dead_client_with_writes_parked_on_a_full_journal_is_released() {
     }
     p.finish_and_compare();
 }
+
+/// Tried: a real primary against a mirror that holds the pair's volume at another size, then
+/// one that has no volume by that name.
+///
+/// Expected: each is refused for good: the primary's status says `refused` with the reason
+/// (both sizes; the unknown name), no RPO, `status` exits 6, and the primary does not try
+/// again by itself (no new refusal in the mirror's log for longer than a transient failure's
+/// backoff); the mirror's volume is untouched. Once the mirror is fixed, `blkmirror retry`
+/// makes the primary connect and the pair converges.
+#[test]
+fn a_size_or_name_the_mirror_does_not_have_is_refused_for_good() {
+    let mut p = Pair::new(PairOptions::default());
+    let mirror_img = p.mirror_img.display().to_string();
+    let dir = p.dir().to_path_buf();
+    let scratch = |name: &str| dir.join(name).display().to_string();
+    let cases = [
+        (
+            format!("{VOL}={},size=65M", scratch("m65.img")),
+            "primary has 67108864 bytes, mirror has 68157440",
+            "size",
+        ),
+        (
+            format!("other={},size=64M", scratch("other.img")),
+            "no volume named",
+            "name",
+        ),
+    ];
+    for (spec, says, what) in cases {
+        // Each case on a mirror of its own (a fresh state directory).
+        let _ = std::fs::remove_dir_all(&p.mirror_state);
+        std::fs::create_dir_all(&p.mirror_state).unwrap();
+        p.mirror.drop_arg_with_value("--volume");
+        p.mirror.push_args(&["--volume", &spec]);
+        p.mirror.start();
+        if !p.primary.is_running() {
+            p.primary.start();
+        } else {
+            let (code, out, err) =
+                cli(&["retry", "--control", p.primary.control.to_str().unwrap()]);
+            assert_eq!(code, Some(0), "retry: {out}{err}");
+        }
+        let pv = wait_for(&format!("the {what} refused"), LONG, &[&p.primary], |v| {
+            v[0]["state"] == "refused"
+                && v[0]["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains(says))
+        })[0]
+            .clone();
+        assert_eq!(pv["link"], "down", "{pv}");
+        assert!(pv["lag_seconds"].is_null(), "no RPO while refused: {pv}");
+        assert_status_exits_6(&p.primary);
+        let refusals = p.mirror.log().matches(says).count();
+        assert!(
+            refusals >= 1,
+            "the mirror's log says why: {}",
+            tail_lines(&p.mirror.log(), 20)
+        );
+        std::thread::sleep(Duration::from_millis(2500));
+        assert_eq!(
+            p.mirror.log().matches(says).count(),
+            refusals,
+            "{what}: a permanent refusal is retried without an admin"
+        );
+        stop_ok(&mut p.mirror);
+    }
+    // The mirror as it should be: after `retry` the pair replicates and converges.
+    let _ = std::fs::remove_dir_all(&p.mirror_state);
+    std::fs::create_dir_all(&p.mirror_state).unwrap();
+    p.mirror.drop_arg_with_value("--volume");
+    p.mirror
+        .push_args(&["--volume", &format!("{VOL}={mirror_img},size=64M")]);
+    p.mirror.start();
+    let (code, out, err) = cli(&["retry", "--control", p.primary.control.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "retry: {out}{err}");
+    p.nbd_write(MIB, &pseudo_random(MIB as usize, 301));
+    p.wait_synced();
+    p.finish_and_compare();
+}
