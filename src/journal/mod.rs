@@ -414,6 +414,10 @@ pub struct Journal {
     paced_writes: AtomicU64,
     /// The shipper: woken when records or dirty ranges arrive.
     records: Waiters,
+    /// One [`Journal::sync`] at a time: a failed fdatasync reports its error to one caller
+    /// only, and a concurrent sync of the same file must not succeed (and acknowledge its
+    /// FLUSH) before the failure is handled.
+    sync_serial: Mutex<()>,
     /// Test builds: told of every record appended (the simulator's model of the volume).
     #[cfg(any(test, feature = "test-hooks"))]
     observer: Mutex<Option<RecordObserver>>,
@@ -574,6 +578,7 @@ impl Journal {
             folds: AtomicU64::new(0),
             paced_writes: AtomicU64::new(0),
             records: Waiters::new(),
+            sync_serial: Mutex::new(()),
             #[cfg(any(test, feature = "test-hooks"))]
             observer: Mutex::new(None),
         };
@@ -1315,6 +1320,7 @@ impl Journal {
 
     /// Make every record appended so far durable (client FLUSH / FUA).
     pub fn sync(&self) -> io::Result<()> {
+        let _serial = self.sync_serial.lock().unwrap();
         // Oldest first, outside the lock: writers keep appending meanwhile.
         let (unsynced, dir_changed): (Vec<(Handle, u64)>, bool) = {
             let mut g = self.inner.lock().unwrap();
@@ -1357,10 +1363,13 @@ impl Journal {
     }
 
     /// A sync of the journal failed: its records may not survive a power cut. In track mode
-    /// they fold into the dirty map, synced by the fold (or, if that fails too, kept in
-    /// memory with status saying a full comparison is due), and the FLUSH that asked
-    /// succeeds: the volume holds the writes and the map names their regions. Otherwise the
-    /// caller hears the error. Status names the failure until a sync works again.
+    /// they fold into the dirty map, synced by the fold, and the FLUSH that asked succeeds:
+    /// the volume holds the writes (its own sync is the caller's) and the map names their
+    /// regions. If the map cannot be saved either, its file is removed and status says a
+    /// full comparison is due: a restart finds no map (or, after a power cut, a host crash
+    /// that breaks the generation) and the mirror is compared, never resumed past writes
+    /// that are nowhere. In block mode the caller hears the error. Status names the failure
+    /// until a sync works again.
     fn sync_failed(&self, e: io::Error, what: &str) -> io::Result<()> {
         let mut g = self.inner.lock().unwrap();
         let why = format!("{what}: {e}");
@@ -1368,7 +1377,8 @@ impl Journal {
         if !self.folds_when_stuck(&g) {
             return Err(e);
         }
-        // Already tracking: no record was written since the fold, nothing is at risk.
+        // Already tracking: nothing is at risk. Writes go to the map; the only records are
+        // re-reads of ranges whose intents the fold already put in the map.
         if !g.tracking {
             self.fold_locked(&mut g, &why);
         }

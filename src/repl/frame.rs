@@ -30,8 +30,9 @@
 //!
 //! # Versioning
 //!
-//! The stream starts with the primary's Hello, whose `version` is [`PROTOCOL_VERSION`] (2; a
-//! mirror also accepts 1, which differs only in never sending raw aligned extents). The
+//! The stream starts with the primary's Hello, whose `version` is [`PROTOCOL_VERSION`] (8; a
+//! mirror holds sessions with versions from [`OLDEST_SESSION_VERSION`], see the history
+//! below, and decodes sets of every version, which its redo log may keep). The
 //! Hello layout is frozen for all versions, so any peer can read it and answer with a Refuse if
 //! it does not speak that version: decoding does **not** reject a Hello whose version differs;
 //! the receiver compares and refuses. Every other layout below is version 1, plus the raw

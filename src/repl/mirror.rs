@@ -1113,14 +1113,15 @@ impl MirrorVolume {
                         }
                     }
                     Job::Sums(job) => {
-                        // Checked here, where sets are taken in stream order: the redo
-                        // writer's position is the last set before the checksums.
+                        // Checked here, where sets are taken in stream order, once the sets
+                        // before it are written (a failed write rewinds the position): the
+                        // redo writer's position is the last set before the checksums.
+                        self.write_batch(&mut batch, from, &to_sync);
                         let in_order = self
                             .core
                             .lock()
                             .unwrap()
                             .sums_in_order(job.session, job.after_set);
-                        self.write_batch(&mut batch, from, &to_sync);
                         match in_order {
                             Ok(true) => {
                                 let _ = to_sync.send(ToSync::Sums(job));

@@ -340,9 +340,9 @@ pub struct PrimaryHost {
     /// Ranges of the writes the dirty map took that had reached the disk (or, after a power
     /// cut, may have) when the process last ended before completing them.
     tracked_in_flight_at_stop: Vec<(u64, u64)>,
-    /// The first decision after a stop that lost the dirty map (it could not be saved): from
-    /// there a comparison is what must happen.
-    pub map_lost_from: Option<usize>,
+    /// The first decision after each stop that lost the dirty map (it could not be saved),
+    /// by index in `decisions`: a comparison is what must happen there.
+    pub map_lost_at: Vec<usize>,
 }
 
 impl PrimaryHost {
@@ -397,7 +397,7 @@ impl PrimaryHost {
             region_bytes: 4096,
             tail_rotations: 0,
             tracked_in_flight_at_stop: Vec::new(),
-            map_lost_from: None,
+            map_lost_at: Vec::new(),
             folds: 0,
             decisions: Vec::new(),
             log: Vec::new(),
@@ -549,7 +549,7 @@ impl PrimaryHost {
     fn stop_counting(&mut self) {
         if let Some(u) = self.up.take() {
             if u.journal.stats().map_failure.is_some() {
-                self.map_lost_from.get_or_insert(self.decisions.len());
+                self.map_lost_at.push(self.decisions.len());
             }
             self.tracked_in_flight_at_stop.extend(
                 u.changes

@@ -1556,16 +1556,14 @@ impl World {
             .iter()
             .filter(|(m, why)| *m == Mode::Compare && why.contains("pre-seeded"))
             .count() as u64;
-        let expected_from = self
-            .compares_expected_from
-            .unwrap_or(usize::MAX)
-            .min(self.primary.map_lost_from.unwrap_or(usize::MAX));
+        let expected_from = self.compares_expected_from.unwrap_or(usize::MAX);
+        let map_lost_at = self.primary.map_lost_at.clone();
         let lying: Vec<String> = self
             .primary
             .decisions
             .iter()
             .enumerate()
-            .filter(|(i, _)| *i < expected_from)
+            .filter(|(i, _)| *i < expected_from && !map_lost_at.contains(i))
             .map(|(_, d)| d)
             // (A primary that lost its dirty map is the one that lost data: the comparison is
             // what must happen then.)

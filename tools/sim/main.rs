@@ -221,8 +221,12 @@ fn main() -> ExitCode {
         totals.add(&out);
         if !out.violations.is_empty() {
             violations += out.violations.len();
+            // The replay names the failing-syncs switch when the environment set it.
+            let env = failing_syncs.as_deref().map_or(String::new(), |v| {
+                format!("BLKMIRROR_SIM_FAILING_SYNCS={v} ")
+            });
             println!(
-                "seed {seed} ({:?}) FAILED: {}\n  replay: BLKMIRROR_SIM_SEED={seed} make sim",
+                "seed {seed} ({:?}) FAILED: {}\n  replay: {env}BLKMIRROR_SIM_SEED={seed} make sim",
                 out.scenario,
                 out.violations.join("\n  ")
             );
