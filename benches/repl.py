@@ -16,9 +16,11 @@ direct writes into each server's own image (this virtual disk's random-write rat
 between files, with how their blocks were first written: docs/TUNING.md). A second pair runs beside the first with the mirror's
 volume and state in RAM (/dev/shm), as when the mirror has its own disks: what replication costs
 the primary, apart from the mirror sharing its disk. The ratio against qemu-nbd (the issue's
-target) is the first pair's. A third pair, like the first, runs its mirror with `--history 1h`:
-what keeping a history costs (the mirror reads and saves every block a set overwrites), as a
-ratio against the first pair in the same rounds and as history bytes per client byte.
+target) is the first pair's. A third pair, like the first, runs its mirror with `--history 1h`
+and its primary with `--on-journal-full block` (clients wait for a mirror that falls behind,
+rather than going on at local speed once the journal folds): what keeping a history costs (the
+mirror reads and saves every block a set overwrites), as a ratio against the first pair in the
+same rounds and as history bytes per client byte.
 
 Every run starts from a quiet disk: the benchmark syncs and pauses BENCH_SETTLE seconds first.
 A sequential run writes up to 15 GiB as fast as this shared virtual disk takes it, and the next
@@ -159,7 +161,7 @@ def random_write_iops(image):
 class Pair:
     """A mirror and a replicating primary on this machine, fresh state each time."""
 
-    def __init__(self, tmp, img_p, img_m, mirror_state, mirror_extra=()):
+    def __init__(self, tmp, img_p, img_m, mirror_state, mirror_extra=(), primary_extra=()):
         self.tmp = tmp
         os.makedirs(tmp, exist_ok=True)
         pki = os.path.join(tmp, "pki")
@@ -183,7 +185,8 @@ class Pair:
                                        stderr=self.mlog)
         self.primary = subprocess.Popen([BIN, "primary", "--volume", f"v={img_p}", "--nbd-unix", self.sock,
                                          "--state-dir", os.path.join(tmp, "pstate"), "--mirror", f"127.0.0.1:{port}",
-                                         "--rtt", "1", "--link-rate", "40G", *tls("primary", "mirror")], stderr=self.plog)
+                                         "--rtt", "1", "--link-rate", "40G", *tls("primary", "mirror"),
+                                         *primary_extra], stderr=self.plog)
         procs = (self.mirror, self.primary)
         wait_for("the primary's NBD socket", lambda: nbd_ready(self.sock), procs=procs)
         wait_for("the initial copy", lambda: status(self.mctl)["consistent"], timeout=1800, procs=procs)
@@ -238,7 +241,11 @@ def main():
                                            # The oldest points give way at the cap (the
                                            # volume's size): a bench writes far more than
                                            # that within the hour, and `wait` would pause.
-                                           ("--history", "1h", "--history-full", "drop-oldest"))}
+                                           ("--history", "1h", "--history-full", "drop-oldest"),
+                                           # Clients wait for a mirror that falls behind (a
+                                           # journal that folded would let them go on at
+                                           # local speed): the rate is replication's.
+                                           ("--on-journal-full", "block"))}
         for r in range(1, ROUNDS + 1):
             order = kinds if r % 2 else kinds[::-1]
             for name, rw, bs, qd, unit in WORKLOADS:
@@ -342,8 +349,8 @@ def main():
         print(f"{name:<20} | {unit:<5} | {w['blkmirror_mirror_in_ram']:>14.1f} | {w['qemu_nbd']:>10.1f} | "
               f"{w['ratio_mirror_in_ram']:>6.2f}")
     print()
-    print("the first pair again with the mirror keeping a history (--history 1h; a journal that folded means the "
-          "mirror could not keep up, and the primary went on at local speed):")
+    print("the first pair again with the mirror keeping a history (--history 1h; its primary with "
+          "--on-journal-full block, so that clients wait for a mirror that falls behind):")
     for name, _rw, _bs, _qd, unit in WORKLOADS:
         w = doc["workloads"][name]
         print(f"{name:<20} | {unit:<5} | {w['blkmirror_history']:>14.1f} | against without: "
