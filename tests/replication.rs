@@ -1561,6 +1561,9 @@ fn kill9_during_a_staged_resync_keeps_a_valid_crash_state() {
     });
     let dirty = u(&p, "dirty_bytes");
     assert!(dirty > 64 * MIB, "{p}");
+    // The link lost, the primary took writes its mirror has not seen: a new generation.
+    assert_ne!(p["generation"], point["generation"], "{p}");
+    assert!(p["generation"].is_string(), "{p}");
     let check = |rig: &Pair, when: &str| {
         let report = rig.recover();
         let prefix = crashcheck_over(&rig.mirror_img, seed, total, Some(before), blocks)
