@@ -103,6 +103,19 @@ impl Volume {
         }))
     }
 
+    /// How a discard (TRIM) of `len` bytes that the disk completed ended, for
+    /// [`Volume::finish`]: zeroes when it deallocated (`deallocated`) on a device whose
+    /// discarded blocks read back as zeroes; otherwise the range holds whatever the device
+    /// says and is re-read and shipped as it is, not as we hope it is. Every front end asks
+    /// here, so the rule is the volume's.
+    pub fn discard_ended(&self, len: u32, deallocated: bool) -> Ended {
+        if deallocated && self.storage.discard_reads_zero() {
+            Ended::Done(Payload::Zero(len))
+        } else {
+            Ended::Unknown
+        }
+    }
+
     /// The disk finished `change` (before its reply): record the outcome, sync the journal
     /// for FUA, unlock the blocks. An error means the journal could not record it: the range
     /// is then re-read and shipped, and the client should hear of the error.

@@ -843,8 +843,8 @@ impl Conn {
                 if op.done < total {
                     self.start_disk(slot)
                 } else {
-                    // Part 2 hooks the journal here: the local write completed, the reply
-                    // has not gone out yet, so journal order is completion order.
+                    // The local write completed, the reply has not gone out yet: the
+                    // volume records it now, so journal order is completion order.
                     self.finish(slot, Ok(()))
                 }
             }
@@ -883,20 +883,15 @@ impl Conn {
             return Ok(());
         };
         let (ended, fua) = match op.cmd {
-            Command::Write { fua, .. } => (written.map(Payload::Data), fua),
-            Command::WriteZeroes { len, fua, .. } => (Some(Payload::Zero(len)), fua),
-            // A trim that did not deallocate, or a device whose discarded blocks read back
-            // as anything: ship what the disk now holds, not what we hope it holds.
-            Command::Trim { len, fua, .. }
-                if !op.trim_noop && self.storage.discard_reads_zero() =>
-            {
-                (Some(Payload::Zero(len)), fua)
+            Command::Write { fua, .. } => (written.map(Payload::Data).map(Ended::Done), fua),
+            Command::WriteZeroes { len, fua, .. } => (Some(Ended::Done(Payload::Zero(len))), fua),
+            Command::Trim { len, fua, .. } => {
+                (Some(self.volume.discard_ended(len, !op.trim_noop)), fua)
             }
-            Command::Trim { fua, .. } => (None, fua),
             _ => (None, false),
         };
         let ended = match ended {
-            Some(p) if ok => Ended::Done(p),
+            Some(e) if ok => e,
             _ => Ended::Unknown,
         };
         self.volume.finish(change, ended, ok && fua).map_err(|e| {
