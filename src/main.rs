@@ -76,7 +76,7 @@ enum Command {
         on_journal_full: OnFull,
         /// The dirty map's region: the unit a resync reads and sends (a power of two, at
         /// least 4K; a 1 TiB volume's map is 2 MiB at 64K).
-        #[arg(long, default_value = "64K", value_parser = parse_size)]
+        #[arg(long, default_value = "64K", value_parser = parse_dirty_region)]
         dirty_region: u64,
         /// Hold each write back a little (up to 10 ms, rising with the fill) once the
         /// journal's unacknowledged writes fill more than PERCENT of it: slows the clients
@@ -445,6 +445,17 @@ enum HistoryFullArg {
 
 /// The smallest `--history-size`: several of the largest sets (8 MiB), so that one always fits.
 const MIN_HISTORY_BYTES: u64 = 64 << 20;
+
+/// `--dirty-region`: what the dirty map accepts, said when the command is typed rather than
+/// when a journal first folds.
+fn parse_dirty_region(s: &str) -> Result<u64, String> {
+    let n = parse_size(s)?;
+    let min = blkmirror::journal::dirty::MIN_REGION_BYTES;
+    if !n.is_power_of_two() || n < min {
+        return Err(format!("{s:?}: a power of two of at least {}K", min >> 10));
+    }
+    Ok(n)
+}
 
 fn parse_history_size(s: &str) -> Result<u64, String> {
     let n = parse_size(s)?;

@@ -330,6 +330,14 @@ fn each_failure_has_its_exit_code() {
 
     // 2: what was typed is wrong.
     check(&primary(&["--bogus"]), USAGE, "--bogus");
+    // A dirty-map region the map cannot use: said at once, not when the journal first folds.
+    for bad in ["3K", "48K", "2K"] {
+        check(
+            &primary(&["--volume", "v=/nonexistent", "--dirty-region", bad]),
+            USAGE,
+            "--dirty-region",
+        );
+    }
     let (a1, a2) = (
         format!("a={},size=1M", path("a1")),
         format!("a={},size=1M", path("a2")),
