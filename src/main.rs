@@ -450,10 +450,7 @@ const MIN_HISTORY_BYTES: u64 = 64 << 20;
 /// when a journal first folds.
 fn parse_dirty_region(s: &str) -> Result<u64, String> {
     let n = parse_size(s)?;
-    let min = blkmirror::journal::dirty::MIN_REGION_BYTES;
-    if !n.is_power_of_two() || n < min {
-        return Err(format!("{s:?}: a power of two of at least {}K", min >> 10));
-    }
+    blkmirror::journal::dirty::check_region_bytes(n)?;
     Ok(n)
 }
 

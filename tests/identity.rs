@@ -1654,10 +1654,13 @@ fn a_size_or_name_the_mirror_does_not_have_is_refused_for_good() {
             "name",
         ),
     ];
+    // Each mirror of the test its own: a fresh state directory.
+    let fresh_mirror_state = |dir: &Path| {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).unwrap();
+    };
     for (spec, says, what) in cases {
-        // Each case on a mirror of its own (a fresh state directory).
-        let _ = std::fs::remove_dir_all(&p.mirror_state);
-        std::fs::create_dir_all(&p.mirror_state).unwrap();
+        fresh_mirror_state(&p.mirror_state);
         p.mirror.drop_arg_with_value("--volume");
         p.mirror.push_args(&["--volume", &spec]);
         p.mirror.start();
@@ -1693,8 +1696,7 @@ fn a_size_or_name_the_mirror_does_not_have_is_refused_for_good() {
         stop_ok(&mut p.mirror);
     }
     // The mirror as it should be: after `retry` the pair replicates and converges.
-    let _ = std::fs::remove_dir_all(&p.mirror_state);
-    std::fs::create_dir_all(&p.mirror_state).unwrap();
+    fresh_mirror_state(&p.mirror_state);
     p.mirror.drop_arg_with_value("--volume");
     p.mirror
         .push_args(&["--volume", &format!("{VOL}={mirror_img},size=64M")]);

@@ -35,6 +35,17 @@ const NO_RESYNC: u64 = u64::MAX;
 
 /// The smallest region: one block of the volume's direct I/O.
 pub const MIN_REGION_BYTES: u64 = 4096;
+
+/// Whether a map can have regions of `region_bytes` (`--dirty-region` checks it when typed).
+pub fn check_region_bytes(region_bytes: u64) -> Result<(), String> {
+    if !region_bytes.is_power_of_two() || region_bytes < MIN_REGION_BYTES {
+        return Err(format!(
+            "dirty map region of {region_bytes} bytes: must be a power of two of at least \
+             {MIN_REGION_BYTES}"
+        ));
+    }
+    Ok(())
+}
 /// The default region: a 1 TiB volume is 16 M regions, a 2 MiB map; a 4 KiB random write
 /// dirties 64 KiB to resync, the sequential reads of a resync stay large.
 pub const DEFAULT_REGION_BYTES: u64 = 64 << 10;
@@ -102,15 +113,8 @@ impl DirtyMap {
         volume_bytes: u64,
         region_bytes: u64,
     ) -> io::Result<DirtyMap> {
-        if !region_bytes.is_power_of_two() || region_bytes < MIN_REGION_BYTES {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "dirty map region of {region_bytes} bytes: must be a power of two of at \
-                     least {MIN_REGION_BYTES}"
-                ),
-            ));
-        }
+        check_region_bytes(region_bytes)
+            .map_err(|why| io::Error::new(io::ErrorKind::InvalidInput, why))?;
         let regions = volume_bytes.div_ceil(region_bytes);
         let mut content = header(region_bytes, volume_bytes, Fold::default());
         content.resize(PAGE + bitmap_bytes(regions), 0);

@@ -1040,14 +1040,13 @@ impl MirrorVolume {
             // the redo log holds, while `applied_set` climbs to it.
             "committing_to_set": committing.then_some(st.applied_set),
             // The primary's state the volume is a crash-consistent copy of (after a replay of
-            // the redo log, were the mirror to stop now): it stays put through a staged
-            // resync and moves to its end point once that is durable. Null when the volume
-            // is no consistent copy.
+            // the redo log, were the mirror to stop now; its time is `newest_write_at`): it
+            // stays put through a staged resync and moves to its end point once that is
+            // durable. Null when the volume is no consistent copy.
             "consistent_at": consistent.then(|| serde_json::json!({
                 "generation": st.position_gen,
                 "seq": st.applied_seq,
                 "set": st.applied_set,
-                "newest_write_at": fmt_time(st.newest_write_ms),
             })),
             // Writes of this side's own it gave up (failback, resolve): saved as `saved`,
             // still on the volume until the peer's resync of `bytes` replaces them.
