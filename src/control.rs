@@ -151,7 +151,8 @@ pub fn not_replicating(doc: &serde_json::Value) -> Vec<(String, String)> {
         let name = vol["name"].as_str().unwrap_or("?").to_string();
         let link = vol["link"].as_str().unwrap_or("unknown");
         let why = match vol["state"].as_str() {
-            // Writes cannot be journaled: clients get errors and the mirror falls behind.
+            // Writes cannot be journaled: the mirror falls behind (in track mode the writes
+            // go on, their regions tracked; in block mode clients get errors).
             _ if vol["journal_error"].is_string() => Some(format!(
                 "journal failing: {}",
                 vol["journal_error"].as_str().unwrap_or_default()

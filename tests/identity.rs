@@ -809,6 +809,210 @@ fn primary_journal_enospc_ends_identical() {
 }
 
 // ------------------------------------------------------------------------------------------
+// 5b. The primary's journal disk fails: fsync or writes answer EIO (tools/faultyfs.py under
+// STATE/journal; no device mapper here).
+// ------------------------------------------------------------------------------------------
+
+/// The file system of the pair's [`PairOptions::faulty_log`] (FUSE).
+fn log_fs(p: &Pair) -> &FaultyFs {
+    p.faulty.as_ref().expect("a pair with faulty_log")
+}
+
+/// Tried: the primary's journals on tools/faultyfs.py; a pair replicates 2 MiB; the mirror
+/// stops and a client writes 4 MiB (journaled, unshipped). Then every fsync of a journal
+/// segment fails (EIO) and a client writes 1 MiB and FLUSHes (libnbd). The primary is killed
+/// (-9) with the faults still on; the faults end; both start again. Then, with the link up and
+/// the journal in use again, every write to a journal segment fails (EIO) while a client writes
+/// 4 MiB and FLUSHes; the faults end and a client writes 1 MiB more.
+///
+/// Expected: every client write and FLUSH succeeds (before, the FLUSH got EIO for writes that
+/// were on the volume). The journal folds into the dirty map: the log says why,
+/// `journal_tracking` is true and `journal_folds` moves; status names the failure
+/// (`journal_error` "cannot sync the journal: Input/output error", `status` exits 6) while
+/// the map stays saved (`dirty_map_error` null). After the kill the restart resyncs the map's
+/// regions only (`mode=Resume`, no comparison or copy) and the images are equal. Failing
+/// writes fold the same way; once writes work the failure clears by itself and the mirror ends
+/// byte-identical after stop + recover.
+#[test]
+fn a_journal_disk_that_fails_syncs_or_writes_folds_and_clients_go_on() {
+    let mut p = Pair::running(PairOptions {
+        faulty_log: Some(FaultyLog::PrimaryJournal),
+        ..Default::default()
+    });
+    p.nbd_write(0, &pseudo_random(2 * MIB as usize, 1601));
+    p.wait_synced();
+    assert!(p.mirror.stop().is_some_and(|s| s.success()));
+    p.nbd_write(8 * MIB, &pseudo_random(4 * MIB as usize, 1602));
+    let before = vol0(&p.primary.status());
+    assert_eq!(before["journal_tracking"], false, "{before}");
+    assert!(u(&before, "lag_bytes") >= 4 * MIB, "journaled: {before}");
+
+    // fsync fails. `nbd_write` FLUSHes and fails the test if libnbd hears an error.
+    log_fs(&p).fail("fsync EIO *.jnl\n");
+    let mark = p.primary.log().len();
+    p.nbd_write(16 * MIB, &pseudo_random(MIB as usize, 1603));
+    let fs_log = log_fs(&p).log();
+    assert!(
+        fs_log.contains(&format!("fsync /{VOL}/")) && fs_log.contains(".jnl -> EIO"),
+        "the test did not make a journal fsync fail:\n{fs_log}"
+    );
+    let pv = vol0(&p.primary.status());
+    assert_eq!(
+        pv["journal_tracking"], true,
+        "the journal should fold: {pv}"
+    );
+    assert!(
+        u(&pv, "journal_folds") > u(&before, "journal_folds"),
+        "journal_folds should move: {pv}"
+    );
+    assert!(
+        s(&pv, "journal_error").contains("cannot sync the journal")
+            && s(&pv, "journal_error").contains("Input/output error"),
+        "status should name the failed sync: {pv}"
+    );
+    assert!(pv["dirty_map_error"].is_null(), "the map is saved: {pv}");
+    assert!(
+        u(&pv, "dirty_bytes") >= 5 * MIB,
+        "the unshipped 4 MiB and the new 1 MiB are in the map: {pv}"
+    );
+    assert!(
+        log_since(&p.primary, mark)
+            .contains("journal folded into the dirty map (cannot sync the journal"),
+        "the log should say why the journal folded:\n{}",
+        log_since(&p.primary, mark)
+    );
+    assert_status_exits_6(&p.primary);
+
+    // A crash while the disk still fails: the map saved at the fold names every region.
+    p.primary.kill9();
+    log_fs(&p).heal();
+    let copies = p.full_copies();
+    let mark = p.primary.log().len();
+    p.primary.start();
+    p.mirror.start();
+    let (_, pv) = p.wait_synced();
+    let log = log_since(&p.primary, mark);
+    assert!(
+        log.contains("mode=Resume") && p.full_copies() == copies,
+        "only the map's regions should be resynced, no comparison or copy:\n{log}"
+    );
+    if let Err(e) = compare_files(&p.primary_img, &p.mirror_img) {
+        panic!("lag 0 after the restart, yet: {e}\n{pv}");
+    }
+
+    // Writes to the journal fail, with the link up and the journal in use again.
+    assert_eq!(pv["journal_tracking"], false, "the journal is back: {pv}");
+    let folds = u(&pv, "journal_folds");
+    let failed = log_fs(&p).failures();
+    log_fs(&p).fail("write EIO *.jnl\n");
+    p.nbd_write(24 * MIB, &pseudo_random(4 * MIB as usize, 1604));
+    let fs_log = log_fs(&p).log();
+    assert!(
+        log_fs(&p).failures() > failed && fs_log.contains(&format!("write /{VOL}/")),
+        "the test did not make a journal write fail:\n{fs_log}"
+    );
+    let pv = vol0(&p.primary.status());
+    assert!(
+        u(&pv, "journal_folds") > folds,
+        "a failed append folds: {pv}"
+    );
+    assert!(
+        p.primary
+            .log()
+            .contains("journal folded into the dirty map (an intent cannot be written")
+            || p.primary
+                .log()
+                .contains("journal folded into the dirty map (a record cannot be written"),
+        "the log should say a record could not be written:\n{}",
+        tail_lines(&p.primary.log(), 30)
+    );
+    log_fs(&p).heal();
+    p.nbd_write(40 * MIB, &pseudo_random(MIB as usize, 1605));
+    p.wait(
+        "the failure to clear and the mirror to catch up",
+        LONG,
+        |m, pv| synced(m, pv) && pv["journal_error"].is_null() && pv["journal_tracking"] == false,
+    );
+    p.finish_and_compare();
+}
+
+/// Tried: the primary's journals on tools/faultyfs.py, the mirror away; every fsync there
+/// fails (segments, the dirty map, the directory) and a client writes 2 MiB and FLUSHes. The
+/// faults end and a client writes and FLUSHes again; they come back and a client writes once
+/// more; the primary is killed (-9) with the faults on; they end; both start again.
+///
+/// Expected: every write and FLUSH succeeds. While the map cannot be saved, status says a full
+/// comparison is due (`dirty_map_error`) and the map's file is gone (a restart must not trust
+/// it); once syncs work, the next FLUSH saves it whole again (log "dirty map saved again",
+/// `dirty_map_error` null). After the kill with the map lost again, the restart compares the
+/// mirror (`mode=Compare`: the writes are nowhere but on the volume) and the mirror ends
+/// byte-identical.
+#[test]
+fn a_journal_disk_whose_every_sync_fails_makes_the_restart_compare() {
+    let mut p = Pair::running(PairOptions {
+        faulty_log: Some(FaultyLog::PrimaryJournal),
+        ..Default::default()
+    });
+    p.nbd_write(0, &pseudo_random(2 * MIB as usize, 1611));
+    p.wait_synced();
+    assert!(p.mirror.stop().is_some_and(|s| s.success()));
+    let map = p.primary_state.join("journal").join(VOL).join("dirty.map");
+    let all_syncs = "fsync EIO *\nfsyncdir EIO *\n";
+    let map_lost = |pv: &Value| {
+        let e = s(pv, "dirty_map_error");
+        e.contains("cannot write the dirty map") && e.contains("full comparison")
+    };
+
+    log_fs(&p).fail(all_syncs);
+    p.nbd_write(8 * MIB, &pseudo_random(2 * MIB as usize, 1612));
+    let pv = vol0(&p.primary.status());
+    assert_eq!(
+        pv["journal_tracking"], true,
+        "the journal should fold: {pv}"
+    );
+    assert!(map_lost(&pv), "status should say a comparison is due: {pv}");
+    assert!(!map.exists(), "a map that lacks marks is removed: {pv}");
+    assert!(
+        log_fs(&p).log().contains("dirty.map -> EIO"),
+        "the test did not make the map's sync fail:\n{}",
+        log_fs(&p).log()
+    );
+
+    // Syncs work again: the next FLUSH saves the map whole.
+    log_fs(&p).heal();
+    let mark = p.primary.log().len();
+    p.nbd_write(12 * MIB, &pseudo_random(MIB as usize, 1613));
+    let pv = vol0(&p.primary.status());
+    assert!(
+        pv["dirty_map_error"].is_null() && map.exists(),
+        "the map should be saved again: {pv}"
+    );
+    assert!(
+        log_since(&p.primary, mark).contains("dirty map saved again"),
+        "{}",
+        log_since(&p.primary, mark)
+    );
+
+    // Lost again, then a crash: nothing on disk names the regions written meanwhile.
+    log_fs(&p).fail(all_syncs);
+    p.nbd_write(16 * MIB, &pseudo_random(MIB as usize, 1614));
+    let pv = vol0(&p.primary.status());
+    assert!(map_lost(&pv) && !map.exists(), "{pv}");
+    p.primary.kill9();
+    log_fs(&p).heal();
+    let mark = p.primary.log().len();
+    p.primary.start();
+    p.mirror.start();
+    p.wait_synced();
+    let log = log_since(&p.primary, mark);
+    assert!(
+        log.contains("mode=Compare"),
+        "without a map the mirror must be compared:\n{log}"
+    );
+    p.finish_and_compare();
+}
+
+// ------------------------------------------------------------------------------------------
 // 6. The mirror's redo log file system full.
 // ------------------------------------------------------------------------------------------
 

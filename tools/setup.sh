@@ -52,6 +52,10 @@ missing() {
   if ! /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1; then
     echo "python3-libnbd /usr/bin/python3:nbd"
   fi
+  # tools/faultyfs.py (a journal disk that fails, for the tests) is a fusepy file system.
+  if ! /usr/bin/python3 -c 'import fusepy' >/dev/null 2>&1; then
+    echo "python3-fusepy /usr/bin/python3:fusepy"
+  fi
 }
 
 # Sets `pkgs` (each once) and `what` ("command (package), ...") from the output of `missing`.

@@ -883,13 +883,18 @@ impl Journal {
             g.map_untrusted = true;
             let path = g.map.as_ref().expect("a map failed").path().to_path_buf();
             let removed = match self.opts.fs.remove_file(&path) {
-                Err(r) if r.kind() != io::ErrorKind::NotFound => Err(r),
-                _ => self.opts.fs.sync_dir(&self.opts.dir),
+                Err(r) if r.kind() != io::ErrorKind::NotFound => Err(format!(
+                    "it cannot be removed ({r}): a restart would trust an incomplete map"
+                )),
+                _ => self.opts.fs.sync_dir(&self.opts.dir).map_err(|r| {
+                    format!(
+                        "its removal cannot be made durable ({r}): a restart after a power \
+                         cut could trust an incomplete map"
+                    )
+                }),
             };
             if let Err(r) = removed {
-                why.push_str(&format!(
-                    "; and it cannot be removed ({r}): a restart would trust an incomplete map"
-                ));
+                why.push_str(&format!("; and {r}"));
             }
             tracing::error!("{why}");
         }

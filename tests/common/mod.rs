@@ -1048,6 +1048,110 @@ impl Drop for Tmpfs {
     }
 }
 
+/// tools/faultyfs.py mounted at a directory (created): a pass-through FUSE file system over a
+/// backing directory beside it that fails the operations its rules name (a journal disk that
+/// fails fsync or writes, which these machines cannot make with a device mapper). Unmounted on
+/// Drop, so a failing test leaves no mount behind.
+pub(crate) struct FaultyFs {
+    pub dir: PathBuf,
+    rules: PathBuf,
+    log: PathBuf,
+    child: Child,
+}
+
+impl FaultyFs {
+    /// Mount it at `dir`; its files live in `dir`.backing, its rules file and log beside it.
+    pub(crate) fn mount(dir: &Path) -> FaultyFs {
+        let side = |ext: &str| dir.with_extension(ext);
+        let backing = side("backing");
+        std::fs::create_dir_all(dir).expect("create the mount point");
+        std::fs::create_dir_all(&backing).expect("create the backing directory");
+        let log = side("faultyfs.log");
+        let child = Command::new("/usr/bin/python3")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/faultyfs.py"))
+            .arg(&backing)
+            .arg(dir)
+            .arg("--faults")
+            .arg(side("rules"))
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).expect("create the faultyfs log"))
+            .spawn()
+            .expect("start tools/faultyfs.py (python3-fusepy installed? tools/setup.sh)");
+        let mut fs = FaultyFs {
+            dir: dir.to_path_buf(),
+            rules: side("rules"),
+            log,
+            child,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !is_mount_point(dir) {
+            if let Ok(Some(status)) = fs.child.try_wait() {
+                panic!(
+                    "faultyfs exited with {status} before mounting:\n{}",
+                    fs.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "faultyfs did not mount:\n{}",
+                fs.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        fs
+    }
+
+    /// Fail what `rules` names from now on (`OPERATION ERRNO GLOB` lines, tools/faultyfs.py),
+    /// in place of any rules before.
+    pub(crate) fn fail(&self, rules: &str) {
+        let tmp = self.rules.with_extension("new");
+        std::fs::write(&tmp, rules).unwrap();
+        std::fs::rename(&tmp, &self.rules).unwrap();
+    }
+
+    /// No more faults.
+    pub(crate) fn heal(&self) {
+        let _ = std::fs::remove_file(&self.rules);
+    }
+
+    /// What it said: one `faultyfs: OPERATION PATH -> ERRNO` line per failed call.
+    pub(crate) fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// How many calls it failed so far.
+    pub(crate) fn failures(&self) -> usize {
+        self.log().lines().filter(|l| l.contains(" -> ")).count()
+    }
+}
+
+impl Drop for FaultyFs {
+    fn drop(&mut self) {
+        umount_quietly(&self.dir);
+        // Unmounted, the file system's process ends by itself.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether `dir` is a mount point (in this process's mount table).
+pub(crate) fn is_mount_point(dir: &Path) -> bool {
+    let Ok(dir) = dir.canonicalize() else {
+        return false;
+    };
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(dir.to_str().unwrap_or_default()))
+}
+
 /// Write zeroes to a new file at `path` until its file system says ENOSPC (1 MiB writes, then
 /// 4 KiB ones for the rest); returns the bytes written. Removing the file frees the space.
 pub(crate) fn fill_file_system(path: &Path) -> u64 {

@@ -138,6 +138,17 @@ pub(crate) struct PairOptions {
     pub primary_tmpfs: Option<&'static str>,
     /// Put the mirror's state directory on a tmpfs of this size.
     pub mirror_tmpfs: Option<&'static str>,
+    /// Put the primary's journals or the mirror's redo logs on a [`FaultyFs`] ([`Pair::faulty`]),
+    /// for a log disk that fails.
+    pub faulty_log: Option<FaultyLog>,
+}
+
+/// Whose logs [`PairOptions::faulty_log`] puts on a [`FaultyFs`].
+pub(crate) enum FaultyLog {
+    /// The primary's `STATE/journal`.
+    PrimaryJournal,
+    /// The mirror's `STATE/redo`.
+    MirrorRedo,
 }
 
 impl Default for PairOptions {
@@ -149,6 +160,7 @@ impl Default for PairOptions {
             primary_extra: Vec::new(),
             primary_tmpfs: None,
             mirror_tmpfs: None,
+            faulty_log: None,
         }
     }
 }
@@ -180,6 +192,8 @@ pub(crate) struct Pair {
     /// The tmpfs mounts of [`PairOptions::primary_tmpfs`] and [`PairOptions::mirror_tmpfs`],
     /// the primary's first.
     pub tmpfs: Vec<Tmpfs>,
+    /// The file system of [`PairOptions::faulty_log`].
+    pub faulty: Option<FaultyFs>,
     dir: tempfile::TempDir,
 }
 
@@ -217,6 +231,12 @@ impl Pair {
         };
         let primary_state = state_dir("primary-state", opts.primary_tmpfs);
         let mirror_state = state_dir("mirror-state", opts.mirror_tmpfs);
+        let faulty = opts.faulty_log.map(|at| {
+            FaultyFs::mount(&match at {
+                FaultyLog::PrimaryJournal => primary_state.join("journal"),
+                FaultyLog::MirrorRedo => mirror_state.join("redo"),
+            })
+        });
         let mirror_img = d.join("mirror.img");
         let primary_img = d.join("primary.img");
         let nbd_sock = d.join("nbd.sock");
@@ -232,6 +252,7 @@ impl Pair {
             mirror_state,
             nbd_sock,
             tmpfs,
+            faulty,
             dir,
         };
         pair.mirror = pair.mirror_daemon(
