@@ -1012,6 +1012,74 @@ fn a_journal_disk_whose_every_sync_fails_makes_the_restart_compare() {
     p.finish_and_compare();
 }
 
+/// Tried: the mirror's redo logs on tools/faultyfs.py; a pair replicates 2 MiB; every fsync
+/// there fails (EIO) while a client writes 4 MiB and FLUSHes; the faults end; a client
+/// writes 1 MiB; the admin restarts the mirror (SIGTERM, start).
+///
+/// Expected: the clients' writes and FLUSHes succeed (the primary journals them: production
+/// does not wait for the safe). The mirror acknowledges nothing past the failure and says
+/// why (`state` failed, `state_detail` names the redo log's failed sync and asks for a
+/// restart; the primary's `last_error` names it; `status` exits 6 on both), and stays so
+/// after the faults end: a log whose sync failed is not trusted again (its pages may never
+/// reach the disk). After the restart replication resumes without a copy or a comparison and
+/// the mirror ends byte-identical.
+#[test]
+fn a_redo_log_disk_that_fails_syncs_stops_the_mirror_until_restarted() {
+    let mut p = Pair::running(PairOptions {
+        faulty_log: Some(FaultyLog::MirrorRedo),
+        ..Default::default()
+    });
+    p.nbd_write(0, &pseudo_random(2 * MIB as usize, 1621));
+    p.wait_synced();
+    log_fs(&p).fail("fsync EIO *.redo\n");
+    p.nbd_write(8 * MIB, &pseudo_random(4 * MIB as usize, 1622));
+    let (m, pv) = p.wait("the mirror reports its failed redo log", LONG, |m, pv| {
+        m["state"] == "failed" && s(pv, "last_error").contains("redo log")
+    });
+    eprintln!("redo_eio: mirror {m}\nprimary {pv}");
+    assert!(
+        log_fs(&p).log().contains(" -> EIO"),
+        "the test did not make a redo sync fail:\n{}",
+        log_fs(&p).log()
+    );
+    assert!(
+        s(&m, "state_detail").contains("redo log failed: sync")
+            && s(&m, "state_detail").contains("restart the mirror"),
+        "the mirror's status should say what failed and what to do: {m}"
+    );
+    assert!(
+        u(&pv, "lag_bytes") >= 4 * MIB,
+        "the primary keeps the writes: {pv}"
+    );
+    assert_status_exits_6(&p.mirror);
+    assert_status_exits_6(&p.primary);
+
+    // Healed, but not trusted until restarted: nothing more is acknowledged.
+    log_fs(&p).heal();
+    let acked = u(&pv, "acked_seq");
+    p.nbd_write(16 * MIB, &pseudo_random(MIB as usize, 1623));
+    std::thread::sleep(Duration::from_secs(2));
+    let (m, pv) = p.vols();
+    assert_eq!(m["state"], "failed", "{m}");
+    assert_eq!(
+        u(&pv, "acked_seq"),
+        acked,
+        "nothing acknowledged past the failure: {pv}"
+    );
+
+    let copies = p.full_copies();
+    stop_ok(&mut p.mirror);
+    let mark = p.primary.log().len();
+    p.mirror.start();
+    p.wait_synced();
+    let log = log_since(&p.primary, mark);
+    assert!(
+        p.full_copies() == copies && log.contains("mode=Resume"),
+        "the restarted mirror should resume, not be copied or compared:\n{log}"
+    );
+    p.finish_and_compare();
+}
+
 // ------------------------------------------------------------------------------------------
 // 6. The mirror's redo log file system full.
 // ------------------------------------------------------------------------------------------

@@ -20,7 +20,10 @@
 //! decided independently; `set_len` is durable with the file's next `sync_data`.
 //!
 //! Faults: a capacity (writes past it are cut short, then fail with ENOSPC) and a count of
-//! `sync_data` calls to fail with EIO.
+//! `sync_data` calls to fail with EIO. A failed sync is Linux's (ext4, xfs since 4.13): the
+//! blocks it was to write back are marked clean in the page cache but never reached the disk,
+//! so a later sync that succeeds does not make them durable; a crash brings them back old,
+//! unless they were written again since.
 
 use super::{FileHandle, FileSystem, Handle, OpenOptions};
 use crate::sim::rng::Prng;
@@ -55,6 +58,9 @@ struct Inode {
     durable: Vec<u8>,
     /// Blocks written since the last sync.
     dirty: BTreeSet<u64>,
+    /// Blocks whose writeback failed (a failed sync) and that were not written since: clean
+    /// in the cache, old on the disk, whatever later syncs say.
+    lost: BTreeSet<u64>,
 }
 
 impl Inode {
@@ -62,7 +68,30 @@ impl Inode {
         if to > from {
             let (first, last) = (from / BLOCK as u64, (to - 1) / BLOCK as u64);
             self.dirty.extend(first..=last);
+            self.lost.retain(|b| !(first..=last).contains(b));
         }
+    }
+
+    /// A sync that failed: the dirty blocks' writeback failed, and the cache forgets them.
+    fn sync_failed(&mut self) {
+        let dirty = std::mem::take(&mut self.dirty);
+        self.lost.extend(dirty);
+    }
+
+    /// A sync that worked: everything is on the disk but the blocks lost before.
+    fn synced(&mut self) {
+        let old = std::mem::replace(&mut self.durable, self.current.clone());
+        for &b in &self.lost {
+            let start = b as usize * BLOCK;
+            if start >= self.durable.len() {
+                break;
+            }
+            let end = (start + BLOCK).min(self.durable.len());
+            for (i, byte) in self.durable[start..end].iter_mut().enumerate() {
+                *byte = old.get(start + i).copied().unwrap_or(0);
+            }
+        }
+        self.dirty.clear();
     }
 
     /// What a power cut leaves of this file.
@@ -92,6 +121,7 @@ impl Inode {
         self.current = kept.clone();
         self.durable = kept;
         self.dirty.clear();
+        self.lost.clear();
     }
 }
 
@@ -495,13 +525,13 @@ impl FileHandle for MemHandle {
     fn sync_data(&self) -> io::Result<()> {
         self.with(|s| {
             s.alive()?;
+            let inode = s.inodes.get_mut(&self.ino).expect("checked");
             if s.faults.failing_syncs > 0 {
+                inode.sync_failed();
                 s.faults.failing_syncs -= 1;
                 return Err(io::Error::from_raw_os_error(libc::EIO));
             }
-            let inode = s.inodes.get_mut(&self.ino).expect("checked");
-            inode.durable = inode.current.clone();
-            inode.dirty.clear();
+            inode.synced();
             s.synced();
             Ok(())
         })
@@ -566,6 +596,38 @@ mod tests {
                 "synced bytes are intact"
             );
             assert!(f.size().is_err(), "handles die with the crash");
+        }
+    }
+
+    /// Linux's failed sync: the blocks it was to write back read as written until a crash,
+    /// a later sync that works does not save them, a crash brings them back old; a block
+    /// written again after the failure is saved by the next sync.
+    #[test]
+    fn blocks_whose_sync_failed_are_lost_at_a_crash_whatever_later_syncs_say() {
+        for seed in 0..50 {
+            let fs = MemFs::new();
+            let f = file(&fs, "/d/a");
+            write_all_at(&*f, &[1u8; 3 * BLOCK], 0).unwrap();
+            f.sync_data().unwrap();
+            fs.sync_dir(Path::new("/d")).unwrap();
+            write_all_at(&*f, &[2u8; 3 * BLOCK], 0).unwrap();
+            fs.set_faults(Faults {
+                failing_syncs: 1,
+                ..Default::default()
+            });
+            assert!(f.sync_data().is_err());
+            write_all_at(&*f, &[3u8; BLOCK], BLOCK as u64).unwrap();
+            f.sync_data().unwrap();
+            let mut now = vec![0u8; 3 * BLOCK];
+            f.read_at(&mut now, 0).unwrap();
+            assert!(
+                now[..BLOCK].iter().all(|&b| b == 2),
+                "the cache still has it"
+            );
+            fs.crash(&mut Prng::new(seed));
+            let data = fs.read(Path::new("/d/a")).unwrap();
+            let blocks: Vec<u8> = data.chunks(BLOCK).map(|b| b[0]).collect();
+            assert_eq!(blocks, vec![1, 3, 1], "seed {seed}");
         }
     }
 

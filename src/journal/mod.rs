@@ -1373,8 +1373,11 @@ impl Journal {
     /// regions. If the map cannot be saved either, its file is removed and status says a
     /// full comparison is due: a restart finds no map (or, after a power cut, a host crash
     /// that breaks the generation) and the mirror is compared, never resumed past writes
-    /// that are nowhere. In block mode the caller hears the error. Status names the failure
-    /// until a sync works again.
+    /// that are nowhere. In block mode the caller hears the error, once, as from a disk whose
+    /// write failed: the records may never reach the disk (Linux marks pages whose writeback
+    /// failed clean, so a later sync does not retry them), which matters only after a power
+    /// cut, and a host crash already breaks the generation. Status names the failure until a
+    /// sync works again.
     fn sync_failed(&self, e: io::Error, what: &str) -> io::Result<()> {
         let mut g = self.inner.lock().unwrap();
         let why = format!("{what}: {e}");
