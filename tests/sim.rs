@@ -374,6 +374,29 @@ fn a_verify_never_compares_against_a_set_it_overtook() {
     );
 }
 
+/// A primary whose dirty map could not be saved is killed, restarted, and later switched over:
+/// the comparison its lost map makes due must still be expected of it after the new primary
+/// takes over the record of decisions (the simulator's waiver moved with them). Seed
+/// 1796516613943686061 (failing syncs) broke this.
+#[test]
+fn a_lost_map_still_explains_its_comparison_after_a_switchover() {
+    let seed = 1796516613943686061;
+    let cfg = SimConfig {
+        failing_syncs: true,
+        ..sim::config_for_seed(seed)
+    };
+    let out = sim::run(seed, &cfg);
+    assert!(out.violations.is_empty(), "{:?}", out.violations);
+    assert_eq!(out.scenario, Scenario::Switchover);
+    assert!(out.stats.sync_faults >= 1, "{:?}", out.stats);
+    assert!(
+        out.trace
+            .iter()
+            .any(|l| l.contains("holds only the writes after")),
+        "the comparison after the lost map is what this seed tests"
+    );
+}
+
 /// A failed-back secondary that does not name the regions it gave up keeps its old writes
 /// there after the resync: the pair never converges, and the simulator says so.
 #[test]

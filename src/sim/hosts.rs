@@ -1024,6 +1024,8 @@ impl PrimaryHost {
         log.append(&mut self.log);
         self.log = log;
         self.decisions = std::mem::take(&mut old.decisions);
+        // Indexes into `decisions`: they move with it.
+        self.map_lost_at = std::mem::take(&mut old.map_lost_at);
         self.refusals = std::mem::take(&mut old.refusals);
         self.verifies = std::mem::take(&mut old.verifies);
         self.stalls += old.stalls;
