@@ -42,6 +42,10 @@ def parse_rules(text):
         if len(parts) != 3 or parts[0] not in OPERATIONS or not hasattr(errno, parts[1]):
             raise ValueError(f"line {n}: {line!r}: want 'OPERATION ERRNO GLOB', "
                              f"OPERATION one of {', '.join(OPERATIONS)}")
+        if parts[1] == "ENOSYS":
+            # FUSE takes ENOSYS as "not implemented" and never asks again: every later call
+            # would succeed without reaching this file system.
+            raise ValueError(f"line {n}: ENOSYS would turn the operation off for good")
         rules.append((parts[0], getattr(errno, parts[1]), parts[1], parts[2]))
     return rules
 
@@ -56,23 +60,23 @@ class Rules:
         self.lock = threading.Lock()
 
     def current(self):
+        # Opened first, then looked at: the file may be removed (healed) at any moment, and
+        # a rule that is half gone must not fail the call being served.
         try:
-            st = os.stat(self.path)
-            key = (st.st_mtime_ns, st.st_size, st.st_ino)
+            with open(self.path) as f:
+                text = f.read()
         except FileNotFoundError:
-            key = None
+            text = None
         with self.lock:
-            if key != self.seen:
-                if key is None:
-                    self.rules = []
-                else:
-                    with open(self.path) as f:
-                        try:
-                            self.rules = parse_rules(f.read())
-                        except ValueError as e:
-                            # A bad rule fails nothing: say so once, keep the old rules.
-                            print(f"faultyfs: {self.path}: {e}", file=sys.stderr, flush=True)
-                self.seen = key
+            if text != self.seen:
+                self.rules = []
+                if text is not None:
+                    try:
+                        self.rules = parse_rules(text)
+                    except ValueError as e:
+                        # A bad rule fails nothing: say so once.
+                        print(f"faultyfs: {self.path}: {e}", file=sys.stderr, flush=True)
+                self.seen = text
             return self.rules
 
     def check(self, operation, path):
@@ -150,7 +154,9 @@ class Passthrough(Operations):
 
     def create(self, path, mode, fi=None):
         self.rules.check("create", path)
-        return os.open(self._full(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        # Read and written through this handle whatever the caller asked (fusepy does not
+        # pass its flags here): the kernel reads through it too, for mmap among others.
+        return os.open(self._full(path), os.O_RDWR | os.O_CREAT, mode)
 
     def read(self, path, size, offset, fh):
         return os.pread(fh, size, offset)

@@ -1375,9 +1375,11 @@ impl Journal {
     /// that breaks the generation) and the mirror is compared, never resumed past writes
     /// that are nowhere. In block mode the caller hears the error, once, as from a disk whose
     /// write failed: the records may never reach the disk (Linux marks pages whose writeback
-    /// failed clean, so a later sync does not retry them), which matters only after a power
-    /// cut, and a host crash already breaks the generation. Status names the failure until a
-    /// sync works again.
+    /// failed clean, so a later sync does not retry them). After a power cut that is no worse
+    /// than any unsynced tail (a host crash breaks the generation: the mirror is compared);
+    /// pages evicted before they are shipped read back old, and the mirror refuses them (the
+    /// journal's CRC travels with each record).
+    /// Status names the failure until a sync works again.
     fn sync_failed(&self, e: io::Error, what: &str) -> io::Result<()> {
         let mut g = self.inner.lock().unwrap();
         let why = format!("{what}: {e}");

@@ -660,7 +660,17 @@ impl MirrorVolume {
                     if history && self.room_from_history(&e) {
                         continue;
                     }
+                    let lasting = self
+                        .history
+                        .as_ref()
+                        .and_then(|h| h.lock().unwrap().log.failed().map(str::to_string));
                     let mut core = self.core.lock().unwrap();
+                    if let Some(why) = lasting {
+                        core.fail_until_restart(Failure {
+                            code: RefuseCode::RedoFailed,
+                            why: format!("mirror state directory failed: {why}"),
+                        });
+                    }
                     if history && e.kind() == io::ErrorKind::StorageFull {
                         // Not a failure: the volume is consistent at its older point.
                         core.apply_waits(format!(
@@ -1222,7 +1232,7 @@ impl MirrorVolume {
                 let why = format!(
                     "mirror redo log failed: sync: {e} (restart the mirror once its disk is fixed)"
                 );
-                self.core.lock().unwrap().fail(Failure {
+                self.core.lock().unwrap().fail_until_restart(Failure {
                     code: RefuseCode::VolumeFailed,
                     why: why.clone(),
                 });
@@ -1662,6 +1672,10 @@ impl MirrorVolume {
         let bad = |e: StreamError| (RefuseCode::BadMessage, e.to_string());
         // Whatever earlier sessions left in the pipeline is written, synced and applied
         // first, or dropped if not yet written: the decision sees exactly what is durable.
+        // Refused at once, not after the barrier times out behind an applier that retries.
+        if let Some(f) = self.core.lock().unwrap().lasting_failure() {
+            return Err((f.code, f.why.clone()));
+        }
         let session = self.core.lock().unwrap().new_session();
         self.barrier(session).await?;
         let accept = self.core.lock().unwrap().hello(

@@ -106,7 +106,8 @@ impl RedoLog {
             // stay off the disk whatever a sync says, leaving a hole before the sets appended
             // next.
             if pos > 0 {
-                write_all_at(&*f, &data[..pos], 0)?;
+                // (The last entry's padding may lie past the file's end.)
+                write_all_at(&*f, &data[..pos.min(data.len())], 0)?;
                 f.sync_data()?;
             }
             // Segments are written with O_DIRECT later: leave no cached pages behind.

@@ -1083,6 +1083,9 @@ struct MirrorUp {
     last_checkpoint: Duration,
     unsaved: bool,
     history: Keeper,
+    /// A staged resync whose commit failed part-way, from its first set: retried, as the
+    /// mirror's applier retries it, without asking the core for the step again.
+    committing: Option<u64>,
 }
 
 /// The mirror host (see the module doc).
@@ -1248,6 +1251,7 @@ impl MirrorHost {
             last_checkpoint: clock.now(),
             unsaved: false,
             history,
+            committing: None,
         });
         Ok(())
     }
@@ -1449,6 +1453,22 @@ impl MirrorHost {
                 self.drain(clock, link, rng);
                 self.checkpoint(clock, true);
                 let Some(u) = self.up.as_mut() else { return };
+                // The applier cannot take its next set (it retries): the mirror's barrier
+                // waits for it, so the Identify goes unanswered (the primary times out), unless
+                // a failure only a restart ends refuses it (the decision does).
+                let stuck = u
+                    .pipeline
+                    .iter()
+                    .any(|i| matches!(i, Item::Set { durable: true, .. }));
+                if stuck && u.core.lasting_failure().is_none() {
+                    let why = u.core.failure().map(|f| f.why.clone()).unwrap_or_default();
+                    self.log.push(stamp(
+                        &self.clock,
+                        "mirror",
+                        format!("conn {conn}: no answer: the applier retries a set ({why})"),
+                    ));
+                    return;
+                }
                 let before = format!(
                     "(claim acked {} last {}; mirror at set {} seq {} consistent {} staged {:?})",
                     claim.journal_acked,
@@ -1582,7 +1602,7 @@ impl MirrorHost {
         }
         for h in std::mem::take(&mut u.unsynced) {
             if let Err(e) = h.sync_data() {
-                u.core.fail(Failure {
+                u.core.fail_until_restart(Failure {
                     code: RefuseCode::VolumeFailed,
                     why: format!(
                         "mirror redo log failed: sync: {e} (restart the mirror once its disk \
@@ -1625,12 +1645,43 @@ impl MirrorHost {
         match u.pipeline.front() {
             Some(Item::Set { durable: true, .. }) => {
                 let Some(Item::Set {
-                    set, received_ms, ..
+                    set,
+                    after,
+                    received_ms,
+                    conn,
+                    ..
                 }) = u.pipeline.pop_front()
                 else {
                     unreachable!()
                 };
-                match u.core.next_step(&set, received_ms) {
+                let step = match u.committing {
+                    Some(first) => Ok(apply::Step::Commit {
+                        first,
+                        state: Box::default(),
+                    }),
+                    None => u.core.next_step(&set, received_ms),
+                };
+                // As the mirror's applier: a set whose before-images or commit failed stays
+                // first, tried again later (the redo log holds it; none may be skipped).
+                let failed = |u: &mut MirrorUp, set, why: String| {
+                    let failure = Failure {
+                        code: RefuseCode::RedoFailed,
+                        why,
+                    };
+                    if u.history.log.failed().is_some() {
+                        u.core.fail_until_restart(failure);
+                    } else {
+                        u.core.fail(failure);
+                    }
+                    u.pipeline.push_front(Item::Set {
+                        set,
+                        after,
+                        durable: true,
+                        received_ms,
+                        conn,
+                    });
+                };
+                match step {
                     Err(why) => {
                         u.core.fail(Failure {
                             code: RefuseCode::VolumeFailed,
@@ -1666,12 +1717,11 @@ impl MirrorHost {
                             )
                         });
                         if let Err(e) = committed {
-                            core.fail(Failure {
-                                code: RefuseCode::VolumeFailed,
-                                why: format!("reading staged sets: {e}"),
-                            });
+                            u.committing = Some(first);
+                            failed(u, set, format!("mirror state directory failed: {e}"));
                             return false;
                         }
+                        u.committing = None;
                         self.commits += 1;
                     }
                 }
@@ -1689,10 +1739,11 @@ impl MirrorHost {
                     .apply(&set)
                 });
                 if let Err(e) = saved {
-                    u.core.fail(Failure {
-                        code: RefuseCode::VolumeFailed,
-                        why: format!("history: {e}"),
-                    });
+                    failed(
+                        u,
+                        set,
+                        format!("mirror state directory failed: history: {e}"),
+                    );
                     return false;
                 }
                 u.core.applied(&set, received_ms);
@@ -1748,10 +1799,9 @@ impl MirrorHost {
             return;
         }
         u.core.checkpoint_done(state.applied_set);
-        // A point per checkpoint, as the mirror makes them (its history has no faults here).
-        u.history
-            .checkpointed(&state, clock.wall_ms())
-            .expect("the history's device does not fail");
+        // A point per checkpoint, as the mirror makes them; one that cannot be recorded is a
+        // point less (the mirror logs it), never a failure.
+        let _ = u.history.checkpointed(&state, clock.wall_ms());
         let _ = u.redo.trim(state.applied_set);
         u.last_checkpoint = clock.now();
         u.unsaved = false;

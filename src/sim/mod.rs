@@ -706,6 +706,7 @@ impl World {
             if self.rng.chance(full * 2, 10_000) {
                 self.primary.fs.set_faults(Default::default());
                 self.mirror.fs.set_faults(Default::default());
+                self.mirror.history_fs.set_faults(Default::default());
             }
         }
         let r = self.rng.below(1000);
@@ -874,10 +875,23 @@ impl World {
             } else {
                 self.mirror.note(note);
             }
-            crate::env::mem::Faults {
+            let failing = crate::env::mem::Faults {
                 failing_syncs: n,
                 ..Default::default()
+            };
+            // A mirror's history shares its state directory in production (a device of its
+            // own here, for the history's own capacity faults): its syncs fail too, or only
+            // they do, or only the redo log's and the state's, whichever comes first.
+            if !primary {
+                let which = self.rng.below(3);
+                if which > 0 {
+                    self.mirror.history_fs.set_faults(failing.clone());
+                }
+                if which == 1 {
+                    return;
+                }
             }
+            failing
         } else {
             crate::env::mem::Faults {
                 capacity: Some(fs.used_bytes() + self.rng.below(64 << 10)),
@@ -1447,6 +1461,7 @@ impl World {
     fn quiesce(&mut self) {
         self.primary.fs.set_faults(Default::default());
         self.mirror.fs.set_faults(Default::default());
+        self.mirror.history_fs.set_faults(Default::default());
         self.link.faults = link::Faults::default();
         self.link.partitioned_until = self.clock.now();
         // A mirror whose redo log failed a sync trusts it again only after a restart: the

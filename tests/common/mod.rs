@@ -1049,7 +1049,7 @@ impl Drop for Tmpfs {
 }
 
 /// tools/faultyfs.py mounted at a directory (created): a pass-through FUSE file system over a
-/// backing directory beside it that fails the operations its rules name (a journal disk that
+/// backing directory beside it that fails the operations its rules name (a log's disk that
 /// fails fsync or writes, which these machines cannot make with a device mapper). Unmounted on
 /// Drop, so a failing test leaves no mount behind.
 pub(crate) struct FaultyFs {
@@ -1142,7 +1142,7 @@ impl Drop for FaultyFs {
 }
 
 /// Whether `dir` is a mount point (in this process's mount table).
-pub(crate) fn is_mount_point(dir: &Path) -> bool {
+fn is_mount_point(dir: &Path) -> bool {
     let Ok(dir) = dir.canonicalize() else {
         return false;
     };

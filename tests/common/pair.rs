@@ -189,11 +189,12 @@ pub(crate) struct Pair {
     pub primary_state: PathBuf,
     pub mirror_state: PathBuf,
     pub nbd_sock: PathBuf,
+    /// The file system of [`PairOptions::faulty_log`] (unmounted before the tmpfs it may
+    /// stand on).
+    pub faulty: Option<FaultyFs>,
     /// The tmpfs mounts of [`PairOptions::primary_tmpfs`] and [`PairOptions::mirror_tmpfs`],
     /// the primary's first.
     pub tmpfs: Vec<Tmpfs>,
-    /// The file system of [`PairOptions::faulty_log`].
-    pub faulty: Option<FaultyFs>,
     dir: tempfile::TempDir,
 }
 

@@ -82,6 +82,11 @@ pub struct MirrorCore {
     /// arriving after it are dropped (their primary re-sends them).
     session: u64,
     failure: Option<Failure>,
+    /// A failure only a restart ends: the redo log or the history failed a sync, and what it
+    /// holds may never reach the disk whatever later syncs say (Linux marks pages whose
+    /// writeback failed clean). No other failure replaces it and nothing clears it: a record
+    /// appended after those would sit behind a hole after a power cut.
+    lasting: Option<Failure>,
     /// A permanent refusal of the last session (split brain, unrelated), for status.
     refused: Option<(ReplState, String)>,
     /// This session's decision named writes this side gave up (Takeover): the first set must
@@ -194,6 +199,7 @@ impl MirrorCore {
             sessions: 0,
             session: 0,
             failure: None,
+            lasting: None,
             refused: None,
             resync_first: false,
             volume_holds_data,
@@ -230,7 +236,7 @@ impl MirrorCore {
     }
 
     pub fn failure(&self) -> Option<&Failure> {
-        self.failure.as_ref()
+        self.lasting.as_ref().or(self.failure.as_ref())
     }
 
     pub fn refused(&self) -> Option<&(ReplState, String)> {
@@ -292,6 +298,9 @@ impl MirrorCore {
             ));
         }
         check_hello(version, volume, size, self.size)?;
+        if let Some(f) = &self.lasting {
+            return Err((f.code, f.why.clone()));
+        }
         match &self.failure {
             // The redo log is retried by the session itself: if it is still full or broken,
             // its first write fails again and says so.
@@ -445,7 +454,7 @@ impl MirrorCore {
         if session < self.session {
             return Ok(None);
         }
-        if let Some(f) = &self.failure {
+        if let Some(f) = self.failure() {
             return Err((f.code, f.why.clone()));
         }
         if let Some(why) = &self.waiting {
@@ -738,6 +747,19 @@ impl MirrorCore {
     }
 
     /// A part of the mirror's storage failed (I2: never silent).
+    /// The failure only a restart ends, if there is one (see `lasting`).
+    pub fn lasting_failure(&self) -> Option<&Failure> {
+        self.lasting.as_ref()
+    }
+
+    /// A failure only a restart ends (see `lasting`); the first one is kept.
+    pub fn fail_until_restart(&mut self, failure: Failure) {
+        if self.lasting.is_none() {
+            tracing::error!(volume = %self.name, code = ?failure.code, "{}", failure.why);
+            self.lasting = Some(failure);
+        }
+    }
+
     pub fn fail(&mut self, failure: Failure) {
         // Logged once, not at every retry of the same failure.
         if self.failure.as_ref() != Some(&failure) {
@@ -805,7 +827,7 @@ impl MirrorCore {
 
     /// What status shows of the volume's replication state.
     pub fn repl_state(&self, link_up: bool) -> ReplState {
-        if self.failure.is_some() {
+        if self.failure().is_some() {
             return ReplState::Failed;
         }
         if let Some((s, _)) = &self.refused {
