@@ -149,6 +149,8 @@ pub(crate) enum FaultyLog {
     PrimaryJournal,
     /// The mirror's `STATE/redo`.
     MirrorRedo,
+    /// The mirror's `STATE/history` (the mirror needs `--history`).
+    MirrorHistory,
 }
 
 impl Default for PairOptions {
@@ -236,6 +238,7 @@ impl Pair {
             FaultyFs::mount(&match at {
                 FaultyLog::PrimaryJournal => primary_state.join("journal"),
                 FaultyLog::MirrorRedo => mirror_state.join("redo"),
+                FaultyLog::MirrorHistory => mirror_state.join("history"),
             })
         });
         let mirror_img = d.join("mirror.img");
