@@ -42,9 +42,12 @@ const SUFFIX: &str = ".undo";
 /// retention drops them).
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 
-/// The longest run of adjacent extents kept as one before-image record (its buffer is
-/// allocated whole).
-const MAX_RUN_BYTES: u64 = 8 << 20;
+/// The longest before-image record: a run of adjacent extents, or a piece of a long one (its
+/// buffer is allocated whole, and reads of an export look this far back for records).
+const MAX_RUN_BYTES: u64 = 4 << 20;
+/// Before-images are appended once this many bytes of them are read (the applier's memory
+/// for them stays near this plus one record).
+const APPEND_BATCH_BYTES: usize = 8 << 20;
 
 /// A recoverable point: the volume as it was right after `set` was applied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,8 +78,9 @@ struct Segment {
     path: PathBuf,
     /// Reads, through the page cache.
     file: Handle,
-    /// Appends, with O_DIRECT where the file system takes it.
-    writer: Handle,
+    /// Appends, with O_DIRECT where the file system takes it: the last segment's only (the
+    /// others are never appended to, and a long history must not hold twice the files open).
+    writer: Option<Handle>,
     len: u64,
     /// The bytes of the block `len` ends in, written again with the next append.
     tail: Vec<u8>,
@@ -85,15 +89,22 @@ struct Segment {
 impl Segment {
     fn open(fs: &Fs, path: PathBuf, how: OpenOptions, len: u64, tail: Vec<u8>) -> io::Result<Self> {
         let file = fs.open(&path, how)?;
-        let writer = fs.open(&path, OpenOptions::write().direct())?;
         debug_assert_eq!(tail.len() as u64, len % ALIGN as u64);
         Ok(Segment {
             path,
             file,
-            writer,
+            writer: None,
             len,
             tail,
         })
+    }
+
+    /// Open it for appends (it is the last segment).
+    fn writable(&mut self, fs: &Fs) -> io::Result<()> {
+        if self.writer.is_none() {
+            self.writer = Some(fs.open(&self.path, OpenOptions::write().direct())?);
+        }
+        Ok(())
     }
 }
 
@@ -276,7 +287,7 @@ impl History {
                 pos = body + stored;
             }
             // Zeroes to the end of its last block: what an append left (module doc).
-            let padding = data.len() - pos < ALIGN && data[pos..].iter().all(|&b| b == 0);
+            let padding = data.len() <= align_up(pos) && data[pos..].iter().all(|&b| b == 0);
             if pos < data.len() && i + 1 < count && !padding {
                 return Err(invalid(format!(
                     "{}: damaged at byte {pos} (not its tail): the history is not to be \
@@ -296,13 +307,11 @@ impl History {
             }
             drop(file);
             let tail = tail_of(&data, pos);
-            h.segments.push(Segment::open(
-                &fs,
-                path,
-                OpenOptions::write(),
-                pos as u64,
-                tail,
-            )?);
+            let mut segment = Segment::open(&fs, path, OpenOptions::write(), pos as u64, tail)?;
+            if i + 1 == count {
+                segment.writable(&fs)?;
+            }
+            h.segments.push(segment);
         }
         // Retention writes the points it keeps from a segment it frees again, after newer
         // ones: in log order they are not in set order. Oldest first, each once (a crash
@@ -385,8 +394,12 @@ impl History {
             let path = self.dir.join(format!("{:020}{SUFFIX}", self.next_segment));
             self.next_segment += 1;
             let how = OpenOptions::write().create().truncate();
-            let segment = Segment::open(&self.fs, path, how, 0, Vec::new())?;
+            let mut segment = Segment::open(&self.fs, path, how, 0, Vec::new())?;
+            segment.writable(&self.fs)?;
             self.fs.sync_dir(&self.dir)?;
+            if let Some(last) = self.segments.last_mut() {
+                last.writer = None;
+            }
             self.segments.push(segment);
         }
         let seg = self.segments.len() - 1;
@@ -409,7 +422,16 @@ impl History {
         }
         buf[total..].fill(0);
         let start = s.len;
-        write_all_at(&*s.writer, buf, start - kept as u64)?;
+        let writer = s
+            .writer
+            .as_ref()
+            .expect("the last segment is open for appends");
+        if let Err(e) = write_all_at(&**writer, buf, start - kept as u64) {
+            // A write cut short (a full file system) may have left bytes past `len`: cut
+            // them, or a later segment would find more than padding after this one's records.
+            let _ = s.file.set_len(s.len);
+            return Err(e);
+        }
         s.len = start + need;
         s.tail = tail_of(buf, total);
         self.appended += need;
@@ -443,47 +465,80 @@ impl History {
         }
         // Adjacent extents (a sequential writer's) are read and kept as one record: one read
         // of the volume instead of one per NBD write, which was most of the applier's time.
-        // (A set's extents do not overlap, so their order does not matter; a queue of
-        // writers leaves them out of order.)
+        // Runs, and extents, are cut at MAX_RUN_BYTES. (A set's extents do not overlap: their
+        // order does not matter.)
         let mut sorted = extents.to_vec();
         sorted.sort_unstable();
         let mut runs: Vec<(u64, u64)> = Vec::with_capacity(extents.len());
         for &(offset, len) in &sorted {
-            match runs.last_mut() {
-                Some(run) if run.0 + run.1 == offset && run.1 + len <= MAX_RUN_BYTES => {
-                    run.1 += len;
+            let (mut at, end) = (offset, offset + len);
+            while at < end {
+                let piece = (end - at).min(MAX_RUN_BYTES);
+                match runs.last_mut() {
+                    Some(run) if run.0 + run.1 == at && run.1 + piece <= MAX_RUN_BYTES => {
+                        run.1 += piece;
+                    }
+                    _ => runs.push((at, piece)),
                 }
-                _ => runs.push((offset, len)),
+                at += piece;
             }
         }
-        // Every record of the set, then one append and one sync.
-        let mut records: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(runs.len());
-        for &(offset, len) in &runs {
+        // Appended a batch of records at a time (a set may TRIM gigabytes: what they held
+        // must not all be in memory at once), then one sync.
+        let mut batch: Vec<(u64, u64, Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut batch_bytes = 0;
+        for (i, &(offset, len)) in runs.iter().enumerate() {
             let mut data = vec![0u8; len as usize];
             read(offset, &mut data)?;
-            let zero = data.iter().all(|&b| b == 0);
-            if zero {
+            if data.iter().all(|&b| b == 0) {
                 data = Vec::new();
             }
-            let kind = if zero { KIND_ZERO } else { KIND_DATA };
-            records.push((header(kind, set, 0, offset, len, 0, &data), data));
+            let kind = if data.is_empty() {
+                KIND_ZERO
+            } else {
+                KIND_DATA
+            };
+            batch_bytes += HEADER_LEN + data.len();
+            batch.push((
+                offset,
+                len,
+                header(kind, set, 0, offset, len, 0, &data),
+                data,
+            ));
+            if batch_bytes >= APPEND_BATCH_BYTES || i + 1 == runs.len() {
+                self.append_records(set, &batch)?;
+                batch.clear();
+                batch_bytes = 0;
+            }
         }
-        let parts: Vec<&[u8]> = records.iter().flat_map(|(h, d)| [&h[..], &d[..]]).collect();
+        self.sync_last()
+    }
+
+    /// Append before-images of `set` ((offset, len, header, data) each) and index them.
+    fn append_records(
+        &mut self,
+        set: u64,
+        batch: &[(u64, u64, Vec<u8>, Vec<u8>)],
+    ) -> io::Result<()> {
+        let parts: Vec<&[u8]> = batch
+            .iter()
+            .flat_map(|(_, _, h, d)| [&h[..], &d[..]])
+            .collect();
         let (segment, start) = self.append(&parts)?;
         let mut at = start;
-        for (&(offset, len), (_, data)) in runs.iter().zip(&records) {
+        for (offset, len, _, data) in batch {
             self.push_undo(Undo {
                 id: 0,
                 set,
-                offset,
-                len,
+                offset: *offset,
+                len: *len,
                 zero: data.is_empty(),
                 segment,
                 data_pos: at + HEADER_LEN as u64,
             });
             at += (HEADER_LEN + data.len()) as u64;
         }
-        self.sync_last()
+        Ok(())
     }
 
     /// Why a sync of the log failed, if one did since it was opened (nothing more is
@@ -729,12 +784,13 @@ impl History {
         }
         let s = &mut self.segments[first.segment];
         s.file.set_len(cut_at)?;
-        s.file.sync_data()?;
         s.len = cut_at;
         let from = cut_at - cut_at % ALIGN as u64;
         let mut tail = vec![0u8; (cut_at - from) as usize];
         read_exact_at(&*s.file, &mut tail, from)?;
         s.tail = tail;
+        s.writable(&self.fs)?;
+        self.sync_last()?;
         self.remove_undo(cut..self.undo.len());
         self.fs.sync_dir(&self.dir)
     }
@@ -1196,7 +1252,44 @@ mod tests {
         }
     }
 
-    /// Every point reads back exactly as the volume was then, while the volume has moved on.
+    /// A full file system cuts an append short, a smaller append follows (a thinned point),
+    /// then a set that starts a new segment: the log still opens, and every point reads as
+    /// the volume was. (The bytes the cut append left past the records made the segment look
+    /// damaged once it was no longer the last.)
+    #[test]
+    fn an_append_cut_short_leaves_nothing_behind_its_records() {
+        use crate::env::mem::Faults;
+        let mut r = Rig::new();
+        r.h = History::open_with(Arc::new(r.fs.clone()), Path::new("/h/v"), 64 << 10).unwrap();
+        r.apply(1, &[(0, 1, 32768)]);
+        r.point(1);
+        r.apply(2, &[(0, 2, 32768)]);
+        r.point(2);
+        r.point(3);
+        // 16 KiB of before-images would fit the segment; the file system takes 8 KiB of them.
+        r.fs.set_faults(Faults {
+            capacity: Some(r.fs.used_bytes() + 8192),
+            ..Default::default()
+        });
+        let vol = r.vol.clone();
+        let failed = r.h.before_apply(4, &[(0, 16384)], &mut |o, out| {
+            out.copy_from_slice(&vol[o as usize..o as usize + out.len()]);
+            Ok(())
+        });
+        assert!(failed.is_err(), "the file system is full");
+        assert_eq!(r.h.segments.len(), 1);
+        r.fs.set_faults(Faults::default());
+        r.h.drop_points(&[2]).unwrap();
+        r.states.retain(|(set, _)| *set != 2);
+        r.apply(4, &[(0, 4, 32768)]);
+        r.point(4);
+        assert_eq!(r.h.segments.len(), 2, "the set started a new segment");
+        r.h = History::open_with(Arc::new(r.fs.clone()), Path::new("/h/v"), 64 << 10).unwrap();
+        for (set, state) in r.states.clone() {
+            assert!(r.view(set) == state, "point {set} reads wrong");
+        }
+    }
+
     /// A sync of the log fails: nothing more is appended (a record after the failed ones
     /// would sit behind a hole after a power cut, Linux having marked their pages clean);
     /// opened again after a restart, the log writes its last segment anew, and after a power
@@ -1250,6 +1343,7 @@ mod tests {
         }
     }
 
+    /// Every point reads back exactly as the volume was then, while the volume has moved on.
     #[test]
     fn every_point_reads_as_the_volume_was() {
         let mut r = Rig::new();

@@ -778,12 +778,16 @@ impl MirrorVolume {
     /// record it is logged, not fatal: the before-images, which are, were saved with the set.
     fn history_point(&self, state: &VolumeState) {
         let Some(h) = &self.history else { return };
-        if let Err(e) = h
-            .lock()
-            .unwrap()
-            .checkpointed(state, unix_ms(SystemTime::now()))
-        {
+        let mut k = h.lock().unwrap();
+        if let Err(e) = k.checkpointed(state, unix_ms(SystemTime::now())) {
             tracing::warn!(volume = %self.name, "history: cannot record a point: {e}");
+        }
+        // Retention's sync may have failed: status says so now, not at the next set.
+        if let Some(why) = k.log.failed() {
+            self.core.lock().unwrap().fail_until_restart(Failure {
+                code: RefuseCode::RedoFailed,
+                why: format!("mirror state directory failed: {why}"),
+            });
         }
     }
 
@@ -1213,9 +1217,17 @@ impl MirrorVolume {
             while let Ok(more) = from_redo.try_recv() {
                 items.push(more);
             }
+            // Written after a sync that failed (the writer runs a batch ahead): behind what
+            // that sync may have lost, so refused like its sets.
+            let earlier = self
+                .core
+                .lock()
+                .unwrap()
+                .lasting_failure()
+                .map(|f| f.why.clone());
             let mut synced: Vec<&Handle> = Vec::new();
             let mut result = Ok(());
-            for item in &items {
+            for item in items.iter().filter(|_| earlier.is_none()) {
                 if let ToSync::Written { file, .. } = item {
                     if !synced.iter().any(|f| Arc::ptr_eq(f, file)) {
                         result = file.sync_data();
@@ -1228,15 +1240,18 @@ impl MirrorVolume {
             }
             // After a failed sync the log's content is unknown: nothing of this round counts
             // as durable, and the log is not trusted again until the mirror restarts.
-            let failed = result.err().map(|e| {
-                let why = format!(
-                    "mirror redo log failed: sync: {e} (restart the mirror once its disk is fixed)"
-                );
-                self.core.lock().unwrap().fail_until_restart(Failure {
-                    code: RefuseCode::VolumeFailed,
-                    why: why.clone(),
-                });
-                why
+            let failed = earlier.or_else(|| {
+                result.err().map(|e| {
+                    let why = format!(
+                        "mirror redo log failed: sync: {e} (restart the mirror once its disk \
+                         is fixed)"
+                    );
+                    self.core.lock().unwrap().fail_until_restart(Failure {
+                        code: RefuseCode::VolumeFailed,
+                        why: why.clone(),
+                    });
+                    why
+                })
             });
             for item in items {
                 match item {

@@ -869,29 +869,35 @@ impl World {
         let faults = if self.cfg.failing_syncs && self.rng.chance(1, 3) {
             let n = self.rng.range(1, 4) as u32;
             self.stats.sync_faults += 1;
-            let note = format!("the state directory's disk fails the next {n} syncs");
-            if primary {
-                self.primary.note(note);
-            } else {
-                self.mirror.note(note);
-            }
             let failing = crate::env::mem::Faults {
                 failing_syncs: n,
                 ..Default::default()
             };
-            // A mirror's history shares its state directory in production (a device of its
-            // own here, for the history's own capacity faults): its syncs fail too, or only
-            // they do, or only the redo log's and the state's, whichever comes first.
-            if !primary {
+            if primary {
+                self.primary.note(format!(
+                    "the state directory's disk fails the next {n} syncs"
+                ));
+                failing
+            } else {
+                // A mirror's history shares its state directory in production (a device of
+                // its own here, for the history's own capacity faults): its syncs fail too,
+                // or only they do, or only the redo log's and the state's.
                 let which = self.rng.below(3);
+                let what = [
+                    "the state directory's disk",
+                    "the history's disk",
+                    "both disks",
+                ];
+                self.mirror
+                    .note(format!("{} fails the next {n} syncs", what[which as usize]));
                 if which > 0 {
                     self.mirror.history_fs.set_faults(failing.clone());
                 }
                 if which == 1 {
                     return;
                 }
+                failing
             }
-            failing
         } else {
             crate::env::mem::Faults {
                 capacity: Some(fs.used_bytes() + self.rng.below(64 << 10)),

@@ -552,6 +552,10 @@ impl MirrorCore {
     /// acknowledgement to send.
     pub fn synced(&mut self, after: Durable) -> Option<Message> {
         debug_assert!(after.set <= self.written.set);
+        // Sets written after a failed sync sit behind what it may have lost: never durable.
+        if self.lasting.is_some() {
+            return None;
+        }
         self.durable = after;
         // The storage works again: a failure of the redo log clears itself.
         if self
@@ -746,7 +750,6 @@ impl MirrorCore {
         self.checkpointed = self.checkpointed.max(set);
     }
 
-    /// A part of the mirror's storage failed (I2: never silent).
     /// The failure only a restart ends, if there is one (see `lasting`).
     pub fn lasting_failure(&self) -> Option<&Failure> {
         self.lasting.as_ref()
@@ -760,6 +763,7 @@ impl MirrorCore {
         }
     }
 
+    /// A part of the mirror's storage failed (I2: never silent).
     pub fn fail(&mut self, failure: Failure) {
         // Logged once, not at every retry of the same failure.
         if self.failure.as_ref() != Some(&failure) {
