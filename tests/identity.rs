@@ -820,6 +820,19 @@ fn log_fs(p: &Pair) -> &FaultyFs {
     p.faulty.as_ref().expect("a pair with faulty_log")
 }
 
+/// A pair whose primary journals on tools/faultyfs.py: 2 MiB replicated (data of `seed`),
+/// then the mirror stopped.
+fn faulty_journal_and_mirror_away(seed: u64) -> Pair {
+    let mut p = Pair::running(PairOptions {
+        faulty_log: Some(FaultyLog::PrimaryJournal),
+        ..Default::default()
+    });
+    p.nbd_write(0, &pseudo_random(2 * MIB as usize, seed));
+    p.wait_synced();
+    assert!(p.mirror.stop().is_some_and(|s| s.success()));
+    p
+}
+
 /// Tried: the primary's journals on tools/faultyfs.py, no faults; the mirror stops; a client
 /// writes 48 MiB at unaligned offsets (more than the journal's 32 MiB RAM ring); the mirror
 /// starts again.
@@ -868,13 +881,7 @@ fn records_read_back_from_segments_on_faultyfs_ship() {
 /// byte-identical after stop + recover.
 #[test]
 fn a_journal_disk_that_fails_syncs_or_writes_folds_and_clients_go_on() {
-    let mut p = Pair::running(PairOptions {
-        faulty_log: Some(FaultyLog::PrimaryJournal),
-        ..Default::default()
-    });
-    p.nbd_write(0, &pseudo_random(2 * MIB as usize, 1601));
-    p.wait_synced();
-    assert!(p.mirror.stop().is_some_and(|s| s.success()));
+    let mut p = faulty_journal_and_mirror_away(1601);
     p.nbd_write(8 * MIB, &pseudo_random(4 * MIB as usize, 1602));
     let before = vol0(&p.primary.status());
     assert_eq!(before["journal_tracking"], false, "{before}");
@@ -979,13 +986,7 @@ fn a_journal_disk_that_fails_syncs_or_writes_folds_and_clients_go_on() {
 /// byte-identical.
 #[test]
 fn a_journal_disk_whose_every_sync_fails_makes_the_restart_compare() {
-    let mut p = Pair::running(PairOptions {
-        faulty_log: Some(FaultyLog::PrimaryJournal),
-        ..Default::default()
-    });
-    p.nbd_write(0, &pseudo_random(2 * MIB as usize, 1611));
-    p.wait_synced();
-    assert!(p.mirror.stop().is_some_and(|s| s.success()));
+    let mut p = faulty_journal_and_mirror_away(1611);
     let map = p.primary_state.join("journal").join(VOL).join("dirty.map");
     let all_syncs = "fsync EIO *\nfsyncdir EIO *\n";
     let map_lost = |pv: &Value| {
