@@ -820,6 +820,17 @@ fn log_fs(p: &Pair) -> &FaultyFs {
     p.faulty.as_ref().expect("a pair with faulty_log")
 }
 
+/// The admin's step after a mirror's log disk is fixed: SIGTERM, start, lag 0. Returns
+/// whether the primary started a full copy or comparison meanwhile, and its log since.
+fn restart_the_mirror(p: &mut Pair) -> (bool, String) {
+    let copies = p.full_copies();
+    stop_ok(&mut p.mirror);
+    let mark = p.primary.log().len();
+    p.mirror.start();
+    p.wait_synced();
+    (p.full_copies() != copies, log_since(&p.primary, mark))
+}
+
 /// A pair whose primary journals on tools/faultyfs.py: 2 MiB replicated (data of `seed`),
 /// then the mirror stopped.
 fn faulty_journal_and_mirror_away(seed: u64) -> Pair {
@@ -1098,14 +1109,9 @@ fn a_redo_log_disk_that_fails_syncs_stops_the_mirror_until_restarted() {
         "nothing acknowledged past the failure: {pv}"
     );
 
-    let copies = p.full_copies();
-    stop_ok(&mut p.mirror);
-    let mark = p.primary.log().len();
-    p.mirror.start();
-    p.wait_synced();
-    let log = log_since(&p.primary, mark);
+    let (copied, log) = restart_the_mirror(&mut p);
     assert!(
-        p.full_copies() == copies && log.contains("mode=Resume"),
+        !copied && log.contains("mode=Resume"),
         "the restarted mirror should resume, not be copied or compared:\n{log}"
     );
     p.finish_and_compare();
@@ -1162,11 +1168,8 @@ fn a_history_disk_that_fails_syncs_stops_applying_until_the_mirror_restarts() {
         "healed, but not trusted before a restart: {m}"
     );
 
-    let copies = p.full_copies();
-    stop_ok(&mut p.mirror);
-    p.mirror.start();
-    p.wait_synced();
-    assert_eq!(p.full_copies(), copies, "the restarted mirror resumes");
+    let (copied, _) = restart_the_mirror(&mut p);
+    assert!(!copied, "the restarted mirror resumes");
     let out = run(
         BIN,
         &[

@@ -2065,17 +2065,19 @@ fn history_lists_points_and_recover_brings_back_an_earlier_one() {
     let mut ex_b = export(["--set", &b["set"].to_string()], &sock_b, true);
     let mut ex_at = export(["--at", b["time"].as_str().unwrap()], &sock_at, false);
     let mut more = rig.workload(seed, 3_001, 4_000);
-    let img_a = rig.dir().join("a.img");
-    run("nbdcopy", &[&uri_of(&sock_a), img_a.to_str().unwrap()]);
+    // The prefix of the workload an export serves (nbdcopy of it, then crashcheck).
+    let prefix_served = |sock: &Path, name: &str| {
+        let img = rig.dir().join(name);
+        run("nbdcopy", &[&uri_of(sock), img.to_str().unwrap()]);
+        crashcheck(&img, seed, 4_000, None)
+    };
     assert_eq!(
-        crashcheck(&img_a, seed, 4_000, None),
+        prefix_served(&sock_a, "a.img"),
         Ok(1_500),
         "the export of point A is the state after the first half"
     );
-    let img_at = rig.dir().join("at.img");
-    run("nbdcopy", &[&uri_of(&sock_at), img_at.to_str().unwrap()]);
     assert_eq!(
-        crashcheck(&img_at, seed, 4_000, None),
+        prefix_served(&sock_at, "at.img"),
         Ok(3_000),
         "the export at point B's time is the longer prefix, the state after both parts"
     );

@@ -135,6 +135,34 @@ pub fn write_all_at(file: &dyn FileHandle, data: &[u8], at: u64) -> io::Result<(
     write_all_vectored_at(file, &mut [IoSlice::new(data)], at).map(|_| ())
 }
 
+/// Fill `out` from `file` at `at`; a file that ends first is an error.
+pub fn read_exact_at(file: &dyn FileHandle, out: &mut [u8], at: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < out.len() {
+        match file.read_at(&mut out[done..], at + done as u64) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the file ends before the range read",
+                ))
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Make `data`, the start of `file` as read back at open, durable: written again, then synced.
+/// Syncing alone is not enough after a sync that failed before a restart: Linux marks the
+/// pages whose writeback failed clean, so they would stay off the disk whatever a later sync
+/// says, a hole before whatever is appended next.
+pub fn write_back_and_sync(file: &dyn FileHandle, data: &[u8]) -> io::Result<()> {
+    write_all_at(file, data, 0)?;
+    file.sync_data()
+}
+
 /// The whole content of an open file.
 pub fn read_all(file: &dyn FileHandle) -> io::Result<Vec<u8>> {
     let len = usize::try_from(file.size()?).map_err(io::Error::other)?;

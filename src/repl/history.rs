@@ -21,7 +21,7 @@
 //! disk's speed on the reference machine.)
 
 use crate::disk::buf::{align_up, AlignedBuf, ALIGN};
-use crate::env::{write_all_at, Fs, Handle, OpenOptions};
+use crate::env::{read_exact_at, write_all_at, write_back_and_sync, Fs, Handle, OpenOptions};
 use crate::repl::apply::ApplyTarget;
 use crate::repl::frame::DeltaSet;
 use std::collections::BTreeSet;
@@ -106,19 +106,6 @@ impl Segment {
         }
         Ok(())
     }
-}
-
-/// Fill `out` from `file` at `at`.
-fn read_exact_at(file: &dyn crate::env::FileHandle, out: &mut [u8], at: u64) -> io::Result<()> {
-    let mut done = 0;
-    while done < out.len() {
-        let n = file.read_at(&mut out[done..], at + done as u64)?;
-        if n == 0 {
-            return Err(invalid("a record shorter than its header says".into()));
-        }
-        done += n;
-    }
-    Ok(())
 }
 
 /// The bytes of the block `len` ends in (none when it ends on a block boundary).
@@ -297,13 +284,11 @@ impl History {
             }
             if i + 1 == count {
                 // The only segment appended to since the last sync that worked (see `failed`):
-                // what the cache holds of it is written again, not only synced, and a torn
-                // tail is cut off.
-                write_all_at(&*file, &data[..pos], 0)?;
+                // made durable again, a torn tail cut off.
                 if pos < data.len() {
                     file.set_len(pos as u64)?;
                 }
-                file.sync_data()?;
+                write_back_and_sync(&*file, &data[..pos])?;
             }
             drop(file);
             let tail = tail_of(&data, pos);

@@ -28,7 +28,7 @@
 use super::frame::{self, Message};
 use crate::disk::buf::{align_up, AlignedBuf, BlockBytes, ALIGN};
 use crate::disk::segments::{numbered_segments, Spares};
-use crate::env::{read_all, write_all_at, write_all_vectored_at, Fs, Handle, OpenOptions};
+use crate::env::{read_all, write_all_vectored_at, write_back_and_sync, Fs, Handle, OpenOptions};
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::path::{Path, PathBuf};
@@ -101,14 +101,10 @@ impl RedoLog {
             }
             // What a killed process wrote may still be only in the page cache: it is made
             // durable before anything is decided on it (a staged resync keeps its sets here
-            // across restarts; the mirror says it holds them). Written again, not only synced:
-            // pages whose writeback failed before the restart are clean in the cache and would
-            // stay off the disk whatever a sync says, leaving a hole before the sets appended
-            // next.
+            // across restarts; the mirror says it holds them). (The last entry's padding may
+            // lie past the file's end.)
             if pos > 0 {
-                // (The last entry's padding may lie past the file's end.)
-                write_all_at(&*f, &data[..pos.min(data.len())], 0)?;
-                f.sync_data()?;
+                write_back_and_sync(&*f, &data[..pos.min(data.len())])?;
             }
             // Segments are written with O_DIRECT later: leave no cached pages behind.
             f.drop_cache();
